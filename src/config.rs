@@ -1,0 +1,742 @@
+//! Configuration: the TOML file as written (serde structs, unknown keys refused), environment
+//! overrides, and validation into typed values, once, at start.
+//!
+//! Reading goes file -> `toml::Table` -> `PORTCULLIS_<SECTION>_<KEY>` overrides -> [`FileConfig`]
+//! -> [`FileConfig::validate`] -> [`Config`]. Every problem is reported at once, each naming its key.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::uri::{Authority, Scheme};
+use http::{HeaderValue, Uri};
+use ipnet::IpNet;
+use serde::Deserialize;
+
+/// One problem with the configuration, naming the key it is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub key: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "config key `{}`: {}", self.key, self.reason)
+    }
+}
+
+/// Every problem found in one configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl ConfigErrors {
+    fn one(key: impl Into<String>, reason: impl Into<String>) -> Self {
+        ConfigErrors(vec![ConfigError {
+            key: key.into(),
+            reason: reason.into(),
+        }])
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The file as written.
+// ---------------------------------------------------------------------------------------------
+
+/// The configuration file as written. Every section and key is optional; defaults are those of
+/// the documented `config.toml`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileConfig {
+    pub server: ServerSection,
+    pub upstream: UpstreamSection,
+    pub admin: AdminSection,
+    pub log: LogSection,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSection {
+    /// Public address, `ip:port`.
+    pub listen: String,
+    /// TLS termination; absent means plain HTTP/1.1 and HTTP/2 prior knowledge.
+    pub tls: Option<TlsSection>,
+    /// Largest request body forwarded, in bytes.
+    pub max_body_bytes: u64,
+    /// Largest request head (all header names and values), in bytes.
+    pub max_header_bytes: usize,
+    /// Time a client has to finish its TLS handshake and send a complete request head.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// A connection with no request in flight and no bytes moving for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// How long in-flight requests may run after SIGTERM before the process exits anyway.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Peers (IPs or CIDRs) whose X-Forwarded-For / X-Forwarded-Proto are believed.
+    pub trusted_proxies: Vec<String>,
+    /// Most connections served at once; further ones wait in the kernel's accept queue.
+    pub max_connections: usize,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            listen: "0.0.0.0:8443".into(),
+            tls: None,
+            max_body_bytes: 10 * 1024 * 1024,
+            max_header_bytes: 16 * 1024,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(30),
+            trusted_proxies: Vec::new(),
+            max_connections: 25_000,
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsSection {
+    /// PEM certificate chain, leaf first.
+    pub cert: String,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamSection {
+    /// `http://host:port` or `https://host:port` of the game backend.
+    pub url: String,
+    /// Longest wait for the upstream's response head.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Longest wait for a TCP (and TLS) connection to the upstream.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Host header sent upstream; empty keeps the client's.
+    pub host: String,
+    /// Idle pooled upstream connections are closed after this long.
+    #[serde(with = "humantime_serde")]
+    pub pool_idle_timeout: Duration,
+    /// Most idle pooled connections kept to the upstream.
+    pub pool_max_idle: usize,
+}
+
+impl Default for UpstreamSection {
+    fn default() -> Self {
+        UpstreamSection {
+            url: "http://127.0.0.1:8080".into(),
+            request_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(2),
+            host: String::new(),
+            pool_idle_timeout: Duration::from_secs(90),
+            pool_max_idle: 256,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSection {
+    /// Health endpoints, plain HTTP; keep it off the public network.
+    pub listen: String,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        AdminSection {
+            listen: "127.0.0.1:9090".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    /// `text` or `json`.
+    pub format: String,
+    /// A tracing filter: `info`, `debug`, `portcullis=debug,info`, ...
+    pub level: String,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection {
+            format: "text".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The validated configuration.
+// ---------------------------------------------------------------------------------------------
+
+/// The configuration after validation: every value typed and checked.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub upstream: UpstreamConfig,
+    pub admin: AdminConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub tls: Option<TlsConfig>,
+    pub max_body_bytes: u64,
+    pub max_header_bytes: usize,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub shutdown_grace: Duration,
+    pub trusted_proxies: Vec<IpNet>,
+    pub max_connections: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub scheme: Scheme,
+    pub authority: Authority,
+    pub request_timeout: Duration,
+    pub connect_timeout: Duration,
+    /// `None` keeps the client's Host.
+    pub host: Option<HeaderValue>,
+    pub pool_idle_timeout: Duration,
+    pub pool_max_idle: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+impl Config {
+    /// Reads, overrides from the process environment, and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let vars: Vec<(String, String)> = std::env::vars().collect();
+        Self::load_with_env(path, &vars)
+    }
+
+    /// As [`Config::load`], with the environment given explicitly (tests).
+    pub fn load_with_env(path: &Path, env: &[(String, String)]) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors::one("--config", format!("cannot read {}: {e}", path.display()))
+        })?;
+        let base = path.parent().unwrap_or_else(|| Path::new("."));
+        Self::from_toml(&text, base, env)
+    }
+
+    /// Parses TOML text; relative paths in it are resolved against `base`.
+    pub fn from_toml(
+        text: &str,
+        base: &Path,
+        env: &[(String, String)],
+    ) -> Result<Config, ConfigErrors> {
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            ConfigErrors::one("(file)", format!("not valid TOML: {}", e.message()))
+        })?;
+        apply_env_overrides(&mut table, env)?;
+        let file: FileConfig = serde_path_to_error::deserialize(table).map_err(|e| {
+            let key = e.path().to_string();
+            ConfigErrors::one(
+                if key == "." { "(file)".into() } else { key },
+                e.into_inner().message().to_string(),
+            )
+        })?;
+        file.validate(base)
+    }
+}
+
+impl FileConfig {
+    /// Checks every value, collecting all problems rather than stopping at the first.
+    pub fn validate(self, base: &Path) -> Result<Config, ConfigErrors> {
+        let mut v = Validator::default();
+
+        let listen = v.socket_addr("server.listen", &self.server.listen);
+        let tls = self.server.tls.as_ref().map(|tls| TlsConfig {
+            cert: v.path("server.tls.cert", &tls.cert, base),
+            key: v.path("server.tls.key", &tls.key, base),
+        });
+        v.positive("server.max_body_bytes", self.server.max_body_bytes);
+        if self.server.max_header_bytes < 1024 {
+            v.fail("server.max_header_bytes", "must be at least 1024");
+        }
+        v.nonzero_duration(
+            "server.header_read_timeout",
+            self.server.header_read_timeout,
+        );
+        v.nonzero_duration("server.idle_timeout", self.server.idle_timeout);
+        v.positive("server.max_connections", self.server.max_connections as u64);
+        let trusted_proxies = self
+            .server
+            .trusted_proxies
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| v.ip_net(&format!("server.trusted_proxies[{i}]"), s))
+            .collect();
+
+        let (scheme, authority) = v.upstream_url("upstream.url", &self.upstream.url);
+        v.nonzero_duration("upstream.request_timeout", self.upstream.request_timeout);
+        v.nonzero_duration("upstream.connect_timeout", self.upstream.connect_timeout);
+        let host = if self.upstream.host.is_empty() {
+            None
+        } else {
+            match HeaderValue::from_str(&self.upstream.host) {
+                Ok(h) if self.upstream.host.parse::<Authority>().is_ok() => Some(h),
+                _ => {
+                    v.fail(
+                        "upstream.host",
+                        "must be a host name, optionally with :port",
+                    );
+                    None
+                }
+            }
+        };
+
+        let admin_listen = v.socket_addr("admin.listen", &self.admin.listen);
+        if let (Some(a), Some(b)) = (listen, admin_listen) {
+            if a == b && a.port() != 0 {
+                v.fail("admin.listen", "must differ from server.listen");
+            }
+        }
+
+        let format = match self.log.format.as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            _ => {
+                v.fail("log.format", "must be \"text\" or \"json\"");
+                LogFormat::Text
+            }
+        };
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            v.fail(
+                "log.level",
+                "not a valid filter (try \"info\" or \"portcullis=debug,info\")",
+            );
+        }
+
+        v.finish()?;
+        // `finish` returned Ok, so every value checked above is present.
+        let (Some(listen), Some(admin_listen), Some(scheme), Some(authority)) =
+            (listen, admin_listen, scheme, authority)
+        else {
+            return Err(ConfigErrors::one("(file)", "incomplete configuration"));
+        };
+        Ok(Config {
+            server: ServerConfig {
+                listen,
+                tls,
+                max_body_bytes: self.server.max_body_bytes,
+                max_header_bytes: self.server.max_header_bytes,
+                header_read_timeout: self.server.header_read_timeout,
+                idle_timeout: self.server.idle_timeout,
+                shutdown_grace: self.server.shutdown_grace,
+                trusted_proxies,
+                max_connections: self.server.max_connections,
+            },
+            upstream: UpstreamConfig {
+                scheme,
+                authority,
+                request_timeout: self.upstream.request_timeout,
+                connect_timeout: self.upstream.connect_timeout,
+                host,
+                pool_idle_timeout: self.upstream.pool_idle_timeout,
+                pool_max_idle: self.upstream.pool_max_idle,
+            },
+            admin: AdminConfig {
+                listen: admin_listen,
+            },
+            log: LogConfig {
+                format,
+                level: self.log.level,
+            },
+        })
+    }
+}
+
+/// Collects problems while values are checked.
+#[derive(Default)]
+pub(crate) struct Validator {
+    errors: Vec<ConfigError>,
+}
+
+impl Validator {
+    pub(crate) fn fail(&mut self, key: &str, reason: impl Into<String>) {
+        self.errors.push(ConfigError {
+            key: key.into(),
+            reason: reason.into(),
+        });
+    }
+
+    pub(crate) fn finish(self) -> Result<(), ConfigErrors> {
+        if self.errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors(self.errors))
+        }
+    }
+
+    fn socket_addr(&mut self, key: &str, value: &str) -> Option<SocketAddr> {
+        match value.parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.fail(key, format!("{value:?} is not an ip:port address"));
+                None
+            }
+        }
+    }
+
+    fn path(&mut self, key: &str, value: &str, base: &Path) -> PathBuf {
+        if value.is_empty() {
+            self.fail(key, "must be set to a PEM file path");
+        }
+        let p = Path::new(value);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            base.join(p)
+        }
+    }
+
+    fn positive(&mut self, key: &str, value: u64) {
+        if value == 0 {
+            self.fail(key, "must be greater than zero");
+        }
+    }
+
+    pub(crate) fn nonzero_duration(&mut self, key: &str, value: Duration) {
+        if value.is_zero() {
+            self.fail(key, "must be longer than zero");
+        }
+    }
+
+    fn ip_net(&mut self, key: &str, value: &str) -> Option<IpNet> {
+        if let Ok(net) = value.parse::<IpNet>() {
+            return Some(net);
+        }
+        match value.parse::<std::net::IpAddr>() {
+            Ok(ip) => Some(IpNet::from(ip)),
+            Err(_) => {
+                self.fail(
+                    key,
+                    format!("{value:?} is neither an IP address nor a CIDR"),
+                );
+                None
+            }
+        }
+    }
+
+    fn upstream_url(&mut self, key: &str, value: &str) -> (Option<Scheme>, Option<Authority>) {
+        let uri: Uri = match value.parse() {
+            Ok(u) => u,
+            Err(e) => {
+                self.fail(key, format!("{value:?} is not a URL: {e}"));
+                return (None, None);
+            }
+        };
+        let scheme = match uri.scheme_str() {
+            Some("http") => Scheme::HTTP,
+            Some("https") => Scheme::HTTPS,
+            _ => {
+                self.fail(key, "must start with http:// or https://");
+                return (None, None);
+            }
+        };
+        let Some(authority) = uri.authority().cloned() else {
+            self.fail(key, "must name a host");
+            return (None, None);
+        };
+        if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+            self.fail(
+                key,
+                "must not have a path or query: requests are forwarded with their own path",
+            );
+        }
+        (Some(scheme), Some(authority))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Environment overrides.
+// ---------------------------------------------------------------------------------------------
+
+/// What a configuration value is, so that an environment string can be turned into it.
+#[derive(Clone, Copy)]
+enum Kind {
+    Str,
+    Int,
+    /// Comma-separated list of strings.
+    List,
+}
+
+/// Every key that `PORTCULLIS_<SECTION>_<KEY>` can set. Dots become underscores:
+/// `server.tls.cert` is `PORTCULLIS_SERVER_TLS_CERT`.
+const OVERRIDABLE: &[(&str, Kind)] = &[
+    ("server.listen", Kind::Str),
+    ("server.tls.cert", Kind::Str),
+    ("server.tls.key", Kind::Str),
+    ("server.max_body_bytes", Kind::Int),
+    ("server.max_header_bytes", Kind::Int),
+    ("server.header_read_timeout", Kind::Str),
+    ("server.idle_timeout", Kind::Str),
+    ("server.shutdown_grace", Kind::Str),
+    ("server.trusted_proxies", Kind::List),
+    ("server.max_connections", Kind::Int),
+    ("upstream.url", Kind::Str),
+    ("upstream.request_timeout", Kind::Str),
+    ("upstream.connect_timeout", Kind::Str),
+    ("upstream.host", Kind::Str),
+    ("upstream.pool_idle_timeout", Kind::Str),
+    ("upstream.pool_max_idle", Kind::Int),
+    ("admin.listen", Kind::Str),
+    ("log.format", Kind::Str),
+    ("log.level", Kind::Str),
+];
+
+const ENV_PREFIX: &str = "PORTCULLIS_";
+
+/// The environment variable that overrides `key`.
+pub fn env_name(key: &str) -> String {
+    format!("{ENV_PREFIX}{}", key.replace('.', "_").to_ascii_uppercase())
+}
+
+/// Kubernetes puts `<SERVICE>_PORT`, `<SERVICE>_PORT_<n>_TCP...` and `<SERVICE>_SERVICE_HOST/PORT...`
+/// into every pod for each Service of the namespace; a Service named `portcullis` (or
+/// `portcullis-<x>`) yields `PORTCULLIS_...` names that are not overrides. No config key ends
+/// in `port`, or contains `service_host` / `service_port`, so these can never be mistaken for one.
+fn is_service_link(rest: &str) -> bool {
+    rest == "PORT"
+        || rest.ends_with("_PORT")
+        || rest.starts_with("PORT_")
+        || rest.contains("_PORT_")
+        || rest.starts_with("SERVICE_")
+        || rest.contains("_SERVICE_")
+}
+
+fn apply_env_overrides(
+    table: &mut toml::Table,
+    env: &[(String, String)],
+) -> Result<(), ConfigErrors> {
+    let mut errors = Vec::new();
+    for (name, value) in env {
+        let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        let Some((key, kind)) = OVERRIDABLE
+            .iter()
+            .find(|(key, _)| env_name(key) == *name)
+            .copied()
+        else {
+            if !is_service_link(rest) {
+                tracing::warn!(variable = %name, "ignoring environment variable: no such config key");
+            }
+            continue;
+        };
+        let parsed = match kind {
+            Kind::Str => toml::Value::String(value.clone()),
+            Kind::Int => match value.trim().parse::<i64>() {
+                Ok(n) => toml::Value::Integer(n),
+                Err(_) => {
+                    errors.push(ConfigError {
+                        key: key.into(),
+                        reason: format!("{name}={value:?} is not an integer"),
+                    });
+                    continue;
+                }
+            },
+            Kind::List => toml::Value::Array(
+                value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| toml::Value::String(s.to_string()))
+                    .collect(),
+            ),
+        };
+        set_path(table, key, parsed);
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
+fn set_path(table: &mut toml::Table, dotted: &str, value: toml::Value) {
+    let mut parts: Vec<&str> = dotted.split('.').collect();
+    let Some(leaf) = parts.pop() else { return };
+    let mut cur = table;
+    for part in parts {
+        let entry = cur
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if !entry.is_table() {
+            *entry = toml::Value::Table(toml::Table::new());
+        }
+        let toml::Value::Table(t) = entry else { return };
+        cur = t;
+    }
+    cur.insert(leaf.to_string(), value);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigErrors> {
+        Config::from_toml(text, Path::new("/etc/portcullis"), &[])
+    }
+
+    fn parse_env(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigErrors> {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_toml(text, Path::new("/etc/portcullis"), &env)
+    }
+
+    #[test]
+    fn empty_file_gives_documented_defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(c.server.listen, "0.0.0.0:8443".parse().unwrap());
+        assert_eq!(c.admin.listen, "127.0.0.1:9090".parse().unwrap());
+        assert_eq!(c.server.max_body_bytes, 10 * 1024 * 1024);
+        assert!(c.server.tls.is_none());
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_naming_it() {
+        let err = parse("[server]\nlisen = \"0.0.0.0:1\"\n").unwrap_err();
+        assert_eq!(err.0[0].key, "server.lisen");
+        assert!(err.0[0].reason.contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn unknown_section_is_an_error() {
+        let err = parse("[servr]\n").unwrap_err();
+        assert!(err.to_string().contains("servr"), "{err}");
+    }
+
+    #[test]
+    fn bad_duration_names_the_key() {
+        let err = parse("[upstream]\nrequest_timeout = \"soon\"\n").unwrap_err();
+        assert_eq!(err.0[0].key, "upstream.request_timeout");
+    }
+
+    #[test]
+    fn human_durations_are_parsed() {
+        let c =
+            parse("[upstream]\nrequest_timeout = \"250ms\"\n[server]\nshutdown_grace = \"1m\"\n")
+                .unwrap();
+        assert_eq!(c.upstream.request_timeout, Duration::from_millis(250));
+        assert_eq!(c.server.shutdown_grace, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn every_validation_problem_is_reported_at_once() {
+        let err = parse(
+            "[server]\nlisten = \"nowhere\"\n[upstream]\nurl = \"ftp://x\"\n[log]\nformat = \"xml\"\n",
+        )
+        .unwrap_err();
+        let keys: Vec<&str> = err.0.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["server.listen", "upstream.url", "log.format"]);
+    }
+
+    #[test]
+    fn upstream_url_with_path_is_refused() {
+        let err = parse("[upstream]\nurl = \"http://game:8080/api\"\n").unwrap_err();
+        assert_eq!(err.0[0].key, "upstream.url");
+    }
+
+    #[test]
+    fn tls_paths_resolve_against_the_config_directory() {
+        let c = parse("[server.tls]\ncert = \"c.pem\"\nkey = \"/abs/k.pem\"\n").unwrap();
+        let tls = c.server.tls.unwrap();
+        assert_eq!(tls.cert, Path::new("/etc/portcullis/c.pem"));
+        assert_eq!(tls.key, Path::new("/abs/k.pem"));
+    }
+
+    #[test]
+    fn env_overrides_the_file() {
+        let c = parse_env(
+            "[upstream]\nurl = \"http://a:1\"\n",
+            &[
+                ("PORTCULLIS_UPSTREAM_URL", "http://b:2"),
+                (
+                    "PORTCULLIS_SERVER_TRUSTED_PROXIES",
+                    "10.0.0.0/8, 192.168.1.1",
+                ),
+                ("PORTCULLIS_SERVER_MAX_BODY_BYTES", "42"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.upstream.authority.as_str(), "b:2");
+        assert_eq!(c.server.trusted_proxies.len(), 2);
+        assert_eq!(c.server.max_body_bytes, 42);
+    }
+
+    #[test]
+    fn bad_env_value_names_key_and_variable() {
+        let err = parse_env("", &[("PORTCULLIS_SERVER_MAX_BODY_BYTES", "lots")]).unwrap_err();
+        assert_eq!(err.0[0].key, "server.max_body_bytes");
+        assert!(err.0[0].reason.contains("PORTCULLIS_SERVER_MAX_BODY_BYTES"));
+    }
+
+    #[test]
+    fn kubernetes_service_links_do_not_override_anything() {
+        let c = parse_env(
+            "",
+            &[
+                ("PORTCULLIS_PORT", "tcp://10.0.0.7:8443"),
+                ("PORTCULLIS_SERVICE_HOST", "10.0.0.7"),
+                ("PORTCULLIS_SERVICE_PORT", "8443"),
+                ("PORTCULLIS_PORT_8443_TCP", "tcp://10.0.0.7:8443"),
+                ("PORTCULLIS_PORT_8443_TCP_ADDR", "10.0.0.7"),
+                ("PORTCULLIS_PORT_8443_TCP_PORT", "8443"),
+                ("PORTCULLIS_PORT_8443_TCP_PROTO", "tcp"),
+                ("PORTCULLIS_UPSTREAM_PORT", "tcp://10.0.0.8:80"),
+                ("PORTCULLIS_UPSTREAM_SERVICE_HOST", "10.0.0.8"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.server.listen, "0.0.0.0:8443".parse().unwrap());
+        assert_eq!(c.upstream.authority.as_str(), "127.0.0.1:8080");
+    }
+}

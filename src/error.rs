@@ -1,0 +1,128 @@
+//! Every way a request can be refused, and the one place that turns each into a response.
+//!
+//! A failure is classified by whose fault it is (client 4xx, upstream 502/504, ours 503) and
+//! carries a stable machine-readable `code`. Clients always get the same JSON envelope:
+//! `{"success":false,"error":{"code":"...","message":"..."}}`.
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use serde::Serialize;
+
+use crate::Body;
+
+/// A request that portcullis answers itself instead of forwarding.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    #[error("the upstream refused the connection or could not be reached")]
+    UpstreamUnavailable,
+    #[error("the upstream did not answer within {0:?}")]
+    UpstreamTimeout(std::time::Duration),
+    #[error("the request body exceeds the limit of {0} bytes")]
+    PayloadTooLarge(u64),
+    #[error("the request headers exceed the limit of {0} bytes")]
+    HeadersTooLarge(usize),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("no such endpoint")]
+    NotFound,
+    #[error("method not allowed for this endpoint")]
+    MethodNotAllowed,
+    #[error("portcullis is shutting down")]
+    ShuttingDown,
+}
+
+impl Rejection {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Rejection::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
+            Rejection::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Rejection::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Rejection::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Rejection::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Rejection::NotFound => StatusCode::NOT_FOUND,
+            Rejection::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Rejection::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// The stable code clients can switch on. Never change one once released.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Rejection::UpstreamUnavailable => "UPSTREAM_UNAVAILABLE",
+            Rejection::UpstreamTimeout(_) => "UPSTREAM_TIMEOUT",
+            Rejection::PayloadTooLarge(_) => "PAYLOAD_TOO_LARGE",
+            Rejection::HeadersTooLarge(_) => "HEADERS_TOO_LARGE",
+            Rejection::BadRequest(_) => "BAD_REQUEST",
+            Rejection::NotFound => "NOT_FOUND",
+            Rejection::MethodNotAllowed => "METHOD_NOT_ALLOWED",
+            Rejection::ShuttingDown => "SHUTTING_DOWN",
+        }
+    }
+
+    pub fn into_response(self) -> Response<Body> {
+        let mut response = error_response(self.status(), self.code(), &self.to_string());
+        response.extensions_mut().insert(self);
+        response
+    }
+}
+
+#[derive(Serialize)]
+struct Envelope<'a> {
+    success: bool,
+    error: ErrorBody<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    code: &'a str,
+    message: &'a str,
+}
+
+/// Builds the JSON error envelope. Used by [`Rejection::into_response`] and by the admin listener.
+pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+    let body = serde_json::to_vec(&Envelope {
+        success: false,
+        error: ErrorBody { code, message },
+    })
+    .unwrap_or_default();
+    json_response(status, body)
+}
+
+/// A JSON response with the given status and serialised body.
+pub fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Body> {
+    let mut response = Response::new(full(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// A fixed body, boxed to the crate's body type.
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn envelope_has_the_documented_shape() {
+        let response = Rejection::UpstreamUnavailable.into_response();
+        assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(json["success"], false);
+        assert_eq!(json["error"]["code"], "UPSTREAM_UNAVAILABLE");
+        assert!(json["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("upstream"));
+    }
+}

@@ -1,0 +1,410 @@
+//! The innermost service: send the request to the upstream and stream the answer back.
+//!
+//! Header hygiene happens here, strip before set: hop-by-hop headers (RFC 9110 7.6.1, and every
+//! header the Connection header names) are removed in both directions, and X-Forwarded-For /
+//! -Proto / -Host are rewritten. The path and query go upstream byte for byte. An HTTP Upgrade
+//! (WebSocket, Socket.IO) that the upstream accepts with 101 becomes a bidirectional tunnel.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use http::header::{self, HeaderName};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version};
+use http_body_util::BodyExt;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+
+use crate::config::UpstreamConfig;
+use crate::error::Rejection;
+use crate::peer::{ConnInfo, TrustedProxies};
+use crate::{Body, BoxError};
+
+type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+
+/// How long the upstream took to produce its response head; read by the access log.
+#[derive(Debug, Clone, Copy)]
+pub struct UpstreamTime(pub Duration);
+
+/// Live WebSocket (and other Upgrade) tunnels, shared with whoever wants to count them.
+#[derive(Debug, Default)]
+pub struct TunnelCount(std::sync::atomic::AtomicUsize);
+
+impl TunnelCount {
+    pub fn get(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+struct TunnelGuard(Arc<TunnelCount>);
+
+impl TunnelGuard {
+    fn new(count: Arc<TunnelCount>) -> Self {
+        count.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        TunnelGuard(count)
+    }
+}
+
+impl Drop for TunnelGuard {
+    fn drop(&mut self) {
+        self.0 .0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// The pooled keep-alive client and where it sends requests.
+pub struct Upstream {
+    client: Client<Connector, Body>,
+    scheme: Scheme,
+    authority: Authority,
+    host: Option<HeaderValue>,
+    request_timeout: Duration,
+    max_body_bytes: u64,
+    trusted: TrustedProxies,
+    tunnels: Arc<TunnelCount>,
+}
+
+impl Upstream {
+    pub fn new(
+        config: &UpstreamConfig,
+        max_body_bytes: u64,
+        trusted: TrustedProxies,
+    ) -> Result<Self, BoxError> {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(config.connect_timeout));
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_webpki_roots()
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(config.pool_idle_timeout)
+            .pool_max_idle_per_host(config.pool_max_idle)
+            .build(connector);
+        Ok(Upstream {
+            client,
+            scheme: config.scheme.clone(),
+            authority: config.authority.clone(),
+            host: config.host.clone(),
+            request_timeout: config.request_timeout,
+            max_body_bytes,
+            trusted,
+            tunnels: Arc::new(TunnelCount::default()),
+        })
+    }
+
+    pub fn tunnels(&self) -> Arc<TunnelCount> {
+        self.tunnels.clone()
+    }
+
+    /// Forwards one request; every failure becomes a [`Rejection`] response.
+    pub async fn forward(&self, mut req: Request<Body>) -> Response<Body> {
+        let client_upgrade = wants_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
+        let req = match self.upstream_request(req) {
+            Ok(r) => r,
+            Err(rejection) => return rejection.into_response(),
+        };
+
+        let started = Instant::now();
+        let result = tokio::time::timeout(self.request_timeout, self.client.request(req)).await;
+        let elapsed = started.elapsed();
+        let mut response = match result {
+            Err(_) => return Rejection::UpstreamTimeout(self.request_timeout).into_response(),
+            Ok(Err(e)) => return self.classify(e).into_response(),
+            Ok(Ok(response)) => response,
+        };
+
+        let upgraded = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+        if upgraded {
+            match client_upgrade {
+                Some(client_upgrade) => {
+                    let upstream_upgrade = hyper::upgrade::on(&mut response);
+                    let guard = TunnelGuard::new(self.tunnels.clone());
+                    tokio::spawn(tunnel(client_upgrade, upstream_upgrade, guard));
+                }
+                // A 101 we did not ask for cannot be honoured: the client never offered to switch.
+                None => return Rejection::UpstreamUnavailable.into_response(),
+            }
+        }
+
+        let (mut parts, body) = response.into_parts();
+        strip_hop_by_hop(&mut parts.headers, upgraded);
+        parts.extensions.insert(UpstreamTime(elapsed));
+        Response::from_parts(parts, body.map_err(BoxError::from).boxed())
+    }
+
+    /// Rewrites the client's request into the one the upstream receives.
+    fn upstream_request(&self, req: Request<Body>) -> Result<Request<Body>, Rejection> {
+        let (mut parts, body) = req.into_parts();
+        let conn = parts.extensions.get::<ConnInfo>().copied();
+
+        // The Host the client asked for: its Host header (HTTP/1) or :authority (HTTP/2).
+        let client_host = parts.headers.get(header::HOST).cloned().or_else(|| {
+            parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
+        let path_and_query = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        parts.uri = Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(path_and_query)
+            .build()
+            .map_err(|_| Rejection::BadRequest("request target cannot be forwarded".into()))?;
+
+        let upgrade = wants_upgrade_headers(&parts.headers, parts.version);
+        let upgrade_protocol = parts.headers.get(header::UPGRADE).cloned();
+
+        strip_hop_by_hop(&mut parts.headers, false);
+        if let (true, Some(protocol)) = (upgrade, upgrade_protocol) {
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(header::UPGRADE, protocol);
+        }
+
+        if let Some(conn) = conn {
+            self.set_forwarded(&mut parts.headers, conn, client_host.as_ref());
+        }
+        match (&self.host, client_host) {
+            (Some(fixed), _) => {
+                parts.headers.insert(header::HOST, fixed.clone());
+            }
+            (None, Some(host)) => {
+                parts.headers.insert(header::HOST, host);
+            }
+            (None, None) => {}
+        }
+        // The pool speaks HTTP/1.1 to the upstream whatever the client spoke to us.
+        parts.version = Version::HTTP_11;
+        Ok(Request::from_parts(parts, body))
+    }
+
+    fn set_forwarded(&self, headers: &mut HeaderMap, conn: ConnInfo, host: Option<&HeaderValue>) {
+        let peer = crate::peer::canonical(conn.peer.ip());
+        let trusted = self.trusted.contains(peer);
+        let xff = HeaderName::from_static("x-forwarded-for");
+        let xfp = HeaderName::from_static("x-forwarded-proto");
+        let xfh = HeaderName::from_static("x-forwarded-host");
+
+        let prior: Vec<String> = if trusted {
+            headers
+                .get_all(&xff)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .map(str::to_owned)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let chain = if prior.is_empty() {
+            peer.to_string()
+        } else {
+            format!("{}, {peer}", prior.join(", "))
+        };
+        headers.remove(&xff);
+        if let Ok(v) = HeaderValue::from_str(&chain) {
+            headers.insert(xff, v);
+        }
+
+        if !(trusted && headers.contains_key(&xfp)) {
+            let proto = if conn.tls { "https" } else { "http" };
+            headers.insert(xfp, HeaderValue::from_static(proto));
+        }
+        if !(trusted && headers.contains_key(&xfh)) {
+            headers.remove(&xfh);
+            if let Some(host) = host {
+                headers.insert(xfh, host.clone());
+            }
+        }
+    }
+
+    fn classify(&self, error: hyper_util::client::legacy::Error) -> Rejection {
+        if source_chain_has::<http_body_util::LengthLimitError>(&error) {
+            return Rejection::PayloadTooLarge(self.max_body_bytes);
+        }
+        tracing::debug!(error = %error_chain(&error), "upstream request failed");
+        Rejection::UpstreamUnavailable
+    }
+}
+
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    _guard: TunnelGuard,
+) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade failed");
+            return;
+        }
+    };
+    let mut client = TokioIo::new(client);
+    let mut upstream = TokioIo::new(upstream);
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        tracing::debug!(error = %e, "tunnel closed with an error");
+    }
+}
+
+/// True when the request asks to switch protocols (HTTP/1.1 `Connection: upgrade` + `Upgrade`).
+pub fn wants_upgrade<B>(req: &Request<B>) -> bool {
+    wants_upgrade_headers(req.headers(), req.version())
+}
+
+fn wants_upgrade_headers(headers: &HeaderMap, version: Version) -> bool {
+    version == Version::HTTP_11
+        && headers.contains_key(header::UPGRADE)
+        && connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
+}
+
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// Headers that describe one connection, not the message (RFC 9110 7.6.1), plus the
+/// non-standard ones that clients still send.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Removes hop-by-hop headers and every header the Connection header names. On a 101 response
+/// the Upgrade and Connection headers are the answer itself and stay.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = connection_tokens(headers)
+        .filter(|t| !(keep_upgrade && t.eq_ignore_ascii_case("upgrade")))
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP.iter() {
+        if keep_upgrade && (name == header::CONNECTION || name == header::UPGRADE) {
+            continue;
+        }
+        headers.remove(name);
+    }
+}
+
+fn source_chain_has<E: std::error::Error + 'static>(
+    error: &(dyn std::error::Error + 'static),
+) -> bool {
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = current {
+        if e.is::<E>() {
+            return true;
+        }
+        current = e.source();
+    }
+    false
+}
+
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = error.to_string();
+    let mut current = error.source();
+    while let Some(e) = current {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        current = e.source();
+    }
+    out
+}
+
+/// The forwarding service at the bottom of the stack.
+#[derive(Clone)]
+pub struct Forward(Arc<Upstream>);
+
+impl Forward {
+    pub fn new(upstream: Arc<Upstream>) -> Self {
+        Forward(upstream)
+    }
+}
+
+impl tower::Service<Request<Body>> for Forward {
+    type Response = Response<Body>;
+    type Error = std::convert::Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let upstream = self.0.clone();
+        Box::pin(async move { Ok(upstream.forward(req).await) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_fixed_and_connection_named_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, X-Secret"),
+        );
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert("proxy-authorization", HeaderValue::from_static("Basic x"));
+        h.insert("x-kept", HeaderValue::from_static("yes"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1);
+        assert_eq!(h["x-kept"], "yes");
+    }
+
+    #[test]
+    fn switching_protocols_keeps_upgrade_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h[header::UPGRADE], "websocket");
+        assert_eq!(h[header::CONNECTION], "Upgrade");
+    }
+
+    #[test]
+    fn upgrade_needs_both_headers() {
+        let mut req = Request::new(());
+        req.headers_mut()
+            .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        assert!(!wants_upgrade(&req));
+        req.headers_mut().insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, Upgrade"),
+        );
+        assert!(wants_upgrade(&req));
+    }
+}

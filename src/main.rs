@@ -1,0 +1,150 @@
+//! The `portcullis` command: run the proxy, check a config, or start the demo echo upstream.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use portcullis::app::{shutdown_signal, App};
+use portcullis::config::{Config, LogFormat};
+
+#[derive(Parser)]
+#[command(
+    name = "portcullis",
+    version,
+    about = "Session-enforcing reverse proxy for game backends"
+)]
+struct Cli {
+    /// Configuration file.
+    #[arg(long, global = true, default_value = "config.toml")]
+    config: PathBuf,
+    /// Log format; overrides `log.format`.
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormat>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy (the default).
+    Run,
+    /// Validate the configuration and exit: 0 when valid, 2 with the bad keys named otherwise.
+    CheckConfig,
+    /// Serve a demo upstream that answers every request with what it received, as JSON.
+    EchoUpstream {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+    },
+}
+
+fn init_logging(format: LogFormat, level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PORTCULLIS_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    portcullis::tls::install_crypto_provider();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("portcullis: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command.unwrap_or(Command::Run) {
+        Command::EchoUpstream { listen } => {
+            init_logging(cli.log_format.unwrap_or(LogFormat::Text), "info");
+            runtime.block_on(async {
+                let listener = match tokio::net::TcpListener::bind(listen).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        eprintln!("portcullis: cannot listen on {listen}: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                };
+                tracing::info!(%listen, "echo upstream serving");
+                tokio::select! {
+                    result = portcullis::echo::serve(listener) => {
+                        if let Err(e) = result {
+                            eprintln!("portcullis: echo upstream failed: {e}");
+                            return ExitCode::FAILURE;
+                        }
+                    }
+                    _ = shutdown_signal() => {}
+                }
+                ExitCode::SUCCESS
+            })
+        }
+        Command::CheckConfig => match Config::load(&cli.config) {
+            Ok(_) => {
+                println!("{}: ok", cli.config.display());
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                eprintln!("{}: invalid configuration", cli.config.display());
+                eprintln!("{errors}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Run => {
+            let config = match Config::load(&cli.config) {
+                Ok(c) => c,
+                Err(errors) => {
+                    eprintln!("{}: invalid configuration", cli.config.display());
+                    eprintln!("{errors}");
+                    return ExitCode::from(2);
+                }
+            };
+            init_logging(
+                cli.log_format.unwrap_or(config.log.format),
+                &config.log.level,
+            );
+            runtime.block_on(run(config))
+        }
+    }
+}
+
+async fn run(config: Config) -> ExitCode {
+    let public_addr = config.server.listen;
+    let admin_addr = config.admin.listen;
+    let app = match App::build(config) {
+        Ok(app) => app,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start");
+            return ExitCode::FAILURE;
+        }
+    };
+    let public = match tokio::net::TcpListener::bind(public_addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, listen = %public_addr, "cannot listen (server.listen)");
+            return ExitCode::FAILURE;
+        }
+    };
+    let admin = match tokio::net::TcpListener::bind(admin_addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, listen = %admin_addr, "cannot listen (admin.listen)");
+            return ExitCode::FAILURE;
+        }
+    };
+    match app.run(public, admin, shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "portcullis failed");
+            ExitCode::FAILURE
+        }
+    }
+}
