@@ -67,6 +67,23 @@ pub struct FileConfig {
     pub upstream: UpstreamSection,
     pub admin: AdminSection,
     pub log: LogSection,
+    /// Per-path policy; the longest matching `path_prefix` wins.
+    pub routes: Vec<RouteSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSection {
+    /// A path prefix matched on whole segments of the normalised path (`/login` matches
+    /// `/login` and `/login/x`, not `/loginx`).
+    pub path_prefix: String,
+    /// `session` (JWT and live session, the default), `jwt` (JWT only) or `none`.
+    #[serde(default = "default_auth")]
+    pub auth: String,
+}
+
+fn default_auth() -> String {
+    "session".into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -197,6 +214,25 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub admin: AdminConfig,
     pub log: LogConfig,
+    pub routes: Vec<RouteConfig>,
+}
+
+/// What a route demands of a request before it is forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMode {
+    /// A valid JWT and a live session owned by the token's subject.
+    Session,
+    /// A valid JWT only.
+    Jwt,
+    /// Nothing: forwarded without identity headers.
+    None,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    /// Normalised prefix without a trailing slash (`""` for the root).
+    pub path_prefix: String,
+    pub auth: AuthMode,
 }
 
 #[derive(Debug, Clone)]
@@ -352,6 +388,43 @@ impl FileConfig {
             );
         }
 
+        let mut routes = Vec::new();
+        for (i, route) in self.routes.iter().enumerate() {
+            let key = format!("routes[{i}]");
+            let auth = match route.auth.as_str() {
+                "session" => AuthMode::Session,
+                "jwt" => AuthMode::Jwt,
+                "none" => AuthMode::None,
+                other => {
+                    v.fail(
+                        &format!("{key}.auth"),
+                        format!("{other:?} is not one of \"session\", \"jwt\", \"none\""),
+                    );
+                    continue;
+                }
+            };
+            let prefix = route.path_prefix.trim_end_matches('/');
+            if !route.path_prefix.starts_with('/') {
+                v.fail(&format!("{key}.path_prefix"), "must start with /");
+                continue;
+            }
+            if prefix.split('/').any(|seg| seg == "." || seg == "..") || prefix.contains("//") {
+                v.fail(
+                    &format!("{key}.path_prefix"),
+                    "must be a normalised path (no empty, . or .. segments)",
+                );
+                continue;
+            }
+            if routes.iter().any(|r: &RouteConfig| r.path_prefix == prefix) {
+                v.fail(&format!("{key}.path_prefix"), "appears twice");
+                continue;
+            }
+            routes.push(RouteConfig {
+                path_prefix: prefix.to_string(),
+                auth,
+            });
+        }
+
         v.finish()?;
         // `finish` returned Ok, so every value checked above is present.
         let (Some(listen), Some(admin_listen), Some(scheme), Some(authority)) =
@@ -387,6 +460,7 @@ impl FileConfig {
                 format,
                 level: self.log.level,
             },
+            routes,
         })
     }
 }
@@ -677,6 +751,23 @@ mod tests {
         .unwrap_err();
         let keys: Vec<&str> = err.0.iter().map(|e| e.key.as_str()).collect();
         assert_eq!(keys, ["server.listen", "upstream.url", "log.format"]);
+    }
+
+    #[test]
+    fn routes_are_normalised_and_checked() {
+        let c = parse(
+            "[[routes]]\npath_prefix = \"/login/\"\nauth = \"none\"\n[[routes]]\npath_prefix = \"/\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.routes[0].path_prefix, "/login");
+        assert_eq!(c.routes[0].auth, AuthMode::None);
+        assert_eq!(c.routes[1].path_prefix, "");
+        assert_eq!(c.routes[1].auth, AuthMode::Session);
+
+        let err = parse("[[routes]]\npath_prefix = \"/a/../b\"\n[[routes]]\npath_prefix = \"/x\"\nauth = \"open\"\n")
+            .unwrap_err();
+        let keys: Vec<&str> = err.0.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["routes[0].path_prefix", "routes[1].auth"]);
     }
 
     #[test]
