@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use http::uri::{Authority, Scheme};
-use http::{HeaderValue, Uri};
+use http::{HeaderName, HeaderValue, Uri};
 use ipnet::IpNet;
 use serde::Deserialize;
 
@@ -67,6 +67,10 @@ pub struct FileConfig {
     pub upstream: UpstreamSection,
     pub admin: AdminSection,
     pub log: LogSection,
+    pub redis: RedisSection,
+    pub session: SessionSection,
+    pub identity: IdentitySection,
+    pub jwt: JwtSection,
     /// Per-path policy; the longest matching `path_prefix` wins.
     pub routes: Vec<RouteSection>,
 }
@@ -203,6 +207,111 @@ impl Default for LogSection {
     }
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisSection {
+    /// `redis://[user:password@]host:port[/db]`, or `rediss://` for TLS.
+    pub url: String,
+    /// Prefix of every key portcullis writes.
+    pub key_prefix: String,
+    /// Longest wait for one Redis command (or script) before the request fails closed.
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+    /// Longest wait for a connection to Redis.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+impl Default for RedisSection {
+    fn default() -> Self {
+        RedisSection {
+            url: "redis://127.0.0.1:6379".into(),
+            key_prefix: "aeturnis".into(),
+            command_timeout: Duration::from_millis(250),
+            connect_timeout: Duration::from_millis(500),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionSection {
+    /// Sliding lifetime: every proxied request puts expiry back to now + ttl.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// lastActive is rewritten only when it is older than this (the TTL slides every time).
+    #[serde(with = "humantime_serde")]
+    pub last_active_resolution: Duration,
+    /// Where the session API is served.
+    pub api_prefix: String,
+}
+
+impl Default for SessionSection {
+    fn default() -> Self {
+        SessionSection {
+            ttl: Duration::from_secs(30 * 24 * 3600),
+            last_active_resolution: Duration::from_secs(1),
+            api_prefix: "/api/v1/sessions".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentitySection {
+    /// Carries the token's `sub` to the upstream.
+    pub user_id_header: String,
+    /// Carries the session id to the upstream; also where a client may send its session id
+    /// when the token has no `sid` claim.
+    pub session_id_header: String,
+    /// Carries the session's platform to the upstream.
+    pub platform_header: String,
+}
+
+impl Default for IdentitySection {
+    fn default() -> Self {
+        IdentitySection {
+            user_id_header: "x-user-id".into(),
+            session_id_header: "x-session-id".into(),
+            platform_header: "x-session-platform".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JwtSection {
+    /// Accepted `alg` values, all of one family (HS*, RS*/PS*, ES*, or EdDSA).
+    pub algorithms: Vec<String>,
+    /// HMAC secret (HS*); the JWT_SECRET environment variable takes precedence.
+    pub secret: String,
+    /// File holding the HMAC secret, used when `secret` and JWT_SECRET are empty.
+    pub secret_file: String,
+    /// PEM public key file for RS*, PS*, ES* and EdDSA.
+    pub public_key_pem: String,
+    /// Required `iss`, when set.
+    pub issuer: String,
+    /// Required `aud`, when set.
+    pub audience: String,
+    /// Clock skew allowed on `exp` and `nbf`.
+    #[serde(with = "humantime_serde")]
+    pub leeway: Duration,
+}
+
+impl Default for JwtSection {
+    fn default() -> Self {
+        JwtSection {
+            algorithms: vec!["HS256".into()],
+            secret: String::new(),
+            secret_file: String::new(),
+            public_key_pem: String::new(),
+            issuer: String::new(),
+            audience: String::new(),
+            leeway: Duration::from_secs(30),
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The validated configuration.
 // ---------------------------------------------------------------------------------------------
@@ -214,7 +323,59 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub admin: AdminConfig,
     pub log: LogConfig,
+    pub redis: RedisConfig,
+    pub session: SessionConfig,
+    pub identity: IdentityConfig,
+    pub jwt: JwtConfig,
     pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    pub connection: redis::ConnectionInfo,
+    pub key_prefix: String,
+    pub command_timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    pub ttl: Duration,
+    pub last_active_resolution: Duration,
+    /// Without a trailing slash.
+    pub api_prefix: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct IdentityConfig {
+    pub user_id: HeaderName,
+    pub session_id: HeaderName,
+    pub platform: HeaderName,
+}
+
+/// The key that verifies token signatures.
+#[derive(Clone)]
+pub enum JwtKey {
+    Secret(Vec<u8>),
+    PublicPem(Vec<u8>),
+}
+
+impl fmt::Debug for JwtKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            JwtKey::Secret(_) => f.write_str("Secret(..)"),
+            JwtKey::PublicPem(_) => f.write_str("PublicPem(..)"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct JwtConfig {
+    pub algorithms: Vec<jsonwebtoken::Algorithm>,
+    pub key: JwtKey,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    pub leeway: Duration,
 }
 
 /// What a route demands of a request before it is forwarded.
@@ -316,13 +477,13 @@ impl Config {
                 e.into_inner().message().to_string(),
             )
         })?;
-        file.validate(base)
+        file.validate(base, env)
     }
 }
 
 impl FileConfig {
     /// Checks every value, collecting all problems rather than stopping at the first.
-    pub fn validate(self, base: &Path) -> Result<Config, ConfigErrors> {
+    pub fn validate(self, base: &Path, env: &[(String, String)]) -> Result<Config, ConfigErrors> {
         let mut v = Validator::default();
 
         let listen = v.socket_addr("server.listen", &self.server.listen);
@@ -388,6 +549,25 @@ impl FileConfig {
             );
         }
 
+        let redis = v.redis(&self.redis, env);
+        v.nonzero_duration("session.ttl", self.session.ttl);
+        if self.session.ttl < Duration::from_secs(1) {
+            v.fail("session.ttl", "must be at least 1s");
+        }
+        if self.session.last_active_resolution >= self.session.ttl {
+            v.fail("session.last_active_resolution", "must be shorter than session.ttl");
+        }
+        let api_prefix = self.session.api_prefix.trim_end_matches('/').to_string();
+        if !self.session.api_prefix.starts_with('/') || api_prefix.is_empty() {
+            v.fail("session.api_prefix", "must start with / and not be / itself");
+        }
+        let identity = (
+            v.header_name("identity.user_id_header", &self.identity.user_id_header),
+            v.header_name("identity.session_id_header", &self.identity.session_id_header),
+            v.header_name("identity.platform_header", &self.identity.platform_header),
+        );
+        let jwt = v.jwt(&self.jwt, base, env);
+
         let mut routes = Vec::new();
         for (i, route) in self.routes.iter().enumerate() {
             let key = format!("routes[{i}]");
@@ -427,8 +607,15 @@ impl FileConfig {
 
         v.finish()?;
         // `finish` returned Ok, so every value checked above is present.
-        let (Some(listen), Some(admin_listen), Some(scheme), Some(authority)) =
-            (listen, admin_listen, scheme, authority)
+        let (
+            Some(listen),
+            Some(admin_listen),
+            Some(scheme),
+            Some(authority),
+            Some(redis),
+            (Some(user_id), Some(session_id), Some(platform)),
+            Some(jwt),
+        ) = (listen, admin_listen, scheme, authority, redis, identity, jwt)
         else {
             return Err(ConfigErrors::one("(file)", "incomplete configuration"));
         };
@@ -460,6 +647,18 @@ impl FileConfig {
                 format,
                 level: self.log.level,
             },
+            redis,
+            session: SessionConfig {
+                ttl: self.session.ttl,
+                last_active_resolution: self.session.last_active_resolution,
+                api_prefix,
+            },
+            identity: IdentityConfig {
+                user_id,
+                session_id,
+                platform,
+            },
+            jwt,
             routes,
         })
     }
@@ -537,6 +736,185 @@ impl Validator {
         }
     }
 
+    fn header_name(&mut self, key: &str, value: &str) -> Option<HeaderName> {
+        match HeaderName::from_bytes(value.as_bytes()) {
+            Ok(h) => Some(h),
+            Err(_) => {
+                self.fail(key, format!("{value:?} is not a valid header name"));
+                None
+            }
+        }
+    }
+
+    /// The Redis connection: `redis.url`, then REDIS_HOST / REDIS_PORT / REDIS_PASSWORD over it.
+    fn redis(&mut self, section: &RedisSection, env: &[(String, String)]) -> Option<RedisConfig> {
+        use redis::{ConnectionAddr, IntoConnectionInfo};
+        if section.key_prefix.is_empty() || section.key_prefix.contains(['{', '}', ' ']) {
+            self.fail(
+                "redis.key_prefix",
+                "must be non-empty without spaces or braces (braces are Redis Cluster hash tags)",
+            );
+        }
+        self.nonzero_duration("redis.command_timeout", section.command_timeout);
+        self.nonzero_duration("redis.connect_timeout", section.connect_timeout);
+        let mut info = match section.url.as_str().into_connection_info() {
+            Ok(info) => info,
+            Err(e) => {
+                self.fail("redis.url", format!("not a redis:// or rediss:// URL: {e}"));
+                return None;
+            }
+        };
+        let var = |name: &str| {
+            env.iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+        };
+        let host = var("REDIS_HOST");
+        // Kubernetes sets REDIS_PORT=tcp://10.0.0.5:6379 for a Service named `redis`: that is
+        // a service link, not a port, and must not change where portcullis connects.
+        let port = match var("REDIS_PORT") {
+            Some(p) => match p.parse::<u16>() {
+                Ok(port) => Some(port),
+                Err(_) => {
+                    tracing::debug!(value = %p, "ignoring REDIS_PORT: not a port number (a Kubernetes service link?)");
+                    None
+                }
+            },
+            None => None,
+        };
+        if host.is_some() || port.is_some() {
+            let addr = match info.addr().clone() {
+                ConnectionAddr::Tcp(h, p) => {
+                    ConnectionAddr::Tcp(host.unwrap_or(h), port.unwrap_or(p))
+                }
+                ConnectionAddr::TcpTls {
+                    host: h,
+                    port: p,
+                    insecure,
+                    tls_params,
+                } => ConnectionAddr::TcpTls {
+                    host: host.unwrap_or(h),
+                    port: port.unwrap_or(p),
+                    insecure,
+                    tls_params,
+                },
+                other => other,
+            };
+            info = info.set_addr(addr);
+        }
+        if let Some(password) = var("REDIS_PASSWORD") {
+            let settings = info.redis_settings().clone().set_password(password);
+            info = info.set_redis_settings(settings);
+        }
+        Some(RedisConfig {
+            connection: info,
+            key_prefix: section.key_prefix.clone(),
+            command_timeout: section.command_timeout,
+            connect_timeout: section.connect_timeout,
+        })
+    }
+
+    fn jwt(&mut self, section: &JwtSection, base: &Path, env: &[(String, String)]) -> Option<JwtConfig> {
+        use jsonwebtoken::{Algorithm, AlgorithmFamily};
+        let mut algorithms = Vec::new();
+        for (i, name) in section.algorithms.iter().enumerate() {
+            match name.parse::<Algorithm>() {
+                Ok(alg) => algorithms.push(alg),
+                Err(_) => self.fail(
+                    &format!("jwt.algorithms[{i}]"),
+                    format!("{name:?} is not a supported algorithm (HS256/384/512, RS256/384/512, PS256/384/512, ES256/384, EdDSA)"),
+                ),
+            }
+        }
+        if section.algorithms.is_empty() {
+            self.fail("jwt.algorithms", "must list at least one algorithm");
+        }
+        let family = algorithms.first().map(|a| a.family());
+        if algorithms.iter().any(|a| Some(a.family()) != family) {
+            self.fail(
+                "jwt.algorithms",
+                "must all be of one family: mixing HMAC and public-key algorithms lets a public key be used as an HMAC secret",
+            );
+            return None;
+        }
+        let env_secret = env
+            .iter()
+            .find(|(k, _)| k == "JWT_SECRET")
+            .map(|(_, v)| v.clone())
+            .filter(|v| !v.is_empty());
+        let key = match family? {
+            AlgorithmFamily::Hmac => {
+                let secret = if let Some(s) = env_secret {
+                    s.into_bytes()
+                } else if !section.secret.is_empty() {
+                    section.secret.clone().into_bytes()
+                } else if !section.secret_file.is_empty() {
+                    let path = self.path("jwt.secret_file", &section.secret_file, base);
+                    match std::fs::read(&path) {
+                        Ok(mut bytes) => {
+                            while bytes.last().is_some_and(|b| b.is_ascii_whitespace()) {
+                                bytes.pop();
+                            }
+                            bytes
+                        }
+                        Err(e) => {
+                            self.fail(
+                                "jwt.secret_file",
+                                format!("cannot read {}: {e} (deploy/dev-setup.sh creates a development secret)", path.display()),
+                            );
+                            return None;
+                        }
+                    }
+                } else {
+                    self.fail(
+                        "jwt.secret",
+                        "an HMAC algorithm needs a secret: set jwt.secret, jwt.secret_file or JWT_SECRET",
+                    );
+                    return None;
+                };
+                if secret.len() < 32 {
+                    self.fail("jwt.secret", "must be at least 32 bytes long");
+                    return None;
+                }
+                JwtKey::Secret(secret)
+            }
+            _ => {
+                if section.public_key_pem.is_empty() {
+                    self.fail("jwt.public_key_pem", "a public-key algorithm needs a PEM public key file");
+                    return None;
+                }
+                let path = self.path("jwt.public_key_pem", &section.public_key_pem, base);
+                let pem = match std::fs::read(&path) {
+                    Ok(pem) => pem,
+                    Err(e) => {
+                        self.fail("jwt.public_key_pem", format!("cannot read {}: {e}", path.display()));
+                        return None;
+                    }
+                };
+                let parsed = match family? {
+                    AlgorithmFamily::Rsa => jsonwebtoken::DecodingKey::from_rsa_pem(&pem).map(|_| ()),
+                    AlgorithmFamily::Ec => jsonwebtoken::DecodingKey::from_ec_pem(&pem).map(|_| ()),
+                    AlgorithmFamily::Ed => jsonwebtoken::DecodingKey::from_ed_pem(&pem).map(|_| ()),
+                    AlgorithmFamily::Hmac => Ok(()),
+                };
+                if let Err(e) = parsed {
+                    self.fail("jwt.public_key_pem", format!("{} is not a usable public key for {:?}: {e}", path.display(), algorithms[0]));
+                    return None;
+                }
+                JwtKey::PublicPem(pem)
+            }
+        };
+        let optional = |s: &str| (!s.is_empty()).then(|| s.to_string());
+        Some(JwtConfig {
+            algorithms,
+            key,
+            issuer: optional(&section.issuer),
+            audience: optional(&section.audience),
+            leeway: section.leeway,
+        })
+    }
+
     fn upstream_url(&mut self, key: &str, value: &str) -> (Option<Scheme>, Option<Authority>) {
         let uri: Uri = match value.parse() {
             Ok(u) => u,
@@ -602,6 +980,23 @@ const OVERRIDABLE: &[(&str, Kind)] = &[
     ("admin.listen", Kind::Str),
     ("log.format", Kind::Str),
     ("log.level", Kind::Str),
+    ("redis.url", Kind::Str),
+    ("redis.key_prefix", Kind::Str),
+    ("redis.command_timeout", Kind::Str),
+    ("redis.connect_timeout", Kind::Str),
+    ("session.ttl", Kind::Str),
+    ("session.last_active_resolution", Kind::Str),
+    ("session.api_prefix", Kind::Str),
+    ("identity.user_id_header", Kind::Str),
+    ("identity.session_id_header", Kind::Str),
+    ("identity.platform_header", Kind::Str),
+    ("jwt.algorithms", Kind::List),
+    ("jwt.secret", Kind::Str),
+    ("jwt.secret_file", Kind::Str),
+    ("jwt.public_key_pem", Kind::Str),
+    ("jwt.issuer", Kind::Str),
+    ("jwt.audience", Kind::Str),
+    ("jwt.leeway", Kind::Str),
 ];
 
 const ENV_PREFIX: &str = "PORTCULLIS_";
@@ -694,13 +1089,15 @@ fn set_path(table: &mut toml::Table, dotted: &str, value: toml::Value) {
 mod tests {
     use super::*;
 
+    const SECRET: (&str, &str) = ("JWT_SECRET", "0123456789abcdef0123456789abcdef");
+
     fn parse(text: &str) -> Result<Config, ConfigErrors> {
-        Config::from_toml(text, Path::new("/etc/portcullis"), &[])
+        parse_env(text, &[])
     }
 
     fn parse_env(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigErrors> {
-        let env: Vec<(String, String)> = env
-            .iter()
+        let env: Vec<(String, String)> = std::iter::once(&SECRET)
+            .chain(env)
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         Config::from_toml(text, Path::new("/etc/portcullis"), &env)

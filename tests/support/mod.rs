@@ -294,7 +294,8 @@ pub struct Proxy {
 impl Proxy {
     /// Starts portcullis with the given TOML (relative paths resolve against the current dir).
     pub async fn start(toml: &str) -> Proxy {
-        let config = Config::from_toml(toml, Path::new("."), &[]).unwrap_or_else(|e| {
+        let env = [("JWT_SECRET".to_string(), TEST_SECRET.to_string())];
+        let config = Config::from_toml(toml, Path::new("."), &env).unwrap_or_else(|e| {
             panic!("test config is invalid:\n{e}\n---\n{toml}");
         });
         Proxy::start_config(config).await
@@ -348,6 +349,9 @@ impl Drop for Proxy {
         }
     }
 }
+
+/// The HMAC secret every test proxy verifies tokens with (given as JWT_SECRET).
+pub const TEST_SECRET: &str = "portcullis-test-secret-0123456789abcdef";
 
 /// A route table entry that forwards everything without authentication.
 pub const OPEN_ROUTES: &str = "[[routes]]\npath_prefix = \"/\"\nauth = \"none\"\n";
