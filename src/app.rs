@@ -14,11 +14,17 @@ use tower::ServiceBuilder;
 
 use crate::access_log::AccessLogLayer;
 use crate::admin::Admin;
+use crate::authn::{AuthnLayer, Verifier};
 use crate::config::Config;
 use crate::forward::{Forward, Upstream};
 use crate::limits::RequestLimitsLayer;
-use crate::peer::TrustedProxies;
+use crate::peer::{ClientIpLayer, TrustedProxies};
+use crate::routes::{RouteTable, RouterLayer, Split};
 use crate::server::{ConnCount, ConnLimits};
+use crate::session::api::SessionApi;
+use crate::session::gate::SessionGateLayer;
+use crate::session::Sessions;
+use crate::store::Store;
 use crate::tls::{self, CertStore};
 use crate::{Body, BoxError};
 
@@ -31,13 +37,31 @@ pub struct App {
     pub upstream: Arc<Upstream>,
     pub certs: Option<Arc<CertStore>>,
     pub open_connections: Arc<ConnCount>,
+    pub store: Store,
+    pub sessions: Arc<Sessions>,
+    pub verifier: Arc<Verifier>,
+    pub routes: Arc<RouteTable>,
+    pub trusted: Arc<TrustedProxies>,
 }
 
 impl App {
     /// Builds the shared state; fails on anything that must be right before serving (TLS files).
     pub fn build(config: Config) -> Result<App, BoxError> {
         let trusted = TrustedProxies::new(config.server.trusted_proxies.clone());
-        let upstream = Upstream::new(&config.upstream, config.server.max_body_bytes, trusted)?;
+        let upstream = Upstream::new(
+            &config.upstream,
+            config.server.max_body_bytes,
+            trusted.clone(),
+            config.identity.clone(),
+        )?;
+        let store = Store::new(&config.redis)?;
+        let sessions = Sessions::new(
+            store.clone(),
+            config.session.ttl,
+            config.session.last_active_resolution,
+        );
+        let verifier = Verifier::new(&config.jwt)?;
+        let routes = RouteTable::new(&config.session.api_prefix, &config.routes);
         let certs = match &config.server.tls {
             Some(tls) => Some(CertStore::open(&tls.cert, &tls.key)?),
             None => None,
@@ -47,13 +71,26 @@ impl App {
             upstream: Arc::new(upstream),
             certs,
             open_connections: Arc::new(ConnCount::default()),
+            store,
+            sessions: Arc::new(sessions),
+            verifier: Arc::new(verifier),
+            routes: Arc::new(routes),
+            trusted: Arc::new(trusted),
         })
     }
 
     /// The stack, outermost first.
     pub fn service(&self) -> AppService {
         let server = &self.config.server;
+        let proxy = ServiceBuilder::new()
+            // On `session` routes: a live session owned by the token's subject, slid in one trip.
+            .layer(SessionGateLayer(self.sessions.clone()))
+            // Send it upstream with the verified identity, stream the answer back.
+            .service(Forward::new(self.upstream.clone()));
+        let api = SessionApi::new(self.sessions.clone(), self.routes.api_prefix());
         let stack = ServiceBuilder::new()
+            // The client's address, believing X-Forwarded-For only from trusted proxies.
+            .layer(ClientIpLayer(self.trusted.clone()))
             // One line per request, whatever happens below.
             .layer(AccessLogLayer)
             // Oversized heads and bodies are refused before any other work.
@@ -61,13 +98,25 @@ impl App {
                 max_header_bytes: server.max_header_bytes,
                 max_body_bytes: server.max_body_bytes,
             })
-            // Send it upstream and stream the answer back.
-            .service(Forward::new(self.upstream.clone()));
+            // Session API or proxied route, and the route's auth mode (on the normalised path).
+            .layer(RouterLayer(self.routes.clone()))
+            // Strip client identity headers; verify the bearer token where the route needs one.
+            .layer(AuthnLayer {
+                verifier: self.verifier.clone(),
+                identity: Arc::new(self.config.identity.clone()),
+            })
+            .service(Split { api, proxy });
         BoxCloneService::new(stack)
     }
 
     pub fn admin(&self) -> Admin {
-        Admin::default()
+        let mut admin = Admin::default();
+        let store = self.store.clone();
+        admin.readiness.add_check("redis", move || {
+            let store = store.clone();
+            async move { store.ping().await.map_err(|e| e.to_string()) }
+        });
+        admin
     }
 
     /// Serves until `shutdown` resolves, then drains. The listeners are bound by the caller, so
@@ -111,6 +160,7 @@ impl App {
 
         let _ = admin_stop_tx.send(true);
         let _ = admin_task.await;
+        self.store.close();
         tracing::info!("stopped");
         Ok(())
     }

@@ -555,15 +555,24 @@ impl FileConfig {
             v.fail("session.ttl", "must be at least 1s");
         }
         if self.session.last_active_resolution >= self.session.ttl {
-            v.fail("session.last_active_resolution", "must be shorter than session.ttl");
+            v.fail(
+                "session.last_active_resolution",
+                "must be shorter than session.ttl",
+            );
         }
         let api_prefix = self.session.api_prefix.trim_end_matches('/').to_string();
         if !self.session.api_prefix.starts_with('/') || api_prefix.is_empty() {
-            v.fail("session.api_prefix", "must start with / and not be / itself");
+            v.fail(
+                "session.api_prefix",
+                "must start with / and not be / itself",
+            );
         }
         let identity = (
             v.header_name("identity.user_id_header", &self.identity.user_id_header),
-            v.header_name("identity.session_id_header", &self.identity.session_id_header),
+            v.header_name(
+                "identity.session_id_header",
+                &self.identity.session_id_header,
+            ),
             v.header_name("identity.platform_header", &self.identity.platform_header),
         );
         let jwt = v.jwt(&self.jwt, base, env);
@@ -615,7 +624,15 @@ impl FileConfig {
             Some(redis),
             (Some(user_id), Some(session_id), Some(platform)),
             Some(jwt),
-        ) = (listen, admin_listen, scheme, authority, redis, identity, jwt)
+        ) = (
+            listen,
+            admin_listen,
+            scheme,
+            authority,
+            redis,
+            identity,
+            jwt,
+        )
         else {
             return Err(ConfigErrors::one("(file)", "incomplete configuration"));
         };
@@ -815,7 +832,12 @@ impl Validator {
         })
     }
 
-    fn jwt(&mut self, section: &JwtSection, base: &Path, env: &[(String, String)]) -> Option<JwtConfig> {
+    fn jwt(
+        &mut self,
+        section: &JwtSection,
+        base: &Path,
+        env: &[(String, String)],
+    ) -> Option<JwtConfig> {
         use jsonwebtoken::{Algorithm, AlgorithmFamily};
         let mut algorithms = Vec::new();
         for (i, name) in section.algorithms.iter().enumerate() {
@@ -881,25 +903,40 @@ impl Validator {
             }
             _ => {
                 if section.public_key_pem.is_empty() {
-                    self.fail("jwt.public_key_pem", "a public-key algorithm needs a PEM public key file");
+                    self.fail(
+                        "jwt.public_key_pem",
+                        "a public-key algorithm needs a PEM public key file",
+                    );
                     return None;
                 }
                 let path = self.path("jwt.public_key_pem", &section.public_key_pem, base);
                 let pem = match std::fs::read(&path) {
                     Ok(pem) => pem,
                     Err(e) => {
-                        self.fail("jwt.public_key_pem", format!("cannot read {}: {e}", path.display()));
+                        self.fail(
+                            "jwt.public_key_pem",
+                            format!("cannot read {}: {e}", path.display()),
+                        );
                         return None;
                     }
                 };
                 let parsed = match family? {
-                    AlgorithmFamily::Rsa => jsonwebtoken::DecodingKey::from_rsa_pem(&pem).map(|_| ()),
+                    AlgorithmFamily::Rsa => {
+                        jsonwebtoken::DecodingKey::from_rsa_pem(&pem).map(|_| ())
+                    }
                     AlgorithmFamily::Ec => jsonwebtoken::DecodingKey::from_ec_pem(&pem).map(|_| ()),
                     AlgorithmFamily::Ed => jsonwebtoken::DecodingKey::from_ed_pem(&pem).map(|_| ()),
                     AlgorithmFamily::Hmac => Ok(()),
                 };
                 if let Err(e) = parsed {
-                    self.fail("jwt.public_key_pem", format!("{} is not a usable public key for {:?}: {e}", path.display(), algorithms[0]));
+                    self.fail(
+                        "jwt.public_key_pem",
+                        format!(
+                            "{} is not a usable public key for {:?}: {e}",
+                            path.display(),
+                            algorithms[0]
+                        ),
+                    );
                     return None;
                 }
                 JwtKey::PublicPem(pem)

@@ -6,7 +6,7 @@
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use serde::Serialize;
 
 use crate::Body;
@@ -30,6 +30,22 @@ pub enum Rejection {
     MethodNotAllowed,
     #[error("portcullis is shutting down")]
     ShuttingDown,
+    #[error("this endpoint needs a bearer token in the Authorization header")]
+    TokenMissing,
+    #[error("the bearer token is malformed, badly signed, or not valid at this time")]
+    TokenInvalid,
+    #[error("the bearer token has expired")]
+    TokenExpired,
+    /// Deliberately one message for missing, expired, destroyed and foreign sessions, so that
+    /// session ids cannot be probed.
+    #[error("no live session for this token")]
+    SessionInvalid,
+    #[error("the session store is unavailable; try again shortly")]
+    StoreUnavailable,
+    #[error("no such session")]
+    SessionNotFound,
+    #[error("{0:?} is not a session id (a UUID)")]
+    InvalidSessionId(String),
 }
 
 impl Rejection {
@@ -43,6 +59,13 @@ impl Rejection {
             Rejection::NotFound => StatusCode::NOT_FOUND,
             Rejection::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Rejection::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Rejection::TokenMissing
+            | Rejection::TokenInvalid
+            | Rejection::TokenExpired
+            | Rejection::SessionInvalid => StatusCode::UNAUTHORIZED,
+            Rejection::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Rejection::SessionNotFound => StatusCode::NOT_FOUND,
+            Rejection::InvalidSessionId(_) => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -57,11 +80,33 @@ impl Rejection {
             Rejection::NotFound => "NOT_FOUND",
             Rejection::MethodNotAllowed => "METHOD_NOT_ALLOWED",
             Rejection::ShuttingDown => "SHUTTING_DOWN",
+            Rejection::TokenMissing => "TOKEN_MISSING",
+            Rejection::TokenInvalid => "TOKEN_INVALID",
+            Rejection::TokenExpired => "TOKEN_EXPIRED",
+            Rejection::SessionInvalid => "SESSION_INVALID",
+            Rejection::StoreUnavailable => "SESSION_STORE_UNAVAILABLE",
+            Rejection::SessionNotFound => "SESSION_NOT_FOUND",
+            Rejection::InvalidSessionId(_) => "INVALID_SESSION_ID",
         }
     }
 
     pub fn into_response(self) -> Response<Body> {
         let mut response = error_response(self.status(), self.code(), &self.to_string());
+        // RFC 6750 section 3: a bare challenge when no token came, invalid_token for a bad one.
+        let challenge = match self {
+            Rejection::TokenMissing => Some("Bearer"),
+            // A revoked or unknown session makes the token unusable: invalid_token as well.
+            Rejection::TokenInvalid | Rejection::TokenExpired | Rejection::SessionInvalid => {
+                Some(r#"Bearer error="invalid_token""#)
+            }
+            _ => None,
+        };
+        if let Some(challenge) = challenge {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(challenge),
+            );
+        }
         response.extensions_mut().insert(self);
         response
     }
@@ -102,14 +147,13 @@ pub fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Body> {
 
 /// A fixed body, boxed to the crate's body type.
 pub fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into())
-        .map_err(|never| match never {})
-        .boxed()
+    Body::new(Full::new(bytes.into()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http_body_util::BodyExt;
 
     #[tokio::test]
     async fn envelope_has_the_documented_shape() {

@@ -14,14 +14,14 @@ use std::time::{Duration, Instant};
 use http::header::{self, HeaderName};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version};
-use http_body_util::BodyExt;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
-use crate::config::UpstreamConfig;
+use crate::config::{IdentityConfig, UpstreamConfig};
 use crate::error::Rejection;
 use crate::peer::{ConnInfo, TrustedProxies};
+use crate::session::gate::Identity;
 use crate::{Body, BoxError};
 
 type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
@@ -64,6 +64,7 @@ pub struct Upstream {
     request_timeout: Duration,
     max_body_bytes: u64,
     trusted: TrustedProxies,
+    identity: IdentityConfig,
     tunnels: Arc<TunnelCount>,
 }
 
@@ -72,6 +73,7 @@ impl Upstream {
         config: &UpstreamConfig,
         max_body_bytes: u64,
         trusted: TrustedProxies,
+        identity: IdentityConfig,
     ) -> Result<Self, BoxError> {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
@@ -95,6 +97,7 @@ impl Upstream {
             request_timeout: config.request_timeout,
             max_body_bytes,
             trusted,
+            identity,
             tunnels: Arc::new(TunnelCount::default()),
         })
     }
@@ -136,7 +139,7 @@ impl Upstream {
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers, upgraded);
         parts.extensions.insert(UpstreamTime(elapsed));
-        Response::from_parts(parts, body.map_err(BoxError::from).boxed())
+        Response::from_parts(parts, Body::new(body))
     }
 
     /// Rewrites the client's request into the one the upstream receives.
@@ -177,6 +180,7 @@ impl Upstream {
         if let Some(conn) = conn {
             self.set_forwarded(&mut parts.headers, conn, client_host.as_ref());
         }
+        self.set_identity(&mut parts.headers, parts.extensions.get::<Identity>());
         match (&self.host, client_host) {
             (Some(fixed), _) => {
                 parts.headers.insert(header::HOST, fixed.clone());
@@ -227,6 +231,32 @@ impl Upstream {
             if let Some(host) = host {
                 headers.insert(xfh, host.clone());
             }
+        }
+    }
+
+    /// Identity headers carry only what the gate verified. The client's copies were stripped on
+    /// entry; they are removed again here so that no path can forward one.
+    fn set_identity(&self, headers: &mut HeaderMap, identity: Option<&Identity>) {
+        let names = &self.identity;
+        headers.remove(&names.user_id);
+        headers.remove(&names.session_id);
+        headers.remove(&names.platform);
+        let Some(identity) = identity else { return };
+        if let Ok(v) = HeaderValue::from_str(&identity.user_id) {
+            headers.insert(names.user_id.clone(), v);
+        }
+        if let Some(sid) = identity.session_id {
+            let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+            let text = sid.hyphenated().encode_lower(&mut buf);
+            if let Ok(v) = HeaderValue::from_str(text) {
+                headers.insert(names.session_id.clone(), v);
+            }
+        }
+        if let Some(platform) = identity.platform {
+            headers.insert(
+                names.platform.clone(),
+                HeaderValue::from_static(platform.as_str()),
+            );
         }
     }
 

@@ -11,17 +11,61 @@
 pub mod access_log;
 pub mod admin;
 pub mod app;
+pub mod authn;
 pub mod config;
 pub mod echo;
 pub mod error;
 pub mod forward;
 pub mod limits;
 pub mod peer;
+pub mod routes;
 pub mod server;
+pub mod session;
+pub mod store;
 pub mod tls;
 
 /// Errors that only need to be reported.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// The body type of every request and response inside the stack.
-pub type Body = http_body_util::combinators::BoxBody<bytes::Bytes, BoxError>;
+/// The body of every request and response inside the stack: any streaming body, boxed.
+///
+/// A named type rather than an alias of `BoxBody<Bytes, BoxError>`: async blocks that hold the
+/// alias across an await trip a compiler limitation on `dyn Error` lifetimes in `Send` checks.
+pub struct Body(http_body_util::combinators::BoxBody<bytes::Bytes, BoxError>);
+
+impl Body {
+    pub fn new<B>(body: B) -> Body
+    where
+        B: http_body::Body<Data = bytes::Bytes> + Send + Sync + 'static,
+        B::Error: Into<BoxError>,
+    {
+        use http_body_util::BodyExt;
+        Body(body.map_err(Into::into).boxed())
+    }
+}
+
+impl std::fmt::Debug for Body {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Body")
+    }
+}
+
+impl http_body::Body for Body {
+    type Data = bytes::Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, BoxError>>> {
+        std::pin::Pin::new(&mut self.0).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.0.size_hint()
+    }
+}

@@ -8,11 +8,11 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use http::{header, Request, Response};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::Limited;
 use tower::{Layer, Service};
 
 use crate::error::Rejection;
-use crate::{Body, BoxError};
+use crate::Body;
 
 #[derive(Debug, Clone, Copy)]
 pub struct RequestLimitsLayer {
@@ -80,7 +80,7 @@ where
             return Box::pin(async move { Ok(rejection.into_response()) });
         }
         let max = usize::try_from(self.limits.max_body_bytes).unwrap_or(usize::MAX);
-        let req = req.map(|body| Limited::new(body, max).map_err(BoxError::from).boxed());
+        let req = req.map(|body| Body::new(Limited::new(body, max)));
         Box::pin(self.inner.call(req))
     }
 }

@@ -31,6 +31,18 @@ enum Command {
     Run,
     /// Validate the configuration and exit: 0 when valid, 2 with the bad keys named otherwise.
     CheckConfig,
+    /// Print an HS256 token signed with the configured secret, for trying portcullis out.
+    DevToken {
+        /// The user id (`sub`).
+        #[arg(long)]
+        sub: String,
+        /// A session id to put in the `sid` claim.
+        #[arg(long)]
+        sid: Option<String>,
+        /// Lifetime of the token.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+    },
     /// Serve a demo upstream that answers every request with what it received, as JSON.
     EchoUpstream {
         /// Address to listen on.
@@ -86,6 +98,30 @@ fn main() -> ExitCode {
                 }
                 ExitCode::SUCCESS
             })
+        }
+        Command::DevToken { sub, sid, ttl } => {
+            let config = match Config::load(&cli.config) {
+                Ok(c) => c,
+                Err(errors) => {
+                    eprintln!("{}: invalid configuration", cli.config.display());
+                    eprintln!("{errors}");
+                    return ExitCode::from(2);
+                }
+            };
+            if !portcullis::authn::valid_user_id(&sub) {
+                eprintln!("portcullis: --sub must be 1 to 256 printable characters without spaces or braces");
+                return ExitCode::from(2);
+            }
+            match portcullis::authn::dev_token(&config.jwt, &sub, sid.as_deref(), ttl) {
+                Ok(token) => {
+                    println!("{token}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("portcullis: {e}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Command::CheckConfig => match Config::load(&cli.config) {
             Ok(_) => {

@@ -2,9 +2,12 @@
 //! (X-Forwarded-For is believed only when the peer is a configured trusted proxy).
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 
-use http::HeaderMap;
+use http::{HeaderMap, Request};
 use ipnet::IpNet;
+use tower::{Layer, Service};
 
 /// Facts about the connection a request arrived on, set by the server on every request.
 #[derive(Debug, Clone, Copy)]
@@ -57,6 +60,49 @@ impl TrustedProxies {
             .find(|ip| !self.contains(*ip))
             .or_else(|| hops.first().copied())
             .unwrap_or(peer)
+    }
+}
+
+/// Sets [`ClientIp`] on every request, from the connection's peer and, when that peer is a
+/// trusted proxy, its X-Forwarded-For.
+#[derive(Clone)]
+pub struct ClientIpLayer(pub Arc<TrustedProxies>);
+
+impl<S> Layer<S> for ClientIpLayer {
+    type Service = ClientIpService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ClientIpService {
+            inner,
+            trusted: self.0.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct ClientIpService<S> {
+    inner: S,
+    trusted: Arc<TrustedProxies>,
+}
+
+impl<S, B> Service<Request<B>> for ClientIpService<S>
+where
+    S: Service<Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        if let Some(conn) = req.extensions().get::<ConnInfo>().copied() {
+            let ip = self.trusted.client_ip(conn.peer.ip(), req.headers());
+            req.extensions_mut().insert(ClientIp(ip));
+        }
+        self.inner.call(req)
     }
 }
 

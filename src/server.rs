@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 use std::convert::Infallible;
 
 use http::{Request, Response};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -29,7 +28,7 @@ use tower::Service;
 use crate::app::AppService;
 use crate::config::ServerConfig;
 use crate::peer::ConnInfo;
-use crate::{Body, BoxError};
+use crate::Body;
 
 /// The connection-level limits the server applies.
 #[derive(Debug, Clone)]
@@ -240,7 +239,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
         let in_flight = InFlight::new(self.activity.clone());
         let (mut parts, body) = req.into_parts();
         parts.extensions.insert(self.conn);
-        let body: Body = body.map_err(|e| -> BoxError { Box::new(e) }).boxed();
+        let body = Body::new(body);
         // Every layer of the stack is always ready (none applies backpressure through
         // poll_ready), so the stack is called directly rather than through `oneshot`.
         let response = self.app.clone().call(Request::from_parts(parts, body));

@@ -1,0 +1,359 @@
+//! Who is calling: the bearer token is taken from `Authorization`, verified (pinned algorithms,
+//! signature, `exp`, `nbf`, `iss`, `aud`), and its subject attached as [`Authenticated`].
+//! Identity headers sent by the client are stripped here, before anything else can see them,
+//! on every route and whatever the outcome; the session id header is read first.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http::{header, HeaderMap, Request, Response};
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{AlgorithmFamily, DecodingKey, EncodingKey, Validation};
+use serde::{Deserialize, Serialize};
+use tower::{Layer, Service};
+
+use crate::config::{AuthMode, IdentityConfig, JwtConfig, JwtKey};
+use crate::error::Rejection;
+use crate::routes::RouteClass;
+use crate::{Body, BoxError};
+
+/// A caller whose token verified. `session_hint` is the token's `sid` claim, else the session
+/// id header the client sent; it is only a claim until the session gate checks it.
+#[derive(Debug, Clone)]
+pub struct Authenticated {
+    pub user_id: Arc<str>,
+    pub session_hint: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Claims {
+    sub: String,
+    #[serde(default)]
+    sid: Option<String>,
+}
+
+/// Verifies tokens against the configured key and rules.
+pub struct Verifier {
+    key: DecodingKey,
+    validation: Validation,
+}
+
+impl Verifier {
+    pub fn new(config: &JwtConfig) -> Result<Verifier, BoxError> {
+        let first = *config.algorithms.first().ok_or("jwt.algorithms is empty")?;
+        let key = match (&config.key, first.family()) {
+            (JwtKey::Secret(secret), AlgorithmFamily::Hmac) => DecodingKey::from_secret(secret),
+            (JwtKey::PublicPem(pem), AlgorithmFamily::Rsa) => DecodingKey::from_rsa_pem(pem)?,
+            (JwtKey::PublicPem(pem), AlgorithmFamily::Ec) => DecodingKey::from_ec_pem(pem)?,
+            (JwtKey::PublicPem(pem), AlgorithmFamily::Ed) => DecodingKey::from_ed_pem(pem)?,
+            _ => return Err("jwt key does not fit jwt.algorithms".into()),
+        };
+        // Built from configuration only, never from a token's header.
+        let mut validation = Validation::new(first);
+        validation.algorithms = config.algorithms.clone();
+        validation.leeway = config.leeway.as_secs();
+        validation.validate_exp = true;
+        validation.validate_nbf = true;
+        let mut required = vec!["exp", "sub"];
+        if let Some(issuer) = &config.issuer {
+            validation.set_issuer(&[issuer]);
+            required.push("iss");
+        }
+        match &config.audience {
+            Some(audience) => {
+                validation.set_audience(&[audience]);
+                required.push("aud");
+            }
+            None => validation.validate_aud = false,
+        }
+        validation.set_required_spec_claims(&required);
+        Ok(Verifier { key, validation })
+    }
+
+    /// Verifies a token; the rejection says why it failed without echoing it.
+    pub fn verify(&self, token: &str) -> Result<(Arc<str>, Option<String>), Rejection> {
+        let data =
+            jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(|e| {
+                tracing::debug!(reason = ?e.kind(), "token rejected");
+                match e.kind() {
+                    ErrorKind::ExpiredSignature => Rejection::TokenExpired,
+                    _ => Rejection::TokenInvalid,
+                }
+            })?;
+        let Claims { sub, sid } = data.claims;
+        if !valid_user_id(&sub) {
+            tracing::debug!("token rejected: unusable sub");
+            return Err(Rejection::TokenInvalid);
+        }
+        Ok((sub.into(), sid))
+    }
+}
+
+/// A user id must be usable as a header value and inside a Redis Cluster hash tag.
+pub fn valid_user_id(sub: &str) -> bool {
+    !sub.is_empty()
+        && sub.len() <= 256
+        && sub
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'{' && b != b'}')
+}
+
+/// The token in `Authorization: Bearer <token>`, if any.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+/// Decides the authentication outcome for one request. Pure: the layer below calls it.
+pub fn authenticate(
+    verifier: &Verifier,
+    class: RouteClass,
+    headers: &HeaderMap,
+    session_header: Option<String>,
+) -> Result<Option<Authenticated>, Rejection> {
+    let required = match class {
+        RouteClass::Api { public } => !public,
+        RouteClass::Proxy(AuthMode::None) => false,
+        RouteClass::Proxy(AuthMode::Jwt | AuthMode::Session) => true,
+    };
+    let Some(token) = bearer(headers) else {
+        return if required {
+            Err(Rejection::TokenMissing)
+        } else {
+            Ok(None)
+        };
+    };
+    match verifier.verify(token) {
+        Ok((user_id, sid)) => Ok(Some(Authenticated {
+            user_id,
+            session_hint: sid.or(session_header),
+        })),
+        // On open routes a bad token is ignored: the caller is simply anonymous.
+        Err(rejection) if required => Err(rejection),
+        Err(_) => Ok(None),
+    }
+}
+
+#[derive(Clone)]
+pub struct AuthnLayer {
+    pub verifier: Arc<Verifier>,
+    pub identity: Arc<IdentityConfig>,
+}
+
+impl<S> Layer<S> for AuthnLayer {
+    type Service = Authn<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Authn {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Authn<S> {
+    inner: S,
+    layer: AuthnLayer,
+}
+
+type BoxResponse<E> = Pin<Box<dyn Future<Output = Result<Response<Body>, E>> + Send>>;
+
+impl<S> Service<Request<Body>> for Authn<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = BoxResponse<S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
+        let identity = &self.layer.identity;
+        let headers = req.headers_mut();
+        let session_header = headers
+            .get(&identity.session_id)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        // Strip before set: only values portcullis verified may reach the upstream.
+        headers.remove(&identity.user_id);
+        headers.remove(&identity.session_id);
+        headers.remove(&identity.platform);
+
+        let class = req
+            .extensions()
+            .get::<RouteClass>()
+            .copied()
+            .unwrap_or(RouteClass::Proxy(AuthMode::Session));
+        match authenticate(&self.layer.verifier, class, req.headers(), session_header) {
+            Ok(Some(who)) => {
+                req.extensions_mut().insert(who);
+            }
+            Ok(None) => {}
+            Err(rejection) => return Box::pin(async move { Ok(rejection.into_response()) }),
+        }
+        Box::pin(self.inner.call(req))
+    }
+}
+
+#[derive(Serialize)]
+struct DevClaims<'a> {
+    sub: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sid: Option<&'a str>,
+    iat: u64,
+    exp: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    iss: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    aud: Option<&'a str>,
+}
+
+/// Signs a token with the configured HMAC secret, for trying portcullis out.
+pub fn dev_token(
+    config: &JwtConfig,
+    sub: &str,
+    sid: Option<&str>,
+    ttl: Duration,
+) -> Result<String, BoxError> {
+    let JwtKey::Secret(secret) = &config.key else {
+        return Err(
+            "dev-token signs with an HMAC secret; this config verifies with a public key".into(),
+        );
+    };
+    let alg = config
+        .algorithms
+        .first()
+        .copied()
+        .filter(|a| a.family() == AlgorithmFamily::Hmac)
+        .ok_or("dev-token needs an HS256/384/512 algorithm in jwt.algorithms")?;
+    let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+    let claims = DevClaims {
+        sub,
+        sid,
+        iat: now,
+        exp: now + ttl.as_secs(),
+        iss: config.issuer.as_deref(),
+        aud: config.audience.as_deref(),
+    };
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(alg),
+        &claims,
+        &EncodingKey::from_secret(secret),
+    )?;
+    Ok(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn config() -> JwtConfig {
+        JwtConfig {
+            algorithms: vec![jsonwebtoken::Algorithm::HS256],
+            key: JwtKey::Secret(b"0123456789abcdef0123456789abcdef".to_vec()),
+            issuer: Some("portcullis-test".into()),
+            audience: None,
+            leeway: Duration::from_secs(0),
+        }
+    }
+
+    #[test]
+    fn a_minted_token_verifies_and_carries_its_claims() {
+        let c = config();
+        let token = dev_token(&c, "player-1", Some("s-1"), Duration::from_secs(60)).unwrap();
+        let (sub, sid) = Verifier::new(&c).unwrap().verify(&token).unwrap();
+        assert_eq!(&*sub, "player-1");
+        assert_eq!(sid.as_deref(), Some("s-1"));
+    }
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive_and_other_schemes_are_ignored() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("bearer abc"),
+        );
+        assert_eq!(bearer(&h), Some("abc"));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
+        assert_eq!(bearer(&h), None);
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer "));
+        assert_eq!(bearer(&h), None);
+    }
+
+    #[test]
+    fn open_routes_ignore_bad_tokens_but_guarded_ones_reject_them() {
+        let verifier = Verifier::new(&config()).unwrap();
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer junk"),
+        );
+        assert!(matches!(
+            authenticate(&verifier, RouteClass::Proxy(AuthMode::None), &h, None),
+            Ok(None)
+        ));
+        assert_eq!(
+            authenticate(&verifier, RouteClass::Proxy(AuthMode::Jwt), &h, None).unwrap_err(),
+            Rejection::TokenInvalid
+        );
+        assert_eq!(
+            authenticate(
+                &verifier,
+                RouteClass::Api { public: false },
+                &HeaderMap::new(),
+                None
+            )
+            .unwrap_err(),
+            Rejection::TokenMissing
+        );
+    }
+
+    #[test]
+    fn the_sid_claim_wins_over_the_header() {
+        let c = config();
+        let verifier = Verifier::new(&c).unwrap();
+        let with_sid = dev_token(&c, "u", Some("claim"), Duration::from_secs(60)).unwrap();
+        let without = dev_token(&c, "u", None, Duration::from_secs(60)).unwrap();
+        let auth = |t: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(
+                header::AUTHORIZATION,
+                format!("Bearer {t}").parse().unwrap(),
+            );
+            authenticate(
+                &verifier,
+                RouteClass::Proxy(AuthMode::Session),
+                &h,
+                Some("header".into()),
+            )
+            .unwrap()
+            .unwrap()
+            .session_hint
+        };
+        assert_eq!(auth(&with_sid).as_deref(), Some("claim"));
+        assert_eq!(auth(&without).as_deref(), Some("header"));
+    }
+
+    #[test]
+    fn user_ids_that_would_break_keys_or_headers_are_refused() {
+        assert!(valid_user_id("player-42@example.com"));
+        assert!(!valid_user_id(""));
+        assert!(!valid_user_id("a}b"));
+        assert!(!valid_user_id("a b"));
+        assert!(!valid_user_id("a\nb"));
+        assert!(!valid_user_id(&"x".repeat(257)));
+    }
+}

@@ -1,0 +1,316 @@
+//! The session API under `session.api_prefix` (default `/api/v1/sessions`). Every endpoint
+//! but the OpenAPI document needs a valid token; a caller only ever sees and changes the
+//! sessions of the token's subject, because every key is looked up under that subject.
+//!
+//! | method | path | answer |
+//! |---|---|---|
+//! | POST | `/create` | 201 `{sessionId, expiresAt}` |
+//! | GET | `/user/sessions` | 200 `[Session]` |
+//! | GET | `/{sessionId}` | 200 `Session`, 404 |
+//! | POST | `/{sessionId}/extend` | 200 `{sessionId, expiresAt}`, 404 |
+//! | DELETE | `/{sessionId}` | 200, 404 |
+//! | GET | `/openapi.json` | 200, the OpenAPI 3 document |
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use serde::{Deserialize, Serialize};
+use tower::Service;
+use uuid::Uuid;
+
+use crate::authn::Authenticated;
+use crate::error::{json_response, Rejection};
+use crate::peer::ClientIp;
+use crate::routes::normalise;
+use crate::session::{Created, Metadata, Platform, Sessions, MAX_DEVICE_ID, MAX_USER_AGENT};
+use crate::store::StoreError;
+use crate::Body;
+
+/// Largest request body the API reads.
+pub const MAX_API_BODY: usize = 16 * 1024;
+
+/// The OpenAPI document, written for the default prefix.
+const OPENAPI: &str = include_str!("openapi.json");
+const DEFAULT_PREFIX: &str = "/api/v1/sessions";
+
+#[derive(Clone)]
+pub struct SessionApi {
+    sessions: Arc<Sessions>,
+    prefix: Arc<str>,
+    openapi: Bytes,
+}
+
+impl SessionApi {
+    pub fn new(sessions: Arc<Sessions>, prefix: &str) -> Self {
+        let openapi = OPENAPI.replace(DEFAULT_PREFIX, prefix);
+        SessionApi {
+            sessions,
+            prefix: prefix.into(),
+            openapi: Bytes::from(openapi),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Success<T: Serialize> {
+    success: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<T>,
+}
+
+fn success<T: Serialize>(status: StatusCode, data: Option<T>) -> Response<Body> {
+    match serde_json::to_vec(&Success {
+        success: true,
+        data,
+    }) {
+        Ok(body) => json_response(status, body),
+        Err(_) => Rejection::StoreUnavailable.into_response(),
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct CreateRequest {
+    #[serde(default)]
+    metadata: Option<MetadataInput>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct MetadataInput {
+    platform: Option<Platform>,
+    user_agent: Option<String>,
+    /// Accepted for compatibility and ignored: the address is the connection's.
+    #[allow(dead_code)]
+    ip_address: Option<String>,
+    device_id: Option<String>,
+}
+
+/// Routes within the API, after the prefix.
+enum Endpoint {
+    OpenApi,
+    Create,
+    List,
+    One(String),
+    Extend(String),
+    Unknown,
+}
+
+fn endpoint(rest: &str) -> Endpoint {
+    let parts: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
+    match parts.as_slice() {
+        ["openapi.json"] => Endpoint::OpenApi,
+        ["create"] => Endpoint::Create,
+        ["user", "sessions"] => Endpoint::List,
+        [id] => Endpoint::One((*id).to_string()),
+        [id, "extend"] => Endpoint::Extend((*id).to_string()),
+        _ => Endpoint::Unknown,
+    }
+}
+
+fn session_id(raw: &str) -> Result<Uuid, Rejection> {
+    Uuid::parse_str(raw).map_err(|_| Rejection::InvalidSessionId(raw.chars().take(64).collect()))
+}
+
+fn store_failed(e: StoreError) -> Rejection {
+    tracing::warn!(error = %e, "session API: store failed");
+    Rejection::StoreUnavailable
+}
+
+impl SessionApi {
+    async fn handle(self, req: Request<Body>) -> Result<Response<Body>, Rejection> {
+        let path = normalise(req.uri().path());
+        let rest = path.strip_prefix(&*self.prefix).unwrap_or("");
+        let endpoint = endpoint(rest);
+        let method = req.method().clone();
+
+        if let Endpoint::OpenApi = endpoint {
+            return match method {
+                Method::GET | Method::HEAD => {
+                    Ok(json_response(StatusCode::OK, self.openapi.to_vec()))
+                }
+                _ => Err(Rejection::MethodNotAllowed),
+            };
+        }
+        let who = req
+            .extensions()
+            .get::<Authenticated>()
+            .cloned()
+            .ok_or(Rejection::TokenMissing)?;
+        let user = &*who.user_id;
+        let sessions = &self.sessions;
+
+        match (endpoint, method) {
+            (Endpoint::Create, Method::POST) => {
+                let metadata = create_metadata(req).await?;
+                let created: Created = sessions
+                    .create(user, &metadata)
+                    .await
+                    .map_err(store_failed)?;
+                tracing::info!(target: "audit", event = "session_created", user_id = user, session_id = %created.session_id, platform = metadata.platform.as_str(), client_ip = metadata.ip_address.as_deref().unwrap_or(""));
+                Ok(success(StatusCode::CREATED, Some(created)))
+            }
+            (Endpoint::List, Method::GET) => {
+                let list = sessions.list(user).await.map_err(store_failed)?;
+                Ok(success(StatusCode::OK, Some(list)))
+            }
+            (Endpoint::One(id), Method::GET) => {
+                let id = session_id(&id)?;
+                match sessions.get(user, id).await.map_err(store_failed)? {
+                    Some(session) => Ok(success(StatusCode::OK, Some(session))),
+                    None => Err(Rejection::SessionNotFound),
+                }
+            }
+            (Endpoint::Extend(id), Method::POST) => {
+                let id = session_id(&id)?;
+                match sessions.extend(user, id).await.map_err(store_failed)? {
+                    Some(session) => {
+                        tracing::info!(target: "audit", event = "session_extended", user_id = user, session_id = %id);
+                        Ok(success(
+                            StatusCode::OK,
+                            Some(Created {
+                                session_id: id,
+                                expires_at: session.expires_at,
+                            }),
+                        ))
+                    }
+                    None => Err(Rejection::SessionNotFound),
+                }
+            }
+            (Endpoint::One(id), Method::DELETE) => {
+                let id = session_id(&id)?;
+                if sessions.destroy(user, id).await.map_err(store_failed)? {
+                    tracing::info!(target: "audit", event = "session_destroyed", user_id = user, session_id = %id);
+                    Ok(success::<()>(StatusCode::OK, None))
+                } else {
+                    Err(Rejection::SessionNotFound)
+                }
+            }
+            (Endpoint::Unknown, _) => Err(Rejection::NotFound),
+            _ => Err(Rejection::MethodNotAllowed),
+        }
+    }
+}
+
+/// Reads and checks the create body: platform from the body, else detected from the
+/// User-Agent; userAgent from the body, else the header; ipAddress always the client's.
+async fn create_metadata(req: Request<Body>) -> Result<Metadata, Rejection> {
+    let header_ua = req
+        .headers()
+        .get(header::USER_AGENT)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let ip = req
+        .extensions()
+        .get::<ClientIp>()
+        .map(|ip| ip.0.to_string());
+    let body = Limited::new(req.into_body(), MAX_API_BODY)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                Rejection::PayloadTooLarge(MAX_API_BODY as u64)
+            } else {
+                Rejection::BadRequest("the request body could not be read".into())
+            }
+        })?
+        .to_bytes();
+    let input = if body.iter().all(u8::is_ascii_whitespace) {
+        CreateRequest::default()
+    } else {
+        let de = &mut serde_json::Deserializer::from_slice(&body);
+        serde_path_to_error::deserialize::<_, CreateRequest>(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            if path == "." {
+                Rejection::BadRequest(format!("invalid JSON body: {inner}"))
+            } else {
+                Rejection::BadRequest(format!("invalid JSON body at {path}: {inner}"))
+            }
+        })?
+    };
+    let input = input.metadata.unwrap_or_default();
+
+    let user_agent = match input.user_agent {
+        Some(ua) if ua.len() > MAX_USER_AGENT => {
+            return Err(Rejection::BadRequest(format!(
+                "metadata.userAgent is longer than {MAX_USER_AGENT} bytes"
+            )))
+        }
+        Some(ua) => Some(ua),
+        None => header_ua.map(|ua| truncate(ua, MAX_USER_AGENT)),
+    }
+    .filter(|ua| !ua.is_empty());
+    if let Some(device) = &input.device_id {
+        if device.is_empty()
+            || device.len() > MAX_DEVICE_ID
+            || device.chars().any(|c| c == '|' || c.is_control())
+        {
+            return Err(Rejection::BadRequest(format!(
+                "metadata.deviceId must be 1 to {MAX_DEVICE_ID} bytes without '|' or control characters"
+            )));
+        }
+    }
+    let platform = input
+        .platform
+        .unwrap_or_else(|| Platform::detect(user_agent.as_deref().unwrap_or("")));
+    Ok(Metadata {
+        platform,
+        user_agent,
+        ip_address: ip,
+        device_id: input.device_id,
+    })
+}
+
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
+}
+
+impl Service<Request<Body>> for SessionApi {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let api = self.clone();
+        Box::pin(async move {
+            Ok(api
+                .handle(req)
+                .await
+                .unwrap_or_else(Rejection::into_response))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openapi_document_is_valid_json() {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
+        assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    }
+
+    #[test]
+    fn truncation_respects_char_boundaries() {
+        assert_eq!(truncate("héllo".into(), 2), "h");
+        assert_eq!(truncate("abc".into(), 5), "abc");
+    }
+}

@@ -1,0 +1,130 @@
+//! The session gate on proxied requests: on `session` routes the token's session must be live
+//! and owned by the token's subject; it is slid in the same Redis round trip. The verified
+//! identity travels on as [`Identity`] for the forwarder to turn into headers. A store that
+//! cannot answer fails closed with 503.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+use tower::{Layer, Service};
+use uuid::Uuid;
+
+use crate::authn::Authenticated;
+use crate::config::AuthMode;
+use crate::error::Rejection;
+use crate::routes::RouteClass;
+use crate::session::{Platform, Sessions};
+use crate::Body;
+
+/// The identity portcullis vouches for to the upstream.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub user_id: Arc<str>,
+    pub session_id: Option<Uuid>,
+    pub platform: Option<Platform>,
+}
+
+/// Decides the identity of a proxied request, checking and sliding the session when the route
+/// demands one.
+pub async fn admit(
+    sessions: &Sessions,
+    mode: AuthMode,
+    who: Option<&Authenticated>,
+) -> Result<Option<Identity>, Rejection> {
+    match mode {
+        AuthMode::None => Ok(None),
+        AuthMode::Jwt => {
+            let who = who.ok_or(Rejection::TokenMissing)?;
+            Ok(Some(Identity {
+                user_id: who.user_id.clone(),
+                session_id: None,
+                platform: None,
+            }))
+        }
+        AuthMode::Session => {
+            let who = who.ok_or(Rejection::TokenMissing)?;
+            let session_id = who
+                .session_hint
+                .as_deref()
+                .and_then(|s| Uuid::parse_str(s).ok())
+                .ok_or(Rejection::SessionInvalid)?;
+            match sessions.touch(&who.user_id, session_id).await {
+                Ok(Some(session)) => Ok(Some(Identity {
+                    user_id: who.user_id.clone(),
+                    session_id: Some(session_id),
+                    platform: Some(session.metadata.platform),
+                })),
+                Ok(None) => Err(Rejection::SessionInvalid),
+                Err(e) => {
+                    tracing::warn!(error = %e, "session check failed; refusing the request");
+                    Err(Rejection::StoreUnavailable)
+                }
+            }
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct SessionGateLayer(pub Arc<Sessions>);
+
+impl<S> Layer<S> for SessionGateLayer {
+    type Service = SessionGate<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        SessionGate {
+            inner,
+            sessions: self.0.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct SessionGate<S> {
+    inner: S,
+    sessions: Arc<Sessions>,
+}
+
+type BoxResponse<E> = Pin<Box<dyn Future<Output = Result<Response<Body>, E>> + Send>>;
+
+impl<S> Service<Request<Body>> for SessionGate<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = BoxResponse<S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
+        let mode = match req.extensions().get::<RouteClass>() {
+            Some(RouteClass::Proxy(mode)) => *mode,
+            _ => AuthMode::Session,
+        };
+        if mode == AuthMode::None {
+            return Box::pin(self.inner.call(req));
+        }
+        let sessions = self.sessions.clone();
+        // The clone that was driven ready is used; a fresh clone waits for the next call.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(async move {
+            let who = req.extensions().get::<Authenticated>().cloned();
+            match admit(&sessions, mode, who.as_ref()).await {
+                Ok(identity) => {
+                    if let Some(identity) = identity {
+                        req.extensions_mut().insert(identity);
+                    }
+                    inner.call(req).await
+                }
+                Err(rejection) => Ok(rejection.into_response()),
+            }
+        })
+    }
+}
