@@ -118,11 +118,7 @@ pub fn authenticate(
     headers: &HeaderMap,
     session_header: Option<String>,
 ) -> Result<Option<Authenticated>, Rejection> {
-    let required = match class {
-        RouteClass::Api { public } => !public,
-        RouteClass::Proxy(AuthMode::None) => false,
-        RouteClass::Proxy(AuthMode::Jwt | AuthMode::Session) => true,
-    };
+    let required = class.auth() != AuthMode::None;
     let Some(token) = bearer(headers) else {
         return if required {
             Err(Rejection::TokenMissing)
@@ -195,7 +191,10 @@ where
             .extensions()
             .get::<RouteClass>()
             .copied()
-            .unwrap_or(RouteClass::Proxy(AuthMode::Session));
+            .unwrap_or(RouteClass::Proxy {
+                auth: AuthMode::Session,
+                route: None,
+            });
         match authenticate(&self.layer.verifier, class, req.headers(), session_header) {
             Ok(Some(who)) => {
                 req.extensions_mut().insert(who);
@@ -302,11 +301,28 @@ mod tests {
             HeaderValue::from_static("Bearer junk"),
         );
         assert!(matches!(
-            authenticate(&verifier, RouteClass::Proxy(AuthMode::None), &h, None),
+            authenticate(
+                &verifier,
+                RouteClass::Proxy {
+                    auth: AuthMode::None,
+                    route: None
+                },
+                &h,
+                None
+            ),
             Ok(None)
         ));
         assert_eq!(
-            authenticate(&verifier, RouteClass::Proxy(AuthMode::Jwt), &h, None).unwrap_err(),
+            authenticate(
+                &verifier,
+                RouteClass::Proxy {
+                    auth: AuthMode::Jwt,
+                    route: None
+                },
+                &h,
+                None
+            )
+            .unwrap_err(),
             Rejection::TokenInvalid
         );
         assert_eq!(
@@ -335,7 +351,10 @@ mod tests {
             );
             authenticate(
                 &verifier,
-                RouteClass::Proxy(AuthMode::Session),
+                RouteClass::Proxy {
+                    auth: AuthMode::Session,
+                    route: None,
+                },
                 &h,
                 Some("header".into()),
             )

@@ -71,6 +71,7 @@ pub struct FileConfig {
     pub session: SessionSection,
     pub identity: IdentitySection,
     pub jwt: JwtSection,
+    pub rate_limit: RateLimitSection,
     /// Per-path policy; the longest matching `path_prefix` wins.
     pub routes: Vec<RouteSection>,
 }
@@ -84,6 +85,49 @@ pub struct RouteSection {
     /// `session` (JWT and live session, the default), `jwt` (JWT only) or `none`.
     #[serde(default = "default_auth")]
     pub auth: String,
+    /// This route's own per-caller quota, replacing `rate_limit.proxy` here.
+    #[serde(default)]
+    pub rate_limit: Option<QuotaSection>,
+}
+
+/// `requests` per `per`, with bursts of up to `burst` (default: `requests`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaSection {
+    pub requests: u32,
+    #[serde(with = "humantime_serde")]
+    pub per: Duration,
+    #[serde(default)]
+    pub burst: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitSection {
+    /// Proxied traffic, per user.
+    pub proxy: Option<QuotaSection>,
+    /// The session API, per user; `requests = 0` turns it off.
+    pub sessions_api: Option<QuotaSection>,
+    /// Requests without a valid token, per client IP.
+    pub anonymous: Option<QuotaSection>,
+    /// How often keys idle for a whole window are forgotten.
+    #[serde(with = "humantime_serde")]
+    pub gc_interval: Duration,
+}
+
+impl Default for RateLimitSection {
+    fn default() -> Self {
+        RateLimitSection {
+            proxy: None,
+            sessions_api: Some(QuotaSection {
+                requests: 100,
+                per: Duration::from_secs(15 * 60),
+                burst: None,
+            }),
+            anonymous: None,
+            gc_interval: Duration::from_secs(60),
+        }
+    }
 }
 
 fn default_auth() -> String {
@@ -327,6 +371,7 @@ pub struct Config {
     pub session: SessionConfig,
     pub identity: IdentityConfig,
     pub jwt: JwtConfig,
+    pub rate_limit: RateLimitConfig,
     pub routes: Vec<RouteConfig>,
 }
 
@@ -394,6 +439,23 @@ pub struct RouteConfig {
     /// Normalised prefix without a trailing slash (`""` for the root).
     pub path_prefix: String,
     pub auth: AuthMode,
+    pub rate_limit: Option<Quota>,
+}
+
+/// A validated quota: `burst` requests at once, refilling at `requests` per `per`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    pub requests: std::num::NonZeroU32,
+    pub per: Duration,
+    pub burst: std::num::NonZeroU32,
+}
+
+#[derive(Debug, Clone)]
+pub struct RateLimitConfig {
+    pub proxy: Option<Quota>,
+    pub sessions_api: Option<Quota>,
+    pub anonymous: Option<Quota>,
+    pub gc_interval: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -577,6 +639,24 @@ impl FileConfig {
         );
         let jwt = v.jwt(&self.jwt, base, env);
 
+        let rl = &self.rate_limit;
+        let rate_limit = RateLimitConfig {
+            proxy: rl
+                .proxy
+                .as_ref()
+                .and_then(|q| v.quota("rate_limit.proxy", q)),
+            sessions_api: rl
+                .sessions_api
+                .as_ref()
+                .and_then(|q| v.quota("rate_limit.sessions_api", q)),
+            anonymous: rl
+                .anonymous
+                .as_ref()
+                .and_then(|q| v.quota("rate_limit.anonymous", q)),
+            gc_interval: rl.gc_interval,
+        };
+        v.nonzero_duration("rate_limit.gc_interval", rl.gc_interval);
+
         let mut routes = Vec::new();
         for (i, route) in self.routes.iter().enumerate() {
             let key = format!("routes[{i}]");
@@ -608,9 +688,14 @@ impl FileConfig {
                 v.fail(&format!("{key}.path_prefix"), "appears twice");
                 continue;
             }
+            let rate_limit = route
+                .rate_limit
+                .as_ref()
+                .and_then(|q| v.quota(&format!("{key}.rate_limit"), q));
             routes.push(RouteConfig {
                 path_prefix: prefix.to_string(),
                 auth,
+                rate_limit,
             });
         }
 
@@ -676,6 +761,7 @@ impl FileConfig {
                 platform,
             },
             jwt,
+            rate_limit,
             routes,
         })
     }
@@ -751,6 +837,34 @@ impl Validator {
                 None
             }
         }
+    }
+
+    /// A quota; `requests = 0` means no limit (`None`).
+    fn quota(&mut self, key: &str, q: &QuotaSection) -> Option<Quota> {
+        let requests = std::num::NonZeroU32::new(q.requests)?;
+        if q.per.is_zero() {
+            self.fail(&format!("{key}.per"), "must be longer than zero");
+            return None;
+        }
+        if q.per / q.requests.max(1) == Duration::ZERO {
+            self.fail(&format!("{key}.per"), "is too short for that many requests");
+            return None;
+        }
+        let burst = match q.burst {
+            None => requests,
+            Some(b) => match std::num::NonZeroU32::new(b) {
+                Some(b) => b,
+                None => {
+                    self.fail(&format!("{key}.burst"), "must be at least 1");
+                    return None;
+                }
+            },
+        };
+        Some(Quota {
+            requests,
+            per: q.per,
+            burst,
+        })
     }
 
     fn header_name(&mut self, key: &str, value: &str) -> Option<HeaderName> {
@@ -1034,6 +1148,16 @@ const OVERRIDABLE: &[(&str, Kind)] = &[
     ("jwt.issuer", Kind::Str),
     ("jwt.audience", Kind::Str),
     ("jwt.leeway", Kind::Str),
+    ("rate_limit.gc_interval", Kind::Str),
+    ("rate_limit.proxy.requests", Kind::Int),
+    ("rate_limit.proxy.per", Kind::Str),
+    ("rate_limit.proxy.burst", Kind::Int),
+    ("rate_limit.sessions_api.requests", Kind::Int),
+    ("rate_limit.sessions_api.per", Kind::Str),
+    ("rate_limit.sessions_api.burst", Kind::Int),
+    ("rate_limit.anonymous.requests", Kind::Int),
+    ("rate_limit.anonymous.per", Kind::Str),
+    ("rate_limit.anonymous.burst", Kind::Int),
 ];
 
 const ENV_PREFIX: &str = "PORTCULLIS_";
@@ -1202,6 +1326,31 @@ mod tests {
             .unwrap_err();
         let keys: Vec<&str> = err.0.iter().map(|e| e.key.as_str()).collect();
         assert_eq!(keys, ["routes[0].path_prefix", "routes[1].auth"]);
+    }
+
+    #[test]
+    fn rate_limits_default_to_the_session_api_only() {
+        let c = parse("").unwrap();
+        assert!(c.rate_limit.proxy.is_none());
+        assert!(c.rate_limit.anonymous.is_none());
+        let api = c.rate_limit.sessions_api.unwrap();
+        assert_eq!(api.requests.get(), 100);
+        assert_eq!(api.burst.get(), 100);
+        assert_eq!(api.per, Duration::from_secs(900));
+    }
+
+    #[test]
+    fn quotas_parse_with_burst_and_zero_turns_a_limit_off() {
+        let c = parse(
+            "[rate_limit.proxy]\nrequests = 10\nper = \"1s\"\nburst = 20\n[rate_limit.sessions_api]\nrequests = 0\nper = \"1m\"\n[[routes]]\npath_prefix = \"/login\"\nauth = \"none\"\nrate_limit = { requests = 5, per = \"1m\" }\n",
+        )
+        .unwrap();
+        let proxy = c.rate_limit.proxy.unwrap();
+        assert_eq!((proxy.requests.get(), proxy.burst.get()), (10, 20));
+        assert!(c.rate_limit.sessions_api.is_none());
+        assert_eq!(c.routes[0].rate_limit.unwrap().requests.get(), 5);
+        let err = parse("[rate_limit.anonymous]\nrequests = 5\nper = \"0s\"\n").unwrap_err();
+        assert_eq!(err.0[0].key, "rate_limit.anonymous.per");
     }
 
     #[test]

@@ -20,8 +20,23 @@ use crate::Body;
 pub enum RouteClass {
     /// The session API; `public` for its OpenAPI document.
     Api { public: bool },
-    /// Forwarded upstream after the route's checks.
-    Proxy(AuthMode),
+    /// Forwarded upstream after the route's checks. `route` is the index of the matching
+    /// `[[routes]]` entry in configuration order, if any.
+    Proxy {
+        auth: AuthMode,
+        route: Option<usize>,
+    },
+}
+
+impl RouteClass {
+    /// The authentication this request needs before it goes further.
+    pub fn auth(self) -> AuthMode {
+        match self {
+            RouteClass::Api { public: true } => AuthMode::None,
+            RouteClass::Api { public: false } => AuthMode::Jwt,
+            RouteClass::Proxy { auth, .. } => auth,
+        }
+    }
 }
 
 /// The route table: the session API prefix first, then the longest matching `[[routes]]` prefix,
@@ -29,14 +44,14 @@ pub enum RouteClass {
 #[derive(Debug, Clone)]
 pub struct RouteTable {
     api_prefix: String,
-    /// Longest prefix first.
-    routes: Vec<RouteConfig>,
+    /// Longest prefix first, each with its index in configuration order.
+    routes: Vec<(usize, RouteConfig)>,
 }
 
 impl RouteTable {
     pub fn new(api_prefix: &str, routes: &[RouteConfig]) -> Self {
-        let mut routes = routes.to_vec();
-        routes.sort_by_key(|r| std::cmp::Reverse(r.path_prefix.len()));
+        let mut routes: Vec<(usize, RouteConfig)> = routes.iter().cloned().enumerate().collect();
+        routes.sort_by_key(|(_, r)| std::cmp::Reverse(r.path_prefix.len()));
         RouteTable {
             api_prefix: api_prefix.to_string(),
             routes,
@@ -53,12 +68,20 @@ impl RouteTable {
             let public = path == format!("{}/openapi.json", self.api_prefix);
             return RouteClass::Api { public };
         }
-        let auth = self
+        match self
             .routes
             .iter()
-            .find(|r| matches_prefix(&r.path_prefix, &path))
-            .map_or(AuthMode::Session, |r| r.auth);
-        RouteClass::Proxy(auth)
+            .find(|(_, r)| matches_prefix(&r.path_prefix, &path))
+        {
+            Some((index, r)) => RouteClass::Proxy {
+                auth: r.auth,
+                route: Some(*index),
+            },
+            None => RouteClass::Proxy {
+                auth: AuthMode::Session,
+                route: None,
+            },
+        }
     }
 }
 
@@ -172,22 +195,25 @@ where
 mod tests {
     use super::*;
 
+    fn route(prefix: &str, auth: AuthMode) -> RouteConfig {
+        RouteConfig {
+            path_prefix: prefix.into(),
+            auth,
+            rate_limit: None,
+        }
+    }
+
+    fn auth(class: RouteClass) -> AuthMode {
+        class.auth()
+    }
+
     fn table() -> RouteTable {
         RouteTable::new(
             "/api/v1/sessions",
             &[
-                RouteConfig {
-                    path_prefix: "/login".into(),
-                    auth: AuthMode::None,
-                },
-                RouteConfig {
-                    path_prefix: "/public".into(),
-                    auth: AuthMode::None,
-                },
-                RouteConfig {
-                    path_prefix: "/public/profile".into(),
-                    auth: AuthMode::Jwt,
-                },
+                route("/login", AuthMode::None),
+                route("/public", AuthMode::None),
+                route("/public/profile", AuthMode::Jwt),
             ],
         )
     }
@@ -205,32 +231,20 @@ mod tests {
     #[test]
     fn prefixes_match_whole_segments_and_longest_wins() {
         let t = table();
-        assert_eq!(t.classify("/login"), RouteClass::Proxy(AuthMode::None));
-        assert_eq!(t.classify("/login/x"), RouteClass::Proxy(AuthMode::None));
-        assert_eq!(t.classify("/loginx"), RouteClass::Proxy(AuthMode::Session));
-        assert_eq!(
-            t.classify("/public/profile/7"),
-            RouteClass::Proxy(AuthMode::Jwt)
-        );
-        assert_eq!(t.classify("/public/x"), RouteClass::Proxy(AuthMode::None));
-        assert_eq!(t.classify("/game"), RouteClass::Proxy(AuthMode::Session));
+        assert_eq!(auth(t.classify("/login")), AuthMode::None);
+        assert_eq!(auth(t.classify("/login/x")), AuthMode::None);
+        assert_eq!(auth(t.classify("/loginx")), AuthMode::Session);
+        assert_eq!(auth(t.classify("/public/profile/7")), AuthMode::Jwt);
+        assert_eq!(auth(t.classify("/public/x")), AuthMode::None);
+        assert_eq!(auth(t.classify("/game")), AuthMode::Session);
     }
 
     #[test]
     fn traversal_out_of_an_open_route_is_judged_by_its_target() {
         let t = table();
-        assert_eq!(
-            t.classify("/public/../game"),
-            RouteClass::Proxy(AuthMode::Session)
-        );
-        assert_eq!(
-            t.classify("/public/%2e%2e/game"),
-            RouteClass::Proxy(AuthMode::Session)
-        );
-        assert_eq!(
-            t.classify("/login/..%2fgame"),
-            RouteClass::Proxy(AuthMode::Session)
-        );
+        assert_eq!(auth(t.classify("/public/../game")), AuthMode::Session);
+        assert_eq!(auth(t.classify("/public/%2e%2e/game")), AuthMode::Session);
+        assert_eq!(auth(t.classify("/login/..%2fgame")), AuthMode::Session);
     }
 
     #[test]
@@ -248,9 +262,6 @@ mod tests {
             t.classify("/api/v1/sessions/openapi.json"),
             RouteClass::Api { public: true }
         );
-        assert_eq!(
-            t.classify("/api/v1/sessionsx"),
-            RouteClass::Proxy(AuthMode::Session)
-        );
+        assert_eq!(auth(t.classify("/api/v1/sessionsx")), AuthMode::Session);
     }
 }

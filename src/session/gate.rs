@@ -104,7 +104,7 @@ where
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
         let mode = match req.extensions().get::<RouteClass>() {
-            Some(RouteClass::Proxy(mode)) => *mode,
+            Some(RouteClass::Proxy { auth, .. }) => *auth,
             _ => AuthMode::Session,
         };
         if mode == AuthMode::None {
