@@ -14,11 +14,12 @@ use tower::ServiceBuilder;
 
 use crate::access_log::AccessLogLayer;
 use crate::admin::Admin;
-use crate::authn::{AuthnLayer, Verifier};
+use crate::authn::{AuthnLayer, RequireAuthLayer, Verifier};
 use crate::config::Config;
 use crate::forward::{Forward, Upstream};
 use crate::limits::RequestLimitsLayer;
 use crate::peer::{ClientIpLayer, TrustedProxies};
+use crate::rate_limit::{RateLimitLayer, RateLimits};
 use crate::routes::{RouteTable, RouterLayer, Split};
 use crate::server::{ConnCount, ConnLimits};
 use crate::session::api::SessionApi;
@@ -42,6 +43,7 @@ pub struct App {
     pub verifier: Arc<Verifier>,
     pub routes: Arc<RouteTable>,
     pub trusted: Arc<TrustedProxies>,
+    pub rate_limits: Arc<RateLimits>,
 }
 
 impl App {
@@ -62,6 +64,7 @@ impl App {
         );
         let verifier = Verifier::new(&config.jwt)?;
         let routes = RouteTable::new(&config.session.api_prefix, &config.routes);
+        let rate_limits = RateLimits::new(&config.rate_limit, &config.routes);
         let certs = match &config.server.tls {
             Some(tls) => Some(CertStore::open(&tls.cert, &tls.key)?),
             None => None,
@@ -76,6 +79,7 @@ impl App {
             verifier: Arc::new(verifier),
             routes: Arc::new(routes),
             trusted: Arc::new(trusted),
+            rate_limits: Arc::new(rate_limits),
         })
     }
 
@@ -100,11 +104,15 @@ impl App {
             })
             // Session API or proxied route, and the route's auth mode (on the normalised path).
             .layer(RouterLayer(self.routes.clone()))
-            // Strip client identity headers; verify the bearer token where the route needs one.
+            // Strip client identity headers; verify any bearer token (CPU only).
             .layer(AuthnLayer {
                 verifier: self.verifier.clone(),
                 identity: Arc::new(self.config.identity.clone()),
             })
+            // Count the caller (user id, else client IP) before any Redis or upstream work.
+            .layer(RateLimitLayer(self.rate_limits.clone()))
+            // Refuse requests whose route needs a valid token and that have none.
+            .layer(RequireAuthLayer)
             .service(Split { api, proxy });
         BoxCloneService::new(stack)
     }
@@ -134,6 +142,7 @@ impl App {
         let admin = self.admin();
         let readiness = admin.readiness.clone();
         let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
+        let eviction = tokio::spawn(self.rate_limits.clone().run_eviction());
         let admin_task = tokio::spawn(admin.serve(admin_listener, admin_stop_rx));
 
         tracing::info!(
@@ -161,6 +170,7 @@ impl App {
         let _ = admin_stop_tx.send(true);
         let _ = admin_task.await;
         self.store.close();
+        eviction.abort();
         tracing::info!("stopped");
         Ok(())
     }

@@ -200,9 +200,55 @@ where
                 req.extensions_mut().insert(who);
             }
             Ok(None) => {}
-            Err(rejection) => return Box::pin(async move { Ok(rejection.into_response()) }),
+            // Not answered yet: the caller is counted against its IP first (rate limit), then
+            // `RequireAuth` refuses it.
+            Err(rejection) => {
+                req.extensions_mut().insert(AuthFailure(rejection));
+            }
         }
         Box::pin(self.inner.call(req))
+    }
+}
+
+/// Why a request that needed a valid token has none; answered by [`RequireAuth`].
+#[derive(Debug, Clone)]
+pub struct AuthFailure(pub Rejection);
+
+#[derive(Clone, Copy, Default)]
+pub struct RequireAuthLayer;
+
+impl<S> Layer<S> for RequireAuthLayer {
+    type Service = RequireAuth<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RequireAuth { inner }
+    }
+}
+
+/// Refuses requests whose authentication failed.
+#[derive(Clone)]
+pub struct RequireAuth<S> {
+    inner: S,
+}
+
+impl<S> Service<Request<Body>> for RequireAuth<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = BoxResponse<S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
+        match req.extensions_mut().remove::<AuthFailure>() {
+            Some(AuthFailure(rejection)) => Box::pin(async move { Ok(rejection.into_response()) }),
+            None => Box::pin(self.inner.call(req)),
+        }
     }
 }
 

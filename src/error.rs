@@ -46,6 +46,8 @@ pub enum Rejection {
     SessionNotFound,
     #[error("{0:?} is not a session id (a UUID)")]
     InvalidSessionId(String),
+    #[error("too many requests; retry after the number of seconds in Retry-After")]
+    RateLimited,
 }
 
 impl Rejection {
@@ -66,6 +68,7 @@ impl Rejection {
             Rejection::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Rejection::SessionNotFound => StatusCode::NOT_FOUND,
             Rejection::InvalidSessionId(_) => StatusCode::BAD_REQUEST,
+            Rejection::RateLimited => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -87,6 +90,7 @@ impl Rejection {
             Rejection::StoreUnavailable => "SESSION_STORE_UNAVAILABLE",
             Rejection::SessionNotFound => "SESSION_NOT_FOUND",
             Rejection::InvalidSessionId(_) => "INVALID_SESSION_ID",
+            Rejection::RateLimited => "RATE_LIMITED",
         }
     }
 

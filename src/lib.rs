@@ -18,6 +18,7 @@ pub mod error;
 pub mod forward;
 pub mod limits;
 pub mod peer;
+pub mod rate_limit;
 pub mod routes;
 pub mod server;
 pub mod session;

@@ -1,0 +1,425 @@
+//! Per-caller rate limits, decided after the token is verified (CPU only) and before anything
+//! touches Redis or the upstream. A caller with a valid token is counted by user id, any other
+//! caller by client IP, so that a flood of bad or missing tokens is limited too while players
+//! behind one carrier NAT keep their own quotas.
+//!
+//! Quotas are GCRA (governor): `burst` at once, refilling at `requests` per `per`. Which quota:
+//! the session API uses `rate_limit.sessions_api`; a proxied route its own `rate_limit`, else
+//! `rate_limit.proxy`; requests without a valid token also `rate_limit.anonymous`. Responses
+//! on a limited route carry `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset`;
+//! a refusal is 429 `RATE_LIMITED` with `Retry-After`. Limits are per process.
+
+use std::future::Future;
+use std::hash::Hash;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::StateInformationMiddleware;
+use governor::state::keyed::DashMapStateStore;
+use governor::RateLimiter;
+use http::{HeaderName, HeaderValue, Request, Response};
+use tower::{Layer, Service};
+
+use crate::authn::Authenticated;
+use crate::config::{Quota, RateLimitConfig, RouteConfig};
+use crate::error::Rejection;
+use crate::peer::ClientIp;
+use crate::routes::RouteClass;
+use crate::Body;
+
+/// Who a request is counted against.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum CallerKey {
+    User(Arc<str>),
+    Ip(IpAddr),
+}
+
+/// What one limiter said about one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    pub allowed: bool,
+    /// The quota's burst size.
+    pub limit: u32,
+    pub remaining: u32,
+    /// Whole seconds until the quota is full again (allowed) or until a retry can pass (refused).
+    pub reset_secs: u64,
+}
+
+fn ceil_secs(d: Duration) -> u64 {
+    let secs = d.as_secs();
+    if d.subsec_nanos() > 0 {
+        secs + 1
+    } else {
+        secs
+    }
+}
+
+/// One keyed GCRA limiter.
+pub struct Limiter<C: Clock = DefaultClock> {
+    inner: RateLimiter<CallerKey, DashMapStateStore<CallerKey>, C, StateInformationMiddleware>,
+    limit: u32,
+    per_request: Duration,
+}
+
+impl Limiter<DefaultClock> {
+    pub fn new(quota: Quota) -> Self {
+        Limiter::with_clock(quota, DefaultClock::default())
+    }
+}
+
+impl<C: Clock> Limiter<C> {
+    pub fn with_clock(quota: Quota, clock: C) -> Self {
+        let per_request = quota.per / quota.requests.get();
+        let gov = governor::Quota::with_period(per_request)
+            .unwrap_or_else(|| governor::Quota::per_second(quota.requests))
+            .allow_burst(quota.burst);
+        Limiter {
+            inner: RateLimiter::dashmap_with_clock(gov, clock).with_middleware(),
+            limit: quota.burst.get(),
+            per_request,
+        }
+    }
+
+    pub fn check(&self, key: &CallerKey) -> Decision {
+        match self.inner.check_key(key) {
+            Ok(snapshot) => {
+                let remaining = snapshot.remaining_burst_capacity().min(self.limit);
+                let missing = self.limit - remaining;
+                Decision {
+                    allowed: true,
+                    limit: self.limit,
+                    remaining,
+                    reset_secs: ceil_secs(self.per_request * missing),
+                }
+            }
+            Err(not_until) => {
+                let wait = not_until.wait_time_from(self.inner.clock().now());
+                Decision {
+                    allowed: false,
+                    limit: self.limit,
+                    remaining: 0,
+                    reset_secs: ceil_secs(wait).max(1),
+                }
+            }
+        }
+    }
+
+    /// Forgets callers whose quota has fully refilled, and returns the memory.
+    pub fn evict_idle(&self) {
+        self.inner.retain_recent();
+        self.inner.shrink_to_fit();
+    }
+
+    pub fn tracked_keys(&self) -> usize {
+        self.inner.len()
+    }
+}
+
+/// Every limiter of the process.
+pub struct RateLimits {
+    proxy: Option<Limiter>,
+    sessions_api: Option<Limiter>,
+    anonymous: Option<Limiter>,
+    /// Indexed like `config.routes`.
+    routes: Vec<Option<Limiter>>,
+    gc_interval: Duration,
+}
+
+impl RateLimits {
+    pub fn new(config: &RateLimitConfig, routes: &[RouteConfig]) -> Self {
+        RateLimits {
+            proxy: config.proxy.map(Limiter::new),
+            sessions_api: config.sessions_api.map(Limiter::new),
+            anonymous: config.anonymous.map(Limiter::new),
+            routes: routes
+                .iter()
+                .map(|r| r.rate_limit.map(Limiter::new))
+                .collect(),
+            gc_interval: config.gc_interval,
+        }
+    }
+
+    fn all(&self) -> impl Iterator<Item = &Limiter> {
+        [&self.proxy, &self.sessions_api, &self.anonymous]
+            .into_iter()
+            .chain(self.routes.iter())
+            .flatten()
+    }
+
+    /// Keys tracked across all limiters.
+    pub fn tracked_keys(&self) -> usize {
+        self.all().map(Limiter::tracked_keys).sum()
+    }
+
+    pub fn evict_idle(&self) {
+        for limiter in self.all() {
+            limiter.evict_idle();
+        }
+    }
+
+    /// Evicts idle keys every `rate_limit.gc_interval`, forever.
+    pub async fn run_eviction(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.gc_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            self.evict_idle();
+        }
+    }
+
+    /// Checks every limiter that applies; the most restrictive outcome is reported.
+    /// `None` when no limit applies to this request.
+    pub fn decide(&self, class: RouteClass, key: &CallerKey) -> Option<Decision> {
+        let anonymous = matches!(key, CallerKey::Ip(_));
+        let scoped = match class {
+            RouteClass::Api { .. } if !anonymous => self.sessions_api.as_ref(),
+            RouteClass::Api { .. } => None,
+            RouteClass::Proxy { route, .. } => {
+                let own = route
+                    .and_then(|i| self.routes.get(i))
+                    .and_then(Option::as_ref);
+                match own {
+                    Some(limiter) => Some(limiter),
+                    None if !anonymous => self.proxy.as_ref(),
+                    None => None,
+                }
+            }
+        };
+        let anonymous = if anonymous {
+            self.anonymous.as_ref()
+        } else {
+            None
+        };
+        [scoped, anonymous]
+            .into_iter()
+            .flatten()
+            .map(|limiter| limiter.check(key))
+            .min_by_key(|d| (d.allowed, d.remaining))
+    }
+}
+
+static RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
+static RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
+static RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
+
+fn set_headers(response: &mut Response<Body>, decision: Decision) {
+    let headers = response.headers_mut();
+    headers.insert(RATELIMIT_LIMIT.clone(), HeaderValue::from(decision.limit));
+    headers.insert(
+        RATELIMIT_REMAINING.clone(),
+        HeaderValue::from(decision.remaining),
+    );
+    headers.insert(
+        RATELIMIT_RESET.clone(),
+        HeaderValue::from(decision.reset_secs),
+    );
+    if !decision.allowed {
+        headers.insert(
+            http::header::RETRY_AFTER,
+            HeaderValue::from(decision.reset_secs),
+        );
+    }
+}
+
+#[derive(Clone)]
+pub struct RateLimitLayer(pub Arc<RateLimits>);
+
+impl<S> Layer<S> for RateLimitLayer {
+    type Service = RateLimit<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RateLimit {
+            inner,
+            limits: self.0.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct RateLimit<S> {
+    inner: S,
+    limits: Arc<RateLimits>,
+}
+
+type BoxResponse<E> = Pin<Box<dyn Future<Output = Result<Response<Body>, E>> + Send>>;
+
+impl<S> Service<Request<Body>> for RateLimit<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = BoxResponse<S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let extensions = req.extensions();
+        let key = match (
+            extensions.get::<Authenticated>(),
+            extensions.get::<ClientIp>(),
+        ) {
+            (Some(who), _) => Some(CallerKey::User(who.user_id.clone())),
+            (None, Some(ip)) => Some(CallerKey::Ip(ip.0)),
+            (None, None) => None,
+        };
+        let class = extensions.get::<RouteClass>().copied();
+        let decision = match (key, class) {
+            (Some(key), Some(class)) => self.limits.decide(class, &key),
+            _ => None,
+        };
+        match decision {
+            None => Box::pin(self.inner.call(req)),
+            Some(decision) if !decision.allowed => Box::pin(async move {
+                let mut response = Rejection::RateLimited.into_response();
+                set_headers(&mut response, decision);
+                Ok(response)
+            }),
+            Some(decision) => {
+                let future = self.inner.call(req);
+                Box::pin(async move {
+                    let mut response = future.await?;
+                    set_headers(&mut response, decision);
+                    Ok(response)
+                })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::AuthMode;
+    use governor::clock::FakeRelativeClock;
+    use std::num::NonZeroU32;
+
+    fn quota(requests: u32, per: Duration, burst: u32) -> Quota {
+        Quota {
+            requests: NonZeroU32::new(requests).unwrap(),
+            per,
+            burst: NonZeroU32::new(burst).unwrap(),
+        }
+    }
+
+    fn user(id: &str) -> CallerKey {
+        CallerKey::User(id.into())
+    }
+
+    #[test]
+    fn burst_passes_then_the_next_is_refused_with_the_wait() {
+        let clock = FakeRelativeClock::default();
+        let limiter = Limiter::with_clock(quota(100, Duration::from_secs(900), 100), clock.clone());
+        for i in 0..100 {
+            let d = limiter.check(&user("a"));
+            assert!(d.allowed, "request {i}");
+            assert_eq!(d.remaining, 99 - i);
+        }
+        let refused = limiter.check(&user("a"));
+        assert!(!refused.allowed);
+        assert_eq!(refused.reset_secs, 9, "one request refills every 900s/100");
+        assert!(
+            limiter.check(&user("b")).allowed,
+            "other users are unaffected"
+        );
+        clock.advance(Duration::from_secs(9));
+        assert!(limiter.check(&user("a")).allowed);
+    }
+
+    #[test]
+    fn reset_is_the_time_until_the_quota_is_full_again() {
+        let limiter = Limiter::with_clock(
+            quota(10, Duration::from_secs(10), 10),
+            FakeRelativeClock::default(),
+        );
+        let first = limiter.check(&user("a"));
+        assert_eq!((first.limit, first.remaining, first.reset_secs), (10, 9, 1));
+        for _ in 0..4 {
+            limiter.check(&user("a"));
+        }
+        let sixth = limiter.check(&user("a"));
+        assert_eq!((sixth.remaining, sixth.reset_secs), (4, 6));
+    }
+
+    #[test]
+    fn idle_keys_are_evicted_once_their_quota_refilled() {
+        let clock = FakeRelativeClock::default();
+        let limiter = Limiter::with_clock(quota(10, Duration::from_secs(1), 10), clock.clone());
+        for i in 0..10_000u32 {
+            limiter.check(&CallerKey::Ip(IpAddr::from(i.to_be_bytes())));
+        }
+        assert_eq!(limiter.tracked_keys(), 10_000);
+        limiter.evict_idle();
+        assert_eq!(limiter.tracked_keys(), 10_000, "still inside their window");
+        clock.advance(Duration::from_secs(2));
+        limiter.evict_idle();
+        assert_eq!(limiter.tracked_keys(), 0);
+    }
+
+    fn limits() -> RateLimits {
+        RateLimits::new(
+            &RateLimitConfig {
+                proxy: Some(quota(1000, Duration::from_secs(1), 1000)),
+                sessions_api: Some(quota(2, Duration::from_secs(60), 2)),
+                anonymous: Some(quota(3, Duration::from_secs(60), 3)),
+                gc_interval: Duration::from_secs(60),
+            },
+            &[RouteConfig {
+                path_prefix: "/login".into(),
+                auth: AuthMode::None,
+                rate_limit: Some(quota(1, Duration::from_secs(60), 1)),
+            }],
+        )
+    }
+
+    #[test]
+    fn the_applicable_quota_depends_on_route_and_caller() {
+        let l = limits();
+        let api = RouteClass::Api { public: false };
+        let game = RouteClass::Proxy {
+            auth: AuthMode::Session,
+            route: None,
+        };
+        let login = RouteClass::Proxy {
+            auth: AuthMode::None,
+            route: Some(0),
+        };
+        let ip = CallerKey::Ip("192.0.2.1".parse().unwrap());
+        assert_eq!(l.decide(api, &user("u")).unwrap().limit, 2);
+        assert_eq!(l.decide(game, &user("u")).unwrap().limit, 1000);
+        assert_eq!(l.decide(login, &user("u")).unwrap().limit, 1);
+        // Anonymous: the anonymous quota, and a route's own one when it has it.
+        assert_eq!(l.decide(game, &ip).unwrap().limit, 3);
+        let d = l.decide(login, &ip).unwrap();
+        assert_eq!((d.limit, d.allowed), (1, true));
+        assert!(!l.decide(login, &ip).unwrap().allowed);
+    }
+
+    #[test]
+    fn no_section_means_no_limit() {
+        let l = RateLimits::new(
+            &RateLimitConfig {
+                proxy: None,
+                sessions_api: None,
+                anonymous: None,
+                gc_interval: Duration::from_secs(60),
+            },
+            &[],
+        );
+        let game = RouteClass::Proxy {
+            auth: AuthMode::Session,
+            route: None,
+        };
+        assert!(l.decide(game, &user("u")).is_none());
+        assert!(l
+            .decide(game, &CallerKey::Ip("192.0.2.1".parse().unwrap()))
+            .is_none());
+    }
+}
