@@ -1,0 +1,234 @@
+//! Rate limits with a real Redis and upstream: per-user quotas on the session API and proxy,
+//! per-IP quotas for callers without a valid token, decided before any Redis command.
+
+mod support;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use portcullis::app::App;
+use portcullis::config::Config;
+use portcullis::rate_limit::RateLimits;
+use support::*;
+use tokio::net::TcpListener;
+
+fn token(sub: &str, sid: Option<&str>) -> String {
+    #[derive(serde::Serialize)]
+    struct Claims<'a> {
+        sub: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        sid: Option<&'a str>,
+        exp: u64,
+    }
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &Claims { sub, sid, exp },
+        &jsonwebtoken::EncodingKey::from_secret(TEST_SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// portcullis in-process, keeping a handle on its limiters.
+struct Limited {
+    url: String,
+    limits: Arc<RateLimits>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+async fn start(toml: &str) -> Limited {
+    portcullis::tls::install_crypto_provider();
+    let env = [("JWT_SECRET".to_string(), TEST_SECRET.to_string())];
+    let config = Config::from_toml(toml, Path::new("."), &env).unwrap();
+    let public = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", public.local_addr().unwrap());
+    let app = App::build(config).unwrap();
+    let limits = app.rate_limits.clone();
+    let task = tokio::spawn(async move {
+        app.run(public, admin, std::future::pending()).await.unwrap();
+    });
+    Limited {
+        url,
+        limits,
+        _task: task,
+    }
+}
+
+fn header(resp: &reqwest::Response, name: &str) -> u64 {
+    resp.headers()
+        .get(name)
+        .unwrap_or_else(|| panic!("missing {name}"))
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_101st_session_api_request_in_the_window_is_refused_for_that_user_only() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::echo().await;
+    let proxy = start(&format!(
+        "[upstream]\nurl = \"{}\"\n[redis]\nurl = \"{}\"\n",
+        upstream.url(),
+        redis.url()
+    ))
+    .await;
+    let http = client();
+    let alice = token("alice", None);
+    let list = format!("{}/api/v1/sessions/user/sessions", proxy.url);
+    for i in 0..100u64 {
+        let resp = http.get(&list).bearer_auth(&alice).send().await.unwrap();
+        assert_eq!(resp.status(), 200, "request {}", i + 1);
+        assert_eq!(header(&resp, "ratelimit-limit"), 100);
+        assert_eq!(header(&resp, "ratelimit-remaining"), 99 - i);
+        // The quota refills one request per 900 s / 100 = 9 s.
+        assert_eq!(header(&resp, "ratelimit-reset"), 9 * (i + 1));
+    }
+    let refused = http.get(&list).bearer_auth(&alice).send().await.unwrap();
+    let retry_after = header(&refused, "retry-after");
+    assert!((1..=9).contains(&retry_after), "Retry-After {retry_after}");
+    assert_eq!(header(&refused, "ratelimit-remaining"), 0);
+    assert_eq!(header(&refused, "ratelimit-reset"), retry_after);
+    assert_error(refused, 429, "RATE_LIMITED").await;
+
+    let bob = http
+        .get(&list)
+        .bearer_auth(token("bob", None))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bob.status(), 200);
+    assert_eq!(header(&bob, "ratelimit-remaining"), 99);
+}
+
+#[tokio::test]
+async fn a_flood_of_bad_tokens_from_one_ip_is_refused_without_touching_redis() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::echo().await;
+    let proxy = start(&format!(
+        "[upstream]\nurl = \"{}\"\n[redis]\nurl = \"{}\"\n[rate_limit.anonymous]\nrequests = 5\nper = \"1m\"\n",
+        upstream.url(),
+        redis.url()
+    ))
+    .await;
+    let http = client();
+    let before = redis.total_calls();
+    for i in 0..5 {
+        let resp = http
+            .get(format!("{}/game/state", proxy.url))
+            .bearer_auth("not.a.token")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 401, "request {i} is judged on its token");
+        assert_eq!(header(&resp, "ratelimit-limit"), 5);
+    }
+    for _ in 0..20 {
+        let resp = http
+            .get(format!("{}/game/state", proxy.url))
+            .send()
+            .await
+            .unwrap();
+        assert_error(resp, 429, "RATE_LIMITED").await;
+    }
+    assert_eq!(redis.total_calls(), before, "no Redis command was spent");
+    assert_eq!(upstream.count(), 0, "nothing reached the upstream");
+}
+
+#[tokio::test]
+async fn a_burst_within_quota_passes_and_the_next_request_is_limited() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::echo().await;
+    let proxy = start(&format!(
+        "[upstream]\nurl = \"{}\"\n[redis]\nurl = \"{}\"\n[[routes]]\npath_prefix = \"/\"\nauth = \"jwt\"\n[rate_limit.proxy]\nrequests = 1\nper = \"1h\"\nburst = 20\n",
+        upstream.url(),
+        redis.url()
+    ))
+    .await;
+    let http = client();
+    let t = token("carol", None);
+    let sends = (0..20).map(|_| {
+        http.get(format!("{}/game", proxy.url))
+            .bearer_auth(&t)
+            .send()
+    });
+    for resp in futures_util::future::join_all(sends).await {
+        assert_eq!(resp.unwrap().status(), 200);
+    }
+    assert_eq!(upstream.count(), 20);
+    let over = http
+        .get(format!("{}/game", proxy.url))
+        .bearer_auth(&t)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(header(&over, "retry-after"), 3600);
+    assert_error(over, 429, "RATE_LIMITED").await;
+    assert_eq!(upstream.count(), 20, "the limited request never reached the upstream");
+}
+
+#[tokio::test]
+async fn a_route_with_its_own_quota_limits_anonymous_callers_by_ip() {
+    let upstream = Upstream::echo().await;
+    let proxy = start(&format!(
+        "[upstream]\nurl = \"{}\"\n[[routes]]\npath_prefix = \"/login\"\nauth = \"none\"\nrate_limit = {{ requests = 2, per = \"1m\" }}\n",
+        upstream.url()
+    ))
+    .await;
+    let http = client();
+    for _ in 0..2 {
+        let resp = http
+            .post(format!("{}/login", proxy.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+    let resp = http
+        .post(format!("{}/login", proxy.url))
+        .send()
+        .await
+        .unwrap();
+    assert_error(resp, 429, "RATE_LIMITED").await;
+    assert_eq!(upstream.count(), 2);
+}
+
+#[tokio::test]
+async fn eviction_keeps_the_tracked_key_count_bounded() {
+    let upstream = Upstream::echo().await;
+    let proxy = start(&format!(
+        "[upstream]\nurl = \"{}\"\n[server]\ntrusted_proxies = [\"127.0.0.1\"]\n{OPEN_ROUTES}[rate_limit]\ngc_interval = \"50ms\"\n[rate_limit.anonymous]\nrequests = 100\nper = \"200ms\"\n",
+        upstream.url()
+    ))
+    .await;
+    let http = client();
+    // 300 distinct client addresses, via a trusted proxy's X-Forwarded-For.
+    for i in 0..300u32 {
+        let ip = std::net::Ipv4Addr::from(0x0a00_0000 + i);
+        let resp = http
+            .get(format!("{}/x", proxy.url))
+            .header("x-forwarded-for", ip.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+    assert!(proxy.limits.tracked_keys() > 0);
+    // Once every key's window has passed, the next eviction forgets them all.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while proxy.limits.tracked_keys() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} keys still tracked",
+            proxy.limits.tracked_keys()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
