@@ -392,3 +392,285 @@ pub async fn assert_error(resp: reqwest::Response, status: u16, code: &str) -> s
         .is_some_and(|m| !m.is_empty()));
     body
 }
+
+// ------------------------------------------------------------------------------------------
+// Helpers for the integration tests of the proxy core (tests/proxy.rs, websocket.rs, tls.rs,
+// lifecycle.rs).
+// ------------------------------------------------------------------------------------------
+
+/// A port that was free a moment ago, for configs of the real binary (which binds itself).
+pub fn pick_free_port() -> u16 {
+    free_port()
+}
+
+/// A loopback address on which nothing listens (bound, then released).
+pub fn dead_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    l.local_addr().expect("local addr")
+}
+
+/// [`open_config`] with `extra` TOML merged into it, table by table: `extra` may add keys to
+/// `[upstream]` or add sections such as `[server]` without repeating a table header.
+pub fn config_with(upstream: &str, extra: &str) -> String {
+    fn merge(into: &mut toml::Table, from: toml::Table) {
+        for (key, value) in from {
+            match (into.get_mut(&key), value) {
+                (Some(toml::Value::Table(a)), toml::Value::Table(b)) => merge(a, b),
+                (_, value) => {
+                    into.insert(key, value);
+                }
+            }
+        }
+    }
+    let mut base: toml::Table = open_config(upstream).parse().expect("open_config is TOML");
+    let extra: toml::Table = extra
+        .parse()
+        .unwrap_or_else(|e| panic!("extra config is not TOML: {e}\n{extra}"));
+    merge(&mut base, extra);
+    toml::to_string(&base).expect("serialise merged config")
+}
+
+/// Polls `check` every 10 ms until it is true; panics naming `what` after 10 s.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A response read off a raw socket.
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    /// Header lines in order, names lower-cased.
+    pub headers: Vec<(String, String)>,
+    /// The body, de-chunked when it came chunked.
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Asserts the JSON error envelope with `status` and `code`.
+    pub fn assert_error(&self, status: u16, code: &str) -> serde_json::Value {
+        assert_eq!(self.status, status, "status of {self:?}");
+        assert_eq!(self.header("content-type"), Some("application/json"));
+        let body: serde_json::Value = serde_json::from_slice(&self.body)
+            .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&self.body)));
+        assert_eq!(body["success"], false, "{body}");
+        assert_eq!(body["error"]["code"], code, "{body}");
+        assert!(body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()));
+        body
+    }
+}
+
+/// Writes `request` to a new connection exactly as given (no normalisation of any kind) and
+/// reads one response. The response ends at its Content-Length, at the end of its chunked body,
+/// or when the server closes; give up after 10 s.
+pub async fn send_raw(addr: SocketAddr, request: &[u8]) -> RawResponse {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let read = async {
+        let mut stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .expect("connect for a raw request");
+        stream.write_all(request).await.expect("write raw request");
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 8192];
+        loop {
+            if let Some(response) = parse_raw_response(&buf) {
+                return response;
+            }
+            let n = match stream.read(&mut chunk).await {
+                Ok(n) => n,
+                Err(e) => panic!(
+                    "raw read failed after {} bytes: {e}: {:?}",
+                    buf.len(),
+                    String::from_utf8_lossy(&buf)
+                ),
+            };
+            if n == 0 {
+                return parse_raw_response_at_eof(&buf).unwrap_or_else(|| {
+                    panic!(
+                        "connection closed before a complete response: {:?}",
+                        String::from_utf8_lossy(&buf)
+                    )
+                });
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("no response to the raw request within 10 s")
+}
+
+/// Header lines as (lower-cased name, value), in order.
+type RawHeaders = Vec<(String, String)>;
+
+fn split_head(buf: &[u8]) -> Option<(u16, RawHeaders, &[u8])> {
+    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = std::str::from_utf8(&buf[..end]).expect("response head is UTF-8");
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next()?;
+    let status = status_line.split(' ').nth(1)?.parse().ok()?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    Some((status, headers, &buf[end + 4..]))
+}
+
+fn parse_raw_response(buf: &[u8]) -> Option<RawResponse> {
+    let (status, headers, rest) = split_head(buf)?;
+    let get = |name: &str| {
+        headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+    };
+    if let Some(len) = get("content-length") {
+        let len: usize = len.parse().expect("numeric content-length");
+        return (rest.len() >= len).then(|| RawResponse {
+            status,
+            headers: headers.clone(),
+            body: rest[..len].to_vec(),
+        });
+    }
+    if get("transfer-encoding").is_some_and(|te| te.eq_ignore_ascii_case("chunked")) {
+        let body = dechunk(rest)?;
+        return Some(RawResponse {
+            status,
+            headers,
+            body,
+        });
+    }
+    None
+}
+
+fn parse_raw_response_at_eof(buf: &[u8]) -> Option<RawResponse> {
+    parse_raw_response(buf).or_else(|| {
+        let (status, headers, rest) = split_head(buf)?;
+        Some(RawResponse {
+            status,
+            headers,
+            body: rest.to_vec(),
+        })
+    })
+}
+
+/// A complete chunked body, or None while more is needed.
+fn dechunk(mut rest: &[u8]) -> Option<Vec<u8>> {
+    let mut body = Vec::new();
+    loop {
+        let line_end = rest.windows(2).position(|w| w == b"\r\n")?;
+        let size_text = std::str::from_utf8(&rest[..line_end]).ok()?;
+        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+        rest = &rest[line_end + 2..];
+        if size == 0 {
+            return rest.windows(2).any(|w| w == b"\r\n").then_some(body);
+        }
+        if rest.len() < size + 2 {
+            return None;
+        }
+        body.extend_from_slice(&rest[..size]);
+        rest = &rest[size + 2..];
+    }
+}
+
+/// An upstream that answers every connection's first request with the fixed bytes `response`
+/// and then closes, so tests control every byte of what the proxy gets back.
+pub struct RawUpstream {
+    pub addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl RawUpstream {
+    pub async fn start(response: &'static [u8]) -> RawUpstream {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind raw upstream");
+        let addr = listener.local_addr().expect("raw upstream addr");
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    // Read the request head (the tests send no bodies here), then answer.
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let _ = stream.write_all(response).await;
+                    let _ = stream.shutdown().await;
+                });
+            }
+        });
+        RawUpstream { addr, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for RawUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Proxy {
+    /// As [`Proxy::start`], also returning the proxy's count of live Upgrade tunnels.
+    pub async fn start_counting_tunnels(
+        toml: &str,
+    ) -> (Proxy, Arc<portcullis::forward::TunnelCount>) {
+        let env = [("JWT_SECRET".to_string(), TEST_SECRET.to_string())];
+        let config = Config::from_toml(toml, Path::new("."), &env).unwrap_or_else(|e| {
+            panic!("test config is invalid:\n{e}\n---\n{toml}");
+        });
+        portcullis::tls::install_crypto_provider();
+        let public = TcpListener::bind("127.0.0.1:0").await.expect("bind public");
+        let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
+        let addr = public.local_addr().expect("public addr");
+        let admin_addr = admin.local_addr().expect("admin addr");
+        let app = App::build(config).expect("portcullis builds");
+        let tunnels = app.upstream.tunnels();
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let shutdown = async {
+                let _ = stop_rx.await;
+            };
+            app.run(public, admin, shutdown)
+                .await
+                .expect("portcullis runs");
+        });
+        let proxy = Proxy {
+            addr,
+            admin: admin_addr,
+            stop: Some(stop_tx),
+            task: Some(task),
+        };
+        (proxy, tunnels)
+    }
+}

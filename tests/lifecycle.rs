@@ -1,0 +1,345 @@
+//! The process around the proxy: graceful shutdown, health endpoints, `check-config`, signals.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::*;
+use tokio::sync::{mpsc, watch};
+
+/// An upstream whose every request waits until the test opens the gate, and that tells the test
+/// when a request has arrived.
+async fn gated_upstream() -> (Upstream, mpsc::UnboundedReceiver<()>, watch::Sender<bool>) {
+    let (arrived_tx, arrived_rx) = mpsc::unbounded_channel();
+    let (gate_tx, gate_rx) = watch::channel(false);
+    let upstream = Upstream::start(move |_seen| {
+        let arrived = arrived_tx.clone();
+        let mut gate = gate_rx.clone();
+        async move {
+            let _ = arrived.send(());
+            let _ = gate.wait_for(|open| *open).await;
+            reply(http::StatusCode::OK, "finished")
+        }
+    })
+    .await;
+    (upstream, arrived_rx, gate_tx)
+}
+
+async fn connect_refused(addr: std::net::SocketAddr) -> bool {
+    tokio::net::TcpStream::connect(addr).await.is_err()
+}
+
+#[tokio::test]
+async fn graceful_shutdown_lets_an_in_flight_request_finish() {
+    let (upstream, mut arrived, gate) = gated_upstream().await;
+    let mut proxy = Proxy::start(&open_config(&upstream.url())).await;
+    let public = proxy.addr;
+
+    let in_flight = tokio::spawn(client().get(proxy.url("/slow")).send());
+    tokio::time::timeout(Duration::from_secs(5), arrived.recv())
+        .await
+        .expect("the request reached the upstream within 5 s");
+
+    let mut stopped = proxy.shutdown();
+    eventually("the public listener to close", || connect_refused(public)).await;
+    // Draining waits for the held request (shutdown_grace is 30 s by default).
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), &mut stopped)
+            .await
+            .is_err(),
+        "shutdown finished while a request was still in flight"
+    );
+
+    gate.send(true).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(5), in_flight)
+        .await
+        .expect("the in-flight request finished within 5 s")
+        .unwrap()
+        .expect("the in-flight request got its response");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.unwrap(), "finished");
+    tokio::time::timeout(Duration::from_secs(5), stopped)
+        .await
+        .expect("shutdown completed within 5 s")
+        .expect("portcullis stopped cleanly");
+}
+
+#[tokio::test]
+async fn readyz_turns_503_while_draining() {
+    let redis = RedisServer::start();
+    let (upstream, mut arrived, gate) = gated_upstream().await;
+    let config = config_with(
+        &upstream.url(),
+        &format!("[redis]\nurl = \"{}\"\n", redis.url()),
+    );
+    let mut proxy = Proxy::start(&config).await;
+    let readyz = proxy.admin_url("/readyz");
+    assert_eq!(client().get(&readyz).send().await.unwrap().status(), 200);
+
+    let in_flight = tokio::spawn(client().get(proxy.url("/slow")).send());
+    tokio::time::timeout(Duration::from_secs(5), arrived.recv())
+        .await
+        .expect("the request reached the upstream");
+    let stopped = proxy.shutdown();
+    // While the held request drains, /readyz says why traffic should go elsewhere.
+    eventually("/readyz to answer 503 shutting down", || {
+        let readyz = readyz.clone();
+        async move {
+            match client().get(&readyz).send().await {
+                Ok(r) if r.status() == 503 => {
+                    let body = json(r).await;
+                    body["ready"] == false && body["checks"]["shutdown"] == "shutting down"
+                }
+                _ => false,
+            }
+        }
+    })
+    .await;
+    gate.send(true).unwrap();
+    assert_eq!(in_flight.await.unwrap().unwrap().status(), 200);
+    tokio::time::timeout(Duration::from_secs(5), stopped)
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_gives_up_on_a_request_that_outlasts_the_grace() {
+    let (upstream, mut arrived, _gate) = gated_upstream().await;
+    let config = config_with(&upstream.url(), "[server]\nshutdown_grace = \"200ms\"\n");
+    let mut proxy = Proxy::start(&config).await;
+    let _in_flight = tokio::spawn(client().get(proxy.url("/forever")).send());
+    tokio::time::timeout(Duration::from_secs(5), arrived.recv())
+        .await
+        .expect("the request reached the upstream");
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(5), proxy.shutdown())
+        .await
+        .expect("shutdown_grace bounds the drain")
+        .unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(200));
+}
+
+#[tokio::test]
+async fn healthz_answers_200_on_the_admin_port() {
+    let upstream = Upstream::echo().await;
+    let proxy = Proxy::start(&open_config(&upstream.url())).await;
+    let resp = client()
+        .get(proxy.admin_url("/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    let body = json(resp).await;
+    assert_eq!(body["alive"], true, "{body}");
+    assert_eq!(
+        upstream.count(),
+        0,
+        "health checks must not reach the upstream"
+    );
+}
+
+#[tokio::test]
+async fn readyz_answers_200_json_on_the_admin_port() {
+    // Ready means the session store answers too.
+    let redis = RedisServer::start();
+    let upstream = Upstream::echo().await;
+    let config = config_with(
+        &upstream.url(),
+        &format!("[redis]\nurl = \"{}\"\n", redis.url()),
+    );
+    let proxy = Proxy::start(&config).await;
+    let resp = client()
+        .get(proxy.admin_url("/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    let body = json(resp).await;
+    assert_eq!(body["ready"], true, "{body}");
+    assert_eq!(body["checks"]["shutdown"], "ok", "{body}");
+}
+
+#[tokio::test]
+async fn health_endpoints_are_not_on_the_public_port() {
+    let upstream = Upstream::echo().await;
+    let proxy = Proxy::start(&open_config(&upstream.url())).await;
+    let resp = client().get(proxy.url("/healthz")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    // Forwarded like any other path.
+    assert_eq!(upstream.last().target, "/healthz");
+}
+
+// ------------------------------------------------------------------------------------------
+// The real binary
+// ------------------------------------------------------------------------------------------
+
+fn portcullis() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_portcullis"));
+    // The developer's environment must not override the test's files.
+    for (name, _) in std::env::vars() {
+        if name.starts_with("PORTCULLIS_") || name.starts_with("REDIS_") {
+            cmd.env_remove(name);
+        }
+    }
+    // The same secret in-process test proxies get, so that only the keys under test can fail.
+    cmd.env("JWT_SECRET", TEST_SECRET);
+    cmd
+}
+
+fn write_config(dir: &Path, text: &str) -> std::path::PathBuf {
+    let path = dir.join("config.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn check_config(text: &str) -> std::process::Output {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), text);
+    portcullis()
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run portcullis check-config")
+}
+
+#[test]
+fn check_config_accepts_a_valid_file() {
+    let out = check_config(&config_with(
+        "http://127.0.0.1:8080",
+        "[server]\nlisten = \"127.0.0.1:8443\"\n[admin]\nlisten = \"127.0.0.1:9090\"\n",
+    ));
+    assert!(
+        out.status.success(),
+        "{:?}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn check_config_rejects_an_unknown_key_naming_it() {
+    let out = check_config(&config_with(
+        "http://127.0.0.1:8080",
+        "[server]\nlisen = \"127.0.0.1:8443\"\n",
+    ));
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("server.lisen"), "{stderr}");
+}
+
+#[test]
+fn check_config_rejects_a_bad_duration_naming_the_key() {
+    let out = check_config(&config_with(
+        "http://127.0.0.1:8080",
+        "[upstream]\nrequest_timeout = \"soon\"\n",
+    ));
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("upstream.request_timeout"), "{stderr}");
+}
+
+#[test]
+fn check_config_rejects_a_missing_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = portcullis()
+        .args(["check-config", "--config"])
+        .arg(dir.path().join("absent.toml"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("absent.toml"), "{stderr}");
+}
+
+/// Kills the child if the test fails before it exits.
+struct KillOnDrop(Option<std::process::Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[tokio::test]
+async fn binary_exits_0_after_sigterm() {
+    let upstream = Upstream::echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let public = pick_free_port();
+    let admin = pick_free_port();
+    let path = write_config(
+        dir.path(),
+        &config_with(
+            &upstream.url(),
+            &format!(
+                "[server]\nlisten = \"127.0.0.1:{public}\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
+                 [redis]\nurl = \"redis://{}\"\n",
+                dead_addr()
+            ),
+        ),
+    );
+    let child = portcullis()
+        .arg("--config")
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start portcullis");
+    let mut child = KillOnDrop(Some(child));
+    let pid = child.0.as_ref().unwrap().id();
+
+    let healthz = format!("http://127.0.0.1:{admin}/healthz");
+    eventually("the binary's /healthz", || {
+        let healthz = healthz.clone();
+        let exited = child.0.as_mut().unwrap().try_wait().unwrap();
+        assert!(exited.is_none(), "portcullis exited early: {exited:?}");
+        async move {
+            client()
+                .get(&healthz)
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        }
+    })
+    .await;
+    // It is really serving: a request goes through to the upstream.
+    let resp = client()
+        .get(format!("http://127.0.0.1:{public}/through"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(upstream.last().target, "/through");
+
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let mut process = child.0.take().unwrap();
+    let status = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = process.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                let _ = process.kill();
+                let _ = process.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    })
+    .await
+    .unwrap()
+    .expect("portcullis exited within 10 s of SIGTERM");
+    assert!(status.success(), "{status:?}");
+}

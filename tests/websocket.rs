@@ -1,0 +1,235 @@
+//! HTTP Upgrade through the proxy: a WebSocket to the echo upstream (`portcullis::echo`).
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+type Ws = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// The echo upstream on an ephemeral port.
+async fn echo_upstream() -> (SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    (addr, tokio::spawn(portcullis::echo::serve(listener)))
+}
+
+/// The next data or close message, within 5 s.
+async fn next(ws: &mut Ws) -> Option<Result<Message, tokio_tungstenite::tungstenite::Error>> {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("no WebSocket message within 5 s");
+        match msg {
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            other => return other,
+        }
+    }
+}
+
+/// Connects through the proxy and returns the socket and the upstream's description of the
+/// handshake request (the echo upstream's first message).
+async fn connect(proxy: &Proxy, path: &str) -> (Ws, serde_json::Value) {
+    let mut request = format!("ws://{}{}", proxy.addr, path)
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("x-client", http::HeaderValue::from_static("ws-test"));
+    let (mut ws, response) = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio_tungstenite::connect_async(request),
+    )
+    .await
+    .expect("handshake within 5 s")
+    .expect("WebSocket handshake through the proxy");
+    assert_eq!(response.status(), 101);
+    let hello = match next(&mut ws).await {
+        Some(Ok(Message::Text(text))) => serde_json::from_str(text.as_str()).unwrap(),
+        other => panic!("expected the echo upstream's JSON hello, got {other:?}"),
+    };
+    (ws, hello)
+}
+
+#[tokio::test]
+async fn handshake_reaches_upstream_with_forwarded_headers() {
+    let (upstream, _task) = echo_upstream().await;
+    let proxy = Proxy::start(&open_config(&format!("http://{upstream}"))).await;
+    let (_ws, hello) = connect(&proxy, "/ws?room=7").await;
+    assert_eq!(hello["method"], "GET");
+    assert_eq!(hello["path"], "/ws?room=7");
+    let headers = &hello["headers"];
+    assert_eq!(headers["x-forwarded-for"], serde_json::json!(["127.0.0.1"]));
+    assert_eq!(headers["x-forwarded-proto"], serde_json::json!(["http"]));
+    assert_eq!(
+        headers["x-forwarded-host"],
+        serde_json::json!([proxy.addr.to_string()])
+    );
+    assert_eq!(headers["upgrade"], serde_json::json!(["websocket"]));
+    assert_eq!(headers["x-client"], serde_json::json!(["ws-test"]));
+    assert!(headers["sec-websocket-key"].is_array(), "{headers}");
+}
+
+#[tokio::test]
+async fn text_frames_round_trip() {
+    let (upstream, _task) = echo_upstream().await;
+    let proxy = Proxy::start(&open_config(&format!("http://{upstream}"))).await;
+    let (mut ws, _) = connect(&proxy, "/ws").await;
+    for text in ["hello", "", "ünïcödé ✓", &"x".repeat(100_000)] {
+        ws.send(Message::text(text)).await.unwrap();
+        match next(&mut ws).await {
+            Some(Ok(Message::Text(echoed))) => assert_eq!(echoed.as_str(), text),
+            other => panic!("expected text back, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn binary_frames_round_trip() {
+    let (upstream, _task) = echo_upstream().await;
+    let proxy = Proxy::start(&open_config(&format!("http://{upstream}"))).await;
+    let (mut ws, _) = connect(&proxy, "/ws").await;
+    let payloads: [Vec<u8>; 3] = [
+        vec![0, 1, 2, 255],
+        Vec::new(),
+        (0..200_000u32).map(|i| (i % 251) as u8).collect(),
+    ];
+    for payload in payloads {
+        ws.send(Message::binary(payload.clone())).await.unwrap();
+        match next(&mut ws).await {
+            Some(Ok(Message::Binary(echoed))) => assert!(echoed[..] == payload[..]),
+            other => panic!("expected binary back, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn closing_from_the_client_ends_the_tunnel() {
+    let (upstream, _task) = echo_upstream().await;
+    let (proxy, tunnels) =
+        Proxy::start_counting_tunnels(&open_config(&format!("http://{upstream}"))).await;
+    let (mut ws, _) = connect(&proxy, "/ws").await;
+    ws.send(Message::text("before close")).await.unwrap();
+    assert!(matches!(next(&mut ws).await, Some(Ok(Message::Text(_)))));
+    assert_eq!(tunnels.get(), 1, "the open WebSocket is a live tunnel");
+
+    ws.close(None).await.unwrap();
+    // The client's connection to the proxy ends (close reply and/or end of stream) ...
+    loop {
+        match next(&mut ws).await {
+            Some(Ok(Message::Close(_))) => continue,
+            Some(Ok(other)) => panic!("unexpected message after close: {other:?}"),
+            None | Some(Err(_)) => break,
+        }
+    }
+    let MaybeTlsStream::Plain(mut tcp) = ws.into_inner() else {
+        unreachable!("ws:// is plain TCP")
+    };
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "the proxy kept the client's connection open");
+    // ... and once the client has let go of its socket, the proxy no longer holds a tunnel.
+    drop(tcp);
+    eventually("the tunnel to end", || async { tunnels.get() == 0 }).await;
+}
+
+#[tokio::test]
+#[ignore = "bug: src/forward.rs tunnel() uses copy_bidirectional, which keeps the tunnel until both directions reach EOF; after the upstream closed, a client that keeps its socket keeps the tunnel"]
+async fn upstream_close_ends_the_tunnel_even_if_the_client_lingers() {
+    let (upstream, _task) = echo_upstream().await;
+    let (proxy, tunnels) =
+        Proxy::start_counting_tunnels(&open_config(&format!("http://{upstream}"))).await;
+    let (mut ws, _) = connect(&proxy, "/ws").await;
+    assert_eq!(tunnels.get(), 1);
+    // The echo upstream closes its connection as soon as it reads a close frame.
+    ws.close(None).await.unwrap();
+    while let Some(Ok(_)) = next(&mut ws).await {}
+    // The client still holds its socket (`ws` is alive): the upstream is gone, so the tunnel
+    // must end anyway.
+    eventually("the tunnel to end after the upstream closed", || async {
+        tunnels.get() == 0
+    })
+    .await;
+    drop(ws);
+}
+
+#[tokio::test]
+async fn client_disconnect_ends_the_tunnel() {
+    let (upstream, _task) = echo_upstream().await;
+    let (proxy, tunnels) =
+        Proxy::start_counting_tunnels(&open_config(&format!("http://{upstream}"))).await;
+    let (ws, _) = connect(&proxy, "/ws").await;
+    assert_eq!(tunnels.get(), 1);
+    drop(ws); // TCP closed without a close frame
+    eventually("the tunnel to end", || async { tunnels.get() == 0 }).await;
+}
+
+/// An upstream that accepts the upgrade with a bare 101 and then keeps its side of the
+/// connection open without ever writing, the way an idle game server would.
+async fn silent_upgrade_upstream() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            let _ = stream
+                .write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: raw\r\n\r\n")
+                .await;
+            held.push(stream); // never read, never written, never closed
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test]
+#[ignore = "bug: src/forward.rs tunnel() uses copy_bidirectional, which only half-closes the upstream when the client goes away; a silent upstream keeps the tunnel open forever"]
+async fn client_disconnect_ends_the_tunnel_even_if_the_upstream_stays_silent() {
+    let (upstream, _task) = silent_upgrade_upstream().await;
+    let (proxy, tunnels) =
+        Proxy::start_counting_tunnels(&open_config(&format!("http://{upstream}"))).await;
+    let mut client = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    client
+        .write_all(b"GET /raw HTTP/1.1\r\nHost: game.example\r\nConnection: Upgrade\r\nUpgrade: raw\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut chunk))
+            .await
+            .expect("101 within 5 s")
+            .unwrap();
+        assert!(n > 0, "closed before the 101");
+        head.extend_from_slice(&chunk[..n]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    eventually("the tunnel to open", || async { tunnels.get() == 1 }).await;
+    drop(client);
+    eventually("the tunnel to end after the client left", || async {
+        tunnels.get() == 0
+    })
+    .await;
+}
