@@ -394,6 +394,170 @@ pub async fn assert_error(resp: reqwest::Response, status: u16, code: &str) -> s
 }
 
 // ------------------------------------------------------------------------------------------
+// Tokens and sessions
+// ------------------------------------------------------------------------------------------
+
+/// Seconds since the Unix epoch.
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs()
+}
+
+/// Base64url without padding (JWT segments).
+pub fn b64url(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        let chars = chunk.len() + 1;
+        for i in 0..chars {
+            out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+/// Signs `claims` with `alg` and an HMAC `secret`.
+pub fn sign_hmac(
+    alg: jsonwebtoken::Algorithm,
+    secret: &[u8],
+    claims: &serde_json::Value,
+) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(alg),
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret),
+    )
+    .expect("sign token")
+}
+
+/// Signs `claims` with HS256 and [`TEST_SECRET`].
+pub fn sign(claims: &serde_json::Value) -> String {
+    sign_hmac(
+        jsonwebtoken::Algorithm::HS256,
+        TEST_SECRET.as_bytes(),
+        claims,
+    )
+}
+
+/// A valid HS256 token for `sub` (one hour), with `sid` when given.
+pub fn token(sub: &str, sid: Option<&str>) -> String {
+    let mut claims = serde_json::json!({
+        "sub": sub,
+        "iat": now_secs(),
+        "exp": now_secs() + 3600,
+    });
+    if let Some(sid) = sid {
+        claims["sid"] = serde_json::Value::from(sid);
+    }
+    sign(&claims)
+}
+
+/// A portcullis config in front of `upstream` with sessions in `redis`; `extra` is appended
+/// (further sections such as `[session]`, `[jwt]` or `[[routes]]`, but not `[redis]`).
+pub fn session_config(upstream: &Upstream, redis: &RedisServer, extra: &str) -> String {
+    format!(
+        "[upstream]\nurl = \"{}\"\n\n[redis]\nurl = \"{}\"\n\n{extra}\n",
+        upstream.url(),
+        redis.url()
+    )
+}
+
+/// Opens a session for the token's subject through the session API (default prefix) and
+/// returns its id.
+pub async fn create_session(proxy: &Proxy, token: &str) -> String {
+    let resp = client()
+        .post(proxy.url("/api/v1/sessions/create"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("create session");
+    assert_eq!(resp.status().as_u16(), 201, "session create");
+    let body = json(resp).await;
+    body["data"]["sessionId"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no sessionId in {body}"))
+        .to_string()
+}
+
+/// The Redis key of a session under the default key prefix.
+pub fn session_key(user: &str, session_id: &str) -> String {
+    format!("aeturnis:session:{{{user}}}:{session_id}")
+}
+
+/// The Redis key of a user's session index under the default key prefix.
+pub fn index_key(user: &str) -> String {
+    format!("aeturnis:user:{{{user}}}:sessions")
+}
+
+/// PTTL of a key in milliseconds (-2 missing, -1 persistent).
+pub fn pttl(conn: &mut redis::Connection, key: &str) -> i64 {
+    redis::cmd("PTTL").arg(key).query(conn).expect("PTTL")
+}
+
+/// Calls per command from INFO commandstats, read on a connection the caller holds (so that
+/// opening a connection adds no commands between two readings). INFO itself is left out.
+pub fn commandstats(conn: &mut redis::Connection) -> std::collections::BTreeMap<String, u64> {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(conn)
+        .expect("INFO commandstats");
+    info.lines()
+        .filter_map(|l| l.strip_prefix("cmdstat_"))
+        .filter_map(|l| {
+            let (name, rest) = l.split_once(":calls=")?;
+            let n = rest.split(',').next()?.parse().ok()?;
+            Some((name.to_string(), n))
+        })
+        .filter(|(name, _)| name != "info")
+        .collect()
+}
+
+/// Sends one raw HTTP/1.1 request (`target` exactly as given) and returns the status and body.
+pub async fn raw_request(
+    addr: SocketAddr,
+    target: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to proxy");
+    let mut head = format!("GET {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream
+        .write_all(head.as_bytes())
+        .await
+        .expect("send request");
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf))
+        .await
+        .expect("response within 10s")
+        .expect("read response");
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+// ------------------------------------------------------------------------------------------
 // Helpers for the integration tests of the proxy core (tests/proxy.rs, websocket.rs, tls.rs,
 // lifecycle.rs).
 // ------------------------------------------------------------------------------------------
@@ -673,4 +837,94 @@ impl Proxy {
         };
         (proxy, tunnels)
     }
+}
+
+/// A MONITOR connection to a test redis-server: every command the server executes, one line
+/// each, in order. Commands run inside a Lua script are marked `[<db> lua]`; commands sent by a
+/// client carry the client's address.
+pub struct Monitor {
+    lines: Arc<Mutex<Vec<String>>>,
+    _stream: std::net::TcpStream,
+}
+
+impl Monitor {
+    /// Starts monitoring; returns once the server has acknowledged MONITOR.
+    pub fn start(redis: &RedisServer) -> Monitor {
+        use std::io::{BufRead, BufReader, Write};
+        let mut stream =
+            std::net::TcpStream::connect(("127.0.0.1", redis.port)).expect("connect for MONITOR");
+        stream
+            .write_all(b"*1\r\n$7\r\nMONITOR\r\n")
+            .expect("send MONITOR");
+        let mut reader = BufReader::new(stream.try_clone().expect("clone monitor stream"));
+        let mut ok = String::new();
+        reader.read_line(&mut ok).expect("MONITOR reply");
+        assert_eq!(ok.trim_end(), "+OK", "MONITOR refused");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in reader.lines() {
+                let Ok(line) = line else { return };
+                let line = line.strip_prefix('+').unwrap_or(&line).to_string();
+                sink.lock().expect("monitor lines").push(line);
+            }
+        });
+        Monitor {
+            lines,
+            _stream: stream,
+        }
+    }
+
+    /// Sends `ECHO <marker>` from a fresh connection and waits (bounded) until the monitor has
+    /// seen it: every command the server ran before that is then in [`Monitor::lines`].
+    pub fn sync(&self, redis: &RedisServer, marker: &str) {
+        let _: String = redis::cmd("ECHO")
+            .arg(marker)
+            .query(&mut redis.conn())
+            .expect("ECHO marker");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self.lines().iter().any(|l| is_marker(l, marker)) {
+            assert!(Instant::now() < deadline, "MONITOR never showed {marker}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Everything seen so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().expect("monitor lines").clone()
+    }
+
+    /// Lines seen between the two markers passed to [`Monitor::sync`].
+    pub fn between(&self, from: &str, to: &str) -> Vec<String> {
+        let lines = self.lines();
+        let start = lines
+            .iter()
+            .position(|l| is_marker(l, from))
+            .expect("first marker");
+        let end = lines
+            .iter()
+            .position(|l| is_marker(l, to))
+            .expect("second marker");
+        lines[start + 1..end].to_vec()
+    }
+}
+
+/// True for the MONITOR line of `ECHO <marker>` (clients may spell commands in any case).
+fn is_marker(line: &str, marker: &str) -> bool {
+    monitor_command(line) == "echo" && line.ends_with(&format!(" \"{marker}\""))
+}
+
+/// True for a MONITOR line of a command run inside a Lua script.
+pub fn monitor_line_is_lua(line: &str) -> bool {
+    line.split_once('[')
+        .and_then(|(_, rest)| rest.split_once(']'))
+        .is_some_and(|(source, _)| source.ends_with(" lua"))
+}
+
+/// The command name of a MONITOR line, lowercase.
+pub fn monitor_command(line: &str) -> String {
+    line.split_once("] \"")
+        .and_then(|(_, rest)| rest.split('"').next())
+        .unwrap_or("")
+        .to_ascii_lowercase()
 }

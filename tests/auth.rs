@@ -1,0 +1,518 @@
+//! Bearer tokens: what is accepted, what is refused and how (RFC 6750 challenges), and the
+//! `portcullis dev-token` command. Every refused token carries the sub and sid of a live
+//! session, so that only the token itself can be the reason.
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+
+use jsonwebtoken::Algorithm;
+use serde_json::{json, Value};
+use support::*;
+
+const USER: &str = "alice";
+
+struct Setup {
+    redis: RedisServer,
+    upstream: Upstream,
+    proxy: Proxy,
+    sid: String,
+}
+
+/// A proxy with sessions in a fresh Redis (extra config appended) and one live session of
+/// [`USER`], opened with `create_token` (a valid HS256 token when `None`).
+async fn setup_with(extra: &str, create_token: Option<String>) -> Setup {
+    let redis = RedisServer::start();
+    let upstream = Upstream::echo().await;
+    let proxy = Proxy::start(&session_config(&upstream, &redis, extra)).await;
+    let t = create_token.unwrap_or_else(|| token(USER, None));
+    let sid = create_session(&proxy, &t).await;
+    Setup {
+        redis,
+        upstream,
+        proxy,
+        sid,
+    }
+}
+
+async fn setup() -> Setup {
+    setup_with("[jwt]\nleeway = \"0s\"\n", None).await
+}
+
+impl Setup {
+    /// Claims a valid token for the live session would carry.
+    fn claims(&self) -> Value {
+        json!({
+            "sub": USER,
+            "sid": self.sid,
+            "iat": now_secs(),
+            "exp": now_secs() + 600,
+        })
+    }
+
+    async fn get(&self, token: &str) -> reqwest::Response {
+        client()
+            .get(self.proxy.url("/game/state"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// The token is accepted: the request reaches the upstream as the session's user.
+    async fn assert_accepted(&self, token: &str) {
+        let before = self.upstream.count();
+        let resp = self.get(token).await;
+        assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+        assert_eq!(self.upstream.count(), before + 1);
+        assert_eq!(self.upstream.last().headers["x-user-id"], USER);
+    }
+
+    /// The token is refused with `code` and an invalid_token challenge, before Redis and
+    /// without reaching the upstream.
+    async fn assert_refused(&self, token: &str, code: &str) {
+        let before = self.upstream.count();
+        let scripts = self.redis.command_calls("evalsha");
+        let resp = self.get(token).await;
+        assert_eq!(
+            resp.headers()
+                .get("www-authenticate")
+                .and_then(|v| v.to_str().ok()),
+            Some(r#"Bearer error="invalid_token""#),
+            "challenge for {code}"
+        );
+        assert_error(resp, 401, code).await;
+        assert_eq!(
+            self.upstream.count(),
+            before,
+            "a refused request was forwarded"
+        );
+        assert_eq!(
+            self.redis.command_calls("evalsha"),
+            scripts,
+            "a refused token still cost a session lookup"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// No token
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_request_without_a_token_is_401_token_missing_with_a_bare_bearer_challenge() {
+    let s = setup().await;
+    let resp = client().get(s.proxy.url("/game")).send().await.unwrap();
+    assert_eq!(
+        resp.headers()
+            .get("www-authenticate")
+            .and_then(|v| v.to_str().ok()),
+        Some("Bearer")
+    );
+    assert_error(resp, 401, "TOKEN_MISSING").await;
+    assert_eq!(s.upstream.count(), 0);
+}
+
+#[tokio::test]
+async fn an_authorization_header_of_another_scheme_counts_as_no_token() {
+    let s = setup().await;
+    for value in ["Basic YWxpY2U6cHc=", "Bearer", "Bearer    ", "Token abc"] {
+        let resp = client()
+            .get(s.proxy.url("/game"))
+            .header("authorization", value)
+            .send()
+            .await
+            .unwrap();
+        assert_error(resp, 401, "TOKEN_MISSING").await;
+    }
+    assert_eq!(s.upstream.count(), 0);
+}
+
+#[tokio::test]
+async fn a_valid_token_with_a_live_session_is_accepted() {
+    let s = setup().await;
+    s.assert_accepted(&sign(&s.claims())).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Malformed and forged tokens
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_malformed_token_is_401_token_invalid() {
+    let s = setup().await;
+    let good = sign(&s.claims());
+    let (head, rest) = good.split_once('.').unwrap();
+    let truncated = &good[..good.len() - 5];
+    for bad in [
+        "abc",
+        "a.b.c",
+        "...",
+        truncated,
+        &format!("{head}.!!!.{rest}"),
+        &format!("{good}.extra"),
+    ] {
+        s.assert_refused(bad, "TOKEN_INVALID").await;
+    }
+}
+
+#[tokio::test]
+async fn an_alg_none_token_is_refused() {
+    let s = setup().await;
+    let claims = b64url(s.claims().to_string().as_bytes());
+    for alg in ["none", "None", "NONE"] {
+        let header = b64url(json!({"alg": alg, "typ": "JWT"}).to_string().as_bytes());
+        s.assert_refused(&format!("{header}.{claims}."), "TOKEN_INVALID")
+            .await;
+        // Keeping a valid HS256 signature does not help either.
+        let valid = sign(&s.claims());
+        let signature = valid.rsplit('.').next().unwrap();
+        s.assert_refused(&format!("{header}.{claims}.{signature}"), "TOKEN_INVALID")
+            .await;
+    }
+}
+
+#[tokio::test]
+async fn a_token_signed_with_another_secret_is_refused() {
+    let s = setup().await;
+    let other = b"another-secret-that-is-long-enough-0123456789";
+    s.assert_refused(
+        &sign_hmac(Algorithm::HS256, other, &s.claims()),
+        "TOKEN_INVALID",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_token_whose_payload_was_altered_after_signing_is_refused() {
+    let s = setup().await;
+    let good = sign(&s.claims());
+    let parts: Vec<&str> = good.split('.').collect();
+    let mut claims = s.claims();
+    claims["exp"] = json!(now_secs() + 86_400 * 365);
+    let forged = format!(
+        "{}.{}.{}",
+        parts[0],
+        b64url(claims.to_string().as_bytes()),
+        parts[2]
+    );
+    s.assert_refused(&forged, "TOKEN_INVALID").await;
+}
+
+#[tokio::test]
+async fn a_token_with_an_hmac_algorithm_that_is_not_pinned_is_refused() {
+    let s = setup().await;
+    for alg in [Algorithm::HS384, Algorithm::HS512] {
+        s.assert_refused(
+            &sign_hmac(alg, TEST_SECRET.as_bytes(), &s.claims()),
+            "TOKEN_INVALID",
+        )
+        .await;
+    }
+}
+
+/// An RSA key pair made by openssl in `dir`: (private PEM path, public PEM path).
+fn rsa_key_pair(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let private = dir.join("private.pem");
+    let public = dir.join("public.pem");
+    let status = Command::new("openssl")
+        .args(["genrsa", "-out"])
+        .arg(&private)
+        .arg("2048")
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl must be installed");
+    assert!(status.success(), "openssl genrsa");
+    let status = Command::new("openssl")
+        .args(["rsa", "-pubout", "-in"])
+        .arg(&private)
+        .arg("-out")
+        .arg(&public)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl rsa");
+    assert!(status.success(), "openssl rsa -pubout");
+    (private, public)
+}
+
+#[tokio::test]
+async fn an_hs256_token_signed_with_the_rs256_public_key_as_secret_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (private, public) = rsa_key_pair(dir.path());
+    let private_pem = std::fs::read(&private).unwrap();
+    let public_pem = std::fs::read(&public).unwrap();
+    let rs256 = |claims: &Value| {
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(Algorithm::RS256),
+            claims,
+            &jsonwebtoken::EncodingKey::from_rsa_pem(&private_pem).unwrap(),
+        )
+        .unwrap()
+    };
+    let extra = format!(
+        "[jwt]\nalgorithms = [\"RS256\"]\npublic_key_pem = \"{}\"\n",
+        public.display()
+    );
+    let create = rs256(&json!({"sub": USER, "exp": now_secs() + 600}));
+    let s = setup_with(&extra, Some(create)).await;
+
+    // The genuine article works, so the key and the session are right.
+    s.assert_accepted(&rs256(&s.claims())).await;
+    // The classic confusion: HMAC keyed with the public key the server verifies with.
+    s.assert_refused(
+        &sign_hmac(Algorithm::HS256, &public_pem, &s.claims()),
+        "TOKEN_INVALID",
+    )
+    .await;
+    let trimmed = String::from_utf8(public_pem.clone()).unwrap();
+    s.assert_refused(
+        &sign_hmac(Algorithm::HS256, trimmed.trim().as_bytes(), &s.claims()),
+        "TOKEN_INVALID",
+    )
+    .await;
+    // Nor is an HS256 token signed with the secret the process has in JWT_SECRET.
+    s.assert_refused(&sign(&s.claims()), "TOKEN_INVALID").await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Time
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn an_expired_token_is_401_token_expired() {
+    let s = setup().await;
+    let mut claims = s.claims();
+    claims["exp"] = json!(now_secs() - 5);
+    s.assert_refused(&sign(&claims), "TOKEN_EXPIRED").await;
+}
+
+#[tokio::test]
+async fn a_token_that_is_not_yet_valid_is_401_token_invalid() {
+    let s = setup().await;
+    let mut claims = s.claims();
+    claims["nbf"] = json!(now_secs() + 60);
+    s.assert_refused(&sign(&claims), "TOKEN_INVALID").await;
+    // A past nbf is fine.
+    claims["nbf"] = json!(now_secs() - 60);
+    s.assert_accepted(&sign(&claims)).await;
+}
+
+#[tokio::test]
+async fn the_configured_leeway_allows_a_slightly_expired_token() {
+    let s = setup_with("[jwt]\nleeway = \"60s\"\n", None).await;
+    let mut claims = s.claims();
+    claims["exp"] = json!(now_secs() - 10);
+    s.assert_accepted(&sign(&claims)).await;
+    claims["exp"] = json!(now_secs() - 120);
+    s.assert_refused(&sign(&claims), "TOKEN_EXPIRED").await;
+}
+
+#[tokio::test]
+async fn a_token_without_exp_is_refused() {
+    let s = setup().await;
+    let mut claims = s.claims();
+    claims.as_object_mut().unwrap().remove("exp");
+    s.assert_refused(&sign(&claims), "TOKEN_INVALID").await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Claims
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_token_without_a_usable_sub_is_refused() {
+    let s = setup().await;
+    let mut claims = s.claims();
+    claims.as_object_mut().unwrap().remove("sub");
+    s.assert_refused(&sign(&claims), "TOKEN_INVALID").await;
+    for sub in [
+        json!(""),
+        json!(42),
+        json!(null),
+        json!("a}b"),
+        json!("a b"),
+    ] {
+        claims["sub"] = sub;
+        s.assert_refused(&sign(&claims), "TOKEN_INVALID").await;
+    }
+}
+
+#[tokio::test]
+async fn issuer_and_audience_are_enforced_when_configured() {
+    let extra = "[jwt]\nleeway = \"0s\"\nissuer = \"game-auth\"\naudience = \"game-clients\"\n";
+    let create = sign(&json!({
+        "sub": USER, "exp": now_secs() + 600, "iss": "game-auth", "aud": "game-clients"
+    }));
+    let s = setup_with(extra, Some(create)).await;
+    let mut good = s.claims();
+    good["iss"] = json!("game-auth");
+    good["aud"] = json!("game-clients");
+    s.assert_accepted(&sign(&good)).await;
+
+    let variants: [(&str, Option<Value>); 4] = [
+        ("iss", Some(json!("evil-auth"))),
+        ("iss", None),
+        ("aud", Some(json!("other-game"))),
+        ("aud", None),
+    ];
+    for (claim, value) in variants {
+        let mut claims = good.clone();
+        match value {
+            Some(v) => claims[claim] = v,
+            None => {
+                claims.as_object_mut().unwrap().remove(claim);
+            }
+        }
+        s.assert_refused(&sign(&claims), "TOKEN_INVALID").await;
+    }
+}
+
+#[tokio::test]
+async fn the_session_api_refuses_bad_tokens_too() {
+    let s = setup().await;
+    let claims = b64url(
+        json!({"sub": "mallory", "exp": now_secs() + 600})
+            .to_string()
+            .as_bytes(),
+    );
+    let header = b64url(br#"{"alg":"none","typ":"JWT"}"#);
+    let other = b"another-secret-that-is-long-enough-0123456789";
+    let expired = json!({"sub": "mallory", "exp": now_secs() - 5});
+    let bad = [
+        (format!("{header}.{claims}."), "TOKEN_INVALID"),
+        (
+            sign_hmac(
+                Algorithm::HS256,
+                other,
+                &json!({"sub": "mallory", "exp": now_secs() + 600}),
+            ),
+            "TOKEN_INVALID",
+        ),
+        (sign(&expired), "TOKEN_EXPIRED"),
+    ];
+    for (t, code) in bad {
+        let resp = client()
+            .post(s.proxy.url("/api/v1/sessions/create"))
+            .bearer_auth(&t)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            resp.headers()
+                .get("www-authenticate")
+                .and_then(|v| v.to_str().ok()),
+            Some(r#"Bearer error="invalid_token""#)
+        );
+        assert_error(resp, 401, code).await;
+    }
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*mallory*")
+        .query(&mut s.redis.conn())
+        .unwrap();
+    assert!(keys.is_empty(), "a refused token created {keys:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// portcullis dev-token
+// ---------------------------------------------------------------------------------------------
+
+/// Runs `portcullis dev-token` with a config file holding `config` plus `jwt.secret` =
+/// [`TEST_SECRET`] (and no environment at all).
+fn dev_token(config: &str, args: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    let secret = format!("[jwt]\nsecret = \"{TEST_SECRET}\"\n");
+    let config = if config.contains("[jwt]\n") {
+        config.replacen("[jwt]\n", &secret, 1)
+    } else {
+        format!("{config}\n{secret}")
+    };
+    std::fs::write(&path, config).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .arg("dev-token")
+        .args(args)
+        .arg("--config")
+        .arg(&path)
+        .env_clear()
+        .output()
+        .expect("run portcullis dev-token");
+    assert!(
+        output.status.success(),
+        "dev-token failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let token = stdout.trim().to_string();
+    assert_eq!(token.split('.').count(), 3, "not a JWT: {stdout:?}");
+    assert_eq!(
+        stdout,
+        format!("{token}\n"),
+        "prints the token and a newline only"
+    );
+    token
+}
+
+#[tokio::test]
+async fn dev_token_prints_a_token_the_proxy_accepts() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::echo().await;
+    let config = session_config(&upstream, &redis, "");
+    let proxy = Proxy::start(&config).await;
+    let sid = create_session(&proxy, &token("u", None)).await;
+
+    let t = dev_token(&config, &["--sub", "u", "--sid", &sid]);
+    let resp = client()
+        .get(proxy.url("/game"))
+        .bearer_auth(&t)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let seen = upstream.last();
+    assert_eq!(seen.headers["x-user-id"], "u");
+    assert_eq!(seen.headers["x-session-id"], sid.as_str());
+}
+
+#[tokio::test]
+async fn dev_token_honours_ttl_and_the_configured_issuer_and_audience() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::echo().await;
+    let config = session_config(
+        &upstream,
+        &redis,
+        "[jwt]\nissuer = \"game-auth\"\naudience = \"game-clients\"\n",
+    );
+    let proxy = Proxy::start(&config).await;
+    let sid = create_session(
+        &proxy,
+        &sign(&json!({"sub": "u", "exp": now_secs() + 600, "iss": "game-auth", "aud": "game-clients"})),
+    )
+    .await;
+
+    let t = dev_token(&config, &["--sub", "u", "--sid", &sid, "--ttl", "2m"]);
+    let mut validation = jsonwebtoken::Validation::new(Algorithm::HS256);
+    validation.set_audience(&["game-clients"]);
+    let claims = jsonwebtoken::decode::<Value>(
+        &t,
+        &jsonwebtoken::DecodingKey::from_secret(TEST_SECRET.as_bytes()),
+        &validation,
+    )
+    .unwrap()
+    .claims;
+    assert_eq!(claims["iss"], "game-auth");
+    assert_eq!(claims["aud"], "game-clients");
+    assert_eq!(claims["sid"], sid.as_str());
+    let exp = claims["exp"].as_u64().unwrap();
+    let iat = claims["iat"].as_u64().unwrap();
+    assert_eq!(exp - iat, 120, "{claims}");
+
+    let resp = client()
+        .get(proxy.url("/game"))
+        .bearer_auth(&t)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(upstream.last().headers["x-user-id"], "u");
+}
