@@ -20,7 +20,7 @@ pub enum Rejection {
     UpstreamTimeout(std::time::Duration),
     #[error("the request body exceeds the limit of {0} bytes")]
     PayloadTooLarge(u64),
-    #[error("the request headers exceed the limit of {0} bytes")]
+    #[error("the request headers exceed the limit of {0} bytes or 100 header lines")]
     HeadersTooLarge(usize),
     #[error("{0}")]
     BadRequest(String),

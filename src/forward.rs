@@ -281,11 +281,19 @@ async fn tunnel(
             return;
         }
     };
-    let mut client = TokioIo::new(client);
-    let mut upstream = TokioIo::new(upstream);
-    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+    let (mut client_read, mut client_write) = tokio::io::split(TokioIo::new(client));
+    let (mut upstream_read, mut upstream_write) = tokio::io::split(TokioIo::new(upstream));
+    // The tunnel lives until either side closes: when one direction ends, both connections are
+    // dropped, so a peer that vanished never leaves the other side hanging.
+    let result = tokio::select! {
+        r = tokio::io::copy(&mut client_read, &mut upstream_write) => r,
+        r = tokio::io::copy(&mut upstream_read, &mut client_write) => r,
+    };
+    if let Err(e) = result {
         tracing::debug!(error = %e, "tunnel closed with an error");
     }
+    let _ = tokio::io::AsyncWriteExt::shutdown(&mut client_write).await;
+    let _ = tokio::io::AsyncWriteExt::shutdown(&mut upstream_write).await;
 }
 
 /// True when the request asks to switch protocols (HTTP/1.1 `Connection: upgrade` + `Upgrade`).

@@ -46,9 +46,12 @@ pub fn head_size<B>(req: &Request<B>) -> usize {
     })
 }
 
+/// Most header lines a request may carry.
+pub const MAX_HEADER_COUNT: usize = 100;
+
 /// Checks a request against the limits without looking at its body.
 pub fn check(req: &Request<Body>, limits: &RequestLimitsLayer) -> Result<(), Rejection> {
-    if head_size(req) > limits.max_header_bytes {
+    if head_size(req) > limits.max_header_bytes || req.headers().len() > MAX_HEADER_COUNT {
         return Err(Rejection::HeadersTooLarge(limits.max_header_bytes));
     }
     let declared = req

@@ -52,6 +52,18 @@ impl From<&ServerConfig> for ConnLimits {
     }
 }
 
+/// Most header lines hyper parses in one request; more is a bare 431 from hyper itself.
+const MAX_HEADERS: usize = 512;
+
+impl ConnLimits {
+    /// The HTTP layer's own hard cap on a request head: well above `max_header_bytes`, so that
+    /// the limits layer decides (with a JSON 431) every case up to it; past it hyper and h2
+    /// refuse with a bare 431 before any of portcullis sees the request.
+    pub fn hard_header_cap(&self) -> usize {
+        (self.max_header_bytes * 4).max(64 * 1024)
+    }
+}
+
 /// Open public connections, for metrics and tests.
 #[derive(Debug, Default)]
 pub struct ConnCount(AtomicUsize);
@@ -201,8 +213,8 @@ impl Connection {
                 builder
                     .timer(TokioTimer::new())
                     .header_read_timeout(limits.header_read_timeout)
-                    .max_buf_size((limits.max_header_bytes * 4).max(8192))
-                    .max_headers(128);
+                    .max_buf_size(limits.hard_header_cap())
+                    .max_headers(MAX_HEADERS);
                 let conn = builder.serve_connection(io, service).with_upgrades();
                 drive(conn, |c| c.graceful_shutdown(), activity, limits, self.stop).await;
             }
@@ -210,7 +222,7 @@ impl Connection {
                 let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
                 builder
                     .timer(TokioTimer::new())
-                    .max_header_list_size(limits.max_header_bytes.try_into().unwrap_or(u32::MAX))
+                    .max_header_list_size(limits.hard_header_cap().try_into().unwrap_or(u32::MAX))
                     .max_concurrent_streams(256);
                 let conn = builder.serve_connection(io, service);
                 drive(conn, |c| c.graceful_shutdown(), activity, limits, self.stop).await;

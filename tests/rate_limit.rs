@@ -51,7 +51,9 @@ async fn start(toml: &str) -> Limited {
     let app = App::build(config).unwrap();
     let limits = app.rate_limits.clone();
     let task = tokio::spawn(async move {
-        app.run(public, admin, std::future::pending()).await.unwrap();
+        app.run(public, admin, std::future::pending())
+            .await
+            .unwrap();
     });
     Limited {
         url,
@@ -171,7 +173,11 @@ async fn a_burst_within_quota_passes_and_the_next_request_is_limited() {
         .unwrap();
     assert_eq!(header(&over, "retry-after"), 3600);
     assert_error(over, 429, "RATE_LIMITED").await;
-    assert_eq!(upstream.count(), 20, "the limited request never reached the upstream");
+    assert_eq!(
+        upstream.count(),
+        20,
+        "the limited request never reached the upstream"
+    );
 }
 
 #[tokio::test]

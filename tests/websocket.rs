@@ -142,7 +142,6 @@ async fn closing_from_the_client_ends_the_tunnel() {
 }
 
 #[tokio::test]
-#[ignore = "bug: src/forward.rs tunnel() uses copy_bidirectional, which keeps the tunnel until both directions reach EOF; after the upstream closed, a client that keeps its socket keeps the tunnel"]
 async fn upstream_close_ends_the_tunnel_even_if_the_client_lingers() {
     let (upstream, _task) = echo_upstream().await;
     let (proxy, tunnels) =
@@ -201,7 +200,6 @@ async fn silent_upgrade_upstream() -> (SocketAddr, tokio::task::JoinHandle<()>) 
 }
 
 #[tokio::test]
-#[ignore = "bug: src/forward.rs tunnel() uses copy_bidirectional, which only half-closes the upstream when the client goes away; a silent upstream keeps the tunnel open forever"]
 async fn client_disconnect_ends_the_tunnel_even_if_the_upstream_stays_silent() {
     let (upstream, _task) = silent_upgrade_upstream().await;
     let (proxy, tunnels) =

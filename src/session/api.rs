@@ -220,20 +220,7 @@ async fn create_metadata(req: Request<Body>) -> Result<Metadata, Rejection> {
             }
         })?
         .to_bytes();
-    let input = if body.iter().all(u8::is_ascii_whitespace) {
-        CreateRequest::default()
-    } else {
-        let de = &mut serde_json::Deserializer::from_slice(&body);
-        serde_path_to_error::deserialize::<_, CreateRequest>(de).map_err(|e| {
-            let path = e.path().to_string();
-            let inner = e.into_inner();
-            if path == "." {
-                Rejection::BadRequest(format!("invalid JSON body: {inner}"))
-            } else {
-                Rejection::BadRequest(format!("invalid JSON body at {path}: {inner}"))
-            }
-        })?
-    };
+    let input = parse_create(&body)?;
     let input = input.metadata.unwrap_or_default();
 
     let user_agent = match input.user_agent {
@@ -265,6 +252,33 @@ async fn create_metadata(req: Request<Body>) -> Result<Metadata, Rejection> {
         ip_address: ip,
         device_id: input.device_id,
     })
+}
+
+/// The create body: empty, or exactly one JSON object.
+fn parse_create(body: &[u8]) -> Result<CreateRequest, Rejection> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    match first {
+        None => return Ok(CreateRequest::default()),
+        Some(b'{') => {}
+        Some(_) => {
+            return Err(Rejection::BadRequest(
+                "the body must be a JSON object like {\"metadata\":{...}}".into(),
+            ))
+        }
+    }
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let input = serde_path_to_error::deserialize::<_, CreateRequest>(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." {
+            Rejection::BadRequest(format!("invalid JSON body: {inner}"))
+        } else {
+            Rejection::BadRequest(format!("invalid JSON body at {path}: {inner}"))
+        }
+    })?;
+    de.end()
+        .map_err(|e| Rejection::BadRequest(format!("invalid JSON body: {e}")))?;
+    Ok(input)
 }
 
 fn truncate(mut s: String, max: usize) -> String {
@@ -306,6 +320,27 @@ mod tests {
     fn openapi_document_is_valid_json() {
         let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
         assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    }
+
+    #[test]
+    fn create_body_must_be_one_object() {
+        assert!(parse_create(b"").is_ok());
+        assert!(parse_create(b" {} ").is_ok());
+        assert!(parse_create(br#"{"metadata":{"platform":"web"}}"#).is_ok());
+        for bad in [
+            &b"[]"[..],
+            b"{} {}",
+            b"{}x",
+            b"null",
+            b"\"x\"",
+            br#"{"metadata":{"platform":"xbox"}}"#,
+        ] {
+            assert!(
+                matches!(parse_create(bad), Err(Rejection::BadRequest(_))),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 
     #[test]
