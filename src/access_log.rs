@@ -1,35 +1,59 @@
-//! One log line per request: method, path (never the query, which may carry tokens), status,
-//! total and upstream time, client address, and the rejection code when portcullis answered
-//! itself. Headers are never logged, so Authorization and Cookie cannot leak.
+//! What happened to each request, told three ways: one access log line (method, path — never
+//! the query, which may carry tokens — status, total and upstream time, client address, user,
+//! rejection code), the request metrics, and for every request portcullis refused itself an
+//! audit event (tracing target `audit`). Headers are never logged, so Authorization, Cookie
+//! and tokens cannot leak.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
 use http::{Request, Response};
 use tower::{Layer, Service};
 
+use crate::authn::Authenticated;
+use crate::config::AuthMode;
 use crate::error::Rejection;
 use crate::forward::UpstreamTime;
-use crate::peer::ConnInfo;
+use crate::metrics::{ClassLabels, Metrics, RequestLabels};
+use crate::peer::ClientIp;
+use crate::routes::RouteClass;
+use crate::session::gate::Identity;
 use crate::Body;
 
-#[derive(Debug, Clone, Copy, Default)]
-pub struct AccessLogLayer;
+#[derive(Clone)]
+pub struct AccessLogLayer(pub Arc<Metrics>);
 
 impl<S> Layer<S> for AccessLogLayer {
     type Service = AccessLog<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        AccessLog { inner }
+        AccessLog {
+            inner,
+            metrics: self.0.clone(),
+        }
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct AccessLog<S> {
     inner: S,
+    metrics: Arc<Metrics>,
+}
+
+fn class_name(class: Option<RouteClass>) -> &'static str {
+    match class {
+        Some(RouteClass::Api { .. }) => "api",
+        Some(RouteClass::Proxy { auth, .. }) => match auth {
+            AuthMode::Session => "session",
+            AuthMode::Jwt => "jwt",
+            AuthMode::None => "none",
+        },
+        None => "unknown",
+    }
 }
 
 impl<S> Service<Request<Body>> for AccessLog<S>
@@ -50,32 +74,73 @@ where
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
         let version = req.version();
-        let peer = req.extensions().get::<ConnInfo>().map(|c| c.peer);
+        let client_ip = req.extensions().get::<ClientIp>().map(|c| c.0);
+        let route_class = class_name(req.extensions().get::<RouteClass>().copied());
+        let metrics = self.metrics.clone();
         // Boxed so the logging future below does not name the inner service's future type.
         let future: Self::Future = Box::pin(self.inner.call(req));
         Box::pin(async move {
             let result = future.await;
-            if let Ok(response) = &result {
-                let total_ms = started.elapsed().as_secs_f64() * 1000.0;
-                let upstream_ms = response
-                    .extensions()
-                    .get::<UpstreamTime>()
-                    .map(|t| t.0.as_secs_f64() * 1000.0);
-                let code = response
-                    .extensions()
-                    .get::<Rejection>()
-                    .map(Rejection::code);
+            let response = match &result {
+                Ok(response) => response,
+                Err(never) => match *never {},
+            };
+            let elapsed = started.elapsed();
+            let status = response.status().as_u16();
+            let upstream = response.extensions().get::<UpstreamTime>().map(|t| t.0);
+            let rejection = response.extensions().get::<Rejection>();
+            let who = response.extensions().get::<Authenticated>();
+            let identity = response.extensions().get::<Identity>();
+
+            metrics
+                .requests
+                .get_or_create(&RequestLabels {
+                    route_class,
+                    status,
+                })
+                .inc();
+            metrics
+                .request_duration
+                .get_or_create(&ClassLabels { route_class })
+                .observe(elapsed.as_secs_f64());
+            if let Some(upstream) = upstream {
+                metrics.upstream_duration.observe(upstream.as_secs_f64());
+            }
+
+            let user_id = who.map(|w| &*w.user_id);
+            let session_id = identity
+                .and_then(|i| i.session_id.map(|s| s.to_string()))
+                .or_else(|| who.and_then(|w| w.session_hint.clone()));
+            let platform = identity.and_then(|i| i.platform).map(|p| p.as_str());
+            tracing::info!(
+                target: "portcullis::access",
+                method = %method,
+                path = %path,
+                version = ?version,
+                status,
+                route_class,
+                total_ms = elapsed.as_secs_f64() * 1000.0,
+                upstream_ms = upstream.map(|u| u.as_secs_f64() * 1000.0),
+                client_ip = client_ip.map(tracing::field::display),
+                user_id,
+                code = rejection.map(Rejection::code),
+                "request"
+            );
+            if let Some(rejection) = rejection {
+                metrics.rejected(rejection);
                 tracing::info!(
-                    target: "portcullis::access",
+                    target: "audit",
+                    event = "request_rejected",
+                    reason = crate::metrics::rejection_reason(rejection),
+                    code = rejection.code(),
+                    status,
                     method = %method,
                     path = %path,
-                    version = ?version,
-                    status = response.status().as_u16(),
-                    total_ms,
-                    upstream_ms,
-                    peer = peer.map(tracing::field::display),
-                    code,
-                    "request"
+                    user_id,
+                    session_id = session_id.as_deref(),
+                    client_ip = client_ip.map(tracing::field::display),
+                    platform,
+                    "request rejected"
                 );
             }
             result

@@ -1,13 +1,14 @@
 //! The table of contents: the tower stack every public request passes through, outermost first,
-//! and the process that runs it (public listener, admin listener, signals).
+//! and the process that runs it (public listener, admin listener, background tasks, signals).
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
 
-use http::{Request, Response};
+use http::{header, HeaderValue, Request, Response, StatusCode};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tower::util::BoxCloneService;
 use tower::ServiceBuilder;
@@ -16,10 +17,13 @@ use crate::access_log::AccessLogLayer;
 use crate::admin::Admin;
 use crate::authn::{AuthnLayer, RequireAuthLayer, Verifier};
 use crate::config::Config;
+use crate::error::full;
 use crate::forward::{Forward, Upstream};
 use crate::limits::RequestLimitsLayer;
+use crate::metrics::Metrics;
 use crate::peer::{ClientIpLayer, TrustedProxies};
 use crate::rate_limit::{RateLimitLayer, RateLimits};
+use crate::request_id::RequestIdLayer;
 use crate::routes::{RouteTable, RouterLayer, Split};
 use crate::server::{ConnCount, ConnLimits};
 use crate::session::api::SessionApi;
@@ -32,9 +36,26 @@ use crate::{Body, BoxError};
 /// The request pipeline as one cloneable service.
 pub type AppService = BoxCloneService<Request<Body>, Response<Body>, Infallible>;
 
+/// How to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shutdown {
+    /// SIGTERM: `/readyz` turns 503 for `server.shutdown_delay`, then the listener closes and
+    /// in-flight requests get `server.shutdown_grace`.
+    Graceful,
+    /// SIGINT, or a test: close the listener at once, then drain as above.
+    Prompt,
+}
+
+impl From<()> for Shutdown {
+    fn from(_: ()) -> Self {
+        Shutdown::Prompt
+    }
+}
+
 /// Everything built from the configuration that requests share.
 pub struct App {
     pub config: Arc<Config>,
+    pub metrics: Arc<Metrics>,
     pub upstream: Arc<Upstream>,
     pub certs: Option<Arc<CertStore>>,
     pub open_connections: Arc<ConnCount>,
@@ -49,6 +70,7 @@ pub struct App {
 impl App {
     /// Builds the shared state; fails on anything that must be right before serving (TLS files).
     pub fn build(config: Config) -> Result<App, BoxError> {
+        let metrics = Arc::new(Metrics::new());
         let trusted = TrustedProxies::new(config.server.trusted_proxies.clone());
         let upstream = Upstream::new(
             &config.upstream,
@@ -56,7 +78,7 @@ impl App {
             trusted.clone(),
             config.identity.clone(),
         )?;
-        let store = Store::new(&config.redis)?;
+        let store = Store::new(&config.redis, metrics.clone())?;
         let sessions = Sessions::new(
             store.clone(),
             config.session.ttl,
@@ -71,6 +93,7 @@ impl App {
         };
         Ok(App {
             config: Arc::new(config),
+            metrics,
             upstream: Arc::new(upstream),
             certs,
             open_connections: Arc::new(ConnCount::default()),
@@ -91,19 +114,25 @@ impl App {
             .layer(SessionGateLayer(self.sessions.clone()))
             // Send it upstream with the verified identity, stream the answer back.
             .service(Forward::new(self.upstream.clone()));
-        let api = SessionApi::new(self.sessions.clone(), self.routes.api_prefix());
+        let api = SessionApi::new(
+            self.sessions.clone(),
+            self.routes.api_prefix(),
+            self.metrics.clone(),
+        );
         let stack = ServiceBuilder::new()
+            // Keep or make X-Request-Id; every log line of the request carries it.
+            .layer(RequestIdLayer)
             // The client's address, believing X-Forwarded-For only from trusted proxies.
             .layer(ClientIpLayer(self.trusted.clone()))
-            // One line per request, whatever happens below.
-            .layer(AccessLogLayer)
+            // Session API or proxied route, and the route's auth mode (on the normalised path).
+            .layer(RouterLayer(self.routes.clone()))
+            // One log line, the request metrics, and an audit event for every refusal.
+            .layer(AccessLogLayer(self.metrics.clone()))
             // Oversized heads and bodies are refused before any other work.
             .layer(RequestLimitsLayer {
                 max_header_bytes: server.max_header_bytes,
                 max_body_bytes: server.max_body_bytes,
             })
-            // Session API or proxied route, and the route's auth mode (on the normalised path).
-            .layer(RouterLayer(self.routes.clone()))
             // Strip client identity headers; verify any bearer token (CPU only).
             .layer(AuthnLayer {
                 verifier: self.verifier.clone(),
@@ -117,6 +146,7 @@ impl App {
         BoxCloneService::new(stack)
     }
 
+    /// The admin listener's endpoints: /healthz, /readyz (with Redis) and /metrics.
     pub fn admin(&self) -> Admin {
         let mut admin = Admin::default();
         let store = self.store.clone();
@@ -124,17 +154,93 @@ impl App {
             let store = store.clone();
             async move { store.ping().await.map_err(|e| e.to_string()) }
         });
+        let metrics = self.metrics.clone();
+        let connections = self.open_connections.clone();
+        let tunnels = self.upstream.tunnels();
+        let rate_limits = self.rate_limits.clone();
+        admin.routes.push((
+            "/metrics",
+            Arc::new(move || {
+                metrics.open_connections.set(gauge(connections.get()));
+                metrics.open_tunnels.set(gauge(tunnels.get()));
+                metrics
+                    .rate_limit_keys
+                    .set(gauge(rate_limits.tracked_keys()));
+                let mut response = Response::new(full(metrics.encode()));
+                *response.status_mut() = StatusCode::OK;
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static(
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
+                );
+                response
+            }),
+        ));
         admin
+    }
+
+    /// Background work that lives as long as the server: rate-limit eviction, the active
+    /// session count, certificate reloads (file changes and SIGHUP).
+    fn spawn_background(&self, tasks: &mut JoinSet<()>) {
+        tasks.spawn(self.rate_limits.clone().run_eviction());
+
+        let store = self.store.clone();
+        let metrics = self.metrics.clone();
+        let every = self.config.metrics.active_sessions_interval;
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                match store.count_sessions().await {
+                    Ok(n) => {
+                        metrics
+                            .sessions_active
+                            .set(i64::try_from(n).unwrap_or(i64::MAX));
+                    }
+                    Err(e) => tracing::debug!(error = %e, "cannot count active sessions"),
+                }
+            }
+        });
+
+        if let (Some(certs), Some(tls)) = (&self.certs, &self.config.server.tls) {
+            tasks.spawn(
+                certs
+                    .clone()
+                    .watch(tls.reload_interval, self.metrics.clone()),
+            );
+            // Registered before serving starts, so a SIGHUP sent once the process answers is seen.
+            #[cfg(unix)]
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+                Ok(mut hangup) => {
+                    let certs = certs.clone();
+                    let metrics = self.metrics.clone();
+                    tasks.spawn(async move {
+                        while hangup.recv().await.is_some() {
+                            certs.reload_logged("SIGHUP", &metrics);
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for SIGHUP; certificates reload on file change only");
+                }
+            }
+        }
     }
 
     /// Serves until `shutdown` resolves, then drains. The listeners are bound by the caller, so
     /// tests can bind port 0.
-    pub async fn run(
+    pub async fn run<F>(
         self,
         public: TcpListener,
         admin_listener: TcpListener,
-        shutdown: impl Future<Output = ()>,
-    ) -> Result<(), BoxError> {
+        shutdown: F,
+    ) -> Result<(), BoxError>
+    where
+        F: Future,
+        F::Output: Into<Shutdown>,
+    {
         let tls = match &self.certs {
             Some(store) => Some(TlsAcceptor::from(tls::server_config(store.clone())?)),
             None => None,
@@ -142,8 +248,9 @@ impl App {
         let admin = self.admin();
         let readiness = admin.readiness.clone();
         let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
-        let eviction = tokio::spawn(self.rate_limits.clone().run_eviction());
         let admin_task = tokio::spawn(admin.serve(admin_listener, admin_stop_rx));
+        let mut background = JoinSet::new();
+        self.spawn_background(&mut background);
 
         tracing::info!(
             listen = %public.local_addr()?,
@@ -152,10 +259,18 @@ impl App {
             "portcullis serving"
         );
         let limits = ConnLimits::from(&self.config.server);
+        let delay = self.config.server.shutdown_delay;
         let draining = async {
-            shutdown.await;
-            tracing::info!("shutting down: no new connections, draining in-flight requests");
+            let how: Shutdown = shutdown.await.into();
             readiness.start_draining();
+            if how == Shutdown::Graceful && !delay.is_zero() {
+                tracing::info!(
+                    ?delay,
+                    "shutting down: /readyz is 503, closing the listener after the delay"
+                );
+                tokio::time::sleep(delay).await;
+            }
+            tracing::info!("shutting down: no new connections, draining in-flight requests");
         };
         crate::server::serve(
             public,
@@ -169,15 +284,19 @@ impl App {
 
         let _ = admin_stop_tx.send(true);
         let _ = admin_task.await;
+        background.shutdown().await;
         self.store.close();
-        eviction.abort();
         tracing::info!("stopped");
         Ok(())
     }
 }
 
-/// Resolves on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
+fn gauge(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// Resolves on SIGTERM (graceful, with the readiness delay) or SIGINT (prompt).
+pub async fn shutdown_signal() -> Shutdown {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
@@ -186,17 +305,19 @@ pub async fn shutdown_signal() {
         match (term, int) {
             (Ok(mut term), Ok(mut int)) => {
                 tokio::select! {
-                    _ = term.recv() => {}
-                    _ = int.recv() => {}
+                    _ = term.recv() => Shutdown::Graceful,
+                    _ = int.recv() => Shutdown::Prompt,
                 }
             }
             _ => {
                 let _ = tokio::signal::ctrl_c().await;
+                Shutdown::Prompt
             }
         }
     }
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+        Shutdown::Prompt
     }
 }

@@ -197,7 +197,14 @@ where
             });
         match authenticate(&self.layer.verifier, class, req.headers(), session_header) {
             Ok(Some(who)) => {
-                req.extensions_mut().insert(who);
+                req.extensions_mut().insert(who.clone());
+                // The caller travels back on the response too, for the access log and audit.
+                let future = self.inner.call(req);
+                return Box::pin(async move {
+                    let mut response = future.await?;
+                    response.extensions_mut().insert(who);
+                    Ok(response)
+                });
             }
             Ok(None) => {}
             // Not answered yet: the caller is counted against its IP first (rate limit), then

@@ -72,6 +72,7 @@ pub struct FileConfig {
     pub identity: IdentitySection,
     pub jwt: JwtSection,
     pub rate_limit: RateLimitSection,
+    pub metrics: MetricsSection,
     /// Per-path policy; the longest matching `path_prefix` wins.
     pub routes: Vec<RouteSection>,
 }
@@ -99,6 +100,22 @@ pub struct QuotaSection {
     pub per: Duration,
     #[serde(default)]
     pub burst: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSection {
+    /// How often the live sessions are counted (one SCAN pass over the session keys).
+    #[serde(with = "humantime_serde")]
+    pub active_sessions_interval: Duration,
+}
+
+impl Default for MetricsSection {
+    fn default() -> Self {
+        MetricsSection {
+            active_sessions_interval: Duration::from_secs(60),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -154,6 +171,10 @@ pub struct ServerSection {
     /// How long in-flight requests may run after SIGTERM before the process exits anyway.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// After SIGTERM, `/readyz` answers 503 this long before the listener closes, so that load
+    /// balancers stop sending first. SIGINT skips it.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_delay: Duration,
     /// Peers (IPs or CIDRs) whose X-Forwarded-For / X-Forwarded-Proto are believed.
     pub trusted_proxies: Vec<String>,
     /// Most connections served at once; further ones wait in the kernel's accept queue.
@@ -170,19 +191,33 @@ impl Default for ServerSection {
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(30),
+            shutdown_delay: Duration::from_secs(5),
             trusted_proxies: Vec::new(),
             max_connections: 25_000,
         }
     }
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsSection {
     /// PEM certificate chain, leaf first.
     pub cert: String,
     /// PEM private key (PKCS#8, PKCS#1 or SEC1).
     pub key: String,
+    /// How often the files are checked for a new pair (SIGHUP reloads at once).
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+impl Default for TlsSection {
+    fn default() -> Self {
+        TlsSection {
+            cert: String::new(),
+            key: String::new(),
+            reload_interval: Duration::from_secs(10),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -372,7 +407,13 @@ pub struct Config {
     pub identity: IdentityConfig,
     pub jwt: JwtConfig,
     pub rate_limit: RateLimitConfig,
+    pub metrics: MetricsConfig,
     pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct MetricsConfig {
+    pub active_sessions_interval: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -467,6 +508,7 @@ pub struct ServerConfig {
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
     pub shutdown_grace: Duration,
+    pub shutdown_delay: Duration,
     pub trusted_proxies: Vec<IpNet>,
     pub max_connections: usize,
 }
@@ -475,6 +517,7 @@ pub struct ServerConfig {
 pub struct TlsConfig {
     pub cert: PathBuf,
     pub key: PathBuf,
+    pub reload_interval: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -552,7 +595,11 @@ impl FileConfig {
         let tls = self.server.tls.as_ref().map(|tls| TlsConfig {
             cert: v.path("server.tls.cert", &tls.cert, base),
             key: v.path("server.tls.key", &tls.key, base),
+            reload_interval: tls.reload_interval,
         });
+        if let Some(tls) = &self.server.tls {
+            v.nonzero_duration("server.tls.reload_interval", tls.reload_interval);
+        }
         v.positive("server.max_body_bytes", self.server.max_body_bytes);
         if self.server.max_header_bytes < 1024 {
             v.fail("server.max_header_bytes", "must be at least 1024");
@@ -656,6 +703,10 @@ impl FileConfig {
             gc_interval: rl.gc_interval,
         };
         v.nonzero_duration("rate_limit.gc_interval", rl.gc_interval);
+        v.nonzero_duration(
+            "metrics.active_sessions_interval",
+            self.metrics.active_sessions_interval,
+        );
 
         let mut routes = Vec::new();
         for (i, route) in self.routes.iter().enumerate() {
@@ -730,6 +781,7 @@ impl FileConfig {
                 header_read_timeout: self.server.header_read_timeout,
                 idle_timeout: self.server.idle_timeout,
                 shutdown_grace: self.server.shutdown_grace,
+                shutdown_delay: self.server.shutdown_delay,
                 trusted_proxies,
                 max_connections: self.server.max_connections,
             },
@@ -762,6 +814,9 @@ impl FileConfig {
             },
             jwt,
             rate_limit,
+            metrics: MetricsConfig {
+                active_sessions_interval: self.metrics.active_sessions_interval,
+            },
             routes,
         })
     }
@@ -1120,6 +1175,8 @@ const OVERRIDABLE: &[(&str, Kind)] = &[
     ("server.header_read_timeout", Kind::Str),
     ("server.idle_timeout", Kind::Str),
     ("server.shutdown_grace", Kind::Str),
+    ("server.shutdown_delay", Kind::Str),
+    ("server.tls.reload_interval", Kind::Str),
     ("server.trusted_proxies", Kind::List),
     ("server.max_connections", Kind::Int),
     ("upstream.url", Kind::Str),
@@ -1149,6 +1206,7 @@ const OVERRIDABLE: &[(&str, Kind)] = &[
     ("jwt.audience", Kind::Str),
     ("jwt.leeway", Kind::Str),
     ("rate_limit.gc_interval", Kind::Str),
+    ("metrics.active_sessions_interval", Kind::Str),
     ("rate_limit.proxy.requests", Kind::Int),
     ("rate_limit.proxy.per", Kind::Str),
     ("rate_limit.proxy.burst", Kind::Int),

@@ -22,6 +22,7 @@ use serde::Serialize;
 use tokio::sync::Notify;
 
 use crate::config::RedisConfig;
+use crate::metrics::Metrics;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
@@ -202,6 +203,7 @@ pub struct Store {
     prefix: Arc<str>,
     command_timeout: Duration,
     scripts: Arc<Scripts>,
+    metrics: Arc<Metrics>,
 }
 
 struct Scripts {
@@ -253,9 +255,10 @@ return {v, redis.call('PTTL', KEYS[1])}
 ";
 
 /// Deletes a session, removes it from the index, prunes the index, and shortens the index's
-/// lifetime to that of the user's longest-lived remaining session.
+/// lifetime to that of the user's longest-lived remaining session. Returns the deleted value.
 const DESTROY: &str = r"
-local n = redis.call('DEL', KEYS[1])
+local v = redis.call('GET', KEYS[1])
+redis.call('DEL', KEYS[1])
 redis.call('SREM', KEYS[2], ARGV[1])
 local longest = -1
 for _, s in ipairs(redis.call('SMEMBERS', KEYS[2])) do
@@ -263,7 +266,7 @@ for _, s in ipairs(redis.call('SMEMBERS', KEYS[2])) do
   if t == -2 then redis.call('SREM', KEYS[2], s) elseif t > longest then longest = t end
 end
 if longest > 0 then redis.call('PEXPIRE', KEYS[2], longest) end
-return n
+return v
 ";
 
 /// Every live session of a user as (id, value, pttl) triples; ids whose session is gone are
@@ -298,7 +301,7 @@ fn ttl_from_pttl(pttl: i64) -> Duration {
 
 impl Store {
     /// Prepares the store; nothing connects until the first command.
-    pub fn new(config: &RedisConfig) -> Result<Store, StoreError> {
+    pub fn new(config: &RedisConfig, metrics: Arc<Metrics>) -> Result<Store, StoreError> {
         let client = redis::Client::open(config.connection.clone())
             .map_err(|e| StoreError::Redis(e.to_string()))?;
         let link = Link {
@@ -324,12 +327,32 @@ impl Store {
                 destroy: Script::new(DESTROY),
                 list: Script::new(LIST),
             }),
+            metrics,
         })
     }
 
     /// Runs one Redis operation on the shared connection, bounded by the command timeout.
     /// Connection-level failures hand the connection to the reconnect task.
-    async fn run<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
+    async fn run<T, F, Fut>(&self, name: &'static str, op: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(MultiplexedConnection) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let started = std::time::Instant::now();
+        let result = self.attempt(op).await;
+        self.metrics.observe_redis(name, started.elapsed());
+        if let Err(e) = &result {
+            let kind = match e {
+                StoreError::Unavailable | StoreError::Closed => "unavailable",
+                StoreError::Timeout(_) => "timeout",
+                StoreError::Redis(_) | StoreError::Corrupt(_) => "error",
+            };
+            self.metrics.redis_error(name, kind);
+        }
+        result
+    }
+
+    async fn attempt<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
     where
         F: FnOnce(MultiplexedConnection) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
@@ -372,7 +395,7 @@ impl Store {
 
     /// PING: used by `/readyz`.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        self.run(|mut c| async move {
+        self.run("ping", |mut c| async move {
             redis::cmd("PING")
                 .query_async::<String>(&mut c)
                 .await
@@ -424,7 +447,9 @@ impl Store {
     ) -> Result<Option<T>, StoreError> {
         let key = self.cache_key(kind, id);
         let raw: Option<Vec<u8>> = self
-            .run(|mut c| async move { redis::cmd("GET").arg(&key).query_async(&mut c).await })
+            .run("cache_get", |mut c| async move {
+                redis::cmd("GET").arg(&key).query_async(&mut c).await
+            })
             .await?;
         raw.map(|bytes| {
             serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
@@ -442,7 +467,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let key = self.cache_key(kind, id);
         let json = serde_json::to_vec(value).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        self.run(|mut c| async move {
+        self.run("cache_set", |mut c| async move {
             let mut cmd = redis::cmd("SET");
             cmd.arg(&key).arg(json);
             if let Some(ttl) = ttl {
@@ -457,7 +482,9 @@ impl Store {
     pub async fn delete(&self, kind: &str, id: &str) -> Result<bool, StoreError> {
         let key = self.cache_key(kind, id);
         let n: i64 = self
-            .run(|mut c| async move { redis::cmd("DEL").arg(&key).query_async(&mut c).await })
+            .run("cache_delete", |mut c| async move {
+                redis::cmd("DEL").arg(&key).query_async(&mut c).await
+            })
             .await?;
         Ok(n > 0)
     }
@@ -465,7 +492,9 @@ impl Store {
     pub async fn exists(&self, kind: &str, id: &str) -> Result<bool, StoreError> {
         let key = self.cache_key(kind, id);
         let n: i64 = self
-            .run(|mut c| async move { redis::cmd("EXISTS").arg(&key).query_async(&mut c).await })
+            .run("cache_exists", |mut c| async move {
+                redis::cmd("EXISTS").arg(&key).query_async(&mut c).await
+            })
             .await?;
         Ok(n > 0)
     }
@@ -473,7 +502,9 @@ impl Store {
     pub async fn ttl(&self, kind: &str, id: &str) -> Result<KeyTtl, StoreError> {
         let key = self.cache_key(kind, id);
         let pttl: i64 = self
-            .run(|mut c| async move { redis::cmd("PTTL").arg(&key).query_async(&mut c).await })
+            .run("cache_ttl", |mut c| async move {
+                redis::cmd("PTTL").arg(&key).query_async(&mut c).await
+            })
             .await?;
         Ok(match pttl {
             -2 => KeyTtl::Missing,
@@ -488,6 +519,7 @@ impl Store {
 
     async fn invoke<T: redis::FromRedisValue>(
         &self,
+        name: &'static str,
         script: &Script,
         keys: &[&str],
         args: &[String],
@@ -499,8 +531,10 @@ impl Store {
         for arg in args {
             invocation.arg(arg.as_str());
         }
-        self.run(|mut c| async move { invocation.invoke_async(&mut c).await })
-            .await
+        self.run(name, |mut c| async move {
+            invocation.invoke_async(&mut c).await
+        })
+        .await
     }
 
     pub async fn session_create(
@@ -514,6 +548,7 @@ impl Store {
         let index = self.index_key(user_id);
         let _: i64 = self
             .invoke(
+                "session_create",
                 &self.scripts.create,
                 &[&key, &index],
                 &[
@@ -540,6 +575,7 @@ impl Store {
         let key = self.session_key(user_id, session_id);
         let index = self.index_key(user_id);
         self.invoke(
+            "session_touch",
             &self.scripts.touch,
             &[&key, &index],
             &[
@@ -558,7 +594,9 @@ impl Store {
         session_id: &str,
     ) -> Result<Option<StoredSession>, StoreError> {
         let key = self.session_key(user_id, session_id);
-        let found: Option<(String, i64)> = self.invoke(&self.scripts.get, &[&key], &[]).await?;
+        let found: Option<(String, i64)> = self
+            .invoke("session_get", &self.scripts.get, &[&key], &[])
+            .await?;
         Ok(found.map(|(value, pttl)| StoredSession {
             value,
             ttl: ttl_from_pttl(pttl),
@@ -575,7 +613,7 @@ impl Store {
         let key = self.session_key(user_id, session_id);
         let value = value.to_string();
         let ok: Option<String> = self
-            .run(|mut c| async move {
+            .run("session_replace", |mut c| async move {
                 redis::cmd("SET")
                     .arg(&key)
                     .arg(value)
@@ -588,22 +626,49 @@ impl Store {
         Ok(ok.is_some())
     }
 
-    /// Deletes a session; true when it existed.
+    /// Deletes a session, returning its stored value when it existed.
     pub async fn session_destroy(
         &self,
         user_id: &str,
         session_id: &str,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<String>, StoreError> {
         let key = self.session_key(user_id, session_id);
         let index = self.index_key(user_id);
-        let n: i64 = self
-            .invoke(
-                &self.scripts.destroy,
-                &[&key, &index],
-                &[session_id.to_string(), self.session_key_prefix(user_id)],
-            )
-            .await?;
-        Ok(n > 0)
+        self.invoke(
+            "session_destroy",
+            &self.scripts.destroy,
+            &[&key, &index],
+            &[session_id.to_string(), self.session_key_prefix(user_id)],
+        )
+        .await
+    }
+
+    /// Counts session keys with SCAN, in batches, each batch one bounded command. Costs one pass
+    /// over the keyspace, whatever the request rate.
+    pub async fn count_sessions(&self) -> Result<u64, StoreError> {
+        let pattern = format!("{}:session:*", self.prefix);
+        let mut cursor: u64 = 0;
+        let mut total: u64 = 0;
+        loop {
+            let pattern = pattern.clone();
+            let (next, keys): (u64, Vec<redis::Value>) = self
+                .run("session_count_scan", |mut c| async move {
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(&pattern)
+                        .arg("COUNT")
+                        .arg(1000)
+                        .query_async(&mut c)
+                        .await
+                })
+                .await?;
+            total += keys.len() as u64;
+            if next == 0 {
+                return Ok(total);
+            }
+            cursor = next;
+        }
     }
 
     /// Every live session of a user, as (session id, stored session).
@@ -614,6 +679,7 @@ impl Store {
         let index = self.index_key(user_id);
         let flat: Vec<redis::Value> = self
             .invoke(
+                "session_list",
                 &self.scripts.list,
                 &[&index],
                 &[self.session_key_prefix(user_id)],

@@ -4,6 +4,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
@@ -11,6 +12,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
+
+use crate::metrics::{Metrics, ReloadLabels};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -117,6 +120,54 @@ impl CertStore {
 
     pub fn paths(&self) -> (&Path, &Path) {
         (&self.cert_path, &self.key_path)
+    }
+
+    /// Reloads and reports the outcome in the log and metrics; the old pair keeps serving on
+    /// failure.
+    pub fn reload_logged(&self, why: &str, metrics: &Metrics) -> bool {
+        match self.reload() {
+            Ok(()) => {
+                tracing::info!(reason = why, cert = %self.cert_path.display(), "TLS certificate reloaded");
+                metrics
+                    .certificate_reloads
+                    .get_or_create(&ReloadLabels { outcome: "ok" })
+                    .inc();
+                true
+            }
+            Err(e) => {
+                tracing::error!(reason = why, error = %e, "TLS certificate reload failed; still serving the previous certificate");
+                metrics
+                    .certificate_reloads
+                    .get_or_create(&ReloadLabels { outcome: "error" })
+                    .inc();
+                false
+            }
+        }
+    }
+
+    /// What the files hold now, to notice a change.
+    fn fingerprint(&self) -> Option<(Vec<u8>, Vec<u8>)> {
+        Some((
+            std::fs::read(&self.cert_path).ok()?,
+            std::fs::read(&self.key_path).ok()?,
+        ))
+    }
+
+    /// Checks the files every `interval` and reloads when their contents change (Kubernetes
+    /// rewrites mounted secrets by swapping a symlink, which path reads follow). A pair that
+    /// fails to load is not retried until the files change again.
+    pub async fn watch(self: Arc<Self>, interval: Duration, metrics: Arc<Metrics>) {
+        let mut seen = self.fingerprint();
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let now = self.fingerprint();
+            if now.is_some() && now != seen {
+                seen = now;
+                self.reload_logged("files changed", &metrics);
+            }
+        }
     }
 
     fn current(&self) -> Arc<CertifiedKey> {

@@ -26,6 +26,7 @@ use uuid::Uuid;
 
 use crate::authn::Authenticated;
 use crate::error::{json_response, Rejection};
+use crate::metrics::Metrics;
 use crate::peer::ClientIp;
 use crate::routes::normalise;
 use crate::session::{Created, Metadata, Platform, Sessions, MAX_DEVICE_ID, MAX_USER_AGENT};
@@ -42,15 +43,17 @@ const DEFAULT_PREFIX: &str = "/api/v1/sessions";
 #[derive(Clone)]
 pub struct SessionApi {
     sessions: Arc<Sessions>,
+    metrics: Arc<Metrics>,
     prefix: Arc<str>,
     openapi: Bytes,
 }
 
 impl SessionApi {
-    pub fn new(sessions: Arc<Sessions>, prefix: &str) -> Self {
+    pub fn new(sessions: Arc<Sessions>, prefix: &str, metrics: Arc<Metrics>) -> Self {
         let openapi = OPENAPI.replace(DEFAULT_PREFIX, prefix);
         SessionApi {
             sessions,
+            metrics,
             prefix: prefix.into(),
             openapi: Bytes::from(openapi),
         }
@@ -143,6 +146,7 @@ impl SessionApi {
             .get::<Authenticated>()
             .cloned()
             .ok_or(Rejection::TokenMissing)?;
+        let client_ip = req.extensions().get::<ClientIp>().map(|ip| ip.0);
         let user = &*who.user_id;
         let sessions = &self.sessions;
 
@@ -171,7 +175,14 @@ impl SessionApi {
                 let id = session_id(&id)?;
                 match sessions.extend(user, id).await.map_err(store_failed)? {
                     Some(session) => {
-                        tracing::info!(target: "audit", event = "session_extended", user_id = user, session_id = %id);
+                        self.metrics.sessions_extended.inc();
+                        audit(
+                            "session_extended",
+                            user,
+                            id,
+                            session.metadata.platform,
+                            client_ip,
+                        );
                         Ok(success(
                             StatusCode::OK,
                             Some(Created {
@@ -185,17 +196,39 @@ impl SessionApi {
             }
             (Endpoint::One(id), Method::DELETE) => {
                 let id = session_id(&id)?;
-                if sessions.destroy(user, id).await.map_err(store_failed)? {
-                    tracing::info!(target: "audit", event = "session_destroyed", user_id = user, session_id = %id);
-                    Ok(success::<()>(StatusCode::OK, None))
-                } else {
-                    Err(Rejection::SessionNotFound)
+                match sessions.destroy(user, id).await.map_err(store_failed)? {
+                    Some(metadata) => {
+                        self.metrics.sessions_destroyed.inc();
+                        audit("session_destroyed", user, id, metadata.platform, client_ip);
+                        Ok(success::<()>(StatusCode::OK, None))
+                    }
+                    None => Err(Rejection::SessionNotFound),
                 }
             }
             (Endpoint::Unknown, _) => Err(Rejection::NotFound),
             _ => Err(Rejection::MethodNotAllowed),
         }
     }
+}
+
+/// One audit event (tracing target `audit`) for a change to a session. Never a token.
+fn audit(
+    event: &'static str,
+    user_id: &str,
+    session_id: Uuid,
+    platform: Platform,
+    client_ip: Option<std::net::IpAddr>,
+) {
+    tracing::info!(
+        target: "audit",
+        event,
+        user_id,
+        session_id = %session_id,
+        platform = platform.as_str(),
+        client_ip = client_ip.map(tracing::field::display),
+        "session {}",
+        event.trim_start_matches("session_")
+    );
 }
 
 /// Reads and checks the create body: platform from the body, else detected from the

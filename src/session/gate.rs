@@ -117,11 +117,12 @@ where
         Box::pin(async move {
             let who = req.extensions().get::<Authenticated>().cloned();
             match admit(&sessions, mode, who.as_ref()).await {
-                Ok(identity) => {
-                    if let Some(identity) = identity {
-                        req.extensions_mut().insert(identity);
-                    }
-                    inner.call(req).await
+                Ok(None) => inner.call(req).await,
+                Ok(Some(identity)) => {
+                    req.extensions_mut().insert(identity.clone());
+                    let mut response = inner.call(req).await?;
+                    response.extensions_mut().insert(identity);
+                    Ok(response)
                 }
                 Err(rejection) => Ok(rejection.into_response()),
             }

@@ -321,10 +321,20 @@ impl Sessions {
             .await
     }
 
-    pub async fn destroy(&self, user_id: &str, session_id: Uuid) -> Result<bool, StoreError> {
-        self.store
+    /// Destroys a session, returning its metadata when it existed.
+    pub async fn destroy(
+        &self,
+        user_id: &str,
+        session_id: Uuid,
+    ) -> Result<Option<Metadata>, StoreError> {
+        match self
+            .store
             .session_destroy(user_id, &session_id.to_string())
-            .await
+            .await?
+        {
+            Some(value) => Ok(Some(decode(&value)?.metadata)),
+            None => Ok(None),
+        }
     }
 
     /// The user's live sessions, oldest first.

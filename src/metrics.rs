@@ -1,0 +1,291 @@
+//! Prometheus metrics, served at `GET /metrics` on the admin listener (OpenMetrics text).
+//!
+//! Counters and histograms are updated where things happen (access log, Redis door, session
+//! API); gauges that mirror live state (connections, tunnels, rate-limit keys) are read when
+//! scraped; `portcullis_sessions_active` is refreshed by a background SCAN every
+//! `metrics.active_sessions_interval`, so its cost grows with the number of sessions, never
+//! with the number of requests.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::error::Rejection;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// `api`, `session`, `jwt` or `none`.
+    pub route_class: &'static str,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClassLabels {
+    pub route_class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RejectionLabels {
+    /// `token`, `session`, `rate_limit`, `redis_unavailable`, `upstream`, `request`, `shutdown`.
+    pub reason: &'static str,
+    /// The stable error code.
+    pub code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RedisLabels {
+    pub op: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RedisErrorLabels {
+    pub op: &'static str,
+    /// `unavailable`, `timeout` or `error`.
+    pub kind: &'static str,
+}
+
+/// Every metric portcullis exports.
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: Family<ClassLabels, Histogram>,
+    pub upstream_duration: Histogram,
+    pub rejections: Family<RejectionLabels, Counter>,
+    pub redis_duration: Family<RedisLabels, Histogram>,
+    pub redis_errors: Family<RedisErrorLabels, Counter>,
+    pub sessions_created: Counter,
+    pub sessions_extended: Counter,
+    pub sessions_destroyed: Counter,
+    pub sessions_active: Gauge,
+    pub open_connections: Gauge,
+    pub open_tunnels: Gauge,
+    pub rate_limit_keys: Gauge,
+    pub certificate_reloads: Family<ReloadLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    /// `ok` or `error`.
+    pub outcome: &'static str,
+}
+
+fn latency_histogram() -> Histogram {
+    // 100 µs .. ~26 s.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 19))
+}
+
+fn redis_histogram() -> Histogram {
+    // 50 µs .. ~0.4 s.
+    Histogram::new(exponential_buckets(0.00005, 2.0, 14))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("portcullis");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests answered, by route class and status code",
+            requests.clone(),
+        );
+        let request_duration =
+            Family::<ClassLabels, Histogram>::new_with_constructor(latency_histogram as fn() -> _);
+        registry.register_with_unit(
+            "request_duration",
+            "Time from request head to response head, by route class",
+            Unit::Seconds,
+            request_duration.clone(),
+        );
+        let upstream_duration = latency_histogram();
+        registry.register_with_unit(
+            "upstream_duration",
+            "Time the upstream took to produce its response head",
+            Unit::Seconds,
+            upstream_duration.clone(),
+        );
+        let rejections = Family::<RejectionLabels, Counter>::default();
+        registry.register(
+            "rejections",
+            "Requests portcullis answered itself instead of forwarding, by reason and code",
+            rejections.clone(),
+        );
+        let redis_duration =
+            Family::<RedisLabels, Histogram>::new_with_constructor(redis_histogram as fn() -> _);
+        registry.register_with_unit(
+            "redis_command_duration",
+            "Latency of Redis operations (one script or command each), by operation",
+            Unit::Seconds,
+            redis_duration.clone(),
+        );
+        let redis_errors = Family::<RedisErrorLabels, Counter>::default();
+        registry.register(
+            "redis_errors",
+            "Failed Redis operations, by operation and kind",
+            redis_errors.clone(),
+        );
+        let sessions_created = Counter::default();
+        registry.register(
+            "sessions_created",
+            "Sessions created",
+            sessions_created.clone(),
+        );
+        let sessions_extended = Counter::default();
+        registry.register(
+            "sessions_extended",
+            "Sessions extended through the API",
+            sessions_extended.clone(),
+        );
+        let sessions_destroyed = Counter::default();
+        registry.register(
+            "sessions_destroyed",
+            "Sessions destroyed through the API",
+            sessions_destroyed.clone(),
+        );
+        let sessions_active = Gauge::default();
+        registry.register(
+            "sessions_active",
+            "Live sessions in Redis under this key prefix, from the last periodic SCAN (-1 before the first)",
+            sessions_active.clone(),
+        );
+        sessions_active.set(-1);
+        let open_connections = Gauge::default();
+        registry.register(
+            "open_connections",
+            "Open client connections on the public listener",
+            open_connections.clone(),
+        );
+        let open_tunnels = Gauge::default();
+        registry.register(
+            "open_tunnels",
+            "Open WebSocket (HTTP Upgrade) tunnels",
+            open_tunnels.clone(),
+        );
+        let rate_limit_keys = Gauge::default();
+        registry.register(
+            "rate_limit_tracked_keys",
+            "Callers currently tracked by the rate limiters",
+            rate_limit_keys.clone(),
+        );
+        let certificate_reloads = Family::<ReloadLabels, Counter>::default();
+        registry.register(
+            "certificate_reloads",
+            "TLS certificate reloads, by outcome",
+            certificate_reloads.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            request_duration,
+            upstream_duration,
+            rejections,
+            redis_duration,
+            redis_errors,
+            sessions_created,
+            sessions_extended,
+            sessions_destroyed,
+            sessions_active,
+            open_connections,
+            open_tunnels,
+            rate_limit_keys,
+            certificate_reloads,
+        }
+    }
+
+    /// The exposition text.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+
+    pub fn observe_redis(&self, op: &'static str, elapsed: Duration) {
+        self.redis_duration
+            .get_or_create(&RedisLabels { op })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn redis_error(&self, op: &'static str, kind: &'static str) {
+        self.redis_errors
+            .get_or_create(&RedisErrorLabels { op, kind })
+            .inc();
+    }
+
+    pub fn rejected(&self, rejection: &Rejection) {
+        self.rejections
+            .get_or_create(&RejectionLabels {
+                reason: rejection_reason(rejection),
+                code: rejection.code(),
+            })
+            .inc();
+    }
+}
+
+/// The coarse reason a rejection is counted under.
+pub fn rejection_reason(rejection: &Rejection) -> &'static str {
+    match rejection {
+        Rejection::TokenMissing | Rejection::TokenInvalid | Rejection::TokenExpired => "token",
+        Rejection::SessionInvalid | Rejection::SessionNotFound => "session",
+        Rejection::RateLimited => "rate_limit",
+        Rejection::StoreUnavailable => "redis_unavailable",
+        Rejection::UpstreamUnavailable | Rejection::UpstreamTimeout(_) => "upstream",
+        Rejection::ShuttingDown => "shutdown",
+        Rejection::PayloadTooLarge(_)
+        | Rejection::HeadersTooLarge(_)
+        | Rejection::BadRequest(_)
+        | Rejection::NotFound
+        | Rejection::MethodNotAllowed
+        | Rejection::InvalidSessionId(_) => "request",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_prometheus_conventions() {
+        let m = Metrics::new();
+        m.requests
+            .get_or_create(&RequestLabels {
+                route_class: "session",
+                status: 200,
+            })
+            .inc();
+        m.request_duration
+            .get_or_create(&ClassLabels {
+                route_class: "session",
+            })
+            .observe(0.002);
+        m.rejected(&Rejection::RateLimited);
+        let text = m.encode();
+        assert!(
+            text.contains("portcullis_requests_total{route_class=\"session\",status=\"200\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("portcullis_request_duration_seconds_bucket"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "portcullis_rejections_total{reason=\"rate_limit\",code=\"RATE_LIMITED\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("portcullis_sessions_active -1"), "{text}");
+        assert!(text.ends_with("# EOF\n"));
+    }
+}
