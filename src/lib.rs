@@ -16,6 +16,7 @@ pub mod config;
 pub mod echo;
 pub mod error;
 pub mod forward;
+pub mod inject;
 pub mod limits;
 pub mod metrics;
 pub mod peer;

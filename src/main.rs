@@ -1,4 +1,5 @@
-//! The `portcullis` command: run the proxy, check a config, or start the demo echo upstream.
+//! The `portcullis` command: run the proxy, check a config, start the demo echo upstream, or
+//! inject the sidecar into Kubernetes manifests.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -49,6 +50,9 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
     },
+    /// Add portcullis as a native sidecar to Kubernetes workloads (YAML from files or stdin),
+    /// retarget the Services that select them, and print the result.
+    Inject(portcullis::inject::InjectArgs),
 }
 
 fn init_logging(format: LogFormat, level: &str) {
@@ -76,6 +80,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command.unwrap_or(Command::Run) {
+        Command::Inject(args) => portcullis::inject::main(args),
         Command::EchoUpstream { listen } => {
             init_logging(cli.log_format.unwrap_or(LogFormat::Text), "info");
             runtime.block_on(async {

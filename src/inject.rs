@@ -1,0 +1,1102 @@
+//! `portcullis inject`: adds portcullis to Kubernetes workloads as a native sidecar, the way
+//! `linkerd inject` adds its proxy, and points the Services that select them at it.
+//!
+//! The input is read twice: by serde_yaml_ng into plain values, from which every change is
+//! decided ([`Edit`]s), and by yaml-edit into a lossless syntax tree, to which the same edits are
+//! applied so that comments, key order and layout survive. The edited text is read back and must
+//! equal the edited values; when it does not (a layout yaml-edit cannot edit faithfully, such as
+//! JSON-style flow documents) the file is written from the values instead: key order kept,
+//! comments lost, and a note says so. A file with nothing to change is copied byte for byte,
+//! which is what makes a second injection a no-op.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::str::FromStr;
+
+use serde::Deserialize;
+use serde_yaml_ng::{Mapping, Value};
+
+/// The sidecar's container name; a pod with a container of this name is already injected.
+pub const SIDECAR_NAME: &str = "portcullis";
+/// Name of the sidecar's public container port.
+pub const PORT_NAME: &str = "portcullis";
+/// Name of the sidecar's admin container port (port names are at most 15 characters).
+pub const ADMIN_PORT_NAME: &str = "portcullis-adm";
+const CONFIG_VOLUME: &str = "portcullis-config";
+const CONFIG_DIR: &str = "/etc/portcullis";
+const TLS_VOLUME: &str = "portcullis-tls";
+const TLS_DIR: &str = "/etc/portcullis-tls";
+
+/// `portcullis inject [FILES...]`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct InjectArgs {
+    /// Kubernetes YAML files, one or many documents each; `-` (or no file) reads stdin.
+    pub files: Vec<PathBuf>,
+    #[command(flatten)]
+    pub options: InjectOptions,
+}
+
+/// What the sidecar looks like.
+#[derive(Debug, Clone, clap::Args)]
+pub struct InjectOptions {
+    /// Container image of the sidecar.
+    #[arg(long, default_value = concat!("portcullis:", env!("CARGO_PKG_VERSION")))]
+    pub image: String,
+    /// ConfigMap holding `config.toml`, mounted at /etc/portcullis.
+    #[arg(long, default_value = "portcullis")]
+    pub config_map: String,
+    /// The game's port that portcullis fronts (default: the pod's only TCP containerPort).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub upstream_port: Option<u16>,
+    /// The sidecar's public port.
+    #[arg(long, default_value_t = 8443, value_parser = clap::value_parser!(u16).range(1..))]
+    pub port: u16,
+    /// The sidecar's admin port (/healthz, /readyz), probed by the kubelet.
+    #[arg(long, default_value_t = 9090, value_parser = clap::value_parser!(u16).range(1..))]
+    pub admin_port: u16,
+    /// Secret whose key `secret` becomes JWT_SECRET.
+    #[arg(long)]
+    pub jwt_secret: Option<String>,
+    /// kubernetes.io/tls Secret mounted at /etc/portcullis-tls (tls.crt, tls.key).
+    #[arg(long)]
+    pub tls_secret: Option<String>,
+    /// Secret whose key `password` becomes REDIS_PASSWORD.
+    #[arg(long)]
+    pub redis_secret: Option<String>,
+    /// Also emit, per injected workload, a NetworkPolicy admitting traffic to its pods only on
+    /// the sidecar's public and admin ports.
+    #[arg(long)]
+    pub network_policy: bool,
+}
+
+impl Default for InjectOptions {
+    fn default() -> Self {
+        InjectOptions {
+            image: concat!("portcullis:", env!("CARGO_PKG_VERSION")).into(),
+            config_map: "portcullis".into(),
+            upstream_port: None,
+            port: 8443,
+            admin_port: 9090,
+            jwt_secret: None,
+            tls_secret: None,
+            redis_secret: None,
+            network_policy: false,
+        }
+    }
+}
+
+/// One input: a file name (or `<stdin>`) and its text.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub name: String,
+    pub text: String,
+}
+
+/// The result: the YAML to print, and notes for the operator (stderr).
+#[derive(Debug, Clone, Default)]
+pub struct Injected {
+    pub text: String,
+    pub notes: Vec<String>,
+}
+
+/// Why nothing was written.
+#[derive(Debug, thiserror::Error)]
+pub enum InjectError {
+    #[error("{source_name}: not valid YAML: {reason}")]
+    NotYaml { source_name: String, reason: String },
+    #[error("{document}: cannot inject: {reason}")]
+    Refused { document: String, reason: String },
+}
+
+/// Runs the subcommand: reads the inputs, prints the result, and the notes on stderr.
+pub fn main(args: InjectArgs) -> ExitCode {
+    let mut sources = Vec::new();
+    let files = if args.files.is_empty() {
+        vec![PathBuf::from("-")]
+    } else {
+        args.files
+    };
+    for file in files {
+        let (name, text) = if file.as_os_str() == "-" {
+            let mut text = String::new();
+            if let Err(e) = std::io::stdin().read_to_string(&mut text) {
+                eprintln!("portcullis inject: cannot read stdin: {e}");
+                return ExitCode::FAILURE;
+            }
+            ("<stdin>".to_string(), text)
+        } else {
+            match std::fs::read_to_string(&file) {
+                Ok(text) => (file.display().to_string(), text),
+                Err(e) => {
+                    eprintln!("portcullis inject: cannot read {}: {e}", file.display());
+                    return ExitCode::FAILURE;
+                }
+            }
+        };
+        sources.push(Source { name, text });
+    }
+    match inject(&sources, &args.options) {
+        Ok(out) => {
+            for note in &out.notes {
+                eprintln!("portcullis inject: {note}");
+            }
+            print!("{}", out.text);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("portcullis inject: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Deciding what changes.
+// ---------------------------------------------------------------------------------------------
+
+/// One step of a path from a document's root.
+#[derive(Debug, Clone)]
+enum Seg {
+    Key(&'static str),
+    Index(usize),
+}
+
+/// A change to one document, applied alike to its values and to its syntax tree.
+#[derive(Debug, Clone)]
+enum Edit {
+    /// Append `item` to the sequence `key` of the mapping at `path`; a missing (or null)
+    /// sequence is created, right after the key `after` when there is one.
+    Push {
+        path: Vec<Seg>,
+        key: &'static str,
+        item: Value,
+        after: Option<&'static str>,
+    },
+    /// Set `key` of the mapping at `path` to `value`.
+    Set {
+        path: Vec<Seg>,
+        key: &'static str,
+        value: Value,
+    },
+}
+
+/// A document of the input.
+struct Doc {
+    source: usize,
+    /// Index among the non-empty documents of its source.
+    index: usize,
+    value: Value,
+    edits: Vec<Edit>,
+}
+
+impl Doc {
+    fn str_at(&self, path: &[&str]) -> Option<&str> {
+        get(&self.value, path).and_then(Value::as_str)
+    }
+
+    fn kind(&self) -> &str {
+        self.str_at(&["kind"]).unwrap_or("")
+    }
+
+    fn name(&self) -> &str {
+        self.str_at(&["metadata", "name"]).unwrap_or("<unnamed>")
+    }
+
+    fn namespace(&self) -> Option<&str> {
+        self.str_at(&["metadata", "namespace"])
+    }
+
+    /// How messages name it: `file, document N (Kind namespace/name)`.
+    fn describe(&self, sources: &[Source]) -> String {
+        let file = sources
+            .get(self.source)
+            .map_or("<input>", |s| s.name.as_str());
+        let ns = self
+            .namespace()
+            .map(|n| format!("{n}/"))
+            .unwrap_or_default();
+        format!(
+            "{file}, document {} ({} {ns}{})",
+            self.index + 1,
+            self.kind(),
+            self.name()
+        )
+    }
+}
+
+/// A workload found in the input, injected now or before.
+struct Workload {
+    doc: usize,
+    namespace: Option<String>,
+    name: String,
+    /// Labels of its pods (the pod template's).
+    pod_labels: Mapping,
+    /// Labels that select its pods, for a NetworkPolicy.
+    selector: Mapping,
+    /// The game port portcullis fronts, when known.
+    upstream: Option<u16>,
+    /// Names the pod gives that port.
+    upstream_names: BTreeSet<String>,
+    /// Every TCP port of the pod's containers other than the sidecar's.
+    other_ports: Vec<u16>,
+    port: u16,
+    admin_port: u16,
+}
+
+/// Where a kind keeps its pod spec and pod labels.
+fn pod_paths(kind: &str) -> Option<(Vec<&'static str>, Vec<&'static str>)> {
+    match kind {
+        "Pod" => Some((vec!["spec"], vec!["metadata", "labels"])),
+        "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet" => Some((
+            vec!["spec", "template", "spec"],
+            vec!["spec", "template", "metadata", "labels"],
+        )),
+        _ => None,
+    }
+}
+
+/// Adds the sidecar to every workload of `sources`, retargets the Services that select them, and
+/// optionally appends NetworkPolicies.
+pub fn inject(sources: &[Source], opts: &InjectOptions) -> Result<Injected, InjectError> {
+    let mut docs = Vec::new();
+    for (i, source) in sources.iter().enumerate() {
+        let values = parse_all(&source.text).map_err(|reason| InjectError::NotYaml {
+            source_name: source.name.clone(),
+            reason,
+        })?;
+        for (index, value) in values.into_iter().enumerate() {
+            docs.push(Doc {
+                source: i,
+                index,
+                value,
+                edits: Vec::new(),
+            });
+        }
+    }
+    let mut notes = Vec::new();
+
+    let mut workloads = Vec::new();
+    for (i, doc) in docs.iter_mut().enumerate() {
+        let Some((spec_path, labels_path)) = pod_paths(doc.kind()) else {
+            if doc.kind() == "List" {
+                notes.push(format!(
+                    "{}: a List is passed through untouched: inject its items as separate documents",
+                    doc.describe(sources)
+                ));
+            }
+            continue;
+        };
+        let (workload, edits) =
+            plan_workload(&*doc, i, &spec_path, &labels_path, opts).map_err(|reason| {
+                InjectError::Refused {
+                    document: doc.describe(sources),
+                    reason,
+                }
+            })?;
+        for port in udp_ports(&doc.value, &spec_path) {
+            notes.push(format!(
+                "{}: UDP port {port} is not fronted by portcullis (it proxies HTTP): restrict it another way",
+                doc.describe(sources)
+            ));
+        }
+        doc.edits.extend(edits);
+        workloads.push(workload);
+    }
+
+    for i in 0..docs.len() {
+        if docs[i].kind() == "Service" {
+            let (edits, service_notes) = plan_service(&docs[i], &workloads, &docs);
+            let described = docs[i].describe(sources);
+            notes.extend(
+                service_notes
+                    .into_iter()
+                    .map(|n| format!("{described}: {n}")),
+            );
+            docs[i].edits.extend(edits);
+        }
+    }
+
+    let mut policies = Vec::new();
+    if opts.network_policy {
+        let existing: BTreeSet<(Option<String>, String)> = docs
+            .iter()
+            .filter(|d| d.kind() == "NetworkPolicy")
+            .map(|d| (d.namespace().map(str::to_string), d.name().to_string()))
+            .collect();
+        for w in &workloads {
+            let name = format!("{}-portcullis", w.name);
+            if existing.contains(&(w.namespace.clone(), name.clone())) {
+                continue;
+            }
+            if w.selector.is_empty() {
+                return Err(InjectError::Refused {
+                    document: docs[w.doc].describe(sources),
+                    reason: "its pods have no labels, so no NetworkPolicy can select them".into(),
+                });
+            }
+            policies.push(network_policy(w, &name));
+        }
+    }
+
+    let mut text = String::new();
+    for (i, source) in sources.iter().enumerate() {
+        let own: Vec<&Doc> = docs.iter().filter(|d| d.source == i).collect();
+        let rendered = if own.iter().all(|d| d.edits.is_empty()) {
+            source.text.clone()
+        } else {
+            let (rendered, lossless) = render(&source.text, &own);
+            if !lossless {
+                notes.push(format!(
+                    "{}: rewritten from its values (key order kept, comments and layout lost): the YAML editor could not change it in place",
+                    source.name
+                ));
+            }
+            rendered
+        };
+        append_document_text(&mut text, &rendered);
+    }
+    for policy in policies {
+        let body = serde_yaml_ng::to_string(&policy).unwrap_or_default();
+        append_document_text(
+            &mut text,
+            &format!("# Added by portcullis inject: only the sidecar's ports are open.\n{body}"),
+        );
+    }
+    Ok(Injected { text, notes })
+}
+
+/// Appends the text of one or more documents, separated from what is there by `---`.
+fn append_document_text(out: &mut String, text: &str) {
+    if text.trim().is_empty() {
+        return;
+    }
+    if !out.is_empty() {
+        if !out.ends_with('\n') {
+            out.push('\n');
+        }
+        if !text.starts_with("---") {
+            out.push_str("---\n");
+        }
+    }
+    out.push_str(text);
+    if !out.ends_with('\n') {
+        out.push('\n');
+    }
+}
+
+/// The workload in `doc`, and the edits that inject it (none when it already is).
+fn plan_workload(
+    doc: &Doc,
+    index: usize,
+    spec_path: &[&'static str],
+    labels_path: &[&'static str],
+    opts: &InjectOptions,
+) -> Result<(Workload, Vec<Edit>), String> {
+    let Some(spec) = get(&doc.value, spec_path).and_then(Value::as_mapping) else {
+        return Err(format!("no pod spec at {}", spec_path.join(".")));
+    };
+    let pod_labels = get(&doc.value, labels_path)
+        .and_then(Value::as_mapping)
+        .cloned()
+        .unwrap_or_default();
+    let selector = if doc.kind() == "Pod" {
+        pod_labels.clone()
+    } else {
+        get(&doc.value, &["spec", "selector", "matchLabels"])
+            .and_then(Value::as_mapping)
+            .filter(|m| !m.is_empty())
+            .cloned()
+            .unwrap_or_else(|| pod_labels.clone())
+    };
+    let containers = seq_of(spec, "containers");
+    let init_containers = seq_of(spec, "initContainers");
+    if containers.is_empty() {
+        return Err("the pod spec has no containers".into());
+    }
+    let mut workload = Workload {
+        doc: index,
+        namespace: doc.namespace().map(str::to_string),
+        name: doc.name().to_string(),
+        pod_labels,
+        selector,
+        upstream: None,
+        upstream_names: BTreeSet::new(),
+        other_ports: Vec::new(),
+        port: opts.port,
+        admin_port: opts.admin_port,
+    };
+
+    // Already injected: describe what is there so that Services and policies still line up.
+    let existing = containers
+        .iter()
+        .chain(&init_containers)
+        .find(|c| c.get("name").and_then(Value::as_str) == Some(SIDECAR_NAME));
+    let game_ports: Vec<ContainerPort> = containers
+        .iter()
+        .filter(|c| c.get("name").and_then(Value::as_str) != Some(SIDECAR_NAME))
+        .chain(&init_containers)
+        .filter(|c| c.get("name").and_then(Value::as_str) != Some(SIDECAR_NAME))
+        .flat_map(container_ports)
+        .filter(|p| p.tcp)
+        .collect();
+    workload.other_ports = game_ports.iter().map(|p| p.port).collect();
+    if let Some(sidecar) = existing {
+        let ports = container_ports(sidecar);
+        let named = |name: &str| ports.iter().find(|p| p.name.as_deref() == Some(name));
+        workload.port = named(PORT_NAME).map_or(opts.port, |p| p.port);
+        workload.admin_port = named(ADMIN_PORT_NAME).map_or(opts.admin_port, |p| p.port);
+        workload.upstream = sidecar_upstream_port(sidecar);
+        set_upstream_names(&mut workload, &game_ports);
+        return Ok((workload, Vec::new()));
+    }
+
+    let upstream = match (opts.upstream_port, game_ports.as_slice()) {
+        (Some(port), _) => port,
+        (None, [only]) => only.port,
+        (None, []) => {
+            return Err(
+                "its containers declare no TCP containerPort to put portcullis in front of: pass --upstream-port"
+                    .into(),
+            )
+        }
+        (None, several) => {
+            let list: Vec<String> = several.iter().map(ContainerPort::describe).collect();
+            return Err(format!(
+                "its containers declare several TCP ports ({}): pass --upstream-port to choose the one portcullis fronts",
+                list.join(", ")
+            ));
+        }
+    };
+    for (what, port) in [("--port", opts.port), ("--admin-port", opts.admin_port)] {
+        if port == upstream {
+            return Err(format!(
+                "{what} {port} is the game's own port: the sidecar needs a port of its own"
+            ));
+        }
+        if let Some(p) = game_ports.iter().find(|p| p.port == port) {
+            return Err(format!(
+                "{what} {port} is already used by container {:?}: choose another {what}",
+                p.container
+            ));
+        }
+    }
+    if opts.port == opts.admin_port {
+        return Err("--port and --admin-port must differ".into());
+    }
+    let volumes = seq_of(spec, "volumes");
+    for volume in [
+        Some(CONFIG_VOLUME),
+        opts.tls_secret.as_ref().map(|_| TLS_VOLUME),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        if volumes
+            .iter()
+            .any(|v| v.get("name").and_then(Value::as_str) == Some(volume))
+        {
+            return Err(format!(
+                "the pod already has a volume named {volume:?} but no {SIDECAR_NAME:?} container"
+            ));
+        }
+    }
+    workload.upstream = Some(upstream);
+    set_upstream_names(&mut workload, &game_ports);
+
+    let path: Vec<Seg> = spec_path.iter().map(|k| Seg::Key(k)).collect();
+    let mut edits = vec![Edit::Push {
+        path: path.clone(),
+        key: "initContainers",
+        item: sidecar(opts, upstream),
+        after: Some("containers"),
+    }];
+    edits.push(Edit::Push {
+        path: path.clone(),
+        key: "volumes",
+        item: map(vec![
+            ("name", s(CONFIG_VOLUME)),
+            ("configMap", map(vec![("name", s(&opts.config_map))])),
+        ]),
+        after: None,
+    });
+    if let Some(tls) = &opts.tls_secret {
+        edits.push(Edit::Push {
+            path,
+            key: "volumes",
+            item: map(vec![
+                ("name", s(TLS_VOLUME)),
+                ("secret", map(vec![("secretName", s(tls))])),
+            ]),
+            after: None,
+        });
+    }
+    Ok((workload, edits))
+}
+
+fn set_upstream_names(workload: &mut Workload, game_ports: &[ContainerPort]) {
+    if let Some(upstream) = workload.upstream {
+        workload.upstream_names = game_ports
+            .iter()
+            .filter(|p| p.port == upstream)
+            .filter_map(|p| p.name.clone())
+            .collect();
+    }
+}
+
+/// The port in the sidecar's PORTCULLIS_UPSTREAM_URL (`http://127.0.0.1:<port>`).
+fn sidecar_upstream_port(sidecar: &Value) -> Option<u16> {
+    let env = sidecar.get("env")?.as_sequence()?;
+    let url = env
+        .iter()
+        .find(|e| e.get("name").and_then(Value::as_str) == Some("PORTCULLIS_UPSTREAM_URL"))?
+        .get("value")?
+        .as_str()?;
+    url.rsplit(':').next()?.trim_end_matches('/').parse().ok()
+}
+
+/// A containerPort of one container.
+struct ContainerPort {
+    container: String,
+    name: Option<String>,
+    port: u16,
+    tcp: bool,
+}
+
+impl ContainerPort {
+    fn describe(&self) -> String {
+        match &self.name {
+            Some(name) => format!("{} {:?} in container {:?}", self.port, name, self.container),
+            None => format!("{} in container {:?}", self.port, self.container),
+        }
+    }
+}
+
+fn container_ports(container: &Value) -> Vec<ContainerPort> {
+    let name = container
+        .get("name")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    container
+        .get("ports")
+        .and_then(Value::as_sequence)
+        .map(|ports| {
+            ports
+                .iter()
+                .filter_map(|p| {
+                    let port = u16::try_from(p.get("containerPort")?.as_u64()?).ok()?;
+                    let protocol = p.get("protocol").and_then(Value::as_str).unwrap_or("TCP");
+                    Some(ContainerPort {
+                        container: name.clone(),
+                        name: p.get("name").and_then(Value::as_str).map(str::to_string),
+                        port,
+                        tcp: protocol == "TCP",
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn udp_ports(doc: &Value, spec_path: &[&str]) -> Vec<u16> {
+    let Some(spec) = get(doc, spec_path).and_then(Value::as_mapping) else {
+        return Vec::new();
+    };
+    seq_of(spec, "containers")
+        .iter()
+        .flat_map(container_ports)
+        .filter(|p| !p.tcp)
+        .map(|p| p.port)
+        .collect()
+}
+
+/// Retargets the ports of a Service that select an injected workload's game port.
+fn plan_service(service: &Doc, workloads: &[Workload], docs: &[Doc]) -> (Vec<Edit>, Vec<String>) {
+    let mut edits = Vec::new();
+    let mut notes = Vec::new();
+    let Some(selector) = get(&service.value, &["spec", "selector"]).and_then(Value::as_mapping)
+    else {
+        return (edits, notes);
+    };
+    if selector.is_empty() {
+        return (edits, notes);
+    }
+    let same_namespace = |w: &Workload| match (service.namespace(), w.namespace.as_deref()) {
+        (Some(a), Some(b)) => a == b,
+        _ => true,
+    };
+    let Some(workload) = workloads.iter().find(|w| {
+        same_namespace(w)
+            && selector
+                .iter()
+                .all(|(k, v)| w.pod_labels.get(k).is_some_and(|l| l == v))
+    }) else {
+        return (edits, notes);
+    };
+    let workload_name = docs
+        .get(workload.doc)
+        .map_or("the workload", |d| d.name())
+        .to_string();
+    let ports = get(&service.value, &["spec", "ports"])
+        .and_then(Value::as_sequence)
+        .cloned()
+        .unwrap_or_default();
+    for (i, port) in ports.iter().enumerate() {
+        if port
+            .get("protocol")
+            .and_then(Value::as_str)
+            .unwrap_or("TCP")
+            != "TCP"
+        {
+            continue;
+        }
+        let Some(target) = port.get("targetPort").or_else(|| port.get("port")) else {
+            continue;
+        };
+        let to_sidecar = match target {
+            Value::Number(n) => n.as_u64() == Some(u64::from(workload.port)),
+            Value::String(name) => name == PORT_NAME,
+            _ => false,
+        };
+        if to_sidecar {
+            continue;
+        }
+        let to_game = match target {
+            Value::Number(n) => {
+                workload.upstream.is_some() && n.as_u64() == workload.upstream.map(u64::from)
+            }
+            Value::String(name) => workload.upstream_names.contains(name),
+            _ => false,
+        };
+        let shown = serde_yaml_ng::to_string(target).unwrap_or_default();
+        if to_game {
+            edits.push(Edit::Set {
+                path: vec![Seg::Key("spec"), Seg::Key("ports"), Seg::Index(i)],
+                key: "targetPort",
+                value: Value::from(workload.port),
+            });
+        } else if target
+            .as_u64()
+            .is_some_and(|t| t == u64::from(workload.admin_port))
+        {
+            continue;
+        } else {
+            notes.push(format!(
+                "port {} targets {} of {workload_name}, which portcullis does not front: traffic there bypasses it",
+                i + 1,
+                shown.trim()
+            ));
+        }
+    }
+    (edits, notes)
+}
+
+// ---------------------------------------------------------------------------------------------
+// What is added.
+// ---------------------------------------------------------------------------------------------
+
+fn s(text: &str) -> Value {
+    Value::String(text.to_string())
+}
+
+fn map(entries: Vec<(&str, Value)>) -> Value {
+    let mut m = Mapping::new();
+    for (k, v) in entries {
+        m.insert(s(k), v);
+    }
+    Value::Mapping(m)
+}
+
+fn http_probe(path: &str, period: u64, failures: u64) -> Value {
+    map(vec![
+        (
+            "httpGet",
+            map(vec![("path", s(path)), ("port", s(ADMIN_PORT_NAME))]),
+        ),
+        ("periodSeconds", Value::from(period)),
+        ("failureThreshold", Value::from(failures)),
+    ])
+}
+
+fn env_var(name: &str, value: &str) -> Value {
+    map(vec![("name", s(name)), ("value", s(value))])
+}
+
+fn env_secret(name: &str, secret: &str, key: &str) -> Value {
+    map(vec![
+        ("name", s(name)),
+        (
+            "valueFrom",
+            map(vec![(
+                "secretKeyRef",
+                map(vec![("name", s(secret)), ("key", s(key))]),
+            )]),
+        ),
+    ])
+}
+
+/// The sidecar container: a native sidecar (an init container that keeps running), so it starts
+/// before the game and stops after it.
+pub fn sidecar(opts: &InjectOptions, upstream: u16) -> Value {
+    let mut env = vec![
+        env_var(
+            "PORTCULLIS_UPSTREAM_URL",
+            &format!("http://127.0.0.1:{upstream}"),
+        ),
+        env_var(
+            "PORTCULLIS_SERVER_LISTEN",
+            &format!("0.0.0.0:{}", opts.port),
+        ),
+        // The kubelet probes from the node, not from localhost.
+        env_var(
+            "PORTCULLIS_ADMIN_LISTEN",
+            &format!("0.0.0.0:{}", opts.admin_port),
+        ),
+    ];
+    if let Some(secret) = &opts.jwt_secret {
+        env.push(env_secret("JWT_SECRET", secret, "secret"));
+    }
+    if let Some(secret) = &opts.redis_secret {
+        env.push(env_secret("REDIS_PASSWORD", secret, "password"));
+    }
+    let mut mounts = vec![map(vec![
+        ("name", s(CONFIG_VOLUME)),
+        ("mountPath", s(CONFIG_DIR)),
+        ("readOnly", Value::Bool(true)),
+    ])];
+    if opts.tls_secret.is_some() {
+        mounts.push(map(vec![
+            ("name", s(TLS_VOLUME)),
+            ("mountPath", s(TLS_DIR)),
+            ("readOnly", Value::Bool(true)),
+        ]));
+    }
+    let port = |name: &str, number: u16| {
+        map(vec![
+            ("name", s(name)),
+            ("containerPort", Value::from(number)),
+            ("protocol", s("TCP")),
+        ])
+    };
+    map(vec![
+        ("name", s(SIDECAR_NAME)),
+        ("image", s(&opts.image)),
+        ("restartPolicy", s("Always")),
+        (
+            "ports",
+            Value::Sequence(vec![
+                port(PORT_NAME, opts.port),
+                port(ADMIN_PORT_NAME, opts.admin_port),
+            ]),
+        ),
+        ("env", Value::Sequence(env)),
+        ("volumeMounts", Value::Sequence(mounts)),
+        ("startupProbe", http_probe("/healthz", 1, 30)),
+        ("livenessProbe", http_probe("/healthz", 10, 3)),
+        ("readinessProbe", http_probe("/readyz", 5, 2)),
+        (
+            "resources",
+            map(vec![
+                (
+                    "requests",
+                    map(vec![("cpu", s("100m")), ("memory", s("64Mi"))]),
+                ),
+                ("limits", map(vec![("cpu", s("1")), ("memory", s("256Mi"))])),
+            ]),
+        ),
+        (
+            "securityContext",
+            map(vec![
+                ("runAsNonRoot", Value::Bool(true)),
+                ("runAsUser", Value::from(65532)),
+                ("runAsGroup", Value::from(65532)),
+                ("readOnlyRootFilesystem", Value::Bool(true)),
+                ("allowPrivilegeEscalation", Value::Bool(false)),
+                (
+                    "capabilities",
+                    map(vec![("drop", Value::Sequence(vec![s("ALL")]))]),
+                ),
+                ("seccompProfile", map(vec![("type", s("RuntimeDefault"))])),
+            ]),
+        ),
+    ])
+}
+
+fn network_policy(w: &Workload, name: &str) -> Value {
+    let mut metadata = vec![("name", s(name))];
+    if let Some(ns) = &w.namespace {
+        metadata.push(("namespace", s(ns)));
+    }
+    let port = |number: u16| map(vec![("protocol", s("TCP")), ("port", Value::from(number))]);
+    map(vec![
+        ("apiVersion", s("networking.k8s.io/v1")),
+        ("kind", s("NetworkPolicy")),
+        ("metadata", map(metadata)),
+        (
+            "spec",
+            map(vec![
+                (
+                    "podSelector",
+                    map(vec![("matchLabels", Value::Mapping(w.selector.clone()))]),
+                ),
+                ("policyTypes", Value::Sequence(vec![s("Ingress")])),
+                (
+                    "ingress",
+                    Value::Sequence(vec![map(vec![(
+                        "ports",
+                        Value::Sequence(vec![port(w.port), port(w.admin_port)]),
+                    )])]),
+                ),
+            ]),
+        ),
+    ])
+}
+
+// ---------------------------------------------------------------------------------------------
+// Values.
+// ---------------------------------------------------------------------------------------------
+
+/// Every non-empty document of `text`.
+fn parse_all(text: &str) -> Result<Vec<Value>, String> {
+    let mut out = Vec::new();
+    for document in serde_yaml_ng::Deserializer::from_str(text) {
+        let value = Value::deserialize(document).map_err(|e| e.to_string())?;
+        if !value.is_null() {
+            out.push(value);
+        }
+    }
+    Ok(out)
+}
+
+fn get<'a>(value: &'a Value, path: &[&str]) -> Option<&'a Value> {
+    path.iter().try_fold(value, |v, key| v.get(*key))
+}
+
+/// The mappings in the sequence `key` of `m` (empty when absent).
+fn seq_of(m: &Mapping, key: &str) -> Vec<Value> {
+    m.get(key)
+        .and_then(Value::as_sequence)
+        .map(|s| s.iter().filter(|v| v.is_mapping()).cloned().collect())
+        .unwrap_or_default()
+}
+
+fn mapping_at_mut<'a>(value: &'a mut Value, path: &[Seg]) -> Option<&'a mut Mapping> {
+    let mut cur = value;
+    for seg in path {
+        cur = match seg {
+            Seg::Key(k) => cur.get_mut(*k)?,
+            Seg::Index(i) => cur.get_mut(*i)?,
+        };
+    }
+    cur.as_mapping_mut()
+}
+
+fn apply_to_value(value: &mut Value, edit: &Edit) -> Result<(), String> {
+    match edit {
+        Edit::Push {
+            path, key, item, ..
+        } => {
+            let m = mapping_at_mut(value, path).ok_or("no mapping at the edit's path")?;
+            match m.get_mut(*key) {
+                Some(Value::Sequence(seq)) => seq.push(item.clone()),
+                Some(Value::Null) | None => {
+                    m.insert(s(key), Value::Sequence(vec![item.clone()]));
+                }
+                Some(_) => return Err(format!("{key} is not a list")),
+            }
+        }
+        Edit::Set {
+            path,
+            key,
+            value: v,
+        } => {
+            let m = mapping_at_mut(value, path).ok_or("no mapping at the edit's path")?;
+            m.insert(s(key), v.clone());
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Text.
+// ---------------------------------------------------------------------------------------------
+
+/// The text of one source with its documents' edits applied, and whether comments and layout
+/// were kept.
+fn render(text: &str, docs: &[&Doc]) -> (String, bool) {
+    let mut expected = Vec::new();
+    let mut failed = false;
+    for doc in docs {
+        let mut value = doc.value.clone();
+        for edit in &doc.edits {
+            failed |= apply_to_value(&mut value, edit).is_err();
+        }
+        expected.push(value);
+    }
+    if !failed {
+        if let Some(edited) = edit_in_place(text, docs) {
+            if parse_all(&edited).is_ok_and(|values| values == expected) {
+                return (edited, true);
+            }
+        }
+    }
+    let parts: Vec<String> = expected
+        .iter()
+        .map(|v| serde_yaml_ng::to_string(v).unwrap_or_default())
+        .collect();
+    (parts.join("---\n"), false)
+}
+
+/// Applies the edits to the syntax tree of `text`; `None` when the tree does not line up with the
+/// values or an edit cannot be made.
+fn edit_in_place(text: &str, docs: &[&Doc]) -> Option<String> {
+    let file = yaml_edit::YamlFile::from_str(text).ok()?;
+    let mut trees = Vec::new();
+    for document in file.documents() {
+        let values = parse_all(&document.to_string()).ok()?;
+        match values.len() {
+            0 => {}
+            1 => trees.push((document, values.into_iter().next()?)),
+            _ => return None,
+        }
+    }
+    if trees.len() != docs.len() {
+        return None;
+    }
+    for ((tree, value), doc) in trees.iter().zip(docs) {
+        if *value != doc.value {
+            return None;
+        }
+        for edit in &doc.edits {
+            apply_to_tree(tree, edit)?;
+        }
+    }
+    Some(file.to_string())
+}
+
+fn tree_mapping_at(doc: &yaml_edit::Document, path: &[Seg]) -> Option<yaml_edit::Mapping> {
+    use yaml_edit::YamlNode;
+    let mut node = YamlNode::Mapping(doc.as_mapping()?);
+    for seg in path {
+        node = match (seg, node) {
+            (Seg::Key(k), YamlNode::Mapping(m)) => m.get(*k)?,
+            (Seg::Index(i), YamlNode::Sequence(s)) => s.get(*i)?,
+            _ => return None,
+        };
+    }
+    match node {
+        YamlNode::Mapping(m) => Some(m),
+        _ => None,
+    }
+}
+
+/// `value` as a node of its own tree, in block style.
+fn tree_value(value: &Value) -> Option<yaml_edit::YamlNode> {
+    let text = serde_yaml_ng::to_string(value).ok()?;
+    let doc = yaml_edit::Document::from_str(&text).ok()?;
+    match value {
+        Value::Mapping(_) => doc.as_mapping().map(yaml_edit::YamlNode::Mapping),
+        Value::Sequence(_) => doc.as_sequence().map(yaml_edit::YamlNode::Sequence),
+        _ => None,
+    }
+}
+
+fn apply_to_tree(doc: &yaml_edit::Document, edit: &Edit) -> Option<()> {
+    use yaml_edit::YamlNode;
+    match edit {
+        Edit::Push {
+            path,
+            key,
+            item,
+            after,
+        } => {
+            let m = tree_mapping_at(doc, path)?;
+            match m.get(*key) {
+                Some(YamlNode::Sequence(seq)) => seq.push(tree_value(item)?),
+                Some(YamlNode::Scalar(_)) | None => {
+                    let seq = tree_value(&Value::Sequence(vec![item.clone()]))?;
+                    match after {
+                        Some(after) if m.contains_key(*after) => {
+                            m.insert_after(*after, *key, seq);
+                        }
+                        _ => m.set(*key, seq),
+                    }
+                }
+                _ => return None,
+            }
+        }
+        Edit::Set { path, key, value } => {
+            let m = tree_mapping_at(doc, path)?;
+            match value {
+                Value::Number(n) => m.set(*key, n.as_i64()?),
+                Value::String(text) => m.set(*key, text.as_str()),
+                other => m.set(*key, tree_value(other)?),
+            }
+        }
+    }
+    Some(())
+}
+
+impl fmt::Display for Injected {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(text: &str, opts: &InjectOptions) -> Result<Injected, InjectError> {
+        inject(
+            &[Source {
+                name: "in.yaml".into(),
+                text: text.into(),
+            }],
+            opts,
+        )
+    }
+
+    const DEPLOYMENT: &str = "\
+# the game
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: game # its name
+spec:
+  selector:
+    matchLabels: {app: game}
+  template:
+    metadata:
+      labels: {app: game}
+    spec:
+      containers:
+        - name: game
+          image: game:1
+          ports:
+            - containerPort: 8080
+";
+
+    #[test]
+    fn comments_survive_and_a_second_run_changes_nothing() {
+        let once = run(DEPLOYMENT, &InjectOptions::default()).unwrap();
+        assert!(once.notes.is_empty(), "{:?}", once.notes);
+        assert!(once.text.starts_with("# the game\n"), "{}", once.text);
+        assert!(once.text.contains("name: game # its name"), "{}", once.text);
+        let twice = run(&once.text, &InjectOptions::default()).unwrap();
+        assert_eq!(twice.text, once.text);
+    }
+
+    #[test]
+    fn flow_documents_are_rewritten_from_values() {
+        let json = r#"{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": {"containers": [{"name": "g", "image": "g", "ports": [{"containerPort": 80}]}]}}"#;
+        let out = run(json, &InjectOptions::default()).unwrap();
+        let values = parse_all(&out.text).unwrap();
+        let init = &values[0]["spec"]["initContainers"][0];
+        assert_eq!(init["name"], s("portcullis"));
+        assert_eq!(init["env"][0]["value"], s("http://127.0.0.1:80"));
+    }
+}
