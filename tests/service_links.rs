@@ -157,7 +157,9 @@ async fn service_link_variables_neither_crash_nor_redirect_portcullis() {
         Some("player-1")
     );
     assert_eq!(
-        seen.headers.get("x-session-id").and_then(|v| v.to_str().ok()),
+        seen.headers
+            .get("x-session-id")
+            .and_then(|v| v.to_str().ok()),
         Some(session.as_str())
     );
 
