@@ -27,9 +27,10 @@ use crate::request_id::RequestIdLayer;
 use crate::routes::{RouteTable, RouterLayer, Split};
 use crate::server::{ConnCount, ConnLimits};
 use crate::session::api::SessionApi;
+use crate::session::cache::SessionCache;
 use crate::session::gate::SessionGateLayer;
 use crate::session::Sessions;
-use crate::store::Store;
+use crate::store::{Store, Tracking};
 use crate::tls::{self, CertStore};
 use crate::{Body, BoxError};
 
@@ -78,11 +79,18 @@ impl App {
             trusted.clone(),
             config.identity.clone(),
         )?;
-        let store = Store::new(&config.redis, metrics.clone())?;
+        let cache = config
+            .session
+            .local_cache
+            .map(|max| Arc::new(SessionCache::new(max)));
+        let tracking = cache.clone().map(|c| c as Arc<dyn Tracking>);
+        let store = Store::new(&config.redis, metrics.clone(), tracking)?;
         let sessions = Sessions::new(
             store.clone(),
             config.session.ttl,
             config.session.last_active_resolution,
+            config.session.slide_interval,
+            cache,
         );
         let verifier = Verifier::new(&config.jwt)?;
         let routes = RouteTable::new(&config.session.api_prefix, &config.routes);
@@ -186,13 +194,19 @@ impl App {
         tasks.spawn(self.rate_limits.clone().run_eviction());
 
         let store = self.store.clone();
+        let sessions = self.sessions.clone();
         let metrics = self.metrics.clone();
         let every = self.config.metrics.active_sessions_interval;
         tasks.spawn(async move {
-            let mut tick = tokio::time::interval(every);
+            // The first count comes one interval after start, not at once: starting never
+            // costs a SCAN.
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
+                if let Some(cache) = sessions.cache() {
+                    cache.sweep();
+                }
                 match store.count_sessions().await {
                     Ok(n) => {
                         metrics

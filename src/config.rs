@@ -323,6 +323,14 @@ pub struct SessionSection {
     pub last_active_resolution: Duration,
     /// Where the session API is served.
     pub api_prefix: String,
+    /// A session's TTL is slid at most this often (and a cached session re-checked in Redis).
+    /// Default: 30s, or a twentieth of `ttl` when that is shorter.
+    #[serde(with = "humantime_serde")]
+    pub slide_interval: Option<Duration>,
+    /// Admit recently confirmed sessions from memory, kept exact by Redis invalidations.
+    pub local_cache: bool,
+    /// Most sessions held in the local cache.
+    pub local_cache_max_entries: usize,
 }
 
 impl Default for SessionSection {
@@ -331,6 +339,9 @@ impl Default for SessionSection {
             ttl: Duration::from_secs(30 * 24 * 3600),
             last_active_resolution: Duration::from_secs(1),
             api_prefix: "/api/v1/sessions".into(),
+            slide_interval: None,
+            local_cache: true,
+            local_cache_max_entries: 100_000,
         }
     }
 }
@@ -430,6 +441,9 @@ pub struct SessionConfig {
     pub last_active_resolution: Duration,
     /// Without a trailing slash.
     pub api_prefix: String,
+    pub slide_interval: Duration,
+    /// `Some(max entries)` when the local cache is on.
+    pub local_cache: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -669,6 +683,24 @@ impl FileConfig {
                 "must be shorter than session.ttl",
             );
         }
+        let slide_interval = match self.session.slide_interval {
+            Some(slide) => {
+                if slide > self.session.ttl / 10 {
+                    v.fail(
+                        "session.slide_interval",
+                        "must be at most a tenth of session.ttl, so that a session in use never expires",
+                    );
+                }
+                slide
+            }
+            None => Duration::from_secs(30).min(self.session.ttl / 20),
+        };
+        if self.session.local_cache && self.session.local_cache_max_entries == 0 {
+            v.fail(
+                "session.local_cache_max_entries",
+                "must be greater than zero",
+            );
+        }
         let api_prefix = self.session.api_prefix.trim_end_matches('/').to_string();
         if !self.session.api_prefix.starts_with('/') || api_prefix.is_empty() {
             v.fail(
@@ -806,6 +838,11 @@ impl FileConfig {
                 ttl: self.session.ttl,
                 last_active_resolution: self.session.last_active_resolution,
                 api_prefix,
+                slide_interval,
+                local_cache: self
+                    .session
+                    .local_cache
+                    .then_some(self.session.local_cache_max_entries),
             },
             identity: IdentityConfig {
                 user_id,
@@ -1160,6 +1197,7 @@ impl Validator {
 enum Kind {
     Str,
     Int,
+    Bool,
     /// Comma-separated list of strings.
     List,
 }
@@ -1195,6 +1233,9 @@ const OVERRIDABLE: &[(&str, Kind)] = &[
     ("session.ttl", Kind::Str),
     ("session.last_active_resolution", Kind::Str),
     ("session.api_prefix", Kind::Str),
+    ("session.slide_interval", Kind::Str),
+    ("session.local_cache", Kind::Bool),
+    ("session.local_cache_max_entries", Kind::Int),
     ("identity.user_id_header", Kind::Str),
     ("identity.session_id_header", Kind::Str),
     ("identity.platform_header", Kind::Str),
@@ -1265,6 +1306,17 @@ fn apply_env_overrides(
                     errors.push(ConfigError {
                         key: key.into(),
                         reason: format!("{name}={value:?} is not an integer"),
+                    });
+                    continue;
+                }
+            },
+            Kind::Bool => match value.trim() {
+                "true" | "1" => toml::Value::Boolean(true),
+                "false" | "0" => toml::Value::Boolean(false),
+                _ => {
+                    errors.push(ConfigError {
+                        key: key.into(),
+                        reason: format!("{name}={value:?} is not true or false"),
                     });
                     continue;
                 }

@@ -23,6 +23,7 @@ use tokio::sync::Notify;
 
 use crate::config::RedisConfig;
 use crate::metrics::Metrics;
+use crate::session::cache::HEARTBEAT;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
@@ -36,6 +37,18 @@ pub enum StoreError {
     Corrupt(String),
     #[error("the store was closed")]
     Closed,
+}
+
+/// Receives Redis client-side-caching invalidations (see `session::cache`).
+pub trait Tracking: Send + Sync + 'static {
+    /// A tracked key changed.
+    fn invalidate(&self, key: &[u8]);
+    /// Everything may have changed.
+    fn flush(&self);
+    /// Whether invalidations are being delivered; false flushes.
+    fn set_live(&self, live: bool);
+    /// A ping sent at `sent` on the tracking connection was answered.
+    fn confirm(&self, sent: std::time::Instant);
 }
 
 /// Consecutive timeouts after which the connection is presumed dead and re-opened.
@@ -70,6 +83,8 @@ struct Link {
     broken: Notify,
     started: AtomicBool,
     timeouts: AtomicU32,
+    /// Client-side caching: who to tell, and the key prefix tracked (BCAST).
+    tracking: Option<(Arc<dyn Tracking>, String)>,
 }
 
 impl Link {
@@ -114,6 +129,9 @@ impl Link {
         if matches!(&state.conn, Some((g, _)) if *g == generation) {
             state.conn = None;
             drop(state);
+            if let Some((tracking, _)) = &self.tracking {
+                tracking.set_live(false);
+            }
             tracing::warn!("Redis connection lost; reconnecting");
             self.broken.notify_one();
         }
@@ -138,12 +156,20 @@ impl Link {
                     }
                     attempt = 0;
                     self.timeouts.store(0, Ordering::Relaxed);
+                    let tracking_on = self.start_tracking(conn.clone()).await;
                     {
                         let mut state = self.lock();
                         state.generation += 1;
                         let generation = state.generation;
                         state.conn = Some((generation, conn));
                         state.tried = true;
+                    }
+                    let generation = self.lock().generation;
+                    if let Some((tracking, _)) = &self.tracking {
+                        tracking.set_live(tracking_on);
+                        if tracking_on {
+                            tokio::spawn(Link::heartbeat(self.clone(), generation));
+                        }
                     }
                     self.changed.notify_waiters();
                     // Sleep until a command reports the connection broken (or close()).
@@ -165,6 +191,63 @@ impl Link {
                     self.failed_attempt(attempt, "connect timed out");
                     tokio::time::sleep(backoff(attempt)).await;
                 }
+            }
+        }
+    }
+
+    /// Pings the tracking connection every [`HEARTBEAT`]; each answer proves every
+    /// invalidation sent before the ping has been delivered (see `session::cache`).
+    async fn heartbeat(self: Arc<Self>, generation: u64) {
+        let Some((tracking, _)) = &self.tracking else {
+            return;
+        };
+        loop {
+            tokio::time::sleep(HEARTBEAT).await;
+            let conn = {
+                let state = self.lock();
+                match &state.conn {
+                    Some((g, conn)) if *g == generation && !state.closed => conn.clone(),
+                    _ => return,
+                }
+            };
+            let sent = std::time::Instant::now();
+            let mut conn = conn;
+            let cmd = redis::cmd("PING");
+            let ping = cmd.query_async::<String>(&mut conn);
+            match tokio::time::timeout(HEARTBEAT * 5, ping).await {
+                Ok(Ok(_)) => tracking.confirm(sent),
+                Ok(Err(e)) if e.is_io_error() || e.is_connection_dropped() => {
+                    self.mark_broken(generation);
+                    return;
+                }
+                // Slow or failing: no confirmation, so the cache stops answering on its own.
+                _ => {}
+            }
+        }
+    }
+
+    /// Turns on invalidation pushes for session keys on a new connection. Without them the
+    /// local cache stays off and every check goes to Redis.
+    async fn start_tracking(&self, mut conn: MultiplexedConnection) -> bool {
+        let Some((_, prefix)) = &self.tracking else {
+            return false;
+        };
+        let mut cmd = redis::cmd("CLIENT");
+        cmd.arg("TRACKING")
+            .arg("ON")
+            .arg("BCAST")
+            .arg("PREFIX")
+            .arg(prefix)
+            .arg("NOLOOP");
+        match tokio::time::timeout(self.connect_timeout, cmd.query_async::<()>(&mut conn)).await {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "Redis client tracking unavailable; the local session cache is off");
+                false
+            }
+            Err(_) => {
+                tracing::warn!("Redis client tracking timed out; the local session cache is off");
+                false
             }
         }
     }
@@ -215,22 +298,25 @@ struct Scripts {
 }
 
 /// Reads the session, moves lastActive forward when it is older than the resolution, slides
-/// the session's TTL, and makes sure the user's index lives at least as long. Returns the
-/// (possibly updated) value, or nil when the session does not exist.
+/// the session's TTL back to full unless it was slid less than `slide` ago (then nothing is
+/// written, so other replicas' caches are not invalidated), and makes sure the user's index
+/// lives at least as long. Returns the (possibly updated) value, or nil when the session does
+/// not exist.
 const TOUCH: &str = r"
 local v = redis.call('GET', KEYS[1])
 if not v then return false end
 local ttl = tonumber(ARGV[1])
 local now = tonumber(ARGV[2])
+local due = ttl - tonumber(ARGV[5])
 local last = tonumber(string.sub(v, 1, 13))
 if last == nil or now - last >= tonumber(ARGV[3]) then
   redis.call('SETRANGE', KEYS[1], 0, ARGV[2])
   v = ARGV[2] .. string.sub(v, 14)
 end
-redis.call('PEXPIRE', KEYS[1], ttl)
+if redis.call('PTTL', KEYS[1]) <= due then redis.call('PEXPIRE', KEYS[1], ttl) end
 local t = redis.call('PTTL', KEYS[2])
 if t == -2 then redis.call('SADD', KEYS[2], ARGV[4]) end
-if t < ttl then redis.call('PEXPIRE', KEYS[2], ttl) end
+if t <= due then redis.call('PEXPIRE', KEYS[2], ttl) end
 return v
 ";
 
@@ -291,6 +377,30 @@ if longest > 0 then redis.call('PEXPIRE', KEYS[1], longest) end
 return out
 ";
 
+/// Hands one push message to the cache: `invalidate` with keys, or with nil after FLUSHALL;
+/// a lost connection turns the cache off.
+fn deliver(tracking: &dyn Tracking, push: redis::PushInfo) {
+    match push.kind {
+        redis::PushKind::Invalidate => {
+            for value in push.data {
+                match value {
+                    redis::Value::Array(keys) => {
+                        for key in keys {
+                            if let redis::Value::BulkString(bytes) = key {
+                                tracking.invalidate(&bytes);
+                            }
+                        }
+                    }
+                    redis::Value::BulkString(bytes) => tracking.invalidate(&bytes),
+                    _ => tracking.flush(),
+                }
+            }
+        }
+        redis::PushKind::Disconnection => tracking.set_live(false),
+        _ => {}
+    }
+}
+
 fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -300,21 +410,42 @@ fn ttl_from_pttl(pttl: i64) -> Duration {
 }
 
 impl Store {
-    /// Prepares the store; nothing connects until the first command.
-    pub fn new(config: &RedisConfig, metrics: Arc<Metrics>) -> Result<Store, StoreError> {
-        let client = redis::Client::open(config.connection.clone())
-            .map_err(|e| StoreError::Redis(e.to_string()))?;
+    /// Prepares the store; nothing connects until the first command. With `tracking`, the
+    /// connection speaks RESP3 and delivers invalidations of session keys to it.
+    pub fn new(
+        config: &RedisConfig,
+        metrics: Arc<Metrics>,
+        tracking: Option<Arc<dyn Tracking>>,
+    ) -> Result<Store, StoreError> {
+        let mut info = config.connection.clone();
+        let mut connection_config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(config.connect_timeout))
+            .set_response_timeout(Some(config.command_timeout));
+        if let Some(tracking) = &tracking {
+            let settings = info
+                .redis_settings()
+                .clone()
+                .set_protocol(redis::ProtocolVersion::RESP3);
+            info = info.set_redis_settings(settings);
+            let sink = tracking.clone();
+            connection_config = connection_config.set_push_sender(
+                move |push: redis::PushInfo| -> Result<(), std::convert::Infallible> {
+                    deliver(sink.as_ref(), push);
+                    Ok(())
+                },
+            );
+        }
+        let client = redis::Client::open(info).map_err(|e| StoreError::Redis(e.to_string()))?;
         let link = Link {
             client,
-            config: AsyncConnectionConfig::new()
-                .set_connection_timeout(Some(config.connect_timeout))
-                .set_response_timeout(Some(config.command_timeout)),
+            config: connection_config,
             connect_timeout: config.connect_timeout,
             state: Mutex::new(LinkState::default()),
             changed: Notify::new(),
             broken: Notify::new(),
             started: AtomicBool::new(false),
             timeouts: AtomicU32::new(0),
+            tracking: tracking.map(|t| (t, format!("{}:session:", config.key_prefix))),
         };
         Ok(Store {
             link: Arc::new(link),
@@ -410,6 +541,9 @@ impl Store {
         state.closed = true;
         state.conn = None;
         drop(state);
+        if let Some((tracking, _)) = &self.link.tracking {
+            tracking.set_live(false);
+        }
         self.link.broken.notify_one();
         self.link.changed.notify_waiters();
     }
@@ -571,6 +705,7 @@ impl Store {
         now_ms: u64,
         ttl: Duration,
         resolution: Duration,
+        slide: Duration,
     ) -> Result<Option<String>, StoreError> {
         let key = self.session_key(user_id, session_id);
         let index = self.index_key(user_id);
@@ -583,6 +718,7 @@ impl Store {
                 format!("{now_ms:013}"),
                 ms(resolution).to_string(),
                 session_id.to_string(),
+                ms(slide).to_string(),
             ],
         )
         .await

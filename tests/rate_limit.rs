@@ -51,7 +51,7 @@ async fn start(toml: &str) -> Limited {
     let app = App::build(config).unwrap();
     let limits = app.rate_limits.clone();
     let task = tokio::spawn(async move {
-        app.run(public, admin, std::future::pending())
+        app.run(public, admin, std::future::pending::<()>())
             .await
             .unwrap();
     });

@@ -1,6 +1,7 @@
 //! The budget: one Redis round trip per proxied request, counted by the server itself
 //! (INFO commandstats) and cross-checked with MONITOR, which tells the commands a client sent
-//! apart from those a Lua script ran.
+//! apart from those a Lua script ran. The local session cache is off here, so that every
+//! request pays its check (tests/session_cache.rs covers the cached path).
 
 mod support;
 
@@ -20,7 +21,7 @@ struct Setup {
 async fn setup() -> Setup {
     let redis = RedisServer::start();
     let upstream = Upstream::echo().await;
-    let extra = "[[routes]]\npath_prefix = \"/public\"\nauth = \"none\"\n\n[[routes]]\npath_prefix = \"/profile\"\nauth = \"jwt\"\n";
+    let extra = "[session]\nlocal_cache = false\n\n[[routes]]\npath_prefix = \"/public\"\nauth = \"none\"\n\n[[routes]]\npath_prefix = \"/profile\"\nauth = \"jwt\"\n";
     let proxy = Proxy::start(&session_config(&upstream, &redis, extra)).await;
     let sid = create_session(&proxy, &token("alice", None)).await;
     let s = Setup {

@@ -52,10 +52,10 @@ pub async fn admit(
                 .and_then(|s| Uuid::parse_str(s).ok())
                 .ok_or(Rejection::SessionInvalid)?;
             match sessions.touch(&who.user_id, session_id).await {
-                Ok(Some(session)) => Ok(Some(Identity {
+                Ok(Some(platform)) => Ok(Some(Identity {
                     user_id: who.user_id.clone(),
                     session_id: Some(session_id),
-                    platform: Some(session.metadata.platform),
+                    platform: Some(platform),
                 })),
                 Ok(None) => Err(Rejection::SessionInvalid),
                 Err(e) => {

@@ -5,6 +5,7 @@
 //! session API.
 
 pub mod api;
+pub mod cache;
 pub mod gate;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -13,7 +14,8 @@ use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
 use serde::{Deserialize, Serialize, Serializer};
 use uuid::Uuid;
 
-use crate::store::{Store, StoreError};
+use crate::session::cache::SessionCache;
+use crate::store::{Store, StoreError, Tracking};
 
 /// The client platform a session was opened from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -172,6 +174,27 @@ pub struct Sessions {
     store: Store,
     ttl: Duration,
     last_active_resolution: Duration,
+    /// A session is slid (and re-checked in Redis when cached) at most this often.
+    slide_interval: Duration,
+    cache: Option<std::sync::Arc<SessionCache>>,
+}
+
+impl Tracking for SessionCache {
+    fn invalidate(&self, key: &[u8]) {
+        SessionCache::invalidate(self, key);
+    }
+
+    fn flush(&self) {
+        SessionCache::flush(self);
+    }
+
+    fn set_live(&self, live: bool) {
+        SessionCache::set_live(self, live);
+    }
+
+    fn confirm(&self, sent: std::time::Instant) {
+        SessionCache::confirm(self, sent);
+    }
 }
 
 /// The outcome of creating a session.
@@ -184,11 +207,32 @@ pub struct Created {
 }
 
 impl Sessions {
-    pub fn new(store: Store, ttl: Duration, last_active_resolution: Duration) -> Self {
+    /// `cache` must be the same cache the store delivers invalidations to.
+    pub fn new(
+        store: Store,
+        ttl: Duration,
+        last_active_resolution: Duration,
+        slide_interval: Duration,
+        cache: Option<std::sync::Arc<SessionCache>>,
+    ) -> Self {
         Sessions {
             store,
             ttl,
             last_active_resolution,
+            slide_interval,
+            cache,
+        }
+    }
+
+    pub fn cache(&self) -> Option<&SessionCache> {
+        self.cache.as_deref()
+    }
+
+    /// This process changed a session: its own writes do not come back as invalidations.
+    fn forget(&self, user_id: &str, session_id: Uuid) {
+        if let Some(cache) = &self.cache {
+            let key = self.store.session_key(user_id, &session_id.to_string());
+            cache.invalidate(key.as_bytes());
         }
     }
 
@@ -257,15 +301,45 @@ impl Sessions {
         )))
     }
 
-    /// The per-request check: the session exists under this user; its TTL slides back to full
-    /// and lastActive moves to now (at most once per `last_active_resolution`).
+    /// The per-request check: the session exists under this user. Its TTL slides back to full
+    /// (at most once per `slide_interval`) and lastActive moves to now (at most once per
+    /// `last_active_resolution`), in one round trip; a session confirmed less than
+    /// `slide_interval` ago is admitted from the local cache without any. Returns its platform.
     pub async fn touch(
         &self,
         user_id: &str,
         session_id: Uuid,
-    ) -> Result<Option<Session>, StoreError> {
-        self.slide(user_id, session_id, self.last_active_resolution)
-            .await
+    ) -> Result<Option<Platform>, StoreError> {
+        let id = session_id.to_string();
+        let cached = self.cache.as_ref().filter(|c| c.is_live()).map(|cache| {
+            let key = self.store.session_key(user_id, &id);
+            let epoch = cache.epoch(&key);
+            (cache, key, epoch)
+        });
+        if let Some((cache, key, _)) = &cached {
+            if let Some(platform) = cache.get(key) {
+                return Ok(Some(platform));
+            }
+        }
+        let Some(value) = self
+            .store
+            .session_touch(
+                user_id,
+                &id,
+                now_ms(),
+                self.ttl,
+                self.last_active_resolution,
+                self.slide_interval,
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        let platform = decode(&value)?.metadata.platform;
+        if let Some((cache, key, epoch)) = cached {
+            cache.insert(&key, epoch, platform, self.slide_interval);
+        }
+        Ok(Some(platform))
     }
 
     /// Puts the session's TTL back to full and records activity now.
@@ -274,19 +348,17 @@ impl Sessions {
         user_id: &str,
         session_id: Uuid,
     ) -> Result<Option<Session>, StoreError> {
-        self.slide(user_id, session_id, Duration::ZERO).await
-    }
-
-    async fn slide(
-        &self,
-        user_id: &str,
-        session_id: Uuid,
-        resolution: Duration,
-    ) -> Result<Option<Session>, StoreError> {
         let now = now_ms();
         let Some(value) = self
             .store
-            .session_touch(user_id, &session_id.to_string(), now, self.ttl, resolution)
+            .session_touch(
+                user_id,
+                &session_id.to_string(),
+                now,
+                self.ttl,
+                Duration::ZERO,
+                Duration::ZERO,
+            )
             .await?
         else {
             return Ok(None);
@@ -316,6 +388,7 @@ impl Sessions {
         };
         let decoded = decode(&stored.value)?;
         let value = encode(decoded.created_ms, now_ms(), metadata);
+        self.forget(user_id, session_id);
         self.store
             .session_replace(user_id, &session_id.to_string(), &value)
             .await
@@ -327,6 +400,7 @@ impl Sessions {
         user_id: &str,
         session_id: Uuid,
     ) -> Result<Option<Metadata>, StoreError> {
+        self.forget(user_id, session_id);
         match self
             .store
             .session_destroy(user_id, &session_id.to_string())

@@ -1,0 +1,265 @@
+//! The local session cache: a session that Redis confirmed (and slid) is admitted from memory
+//! for up to `slide_interval`, then checked in Redis again.
+//!
+//! It is kept exact by Redis client-side caching: the store's connection runs
+//! `CLIENT TRACKING ON BCAST PREFIX <prefix>:session: NOLOOP`, so any write to a session key by
+//! another client (another replica's destroy or slide, an expiry, an operator's DEL) pushes an
+//! invalidation that removes the entry here within milliseconds. Writes by this process do not
+//! come back (NOLOOP); this process removes those entries itself. The cache is only consulted
+//! while the tracking connection is up: on disconnect it is flushed and every request goes to
+//! Redis (and fails closed if Redis cannot answer).
+//!
+//! Being connected is not enough: a partitioned or paused Redis would leave the connection
+//! open while invalidations stop arriving. So the store pings Redis every few milliseconds on
+//! the same connection, and the cache only answers while a ping *sent* at most
+//! [`MAX_STALENESS`] ago has been answered: replies and pushes arrive in order on one
+//! connection, so every invalidation for a write made before that ping has been applied. A
+//! session destroyed anywhere is refused here within that bound.
+//!
+//! A reply and an invalidation for the same key can race (the reply is read first, but the task
+//! that fills the cache may run after the invalidation was handled). Each key hashes to one of
+//! a fixed set of epoch counters, bumped by every invalidation; a fill is dropped when its
+//! counter moved since the lookup began.
+
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+
+use crate::session::Platform;
+
+const EPOCH_SLOTS: usize = 1024;
+
+/// How old the latest answered ping may be for the cache to answer.
+pub const MAX_STALENESS: Duration = Duration::from_millis(60);
+
+/// How often the store pings Redis to prove invalidations are flowing.
+pub const HEARTBEAT: Duration = Duration::from_millis(20);
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    platform: Platform,
+    /// Until when the entry may admit requests without asking Redis.
+    fresh_until: Instant,
+}
+
+/// Sessions recently confirmed by Redis, keyed by their Redis key.
+pub struct SessionCache {
+    entries: DashMap<Box<str>, Entry>,
+    epochs: Box<[AtomicU64]>,
+    hasher: std::collections::hash_map::RandomState,
+    max_entries: usize,
+    /// True while the connection that delivers invalidations is up and tracking.
+    live: AtomicBool,
+    /// Reference point for `confirmed_nanos`.
+    origin: Instant,
+    /// When (after `origin`) the latest answered ping was sent.
+    confirmed_nanos: AtomicU64,
+}
+
+/// Where a lookup began, to decide whether its result may be cached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Epoch(u64);
+
+impl SessionCache {
+    pub fn new(max_entries: usize) -> Self {
+        SessionCache {
+            entries: DashMap::new(),
+            epochs: (0..EPOCH_SLOTS).map(|_| AtomicU64::new(0)).collect(),
+            hasher: std::collections::hash_map::RandomState::new(),
+            max_entries,
+            live: AtomicBool::new(false),
+            origin: Instant::now(),
+            confirmed_nanos: AtomicU64::new(0),
+        }
+    }
+
+    /// A ping sent at `sent` was answered: every invalidation before it has arrived.
+    pub fn confirm(&self, sent: Instant) {
+        let nanos = u64::try_from(sent.saturating_duration_since(self.origin).as_nanos())
+            .unwrap_or(u64::MAX);
+        self.confirmed_nanos.fetch_max(nanos, Ordering::AcqRel);
+    }
+
+    /// Live, and a recent enough ping has been answered.
+    fn trustworthy(&self) -> bool {
+        if !self.live.load(Ordering::Acquire) {
+            return false;
+        }
+        let confirmed = Duration::from_nanos(self.confirmed_nanos.load(Ordering::Acquire));
+        self.origin.elapsed().saturating_sub(confirmed) <= MAX_STALENESS
+    }
+
+    fn slot(&self, key: &[u8]) -> &AtomicU64 {
+        let mut h = self.hasher.build_hasher();
+        key.hash(&mut h);
+        &self.epochs[(h.finish() as usize) % EPOCH_SLOTS]
+    }
+
+    /// The platform of a session confirmed recently enough, if the cache may be trusted now.
+    pub fn get(&self, key: &str) -> Option<Platform> {
+        if !self.trustworthy() {
+            return None;
+        }
+        let entry = *self.entries.get(key)?;
+        if Instant::now() < entry.fresh_until {
+            Some(entry.platform)
+        } else {
+            self.entries.remove(key);
+            None
+        }
+    }
+
+    /// Call before asking Redis; pass the result to [`SessionCache::insert`].
+    pub fn epoch(&self, key: &str) -> Epoch {
+        Epoch(self.slot(key.as_bytes()).load(Ordering::Acquire))
+    }
+
+    /// Remembers a session Redis just confirmed, unless an invalidation for it (or a flush)
+    /// arrived since `epoch` was taken.
+    pub fn insert(&self, key: &str, epoch: Epoch, platform: Platform, fresh_for: Duration) {
+        if fresh_for.is_zero() || !self.live.load(Ordering::Acquire) {
+            return;
+        }
+        if self.entries.len() >= self.max_entries {
+            self.sweep();
+            if self.entries.len() >= self.max_entries {
+                return;
+            }
+        }
+        let entry = Entry {
+            platform,
+            fresh_until: Instant::now() + fresh_for,
+        };
+        self.entries.insert(key.into(), entry);
+        // Re-check after inserting: an invalidation handled in between bumped the epoch and
+        // may have removed nothing (the entry was not there yet).
+        if self.slot(key.as_bytes()).load(Ordering::Acquire) != epoch.0 {
+            self.entries.remove(key);
+        }
+    }
+
+    /// A key changed in Redis.
+    pub fn invalidate(&self, key: &[u8]) {
+        self.slot(key).fetch_add(1, Ordering::AcqRel);
+        if let Ok(key) = std::str::from_utf8(key) {
+            self.entries.remove(key);
+        }
+    }
+
+    /// Forget everything (tracking lost, or Redis flushed).
+    pub fn flush(&self) {
+        for slot in self.epochs.iter() {
+            slot.fetch_add(1, Ordering::AcqRel);
+        }
+        self.entries.clear();
+    }
+
+    /// Marks whether invalidations are being delivered. Going down flushes.
+    pub fn set_live(&self, live: bool) {
+        if !live {
+            self.live.store(false, Ordering::Release);
+            self.flush();
+        } else {
+            self.flush();
+            self.live.store(true, Ordering::Release);
+        }
+    }
+
+    pub fn is_live(&self) -> bool {
+        self.live.load(Ordering::Acquire)
+    }
+
+    /// Drops entries that are no longer fresh.
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        self.entries.retain(|_, e| now < e.fresh_until);
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn live_cache() -> SessionCache {
+        let c = SessionCache::new(10);
+        c.set_live(true);
+        c.confirm(Instant::now());
+        c
+    }
+
+    #[test]
+    fn a_confirmed_session_is_served_until_it_goes_stale() {
+        let c = live_cache();
+        let e = c.epoch("k");
+        c.insert("k", e, Platform::Ios, Duration::from_secs(60));
+        assert_eq!(c.get("k"), Some(Platform::Ios));
+        let e = c.epoch("old");
+        c.insert("old", e, Platform::Web, Duration::from_nanos(1));
+        std::thread::sleep(Duration::from_millis(1));
+        assert_eq!(c.get("old"), None);
+    }
+
+    #[test]
+    fn an_invalidation_removes_the_entry() {
+        let c = live_cache();
+        let e = c.epoch("k");
+        c.insert("k", e, Platform::Web, Duration::from_secs(60));
+        c.invalidate(b"k");
+        assert_eq!(c.get("k"), None);
+    }
+
+    #[test]
+    fn a_fill_racing_an_invalidation_is_dropped() {
+        let c = live_cache();
+        let e = c.epoch("k");
+        c.invalidate(b"k"); // arrives while the lookup is in flight
+        c.insert("k", e, Platform::Web, Duration::from_secs(60));
+        assert_eq!(c.get("k"), None);
+    }
+
+    #[test]
+    fn nothing_is_served_or_kept_while_tracking_is_down() {
+        let c = live_cache();
+        let e = c.epoch("k");
+        c.insert("k", e, Platform::Web, Duration::from_secs(60));
+        c.set_live(false);
+        assert_eq!(c.get("k"), None);
+        assert!(c.is_empty());
+        let e = c.epoch("k");
+        c.insert("k", e, Platform::Web, Duration::from_secs(60));
+        assert!(c.is_empty());
+    }
+
+    #[test]
+    fn without_a_recent_answered_ping_nothing_is_served() {
+        let c = live_cache();
+        let e = c.epoch("k");
+        c.insert("k", e, Platform::Web, Duration::from_secs(60));
+        assert_eq!(c.get("k"), Some(Platform::Web));
+        std::thread::sleep(MAX_STALENESS + Duration::from_millis(10));
+        assert_eq!(c.get("k"), None, "invalidations may have stopped flowing");
+        c.confirm(Instant::now());
+        assert_eq!(c.get("k"), Some(Platform::Web));
+    }
+
+    #[test]
+    fn the_cache_stays_within_its_bound() {
+        let c = live_cache();
+        for i in 0..100 {
+            let k = format!("k{i}");
+            let e = c.epoch(&k);
+            c.insert(&k, e, Platform::Web, Duration::from_secs(60));
+        }
+        assert_eq!(c.len(), 10);
+    }
+}
