@@ -21,7 +21,7 @@
 //! a fixed set of epoch counters, bumped by every invalidation; a fill is dropped when its
 //! counter moved since the lookup began.
 
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -92,9 +92,7 @@ impl SessionCache {
     }
 
     fn slot(&self, key: &[u8]) -> &AtomicU64 {
-        let mut h = self.hasher.build_hasher();
-        key.hash(&mut h);
-        &self.epochs[(h.finish() as usize) % EPOCH_SLOTS]
+        &self.epochs[(self.hasher.hash_one(key) as usize) % EPOCH_SLOTS]
     }
 
     /// The platform of a session confirmed recently enough, if the cache may be trusted now.
