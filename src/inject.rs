@@ -7,7 +7,8 @@
 //! equal the edited values; when it does not (a layout yaml-edit cannot edit faithfully, such as
 //! JSON-style flow documents) the file is written from the values instead: key order kept,
 //! comments lost, and a note says so. A file with nothing to change is copied byte for byte,
-//! which is what makes a second injection a no-op.
+//! which is what makes a second injection a no-op. A workload annotated
+//! `portcullis/inject: disabled` (Redis, say) is passed through like any other document.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -29,6 +30,8 @@ const CONFIG_VOLUME: &str = "portcullis-config";
 const CONFIG_DIR: &str = "/etc/portcullis";
 const TLS_VOLUME: &str = "portcullis-tls";
 const TLS_DIR: &str = "/etc/portcullis-tls";
+/// An annotation (on the workload or its pod template) that keeps inject away: `disabled`.
+pub const OPT_OUT_ANNOTATION: &str = "portcullis/inject";
 
 /// `portcullis inject [FILES...]`.
 #[derive(Debug, Clone, clap::Args)]
@@ -289,6 +292,9 @@ pub fn inject(sources: &[Source], opts: &InjectOptions) -> Result<Injected, Inje
             }
             continue;
         };
+        if opted_out(&doc.value, &labels_path) {
+            continue;
+        }
         let (workload, edits) =
             plan_workload(&*doc, i, &spec_path, &labels_path, opts).map_err(|reason| {
                 InjectError::Refused {
@@ -385,6 +391,18 @@ fn append_document_text(out: &mut String, text: &str) {
     if !out.ends_with('\n') {
         out.push('\n');
     }
+}
+
+/// True when the workload or its pod template is annotated `portcullis/inject: disabled`.
+fn opted_out(doc: &Value, labels_path: &[&str]) -> bool {
+    let Some((_, pod_metadata)) = labels_path.split_last() else {
+        return false;
+    };
+    [&["metadata"][..], pod_metadata].iter().any(|metadata| {
+        let mut path = metadata.to_vec();
+        path.extend(["annotations", OPT_OUT_ANNOTATION]);
+        get(doc, &path).and_then(Value::as_str) == Some("disabled")
+    })
 }
 
 /// The workload in `doc`, and the edits that inject it (none when it already is).
@@ -1091,9 +1109,29 @@ spec:
     }
 
     #[test]
-    fn flow_documents_are_rewritten_from_values() {
+    fn a_layout_the_editor_cannot_change_is_rewritten_from_values() {
+        let tagged = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p # gone\nspec: !!map\n  containers:\n    - name: g\n      ports:\n        - containerPort: 80\n";
+        let out = run(tagged, &InjectOptions::default()).unwrap();
+        assert_eq!(out.notes.len(), 1, "{:?}", out.notes);
+        assert!(out.notes[0].contains("comments and layout lost"));
+        let values = parse_all(&out.text).unwrap();
+        assert_eq!(
+            values[0]["spec"]["initContainers"][0]["name"],
+            s("portcullis")
+        );
+        assert_eq!(values[0]["spec"]["containers"][0]["name"], s("g"));
+    }
+
+    #[test]
+    fn flow_documents_are_edited_in_place() {
         let json = r#"{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": {"containers": [{"name": "g", "image": "g", "ports": [{"containerPort": 80}]}]}}"#;
         let out = run(json, &InjectOptions::default()).unwrap();
+        assert!(out.notes.is_empty(), "{:?}", out.notes);
+        assert!(
+            out.text.starts_with(r#"{"apiVersion": "v1""#),
+            "{}",
+            out.text
+        );
         let values = parse_all(&out.text).unwrap();
         let init = &values[0]["spec"]["initContainers"][0];
         assert_eq!(init["name"], s("portcullis"));

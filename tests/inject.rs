@@ -1,0 +1,525 @@
+//! `portcullis inject`, run as the real binary on the deploy/k8s manifests and on edge cases.
+//! Outputs are read back as YAML into JSON values and compared field by field.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+const SECRETS: &[&str] = &[
+    "--jwt-secret",
+    "portcullis-jwt",
+    "--tls-secret",
+    "portcullis-tls",
+    "--redis-secret",
+    "redis-auth",
+];
+
+struct Run {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn docs(&self) -> Vec<Value> {
+        assert!(self.ok, "inject failed: {}", self.stderr);
+        docs(&self.stdout)
+    }
+}
+
+/// Runs `portcullis inject ARGS` with `stdin`.
+fn inject(args: &[&str], stdin: &str) -> Run {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .arg("inject")
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start portcullis inject");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin.as_bytes())
+        .expect("write stdin");
+    let out = child.wait_with_output().expect("portcullis inject output");
+    Run {
+        ok: out.status.success(),
+        stdout: String::from_utf8(out.stdout).expect("utf-8 stdout"),
+        stderr: String::from_utf8(out.stderr).expect("utf-8 stderr"),
+    }
+}
+
+/// Every non-empty document of `text`, as JSON values.
+fn docs(text: &str) -> Vec<Value> {
+    serde_yaml_ng::Deserializer::from_str(text)
+        .map(|d| Value::deserialize(d).unwrap_or_else(|e| panic!("not YAML: {e}\n{text}")))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(path))
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+fn kind<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name} in {docs:#?}"))
+}
+
+fn container<'a>(list: &'a Value, name: &str) -> &'a Value {
+    list.as_array()
+        .and_then(|l| l.iter().find(|c| c["name"] == name))
+        .unwrap_or_else(|| panic!("no container {name} in {list}"))
+}
+
+fn env<'a>(container: &'a Value, name: &str) -> &'a Value {
+    container["env"]
+        .as_array()
+        .and_then(|l| l.iter().find(|e| e["name"] == name))
+        .unwrap_or_else(|| panic!("no env {name} in {container}"))
+}
+
+fn deployment(name: &str, labels: &str, ports: &str) -> String {
+    format!(
+        "apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: {name}
+spec:
+  selector:
+    matchLabels: {labels}
+  template:
+    metadata:
+      labels: {labels}
+    spec:
+      containers:
+        - name: game
+          image: game:1
+{ports}"
+    )
+}
+
+const ONE_PORT: &str =
+    "          ports:\n            - containerPort: 8080\n              name: http\n";
+
+// ------------------------------------------------------------------------------------------
+// The deploy/k8s example
+// ------------------------------------------------------------------------------------------
+
+#[test]
+fn the_example_game_is_injected_as_deploy_k8s_game_yaml_shows() {
+    let before = read("deploy/k8s/examples/game-before-inject.yaml");
+    let mut args = vec![
+        "--image",
+        "portcullis:0.1.0",
+        "--config-map",
+        "portcullis-config",
+    ];
+    args.extend_from_slice(SECRETS);
+    let out = inject(&args, &before).docs();
+    let input = docs(&before);
+    let shipped = docs(&read("deploy/k8s/game.yaml"));
+
+    let got = &kind(&out, "Deployment", "game")["spec"]["template"]["spec"];
+    let want = &kind(&shipped, "Deployment", "game")["spec"]["template"]["spec"];
+    assert_eq!(
+        container(&got["initContainers"], "portcullis"),
+        container(&want["initContainers"], "portcullis")
+    );
+    assert_eq!(got["volumes"], want["volumes"]);
+    // The game container itself is left as it was.
+    assert_eq!(
+        got["containers"],
+        kind(&input, "Deployment", "game")["spec"]["template"]["spec"]["containers"]
+    );
+    // The Service now reaches the game through portcullis only.
+    let service = kind(&out, "Service", "game");
+    assert_eq!(service["spec"]["ports"][0]["targetPort"], 8443);
+    assert_eq!(service["spec"]["ports"][0]["port"], 443);
+    assert_eq!(
+        kind(&shipped, "Service", "game")["spec"]["ports"][0]["targetPort"],
+        8443
+    );
+}
+
+#[test]
+fn the_deploy_k8s_manifests_are_left_exactly_as_they_are() {
+    for file in [
+        "deploy/k8s/game.yaml",
+        "deploy/k8s/redis.yaml",
+        "deploy/k8s/portcullis-config.yaml",
+        "deploy/k8s/secrets.yaml",
+        "deploy/k8s/networkpolicy.yaml",
+    ] {
+        let text = read(file);
+        let out = inject(&[], &text);
+        assert!(out.ok, "{file}: {}", out.stderr);
+        assert_eq!(out.stdout, text, "{file} changed");
+    }
+    // All at once with --network-policy: the shipped policy is recognised, nothing is added.
+    let files = [
+        "deploy/k8s/game.yaml",
+        "deploy/k8s/redis.yaml",
+        "deploy/k8s/networkpolicy.yaml",
+    ];
+    let mut args = vec!["--network-policy"];
+    args.extend(files);
+    let out = inject(&args, "");
+    let expected: Vec<Value> = files.iter().flat_map(|f| docs(&read(f))).collect();
+    assert_eq!(out.docs(), expected);
+}
+
+// ------------------------------------------------------------------------------------------
+// Edge cases
+// ------------------------------------------------------------------------------------------
+
+#[test]
+fn every_workload_of_a_multi_document_input_is_injected_and_the_rest_kept() {
+    let input = format!(
+        "{}---\n{}---\n{}---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: p\nspec:\n  containers:\n    - name: game\n      image: game:1\n      ports:\n        - containerPort: 7000\n---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: settings\ndata:\n  level: \"3\"\n",
+        deployment("d", "{app: d}", ONE_PORT),
+        deployment("s", "{app: s}", ONE_PORT).replace("kind: Deployment", "kind: StatefulSet"),
+        deployment("ds", "{app: ds}", ONE_PORT).replace("kind: Deployment", "kind: DaemonSet"),
+    );
+    let out = inject(&[], &input).docs();
+    let input = docs(&input);
+    assert_eq!(out.len(), 5);
+    for (kind_name, name) in [
+        ("Deployment", "d"),
+        ("StatefulSet", "s"),
+        ("DaemonSet", "ds"),
+    ] {
+        let spec = &kind(&out, kind_name, name)["spec"]["template"]["spec"];
+        let sidecar = container(&spec["initContainers"], "portcullis");
+        assert_eq!(sidecar["restartPolicy"], "Always", "{kind_name}");
+        assert_eq!(
+            env(sidecar, "PORTCULLIS_UPSTREAM_URL")["value"],
+            "http://127.0.0.1:8080"
+        );
+        assert_eq!(
+            spec["volumes"],
+            json!([{"name": "portcullis-config", "configMap": {"name": "portcullis"}}])
+        );
+    }
+    // A bare Pod gets it in its own spec.
+    let pod = kind(&out, "Pod", "p");
+    let sidecar = container(&pod["spec"]["initContainers"], "portcullis");
+    assert_eq!(
+        env(sidecar, "PORTCULLIS_UPSTREAM_URL")["value"],
+        "http://127.0.0.1:7000"
+    );
+    // Not a workload: passed through untouched.
+    assert_eq!(
+        kind(&out, "ConfigMap", "settings"),
+        kind(&input, "ConfigMap", "settings")
+    );
+}
+
+#[test]
+fn the_sidecar_has_ports_probes_limits_and_a_locked_down_context() {
+    let out = inject(
+        &[
+            "--image",
+            "reg/portcullis:2",
+            "--port",
+            "9443",
+            "--admin-port",
+            "9091",
+        ],
+        &deployment("d", "{app: d}", ONE_PORT),
+    )
+    .docs();
+    let spec = &out[0]["spec"]["template"]["spec"];
+    let sidecar = container(&spec["initContainers"], "portcullis");
+    assert_eq!(sidecar["image"], "reg/portcullis:2");
+    assert_eq!(
+        sidecar["ports"],
+        json!([
+            {"name": "portcullis", "containerPort": 9443, "protocol": "TCP"},
+            {"name": "portcullis-adm", "containerPort": 9091, "protocol": "TCP"},
+        ])
+    );
+    assert_eq!(
+        env(sidecar, "PORTCULLIS_SERVER_LISTEN")["value"],
+        "0.0.0.0:9443"
+    );
+    assert_eq!(
+        env(sidecar, "PORTCULLIS_ADMIN_LISTEN")["value"],
+        "0.0.0.0:9091"
+    );
+    assert_eq!(sidecar["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(sidecar["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(
+        sidecar["readinessProbe"]["httpGet"]["port"],
+        "portcullis-adm"
+    );
+    assert_eq!(
+        sidecar["volumeMounts"],
+        json!([{"name": "portcullis-config", "mountPath": "/etc/portcullis", "readOnly": true}])
+    );
+    assert!(sidecar["resources"]["requests"]["memory"].is_string());
+    assert!(sidecar["resources"]["limits"]["memory"].is_string());
+    assert_eq!(sidecar["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(sidecar["securityContext"]["runAsNonRoot"], true);
+    // No secrets unless asked for.
+    assert!(sidecar["env"]
+        .as_array()
+        .is_some_and(|e| e.iter().all(|v| v["name"] != "JWT_SECRET")));
+    // The game container is not touched.
+    assert_eq!(spec["containers"][0]["ports"][0]["containerPort"], 8080);
+}
+
+#[test]
+fn injecting_twice_changes_nothing() {
+    let input = format!(
+        "# the game\n{}---\napiVersion: v1\nkind: Service\nmetadata:\n  name: d\nspec:\n  selector: {{app: d}}\n  ports:\n    - port: 80\n      targetPort: http\n",
+        deployment("d", "{app: d}", ONE_PORT)
+    );
+    let args = ["--network-policy", "--jwt-secret", "jwt"];
+    let once = inject(&args, &input);
+    assert!(once.ok, "{}", once.stderr);
+    assert_ne!(once.stdout, input);
+    let twice = inject(&args, &once.stdout);
+    assert!(twice.ok, "{}", twice.stderr);
+    assert_eq!(twice.stdout, once.stdout);
+}
+
+#[test]
+fn comments_and_key_order_are_kept() {
+    let input = deployment("d", "{app: d}", ONE_PORT)
+        .replace("kind: Deployment", "kind: Deployment # the game")
+        .replace("    spec:\n", "    spec:\n      # pod spec\n");
+    let out = inject(&[], &input);
+    assert!(out.ok, "{}", out.stderr);
+    assert!(
+        out.stdout.contains("kind: Deployment # the game"),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stdout.contains("      # pod spec\n"), "{}", out.stdout);
+    let keys: Vec<&str> = out
+        .stdout
+        .lines()
+        .filter(|l| !l.starts_with(' ') && !l.starts_with('#'))
+        .filter_map(|l| l.split(':').next())
+        .collect();
+    assert_eq!(keys, ["apiVersion", "kind", "metadata", "spec"]);
+    assert!(out.stderr.is_empty(), "{}", out.stderr);
+}
+
+#[test]
+fn a_workload_without_ports_is_refused_naming_it() {
+    let input = format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: c\n---\n{}",
+        deployment("quiet", "{app: q}", "")
+    );
+    let out = inject(&[], &input);
+    assert!(!out.ok);
+    assert!(out.stdout.is_empty(), "{}", out.stdout);
+    assert!(out.stderr.contains("document 2"), "{}", out.stderr);
+    assert!(out.stderr.contains("Deployment quiet"), "{}", out.stderr);
+    assert!(out.stderr.contains("--upstream-port"), "{}", out.stderr);
+
+    // With the port given, it is injected.
+    let out = inject(&["--upstream-port", "3000"], &input).docs();
+    let spec = &kind(&out, "Deployment", "quiet")["spec"]["template"]["spec"];
+    assert_eq!(
+        env(
+            container(&spec["initContainers"], "portcullis"),
+            "PORTCULLIS_UPSTREAM_URL"
+        )["value"],
+        "http://127.0.0.1:3000"
+    );
+}
+
+#[test]
+fn several_ports_need_a_choice() {
+    let ports = "          ports:\n            - containerPort: 8080\n              name: http\n            - containerPort: 9100\n              name: metrics\n";
+    let input = deployment("multi", "{app: m}", ports);
+    let out = inject(&[], &input);
+    assert!(!out.ok);
+    assert!(out.stderr.contains("Deployment multi"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("8080") && out.stderr.contains("9100"),
+        "{}",
+        out.stderr
+    );
+    let out = inject(&["--upstream-port", "8080"], &input).docs();
+    let sidecar = container(
+        &out[0]["spec"]["template"]["spec"]["initContainers"],
+        "portcullis",
+    );
+    assert_eq!(
+        env(sidecar, "PORTCULLIS_UPSTREAM_URL")["value"],
+        "http://127.0.0.1:8080"
+    );
+}
+
+#[test]
+fn a_port_clash_with_the_game_is_refused() {
+    let ports = "          ports:\n            - containerPort: 8443\n";
+    let out = inject(&[], &deployment("tls-game", "{app: t}", ports));
+    assert!(!out.ok);
+    assert!(out.stderr.contains("--port"), "{}", out.stderr);
+    let out = inject(
+        &["--port", "9443"],
+        &deployment("tls-game", "{app: t}", ports),
+    );
+    assert!(out.ok, "{}", out.stderr);
+}
+
+#[test]
+fn non_workloads_pass_through_byte_for_byte() {
+    let input = "# settings\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: c # here\ndata:\n  a: \"1\"\n";
+    let out = inject(&[], input);
+    assert!(out.ok, "{}", out.stderr);
+    assert_eq!(out.stdout, input);
+}
+
+#[test]
+fn services_selecting_an_injected_workload_are_retargeted() {
+    let service = |name: &str, selector: &str, ports: &str| {
+        format!("---\napiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\nspec:\n  selector: {selector}\n  ports:\n{ports}")
+    };
+    let input = [
+        deployment("game", "{app: game, tier: backend}", ONE_PORT),
+        service(
+            "by-number",
+            "{app: game}",
+            "    - port: 80\n      targetPort: 8080\n",
+        ),
+        service(
+            "by-name",
+            "{app: game}",
+            "    - port: 80\n      targetPort: http\n",
+        ),
+        service("implicit", "{app: game}", "    - port: 8080\n"),
+        service(
+            "other-app",
+            "{app: shop}",
+            "    - port: 80\n      targetPort: 8080\n",
+        ),
+        service(
+            "udp",
+            "{app: game}",
+            "    - port: 7777\n      protocol: UDP\n      targetPort: 7777\n",
+        ),
+    ]
+    .concat();
+    let out = inject(&[], &input).docs();
+    let target = |name: &str| kind(&out, "Service", name)["spec"]["ports"][0]["targetPort"].clone();
+    assert_eq!(target("by-number"), 8443);
+    assert_eq!(target("by-name"), 8443);
+    assert_eq!(target("implicit"), 8443);
+    assert_eq!(
+        kind(&out, "Service", "implicit")["spec"]["ports"][0]["port"],
+        8080
+    );
+    assert_eq!(target("other-app"), 8080);
+    assert_eq!(target("udp"), 7777);
+}
+
+#[test]
+fn a_service_port_that_bypasses_the_sidecar_is_reported() {
+    let input = format!(
+        "{}---\napiVersion: v1\nkind: Service\nmetadata:\n  name: side\nspec:\n  selector: {{app: d}}\n  ports:\n    - port: 9999\n",
+        deployment("d", "{app: d}", ONE_PORT)
+    );
+    let out = inject(&[], &input);
+    assert!(out.ok, "{}", out.stderr);
+    assert!(out.stderr.contains("Service side"), "{}", out.stderr);
+    assert!(out.stderr.contains("bypasses"), "{}", out.stderr);
+}
+
+#[test]
+fn network_policy_admits_only_the_sidecar_ports() {
+    let mut input = deployment("game", "{app: game}", ONE_PORT);
+    input = input.replace("  name: game\n", "  name: game\n  namespace: arena\n");
+    let out = inject(&["--network-policy", "--admin-port", "9191"], &input).docs();
+    assert_eq!(out.len(), 2);
+    assert_eq!(
+        out[1],
+        json!({
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": {"name": "game-portcullis", "namespace": "arena"},
+            "spec": {
+                "podSelector": {"matchLabels": {"app": "game"}},
+                "policyTypes": ["Ingress"],
+                "ingress": [{"ports": [
+                    {"protocol": "TCP", "port": 8443},
+                    {"protocol": "TCP", "port": 9191},
+                ]}],
+            },
+        })
+    );
+    // Without the flag, none.
+    assert_eq!(inject(&[], &input).docs().len(), 1);
+}
+
+#[test]
+fn json_documents_are_injected_too() {
+    let input = r#"{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "j"}, "spec": {"containers": [{"name": "g", "image": "g", "ports": [{"containerPort": 80}]}]}}"#;
+    let out = inject(&[], input);
+    let docs = out.docs();
+    assert_eq!(docs[0]["spec"]["initContainers"][0]["name"], "portcullis");
+    assert_eq!(docs[0]["spec"]["containers"][0]["name"], "g");
+    // Edited in place: still one flow mapping, nothing reported.
+    assert!(
+        out.stdout.starts_with(r#"{"apiVersion": "v1""#),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stderr.is_empty(), "{}", out.stderr);
+}
+
+#[test]
+fn a_workload_annotated_disabled_is_left_alone() {
+    let input = deployment("redis", "{app: redis}", ONE_PORT).replace(
+        "  name: redis\n",
+        "  name: redis\n  annotations:\n    portcullis/inject: disabled\n",
+    );
+    let out = inject(&[], &input);
+    assert!(out.ok, "{}", out.stderr);
+    assert_eq!(out.stdout, input);
+}
+
+#[test]
+fn files_and_stdin_are_read_in_order() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("a.yaml");
+    std::fs::write(&file, deployment("from-file", "{app: f}", ONE_PORT)).expect("write");
+    let path = file.to_str().expect("utf-8 path");
+    let out = inject(
+        &[path, "-"],
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: from-stdin\n",
+    )
+    .docs();
+    assert_eq!(out[0]["metadata"]["name"], "from-file");
+    assert!(out[0]["spec"]["template"]["spec"]["initContainers"].is_array());
+    assert_eq!(out[1]["metadata"]["name"], "from-stdin");
+
+    let missing = inject(&["/nonexistent/x.yaml"], "");
+    assert!(!missing.ok);
+    assert!(
+        missing.stderr.contains("/nonexistent/x.yaml"),
+        "{}",
+        missing.stderr
+    );
+}
+
+#[test]
+fn not_yaml_is_refused_naming_the_input() {
+    let out = inject(&[], "kind: [unclosed\n");
+    assert!(!out.ok);
+    assert!(out.stderr.contains("<stdin>"), "{}", out.stderr);
+    assert!(out.stdout.is_empty());
+}
