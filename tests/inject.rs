@@ -523,3 +523,56 @@ fn not_yaml_is_refused_naming_the_input() {
     assert!(out.stderr.contains("<stdin>"), "{}", out.stderr);
     assert!(out.stdout.is_empty());
 }
+
+// ------------------------------------------------------------------------------------------
+// The example's configuration
+// ------------------------------------------------------------------------------------------
+
+#[test]
+fn the_example_config_map_is_a_valid_config_with_the_sidecar_env() {
+    let config_map = docs(&read("deploy/k8s/portcullis-config.yaml"));
+    let toml = config_map[0]["data"]["config.toml"]
+        .as_str()
+        .expect("config.toml in the ConfigMap");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, toml).expect("write config");
+    // The TLS Secret's files, as they would be mounted.
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .expect("params")
+        .self_signed(&key)
+        .expect("certificate");
+    std::fs::write(dir.path().join("tls.crt"), cert.pem()).expect("write cert");
+    std::fs::write(dir.path().join("tls.key"), key.serialize_pem()).expect("write key");
+
+    // The sidecar's literal env from game.yaml, then what the Secrets and the files provide.
+    let game = docs(&read("deploy/k8s/game.yaml"));
+    let sidecar = container(
+        &kind(&game, "Deployment", "game")["spec"]["template"]["spec"]["initContainers"],
+        "portcullis",
+    );
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_portcullis"));
+    cmd.env_clear();
+    for var in sidecar["env"].as_array().expect("env list") {
+        if let (Some(name), Some(value)) = (var["name"].as_str(), var["value"].as_str()) {
+            cmd.env(name, value);
+        }
+    }
+    let out = cmd
+        .env("JWT_SECRET", "0123456789abcdef0123456789abcdef")
+        .env("REDIS_PASSWORD", "example")
+        .env("REDIS_PORT", "tcp://10.0.0.5:6379")
+        .env("PORTCULLIS_SERVER_TLS_CERT", dir.path().join("tls.crt"))
+        .env("PORTCULLIS_SERVER_TLS_KEY", dir.path().join("tls.key"))
+        .arg("--config")
+        .arg(&path)
+        .arg("check-config")
+        .output()
+        .expect("run check-config");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
