@@ -91,6 +91,7 @@ impl App {
             config.session.last_active_resolution,
             config.session.slide_interval,
             cache,
+            metrics.clone(),
         );
         let verifier = Verifier::new(&config.jwt)?;
         let routes = RouteTable::new(&config.session.api_prefix, &config.routes);
@@ -166,6 +167,7 @@ impl App {
         let connections = self.open_connections.clone();
         let tunnels = self.upstream.tunnels();
         let rate_limits = self.rate_limits.clone();
+        let sessions = self.sessions.clone();
         admin.routes.push((
             "/metrics",
             Arc::new(move || {
@@ -174,6 +176,9 @@ impl App {
                 metrics
                     .rate_limit_keys
                     .set(gauge(rate_limits.tracked_keys()));
+                if let Some(cache) = sessions.cache() {
+                    metrics.session_cache_entries.set(gauge(cache.len()));
+                }
                 let mut response = Response::new(full(metrics.encode()));
                 *response.status_mut() = StatusCode::OK;
                 response.headers_mut().insert(

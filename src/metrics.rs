@@ -66,6 +66,15 @@ pub struct Metrics {
     pub open_tunnels: Gauge,
     pub rate_limit_keys: Gauge,
     pub certificate_reloads: Family<ReloadLabels, Counter>,
+    pub session_cache_lookups: Family<CacheLabels, Counter>,
+    pub session_cache_entries: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLabels {
+    /// `hit` (admitted from memory), `miss` (checked in Redis), or `off` (cache not trusted
+    /// right now, checked in Redis).
+    pub result: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -183,6 +192,18 @@ impl Metrics {
             "TLS certificate reloads, by outcome",
             certificate_reloads.clone(),
         );
+        let session_cache_lookups = Family::<CacheLabels, Counter>::default();
+        registry.register(
+            "session_cache_lookups",
+            "Session checks on proxied requests, by how the local cache answered",
+            session_cache_lookups.clone(),
+        );
+        let session_cache_entries = Gauge::default();
+        registry.register(
+            "session_cache_entries",
+            "Sessions held in the local cache",
+            session_cache_entries.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -199,6 +220,8 @@ impl Metrics {
             open_tunnels,
             rate_limit_keys,
             certificate_reloads,
+            session_cache_lookups,
+            session_cache_entries,
         }
     }
 

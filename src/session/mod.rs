@@ -14,6 +14,7 @@ use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
 use serde::{Deserialize, Serialize, Serializer};
 use uuid::Uuid;
 
+use crate::metrics::{CacheLabels, Metrics};
 use crate::session::cache::SessionCache;
 use crate::store::{Store, StoreError, Tracking};
 
@@ -177,6 +178,7 @@ pub struct Sessions {
     /// A session is slid (and re-checked in Redis when cached) at most this often.
     slide_interval: Duration,
     cache: Option<std::sync::Arc<SessionCache>>,
+    metrics: std::sync::Arc<Metrics>,
 }
 
 impl Tracking for SessionCache {
@@ -214,6 +216,7 @@ impl Sessions {
         last_active_resolution: Duration,
         slide_interval: Duration,
         cache: Option<std::sync::Arc<SessionCache>>,
+        metrics: std::sync::Arc<Metrics>,
     ) -> Self {
         Sessions {
             store,
@@ -221,7 +224,15 @@ impl Sessions {
             last_active_resolution,
             slide_interval,
             cache,
+            metrics,
         }
+    }
+
+    fn count_lookup(&self, result: &'static str) {
+        self.metrics
+            .session_cache_lookups
+            .get_or_create(&CacheLabels { result })
+            .inc();
     }
 
     pub fn cache(&self) -> Option<&SessionCache> {
@@ -316,10 +327,16 @@ impl Sessions {
             let epoch = cache.epoch(&key);
             (cache, key, epoch)
         });
-        if let Some((cache, key, _)) = &cached {
-            if let Some(platform) = cache.get(key) {
-                return Ok(Some(platform));
+        match &cached {
+            Some((cache, key, _)) => {
+                if let Some(platform) = cache.get(key) {
+                    self.count_lookup("hit");
+                    return Ok(Some(platform));
+                }
+                self.count_lookup("miss");
             }
+            None if self.cache.is_some() => self.count_lookup("off"),
+            None => {}
         }
         let Some(value) = self
             .store
