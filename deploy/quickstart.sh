@@ -10,7 +10,11 @@ cargo build --release --quiet
 bin=target/release/portcullis
 "$bin" echo-upstream --listen 127.0.0.1:8080 &
 echo_pid=$!
-trap 'kill $echo_pid 2>/dev/null || true' EXIT
-exec_status=0
-"$bin" --config config.toml || exec_status=$?
-exit $exec_status
+"$bin" --config config.toml &
+proxy_pid=$!
+# Whatever stops this script (Ctrl-C, SIGTERM, one of the two exiting) stops both.
+stop() { kill -TERM "$proxy_pid" "$echo_pid" 2>/dev/null || true; }
+trap stop EXIT
+trap 'stop; exit 130' INT
+trap 'stop; exit 143' TERM
+wait -n "$proxy_pid" "$echo_pid"

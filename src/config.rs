@@ -420,6 +420,9 @@ pub struct Config {
     pub rate_limit: RateLimitConfig,
     pub metrics: MetricsConfig,
     pub routes: Vec<RouteConfig>,
+    /// Things worth telling the operator that do not stop portcullis (ignored environment
+    /// variables, ...). Logged once logging is set up.
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -494,7 +497,17 @@ pub struct RouteConfig {
     /// Normalised prefix without a trailing slash (`""` for the root).
     pub path_prefix: String,
     pub auth: AuthMode,
-    pub rate_limit: Option<Quota>,
+    pub rate_limit: RouteLimit,
+}
+
+/// A route's own rate limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteLimit {
+    /// No `rate_limit` on the route: `rate_limit.proxy` (and `anonymous`) apply.
+    Inherit,
+    /// `rate_limit = { requests = 0, ... }`: no per-caller quota on this route.
+    Off,
+    Own(Quota),
 }
 
 /// A validated quota: `burst` requests at once, refilling at `requests` per `per`.
@@ -588,7 +601,8 @@ impl Config {
         let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
             ConfigErrors::one("(file)", format!("not valid TOML: {}", e.message()))
         })?;
-        apply_env_overrides(&mut table, env)?;
+        let mut warnings = Vec::new();
+        apply_env_overrides(&mut table, env, &mut warnings)?;
         let file: FileConfig = serde_path_to_error::deserialize(table).map_err(|e| {
             let key = e.path().to_string();
             ConfigErrors::one(
@@ -596,7 +610,10 @@ impl Config {
                 e.into_inner().message().to_string(),
             )
         })?;
-        file.validate(base, env)
+        let mut config = file.validate(base, env)?;
+        warnings.append(&mut config.warnings);
+        config.warnings = warnings;
+        Ok(config)
     }
 }
 
@@ -771,10 +788,13 @@ impl FileConfig {
                 v.fail(&format!("{key}.path_prefix"), "appears twice");
                 continue;
             }
-            let rate_limit = route
-                .rate_limit
-                .as_ref()
-                .and_then(|q| v.quota(&format!("{key}.rate_limit"), q));
+            let rate_limit = match &route.rate_limit {
+                None => RouteLimit::Inherit,
+                Some(q) => match v.quota(&format!("{key}.rate_limit"), q) {
+                    Some(quota) => RouteLimit::Own(quota),
+                    None => RouteLimit::Off,
+                },
+            };
             routes.push(RouteConfig {
                 path_prefix: prefix.to_string(),
                 auth,
@@ -782,6 +802,7 @@ impl FileConfig {
             });
         }
 
+        let warnings = std::mem::take(&mut v.warnings);
         v.finish()?;
         // `finish` returned Ok, so every value checked above is present.
         let (
@@ -855,6 +876,7 @@ impl FileConfig {
                 active_sessions_interval: self.metrics.active_sessions_interval,
             },
             routes,
+            warnings,
         })
     }
 }
@@ -863,6 +885,7 @@ impl FileConfig {
 #[derive(Default)]
 pub(crate) struct Validator {
     errors: Vec<ConfigError>,
+    warnings: Vec<String>,
 }
 
 impl Validator {
@@ -1000,7 +1023,9 @@ impl Validator {
             Some(p) => match p.parse::<u16>() {
                 Ok(port) => Some(port),
                 Err(_) => {
-                    tracing::debug!(value = %p, "ignoring REDIS_PORT: not a port number (a Kubernetes service link?)");
+                    self.warnings.push(format!(
+                        "ignoring REDIS_PORT={p:?}: not a port number (a Kubernetes service link?)"
+                    ));
                     None
                 }
             },
@@ -1282,6 +1307,7 @@ fn is_service_link(rest: &str) -> bool {
 fn apply_env_overrides(
     table: &mut toml::Table,
     env: &[(String, String)],
+    warnings: &mut Vec<String>,
 ) -> Result<(), ConfigErrors> {
     let mut errors = Vec::new();
     for (name, value) in env {
@@ -1294,7 +1320,9 @@ fn apply_env_overrides(
             .copied()
         else {
             if !is_service_link(rest) {
-                tracing::warn!(variable = %name, "ignoring environment variable: no such config key");
+                warnings.push(format!(
+                    "ignoring environment variable {name}: no such config key"
+                ));
             }
             continue;
         };
@@ -1458,7 +1486,7 @@ mod tests {
         let proxy = c.rate_limit.proxy.unwrap();
         assert_eq!((proxy.requests.get(), proxy.burst.get()), (10, 20));
         assert!(c.rate_limit.sessions_api.is_none());
-        assert_eq!(c.routes[0].rate_limit.unwrap().requests.get(), 5);
+        assert!(matches!(c.routes[0].rate_limit, RouteLimit::Own(q) if q.requests.get() == 5));
         let err = parse("[rate_limit.anonymous]\nrequests = 5\nper = \"0s\"\n").unwrap_err();
         assert_eq!(err.0[0].key, "rate_limit.anonymous.per");
     }
@@ -1501,6 +1529,22 @@ mod tests {
         let err = parse_env("", &[("PORTCULLIS_SERVER_MAX_BODY_BYTES", "lots")]).unwrap_err();
         assert_eq!(err.0[0].key, "server.max_body_bytes");
         assert!(err.0[0].reason.contains("PORTCULLIS_SERVER_MAX_BODY_BYTES"));
+    }
+
+    #[test]
+    fn ignored_variables_are_reported_as_warnings() {
+        let c = parse_env(
+            "",
+            &[
+                ("PORTCULLIS_SERVER_LISTN", "0.0.0.0:1"),
+                ("REDIS_PORT", "tcp://10.0.0.5:6379"),
+                ("PORTCULLIS_SERVICE_HOST", "10.0.0.7"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.warnings.len(), 2, "{:?}", c.warnings);
+        assert!(c.warnings[0].contains("PORTCULLIS_SERVER_LISTN"));
+        assert!(c.warnings[1].contains("REDIS_PORT"));
     }
 
     #[test]

@@ -28,8 +28,6 @@ pub enum Rejection {
     NotFound,
     #[error("method not allowed for this endpoint")]
     MethodNotAllowed,
-    #[error("portcullis is shutting down")]
-    ShuttingDown,
     #[error("this endpoint needs a bearer token in the Authorization header")]
     TokenMissing,
     #[error("the bearer token is malformed, badly signed, or not valid at this time")]
@@ -60,7 +58,6 @@ impl Rejection {
             Rejection::BadRequest(_) => StatusCode::BAD_REQUEST,
             Rejection::NotFound => StatusCode::NOT_FOUND,
             Rejection::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Rejection::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Rejection::TokenMissing
             | Rejection::TokenInvalid
             | Rejection::TokenExpired
@@ -82,7 +79,6 @@ impl Rejection {
             Rejection::BadRequest(_) => "BAD_REQUEST",
             Rejection::NotFound => "NOT_FOUND",
             Rejection::MethodNotAllowed => "METHOD_NOT_ALLOWED",
-            Rejection::ShuttingDown => "SHUTTING_DOWN",
             Rejection::TokenMissing => "TOKEN_MISSING",
             Rejection::TokenInvalid => "TOKEN_INVALID",
             Rejection::TokenExpired => "TOKEN_EXPIRED",

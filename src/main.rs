@@ -129,7 +129,18 @@ fn main() -> ExitCode {
             }
         }
         Command::CheckConfig => match Config::load(&cli.config) {
-            Ok(_) => {
+            Ok(config) => {
+                for warning in &config.warnings {
+                    eprintln!("warning: {warning}");
+                }
+                // The certificate and key are read too, as the server will at start.
+                if let Some(tls) = &config.server.tls {
+                    if let Err(e) = portcullis::tls::load_certified_key(&tls.cert, &tls.key) {
+                        eprintln!("{}: invalid configuration", cli.config.display());
+                        eprintln!("config key `server.tls`: {e}");
+                        return ExitCode::from(2);
+                    }
+                }
                 println!("{}: ok", cli.config.display());
                 ExitCode::SUCCESS
             }
@@ -152,6 +163,9 @@ fn main() -> ExitCode {
                 cli.log_format.unwrap_or(config.log.format),
                 &config.log.level,
             );
+            for warning in &config.warnings {
+                tracing::warn!("{warning}");
+            }
             runtime.block_on(run(config))
         }
     }

@@ -31,7 +31,7 @@ pub struct ClassLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RejectionLabels {
-    /// `token`, `session`, `rate_limit`, `redis_unavailable`, `upstream`, `request`, `shutdown`.
+    /// `token`, `session`, `rate_limit`, `redis_unavailable`, `upstream`, `request`.
     pub reason: &'static str,
     /// The stable error code.
     pub code: &'static str,
@@ -264,7 +264,6 @@ pub fn rejection_reason(rejection: &Rejection) -> &'static str {
         Rejection::RateLimited => "rate_limit",
         Rejection::StoreUnavailable => "redis_unavailable",
         Rejection::UpstreamUnavailable | Rejection::UpstreamTimeout(_) => "upstream",
-        Rejection::ShuttingDown => "shutdown",
         Rejection::PayloadTooLarge(_)
         | Rejection::HeadersTooLarge(_)
         | Rejection::BadRequest(_)

@@ -25,7 +25,7 @@ use http::{HeaderName, HeaderValue, Request, Response};
 use tower::{Layer, Service};
 
 use crate::authn::Authenticated;
-use crate::config::{Quota, RateLimitConfig, RouteConfig};
+use crate::config::{Quota, RateLimitConfig, RouteConfig, RouteLimit};
 use crate::error::Rejection;
 use crate::peer::ClientIp;
 use crate::routes::RouteClass;
@@ -119,13 +119,19 @@ impl<C: Clock> Limiter<C> {
     }
 }
 
+enum RouteLimiter {
+    Inherit,
+    Off,
+    Own(Limiter),
+}
+
 /// Every limiter of the process.
 pub struct RateLimits {
     proxy: Option<Limiter>,
     sessions_api: Option<Limiter>,
     anonymous: Option<Limiter>,
     /// Indexed like `config.routes`.
-    routes: Vec<Option<Limiter>>,
+    routes: Vec<RouteLimiter>,
     gc_interval: Duration,
 }
 
@@ -137,7 +143,11 @@ impl RateLimits {
             anonymous: config.anonymous.map(Limiter::new),
             routes: routes
                 .iter()
-                .map(|r| r.rate_limit.map(Limiter::new))
+                .map(|r| match r.rate_limit {
+                    RouteLimit::Inherit => RouteLimiter::Inherit,
+                    RouteLimit::Off => RouteLimiter::Off,
+                    RouteLimit::Own(quota) => RouteLimiter::Own(Limiter::new(quota)),
+                })
                 .collect(),
             gc_interval: config.gc_interval,
         }
@@ -146,8 +156,11 @@ impl RateLimits {
     fn all(&self) -> impl Iterator<Item = &Limiter> {
         [&self.proxy, &self.sessions_api, &self.anonymous]
             .into_iter()
-            .chain(self.routes.iter())
             .flatten()
+            .chain(self.routes.iter().filter_map(|r| match r {
+                RouteLimiter::Own(limiter) => Some(limiter),
+                _ => None,
+            }))
     }
 
     /// Keys tracked across all limiters.
@@ -178,16 +191,12 @@ impl RateLimits {
         let scoped = match class {
             RouteClass::Api { .. } if !anonymous => self.sessions_api.as_ref(),
             RouteClass::Api { .. } => None,
-            RouteClass::Proxy { route, .. } => {
-                let own = route
-                    .and_then(|i| self.routes.get(i))
-                    .and_then(Option::as_ref);
-                match own {
-                    Some(limiter) => Some(limiter),
-                    None if !anonymous => self.proxy.as_ref(),
-                    None => None,
-                }
-            }
+            RouteClass::Proxy { route, .. } => match route.and_then(|i| self.routes.get(i)) {
+                Some(RouteLimiter::Own(limiter)) => Some(limiter),
+                Some(RouteLimiter::Off) => None,
+                Some(RouteLimiter::Inherit) | None if !anonymous => self.proxy.as_ref(),
+                Some(RouteLimiter::Inherit) | None => None,
+            },
         };
         let anonymous = if anonymous {
             self.anonymous.as_ref()
@@ -371,11 +380,18 @@ mod tests {
                 anonymous: Some(quota(3, Duration::from_secs(60), 3)),
                 gc_interval: Duration::from_secs(60),
             },
-            &[RouteConfig {
-                path_prefix: "/login".into(),
-                auth: AuthMode::None,
-                rate_limit: Some(quota(1, Duration::from_secs(60), 1)),
-            }],
+            &[
+                RouteConfig {
+                    path_prefix: "/login".into(),
+                    auth: AuthMode::None,
+                    rate_limit: RouteLimit::Own(quota(1, Duration::from_secs(60), 1)),
+                },
+                RouteConfig {
+                    path_prefix: "/unlimited".into(),
+                    auth: AuthMode::Session,
+                    rate_limit: RouteLimit::Off,
+                },
+            ],
         )
     }
 
@@ -400,6 +416,17 @@ mod tests {
         let d = l.decide(login, &ip).unwrap();
         assert_eq!((d.limit, d.allowed), (1, true));
         assert!(!l.decide(login, &ip).unwrap().allowed);
+        // A route with requests = 0 has no per-caller quota, not even the proxy one.
+        let unlimited = RouteClass::Proxy {
+            auth: AuthMode::Session,
+            route: Some(1),
+        };
+        assert!(l.decide(unlimited, &user("u")).is_none());
+        assert_eq!(
+            l.decide(unlimited, &ip).unwrap().limit,
+            3,
+            "anonymous still applies"
+        );
     }
 
     #[test]

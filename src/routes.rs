@@ -199,7 +199,7 @@ mod tests {
         RouteConfig {
             path_prefix: prefix.into(),
             auth,
-            rate_limit: None,
+            rate_limit: crate::config::RouteLimit::Inherit,
         }
     }
 
