@@ -279,8 +279,8 @@ async fn binary_exits_0_after_sigterm() {
         &config_with(
             &upstream.url(),
             &format!(
-                "[server]\nlisten = \"127.0.0.1:{public}\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
-                 [redis]\nurl = \"redis://{}\"\n",
+                "[server]\nlisten = \"127.0.0.1:{public}\"\nshutdown_delay = \"0s\"\n\
+                 [admin]\nlisten = \"127.0.0.1:{admin}\"\n[redis]\nurl = \"redis://{}\"\n",
                 dead_addr()
             ),
         ),
