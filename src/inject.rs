@@ -699,6 +699,7 @@ fn plan_service(service: &Doc, workloads: &[Workload], docs: &[Doc]) -> (Vec<Edi
         } else if target
             .as_u64()
             .is_some_and(|t| t == u64::from(workload.admin_port))
+            || target.as_str() == Some(ADMIN_PORT_NAME)
         {
             continue;
         } else {
