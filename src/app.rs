@@ -229,21 +229,30 @@ impl App {
                     .clone()
                     .watch(tls.reload_interval, self.metrics.clone()),
             );
-            // Registered before serving starts, so a SIGHUP sent once the process answers is seen.
-            #[cfg(unix)]
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-                Ok(mut hangup) => {
-                    let certs = certs.clone();
-                    let metrics = self.metrics.clone();
-                    tasks.spawn(async move {
-                        while hangup.recv().await.is_some() {
-                            certs.reload_logged("SIGHUP", &metrics);
+        }
+
+        // SIGHUP reloads the certificate. The handler is installed with or without TLS, so
+        // that a SIGHUP never falls through to its default action (ending the process).
+        // Registered here, before serving starts, so a SIGHUP sent once the process answers
+        // is seen.
+        #[cfg(unix)]
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(mut hangup) => {
+                let certs = self.certs.clone();
+                let metrics = self.metrics.clone();
+                tasks.spawn(async move {
+                    while hangup.recv().await.is_some() {
+                        match &certs {
+                            Some(certs) => {
+                                certs.reload_logged("SIGHUP", &metrics);
+                            }
+                            None => tracing::info!("SIGHUP: no TLS certificate to reload"),
                         }
-                    });
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot listen for SIGHUP; certificates reload on file change only");
-                }
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP; certificates reload on file change only");
             }
         }
     }
@@ -264,12 +273,14 @@ impl App {
             Some(store) => Some(TlsAcceptor::from(tls::server_config(store.clone())?)),
             None => None,
         };
+        // Background work (and its signal handlers) first, so it is in place once the admin
+        // listener answers.
+        let mut background = JoinSet::new();
+        self.spawn_background(&mut background);
         let admin = self.admin();
         let readiness = admin.readiness.clone();
         let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
         let admin_task = tokio::spawn(admin.serve(admin_listener, admin_stop_rx));
-        let mut background = JoinSet::new();
-        self.spawn_background(&mut background);
 
         tracing::info!(
             listen = %public.local_addr()?,

@@ -48,6 +48,11 @@ fn provider() -> Arc<CryptoProvider> {
         .unwrap_or_else(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
 }
 
+/// What the two files hold now.
+fn fingerprint(cert: &Path, key: &Path) -> Option<Fingerprint> {
+    Some((std::fs::read(cert).ok()?, std::fs::read(key).ok()?))
+}
+
 /// Reads a PEM certificate chain and private key into a signing key rustls can serve.
 pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
     let read = |path: &Path| {
@@ -87,7 +92,12 @@ pub struct CertStore {
     cert_path: PathBuf,
     key_path: PathBuf,
     current: RwLock<Arc<CertifiedKey>>,
+    /// The file contents last tried (loaded or refused), so that the watcher reloads each
+    /// change once, whoever noticed it first.
+    tried: std::sync::Mutex<Option<Fingerprint>>,
 }
+
+type Fingerprint = (Vec<u8>, Vec<u8>);
 
 impl fmt::Debug for CertStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -100,16 +110,23 @@ impl fmt::Debug for CertStore {
 
 impl CertStore {
     pub fn open(cert_path: &Path, key_path: &Path) -> Result<Arc<CertStore>, TlsError> {
+        let tried = fingerprint(cert_path, key_path);
         let key = load_certified_key(cert_path, key_path)?;
         Ok(Arc::new(CertStore {
             cert_path: cert_path.to_path_buf(),
             key_path: key_path.to_path_buf(),
             current: RwLock::new(Arc::new(key)),
+            tried: std::sync::Mutex::new(tried),
         }))
     }
 
     /// Re-reads the files. A pair that does not load leaves the old one serving.
     pub fn reload(&self) -> Result<(), TlsError> {
+        let seen = fingerprint(&self.cert_path, &self.key_path);
+        match self.tried.lock() {
+            Ok(mut tried) => *tried = seen,
+            Err(poisoned) => *poisoned.into_inner() = seen,
+        }
         let key = load_certified_key(&self.cert_path, &self.key_path)?;
         match self.current.write() {
             Ok(mut current) => *current = Arc::new(key),
@@ -145,26 +162,25 @@ impl CertStore {
         }
     }
 
-    /// What the files hold now, to notice a change.
-    fn fingerprint(&self) -> Option<(Vec<u8>, Vec<u8>)> {
-        Some((
-            std::fs::read(&self.cert_path).ok()?,
-            std::fs::read(&self.key_path).ok()?,
-        ))
+    /// True when the files differ from what was last tried.
+    fn changed(&self) -> bool {
+        let now = fingerprint(&self.cert_path, &self.key_path);
+        let tried = match self.tried.lock() {
+            Ok(tried) => tried.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        now.is_some() && now != tried
     }
 
     /// Checks the files every `interval` and reloads when their contents change (Kubernetes
     /// rewrites mounted secrets by swapping a symlink, which path reads follow). A pair that
     /// fails to load is not retried until the files change again.
     pub async fn watch(self: Arc<Self>, interval: Duration, metrics: Arc<Metrics>) {
-        let mut seen = self.fingerprint();
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let now = self.fingerprint();
-            if now.is_some() && now != seen {
-                seen = now;
+            if self.changed() {
                 self.reload_logged("files changed", &metrics);
             }
         }

@@ -222,7 +222,6 @@ async fn sighup_reloads_the_pair_in_the_real_binary() {
 }
 
 #[tokio::test]
-#[ignore = "bug: without [server.tls] no SIGHUP handler is installed (src/app.rs spawn_background), so SIGHUP's default action kills the process at once, undrained"]
 async fn sighup_without_tls_neither_kills_nor_disturbs_the_binary() {
     let redis = RedisServer::start();
     let upstream = Upstream::echo().await;

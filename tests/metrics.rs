@@ -266,7 +266,6 @@ async fn metrics_after_a_known_sequence_have_the_expected_counts() {
 }
 
 #[tokio::test]
-#[ignore = "bug: portcullis_sessions_created_total is never incremented (src/session/api.rs Create branch has no metrics.sessions_created.inc())"]
 async fn sessions_created_total_counts_each_create() {
     let redis = RedisServer::start();
     let upstream = Upstream::echo().await;

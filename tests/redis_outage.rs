@@ -177,6 +177,8 @@ async fn a_redis_that_does_not_answer_in_time_gives_503() {
         assert_eq!(resp.status(), 200);
         s.upstream.count()
     };
+    // A session the gate has not seen yet, so the local cache cannot answer for it.
+    let fresh = create_session(&s.proxy, &token("alice", None)).await;
     let mut admin = s.redis.conn();
     let _: () = redis::cmd("CLIENT")
         .arg("PAUSE")
@@ -184,8 +186,9 @@ async fn a_redis_that_does_not_answer_in_time_gives_503() {
         .arg("ALL")
         .query(&mut admin)
         .unwrap();
+    let paused = Instant::now();
     for attempt in 0..4 {
-        let (resp, took) = s.proxied(&sid).await;
+        let (resp, took) = s.proxied(&fresh).await;
         println!("paused, attempt {attempt}: {} in {took:?}", resp.status());
         assert_error(resp, 503, "SESSION_STORE_UNAVAILABLE").await;
         assert!(
@@ -193,7 +196,23 @@ async fn a_redis_that_does_not_answer_in_time_gives_503() {
             "attempt {attempt} took {took:?}"
         );
     }
-    assert_eq!(s.upstream.count(), forwarded);
+    // The cached session is refused too, as soon as Redis stops proving that invalidations
+    // flow (its heartbeat goes unanswered): within the cache's staleness bound.
+    let mut admitted_from_cache = 0;
+    loop {
+        let (resp, _) = s.proxied(&sid).await;
+        if resp.status() == 503 {
+            break;
+        }
+        assert_eq!(resp.status(), 200);
+        admitted_from_cache += 1;
+        assert!(
+            paused.elapsed() < portcullis::session::cache::MAX_STALENESS * 3,
+            "a cached session was still admitted {:?} after Redis stopped answering",
+            paused.elapsed()
+        );
+    }
+    assert_eq!(s.upstream.count(), forwarded + admitted_from_cache);
     let _: () = redis::cmd("CLIENT")
         .arg("UNPAUSE")
         .query(&mut admin)

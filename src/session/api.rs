@@ -157,7 +157,14 @@ impl SessionApi {
                     .create(user, &metadata)
                     .await
                     .map_err(store_failed)?;
-                tracing::info!(target: "audit", event = "session_created", user_id = user, session_id = %created.session_id, platform = metadata.platform.as_str(), client_ip = metadata.ip_address.as_deref().unwrap_or(""));
+                self.metrics.sessions_created.inc();
+                audit(
+                    "session_created",
+                    user,
+                    created.session_id,
+                    metadata.platform,
+                    client_ip,
+                );
                 Ok(success(StatusCode::CREATED, Some(created)))
             }
             (Endpoint::List, Method::GET) => {
