@@ -1314,6 +1314,10 @@ fn apply_env_overrides(
         let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
             continue;
         };
+        // PORTCULLIS_LOG is the log filter, read by the binary itself.
+        if rest == "LOG" {
+            continue;
+        }
         let Some((key, kind)) = OVERRIDABLE
             .iter()
             .find(|(key, _)| env_name(key) == *name)
@@ -1537,6 +1541,7 @@ mod tests {
             "",
             &[
                 ("PORTCULLIS_SERVER_LISTN", "0.0.0.0:1"),
+                ("PORTCULLIS_LOG", "debug"),
                 ("REDIS_PORT", "tcp://10.0.0.5:6379"),
                 ("PORTCULLIS_SERVICE_HOST", "10.0.0.7"),
             ],

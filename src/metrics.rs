@@ -72,8 +72,8 @@ pub struct Metrics {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CacheLabels {
-    /// `hit` (admitted from memory), `miss` (checked in Redis), or `off` (cache not trusted
-    /// right now, checked in Redis).
+    /// `hit` (admitted from memory), `miss` (checked in Redis: not cached, stale, or the
+    /// heartbeat is late), or `off` (the tracking connection is down: checked in Redis).
     pub result: &'static str,
 }
 
