@@ -1,0 +1,1111 @@
+#!/usr/bin/env python3
+"""The portcullis benchmark: start everything on loopback, load it with wrk, write RESULTS.md.
+
+Run through bench/run.sh, which installs wrk, nginx and redis-server, builds portcullis and
+raises the open-file limit first. Standard library only. Every load is bounded in time (wrk -d,
+subprocess timeouts) and goes to 127.0.0.1 only.
+"""
+
+import argparse
+import base64
+import datetime
+import hashlib
+import hmac
+import http.client
+import json
+import os
+import platform as pyplatform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+LUA = os.path.join(HERE, "wrk", "load.lua")
+SECRET = "portcullis-bench-secret-0123456789abcdef-not-for-production"
+KEY_PREFIX = "aeturnis"
+API = "/api/v1/sessions"
+# A realistic 120-byte mobile User-Agent.
+USER_AGENT = (
+    "Mozilla/5.0 (Linux; Android 14; Pixel 8 Pro Build/UQ1A.240205.004; wv) "
+    "AppleWebKit/537.36 (KHTML, like Gecko) GameClient/3.2.17"
+)
+USER_AGENT = (USER_AGENT + " " * 120)[:120]
+assert len(USER_AGENT.encode()) == 120
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+SCENARIOS = {
+    1: "direct (wrk -> upstream nginx)",
+    2: "nginx proxy_pass, upstream keep-alive, no auth",
+    3: "portcullis pass-through (auth = none)",
+    4: "portcullis enforcing (JWT + session + sliding TTL + rate limit)",
+}
+
+
+def log(msg):
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class Failure(Exception):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------
+# Profiles: full and smoke run the same code with different sizes.
+# ----------------------------------------------------------------------------------------------
+
+FULL = dict(
+    threads=2, connections=64, duration=10, rounds=3, warmup=2,
+    paced_duration=10, paced_rounds=2,
+    api_duration=5, api_connections=4,
+    users=1000, sessions_per_user=3,
+    mem_sessions=100_000, mem_sessions_per_user=2,
+    hold=10_000,
+    perf_duration=5,
+    criterion=True,
+)
+SMOKE = dict(
+    threads=2, connections=16, duration=2, rounds=1, warmup=1,
+    paced_duration=2, paced_rounds=1,
+    api_duration=1, api_connections=2,
+    users=50, sessions_per_user=2,
+    mem_sessions=2_000, mem_sessions_per_user=2,
+    hold=300,
+    perf_duration=0,
+    criterion=False,
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Small helpers
+# ----------------------------------------------------------------------------------------------
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def b64url(data):
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def jwt_hs256(claims):
+    header = b64url(json.dumps({"alg": "HS256", "typ": "JWT"}, separators=(",", ":")).encode())
+    payload = b64url(json.dumps(claims, separators=(",", ":")).encode())
+    signing = f"{header}.{payload}".encode()
+    sig = hmac.new(SECRET.encode(), signing, hashlib.sha256).digest()
+    return f"{header}.{payload}.{b64url(sig)}"
+
+
+def token(sub, sid=None, ttl=3 * 3600):
+    now = int(time.time())
+    claims = {"sub": sub, "iat": now, "exp": now + ttl}
+    if sid:
+        claims["sid"] = sid
+    return jwt_hs256(claims)
+
+
+def user_id(pool, i):
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"portcullis-bench/{pool}/{i}"))
+
+
+def device_id(i):
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"portcullis-bench/device/{i}"))
+
+
+def proc_cpu_seconds(pids):
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+        except FileNotFoundError:
+            pass
+    return total / CLK_TCK
+
+
+def proc_status_kib(pid, key):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise Failure(f"no {key} for pid {pid}")
+
+
+def children(pid):
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                if ppid == pid:
+                    out.append(int(entry))
+            except (FileNotFoundError, ProcessLookupError, IndexError):
+                pass
+    return out
+
+
+def http_get(port, path, headers=None, timeout=5):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        c.request("GET", path, headers=headers or {})
+        r = c.getresponse()
+        return r.status, r.read()
+    finally:
+        c.close()
+
+
+def wait_http(port, path, want=200, timeout=20, what="server"):
+    deadline = time.time() + timeout
+    last = None
+    while time.time() < deadline:
+        try:
+            status, _ = http_get(port, path, timeout=1)
+            if status == want:
+                return
+            last = status
+        except OSError as e:
+            last = e
+        time.sleep(0.05)
+    raise Failure(f"{what} on port {port} not ready ({last})")
+
+
+def median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------
+# Processes
+# ----------------------------------------------------------------------------------------------
+
+class Procs:
+    """Every process the benchmark starts, stopped by pid at the end."""
+
+    def __init__(self):
+        self.procs = []
+
+    def start(self, name, args, log_path, env=None, stop_signal=signal.SIGTERM):
+        logf = open(log_path, "ab")
+        p = subprocess.Popen(args, stdout=logf, stderr=subprocess.STDOUT, env=env,
+                             stdin=subprocess.DEVNULL)
+        p.stop_signal = stop_signal
+        self.procs.append((name, p))
+        return p
+
+    def stop(self, p, timeout=10):
+        if p.poll() is None:
+            p.send_signal(p.stop_signal)
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.procs = [(n, q) for n, q in self.procs if q is not p]
+
+    def stop_all(self):
+        for _, p in reversed(list(self.procs)):
+            self.stop(p)
+
+
+def redis_cli(port, *args, timeout=60):
+    out = subprocess.run(["redis-cli", "-p", str(port), *args], capture_output=True, text=True,
+                         timeout=timeout)
+    if out.returncode != 0:
+        raise Failure(f"redis-cli {' '.join(args)}: {out.stderr.strip()}")
+    return out.stdout
+
+
+def redis_info(port, section):
+    info = {}
+    for line in redis_cli(port, "INFO", section).splitlines():
+        if ":" in line and not line.startswith("#"):
+            k, v = line.strip().split(":", 1)
+            info[k] = v
+    return info
+
+
+def redis_commandstats(port):
+    stats = {}
+    for k, v in redis_info(port, "commandstats").items():
+        if k.startswith("cmdstat_"):
+            m = re.search(r"calls=(\d+)", v)
+            stats[k[len("cmdstat_"):]] = int(m.group(1)) if m else 0
+    return stats
+
+
+NGINX_COMMON = """
+daemon off;
+master_process on;
+worker_processes {workers};
+worker_rlimit_nofile 65536;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 20000; multi_accept on; }}
+http {{
+    access_log off;
+    server_tokens off;
+    keepalive_requests 100000000;
+    keepalive_timeout 300s;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+{body}
+}}
+"""
+
+NGINX_UPSTREAM = """
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{
+            default_type text/plain;
+            return 200 "ok";
+        }}
+    }}
+    # Counts every request the upstream answered: the exact number of proxied requests, which
+    # wrk's total misses by the requests still in flight when it stops.
+    server {{
+        listen 127.0.0.1:{status};
+        location / {{ stub_status; }}
+    }}
+"""
+
+NGINX_PROXY = """
+    upstream game {{
+        server 127.0.0.1:{upstream};
+        keepalive 256;
+    }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{
+            proxy_pass http://game;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+        }}
+    }}
+"""
+
+PORTCULLIS_CONFIG = """
+# Written by bench/bench.py: plain HTTP, admin on its own port, limits high enough never to reject.
+[server]
+listen = "127.0.0.1:{port}"
+header_read_timeout = "300s"
+idle_timeout = "300s"
+max_connections = 25000
+
+[upstream]
+url = "http://127.0.0.1:{upstream}"
+
+[admin]
+listen = "127.0.0.1:{admin}"
+
+[log]
+# Access log off (warn level), as nginx's is (access_log off): both measure proxying only.
+level = "warn"
+
+[redis]
+url = "redis://127.0.0.1:{redis}"
+key_prefix = "{prefix}"
+
+[session]
+ttl = "30d"
+
+[rate_limit.proxy]
+requests = 1000000
+per = "1s"
+burst = 1000000
+
+[rate_limit.sessions_api]
+requests = 1000000
+per = "1s"
+burst = 1000000
+
+[metrics]
+# The periodic SCAN that counts live sessions would add Redis commands unrelated to requests.
+active_sessions_interval = "1h"
+
+[[routes]]
+path_prefix = "/open"
+auth = "none"
+"""
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.p = dict(SMOKE if args.smoke else FULL)
+        self.smoke = args.smoke
+        self.bin = args.bin
+        self.dir = tempfile.mkdtemp(prefix="portcullis-bench-")
+        os.chmod(self.dir, 0o755)
+        self.procs = Procs()
+        self.results = {"runs": [], "notes": []}
+        self.problems = []
+        self.ports = {k: free_port() for k in ("redis", "upstream", "status", "nginx", "portcullis",
+                                               "admin")}
+        self.portcullis = None
+
+    # -- setup ------------------------------------------------------------------------------
+
+    def start_redis(self):
+        d = os.path.join(self.dir, "redis")
+        os.makedirs(d)
+        self.redis = self.procs.start("redis", [
+            "redis-server", "--port", str(self.ports["redis"]), "--bind", "127.0.0.1",
+            "--save", "", "--appendonly", "no", "--dir", d, "--maxclients", "1000",
+        ], os.path.join(self.dir, "redis.log"))
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            try:
+                if redis_cli(self.ports["redis"], "PING", timeout=2).strip() == "PONG":
+                    return
+            except (Failure, subprocess.TimeoutExpired):
+                pass
+            time.sleep(0.05)
+        raise Failure("redis-server did not start")
+
+    def start_nginx(self, name, body):
+        d = os.path.join(self.dir, name)
+        os.makedirs(d)
+        os.chmod(d, 0o755)
+        conf = os.path.join(d, "nginx.conf")
+        with open(conf, "w") as f:
+            f.write(NGINX_COMMON.format(workers=os.cpu_count() or 2, dir=d, body=body))
+        return self.procs.start(name, ["nginx", "-p", d, "-e", os.path.join(d, "error.log"),
+                                       "-c", conf], os.path.join(d, "stdout.log"))
+
+    def start_portcullis(self):
+        conf = os.path.join(self.dir, "portcullis.toml")
+        with open(conf, "w") as f:
+            f.write(PORTCULLIS_CONFIG.format(
+                port=self.ports["portcullis"], upstream=self.ports["upstream"],
+                admin=self.ports["admin"], redis=self.ports["redis"], prefix=KEY_PREFIX))
+        env = dict(os.environ, JWT_SECRET=SECRET)
+        env.pop("PORTCULLIS_LOG", None)
+        check = subprocess.run([self.bin, "--config", conf, "check-config"], env=env,
+                               capture_output=True, text=True, timeout=30)
+        if check.returncode != 0:
+            raise Failure(f"bench config rejected: {check.stderr.strip()}")
+        # SIGINT: stop at once (SIGTERM first waits out server.shutdown_delay).
+        self.portcullis = self.procs.start("portcullis", [self.bin, "--config", conf, "run"],
+                                           os.path.join(self.dir, "portcullis.log"), env=env,
+                                           stop_signal=signal.SIGINT)
+        wait_http(self.ports["admin"], "/readyz", what="portcullis admin /readyz")
+        wait_http(self.ports["portcullis"], "/open/ping", what="portcullis")
+
+    def restart_portcullis(self):
+        if self.portcullis is not None:
+            self.procs.stop(self.portcullis)
+        self.start_portcullis()
+
+    def setup(self):
+        log(f"temp dir {self.dir}; ports {self.ports}")
+        self.start_redis()
+        self.upstream = self.start_nginx("upstream", NGINX_UPSTREAM.format(
+            port=self.ports["upstream"], status=self.ports["status"]))
+        self.nginx = self.start_nginx("nginx", NGINX_PROXY.format(port=self.ports["nginx"],
+                                                                  upstream=self.ports["upstream"]))
+        wait_http(self.ports["upstream"], "/", what="upstream nginx")
+        wait_http(self.ports["nginx"], "/", what="proxy nginx")
+        self.start_portcullis()
+
+    # -- sessions for scenario 4 and the API benches -----------------------------------------
+
+    def create_sessions(self, pool, users, per_user, metadata=True, workers=4):
+        """Creates `per_user` sessions for each of `users` users through the API. Returns
+        [(user, token_without_sid, [sid, ...])]."""
+        body = json.dumps({"metadata": {"platform": "android", "userAgent": USER_AGENT,
+                                        "deviceId": device_id(0)}}).encode() if metadata else b""
+        out = [None] * users
+        errors = []
+
+        def work(start):
+            c = http.client.HTTPConnection("127.0.0.1", self.ports["portcullis"], timeout=10)
+            try:
+                for i in range(start, users, workers):
+                    u = user_id(pool, i)
+                    t = token(u)
+                    sids = []
+                    for _ in range(per_user):
+                        c.request("POST", f"{API}/create", body=body, headers={
+                            "Authorization": f"Bearer {t}", "Content-Type": "application/json"})
+                        r = c.getresponse()
+                        data = r.read()
+                        if r.status != 201:
+                            raise Failure(f"session create: {r.status} {data[:200]!r}")
+                        sids.append(json.loads(data)["data"]["sessionId"])
+                    out[i] = (u, t, sids)
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+            finally:
+                c.close()
+
+        ts = [threading.Thread(target=work, args=(k,)) for k in range(workers)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(120)
+        if errors:
+            raise Failure(f"creating sessions failed: {errors[0]}")
+        return out
+
+    def prepare_tokens(self):
+        p = self.p
+        log(f"creating {p['users']} users x {p['sessions_per_user']} sessions through the API")
+        t0 = time.time()
+        self.users = self.create_sessions("players", p["users"], p["sessions_per_user"])
+        log(f"  done in {time.time() - t0:.1f}s")
+        self.proxy_tokens = os.path.join(self.dir, "proxy-tokens.txt")
+        self.api_tokens = os.path.join(self.dir, "api-tokens.txt")
+        with open(self.proxy_tokens, "w") as f:
+            for u, _, sids in self.users:
+                f.write(token(u, sids[0]) + "\n")
+        with open(self.api_tokens, "w") as f:
+            for u, t, sids in self.users:
+                f.write(f"{t} {sids[0]}\n")
+        # Check scenario 4 end to end once: a token with its sid is let through.
+        with open(self.proxy_tokens) as f:
+            first = f.readline().strip()
+        status, body = http_get(self.ports["portcullis"], "/game/state",
+                                {"Authorization": f"Bearer {first}"})
+        if status != 200 or body != b"ok":
+            raise Failure(f"scenario 4 check: {status} {body[:200]!r}")
+        status, _ = http_get(self.ports["portcullis"], "/game/state")
+        if status != 401:
+            raise Failure(f"scenario 4 without a token answered {status}, not 401")
+
+    # -- wrk --------------------------------------------------------------------------------
+
+    def wrk(self, port, duration, lua_args, connections=None, threads=None):
+        p = self.p
+        threads = threads or p["threads"]
+        connections = connections or p["connections"]
+        cmd = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{duration}s",
+               "--timeout", "5s", "--latency", "-s", LUA, f"http://127.0.0.1:{port}",
+               "--", f"threads={threads}", *lua_args]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
+        m = re.search(r"^BENCH_RESULT (\{.*\})$", out.stdout, re.M)
+        if out.returncode != 0 or not m:
+            raise Failure(f"wrk failed ({out.returncode}): {out.stdout[-500:]} {out.stderr[-500:]}")
+        r = json.loads(m.group(1))
+        secs = r["duration_us"] / 1e6
+        r["rps"] = r["requests"] / secs if secs > 0 else 0.0
+        r["errors"] = (r["connect_errors"] + r["read_errors"] + r["write_errors"]
+                       + r["status_errors"] + r["timeouts"])
+        return r
+
+    def upstream_requests(self):
+        status, body = http_get(self.ports["status"], "/")
+        m = re.search(rb"\n\s*\d+\s+\d+\s+(\d+)", body)
+        if status != 200 or not m:
+            raise Failure(f"upstream stub_status: {status} {body[:200]!r}")
+        return int(m.group(1))
+
+    def scenario_target(self, n):
+        if n == 1:
+            return self.ports["upstream"], ["mode=plain", "path=/game/state"]
+        if n == 2:
+            return self.ports["nginx"], ["mode=plain", "path=/game/state"]
+        if n == 3:
+            return self.ports["portcullis"], ["mode=plain", "path=/open/state"]
+        return self.ports["portcullis"], ["mode=proxy", "path=/game/state",
+                                          f"file={self.proxy_tokens}"]
+
+    def run_scenario(self, n, duration, extra=(), record=True, tag="max"):
+        port, lua = self.scenario_target(n)
+        pc = self.portcullis.pid
+        nginx_pids = [self.nginx.pid] + children(self.nginx.pid)
+        cpu_pc0 = proc_cpu_seconds([pc])
+        cpu_ng0 = proc_cpu_seconds(nginx_pids)
+        cmd0 = redis_commandstats(self.ports["redis"])
+        up0 = self.upstream_requests()
+        r = self.wrk(port, duration, lua + list(extra))
+        time.sleep(0.2)  # let the requests still in flight when wrk stopped finish
+        up1 = self.upstream_requests()
+        cmd1 = redis_commandstats(self.ports["redis"])
+        # Requests the upstream answered in this run (the status read itself counts one).
+        r["served"] = up1 - up0 - 1
+        r["portcullis_cpu_s"] = proc_cpu_seconds([pc]) - cpu_pc0
+        r["nginx_cpu_s"] = proc_cpu_seconds(nginx_pids) - cpu_ng0
+        delta = {k: cmd1.get(k, 0) - cmd0.get(k, 0) for k in cmd1}
+        delta = {k: v for k, v in delta.items() if v and not k.startswith("info")}
+        r["redis_client_cmds"] = delta.get("evalsha", 0) + delta.get("eval", 0)
+        r["redis_all_cmds"] = sum(delta.values())
+        r["redis_cmds"] = delta
+        r["scenario"] = n
+        r["tag"] = tag
+        if r["errors"] or r["requests"] == 0:
+            self.problems.append(f"scenario {n} ({tag}): {r['requests']} requests, "
+                                 f"{r['status_errors']} non-2xx, {r['errors']} errors in all")
+        if record:
+            self.results["runs"].append(r)
+        log(f"  scenario {n} {tag}: {r['rps']:.0f} req/s p50 {r['p50_us']}us "
+            f"p99 {r['p99_us']}us p99.9 {r['p999_us']}us errors {r['errors']}")
+        return r
+
+    def throughput(self):
+        p = self.p
+        log("warm-up")
+        for n in (1, 2, 3, 4):
+            self.run_scenario(n, p["warmup"], record=False, tag="warm-up")
+        orders = [(1, 2, 3, 4), (4, 3, 2, 1), (2, 4, 1, 3), (3, 1, 4, 2)]
+        for rnd in range(p["rounds"]):
+            order = orders[rnd % len(orders)]
+            log(f"round {rnd + 1}/{p['rounds']}: order {order}")
+            for n in order:
+                self.run_scenario(n, p["duration"])
+        self.results["peak_rss_kib"] = proc_status_kib(self.portcullis.pid, "VmHWM")
+
+    def paced(self):
+        p = self.p
+        s4 = [r["rps"] for r in self.results["runs"] if r["scenario"] == 4 and r["tag"] == "max"]
+        rate = max(100, int(median(s4) / 2))
+        self.results["paced_rate"] = rate
+        log(f"fixed rate {rate} req/s (half of scenario 4's median maximum)")
+        for rnd in range(p["paced_rounds"]):
+            for n in ((1, 4) if rnd % 2 == 0 else (4, 1)):
+                r = self.run_scenario(n, p["paced_duration"], [f"rate={rate}"], tag="paced")
+                if abs(r["rps"] - rate) > 0.1 * rate:
+                    self.results["notes"].append(
+                        f"paced run of scenario {n} reached {r['rps']:.0f} req/s, not {rate}")
+
+    def perf_stat(self):
+        """Instructions and context switches per request for scenarios 3 and 4 (perf stat on
+        the portcullis process during a flat-out run), when perf can count here."""
+        if not self.p["perf_duration"] or not shutil.which("perf"):
+            return
+        out = {}
+        for n in (3, 4):
+            path = os.path.join(self.dir, f"perf-{n}.txt")
+            perf = subprocess.Popen(
+                ["perf", "stat", "-x", ",", "-o", path, "-e",
+                 "task-clock,context-switches,cpu-migrations,instructions,cycles",
+                 "-p", str(self.portcullis.pid)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(0.2)
+            r = self.run_scenario(n, self.p["perf_duration"], record=False, tag="perf")
+            perf.send_signal(signal.SIGINT)
+            try:
+                perf.wait(10)
+            except subprocess.TimeoutExpired:
+                perf.kill()
+                perf.wait()
+            counts = {}
+            try:
+                with open(path) as f:
+                    for line in f:
+                        parts = line.strip().split(",")
+                        if len(parts) > 2 and parts[0] and parts[0][0].isdigit():
+                            counts[parts[2]] = float(parts[0])
+            except FileNotFoundError:
+                pass
+            req = max(1, r["served"])
+            out[n] = {k: v / req for k, v in counts.items()}
+        self.results["perf"] = out
+
+    # -- session API ------------------------------------------------------------------------
+
+    def api_latency(self):
+        p = self.p
+        body = os.path.join(self.dir, "create-body.json")
+        with open(body, "w") as f:
+            json.dump({"metadata": {"platform": "android", "userAgent": USER_AGENT,
+                                    "deviceId": device_id(1)}}, f)
+        # Creates go to a separate pool of users so the players' session lists stay small.
+        creators = os.path.join(self.dir, "creator-tokens.txt")
+        with open(creators, "w") as f:
+            for i in range(max(p["users"], 100) * 10):
+                f.write(token(user_id("creators", i)) + "\n")
+        api = {}
+        port = self.ports["portcullis"]
+        for mode, file in (("create", creators), ("get", self.api_tokens), ("list", self.api_tokens)):
+            r = self.wrk(port, p["api_duration"], [f"mode={mode}", f"file={file}", f"body={body}"],
+                         connections=p["api_connections"], threads=1)
+            if r["errors"] or r["requests"] == 0:
+                self.problems.append(f"session API {mode}: {r['requests']} requests, "
+                                     f"{r['errors']} errors")
+            api[mode] = r
+            log(f"  API {mode}: {r['rps']:.0f} req/s p50 {r['p50_us']}us p99 {r['p99_us']}us")
+        self.results["api"] = api
+        self.results["api_sessions_per_user"] = p["sessions_per_user"]
+
+    def session_memory(self):
+        p = self.p
+        n = p["mem_sessions"]
+        users = n // p["mem_sessions_per_user"]
+        port = self.ports["redis"]
+        redis_cli(port, "FLUSHALL")
+        time.sleep(0.2)
+        before = int(redis_info(port, "memory")["used_memory"])
+        toks = os.path.join(self.dir, "memory-tokens.txt")
+        with open(toks, "w") as f:
+            for i in range(users):
+                f.write(token(user_id("memory", i)) + "\n")
+        body = os.path.join(self.dir, "memory-body.json")
+        with open(body, "w") as f:
+            json.dump({"metadata": {"platform": "android", "userAgent": USER_AGENT,
+                                    "deviceId": device_id(2)}}, f)
+        create_rate = self.results.get("api", {}).get("create", {}).get("rps", 1000) or 1000
+        duration = int(min(120, max(3, n / create_rate * 1.3 + 2)))
+        log(f"creating {n} sessions for {users} users through the API (stops by itself; "
+            f"at most {duration}s)")
+        threads = self.p["threads"]
+        r = self.wrk(self.ports["portcullis"], duration,
+                     ["mode=create", f"file={toks}", f"body={body}", f"stop={n}"],
+                     connections=32, threads=threads)
+        time.sleep(0.5)
+        after = int(redis_info(port, "memory")["used_memory"])
+        keys = redis_cli(port, "--scan", "--pattern", f"{KEY_PREFIX}:session:*").split()
+        index_keys = redis_cli(port, "--scan", "--pattern", f"{KEY_PREFIX}:user:*").split()
+        if not keys:
+            raise Failure("no session was created")
+        one = keys[0]
+        usage = int(redis_cli(port, "MEMORY", "USAGE", one, "SAMPLES", "0").strip())
+        value = redis_cli(port, "GET", one).rstrip("\n")
+        index_usage = [int(redis_cli(port, "MEMORY", "USAGE", k, "SAMPLES", "0").strip())
+                       for k in index_keys[:20]]
+        self.results["memory"] = {
+            "sessions": len(keys), "users": len(index_keys), "requested": n,
+            "used_memory_delta": after - before,
+            "per_session": (after - before) / len(keys),
+            "memory_usage_one": usage, "key_len": len(one), "value_len": len(value.encode()),
+            "index_usage_avg": sum(index_usage) / len(index_usage) if index_usage else 0,
+            "create_rps": r["rps"],
+        }
+        if len(keys) < 0.9 * n:
+            self.results["notes"].append(
+                f"only {len(keys)} of {n} sessions were created within {duration}s")
+        m = self.results["memory"]
+        log(f"  {m['sessions']} sessions: used_memory +{m['used_memory_delta']} B, "
+            f"{m['per_session']:.0f} B/session; MEMORY USAGE {usage} B")
+
+    # -- connections ------------------------------------------------------------------------
+
+    def connections(self):
+        n = self.p["hold"]
+        log("restarting portcullis for the connection figures")
+        self.restart_portcullis()
+        time.sleep(1.0)
+        pid = self.portcullis.pid
+        idle = proc_status_kib(pid, "VmRSS")
+        status, _ = http_get(self.ports["portcullis"], "/open/warm")
+        if status != 200:
+            raise Failure(f"/open/warm answered {status}")
+        idle_after_one = proc_status_kib(pid, "VmRSS")
+        log(f"opening {n} keep-alive connections, one request each, then holding them")
+        held, opened_s = hold_connections(self.ports["portcullis"], n, pid)
+        self.results["connections"] = {
+            "idle_rss_kib": idle, "idle_after_one_request_kib": idle_after_one,
+            "held": n, "held_ok": held["ok"], "held_rss_kib": held["rss_kib"],
+            "open_seconds": opened_s,
+            "per_connection_b": (held["rss_kib"] - idle_after_one) * 1024 / max(1, held["ok"]),
+            "after_close_rss_kib": proc_status_kib(pid, "VmRSS"),
+            "hwm_kib": proc_status_kib(pid, "VmHWM"),
+        }
+        if held["ok"] < n:
+            self.problems.append(f"only {held['ok']} of {n} connections answered")
+        log(f"  idle {idle / 1024:.1f} MiB; {held['ok']} held: {held['rss_kib'] / 1024:.1f} MiB")
+
+    # -- criterion --------------------------------------------------------------------------
+
+    def criterion(self):
+        if not self.p["criterion"] or self.args.no_criterion:
+            return
+        log("criterion micro-benchmarks (cargo bench --bench gate)")
+        out = subprocess.run(
+            ["cargo", "bench", "--locked", "--bench", "gate", "--", "--warm-up-time", "1",
+             "--measurement-time", "2", "--sample-size", "50"],
+            cwd=ROOT, capture_output=True, text=True, timeout=600)
+        if out.returncode != 0:
+            self.problems.append("criterion benches failed: " + out.stderr[-400:])
+            return
+        self.results["criterion"] = parse_criterion(out.stdout)
+
+    # -- all --------------------------------------------------------------------------------
+
+    def run(self):
+        started = time.time()
+        try:
+            self.setup()
+            self.prepare_tokens()
+            self.throughput()
+            self.paced()
+            self.perf_stat()
+            self.api_latency()
+            self.session_memory()
+            self.connections()
+        finally:
+            self.procs.stop_all()
+        self.criterion()
+        self.results["elapsed_s"] = time.time() - started
+        report = render(self)
+        if self.args.out:
+            with open(self.args.out, "w") as f:
+                f.write(report)
+            log(f"wrote {self.args.out}")
+        print(report)
+        if self.problems:
+            for p in self.problems:
+                log(f"PROBLEM: {p}")
+            return 1
+        if not self.args.keep:
+            shutil.rmtree(self.dir, ignore_errors=True)
+        return 0
+
+
+def hold_connections(port, n, pid, batch=256):
+    """Opens n connections, sends one keep-alive request on each, reads each answer, then holds
+    them all open while portcullis's RSS is read. Non-blocking sockets and one selector."""
+    import selectors
+    sel = selectors.DefaultSelector()
+    req = b"GET /open/held HTTP/1.1\r\nHost: bench\r\n\r\n"
+    socks = []
+    ok = 0
+    t0 = time.time()
+    deadline = t0 + 120
+    pending = {}
+    i = 0
+    while (i < n or pending) and time.time() < deadline:
+        while i < n and len(pending) < batch:
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", port))
+            sel.register(s, selectors.EVENT_WRITE, b"")
+            pending[s] = b""
+            socks.append(s)
+            i += 1
+        for key, mask in sel.select(timeout=1):
+            s = key.fileobj
+            if mask & selectors.EVENT_WRITE:
+                err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err:
+                    sel.unregister(s)
+                    pending.pop(s, None)
+                    continue
+                s.send(req)
+                sel.modify(s, selectors.EVENT_READ, b"")
+            else:
+                try:
+                    data = s.recv(4096)
+                except BlockingIOError:
+                    continue
+                buf = pending.get(s, b"") + data
+                if not data or (b"\r\n\r\n" in buf and buf.endswith(b"ok")):
+                    if buf.startswith(b"HTTP/1.1 200"):
+                        ok += 1
+                    sel.unregister(s)
+                    pending.pop(s, None)
+                else:
+                    pending[s] = buf
+    opened = time.time() - t0
+    time.sleep(2.0)
+    rss = proc_status_kib(pid, "VmRSS")
+    # Are they all still open? A closed one reads EOF at once.
+    alive = 0
+    for s in socks:
+        try:
+            if s.recv(1) == b"":
+                continue
+        except BlockingIOError:
+            alive += 1
+        except OSError:
+            pass
+    for s in socks:
+        s.close()
+    time.sleep(1.0)
+    return {"ok": min(ok, alive), "rss_kib": rss}, opened
+
+
+def parse_criterion(text):
+    out = {}
+    name = None
+    for line in text.splitlines():
+        m = re.match(r"^(\S+/\S+)\s+time:\s+\[(.+?)\]", line)
+        if m:
+            out[m.group(1)] = m.group(2).split()[2:4]
+            continue
+        m = re.match(r"^(\S+/\S+)\s*$", line)
+        if m:
+            name = m.group(1)
+            continue
+        m = re.match(r"^\s+time:\s+\[(.+?)\]", line)
+        if m and name:
+            out[name] = m.group(1).split()[2:4]
+            name = None
+    return {k: " ".join(v) for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return pyplatform.processor() or "unknown"
+
+
+def git_rev():
+    try:
+        rev = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", "src"],
+                               capture_output=True, text=True, timeout=10).stdout
+        return rev + (" (with uncommitted changes in src/)" if dirty.strip() else "")
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def ms(us):
+    return f"{us / 1000:.2f}"
+
+
+def render(b):
+    R = b.results
+    p = b.p
+    runs = [r for r in R["runs"] if r["tag"] == "max"]
+    by = {n: [r for r in runs if r["scenario"] == n] for n in SCENARIOS}
+    med = {n: {k: median([r[k] for r in rs]) for k in ("rps", "p50_us", "p99_us", "p999_us")}
+           for n, rs in by.items() if rs}
+    L = []
+    w = L.append
+    mode = "smoke (sizes too small to mean anything)" if b.smoke else "full"
+    w("# portcullis benchmark results")
+    w("")
+    w(f"Generated by `bench/run.sh{' --smoke' if b.smoke else ''}` ({mode}) on "
+      f"{datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}, "
+      f"commit {git_rev()}, profile `{b.args.profile}`.")
+    w("")
+    w(f"Machine: {os.cpu_count()} cores (nproc), {cpu_model()}, Linux {pyplatform.release()}. "
+      "**Measured on a shared 2-core machine while other developers were compiling: absolute "
+      "figures are noisy; the ratios, taken from runs interleaved in alternating order, are "
+      "what to read.** wrk, nginx, Redis and portcullis all share the same 2 cores.")
+    w("")
+    w(f"Load: wrk {p['threads']} threads, {p['connections']} keep-alive connections, "
+      f"{p['duration']} s per run, {p['rounds']} rounds in alternating order (medians shown), "
+      "after a warm-up run of each. Upstream: nginx answering `200 ok` (2 bytes) on its own "
+      "port. Access logs off in nginx and portcullis (log level warn).")
+    w("")
+    w("## Throughput and latency")
+    w("")
+    w("| # | scenario | requests/s | p50 ms | p99 ms | p99.9 ms | runs (req/s) |")
+    w("|---|---|---:|---:|---:|---:|---|")
+    for n, name in SCENARIOS.items():
+        if n not in med:
+            continue
+        m = med[n]
+        each = ", ".join(f"{r['rps']:.0f}" for r in by[n])
+        w(f"| {n} | {name} | {m['rps']:.0f} | {ms(m['p50_us'])} | {ms(m['p99_us'])} | "
+          f"{ms(m['p999_us'])} | {each} |")
+    w("")
+    ratio = lambda a, c: med[a]["rps"] / med[c]["rps"] if a in med and c in med and med[c]["rps"] else float("nan")  # noqa: E731
+    r42, r32, r41 = ratio(4, 2), ratio(3, 2), ratio(4, 1)
+    w(f"Ratios of requests/s: **4/2 = {r42:.2f}**, **3/2 = {r32:.2f}**, 4/1 = {r41:.2f}.")
+    w("")
+
+    paced = [r for r in R["runs"] if r["tag"] == "paced"]
+    p1 = [r for r in paced if r["scenario"] == 1]
+    p4 = [r for r in paced if r["scenario"] == 4]
+    added99 = median([r["p99_us"] for r in p4]) - median([r["p99_us"] for r in p1]) if p1 and p4 else float("nan")
+    added50 = median([r["p50_us"] for r in p4]) - median([r["p50_us"] for r in p1]) if p1 and p4 else float("nan")
+    w("## Added latency at a fixed rate")
+    w("")
+    w(f"Constant rate of {R.get('paced_rate', 0)} requests/s (half of scenario 4's maximum), "
+      f"{p['paced_duration']} s per run, {p['paced_rounds']} round(s) alternating 1,4 / 4,1. "
+      "Tool: wrk with the pacing `delay()` in bench/wrk/load.lua (wrk2 is not in Debian; "
+      "`vegeta` is not packaged for bookworm). Each thread claims send slots on a fixed "
+      "schedule (monotonic clock via LuaJIT FFI, 1 ms timer resolution); latency is measured "
+      "from the actual send, so it is service time without coordinated-omission correction "
+      "(fine at half load, where queues are short).")
+    w("")
+    w("| # | achieved req/s | p50 ms | p99 ms | p99.9 ms |")
+    w("|---|---:|---:|---:|---:|")
+    for r in paced:
+        w(f"| {r['scenario']} | {r['rps']:.0f} | {ms(r['p50_us'])} | {ms(r['p99_us'])} | "
+          f"{ms(r['p999_us'])} |")
+    w("")
+    w(f"**p99 added latency, 4 over 1: {ms(added99)} ms** (p50 added: {ms(added50)} ms).")
+    w("")
+
+    s4 = by.get(4, [])
+    s3 = by.get(3, [])
+    req4 = sum(r["served"] for r in s4)
+    client4 = sum(r["redis_client_cmds"] for r in s4) / req4 if req4 else float("nan")
+    all4 = sum(r["redis_all_cmds"] for r in s4) / req4 if req4 else float("nan")
+    cmds = {}
+    for r in s4:
+        for k, v in r["redis_cmds"].items():
+            cmds[k] = cmds.get(k, 0) + v
+    per = ", ".join(f"{k} {v / req4:.2f}" for k, v in sorted(cmds.items(), key=lambda kv: -kv[1])) if req4 else ""
+    cpu = lambda rs: (sum(r["portcullis_cpu_s"] for r in rs) / sum(r["served"] for r in rs) * 1e5) if rs and sum(r["served"] for r in rs) else float("nan")  # noqa: E731
+    ngx = by.get(2, [])
+    ngx_cpu = (sum(r["nginx_cpu_s"] for r in ngx) / sum(r["served"] for r in ngx) * 1e5) if ngx and sum(r["served"] for r in ngx) else float("nan")
+    w("## Cost per request")
+    w("")
+    w("| figure | value |")
+    w("|---|---:|")
+    w(f"| Redis client commands per proxied request in 4 (EVALSHA + EVAL calls / requests) | {client4:.3f} |")
+    w(f"| Redis commands per proxied request in 4, including those run inside scripts | {all4:.3f} |")
+    w(f"| portcullis CPU seconds per 100k requests, scenario 4 | {cpu(s4):.2f} |")
+    w(f"| portcullis CPU seconds per 100k requests, scenario 3 | {cpu(s3):.2f} |")
+    w(f"| nginx proxy CPU seconds per 100k requests, scenario 2 (all workers) | {ngx_cpu:.2f} |")
+    w(f"| portcullis peak RSS (VmHWM) after the throughput runs | {R.get('peak_rss_kib', 0) / 1024:.1f} MiB |")
+    w("")
+    w(f"Redis calls per request in 4 by command (INFO commandstats delta): {per}. "
+      "Per request means per request the upstream answered in the same runs (nginx "
+      "`stub_status` delta), which also counts those wrk left in flight at its end.")
+    w("")
+    perf = R.get("perf") or {}
+    if perf:
+        w("`perf stat -p <portcullis>` during an extra flat-out run, per request:")
+        w("")
+        w("| # | task-clock ms | instructions | cycles | context switches | CPU migrations |")
+        w("|---|---:|---:|---:|---:|---:|")
+        for n, c in sorted(perf.items()):
+            def g(k, scale=1.0, fmt="{:.0f}"):
+                return fmt.format(c[k] * scale) if k in c else "n/a"
+            w(f"| {n} | {g('task-clock', 1, '{:.3f}')} | {g('instructions')} | {g('cycles')} | "
+              f"{g('context-switches', 1, '{:.2f}')} | {g('cpu-migrations', 1, '{:.3f}')} |")
+        w("")
+
+    api = R.get("api") or {}
+    if api:
+        w("## Session API")
+        w("")
+        w(f"wrk, 1 thread, {p['api_connections']} connections, {p['api_duration']} s each. Create "
+          "rotates over a pool of fresh users (120-byte User-Agent, deviceId; the IP is the "
+          f"connection's); get and list use the players, who have {p['sessions_per_user']} "
+          "sessions each.")
+        w("")
+        w("| endpoint | requests/s | p50 ms | p99 ms | p99.9 ms |")
+        w("|---|---:|---:|---:|---:|")
+        for k, label in (("create", "POST /create"), ("get", "GET /{sessionId}"),
+                         ("list", "GET /user/sessions")):
+            if k in api:
+                r = api[k]
+                w(f"| {label} | {r['rps']:.0f} | {ms(r['p50_us'])} | {ms(r['p99_us'])} | "
+                  f"{ms(r['p999_us'])} |")
+        w("")
+    mem = R.get("memory")
+    if mem:
+        w("## Redis memory per session")
+        w("")
+        w("| figure | value |")
+        w("|---|---:|")
+        w(f"| sessions created through the API (users) | {mem['sessions']} ({mem['users']}) |")
+        w(f"| used_memory growth per session (including each user's index set) | **{mem['per_session']:.0f} B** |")
+        w(f"| MEMORY USAGE of one session key | {mem['memory_usage_one']} B |")
+        w(f"| its key / stored value length | {mem['key_len']} B / {mem['value_len']} B |")
+        w(f"| MEMORY USAGE of one user index set ({p['mem_sessions_per_user']} members), average | {mem['index_usage_avg']:.0f} B |")
+        w(f"| create rate while filling | {mem['create_rps']:.0f} sessions/s |")
+        w("")
+    con = R.get("connections")
+    if con:
+        w("## Connections")
+        w("")
+        w("| figure | value |")
+        w("|---|---:|")
+        w(f"| RSS idle (fresh process, Redis connected) | {con['idle_rss_kib'] / 1024:.1f} MiB |")
+        w(f"| RSS after one proxied request | {con['idle_after_one_request_kib'] / 1024:.1f} MiB |")
+        w(f"| RSS holding {con['held_ok']} idle keep-alive connections (one request each) | **{con['held_rss_kib'] / 1024:.1f} MiB** |")
+        w(f"| per held connection | {con['per_connection_b'] / 1024:.1f} KiB |")
+        w(f"| RSS after they closed / VmHWM | {con['after_close_rss_kib'] / 1024:.1f} / {con['hwm_kib'] / 1024:.1f} MiB |")
+        w("")
+        w("Holding 10,000 connections needs about 10,100 descriptors in portcullis and in the "
+          "client: bench/run.sh raises `ulimit -n` to 65536 for everything it starts.")
+        w("")
+    crit = R.get("criterion")
+    if crit:
+        w("## Micro-benchmarks (criterion, bench/gate.rs)")
+        w("")
+        w("`cargo bench --bench gate` (1 s warm-up, 2 s measurement); median estimate.")
+        w("")
+        w("| benchmark | time |")
+        w("|---|---:|")
+        for k, v in crit.items():
+            w(f"| {k} | {v} |")
+        w("")
+
+    w("## Targets (issue 7)")
+    w("")
+    w("| target | measured | |")
+    w("|---|---:|---|")
+
+    def row(name, value, ok):
+        verdict = "n/a" if ok is None else ("met" if ok else "**missed**")
+        w(f"| {name} | {value} | {verdict} |")
+
+    def nan(x):
+        return x != x
+    row("scenario 4 >= 1.0x nginx (4/2)", f"{r42:.2f}x", None if nan(r42) else r42 >= 1.0)
+    row("scenario 3 >= 1.2x nginx (3/2)", f"{r32:.2f}x", None if nan(r32) else r32 >= 1.2)
+    row("p99 added latency of 4 over 1 at the fixed rate < 1 ms", f"{ms(added99)} ms",
+        None if nan(added99) else added99 < 1000)
+    row("<= 1 Redis command per proxied request (client commands)", f"{client4:.2f}",
+        None if nan(client4) else client4 <= 1.0)
+    row("<= 1 Redis command per proxied request (counting those inside scripts)", f"{all4:.2f}",
+        None if nan(all4) else all4 <= 1.0)
+    if mem:
+        row("Redis memory per session < 400 B (120-byte User-Agent)", f"{mem['per_session']:.0f} B",
+            mem["per_session"] < 400)
+    if con:
+        row("RSS idle < 30 MiB", f"{con['idle_rss_kib'] / 1024:.1f} MiB", con["idle_rss_kib"] < 30 * 1024)
+        row(f"RSS with {con['held']} idle connections < 100 MiB "
+            + ("" if con["held"] >= 10000 else "(smoke: fewer connections)"),
+            f"{con['held_rss_kib'] / 1024:.1f} MiB", con["held_rss_kib"] < 100 * 1024)
+    w("")
+    if R["notes"] or b.problems:
+        w("## Notes")
+        w("")
+        for n in R["notes"] + b.problems:
+            w(f"- {n}")
+        w("")
+    w(f"Whole run: {R.get('elapsed_s', 0):.0f} s.")
+    w("")
+    return "\n".join(L)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--smoke", action="store_true", help="a few seconds per step")
+    ap.add_argument("--bin", required=True, help="the portcullis binary")
+    ap.add_argument("--profile", default="release", help="cargo profile of --bin (for the report)")
+    ap.add_argument("--out", help="write the markdown table here")
+    ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs, configs)")
+    ap.add_argument("--no-criterion", action="store_true")
+    args = ap.parse_args()
+    bench = Bench(args)
+
+    def on_term(signum, frame):
+        raise Failure(f"stopped by signal {signum} (time budget exceeded?)")
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        return bench.run()
+    except Failure as e:
+        log(f"FAILED: {e} (logs in {bench.dir})")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The portcullis benchmark (issue 7): portcullis against nginx and the bare upstream, session
+# API latency, Redis memory per session, RSS with idle connections, criterion micro-benchmarks.
+#
+#   bench/run.sh           full run: release build, writes bench/RESULTS.md (about 6-8 minutes
+#                          of measuring, bounded at 10; plus the release builds when not cached)
+#   bench/run.sh --smoke   a few seconds per step on the same code path, so the benchmark cannot
+#                          rot (run by .ci/run); uses the debug build that the tests already made
+#                          and writes its table to target/bench-smoke.md
+#
+# Needs root or sudo for apt-get (wrk, nginx, redis-server, python3 when missing). Everything
+# listens on 127.0.0.1 only, on free ports, and every load is bounded in time. See bench/README.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+smoke=0
+extra=()
+for arg in "$@"; do
+  case "$arg" in
+    --smoke) smoke=1 ;;
+    --keep | --no-criterion) extra+=("$arg") ;;
+    *) echo "usage: bench/run.sh [--smoke] [--keep] [--no-criterion]" >&2; exit 2 ;;
+  esac
+done
+
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+missing=()
+command -v wrk >/dev/null || missing+=(wrk)
+command -v nginx >/dev/null || missing+=(nginx)
+command -v redis-server >/dev/null || missing+=(redis-server)
+command -v python3 >/dev/null || missing+=(python3)
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "bench: installing ${missing[*]}" >&2
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    "${missing[@]}" >/dev/null
+fi
+
+# 10,000 held connections need ~10,100 descriptors in portcullis and in the client.
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt 10500 ]; then
+  echo "bench: warning: ulimit -n is $(ulimit -n); holding 10,000 connections needs 10500+" >&2
+fi
+
+export CARGO_TERM_COLOR=never
+target_dir="${CARGO_TARGET_DIR:-target}"
+if [ "$smoke" -eq 1 ]; then
+  # The debug binary, which the test suite has just built in CI (`cargo test --all-targets`):
+  # reused when no source is newer, else built. This keeps the smoke run to seconds. Figures
+  # from it mean nothing; the point is that every step still works.
+  profile=dev
+  bin="$target_dir/debug/portcullis"
+  if [ -x "$bin" ] && [ -z "$(find src Cargo.toml Cargo.lock -newer "$bin" -print -quit)" ]; then
+    echo "bench: reusing $bin (no source is newer)" >&2
+  else
+    cargo build --locked --bin portcullis
+  fi
+  out="$target_dir/bench-smoke.md"
+  budget=300
+else
+  profile=release
+  cargo build --locked --release --bin portcullis
+  # Build the criterion benches before measuring, so compiling does not eat the time budget.
+  cargo bench --locked --bench gate --no-run
+  bin="$target_dir/release/portcullis"
+  out=bench/RESULTS.md
+  budget=600
+fi
+
+smoke_flag=()
+[ "$smoke" -eq 1 ] && smoke_flag=(--smoke)
+exec timeout --signal=TERM --kill-after=20 "$budget" \
+  python3 bench/bench.py "${smoke_flag[@]}" --bin "$bin" --profile "$profile" --out "$out" \
+  "${extra[@]}"
