@@ -8,8 +8,10 @@
 //! `redis.command_timeout`. The caller decides what a failure means (the proxy fails closed).
 //!
 //! Keys: `{prefix}:cache:{type}:{id}` for cache entries; `{prefix}:session:{{userId}}:{sessionId}`
-//! for a session and `{prefix}:user:{{userId}}:sessions` for the user's index. The braces are a
-//! Redis Cluster hash tag, so a session and its index always share a slot.
+//! for a session and `{prefix}:user:{{userId}}:sessions` for the user's index, a hash whose
+//! fields are the session ids (a small hash is a compact listpack, where a set of strings would
+//! be a hashtable). The braces are a Redis Cluster hash tag, so a session and its index always
+//! share a slot.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -315,7 +317,7 @@ if last == nil or now - last >= tonumber(ARGV[3]) then
 end
 if redis.call('PTTL', KEYS[1]) <= due then redis.call('PEXPIRE', KEYS[1], ttl) end
 local t = redis.call('PTTL', KEYS[2])
-if t == -2 then redis.call('SADD', KEYS[2], ARGV[4]) end
+if t == -2 then redis.call('HSET', KEYS[2], ARGV[4], '') end
 if t <= due then redis.call('PEXPIRE', KEYS[2], ttl) end
 return v
 ";
@@ -325,10 +327,10 @@ return v
 const CREATE: &str = r"
 local ttl = tonumber(ARGV[2])
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
-for _, s in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-  if redis.call('EXISTS', ARGV[4] .. s) == 0 then redis.call('SREM', KEYS[2], s) end
+for _, s in ipairs(redis.call('HKEYS', KEYS[2])) do
+  if redis.call('EXISTS', ARGV[4] .. s) == 0 then redis.call('HDEL', KEYS[2], s) end
 end
-redis.call('SADD', KEYS[2], ARGV[3])
+redis.call('HSET', KEYS[2], ARGV[3], '')
 local t = redis.call('PTTL', KEYS[2])
 if t < ttl then redis.call('PEXPIRE', KEYS[2], ttl) end
 return 1
@@ -345,11 +347,11 @@ return {v, redis.call('PTTL', KEYS[1])}
 const DESTROY: &str = r"
 local v = redis.call('GET', KEYS[1])
 redis.call('DEL', KEYS[1])
-redis.call('SREM', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
 local longest = -1
-for _, s in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+for _, s in ipairs(redis.call('HKEYS', KEYS[2])) do
   local t = redis.call('PTTL', ARGV[2] .. s)
-  if t == -2 then redis.call('SREM', KEYS[2], s) elseif t > longest then longest = t end
+  if t == -2 then redis.call('HDEL', KEYS[2], s) elseif t > longest then longest = t end
 end
 if longest > 0 then redis.call('PEXPIRE', KEYS[2], longest) end
 return v
@@ -360,7 +362,7 @@ return v
 const LIST: &str = r"
 local out = {}
 local longest = -1
-for _, s in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+for _, s in ipairs(redis.call('HKEYS', KEYS[1])) do
   local k = ARGV[1] .. s
   local v = redis.call('GET', k)
   if v then
@@ -370,7 +372,7 @@ for _, s in ipairs(redis.call('SMEMBERS', KEYS[1])) do
     table.insert(out, t)
     if t > longest then longest = t end
   else
-    redis.call('SREM', KEYS[1], s)
+    redis.call('HDEL', KEYS[1], s)
   end
 end
 if longest > 0 then redis.call('PEXPIRE', KEYS[1], longest) end

@@ -71,7 +71,7 @@ impl Setup {
     }
 
     fn members(&self, user: &str) -> BTreeSet<String> {
-        redis::cmd("SMEMBERS")
+        redis::cmd("HKEYS")
             .arg(index_key(user))
             .query(&mut self.redis.conn())
             .unwrap()

@@ -112,7 +112,7 @@ impl Setup {
     }
 
     fn index_members(&self, user: &str) -> BTreeSet<String> {
-        redis::cmd("SMEMBERS")
+        redis::cmd("HKEYS")
             .arg(index_key(user))
             .query(&mut self.redis.conn())
             .unwrap()
@@ -360,7 +360,7 @@ async fn the_stored_value_is_the_compact_record_under_the_hash_tagged_keys() {
         .arg(index_key("alice"))
         .query(&mut conn)
         .unwrap();
-    assert_eq!(kind, "set");
+    assert_eq!(kind, "hash");
     // Nothing else was written.
     let all: BTreeSet<String> = redis::cmd("KEYS").arg("*").query(&mut conn).unwrap();
     assert_eq!(all, set(&[&session_key("alice", id), &index_key("alice")]));
