@@ -46,7 +46,8 @@ SCENARIOS = {
     1: "direct (wrk -> upstream nginx)",
     2: "nginx proxy_pass, upstream keep-alive, no auth",
     3: "portcullis pass-through (auth = none)",
-    4: "portcullis enforcing (JWT + session + sliding TTL + rate limit)",
+    4: "portcullis enforcing (JWT + session + sliding TTL + rate limit), defaults",
+    5: "as 4 with `session.local_cache = false` (Redis on every request)",
 }
 
 
@@ -324,6 +325,7 @@ key_prefix = "{prefix}"
 
 [session]
 ttl = "30d"
+{session_extra}
 
 [rate_limit.proxy]
 requests = 1000000
@@ -357,8 +359,9 @@ class Bench:
         self.results = {"runs": [], "notes": []}
         self.problems = []
         self.ports = {k: free_port() for k in ("redis", "upstream", "status", "nginx", "portcullis",
-                                               "admin")}
+                                               "admin", "portcullis5", "admin5")}
         self.portcullis = None
+        self.portcullis5 = None
 
     # -- setup ------------------------------------------------------------------------------
 
@@ -389,12 +392,14 @@ class Bench:
         return self.procs.start(name, ["nginx", "-p", d, "-e", os.path.join(d, "error.log"),
                                        "-c", conf], os.path.join(d, "stdout.log"))
 
-    def start_portcullis(self):
-        conf = os.path.join(self.dir, "portcullis.toml")
+    def start_portcullis(self, which=""):
+        """Starts portcullis (defaults), or with which="5" the one without the local cache."""
+        conf = os.path.join(self.dir, f"portcullis{which}.toml")
         with open(conf, "w") as f:
             f.write(PORTCULLIS_CONFIG.format(
-                port=self.ports["portcullis"], upstream=self.ports["upstream"],
-                admin=self.ports["admin"], redis=self.ports["redis"], prefix=KEY_PREFIX))
+                port=self.ports["portcullis" + which], upstream=self.ports["upstream"],
+                admin=self.ports["admin" + which], redis=self.ports["redis"], prefix=KEY_PREFIX,
+                session_extra="local_cache = false" if which else ""))
         env = dict(os.environ, JWT_SECRET=SECRET)
         env.pop("PORTCULLIS_LOG", None)
         check = subprocess.run([self.bin, "--config", conf, "check-config"], env=env,
@@ -402,11 +407,12 @@ class Bench:
         if check.returncode != 0:
             raise Failure(f"bench config rejected: {check.stderr.strip()}")
         # SIGINT: stop at once (SIGTERM first waits out server.shutdown_delay).
-        self.portcullis = self.procs.start("portcullis", [self.bin, "--config", conf, "run"],
-                                           os.path.join(self.dir, "portcullis.log"), env=env,
-                                           stop_signal=signal.SIGINT)
-        wait_http(self.ports["admin"], "/readyz", what="portcullis admin /readyz")
-        wait_http(self.ports["portcullis"], "/open/ping", what="portcullis")
+        proc = self.procs.start("portcullis" + which, [self.bin, "--config", conf, "run"],
+                                os.path.join(self.dir, f"portcullis{which}.log"), env=env,
+                                stop_signal=signal.SIGINT)
+        setattr(self, "portcullis" + which, proc)
+        wait_http(self.ports["admin" + which], "/readyz", what="portcullis admin /readyz")
+        wait_http(self.ports["portcullis" + which], "/open/ping", what="portcullis")
 
     def restart_portcullis(self):
         if self.portcullis is not None:
@@ -423,6 +429,7 @@ class Bench:
         wait_http(self.ports["upstream"], "/", what="upstream nginx")
         wait_http(self.ports["nginx"], "/", what="proxy nginx")
         self.start_portcullis()
+        self.start_portcullis("5")
 
     # -- sessions for scenario 4 and the API benches -----------------------------------------
 
@@ -485,6 +492,10 @@ class Bench:
                                 {"Authorization": f"Bearer {first}"})
         if status != 200 or body != b"ok":
             raise Failure(f"scenario 4 check: {status} {body[:200]!r}")
+        status, body = http_get(self.ports["portcullis5"], "/game/state",
+                                {"Authorization": f"Bearer {first}"})
+        if status != 200 or body != b"ok":
+            raise Failure(f"scenario 5 check: {status} {body[:200]!r}")
         status, _ = http_get(self.ports["portcullis"], "/game/state")
         if status != 401:
             raise Failure(f"scenario 4 without a token answered {status}, not 401")
@@ -523,20 +534,36 @@ class Bench:
             return self.ports["nginx"], ["mode=plain", "path=/game/state"]
         if n == 3:
             return self.ports["portcullis"], ["mode=plain", "path=/open/state"]
-        return self.ports["portcullis"], ["mode=proxy", "path=/game/state",
-                                          f"file={self.proxy_tokens}"]
+        return self.ports["portcullis" if n == 4 else "portcullis5"], [
+            "mode=proxy", "path=/game/state", f"file={self.proxy_tokens}"]
+
+    def redis_round_trips(self, which=""):
+        """Redis operations portcullis made, by op, from its own /metrics (one per round trip,
+        whatever the command: EVALSHA, a plain command or a pipeline)."""
+        status, body = http_get(self.ports["admin" + which], "/metrics")
+        if status != 200:
+            return {}
+        ops = {}
+        for m in re.finditer(rb'^portcullis_redis_command_duration_seconds_count\{op="([^"]+)"\} (\d+)',
+                             body, re.M):
+            ops[m.group(1).decode()] = int(m.group(2))
+        return ops
 
     def run_scenario(self, n, duration, extra=(), record=True, tag="max"):
         port, lua = self.scenario_target(n)
-        pc = self.portcullis.pid
+        which = "5" if n == 5 else ""
+        pc = getattr(self, "portcullis" + which).pid
         nginx_pids = [self.nginx.pid] + children(self.nginx.pid)
         cpu_pc0 = proc_cpu_seconds([pc])
         cpu_ng0 = proc_cpu_seconds(nginx_pids)
         cmd0 = redis_commandstats(self.ports["redis"])
         up0 = self.upstream_requests()
+        rt0 = self.redis_round_trips(which)
         r = self.wrk(port, duration, lua + list(extra))
         time.sleep(0.2)  # let the requests still in flight when wrk stopped finish
         up1 = self.upstream_requests()
+        rt1 = self.redis_round_trips(which)
+        r["round_trips"] = {k: v - rt0.get(k, 0) for k, v in rt1.items() if v - rt0.get(k, 0)}
         cmd1 = redis_commandstats(self.ports["redis"])
         # Requests the upstream answered in this run (the status read itself counts one).
         r["served"] = up1 - up0 - 1
@@ -561,15 +588,16 @@ class Bench:
     def throughput(self):
         p = self.p
         log("warm-up")
-        for n in (1, 2, 3, 4):
+        for n in SCENARIOS:
             self.run_scenario(n, p["warmup"], record=False, tag="warm-up")
-        orders = [(1, 2, 3, 4), (4, 3, 2, 1), (2, 4, 1, 3), (3, 1, 4, 2)]
+        orders = [(1, 2, 3, 4, 5), (5, 4, 3, 2, 1), (2, 4, 1, 5, 3), (3, 5, 1, 4, 2)]
         for rnd in range(p["rounds"]):
             order = orders[rnd % len(orders)]
             log(f"round {rnd + 1}/{p['rounds']}: order {order}")
             for n in order:
                 self.run_scenario(n, p["duration"])
         self.results["peak_rss_kib"] = proc_status_kib(self.portcullis.pid, "VmHWM")
+        self.results["peak_rss5_kib"] = proc_status_kib(self.portcullis5.pid, "VmHWM")
 
     def paced(self):
         p = self.p
@@ -746,6 +774,7 @@ class Bench:
             self.throughput()
             self.paced()
             self.perf_stat()
+            self.procs.stop(self.portcullis5)
             self.api_latency()
             self.session_memory()
             self.connections()
@@ -920,7 +949,8 @@ def render(b):
     w("")
     ratio = lambda a, c: med[a]["rps"] / med[c]["rps"] if a in med and c in med and med[c]["rps"] else float("nan")  # noqa: E731
     r42, r32, r41 = ratio(4, 2), ratio(3, 2), ratio(4, 1)
-    w(f"Ratios of requests/s: **4/2 = {r42:.2f}**, **3/2 = {r32:.2f}**, 4/1 = {r41:.2f}.")
+    w(f"Ratios of requests/s: **4/2 = {r42:.2f}**, **3/2 = {r32:.2f}**, 4/1 = {r41:.2f}; "
+      f"without the local session cache 5/2 = {ratio(5, 2):.2f}.")
     w("")
 
     paced = [r for r in R["runs"] if r["tag"] == "paced"]
@@ -947,34 +977,62 @@ def render(b):
     w(f"**p99 added latency, 4 over 1: {ms(added99)} ms** (p50 added: {ms(added50)} ms).")
     w("")
 
-    s4 = by.get(4, [])
     s3 = by.get(3, [])
-    req4 = sum(r["served"] for r in s4)
-    client4 = sum(r["redis_client_cmds"] for r in s4) / req4 if req4 else float("nan")
-    all4 = sum(r["redis_all_cmds"] for r in s4) / req4 if req4 else float("nan")
-    cmds = {}
-    for r in s4:
-        for k, v in r["redis_cmds"].items():
-            cmds[k] = cmds.get(k, 0) + v
-    per = ", ".join(f"{k} {v / req4:.2f}" for k, v in sorted(cmds.items(), key=lambda kv: -kv[1])) if req4 else ""
+
+    def redis_costs(rs):
+        served = sum(r["served"] for r in rs)
+        if not served:
+            return None
+        cmds, trips = {}, {}
+        for r in rs:
+            for k, v in r["redis_cmds"].items():
+                cmds[k] = cmds.get(k, 0) + v
+            for k, v in r.get("round_trips", {}).items():
+                trips[k] = trips.get(k, 0) + v
+        return {
+            "client": sum(r["redis_client_cmds"] for r in rs) / served,
+            "all": sum(r["redis_all_cmds"] for r in rs) / served,
+            "trips": sum(trips.values()) / served,
+            "by_cmd": ", ".join(f"{k} {v / served:.3f}" for k, v in
+                                sorted(cmds.items(), key=lambda kv: -kv[1])) or "none",
+            "by_op": ", ".join(f"{k} {v / served:.3f}" for k, v in
+                               sorted(trips.items(), key=lambda kv: -kv[1])) or "none",
+        }
+    rc = {n: redis_costs(by.get(n, [])) for n in (4, 5)}
+    nan_ = float("nan")
+    client4 = rc[4]["client"] if rc[4] else nan_
+    all4 = rc[4]["all"] if rc[4] else nan_
+    trips4 = rc[4]["trips"] if rc[4] else nan_
     cpu = lambda rs: (sum(r["portcullis_cpu_s"] for r in rs) / sum(r["served"] for r in rs) * 1e5) if rs and sum(r["served"] for r in rs) else float("nan")  # noqa: E731
     ngx = by.get(2, [])
     ngx_cpu = (sum(r["nginx_cpu_s"] for r in ngx) / sum(r["served"] for r in ngx) * 1e5) if ngx and sum(r["served"] for r in ngx) else float("nan")
     w("## Cost per request")
     w("")
-    w("| figure | value |")
-    w("|---|---:|")
-    w(f"| Redis client commands per proxied request in 4 (EVALSHA + EVAL calls / requests) | {client4:.3f} |")
-    w(f"| Redis commands per proxied request in 4, including those run inside scripts | {all4:.3f} |")
-    w(f"| portcullis CPU seconds per 100k requests, scenario 4 | {cpu(s4):.2f} |")
-    w(f"| portcullis CPU seconds per 100k requests, scenario 3 | {cpu(s3):.2f} |")
-    w(f"| nginx proxy CPU seconds per 100k requests, scenario 2 (all workers) | {ngx_cpu:.2f} |")
-    w(f"| portcullis peak RSS (VmHWM) after the throughput runs | {R.get('peak_rss_kib', 0) / 1024:.1f} MiB |")
+    w("Per request means per request the upstream answered in the same runs (nginx "
+      "`stub_status` delta), which also counts those wrk left in flight at its end. Redis "
+      "figures are `INFO commandstats` deltas (Redis counts the commands a Lua script runs under "
+      "their own names too) and portcullis' own count of Redis round trips "
+      "(`portcullis_redis_command_duration_seconds_count` on /metrics).")
     w("")
-    w(f"Redis calls per request in 4 by command (INFO commandstats delta): {per}. "
-      "Per request means per request the upstream answered in the same runs (nginx "
-      "`stub_status` delta), which also counts those wrk left in flight at its end.")
+    w("| figure | 4 (defaults) | 5 (no local cache) |")
+    w("|---|---:|---:|")
+
+    def both(key, fmt="{:.3f}"):
+        return " | ".join(fmt.format(rc[n][key]) if rc[n] else "n/a" for n in (4, 5))
+    w(f"| Redis round trips per proxied request (portcullis /metrics) | {both('trips')} |")
+    w(f"| Redis client script calls per proxied request (EVALSHA + EVAL) | {both('client')} |")
+    w(f"| Redis commands per proxied request, including those run inside scripts | {both('all')} |")
+    w(f"| portcullis CPU seconds per 100k requests | {cpu(by.get(4, [])):.2f} | {cpu(by.get(5, [])):.2f} |")
+    w(f"| portcullis peak RSS (VmHWM) after the throughput runs | {R.get('peak_rss_kib', 0) / 1024:.1f} MiB | {R.get('peak_rss5_kib', 0) / 1024:.1f} MiB |")
     w("")
+    w(f"portcullis pass-through (3): {cpu(s3):.2f} CPU seconds per 100k requests; the nginx proxy "
+      f"(2, all workers): {ngx_cpu:.2f}.")
+    w("")
+    for n in (4, 5):
+        if rc[n]:
+            w(f"Scenario {n}, Redis commands per request: {rc[n]['by_cmd']}; portcullis round "
+              f"trips per request by operation: {rc[n]['by_op']}.")
+            w("")
     perf = R.get("perf") or {}
     if perf:
         w("`perf stat -p <portcullis>` during an extra flat-out run, per request:")
@@ -1061,7 +1119,9 @@ def render(b):
     row("scenario 3 >= 1.2x nginx (3/2)", f"{r32:.2f}x", None if nan(r32) else r32 >= 1.2)
     row("p99 added latency of 4 over 1 at the fixed rate < 1 ms", f"{ms(added99)} ms",
         None if nan(added99) else added99 < 1000)
-    row("<= 1 Redis command per proxied request (client commands)", f"{client4:.2f}",
+    row("<= 1 Redis command per proxied request (round trips portcullis made)", f"{trips4:.3f}",
+        None if nan(trips4) else trips4 <= 1.0)
+    row("<= 1 Redis command per proxied request (client script calls)", f"{client4:.3f}",
         None if nan(client4) else client4 <= 1.0)
     row("<= 1 Redis command per proxied request (counting those inside scripts)", f"{all4:.2f}",
         None if nan(all4) else all4 <= 1.0)
