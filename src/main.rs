@@ -72,6 +72,15 @@ fn init_logging(format: LogFormat, level: &str) {
     }
 }
 
+/// Loads and validates the configuration, printing every problem (exit code 2) on failure.
+fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|errors| {
+        eprintln!("{}: invalid configuration", path.display());
+        eprintln!("{errors}");
+        ExitCode::from(2)
+    })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     portcullis::tls::install_crypto_provider();
@@ -111,13 +120,9 @@ fn main() -> ExitCode {
             })
         }
         Command::DevToken { sub, sid, ttl } => {
-            let config = match Config::load(&cli.config) {
+            let config = match load_config(&cli.config) {
                 Ok(c) => c,
-                Err(errors) => {
-                    eprintln!("{}: invalid configuration", cli.config.display());
-                    eprintln!("{errors}");
-                    return ExitCode::from(2);
-                }
+                Err(code) => return code,
             };
             if !portcullis::authn::valid_user_id(&sub) {
                 eprintln!("portcullis: --sub must be 1 to 256 printable characters without spaces or braces");
@@ -134,7 +139,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::CheckConfig => match Config::load(&cli.config) {
+        Command::CheckConfig => match load_config(&cli.config) {
             Ok(config) => {
                 for warning in &config.warnings {
                     eprintln!("warning: {warning}");
@@ -150,20 +155,12 @@ fn main() -> ExitCode {
                 println!("{}: ok", cli.config.display());
                 ExitCode::SUCCESS
             }
-            Err(errors) => {
-                eprintln!("{}: invalid configuration", cli.config.display());
-                eprintln!("{errors}");
-                ExitCode::from(2)
-            }
+            Err(code) => code,
         },
         Command::Run => {
-            let config = match Config::load(&cli.config) {
+            let config = match load_config(&cli.config) {
                 Ok(c) => c,
-                Err(errors) => {
-                    eprintln!("{}: invalid configuration", cli.config.display());
-                    eprintln!("{errors}");
-                    return ExitCode::from(2);
-                }
+                Err(code) => return code,
             };
             init_logging(
                 cli.log_format.unwrap_or(config.log.format),
