@@ -1,10 +1,15 @@
 //! portcullis: a session-enforcing reverse proxy for game backends.
 //!
-//! A request reads top to bottom through the modules: [`server`] accepts it (TLS from [`tls`],
-//! the connection's [`peer`]), [`app`] holds the tower stack in order: [`access_log`], then
-//! [`limits`] on size, and finally [`forward`] sends it upstream and streams the answer back.
-//! [`error`] is the one place failures become responses; [`config`] is read and validated once
-//! at start; [`admin`] serves health on its own port; [`echo`] is a demo upstream.
+//! A request reads top to bottom through the modules. [`server`] accepts it (TLS from [`tls`],
+//! the connection's [`peer`]); [`app`] holds the tower stack in order: [`request_id`], the
+//! client address ([`peer`]), the route class ([`routes`]), [`access_log`] (with [`metrics`]
+//! and the audit trail), size [`limits`], token verification ([`authn`]), [`rate_limit`], then
+//! either the session API ([`session::api`]) or the session gate ([`session::gate`], with its
+//! local cache [`session::cache`]) and finally [`forward`], which sends the request upstream
+//! and streams the answer back. [`store`] is the only door to Redis. [`error`] is the one place
+//! failures become responses; [`config`] is read and validated once at start; [`admin`] serves
+//! health and metrics on its own port; [`echo`] is a demo upstream; [`inject`] adds the sidecar
+//! to Kubernetes manifests.
 
 #![forbid(unsafe_code)]
 
