@@ -13,27 +13,6 @@ use portcullis::rate_limit::RateLimits;
 use support::*;
 use tokio::net::TcpListener;
 
-fn token(sub: &str, sid: Option<&str>) -> String {
-    #[derive(serde::Serialize)]
-    struct Claims<'a> {
-        sub: &'a str,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        sid: Option<&'a str>,
-        exp: u64,
-    }
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 3600;
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::default(),
-        &Claims { sub, sid, exp },
-        &jsonwebtoken::EncodingKey::from_secret(TEST_SECRET.as_bytes()),
-    )
-    .unwrap()
-}
-
 /// portcullis in-process, keeping a handle on its limiters.
 struct Limited {
     url: String,
