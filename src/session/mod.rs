@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 use crate::metrics::{CacheLabels, Metrics};
 use crate::session::cache::SessionCache;
-use crate::store::{Store, StoreError, Tracking};
+use crate::store::{Store, StoreError, StoredSession, Tracking};
 
 /// The client platform a session was opened from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -272,6 +272,23 @@ impl Sessions {
         }
     }
 
+    /// A stored session as the API shows it; it expires its remaining TTL after `now_ms`.
+    fn stored_session(
+        &self,
+        user_id: &str,
+        session_id: Uuid,
+        stored: &StoredSession,
+        now_ms: u64,
+    ) -> Result<Session, StoreError> {
+        let remaining = u64::try_from(stored.ttl.as_millis()).unwrap_or(0);
+        Ok(self.session(
+            user_id,
+            session_id,
+            decode(&stored.value)?,
+            now_ms.saturating_add(remaining),
+        ))
+    }
+
     fn ttl_ms(&self) -> u64 {
         u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX)
     }
@@ -303,13 +320,12 @@ impl Sessions {
         else {
             return Ok(None);
         };
-        let expires = now_ms().saturating_add(u64::try_from(stored.ttl.as_millis()).unwrap_or(0));
-        Ok(Some(self.session(
+        Ok(Some(self.stored_session(
             user_id,
             session_id,
-            decode(&stored.value)?,
-            expires,
-        )))
+            &stored,
+            now_ms(),
+        )?))
     }
 
     /// The per-request check: the session exists under this user. Its TTL slides back to full
@@ -436,8 +452,7 @@ impl Sessions {
             let Ok(session_id) = id.parse::<Uuid>() else {
                 continue;
             };
-            let expires = now.saturating_add(u64::try_from(stored.ttl.as_millis()).unwrap_or(0));
-            sessions.push(self.session(user_id, session_id, decode(&stored.value)?, expires));
+            sessions.push(self.stored_session(user_id, session_id, &stored, now)?);
         }
         sessions.sort_by_key(|s| (s.created_at, s.session_id));
         Ok(sessions)
