@@ -78,7 +78,7 @@ impl App {
             config.server.max_body_bytes,
             trusted.clone(),
             config.identity.clone(),
-        )?;
+        );
         let cache = config
             .session
             .local_cache
@@ -285,6 +285,7 @@ impl App {
         tracing::info!(
             listen = %public.local_addr()?,
             tls = tls.is_some(),
+            workers = self.config.server.workers,
             upstream = %format!("{}://{}", self.config.upstream.scheme, self.config.upstream.authority),
             "portcullis serving"
         );
@@ -302,10 +303,13 @@ impl App {
             }
             tracing::info!("shutting down: no new connections, draining in-flight requests");
         };
-        crate::server::serve(
+        let services = (0..self.config.server.workers)
+            .map(|_| self.service())
+            .collect();
+        let served = crate::server::serve(
             public,
             tls,
-            self.service(),
+            services,
             limits,
             self.open_connections.clone(),
             draining,
@@ -316,6 +320,7 @@ impl App {
         let _ = admin_task.await;
         background.shutdown().await;
         self.store.close();
+        served.map_err(|e| format!("cannot start the worker threads: {e}"))?;
         tracing::info!("stopped");
         Ok(())
     }

@@ -179,6 +179,9 @@ pub struct ServerSection {
     pub trusted_proxies: Vec<String>,
     /// Most connections served at once; further ones wait in the kernel's accept queue.
     pub max_connections: usize,
+    /// Threads serving connections, each with its own single-threaded runtime and upstream
+    /// pool; 0 means one per CPU the process may use.
+    pub workers: usize,
 }
 
 impl Default for ServerSection {
@@ -194,6 +197,7 @@ impl Default for ServerSection {
             shutdown_delay: Duration::from_secs(5),
             trusted_proxies: Vec::new(),
             max_connections: 25_000,
+            workers: 0,
         }
     }
 }
@@ -538,6 +542,8 @@ pub struct ServerConfig {
     pub shutdown_delay: Duration,
     pub trusted_proxies: Vec<IpNet>,
     pub max_connections: usize,
+    /// Connection-serving threads, resolved (at least 1).
+    pub workers: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -641,6 +647,12 @@ impl FileConfig {
         );
         v.nonzero_duration("server.idle_timeout", self.server.idle_timeout);
         v.positive("server.max_connections", self.server.max_connections as u64);
+        if self.server.workers > MAX_WORKERS {
+            v.fail(
+                "server.workers",
+                format!("must be at most {MAX_WORKERS} (0 means one per CPU)"),
+            );
+        }
         let trusted_proxies = self
             .server
             .trusted_proxies
@@ -837,6 +849,10 @@ impl FileConfig {
                 shutdown_delay: self.server.shutdown_delay,
                 trusted_proxies,
                 max_connections: self.server.max_connections,
+                workers: match self.server.workers {
+                    0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+                    n => n,
+                },
             },
             upstream: UpstreamConfig {
                 scheme,
@@ -1229,6 +1245,9 @@ enum Kind {
 
 /// Every key that `PORTCULLIS_<SECTION>_<KEY>` can set. Dots become underscores:
 /// `server.tls.cert` is `PORTCULLIS_SERVER_TLS_CERT`.
+/// More serving threads than this is a typo, not a machine.
+const MAX_WORKERS: usize = 1024;
+
 const OVERRIDABLE: &[(&str, Kind)] = &[
     ("server.listen", Kind::Str),
     ("server.tls.cert", Kind::Str),
@@ -1242,6 +1261,7 @@ const OVERRIDABLE: &[(&str, Kind)] = &[
     ("server.tls.reload_interval", Kind::Str),
     ("server.trusted_proxies", Kind::List),
     ("server.max_connections", Kind::Int),
+    ("server.workers", Kind::Int),
     ("upstream.url", Kind::Str),
     ("upstream.request_timeout", Kind::Str),
     ("upstream.connect_timeout", Kind::Str),
@@ -1420,6 +1440,27 @@ mod tests {
         let err = parse("[server]\nlisen = \"0.0.0.0:1\"\n").unwrap_err();
         assert_eq!(err.0[0].key, "server.lisen");
         assert!(err.0[0].reason.contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn workers_default_to_one_per_cpu_and_can_be_pinned() {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(parse("").unwrap().server.workers, cpus);
+        assert_eq!(
+            parse("[server]\nworkers = 3\n").unwrap().server.workers,
+            3
+        );
+        let env = parse_env("", &[("PORTCULLIS_SERVER_WORKERS", "1")]).unwrap();
+        assert_eq!(env.server.workers, 1);
+    }
+
+    #[test]
+    fn absurd_worker_count_names_the_key() {
+        let err = parse("[server]\nworkers = 100000\n").unwrap_err();
+        assert_eq!(err.0[0].key, "server.workers");
+        assert!(err.0[0].reason.contains("at most 1024"), "{err}");
+        let err = parse("[server]\nworkers = -1\n").unwrap_err();
+        assert_eq!(err.0[0].key, "server.workers");
     }
 
     #[test]

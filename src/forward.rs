@@ -22,7 +22,7 @@ use crate::config::{IdentityConfig, UpstreamConfig};
 use crate::error::Rejection;
 use crate::peer::{ConnInfo, TrustedProxies};
 use crate::session::gate::Identity;
-use crate::{Body, BoxError};
+use crate::Body;
 
 type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 
@@ -55,9 +55,10 @@ impl Drop for TunnelGuard {
     }
 }
 
-/// The pooled keep-alive client and where it sends requests.
+/// Where requests go and how they are rewritten; shared by every worker. Each worker's
+/// [`Forward`] owns its own connection pool (see [`Upstream::pool`]).
 pub struct Upstream {
-    client: Client<Connector, Body>,
+    config: UpstreamConfig,
     scheme: Scheme,
     authority: Authority,
     host: Option<HeaderValue>,
@@ -68,13 +69,34 @@ pub struct Upstream {
     tunnels: Arc<TunnelCount>,
 }
 
+/// A keep-alive pool of upstream connections.
+type Pool = Client<Connector, Body>;
+
 impl Upstream {
     pub fn new(
         config: &UpstreamConfig,
         max_body_bytes: u64,
         trusted: TrustedProxies,
         identity: IdentityConfig,
-    ) -> Result<Self, BoxError> {
+    ) -> Self {
+        Upstream {
+            config: config.clone(),
+            scheme: config.scheme.clone(),
+            authority: config.authority.clone(),
+            host: config.host.clone(),
+            request_timeout: config.request_timeout,
+            max_body_bytes,
+            trusted,
+            identity,
+            tunnels: Arc::new(TunnelCount::default()),
+        }
+    }
+
+    /// A new, empty connection pool. Its connections are driven by tasks on the runtime that
+    /// opens them, so each worker has its own pool: a request and the upstream connection it
+    /// uses then live on one thread, and handing one to the other costs no cross-thread wakeup.
+    fn pool(&self) -> Pool {
+        let config = &self.config;
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -84,22 +106,11 @@ impl Upstream {
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
+        Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(config.pool_idle_timeout)
             .pool_max_idle_per_host(config.pool_max_idle)
-            .build(connector);
-        Ok(Upstream {
-            client,
-            scheme: config.scheme.clone(),
-            authority: config.authority.clone(),
-            host: config.host.clone(),
-            request_timeout: config.request_timeout,
-            max_body_bytes,
-            trusted,
-            identity,
-            tunnels: Arc::new(TunnelCount::default()),
-        })
+            .build(connector)
     }
 
     pub fn tunnels(&self) -> Arc<TunnelCount> {
@@ -107,7 +118,7 @@ impl Upstream {
     }
 
     /// Forwards one request; every failure becomes a [`Rejection`] response.
-    pub async fn forward(&self, mut req: Request<Body>) -> Response<Body> {
+    pub async fn forward(&self, pool: &Pool, mut req: Request<Body>) -> Response<Body> {
         let client_upgrade = wants_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
         let req = match self.upstream_request(req) {
             Ok(r) => r,
@@ -115,7 +126,7 @@ impl Upstream {
         };
 
         let started = Instant::now();
-        let result = tokio::time::timeout(self.request_timeout, self.client.request(req)).await;
+        let result = tokio::time::timeout(self.request_timeout, pool.request(req)).await;
         let elapsed = started.elapsed();
         let mut response = match result {
             Err(_) => return Rejection::UpstreamTimeout(self.request_timeout).into_response(),
@@ -373,13 +384,17 @@ fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
-/// The forwarding service at the bottom of the stack.
+/// The forwarding service at the bottom of the stack: one per worker, with that worker's pool.
 #[derive(Clone)]
-pub struct Forward(Arc<Upstream>);
+pub struct Forward {
+    upstream: Arc<Upstream>,
+    pool: Pool,
+}
 
 impl Forward {
     pub fn new(upstream: Arc<Upstream>) -> Self {
-        Forward(upstream)
+        let pool = upstream.pool();
+        Forward { upstream, pool }
     }
 }
 
@@ -393,8 +408,8 @@ impl tower::Service<Request<Body>> for Forward {
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        let upstream = self.0.clone();
-        Box::pin(async move { Ok(upstream.forward(req).await) })
+        let this = self.clone();
+        Box::pin(async move { Ok(this.upstream.forward(&this.pool, req).await) })
     }
 }
 

@@ -84,7 +84,9 @@ fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     portcullis::tls::install_crypto_provider();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // The control runtime: accepting, the admin listener, Redis and background work. Requests
+    // are served on `server.workers` threads of their own (see server::serve).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

@@ -20,7 +20,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 use tower::Service;
@@ -74,21 +74,39 @@ impl ConnCount {
     }
 }
 
-/// Serves `app` on `listener` until `shutdown` resolves, then drains for at most
+/// Serves on `listener` until `shutdown` resolves, then drains for at most
 /// `limits.shutdown_grace`. Returns once every connection has closed or the grace ran out.
+///
+/// The calling task only accepts. Each accepted connection goes, round robin, to one of
+/// `services.len()` worker threads, each running a single-threaded runtime with its own copy of
+/// the stack (and so its own upstream pool). Everything a request does, from parsing its head to
+/// writing the upstream's answer, then happens on one thread: on a work-stealing runtime the
+/// hand-offs between the client connection, the upstream connection and the pool cost a
+/// cross-thread wakeup each, which was the largest single cost of a proxied request.
 pub async fn serve(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
-    app: AppService,
+    services: Vec<AppService>,
     limits: ConnLimits,
     open: Arc<ConnCount>,
     shutdown: impl Future<Output = ()>,
-) {
+) -> io::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
-    let tracker = TaskTracker::new();
+    let mut workers = Vec::with_capacity(services.len());
+    for (index, app) in services.into_iter().enumerate() {
+        let shared = WorkerShared {
+            app,
+            tls: tls.clone(),
+            limits: limits.clone(),
+            stop: stop_rx.clone(),
+            open: open.clone(),
+        };
+        workers.push(Worker::start(index, shared)?);
+    }
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     tokio::pin!(shutdown);
 
+    let mut next = 0;
     loop {
         let permit = tokio::select! {
             _ = &mut shutdown => break,
@@ -110,31 +128,130 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
-        let conn = Connection {
-            app: app.clone(),
-            tls: tls.clone(),
-            limits: limits.clone(),
-            peer,
-            stop: stop_rx.clone(),
-            open: open.clone(),
+        // Leave this runtime's poller, to join the worker's.
+        let stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "cannot hand over a connection");
+                continue;
+            }
         };
-        tracker.spawn(async move {
-            conn.run(stream).await;
-            drop(permit);
-        });
+        let mut accepted = Accepted {
+            stream,
+            peer,
+            permit,
+        };
+        // A worker whose thread has died refuses; the next one takes the connection.
+        for _ in 0..workers.len() {
+            let worker = &workers[next % workers.len()];
+            next = next.wrapping_add(1);
+            match worker.inbox.send(accepted) {
+                Ok(()) => break,
+                Err(mpsc::error::SendError(back)) => accepted = back,
+            }
+        }
     }
 
     drop(listener);
     let _ = stop_tx.send(true);
-    tracker.close();
-    if tokio::time::timeout(limits.shutdown_grace, tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            remaining = tracker.len(),
-            "shutdown grace elapsed with connections still open"
-        );
+    for worker in workers {
+        worker.finish().await;
+    }
+    Ok(())
+}
+
+/// A connection on its way from the acceptor to a worker.
+struct Accepted {
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+    /// Held for the connection's life: `server.max_connections`.
+    permit: OwnedSemaphorePermit,
+}
+
+/// What every worker's connections share.
+struct WorkerShared {
+    app: AppService,
+    tls: Option<TlsAcceptor>,
+    limits: ConnLimits,
+    stop: watch::Receiver<bool>,
+    open: Arc<ConnCount>,
+}
+
+/// One connection-serving thread and its single-threaded runtime.
+struct Worker {
+    inbox: mpsc::UnboundedSender<Accepted>,
+    done: oneshot::Receiver<()>,
+}
+
+impl Worker {
+    fn start(index: usize, shared: WorkerShared) -> io::Result<Worker> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (inbox, arrivals) = mpsc::unbounded_channel();
+        let (done_tx, done) = oneshot::channel();
+        std::thread::Builder::new()
+            .name(format!("portcullis-worker-{index}"))
+            .spawn(move || {
+                runtime.block_on(shared.run(arrivals));
+                // Dropping the runtime ends what is left on it (idle pool connections and, past
+                // the grace, unfinished connections) before the acceptor hears that we are done.
+                drop(runtime);
+                let _ = done_tx.send(());
+            })?;
+        Ok(Worker { inbox, done })
+    }
+
+    /// Stops handing over connections and waits for the worker to drain.
+    async fn finish(self) {
+        drop(self.inbox);
+        if self.done.await.is_err() {
+            tracing::error!("a worker thread ended abnormally");
+        }
+    }
+}
+
+impl WorkerShared {
+    /// Serves each connection handed over until the acceptor hangs up, then waits at most
+    /// `shutdown_grace` for the open ones (which the stop signal has told to finish).
+    async fn run(self, mut arrivals: mpsc::UnboundedReceiver<Accepted>) {
+        let tracker = TaskTracker::new();
+        while let Some(Accepted {
+            stream,
+            peer,
+            permit,
+        }) = arrivals.recv().await
+        {
+            let stream = match TcpStream::from_std(stream) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "cannot take over a connection");
+                    continue;
+                }
+            };
+            let conn = Connection {
+                app: self.app.clone(),
+                tls: self.tls.clone(),
+                limits: self.limits.clone(),
+                peer,
+                stop: self.stop.clone(),
+                open: self.open.clone(),
+            };
+            tracker.spawn(async move {
+                conn.run(stream).await;
+                drop(permit);
+            });
+        }
+        tracker.close();
+        if tokio::time::timeout(self.limits.shutdown_grace, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                remaining = tracker.len(),
+                "shutdown grace elapsed with connections still open"
+            );
+        }
     }
 }
 

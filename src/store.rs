@@ -87,6 +87,9 @@ struct Link {
     timeouts: AtomicU32,
     /// Client-side caching: who to tell, and the key prefix tracked (BCAST).
     tracking: Option<(Arc<dyn Tracking>, String)>,
+    /// The runtime the store was made on, which outlives the workers: the connection's tasks
+    /// run there, not on whichever worker happened to send the first command.
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl Link {
@@ -100,7 +103,11 @@ impl Link {
     /// The current connection; waits only for the very first connection attempt.
     async fn get(self: &Arc<Self>) -> Result<(u64, MultiplexedConnection), StoreError> {
         if !self.started.swap(true, Ordering::SeqCst) {
-            tokio::spawn(Link::maintain(self.clone()));
+            let maintain = Link::maintain(self.clone());
+            match &self.runtime {
+                Some(runtime) => runtime.spawn(maintain),
+                None => tokio::spawn(maintain),
+            };
         }
         let waited = self.changed.notified();
         tokio::pin!(waited);
@@ -412,7 +419,8 @@ fn ttl_from_pttl(pttl: i64) -> Duration {
 }
 
 impl Store {
-    /// Prepares the store; nothing connects until the first command. With `tracking`, the
+    /// Prepares the store; nothing connects until the first command, but the connection's tasks
+    /// will run on the runtime this is called on, if any. With `tracking`, the
     /// connection speaks RESP3 and delivers invalidations of session keys to it.
     pub fn new(
         config: &RedisConfig,
@@ -448,6 +456,7 @@ impl Store {
             started: AtomicBool::new(false),
             timeouts: AtomicU32::new(0),
             tracking: tracking.map(|t| (t, format!("{}:session:", config.key_prefix))),
+            runtime: tokio::runtime::Handle::try_current().ok(),
         };
         Ok(Store {
             link: Arc::new(link),
