@@ -1446,10 +1446,7 @@ mod tests {
     fn workers_default_to_one_per_cpu_and_can_be_pinned() {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         assert_eq!(parse("").unwrap().server.workers, cpus);
-        assert_eq!(
-            parse("[server]\nworkers = 3\n").unwrap().server.workers,
-            3
-        );
+        assert_eq!(parse("[server]\nworkers = 3\n").unwrap().server.workers, 3);
         let env = parse_env("", &[("PORTCULLIS_SERVER_WORKERS", "1")]).unwrap();
         assert_eq!(env.server.workers, 1);
     }

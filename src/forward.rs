@@ -55,6 +55,63 @@ impl Drop for TunnelGuard {
     }
 }
 
+/// Where an upgrade (WebSocket, Socket.IO) changes hands. The client connection puts one in
+/// each HTTP/1.1 request that asks to upgrade; when the upstream answers 101, the forwarder
+/// leaves the upstream's side here. Once hyper has written the 101 and let go of the client's
+/// socket, the client connection takes the [`Tunnel`] and runs it on that socket.
+#[derive(Clone, Default)]
+pub struct UpgradeHandoff(Arc<std::sync::Mutex<Option<Tunnel>>>);
+
+impl UpgradeHandoff {
+    fn give(&self, tunnel: Tunnel) {
+        if let Ok(mut slot) = self.0.lock() {
+            *slot = Some(tunnel);
+        }
+    }
+
+    /// The tunnel the last request's 101 opened, if any.
+    pub fn take(&self) -> Option<Tunnel> {
+        self.0.lock().ok().and_then(|mut slot| slot.take())
+    }
+}
+
+/// The upstream's side of an accepted upgrade, counted as an open tunnel while it lives.
+pub struct Tunnel {
+    upstream: hyper::upgrade::OnUpgrade,
+    _guard: TunnelGuard,
+}
+
+impl Tunnel {
+    /// Copies bytes both ways between `client` and the upstream until either side closes (then
+    /// both are closed, so a peer that vanished never leaves the other hanging) or `stop`
+    /// resolves.
+    pub async fn run<C>(self, mut client: C, stop: impl Future<Output = ()>)
+    where
+        C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let upstream = match self.upstream.await {
+            Ok(upgraded) => upgraded,
+            Err(e) => {
+                tracing::debug!(error = %e, "upstream upgrade failed");
+                return;
+            }
+        };
+        let mut upstream = TokioIo::new(upstream);
+        let (mut client_read, mut client_write) = tokio::io::split(&mut client);
+        let (mut upstream_read, mut upstream_write) = tokio::io::split(&mut upstream);
+        let result = tokio::select! {
+            r = tokio::io::copy(&mut client_read, &mut upstream_write) => r,
+            r = tokio::io::copy(&mut upstream_read, &mut client_write) => r,
+            _ = stop => Ok(0),
+        };
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "tunnel closed with an error");
+        }
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut client_write).await;
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut upstream_write).await;
+    }
+}
+
 /// Where requests go and how they are rewritten; shared by every worker. Each worker's
 /// [`Forward`] owns its own connection pool (see [`Upstream::pool`]).
 pub struct Upstream {
@@ -119,7 +176,11 @@ impl Upstream {
 
     /// Forwards one request; every failure becomes a [`Rejection`] response.
     pub async fn forward(&self, pool: &Pool, mut req: Request<Body>) -> Response<Body> {
-        let client_upgrade = wants_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
+        let handoff = if wants_upgrade(&req) {
+            req.extensions_mut().remove::<UpgradeHandoff>()
+        } else {
+            None
+        };
         let req = match self.upstream_request(req) {
             Ok(r) => r,
             Err(rejection) => return rejection.into_response(),
@@ -136,12 +197,11 @@ impl Upstream {
 
         let upgraded = response.status() == StatusCode::SWITCHING_PROTOCOLS;
         if upgraded {
-            match client_upgrade {
-                Some(client_upgrade) => {
-                    let upstream_upgrade = hyper::upgrade::on(&mut response);
-                    let guard = TunnelGuard::new(self.tunnels.clone());
-                    tokio::spawn(tunnel(client_upgrade, upstream_upgrade, guard));
-                }
+            match handoff {
+                Some(handoff) => handoff.give(Tunnel {
+                    upstream: hyper::upgrade::on(&mut response),
+                    _guard: TunnelGuard::new(self.tunnels.clone()),
+                }),
                 // A 101 we did not ask for cannot be honoured: the client never offered to switch.
                 None => return Rejection::UpstreamUnavailable.into_response(),
             }
@@ -278,33 +338,6 @@ impl Upstream {
         tracing::debug!(error = %error_chain(&error), "upstream request failed");
         Rejection::UpstreamUnavailable
     }
-}
-
-async fn tunnel(
-    client: hyper::upgrade::OnUpgrade,
-    upstream: hyper::upgrade::OnUpgrade,
-    _guard: TunnelGuard,
-) {
-    let (client, upstream) = match tokio::try_join!(client, upstream) {
-        Ok(pair) => pair,
-        Err(e) => {
-            tracing::debug!(error = %e, "upgrade failed");
-            return;
-        }
-    };
-    let (mut client_read, mut client_write) = tokio::io::split(TokioIo::new(client));
-    let (mut upstream_read, mut upstream_write) = tokio::io::split(TokioIo::new(upstream));
-    // The tunnel lives until either side closes: when one direction ends, both connections are
-    // dropped, so a peer that vanished never leaves the other side hanging.
-    let result = tokio::select! {
-        r = tokio::io::copy(&mut client_read, &mut upstream_write) => r,
-        r = tokio::io::copy(&mut upstream_read, &mut client_write) => r,
-    };
-    if let Err(e) = result {
-        tracing::debug!(error = %e, "tunnel closed with an error");
-    }
-    let _ = tokio::io::AsyncWriteExt::shutdown(&mut client_write).await;
-    let _ = tokio::io::AsyncWriteExt::shutdown(&mut upstream_write).await;
 }
 
 /// True when the request asks to switch protocols (HTTP/1.1 `Connection: upgrade` + `Upgrade`).

@@ -1,0 +1,425 @@
+//! One client connection on a worker: TLS handshake (ALPN picks h2 or http/1.1) or plain-text
+//! protocol detection (HTTP/2 prior knowledge or HTTP/1.1), then hyper serving the app's tower
+//! stack. Every stage before the request head is bounded by `server.header_read_timeout`; idle
+//! connections are closed after `server.idle_timeout`.
+//!
+//! An HTTP/1.1 connection at rest gives its hyper state back: after [`DORMANT_AFTER`] with
+//! nothing in flight, hyper stops at the message boundary and returns the socket, which then
+//! waits for the client's next byte holding no buffers. A new hyper connection takes over when
+//! it comes. Ten thousand idle game clients so cost their sockets and a small task each, not ten
+//! thousand sets of read and write buffers. The same hand-back is how upgrades work: hyper
+//! writes the 101 and returns the socket, and the tunnel runs on it in this task.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::{Request, Response};
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+use tower::Service;
+
+use super::io::{Activity, AwaitingHead, OpenBody, Rewind, Tracked, Transport};
+use super::{ConnLimits, DORMANT_AFTER, MAX_HEADERS};
+use crate::app::AppService;
+use crate::forward::{wants_upgrade, UpgradeHandoff};
+use crate::peer::ConnInfo;
+use crate::Body;
+
+pub(super) struct Connection {
+    pub(super) app: AppService,
+    pub(super) tls: Option<TlsAcceptor>,
+    pub(super) limits: ConnLimits,
+    pub(super) peer: SocketAddr,
+    pub(super) stop: watch::Receiver<bool>,
+}
+
+enum Protocol {
+    Http1,
+    Http2,
+}
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Longest wait for a client to take our FIN or TLS close_notify.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+impl Connection {
+    pub(super) async fn run(self, stream: TcpStream) {
+        let deadline = self.limits.header_read_timeout;
+        match self.tls.clone() {
+            Some(acceptor) => {
+                // TLS state is large; boxed, it does not size the task of every plain connection.
+                let handshake = Box::pin(acceptor.accept(stream));
+                let tls = match tokio::time::timeout(deadline, handshake).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        tracing::debug!(peer = %self.peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(peer = %self.peer, "TLS handshake timed out");
+                        return;
+                    }
+                };
+                let protocol = match tls.get_ref().1.alpn_protocol() {
+                    Some(b"h2") => Protocol::Http2,
+                    _ => Protocol::Http1,
+                };
+                Box::pin(self.serve(tls, protocol, true)).await;
+            }
+            None => {
+                let protocol = match tokio::time::timeout(deadline, detect(&stream)).await {
+                    Ok(Ok(Some(p))) => p,
+                    _ => return,
+                };
+                self.serve(stream, protocol, false).await;
+            }
+        }
+    }
+
+    async fn serve<I: Transport>(self, io: I, protocol: Protocol, tls: bool) {
+        let activity = Arc::new(Activity::new());
+        let io = Tracked {
+            inner: io,
+            activity: activity.clone(),
+        };
+        let service = ConnService {
+            app: self.app.clone(),
+            conn: ConnInfo {
+                peer: self.peer,
+                tls,
+            },
+            activity: activity.clone(),
+            upgrades: UpgradeHandoff::default(),
+        };
+        match protocol {
+            Protocol::Http1 => self.serve_http1(io, service, activity).await,
+            Protocol::Http2 => {
+                let limits = &self.limits;
+                let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+                builder
+                    .timer(TokioTimer::new())
+                    .max_header_list_size(limits.hard_header_cap().try_into().unwrap_or(u32::MAX))
+                    .max_concurrent_streams(256);
+                let conn = builder.serve_connection(TokioIo::new(io), service);
+                let drive =
+                    drive_http2(conn, |c| c.graceful_shutdown(), activity, limits, self.stop);
+                Box::pin(drive).await;
+            }
+        }
+    }
+
+    /// Serves HTTP/1.1 requests, resting between them when the client goes quiet, until the
+    /// connection closes or upgrades.
+    async fn serve_http1<I: Transport>(
+        mut self,
+        io: Tracked<I>,
+        service: ConnService,
+        activity: Arc<Activity>,
+    ) {
+        let limits = self.limits.clone();
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            .max_buf_size(limits.hard_header_cap())
+            .max_headers(MAX_HEADERS);
+        let upgrades = service.upgrades.clone();
+        let mut io = Rewind::new(Bytes::new(), io);
+        loop {
+            // Boxed, so that a resting connection's task holds only a pointer's worth of it.
+            let conn = Box::new(builder.serve_connection(TokioIo::new(io), service.clone()));
+            // The driving future, timers included, lives only while hyper does.
+            let drive = drive_http1(conn, &activity, &limits, &mut self.stop);
+            let (conn, end) = Box::pin(drive).await;
+            let rest = match end {
+                Http1End::Failed(e) => {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                    return;
+                }
+                Http1End::Closed => false,
+                Http1End::Resting => true,
+            };
+            let parts = conn.into_parts();
+            let (prefix, tracked) = parts.io.into_inner().into_parts();
+            // hyper read `prefix` (if it read anything) before what it returns as unread. An
+            // empty read_buf is dropped, not kept: it would pin hyper's whole read buffer.
+            let unread = if parts.read_buf.is_empty() {
+                prefix
+            } else if prefix.is_empty() {
+                parts.read_buf
+            } else {
+                let mut joined = BytesMut::from(parts.read_buf);
+                joined.extend_from_slice(&prefix);
+                joined.freeze()
+            };
+            // An empty remainder may still point into hyper's read buffer: let that go too.
+            let unread = if unread.is_empty() {
+                Bytes::new()
+            } else {
+                unread
+            };
+            let mut client = Rewind::new(unread, tracked);
+
+            if let Some(tunnel) = upgrades.take() {
+                Box::pin(tunnel.run(client, stopped(self.stop.clone()))).await;
+                return;
+            }
+            if !rest {
+                close(&mut client).await;
+                return;
+            }
+            let (unread, tracked) = client.into_parts();
+            if unread.is_empty() && !self.wait_for_client(&tracked, &activity).await {
+                let mut tracked = tracked;
+                close(&mut tracked).await;
+                return;
+            }
+            io = Rewind::new(unread, tracked);
+        }
+    }
+
+    /// A resting connection waits here for its client's next byte. False when it should close
+    /// instead: quiet past the keep-alive limit, shutting down, or a broken socket.
+    async fn wait_for_client<I: Transport>(
+        &mut self,
+        io: &Tracked<I>,
+        activity: &Activity,
+    ) -> bool {
+        // hyper closes a kept-alive connection whose next request head does not arrive within
+        // header_read_timeout; a resting one keeps the same limit (and idle_timeout).
+        let limit = self
+            .limits
+            .header_read_timeout
+            .min(self.limits.idle_timeout);
+        if *self.stop.borrow() {
+            return false;
+        }
+        tokio::select! {
+            ready = std::future::poll_fn(|cx| io.inner.poll_client_ready(cx)) => ready.is_ok(),
+            _ = tokio::time::sleep(activity.until_quiet(limit)) => false,
+            _ = self.stop.changed() => false,
+        }
+    }
+}
+
+/// How a run of hyper's HTTP/1.1 connection ended.
+enum Http1End {
+    /// At a message boundary, at our request: the socket can rest and carry on.
+    Resting,
+    /// hyper is done with the socket (the client closed, `Connection: close`, an upgrade, or we
+    /// asked it to stop after the current exchange).
+    Closed,
+    Failed(hyper::Error),
+}
+
+type Http1Conn<I> =
+    hyper::server::conn::http1::Connection<TokioIo<Rewind<Tracked<I>>>, ConnService>;
+
+/// Runs hyper on the connection until it is done with the socket, asking it to stop when the
+/// server shuts down, when the connection has been idle for `idle_timeout`, or, to let the
+/// connection rest, once nothing has been in flight for [`DORMANT_AFTER`].
+async fn drive_http1<I: Transport>(
+    mut conn: Box<Http1Conn<I>>,
+    activity: &Activity,
+    limits: &ConnLimits,
+    stop: &mut watch::Receiver<bool>,
+) -> (Box<Http1Conn<I>>, Http1End) {
+    let mut closing = *stop.borrow();
+    if closing {
+        Pin::new(&mut *conn).graceful_shutdown();
+    }
+    loop {
+        let check = activity
+            .until_quiet(DORMANT_AFTER)
+            .min(activity.until_quiet(limits.idle_timeout))
+            .max(Duration::from_millis(10));
+        tokio::select! {
+            result = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => {
+                let end = match result {
+                    Ok(()) => Http1End::Closed,
+                    Err(e) => Http1End::Failed(e),
+                };
+                return (conn, end);
+            }
+            changed = stop.changed(), if !closing => {
+                if changed.is_err() || *stop.borrow() {
+                    closing = true;
+                    Pin::new(&mut *conn).graceful_shutdown();
+                }
+            }
+            _ = tokio::time::sleep(check), if !closing => {
+                if activity.is_idle(limits.idle_timeout) {
+                    closing = true;
+                    Pin::new(&mut *conn).graceful_shutdown();
+                } else if activity.is_at_rest(DORMANT_AFTER) {
+                    // Idle in hyper's eyes too, it closes its side at once and is done on the
+                    // next poll. Otherwise it is still reading or writing something we do not
+                    // count (a request body it drains, say): then it finishes that and closes,
+                    // and so do we.
+                    Pin::new(&mut *conn).graceful_shutdown();
+                    match std::future::poll_fn(|cx| Poll::Ready(conn.poll_without_shutdown(cx)))
+                        .await
+                    {
+                        Poll::Ready(Ok(())) => return (conn, Http1End::Resting),
+                        Poll::Ready(Err(e)) => return (conn, Http1End::Failed(e)),
+                        Poll::Pending => closing = true,
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Runs an HTTP/2 connection to completion, starting a graceful shutdown of it when the server
+/// stops or when it has been idle (nothing in flight, no bytes moving) for `idle_timeout`.
+async fn drive_http2<C>(
+    conn: C,
+    graceful_shutdown: impl Fn(Pin<&mut C>),
+    activity: Arc<Activity>,
+    limits: &ConnLimits,
+    mut stop: watch::Receiver<bool>,
+) where
+    C: Future<Output = Result<(), hyper::Error>>,
+{
+    tokio::pin!(conn);
+    let mut closing = *stop.borrow();
+    if closing {
+        graceful_shutdown(conn.as_mut());
+    }
+    loop {
+        let idle_check = activity
+            .until_quiet(limits.idle_timeout)
+            .max(Duration::from_millis(10));
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            changed = stop.changed(), if !closing => {
+                if changed.is_err() || *stop.borrow() {
+                    closing = true;
+                    graceful_shutdown(conn.as_mut());
+                }
+            }
+            _ = tokio::time::sleep(idle_check), if !closing => {
+                if activity.is_idle(limits.idle_timeout) {
+                    closing = true;
+                    graceful_shutdown(conn.as_mut());
+                }
+            }
+        }
+    }
+}
+
+/// Resolves once the server stops.
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stopping| *stopping).await;
+}
+
+/// Closes our side of the connection cleanly (TCP FIN, or TLS close_notify then FIN), giving a
+/// client that does not read at most [`CLOSE_TIMEOUT`].
+async fn close<I: tokio::io::AsyncWrite + Unpin>(io: &mut I) {
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, io.shutdown()).await;
+}
+
+/// Adapts the app's tower stack to one hyper connection: marks each request with its
+/// connection's facts, counts it as in flight until its response head is ready and its body
+/// until sent, and gives upgrade requests the connection's [`UpgradeHandoff`].
+#[derive(Clone)]
+struct ConnService {
+    app: AppService,
+    conn: ConnInfo,
+    activity: Arc<Activity>,
+    upgrades: UpgradeHandoff,
+}
+
+type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response<ConnBody>, Infallible>> + Send>>;
+
+impl hyper::service::Service<Request<Incoming>> for ConnService {
+    type Response = Response<ConnBody>;
+    type Error = Infallible;
+    type Future = ResponseFuture;
+
+    fn call(&self, req: Request<Incoming>) -> ResponseFuture {
+        let awaiting = AwaitingHead::new(self.activity.clone());
+        let open = OpenBody::new(self.activity.clone());
+        let upgrade = wants_upgrade(&req);
+        let (mut parts, body) = req.into_parts();
+        parts.extensions.insert(self.conn);
+        if upgrade {
+            parts.extensions.insert(self.upgrades.clone());
+        }
+        let body = Body::new(body);
+        // Every layer of the stack is always ready (none applies backpressure through
+        // poll_ready), so the stack is called directly rather than through `oneshot`.
+        let response = self.app.clone().call(Request::from_parts(parts, body));
+        Box::pin(async move {
+            let response = match response.await {
+                Ok(response) => response,
+                Err(never) => match never {},
+            };
+            drop(awaiting);
+            Ok(response.map(|body| ConnBody { body, _open: open }))
+        })
+    }
+}
+
+/// A response body that counts as open on its connection until hyper drops it.
+struct ConnBody {
+    body: Body,
+    _open: OpenBody,
+}
+
+impl hyper::body::Body for ConnBody {
+    type Data = Bytes;
+    type Error = crate::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Reads just enough of a plain-text connection to tell HTTP/2 prior knowledge from HTTP/1.1.
+async fn detect(stream: &TcpStream) -> io::Result<Option<Protocol>> {
+    let mut buf = [0u8; 24];
+    loop {
+        stream.readable().await?;
+        let n = stream.peek(&mut buf).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        if buf[..n] != H2_PREFACE[..n] {
+            return Ok(Some(Protocol::Http1));
+        }
+        if n == H2_PREFACE.len() {
+            return Ok(Some(Protocol::Http2));
+        }
+        // A partial preface: wait for the rest (bounded by the caller's timeout).
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}

@@ -1,0 +1,282 @@
+//! What sits between a socket and hyper: a record of the connection's activity (for the idle
+//! and dormancy timers) and a way to hand bytes that were already read back to the next reader.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+
+/// A client's byte stream: plain TCP or TLS over TCP.
+pub(super) trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Ready when the client has sent something (or closed): the socket is readable.
+    fn poll_client_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+}
+
+impl Transport for TcpStream {
+    fn poll_client_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_read_ready(cx)
+    }
+}
+
+impl Transport for TlsStream<TcpStream> {
+    fn poll_client_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Nothing decrypted waits inside: a connection only rests after the reader has drained
+        // everything the socket had.
+        self.get_ref().0.poll_read_ready(cx)
+    }
+}
+
+/// When a connection last moved bytes, how many of its requests still wait for a response
+/// head, and how many response bodies are still being sent.
+pub(super) struct Activity {
+    epoch: Instant,
+    last_millis: AtomicU64,
+    awaiting_head: AtomicUsize,
+    open_bodies: AtomicUsize,
+}
+
+impl Activity {
+    pub(super) fn new() -> Self {
+        Activity {
+            epoch: Instant::now(),
+            last_millis: AtomicU64::new(0),
+            awaiting_head: AtomicUsize::new(0),
+            open_bodies: AtomicUsize::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        self.last_millis.store(now, Ordering::Relaxed);
+    }
+
+    pub(super) fn quiet_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_millis.load(Ordering::Relaxed));
+        self.epoch.elapsed().saturating_sub(last)
+    }
+
+    /// No request waits for its response head and no bytes moved for `idle_timeout`. A
+    /// response body that stalls that long counts as idle too.
+    pub(super) fn is_idle(&self, idle_timeout: Duration) -> bool {
+        self.awaiting_head.load(Ordering::Relaxed) == 0 && self.quiet_for() >= idle_timeout
+    }
+
+    /// Nothing in flight at all, bodies included, and quiet for `after`.
+    pub(super) fn is_at_rest(&self, after: Duration) -> bool {
+        self.awaiting_head.load(Ordering::Relaxed) == 0
+            && self.open_bodies.load(Ordering::Relaxed) == 0
+            && self.quiet_for() >= after
+    }
+
+    /// How long until the connection has been quiet for `period`.
+    pub(super) fn until_quiet(&self, period: Duration) -> Duration {
+        period.saturating_sub(self.quiet_for())
+    }
+}
+
+/// Counts a request from its arrival until its response head is ready.
+pub(super) struct AwaitingHead(Arc<Activity>);
+
+impl AwaitingHead {
+    pub(super) fn new(activity: Arc<Activity>) -> Self {
+        activity.awaiting_head.fetch_add(1, Ordering::Relaxed);
+        AwaitingHead(activity)
+    }
+}
+
+impl Drop for AwaitingHead {
+    fn drop(&mut self) {
+        self.0.awaiting_head.fetch_sub(1, Ordering::Relaxed);
+        self.0.touch();
+    }
+}
+
+/// Counts a response body until hyper has sent all of it (or given up on it).
+pub(super) struct OpenBody(Arc<Activity>);
+
+impl OpenBody {
+    pub(super) fn new(activity: Arc<Activity>) -> Self {
+        activity.open_bodies.fetch_add(1, Ordering::Relaxed);
+        OpenBody(activity)
+    }
+}
+
+impl Drop for OpenBody {
+    fn drop(&mut self) {
+        self.0.open_bodies.fetch_sub(1, Ordering::Relaxed);
+        self.0.touch();
+    }
+}
+
+/// An IO that records activity on every read and write.
+pub(super) struct Tracked<I> {
+    pub(super) inner: I,
+    pub(super) activity: Arc<Activity>,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Tracked<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.touch();
+        }
+        result
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Tracked<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &result {
+            if *n > 0 {
+                self.activity.touch();
+            }
+        }
+        result
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = &result {
+            if *n > 0 {
+                self.activity.touch();
+            }
+        }
+        result
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// An IO whose first reads return `prefix`: bytes a previous reader took off the socket but
+/// did not use.
+pub(super) struct Rewind<I> {
+    prefix: Bytes,
+    inner: I,
+}
+
+impl<I> Rewind<I> {
+    pub(super) fn new(prefix: Bytes, inner: I) -> Self {
+        Rewind { prefix, inner }
+    }
+
+    /// The IO, and whatever of the prefix was not read yet.
+    pub(super) fn into_parts(self) -> (Bytes, I) {
+        (self.prefix, self.inner)
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    #[tokio::test]
+    async fn rewind_reads_the_prefix_before_the_stream() {
+        let (mut client, server) = tokio::io::duplex(64);
+        tokio::io::AsyncWriteExt::write_all(&mut client, b" world")
+            .await
+            .unwrap();
+        drop(client);
+        let mut io = Rewind::new(Bytes::from_static(b"hello"), server);
+        let mut small = [0u8; 3];
+        io.read_exact(&mut small).await.unwrap();
+        assert_eq!(&small, b"hel");
+        let mut rest = Vec::new();
+        io.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"lo world");
+    }
+
+    #[test]
+    fn at_rest_needs_no_head_pending_no_body_open_and_quiet() {
+        let activity = Arc::new(Activity::new());
+        assert!(activity.is_at_rest(Duration::ZERO));
+        let head = AwaitingHead::new(activity.clone());
+        assert!(!activity.is_at_rest(Duration::ZERO));
+        assert!(!activity.is_idle(Duration::ZERO));
+        let body = OpenBody::new(activity.clone());
+        drop(head);
+        // A body still being sent keeps the connection from resting, not from idling out.
+        assert!(!activity.is_at_rest(Duration::ZERO));
+        assert!(activity.is_idle(Duration::ZERO));
+        drop(body);
+        assert!(activity.is_at_rest(Duration::ZERO));
+        assert!(!activity.is_at_rest(Duration::from_secs(3600)));
+    }
+}

@@ -1,0 +1,270 @@
+//! The public listener: accept on the control thread, deal each connection to a worker thread,
+//! where [`connection`] serves it. On shutdown, accepting stops and open connections finish
+//! their in-flight requests.
+
+mod connection;
+mod io;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::task::TaskTracker;
+
+use crate::app::AppService;
+use crate::config::ServerConfig;
+
+use connection::Connection;
+
+/// The connection-level limits the server applies.
+#[derive(Debug, Clone)]
+pub struct ConnLimits {
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub shutdown_grace: Duration,
+    pub max_header_bytes: usize,
+    pub max_connections: usize,
+}
+
+impl From<&ServerConfig> for ConnLimits {
+    fn from(c: &ServerConfig) -> Self {
+        ConnLimits {
+            header_read_timeout: c.header_read_timeout,
+            idle_timeout: c.idle_timeout,
+            shutdown_grace: c.shutdown_grace,
+            max_header_bytes: c.max_header_bytes,
+            max_connections: c.max_connections,
+        }
+    }
+}
+
+/// Most header lines hyper parses in one request; more is a bare 431 from hyper itself.
+const MAX_HEADERS: usize = 512;
+
+/// An HTTP/1.1 connection with nothing in flight for this long lets go of its parser and
+/// buffers and waits for the client's next byte on the bare socket. Short enough that idle
+/// game clients (heartbeats every few seconds) spend most of their life this way; long enough
+/// that a connection under load never does.
+const DORMANT_AFTER: Duration = Duration::from_secs(1);
+
+impl ConnLimits {
+    /// The HTTP layer's own hard cap on a request head: well above `max_header_bytes`, so that
+    /// the limits layer decides (with a JSON 431) every case up to it; past it hyper and h2
+    /// refuse with a bare 431 before any of portcullis sees the request.
+    pub fn hard_header_cap(&self) -> usize {
+        (self.max_header_bytes * 4).max(64 * 1024)
+    }
+}
+
+/// Open public connections, for metrics and tests.
+#[derive(Debug, Default)]
+pub struct ConnCount(AtomicUsize);
+
+/// Counts a connection as open while it lives.
+struct OpenGuard(Arc<ConnCount>);
+
+impl OpenGuard {
+    fn new(count: Arc<ConnCount>) -> Self {
+        count.0.fetch_add(1, Ordering::Relaxed);
+        OpenGuard(count)
+    }
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0 .0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl ConnCount {
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Serves on `listener` until `shutdown` resolves, then drains for at most
+/// `limits.shutdown_grace`. Returns once every connection has closed or the grace ran out.
+///
+/// The calling task only accepts. Each accepted connection goes, round robin, to one of
+/// `services.len()` worker threads, each running a single-threaded runtime with its own copy of
+/// the stack (and so its own upstream pool). Everything a request does, from parsing its head to
+/// writing the upstream's answer, then happens on one thread: on a work-stealing runtime the
+/// hand-offs between the client connection, the upstream connection and the pool cost a
+/// cross-thread wakeup each, which was the largest single cost of a proxied request.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    services: Vec<AppService>,
+    limits: ConnLimits,
+    open: Arc<ConnCount>,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut workers = Vec::with_capacity(services.len());
+    for (index, app) in services.into_iter().enumerate() {
+        let shared = WorkerShared {
+            app,
+            tls: tls.clone(),
+            limits: limits.clone(),
+            stop: stop_rx.clone(),
+            open: open.clone(),
+        };
+        workers.push(Worker::start(index, shared)?);
+    }
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    tokio::pin!(shutdown);
+
+    let mut next = 0;
+    loop {
+        let permit = tokio::select! {
+            _ = &mut shutdown => break,
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        // Leave this runtime's poller, to join the worker's.
+        let stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "cannot hand over a connection");
+                continue;
+            }
+        };
+        let mut accepted = Accepted {
+            stream,
+            peer,
+            permit,
+        };
+        // A worker whose thread has died refuses; the next one takes the connection.
+        for _ in 0..workers.len() {
+            let worker = &workers[next % workers.len()];
+            next = next.wrapping_add(1);
+            match worker.inbox.send(accepted) {
+                Ok(()) => break,
+                Err(mpsc::error::SendError(back)) => accepted = back,
+            }
+        }
+    }
+
+    drop(listener);
+    let _ = stop_tx.send(true);
+    for worker in workers {
+        worker.finish().await;
+    }
+    Ok(())
+}
+
+/// A connection on its way from the acceptor to a worker.
+struct Accepted {
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+    /// Held for the connection's life: `server.max_connections`.
+    permit: OwnedSemaphorePermit,
+}
+
+/// What every worker's connections share.
+struct WorkerShared {
+    app: AppService,
+    tls: Option<TlsAcceptor>,
+    limits: ConnLimits,
+    stop: watch::Receiver<bool>,
+    open: Arc<ConnCount>,
+}
+
+/// One connection-serving thread and its single-threaded runtime.
+struct Worker {
+    inbox: mpsc::UnboundedSender<Accepted>,
+    done: oneshot::Receiver<()>,
+}
+
+impl Worker {
+    fn start(index: usize, shared: WorkerShared) -> std::io::Result<Worker> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (inbox, arrivals) = mpsc::unbounded_channel();
+        let (done_tx, done) = oneshot::channel();
+        std::thread::Builder::new()
+            .name(format!("portcullis-worker-{index}"))
+            .spawn(move || {
+                runtime.block_on(shared.run(arrivals));
+                // Dropping the runtime ends what is left on it (idle pool connections and, past
+                // the grace, unfinished connections) before the acceptor hears that we are done.
+                drop(runtime);
+                let _ = done_tx.send(());
+            })?;
+        Ok(Worker { inbox, done })
+    }
+
+    /// Stops handing over connections and waits for the worker to drain.
+    async fn finish(self) {
+        drop(self.inbox);
+        if self.done.await.is_err() {
+            tracing::error!("a worker thread ended abnormally");
+        }
+    }
+}
+
+impl WorkerShared {
+    /// Serves each connection handed over until the acceptor hangs up, then waits at most
+    /// `shutdown_grace` for the open ones (which the stop signal has told to finish).
+    async fn run(self, mut arrivals: mpsc::UnboundedReceiver<Accepted>) {
+        let tracker = TaskTracker::new();
+        while let Some(Accepted {
+            stream,
+            peer,
+            permit,
+        }) = arrivals.recv().await
+        {
+            let stream = match TcpStream::from_std(stream) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "cannot take over a connection");
+                    continue;
+                }
+            };
+            let conn = Connection {
+                app: self.app.clone(),
+                tls: self.tls.clone(),
+                limits: self.limits.clone(),
+                peer,
+                stop: self.stop.clone(),
+            };
+            let open = OpenGuard::new(self.open.clone());
+            tracker.spawn(async move {
+                conn.run(stream).await;
+                drop(open);
+                drop(permit);
+            });
+        }
+        tracker.close();
+        if tokio::time::timeout(self.limits.shutdown_grace, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                remaining = tracker.len(),
+                "shutdown grace elapsed with connections still open"
+            );
+        }
+    }
+}
