@@ -29,7 +29,7 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tower::Service;
 
-use super::io::{Activity, AwaitingHead, OpenBody, Rewind, Tracked, Transport};
+use super::io::{Activity, AwaitingHead, OpenBody, OpenRequestBody, Rewind, Tracked, Transport};
 use super::{ConnLimits, DORMANT_AFTER, MAX_HEADERS};
 use crate::app::AppService;
 use crate::forward::{wants_upgrade, UpgradeHandoff};
@@ -138,6 +138,7 @@ impl Connection {
         let upgrades = service.upgrades.clone();
         let mut io = Rewind::new(Bytes::new(), io);
         loop {
+            activity.reset_draining();
             // Boxed, so that a resting connection's task holds only a pointer's worth of it.
             let conn = Box::new(builder.serve_connection(TokioIo::new(io), service.clone()));
             // The driving future, timers included, lives only while hyper does.
@@ -151,38 +152,13 @@ impl Connection {
                 Http1End::Closed => false,
                 Http1End::Resting => true,
             };
-            let parts = conn.into_parts();
-            let (prefix, tracked) = parts.io.into_inner().into_parts();
-            // hyper read `prefix` (if it read anything) before what it returns as unread. An
-            // empty read_buf is dropped, not kept: it would pin hyper's whole read buffer.
-            let unread = if parts.read_buf.is_empty() {
-                prefix
-            } else if prefix.is_empty() {
-                parts.read_buf
-            } else {
-                let mut joined = BytesMut::from(parts.read_buf);
-                joined.extend_from_slice(&prefix);
-                joined.freeze()
-            };
-            // An empty remainder may still point into hyper's read buffer: let that go too.
-            let unread = if unread.is_empty() {
-                Bytes::new()
-            } else {
-                unread
-            };
-            let mut client = Rewind::new(unread, tracked);
-
+            let (unread, mut tracked) = take_socket(*conn);
             if let Some(tunnel) = upgrades.take() {
+                let client = Rewind::new(unread, tracked);
                 Box::pin(tunnel.run(client, stopped(self.stop.clone()))).await;
                 return;
             }
-            if !rest {
-                close(&mut client).await;
-                return;
-            }
-            let (unread, tracked) = client.into_parts();
-            if unread.is_empty() && !self.wait_for_client(&tracked, &activity).await {
-                let mut tracked = tracked;
+            if !rest || (unread.is_empty() && !self.wait_for_client(&tracked, &activity).await) {
                 close(&mut tracked).await;
                 return;
             }
@@ -212,6 +188,26 @@ impl Connection {
             _ = self.stop.changed() => false,
         }
     }
+}
+
+/// Takes the socket back from a finished hyper connection, with the bytes hyper read from it
+/// but did not use. Everything else of hyper's goes, its read buffer included: an empty `Bytes`
+/// that still pointed into that buffer would keep all of it alive while the connection rests.
+fn take_socket<I: Transport>(conn: Http1Conn<I>) -> (Bytes, Tracked<I>) {
+    let hyper::server::conn::http1::Parts { io, read_buf, .. } = conn.into_parts();
+    let (prefix, tracked) = io.into_inner().into_parts();
+    // hyper read `prefix` (if it read anything) before what it returns as unread.
+    let unread = match (read_buf.is_empty(), prefix.is_empty()) {
+        (true, true) => Bytes::new(),
+        (true, false) => prefix,
+        (false, true) => read_buf,
+        (false, false) => {
+            let mut joined = BytesMut::from(read_buf);
+            joined.extend_from_slice(&prefix);
+            joined.freeze()
+        }
+    };
+    (unread, tracked)
 }
 
 /// How a run of hyper's HTTP/1.1 connection ended.
@@ -246,7 +242,21 @@ async fn drive_http1<I: Transport>(
             .min(activity.until_quiet(limits.idle_timeout))
             .max(Duration::from_millis(10));
         tokio::select! {
-            result = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => {
+            step = std::future::poll_fn(|cx| match conn.poll_without_shutdown(cx) {
+                Poll::Ready(result) => Poll::Ready(Some(result)),
+                // hyper waits for the next request and none has begun: rest now.
+                Poll::Pending if !closing && activity.take_between_messages() => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            }) => {
+                let Some(result) = step else {
+                    match rest(&mut conn).await {
+                        Some(end) => return (conn, end),
+                        None => {
+                            closing = true;
+                            continue;
+                        }
+                    }
+                };
                 let end = match result {
                     Ok(()) => Http1End::Closed,
                     Err(e) => Http1End::Failed(e),
@@ -264,21 +274,27 @@ async fn drive_http1<I: Transport>(
                     closing = true;
                     Pin::new(&mut *conn).graceful_shutdown();
                 } else if activity.is_at_rest(DORMANT_AFTER) {
-                    // Idle in hyper's eyes too, it closes its side at once and is done on the
-                    // next poll. Otherwise it is still reading or writing something we do not
-                    // count (a request body it drains, say): then it finishes that and closes,
-                    // and so do we.
-                    Pin::new(&mut *conn).graceful_shutdown();
-                    match std::future::poll_fn(|cx| Poll::Ready(conn.poll_without_shutdown(cx)))
-                        .await
-                    {
-                        Poll::Ready(Ok(())) => return (conn, Http1End::Resting),
-                        Poll::Ready(Err(e)) => return (conn, Http1End::Failed(e)),
-                        Poll::Pending => closing = true,
+                    // The fallback for when the reads did not show hyper idle, after a request
+                    // body it had to drain, say.
+                    match rest(&mut conn).await {
+                        Some(end) => return (conn, end),
+                        None => closing = true,
                     }
                 }
             }
         }
+    }
+}
+
+/// Asks hyper to stop at the message boundary it is at. Idle, it closes its side at once and is
+/// done on the next poll. If it is still reading or writing something (a request body it
+/// drains, say), it finishes that and then closes, and so do we: `None`.
+async fn rest<I: Transport>(conn: &mut Http1Conn<I>) -> Option<Http1End> {
+    Pin::new(&mut *conn).graceful_shutdown();
+    match std::future::poll_fn(|cx| Poll::Ready(conn.poll_without_shutdown(cx))).await {
+        Poll::Ready(Ok(())) => Some(Http1End::Resting),
+        Poll::Ready(Err(e)) => Some(Http1End::Failed(e)),
+        Poll::Pending => None,
     }
 }
 
@@ -363,7 +379,14 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
         if upgrade {
             parts.extensions.insert(self.upgrades.clone());
         }
-        let body = Body::new(body);
+        let body = if hyper::body::Body::is_end_stream(&body) {
+            Body::new(body)
+        } else {
+            Body::new(RequestBody {
+                body,
+                open: OpenRequestBody::new(self.activity.clone()),
+            })
+        };
         // Every layer of the stack is always ready (none applies backpressure through
         // poll_ready), so the stack is called directly rather than through `oneshot`.
         let response = self.app.clone().call(Request::from_parts(parts, body));
@@ -375,6 +398,36 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
             drop(awaiting);
             Ok(response.map(|body| ConnBody { body, _open: open }))
         })
+    }
+}
+
+/// A request body that counts as open on its connection until read to its end.
+struct RequestBody {
+    body: Incoming,
+    open: OpenRequestBody,
+}
+
+impl hyper::body::Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let frame = Pin::new(&mut self.body).poll_frame(cx);
+        if matches!(frame, Poll::Ready(None)) || self.body.is_end_stream() {
+            self.open.finish();
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }
 

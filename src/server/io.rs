@@ -3,7 +3,7 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -34,12 +34,21 @@ impl Transport for TlsStream<TcpStream> {
 }
 
 /// When a connection last moved bytes, how many of its requests still wait for a response
-/// head, and how many response bodies are still being sent.
+/// head, and how many request and response bodies are still moving; and from that, whether
+/// hyper is between messages.
 pub(super) struct Activity {
     epoch: Instant,
     last_millis: AtomicU64,
     awaiting_head: AtomicUsize,
     open_bodies: AtomicUsize,
+    open_request_bodies: AtomicUsize,
+    /// A request body was dropped before its end: hyper may still be reading (draining) it.
+    draining: AtomicBool,
+    /// Bytes were written and not flushed yet.
+    unflushed: AtomicBool,
+    /// hyper asked for the next request's bytes while nothing else was in flight, and none
+    /// were there: it is idle between messages.
+    between_messages: AtomicBool,
 }
 
 impl Activity {
@@ -49,12 +58,42 @@ impl Activity {
             last_millis: AtomicU64::new(0),
             awaiting_head: AtomicUsize::new(0),
             open_bodies: AtomicUsize::new(0),
+            open_request_bodies: AtomicUsize::new(0),
+            draining: AtomicBool::new(false),
+            unflushed: AtomicBool::new(false),
+            between_messages: AtomicBool::new(false),
         }
+    }
+
+    /// Nothing in flight in either direction and everything written has been flushed: a read
+    /// that finds nothing now can only be hyper waiting for the next request head.
+    fn quiescent(&self) -> bool {
+        self.awaiting_head.load(Ordering::Relaxed) == 0
+            && self.open_bodies.load(Ordering::Relaxed) == 0
+            && self.open_request_bodies.load(Ordering::Relaxed) == 0
+            && !self.draining.load(Ordering::Relaxed)
+            && !self.unflushed.load(Ordering::Relaxed)
+    }
+
+    /// True once after hyper went idle between messages (see [`Tracked`]'s reads).
+    pub(super) fn take_between_messages(&self) -> bool {
+        self.between_messages.swap(false, Ordering::Relaxed)
+    }
+
+    /// A new hyper connection starts on the socket: nothing of the last one is draining.
+    pub(super) fn reset_draining(&self) {
+        self.draining.store(false, Ordering::Relaxed);
+        self.between_messages.store(false, Ordering::Relaxed);
     }
 
     fn touch(&self) {
         let now = self.epoch.elapsed().as_millis() as u64;
         self.last_millis.store(now, Ordering::Relaxed);
+    }
+
+    fn wrote(&self) {
+        self.touch();
+        self.unflushed.store(true, Ordering::Relaxed);
     }
 
     pub(super) fn quiet_for(&self) -> Duration {
@@ -115,7 +154,40 @@ impl Drop for OpenBody {
     }
 }
 
-/// An IO that records activity on every read and write.
+/// Counts a request body until it has been read to its end; one dropped before that marks the
+/// connection as draining.
+pub(super) struct OpenRequestBody {
+    activity: Arc<Activity>,
+    finished: bool,
+}
+
+impl OpenRequestBody {
+    pub(super) fn new(activity: Arc<Activity>) -> Self {
+        activity.open_request_bodies.fetch_add(1, Ordering::Relaxed);
+        OpenRequestBody {
+            activity,
+            finished: false,
+        }
+    }
+
+    pub(super) fn finish(&mut self) {
+        self.finished = true;
+    }
+}
+
+impl Drop for OpenRequestBody {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.activity.draining.store(true, Ordering::Relaxed);
+        }
+        self.activity
+            .open_request_bodies
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// An IO that records activity on every read and write, and notices when hyper goes idle
+/// between messages.
 pub(super) struct Tracked<I> {
     pub(super) inner: I,
     pub(super) activity: Arc<Activity>,
@@ -131,6 +203,10 @@ impl<I: AsyncRead + Unpin> AsyncRead for Tracked<I> {
         let result = Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
             self.activity.touch();
+        } else if result.is_pending() && self.activity.quiescent() {
+            self.activity
+                .between_messages
+                .store(true, Ordering::Relaxed);
         }
         result
     }
@@ -145,7 +221,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Tracked<I> {
         let result = Pin::new(&mut self.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = &result {
             if *n > 0 {
-                self.activity.touch();
+                self.activity.wrote();
             }
         }
         result
@@ -159,7 +235,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Tracked<I> {
         let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = &result {
             if *n > 0 {
-                self.activity.touch();
+                self.activity.wrote();
             }
         }
         result
@@ -170,7 +246,11 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Tracked<I> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let result = Pin::new(&mut self.inner).poll_flush(cx);
+        if let Poll::Ready(Ok(())) = result {
+            self.activity.unflushed.store(false, Ordering::Relaxed);
+        }
+        result
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
