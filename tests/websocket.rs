@@ -231,3 +231,87 @@ async fn client_disconnect_ends_the_tunnel_even_if_the_upstream_stays_silent() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn shutdown_ends_open_tunnels_without_waiting_out_the_grace() {
+    let (upstream, _task) = echo_upstream().await;
+    let (mut proxy, tunnels) =
+        Proxy::start_counting_tunnels(&open_config(&format!("http://{upstream}"))).await;
+    let (mut ws, _) = connect(&proxy, "/ws").await;
+    assert_eq!(tunnels.get(), 1);
+
+    // A WebSocket is never "finished": at shutdown it is closed, so that clients reconnect to
+    // another replica, instead of holding the process for shutdown_grace (30 s by default).
+    let stopped = proxy.shutdown();
+    match next(&mut ws).await {
+        None | Some(Ok(Message::Close(_))) | Some(Err(_)) => {}
+        Some(Ok(other)) => panic!("expected the tunnel to close, got {other:?}"),
+    }
+    tokio::time::timeout(Duration::from_secs(5), stopped)
+        .await
+        .expect("shutdown completed without waiting for the tunnel")
+        .expect("portcullis stopped cleanly");
+    assert_eq!(tunnels.get(), 0);
+}
+
+/// An upstream that accepts any upgrade with a bare 101 and then echoes raw bytes.
+async fn raw_echo_upgrade_upstream() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let answer = b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: raw\r\n\r\n";
+                if stream.write_all(answer).await.is_err() {
+                    return;
+                }
+                let (mut read, mut write) = stream.split();
+                let _ = tokio::io::copy(&mut read, &mut write).await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test]
+async fn bytes_sent_right_behind_the_upgrade_request_reach_the_upstream() {
+    let (upstream, _task) = raw_echo_upgrade_upstream().await;
+    let proxy = Proxy::start(&open_config(&format!("http://{upstream}"))).await;
+    let mut conn = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    // The client does not wait for the 101: its first bytes of the new protocol arrive with
+    // the request, so portcullis has read them before the tunnel exists.
+    conn.write_all(
+        b"GET /raw HTTP/1.1\r\nHost: t\r\nConnection: upgrade\r\nUpgrade: raw\r\n\r\nEAGER",
+    )
+    .await
+    .unwrap();
+    let mut received = Vec::new();
+    let mut chunk = [0u8; 1024];
+    let complete = async {
+        loop {
+            let n = conn.read(&mut chunk).await.unwrap();
+            assert!(
+                n > 0,
+                "closed early: {:?}",
+                String::from_utf8_lossy(&received)
+            );
+            received.extend_from_slice(&chunk[..n]);
+            if received.ends_with(b"EAGER") {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), complete)
+        .await
+        .expect("the early bytes came back through the tunnel");
+    let text = String::from_utf8_lossy(&received);
+    assert!(text.starts_with("HTTP/1.1 101"), "{text}");
+}

@@ -37,7 +37,11 @@ async fn each_worker_opens_its_own_upstream_connections() {
     // A fourth connection lands on the first worker again, whose pooled connection is reused.
     let client = own_connection();
     for i in 0..2 {
-        let resp = client.get(proxy.url(&format!("/again/{i}"))).send().await.unwrap();
+        let resp = client
+            .get(proxy.url(&format!("/again/{i}")))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(resp.status(), 200);
     }
     assert_eq!(upstream.count(), 5);

@@ -138,7 +138,7 @@ impl Connection {
         let upgrades = service.upgrades.clone();
         let mut io = Rewind::new(Bytes::new(), io);
         loop {
-            activity.reset_draining();
+            activity.new_parser(io.has_unread());
             // Boxed, so that a resting connection's task holds only a pointer's worth of it.
             let conn = Box::new(builder.serve_connection(TokioIo::new(io), service.clone()));
             // The driving future, timers included, lives only while hyper does.

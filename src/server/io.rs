@@ -44,6 +44,9 @@ pub(super) struct Activity {
     open_request_bodies: AtomicUsize,
     /// A request body was dropped before its end: hyper may still be reading (draining) it.
     draining: AtomicBool,
+    /// Bytes were read that no request has been made of yet (a head in pieces), or that belong
+    /// to a request body not yet finished.
+    reading_message: AtomicBool,
     /// Bytes were written and not flushed yet.
     unflushed: AtomicBool,
     /// hyper asked for the next request's bytes while nothing else was in flight, and none
@@ -60,6 +63,7 @@ impl Activity {
             open_bodies: AtomicUsize::new(0),
             open_request_bodies: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
+            reading_message: AtomicBool::new(false),
             unflushed: AtomicBool::new(false),
             between_messages: AtomicBool::new(false),
         }
@@ -72,6 +76,7 @@ impl Activity {
             && self.open_bodies.load(Ordering::Relaxed) == 0
             && self.open_request_bodies.load(Ordering::Relaxed) == 0
             && !self.draining.load(Ordering::Relaxed)
+            && !self.reading_message.load(Ordering::Relaxed)
             && !self.unflushed.load(Ordering::Relaxed)
     }
 
@@ -80,9 +85,11 @@ impl Activity {
         self.between_messages.swap(false, Ordering::Relaxed)
     }
 
-    /// A new hyper connection starts on the socket: nothing of the last one is draining.
-    pub(super) fn reset_draining(&self) {
+    /// A new hyper connection starts on the socket, with `unread` bytes the last one left (the
+    /// start of a head): nothing of the last one is draining.
+    pub(super) fn new_parser(&self, unread: bool) {
         self.draining.store(false, Ordering::Relaxed);
+        self.reading_message.store(unread, Ordering::Relaxed);
         self.between_messages.store(false, Ordering::Relaxed);
     }
 
@@ -107,10 +114,11 @@ impl Activity {
         self.awaiting_head.load(Ordering::Relaxed) == 0 && self.quiet_for() >= idle_timeout
     }
 
-    /// Nothing in flight at all, bodies included, and quiet for `after`.
+    /// Nothing in flight at all, bodies and half-read heads included, and quiet for `after`.
     pub(super) fn is_at_rest(&self, after: Duration) -> bool {
         self.awaiting_head.load(Ordering::Relaxed) == 0
             && self.open_bodies.load(Ordering::Relaxed) == 0
+            && !self.reading_message.load(Ordering::Relaxed)
             && self.quiet_for() >= after
     }
 
@@ -126,6 +134,8 @@ pub(super) struct AwaitingHead(Arc<Activity>);
 impl AwaitingHead {
     pub(super) fn new(activity: Arc<Activity>) -> Self {
         activity.awaiting_head.fetch_add(1, Ordering::Relaxed);
+        // The head is complete; any body reads will mark the message as being read again.
+        activity.reading_message.store(false, Ordering::Relaxed);
         AwaitingHead(activity)
     }
 }
@@ -172,6 +182,9 @@ impl OpenRequestBody {
 
     pub(super) fn finish(&mut self) {
         self.finished = true;
+        self.activity
+            .reading_message
+            .store(false, Ordering::Relaxed);
     }
 }
 
@@ -203,6 +216,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for Tracked<I> {
         let result = Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
             self.activity.touch();
+            self.activity.reading_message.store(true, Ordering::Relaxed);
         } else if result.is_pending() && self.activity.quiescent() {
             self.activity
                 .between_messages
@@ -268,6 +282,10 @@ pub(super) struct Rewind<I> {
 impl<I> Rewind<I> {
     pub(super) fn new(prefix: Bytes, inner: I) -> Self {
         Rewind { prefix, inner }
+    }
+
+    pub(super) fn has_unread(&self) -> bool {
+        !self.prefix.is_empty()
     }
 
     /// The IO, and whatever of the prefix was not read yet.

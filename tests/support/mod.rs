@@ -697,6 +697,49 @@ pub async fn send_raw(addr: SocketAddr, request: &[u8]) -> RawResponse {
         .expect("no response to the raw request within 10 s")
 }
 
+/// Reads one response off a connection the test keeps using; None if the connection closes
+/// before any byte of one. Bytes after the response (a pipelined next one) stay in `leftover`.
+pub async fn read_raw_response(
+    stream: &mut tokio::net::TcpStream,
+    leftover: &mut Vec<u8>,
+) -> Option<RawResponse> {
+    use tokio::io::AsyncReadExt;
+    let read = async {
+        let mut chunk = [0u8; 8192];
+        loop {
+            if let Some(response) = parse_raw_response(leftover) {
+                let used = raw_response_len(leftover).expect("a parsed response has a length");
+                leftover.drain(..used);
+                return Some(response);
+            }
+            let n = stream.read(&mut chunk).await.unwrap_or(0);
+            if n == 0 {
+                assert!(
+                    leftover.is_empty(),
+                    "connection closed inside a response: {:?}",
+                    String::from_utf8_lossy(leftover)
+                );
+                return None;
+            }
+            leftover.extend_from_slice(&chunk[..n]);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("no response within 10 s")
+}
+
+/// The length of the content-length-framed response at the start of `buf`.
+fn raw_response_len(buf: &[u8]) -> Option<usize> {
+    let head_end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let (_, headers, _) = split_head(buf)?;
+    let len = headers
+        .iter()
+        .find(|(n, _)| n == "content-length")
+        .and_then(|(_, v)| v.parse::<usize>().ok())?;
+    Some(head_end + len)
+}
+
 /// Header lines as (lower-cased name, value), in order.
 type RawHeaders = Vec<(String, String)>;
 

@@ -1,0 +1,236 @@
+//! HTTP/1.1 connection lifecycle: keep-alive across resting (hyper's state is dropped between
+//! requests and rebuilt on the next byte), pipelining, request bodies, and the limits that close
+//! a resting connection.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::*;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+async fn open(proxy: &Proxy) -> TcpStream {
+    TcpStream::connect(proxy.addr).await.expect("connect")
+}
+
+fn get(path: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n")
+}
+
+#[tokio::test]
+async fn one_connection_carries_many_requests_across_rests() {
+    let upstream = Upstream::echo().await;
+    let proxy = Proxy::start(&open_config(&upstream.url())).await;
+    let mut conn = open(&proxy).await;
+    let mut leftover = Vec::new();
+
+    // Between every two requests the connection rests (hyper is dropped at the boundary and a
+    // new one reads the next request); the client sees one ordinary keep-alive connection.
+    for i in 0..5 {
+        conn.write_all(get(&format!("/n/{i}")).as_bytes())
+            .await
+            .unwrap();
+        let response = read_raw_response(&mut conn, &mut leftover)
+            .await
+            .expect("a response on the same connection");
+        assert_eq!(response.status, 200, "request {i}");
+    }
+    let targets: Vec<String> = upstream.seen().into_iter().map(|s| s.target).collect();
+    assert_eq!(targets, ["/n/0", "/n/1", "/n/2", "/n/3", "/n/4"]);
+}
+
+#[tokio::test]
+async fn a_connection_quiet_for_seconds_still_serves_the_next_request() {
+    let upstream = Upstream::echo().await;
+    let proxy = Proxy::start(&open_config(&upstream.url())).await;
+    let mut conn = open(&proxy).await;
+    let mut leftover = Vec::new();
+    conn.write_all(get("/first").as_bytes()).await.unwrap();
+    assert_eq!(
+        read_raw_response(&mut conn, &mut leftover)
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+    // Past the one-second fallback timer too: resting is not a close.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    conn.write_all(get("/second").as_bytes()).await.unwrap();
+    assert_eq!(
+        read_raw_response(&mut conn, &mut leftover)
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+    assert_eq!(upstream.last().target, "/second");
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_all_answered_in_order() {
+    let upstream = Upstream::echo().await;
+    let proxy = Proxy::start(&open_config(&upstream.url())).await;
+    let mut conn = open(&proxy).await;
+    let mut leftover = Vec::new();
+
+    // Three requests in one write: the bytes of the later ones are already read when the first
+    // one is done, and must be handed on, not lost, if the connection rests in between.
+    let batch = format!(
+        "{}POST /p/2 HTTP/1.1\r\nHost: test\r\nContent-Length: 5\r\n\r\nhello{}",
+        get("/p/1"),
+        get("/p/3")
+    );
+    conn.write_all(batch.as_bytes()).await.unwrap();
+    let mut bodies = Vec::new();
+    for _ in 0..3 {
+        let response = read_raw_response(&mut conn, &mut leftover)
+            .await
+            .expect("every pipelined request is answered");
+        assert_eq!(response.status, 200);
+        bodies.push(String::from_utf8(response.body).unwrap());
+    }
+    assert_eq!(bodies, ["", "hello", ""]);
+    let targets: Vec<String> = upstream.seen().into_iter().map(|s| s.target).collect();
+    assert_eq!(targets, ["/p/1", "/p/2", "/p/3"]);
+}
+
+#[tokio::test]
+async fn a_request_body_sent_in_pieces_then_another_request() {
+    let upstream = Upstream::echo().await;
+    let proxy = Proxy::start(&open_config(&upstream.url())).await;
+    let mut conn = open(&proxy).await;
+    let mut leftover = Vec::new();
+
+    conn.write_all(b"POST /upload HTTP/1.1\r\nHost: test\r\nContent-Length: 10\r\n\r\nfirst")
+        .await
+        .unwrap();
+    // The rest of the body comes later; nothing may treat the pause as a message boundary.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    conn.write_all(b"-half").await.unwrap();
+    let response = read_raw_response(&mut conn, &mut leftover).await.unwrap();
+    assert_eq!(response.status, 200);
+    assert_eq!(response.body, b"first-half");
+
+    conn.write_all(get("/after").as_bytes()).await.unwrap();
+    let response = read_raw_response(&mut conn, &mut leftover).await.unwrap();
+    assert_eq!(response.status, 200);
+    assert_eq!(upstream.last().target, "/after");
+}
+
+#[tokio::test]
+async fn an_unread_request_body_never_turns_into_a_request() {
+    let upstream = Upstream::echo().await;
+    let proxy = Proxy::start(&config_with(
+        &upstream.url(),
+        "[server]\nmax_body_bytes = 1024\n",
+    ))
+    .await;
+    let mut conn = open(&proxy).await;
+    let mut leftover = Vec::new();
+
+    // Refused on its declared length, before its body is read. The body's bytes look like a
+    // request of their own: they must be drained or the connection closed, never parsed.
+    let smuggled = get("/smuggled");
+    let body = format!("{smuggled}{}", "x".repeat(2048 - smuggled.len()));
+    let request = format!(
+        "POST /big HTTP/1.1\r\nHost: test\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    conn.write_all(request.as_bytes()).await.unwrap();
+    let refused = read_raw_response(&mut conn, &mut leftover).await.unwrap();
+    assert_eq!(refused.status, 413);
+
+    // Either the connection serves the next request properly or it was closed.
+    if conn.write_all(get("/next").as_bytes()).await.is_ok() {
+        if let Some(response) = read_raw_response(&mut conn, &mut leftover).await {
+            assert_eq!(response.status, 200);
+            assert_eq!(upstream.last().target, "/next");
+        }
+    }
+    assert!(
+        upstream.seen().iter().all(|s| s.target != "/smuggled"),
+        "body bytes were forwarded as a request"
+    );
+}
+
+#[tokio::test]
+async fn a_resting_connection_closes_after_header_read_timeout() {
+    let upstream = Upstream::echo().await;
+    let proxy = Proxy::start(&config_with(
+        &upstream.url(),
+        "[server]\nheader_read_timeout = \"400ms\"\n",
+    ))
+    .await;
+    let mut conn = open(&proxy).await;
+    let mut leftover = Vec::new();
+    conn.write_all(get("/once").as_bytes()).await.unwrap();
+    assert_eq!(
+        read_raw_response(&mut conn, &mut leftover)
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+    let answered = Instant::now();
+    assert!(
+        read_raw_response(&mut conn, &mut leftover).await.is_none(),
+        "the idle connection was closed"
+    );
+    let waited = answered.elapsed();
+    assert!(
+        waited >= Duration::from_millis(300),
+        "closed after {waited:?}, before the keep-alive limit"
+    );
+}
+
+#[tokio::test]
+async fn shutdown_closes_resting_connections_at_once() {
+    let upstream = Upstream::echo().await;
+    let mut proxy = Proxy::start(&open_config(&upstream.url())).await;
+    let mut conn = open(&proxy).await;
+    let mut leftover = Vec::new();
+    conn.write_all(get("/idle").as_bytes()).await.unwrap();
+    assert_eq!(
+        read_raw_response(&mut conn, &mut leftover)
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+
+    // Nothing in flight: shutdown need not wait out shutdown_grace (30 s) for this one.
+    let stopped = proxy.shutdown();
+    assert!(read_raw_response(&mut conn, &mut leftover).await.is_none());
+    tokio::time::timeout(Duration::from_secs(5), stopped)
+        .await
+        .expect("shutdown did not wait for the idle connection")
+        .expect("portcullis stopped cleanly");
+}
+
+#[tokio::test]
+async fn a_request_head_split_across_a_rest_is_reassembled() {
+    let upstream = Upstream::echo().await;
+    let proxy = Proxy::start(&open_config(&upstream.url())).await;
+    let mut conn = open(&proxy).await;
+    let mut leftover = Vec::new();
+    conn.write_all(get("/before").as_bytes()).await.unwrap();
+    assert_eq!(
+        read_raw_response(&mut conn, &mut leftover)
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+
+    // Half a head, then a pause: the connection may rest holding those bytes, and the hyper
+    // that takes over must read them before the rest.
+    conn.write_all(b"GET /spl").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    conn.write_all(b"it HTTP/1.1\r\nHost: test\r\n\r\n")
+        .await
+        .unwrap();
+    let response = read_raw_response(&mut conn, &mut leftover).await.unwrap();
+    assert_eq!(response.status, 200);
+    assert_eq!(upstream.last().target, "/split");
+}
