@@ -606,7 +606,8 @@ class Bench:
         self.results["paced_rate"] = rate
         log(f"fixed rate {rate} req/s (half of scenario 4's median maximum)")
         for rnd in range(p["paced_rounds"]):
-            for n in ((1, 4) if rnd % 2 == 0 else (4, 1)):
+            # Scenario 2 too: what a proxy adds at this rate on this machine, for reference.
+            for n in ((1, 4, 2) if rnd % 2 == 0 else (2, 4, 1)):
                 r = self.run_scenario(n, p["paced_duration"], [f"rate={rate}"], tag="paced")
                 if abs(r["rps"] - rate) > 0.1 * rate:
                     self.results["notes"].append(
@@ -958,10 +959,13 @@ def render(b):
     p4 = [r for r in paced if r["scenario"] == 4]
     added99 = median([r["p99_us"] for r in p4]) - median([r["p99_us"] for r in p1]) if p1 and p4 else float("nan")
     added50 = median([r["p50_us"] for r in p4]) - median([r["p50_us"] for r in p1]) if p1 and p4 else float("nan")
+    p2 = [r for r in paced if r["scenario"] == 2]
+    nginx99 = median([r["p99_us"] for r in p2]) - median([r["p99_us"] for r in p1]) if p1 and p2 else float("nan")
     w("## Added latency at a fixed rate")
     w("")
     w(f"Constant rate of {R.get('paced_rate', 0)} requests/s (half of scenario 4's maximum), "
-      f"{p['paced_duration']} s per run, {p['paced_rounds']} round(s) alternating 1,4 / 4,1. "
+      f"{p['paced_duration']} s per run, {p['paced_rounds']} round(s) alternating 1,4,2 / 2,4,1 "
+      "(scenario 2, nginx, as the reference for what a proxy adds on this machine). "
       "Tool: wrk with the pacing `delay()` in bench/wrk/load.lua (wrk2 is not in Debian; "
       "`vegeta` is not packaged for bookworm). Each thread claims send slots on a fixed "
       "schedule (monotonic clock via LuaJIT FFI, 1 ms timer resolution); latency is measured "
@@ -974,7 +978,8 @@ def render(b):
         w(f"| {r['scenario']} | {r['rps']:.0f} | {ms(r['p50_us'])} | {ms(r['p99_us'])} | "
           f"{ms(r['p999_us'])} |")
     w("")
-    w(f"**p99 added latency, 4 over 1: {ms(added99)} ms** (p50 added: {ms(added50)} ms).")
+    w(f"**p99 added latency, 4 over 1: {ms(added99)} ms** (p50 added: {ms(added50)} ms); "
+      f"nginx (2 over 1) adds {ms(nginx99)} ms at p99.")
     w("")
 
     s3 = by.get(3, [])

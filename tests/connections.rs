@@ -25,9 +25,13 @@ async fn one_connection_carries_many_requests_across_rests() {
     let mut conn = open(&proxy).await;
     let mut leftover = Vec::new();
 
-    // Between every two requests the connection rests (hyper is dropped at the boundary and a
-    // new one reads the next request); the client sees one ordinary keep-alive connection.
+    // Between every two requests the connection rests (after 20 ms quiet, hyper is dropped at
+    // the boundary and a new one reads the next request); the client sees one ordinary
+    // keep-alive connection.
     for i in 0..5 {
+        if i > 0 {
+            tokio::time::sleep(Duration::from_millis(60)).await;
+        }
         conn.write_all(get(&format!("/n/{i}")).as_bytes())
             .await
             .unwrap();
@@ -54,7 +58,7 @@ async fn a_connection_quiet_for_seconds_still_serves_the_next_request() {
             .status,
         200
     );
-    // Past the one-second fallback timer too: resting is not a close.
+    // Long past the rest delay and the one-second fallback: resting is not a close.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     conn.write_all(get("/second").as_bytes()).await.unwrap();
     assert_eq!(

@@ -3,7 +3,7 @@
 //! stack. Every stage before the request head is bounded by `server.header_read_timeout`; idle
 //! connections are closed after `server.idle_timeout`.
 //!
-//! An HTTP/1.1 connection at rest gives its hyper state back: after [`DORMANT_AFTER`] with
+//! An HTTP/1.1 connection at rest gives its hyper state back: after [`REST_AFTER`] with
 //! nothing in flight, hyper stops at the message boundary and returns the socket, which then
 //! waits for the client's next byte holding no buffers. A new hyper connection takes over when
 //! it comes. Ten thousand idle game clients so cost their sockets and a small task each, not ten
@@ -30,7 +30,7 @@ use tokio_rustls::TlsAcceptor;
 use tower::Service;
 
 use super::io::{Activity, AwaitingHead, OpenBody, OpenRequestBody, Rewind, Tracked, Transport};
-use super::{ConnLimits, DORMANT_AFTER, MAX_HEADERS};
+use super::{ConnLimits, MAX_HEADERS, REST_AFTER, REST_FALLBACK};
 use crate::app::AppService;
 use crate::forward::{wants_upgrade, UpgradeHandoff};
 use crate::peer::ConnInfo;
@@ -225,7 +225,7 @@ type Http1Conn<I> =
 
 /// Runs hyper on the connection until it is done with the socket, asking it to stop when the
 /// server shuts down, when the connection has been idle for `idle_timeout`, or, to let the
-/// connection rest, once nothing has been in flight for [`DORMANT_AFTER`].
+/// connection rest, once nothing has been in flight for [`REST_AFTER`].
 async fn drive_http1<I: Transport>(
     mut conn: Box<Http1Conn<I>>,
     activity: &Activity,
@@ -238,25 +238,11 @@ async fn drive_http1<I: Transport>(
     }
     loop {
         let check = activity
-            .until_quiet(DORMANT_AFTER)
+            .until_quiet(REST_AFTER)
             .min(activity.until_quiet(limits.idle_timeout))
             .max(Duration::from_millis(10));
         tokio::select! {
-            step = std::future::poll_fn(|cx| match conn.poll_without_shutdown(cx) {
-                Poll::Ready(result) => Poll::Ready(Some(result)),
-                // hyper waits for the next request and none has begun: rest now.
-                Poll::Pending if !closing && activity.take_between_messages() => Poll::Ready(None),
-                Poll::Pending => Poll::Pending,
-            }) => {
-                let Some(result) = step else {
-                    match rest(&mut conn).await {
-                        Some(end) => return (conn, end),
-                        None => {
-                            closing = true;
-                            continue;
-                        }
-                    }
-                };
+            result = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => {
                 let end = match result {
                     Ok(()) => Http1End::Closed,
                     Err(e) => Http1End::Failed(e),
@@ -273,9 +259,11 @@ async fn drive_http1<I: Transport>(
                 if activity.is_idle(limits.idle_timeout) {
                     closing = true;
                     Pin::new(&mut *conn).graceful_shutdown();
-                } else if activity.is_at_rest(DORMANT_AFTER) {
-                    // The fallback for when the reads did not show hyper idle, after a request
-                    // body it had to drain, say.
+                } else if activity.is_at_rest(REST_AFTER)
+                    && (activity.between_messages() || activity.is_at_rest(REST_FALLBACK))
+                {
+                    // Without the reads showing hyper idle (after a request body it had to
+                    // drain, say), only after the longer fallback, and it may then close.
                     match rest(&mut conn).await {
                         Some(end) => return (conn, end),
                         None => closing = true,

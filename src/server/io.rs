@@ -80,9 +80,9 @@ impl Activity {
             && !self.unflushed.load(Ordering::Relaxed)
     }
 
-    /// True once after hyper went idle between messages (see [`Tracked`]'s reads).
-    pub(super) fn take_between_messages(&self) -> bool {
-        self.between_messages.swap(false, Ordering::Relaxed)
+    /// hyper went idle between messages and nothing was read since (see [`Tracked`]'s reads).
+    pub(super) fn between_messages(&self) -> bool {
+        self.between_messages.load(Ordering::Relaxed)
     }
 
     /// A new hyper connection starts on the socket, with `unread` bytes the last one left (the
