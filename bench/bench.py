@@ -936,6 +936,8 @@ def render(b):
       "after a warm-up run of each. Upstream: nginx answering `200 ok` (2 bytes) on its own "
       "port. Access logs off in nginx and portcullis (log level warn).")
     w("")
+    w("What changed between runs, with the figures before and after: bench/HISTORY.md.")
+    w("")
     w("## Throughput and latency")
     w("")
     w("| # | scenario | requests/s | p50 ms | p99 ms | p99.9 ms | runs (req/s) |")
