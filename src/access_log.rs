@@ -72,7 +72,8 @@ where
     fn call(&mut self, req: Request<Body>) -> Self::Future {
         let started = Instant::now();
         let method = req.method().clone();
-        let path = req.uri().path().to_owned();
+        // A reference-counted copy: no allocation when nothing is logged.
+        let uri = req.uri().clone();
         let version = req.version();
         let client_ip = req.extensions().get::<ClientIp>().map(|c| c.0);
         let route_class = class_name(req.extensions().get::<RouteClass>().copied());
@@ -108,10 +109,7 @@ where
             }
 
             let user_id = who.map(|w| &*w.user_id);
-            let session_id = identity
-                .and_then(|i| i.session_id.map(|s| s.to_string()))
-                .or_else(|| who.and_then(|w| w.session_hint.clone()));
-            let platform = identity.and_then(|i| i.platform).map(|p| p.as_str());
+            let path = uri.path();
             tracing::info!(
                 target: "portcullis::access",
                 method = %method,
@@ -128,6 +126,10 @@ where
             );
             if let Some(rejection) = rejection {
                 metrics.rejected(rejection);
+                let session_id = identity
+                    .and_then(|i| i.session_id.map(|s| s.to_string()))
+                    .or_else(|| who.and_then(|w| w.session_hint.clone()));
+                let platform = identity.and_then(|i| i.platform).map(|p| p.as_str());
                 tracing::info!(
                     target: "audit",
                     event = "request_rejected",

@@ -95,7 +95,7 @@ impl Connection {
             activity: activity.clone(),
         };
         let service = ConnService {
-            app: self.app.clone(),
+            app: Arc::new(std::sync::Mutex::new(self.app.clone())),
             conn: ConnInfo {
                 peer: self.peer,
                 tls,
@@ -345,7 +345,9 @@ async fn close<I: tokio::io::AsyncWrite + Unpin>(io: &mut I) {
 /// until sent, and gives upgrade requests the connection's [`UpgradeHandoff`].
 #[derive(Clone)]
 struct ConnService {
-    app: AppService,
+    /// The connection's copy of the stack, called in place: cloning the whole stack for each
+    /// request cost more than this lock, which is only ever held for the synchronous `call`.
+    app: Arc<std::sync::Mutex<AppService>>,
     conn: ConnInfo,
     activity: Arc<Activity>,
     upgrades: UpgradeHandoff,
@@ -377,7 +379,11 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
         };
         // Every layer of the stack is always ready (none applies backpressure through
         // poll_ready), so the stack is called directly rather than through `oneshot`.
-        let response = self.app.clone().call(Request::from_parts(parts, body));
+        let response = self
+            .app
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .call(Request::from_parts(parts, body));
         Box::pin(async move {
             let response = match response.await {
                 Ok(response) => response,
