@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderName};
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -116,10 +116,6 @@ impl Tunnel {
 /// [`Forward`] owns its own connection pool (see [`Upstream::pool`]).
 pub struct Upstream {
     config: UpstreamConfig,
-    scheme: Scheme,
-    authority: Authority,
-    host: Option<HeaderValue>,
-    request_timeout: Duration,
     max_body_bytes: u64,
     trusted: TrustedProxies,
     identity: IdentityConfig,
@@ -138,10 +134,6 @@ impl Upstream {
     ) -> Self {
         Upstream {
             config: config.clone(),
-            scheme: config.scheme.clone(),
-            authority: config.authority.clone(),
-            host: config.host.clone(),
-            request_timeout: config.request_timeout,
             max_body_bytes,
             trusted,
             identity,
@@ -187,10 +179,12 @@ impl Upstream {
         };
 
         let started = Instant::now();
-        let result = tokio::time::timeout(self.request_timeout, pool.request(req)).await;
+        let result = tokio::time::timeout(self.config.request_timeout, pool.request(req)).await;
         let elapsed = started.elapsed();
         let mut response = match result {
-            Err(_) => return Rejection::UpstreamTimeout(self.request_timeout).into_response(),
+            Err(_) => {
+                return Rejection::UpstreamTimeout(self.config.request_timeout).into_response()
+            }
             Ok(Err(e)) => return self.classify(e).into_response(),
             Ok(Ok(response)) => response,
         };
@@ -231,8 +225,8 @@ impl Upstream {
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         parts.uri = Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
+            .scheme(self.config.scheme.clone())
+            .authority(self.config.authority.clone())
             .path_and_query(path_and_query)
             .build()
             .map_err(|_| Rejection::BadRequest("request target cannot be forwarded".into()))?;
@@ -252,7 +246,7 @@ impl Upstream {
             self.set_forwarded(&mut parts.headers, conn, client_host.as_ref());
         }
         self.set_identity(&mut parts.headers, parts.extensions.get::<Identity>());
-        match (&self.host, client_host) {
+        match (&self.config.host, client_host) {
             (Some(fixed), _) => {
                 parts.headers.insert(header::HOST, fixed.clone());
             }

@@ -1,7 +1,7 @@
 //! portcullis: a session-enforcing reverse proxy for game backends.
 //!
-//! A request reads top to bottom through the modules. [`server`] accepts it (TLS from [`tls`],
-//! the connection's [`peer`]); [`app`] holds the tower stack in order: [`request_id`], the
+//! A request reads top to bottom through the modules. [`server`] accepts it and hands its
+//! connection to a worker thread (TLS from [`tls`], the connection's [`peer`]); [`app`] holds the tower stack in order: [`request_id`], the
 //! client address ([`peer`]), the route class ([`routes`]), [`access_log`] (with [`metrics`]
 //! and the audit trail), size [`limits`], token verification ([`authn`]), [`rate_limit`], then
 //! either the session API ([`session::api`]) or the session gate ([`session::gate`], with its
