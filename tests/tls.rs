@@ -165,3 +165,62 @@ async fn plain_text_serves_http1() {
     assert_eq!(resp.version(), Version::HTTP_11);
     assert_eq!(upstream.last().target, "/h1");
 }
+
+#[tokio::test]
+async fn a_tls_connection_keeps_serving_across_rests() {
+    use rustls::pki_types::pem::PemObject;
+    use tokio::io::AsyncWriteExt;
+
+    let pki = TestPki::new();
+    let upstream = Upstream::echo().await;
+    let proxy = Proxy::start(&config_with(&upstream.url(), &pki.tls_section())).await;
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from_pem_slice(pki.ca_pem.as_bytes()).unwrap())
+        .unwrap();
+    let mut config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+
+    // One TLS session, several requests, each after the connection has rested (20 ms quiet):
+    // the resting socket waits under TLS, and the next hyper reads the decrypted request.
+    let mut buf = Vec::new();
+    for i in 0..3 {
+        if i > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(60)).await;
+        }
+        let request = format!("GET /tls/{i} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+        tls.write_all(request.as_bytes()).await.unwrap();
+        let head = read_tls_head(&mut tls, &mut buf).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "request {i}: {head}");
+    }
+    let targets: Vec<String> = upstream.seen().into_iter().map(|s| s.target).collect();
+    assert_eq!(targets, ["/tls/0", "/tls/1", "/tls/2"]);
+}
+
+/// Reads one response with an empty body (the echo upstream answering a GET) off `tls`.
+async fn read_tls_head<S: tokio::io::AsyncRead + Unpin>(tls: &mut S, buf: &mut Vec<u8>) -> String {
+    use tokio::io::AsyncReadExt;
+    let read = async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                buf.drain(..end + 4);
+                return head;
+            }
+            let n = tls.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "the TLS connection closed");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(5), read)
+        .await
+        .expect("a response within 5 s")
+}
