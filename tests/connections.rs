@@ -238,3 +238,18 @@ async fn a_request_head_split_across_a_rest_is_reassembled() {
     assert_eq!(response.status, 200);
     assert_eq!(upstream.last().target, "/split");
 }
+
+#[tokio::test]
+async fn connection_close_is_honoured_after_the_response() {
+    let upstream = Upstream::echo().await;
+    let proxy = Proxy::start(&open_config(&upstream.url())).await;
+    let mut conn = open(&proxy).await;
+    let mut leftover = Vec::new();
+    conn.write_all(b"GET /last HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let response = read_raw_response(&mut conn, &mut leftover).await.unwrap();
+    assert_eq!(response.status, 200);
+    // The client asked to close: no resting, the connection ends after its one response.
+    assert!(read_raw_response(&mut conn, &mut leftover).await.is_none());
+}
