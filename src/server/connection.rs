@@ -236,13 +236,42 @@ async fn drive_http1<I: Transport>(
     if closing {
         Pin::new(&mut *conn).graceful_shutdown();
     }
+    let mut check = Box::pin(tokio::time::sleep_until(next_check(activity, limits)));
     loop {
-        let check = activity
-            .until_quiet(REST_AFTER)
-            .min(activity.until_quiet(limits.idle_timeout))
-            .max(Duration::from_millis(10));
         tokio::select! {
-            result = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => {
+            event = std::future::poll_fn(|cx| {
+                if let Poll::Ready(result) = conn.poll_without_shutdown(cx) {
+                    return Poll::Ready(Some(result));
+                }
+                if closing {
+                    return Poll::Pending;
+                }
+                // hyper's reads may just have shown it idle: bring the check forward, so the
+                // connection rests REST_AFTER after its last exchange, not a second later.
+                let due = next_check(activity, limits);
+                if due + Duration::from_millis(1) < check.deadline() {
+                    check.as_mut().reset(due);
+                }
+                check.as_mut().poll(cx).map(|()| None)
+            }) => {
+                let Some(result) = event else {
+                    if activity.is_idle(limits.idle_timeout) {
+                        closing = true;
+                        Pin::new(&mut *conn).graceful_shutdown();
+                    } else if activity.is_at_rest(REST_AFTER)
+                        && (activity.between_messages() || activity.is_at_rest(REST_FALLBACK))
+                    {
+                        // Without the reads showing hyper idle (after a request body it had
+                        // to drain, say), only after the longer fallback, and it may then close.
+                        match rest(&mut conn).await {
+                            Some(end) => return (conn, end),
+                            None => closing = true,
+                        }
+                    }
+                    let due = next_check(activity, limits);
+                    check.as_mut().reset(due);
+                    continue;
+                };
                 let end = match result {
                     Ok(()) => Http1End::Closed,
                     Err(e) => Http1End::Failed(e),
@@ -255,23 +284,25 @@ async fn drive_http1<I: Transport>(
                     Pin::new(&mut *conn).graceful_shutdown();
                 }
             }
-            _ = tokio::time::sleep(check), if !closing => {
-                if activity.is_idle(limits.idle_timeout) {
-                    closing = true;
-                    Pin::new(&mut *conn).graceful_shutdown();
-                } else if activity.is_at_rest(REST_AFTER)
-                    && (activity.between_messages() || activity.is_at_rest(REST_FALLBACK))
-                {
-                    // Without the reads showing hyper idle (after a request body it had to
-                    // drain, say), only after the longer fallback, and it may then close.
-                    match rest(&mut conn).await {
-                        Some(end) => return (conn, end),
-                        None => closing = true,
-                    }
-                }
-            }
         }
     }
+}
+
+/// When a connection should next be looked at: to rest, or to close for idleness. With
+/// something in flight, in a second: a long-poll request must not wake its connection every
+/// few milliseconds.
+fn next_check(activity: &Activity, limits: &ConnLimits) -> tokio::time::Instant {
+    let rest_in = if !activity.is_at_rest(Duration::ZERO) {
+        Duration::from_secs(1)
+    } else if activity.between_messages() {
+        activity.until_quiet(REST_AFTER)
+    } else {
+        activity.until_quiet(REST_FALLBACK)
+    };
+    let wait = rest_in
+        .min(activity.until_quiet(limits.idle_timeout))
+        .max(Duration::from_millis(10));
+    tokio::time::Instant::now() + wait
 }
 
 /// Asks hyper to stop at the message boundary it is at. Idle, it closes its side at once and is
