@@ -85,8 +85,8 @@ impl Activity {
         self.between_messages.load(Ordering::Relaxed)
     }
 
-    /// A new hyper connection starts on the socket, with `unread` bytes the last one left (the
-    /// start of a head): nothing of the last one is draining.
+    /// A new hyper connection starts on the socket; `unread`: the last one left bytes it read
+    /// but did not use (the start of a head). Nothing of the last one is draining.
     pub(super) fn new_parser(&self, unread: bool) {
         self.draining.store(false, Ordering::Relaxed);
         self.reading_message.store(unread, Ordering::Relaxed);
