@@ -10,20 +10,46 @@ use support::*;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-async fn open(proxy: &Proxy) -> TcpStream {
-    TcpStream::connect(proxy.addr).await.expect("connect")
-}
-
 fn get(path: &str) -> String {
     format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n")
+}
+
+/// One raw HTTP/1.1 connection to the proxy, and the bytes read past the last response.
+struct RawConn {
+    stream: TcpStream,
+    leftover: Vec<u8>,
+}
+
+impl RawConn {
+    async fn open(proxy: &Proxy) -> RawConn {
+        RawConn {
+            stream: TcpStream::connect(proxy.addr).await.expect("connect"),
+            leftover: Vec::new(),
+        }
+    }
+
+    async fn send(&mut self, bytes: impl AsRef<[u8]>) {
+        self.stream.write_all(bytes.as_ref()).await.expect("send");
+    }
+
+    /// The next response, or None if the connection closed before one.
+    async fn response(&mut self) -> Option<RawResponse> {
+        read_raw_response(&mut self.stream, &mut self.leftover).await
+    }
+
+    /// GET `path` on this connection and expect a 200.
+    async fn get_ok(&mut self, path: &str) {
+        self.send(get(path)).await;
+        let response = self.response().await.expect("a response");
+        assert_eq!(response.status, 200, "GET {path}");
+    }
 }
 
 #[tokio::test]
 async fn one_connection_carries_many_requests_across_rests() {
     let upstream = Upstream::echo().await;
     let proxy = Proxy::start(&open_config(&upstream.url())).await;
-    let mut conn = open(&proxy).await;
-    let mut leftover = Vec::new();
+    let mut conn = RawConn::open(&proxy).await;
 
     // Between every two requests the connection rests (after 20 ms quiet, hyper is dropped at
     // the boundary and a new one reads the next request); the client sees one ordinary
@@ -32,13 +58,7 @@ async fn one_connection_carries_many_requests_across_rests() {
         if i > 0 {
             tokio::time::sleep(Duration::from_millis(60)).await;
         }
-        conn.write_all(get(&format!("/n/{i}")).as_bytes())
-            .await
-            .unwrap();
-        let response = read_raw_response(&mut conn, &mut leftover)
-            .await
-            .expect("a response on the same connection");
-        assert_eq!(response.status, 200, "request {i}");
+        conn.get_ok(&format!("/n/{i}")).await;
     }
     let targets: Vec<String> = upstream.seen().into_iter().map(|s| s.target).collect();
     assert_eq!(targets, ["/n/0", "/n/1", "/n/2", "/n/3", "/n/4"]);
@@ -48,26 +68,11 @@ async fn one_connection_carries_many_requests_across_rests() {
 async fn a_connection_quiet_for_seconds_still_serves_the_next_request() {
     let upstream = Upstream::echo().await;
     let proxy = Proxy::start(&open_config(&upstream.url())).await;
-    let mut conn = open(&proxy).await;
-    let mut leftover = Vec::new();
-    conn.write_all(get("/first").as_bytes()).await.unwrap();
-    assert_eq!(
-        read_raw_response(&mut conn, &mut leftover)
-            .await
-            .unwrap()
-            .status,
-        200
-    );
+    let mut conn = RawConn::open(&proxy).await;
+    conn.get_ok("/first").await;
     // Long past the rest delay and the one-second fallback: resting is not a close.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    conn.write_all(get("/second").as_bytes()).await.unwrap();
-    assert_eq!(
-        read_raw_response(&mut conn, &mut leftover)
-            .await
-            .unwrap()
-            .status,
-        200
-    );
+    conn.get_ok("/second").await;
     assert_eq!(upstream.last().target, "/second");
 }
 
@@ -75,8 +80,7 @@ async fn a_connection_quiet_for_seconds_still_serves_the_next_request() {
 async fn pipelined_requests_are_all_answered_in_order() {
     let upstream = Upstream::echo().await;
     let proxy = Proxy::start(&open_config(&upstream.url())).await;
-    let mut conn = open(&proxy).await;
-    let mut leftover = Vec::new();
+    let mut conn = RawConn::open(&proxy).await;
 
     // Three requests in one write: the bytes of the later ones are already read when the first
     // one is done, and must be handed on, not lost, if the connection rests in between.
@@ -85,10 +89,11 @@ async fn pipelined_requests_are_all_answered_in_order() {
         get("/p/1"),
         get("/p/3")
     );
-    conn.write_all(batch.as_bytes()).await.unwrap();
+    conn.send(batch).await;
     let mut bodies = Vec::new();
     for _ in 0..3 {
-        let response = read_raw_response(&mut conn, &mut leftover)
+        let response = conn
+            .response()
             .await
             .expect("every pipelined request is answered");
         assert_eq!(response.status, 200);
@@ -103,21 +108,19 @@ async fn pipelined_requests_are_all_answered_in_order() {
 async fn a_request_body_sent_in_pieces_then_another_request() {
     let upstream = Upstream::echo().await;
     let proxy = Proxy::start(&open_config(&upstream.url())).await;
-    let mut conn = open(&proxy).await;
-    let mut leftover = Vec::new();
+    let mut conn = RawConn::open(&proxy).await;
 
-    conn.write_all(b"POST /upload HTTP/1.1\r\nHost: test\r\nContent-Length: 10\r\n\r\nfirst")
-        .await
-        .unwrap();
+    conn.send(b"POST /upload HTTP/1.1\r\nHost: test\r\nContent-Length: 10\r\n\r\nfirst")
+        .await;
     // The rest of the body comes later; nothing may treat the pause as a message boundary.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    conn.write_all(b"-half").await.unwrap();
-    let response = read_raw_response(&mut conn, &mut leftover).await.unwrap();
+    conn.send(b"-half").await;
+    let response = conn.response().await.unwrap();
     assert_eq!(response.status, 200);
     assert_eq!(response.body, b"first-half");
 
-    conn.write_all(get("/after").as_bytes()).await.unwrap();
-    let response = read_raw_response(&mut conn, &mut leftover).await.unwrap();
+    conn.send(get("/after")).await;
+    let response = conn.response().await.unwrap();
     assert_eq!(response.status, 200);
     assert_eq!(upstream.last().target, "/after");
 }
@@ -130,8 +133,7 @@ async fn an_unread_request_body_never_turns_into_a_request() {
         "[server]\nmax_body_bytes = 1024\n",
     ))
     .await;
-    let mut conn = open(&proxy).await;
-    let mut leftover = Vec::new();
+    let mut conn = RawConn::open(&proxy).await;
 
     // Refused on its declared length, before its body is read. The body's bytes look like a
     // request of their own: they must be drained or the connection closed, never parsed.
@@ -141,13 +143,13 @@ async fn an_unread_request_body_never_turns_into_a_request() {
         "POST /big HTTP/1.1\r\nHost: test\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
-    conn.write_all(request.as_bytes()).await.unwrap();
-    let refused = read_raw_response(&mut conn, &mut leftover).await.unwrap();
+    conn.send(request).await;
+    let refused = conn.response().await.unwrap();
     assert_eq!(refused.status, 413);
 
     // Either the connection serves the next request properly or it was closed.
-    if conn.write_all(get("/next").as_bytes()).await.is_ok() {
-        if let Some(response) = read_raw_response(&mut conn, &mut leftover).await {
+    if conn.stream.write_all(get("/next").as_bytes()).await.is_ok() {
+        if let Some(response) = conn.response().await {
             assert_eq!(response.status, 200);
             assert_eq!(upstream.last().target, "/next");
         }
@@ -166,19 +168,11 @@ async fn a_resting_connection_closes_after_header_read_timeout() {
         "[server]\nheader_read_timeout = \"400ms\"\n",
     ))
     .await;
-    let mut conn = open(&proxy).await;
-    let mut leftover = Vec::new();
-    conn.write_all(get("/once").as_bytes()).await.unwrap();
-    assert_eq!(
-        read_raw_response(&mut conn, &mut leftover)
-            .await
-            .unwrap()
-            .status,
-        200
-    );
+    let mut conn = RawConn::open(&proxy).await;
+    conn.get_ok("/once").await;
     let answered = Instant::now();
     assert!(
-        read_raw_response(&mut conn, &mut leftover).await.is_none(),
+        conn.response().await.is_none(),
         "the idle connection was closed"
     );
     let waited = answered.elapsed();
@@ -192,20 +186,12 @@ async fn a_resting_connection_closes_after_header_read_timeout() {
 async fn shutdown_closes_resting_connections_at_once() {
     let upstream = Upstream::echo().await;
     let mut proxy = Proxy::start(&open_config(&upstream.url())).await;
-    let mut conn = open(&proxy).await;
-    let mut leftover = Vec::new();
-    conn.write_all(get("/idle").as_bytes()).await.unwrap();
-    assert_eq!(
-        read_raw_response(&mut conn, &mut leftover)
-            .await
-            .unwrap()
-            .status,
-        200
-    );
+    let mut conn = RawConn::open(&proxy).await;
+    conn.get_ok("/idle").await;
 
     // Nothing in flight: shutdown need not wait out shutdown_grace (30 s) for this one.
     let stopped = proxy.shutdown();
-    assert!(read_raw_response(&mut conn, &mut leftover).await.is_none());
+    assert!(conn.response().await.is_none());
     tokio::time::timeout(Duration::from_secs(5), stopped)
         .await
         .expect("shutdown did not wait for the idle connection")
@@ -216,25 +202,15 @@ async fn shutdown_closes_resting_connections_at_once() {
 async fn a_request_head_split_across_a_rest_is_reassembled() {
     let upstream = Upstream::echo().await;
     let proxy = Proxy::start(&open_config(&upstream.url())).await;
-    let mut conn = open(&proxy).await;
-    let mut leftover = Vec::new();
-    conn.write_all(get("/before").as_bytes()).await.unwrap();
-    assert_eq!(
-        read_raw_response(&mut conn, &mut leftover)
-            .await
-            .unwrap()
-            .status,
-        200
-    );
+    let mut conn = RawConn::open(&proxy).await;
+    conn.get_ok("/before").await;
 
     // Half a head, then a pause: the connection may rest holding those bytes, and the hyper
     // that takes over must read them before the rest.
-    conn.write_all(b"GET /spl").await.unwrap();
+    conn.send(b"GET /spl").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    conn.write_all(b"it HTTP/1.1\r\nHost: test\r\n\r\n")
-        .await
-        .unwrap();
-    let response = read_raw_response(&mut conn, &mut leftover).await.unwrap();
+    conn.send(b"it HTTP/1.1\r\nHost: test\r\n\r\n").await;
+    let response = conn.response().await.unwrap();
     assert_eq!(response.status, 200);
     assert_eq!(upstream.last().target, "/split");
 }
@@ -243,13 +219,11 @@ async fn a_request_head_split_across_a_rest_is_reassembled() {
 async fn connection_close_is_honoured_after_the_response() {
     let upstream = Upstream::echo().await;
     let proxy = Proxy::start(&open_config(&upstream.url())).await;
-    let mut conn = open(&proxy).await;
-    let mut leftover = Vec::new();
-    conn.write_all(b"GET /last HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let response = read_raw_response(&mut conn, &mut leftover).await.unwrap();
+    let mut conn = RawConn::open(&proxy).await;
+    conn.send(b"GET /last HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        .await;
+    let response = conn.response().await.unwrap();
     assert_eq!(response.status, 200);
     // The client asked to close: no resting, the connection ends after its one response.
-    assert!(read_raw_response(&mut conn, &mut leftover).await.is_none());
+    assert!(conn.response().await.is_none());
 }

@@ -7,25 +7,6 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::*;
-use tokio::sync::{mpsc, watch};
-
-/// An upstream whose every request waits until the test opens the gate, and that tells the test
-/// when a request has arrived.
-async fn gated_upstream() -> (Upstream, mpsc::UnboundedReceiver<()>, watch::Sender<bool>) {
-    let (arrived_tx, arrived_rx) = mpsc::unbounded_channel();
-    let (gate_tx, gate_rx) = watch::channel(false);
-    let upstream = Upstream::start(move |_seen| {
-        let arrived = arrived_tx.clone();
-        let mut gate = gate_rx.clone();
-        async move {
-            let _ = arrived.send(());
-            let _ = gate.wait_for(|open| *open).await;
-            reply(http::StatusCode::OK, "finished")
-        }
-    })
-    .await;
-    (upstream, arrived_rx, gate_tx)
-}
 
 async fn connect_refused(addr: std::net::SocketAddr) -> bool {
     tokio::net::TcpStream::connect(addr).await.is_err()

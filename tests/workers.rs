@@ -5,7 +5,6 @@ mod support;
 use std::time::Duration;
 
 use support::*;
-use tokio::sync::{mpsc, watch};
 
 /// A client with its own connection pool, so each one is a separate connection to portcullis.
 fn own_connection() -> reqwest::Client {
@@ -54,18 +53,7 @@ async fn each_worker_opens_its_own_upstream_connections() {
 
 #[tokio::test]
 async fn shutdown_drains_the_requests_of_every_worker() {
-    let (arrived_tx, mut arrived) = mpsc::unbounded_channel();
-    let (gate, gate_rx) = watch::channel(false);
-    let upstream = Upstream::start(move |seen| {
-        let arrived = arrived_tx.clone();
-        let mut gate = gate_rx.clone();
-        async move {
-            let _ = arrived.send(seen.target.clone());
-            let _ = gate.wait_for(|open| *open).await;
-            reply(http::StatusCode::OK, "finished")
-        }
-    })
-    .await;
+    let (upstream, mut arrived, gate) = gated_upstream().await;
     let mut proxy = Proxy::start(&config_with(&upstream.url(), "[server]\nworkers = 3\n")).await;
 
     // One held request per worker.

@@ -286,6 +286,28 @@ impl Drop for Upstream {
     }
 }
 
+/// An upstream whose every request waits until the test opens the gate, and that tells the test
+/// when a request has arrived.
+pub async fn gated_upstream() -> (
+    Upstream,
+    tokio::sync::mpsc::UnboundedReceiver<()>,
+    tokio::sync::watch::Sender<bool>,
+) {
+    let (arrived_tx, arrived_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (gate_tx, gate_rx) = tokio::sync::watch::channel(false);
+    let upstream = Upstream::start(move |_seen| {
+        let arrived = arrived_tx.clone();
+        let mut gate = gate_rx.clone();
+        async move {
+            let _ = arrived.send(());
+            let _ = gate.wait_for(|open| *open).await;
+            reply(http::StatusCode::OK, "finished")
+        }
+    })
+    .await;
+    (upstream, arrived_rx, gate_tx)
+}
+
 /// A response with a status and body, for upstream handlers.
 pub fn reply(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
