@@ -37,7 +37,8 @@ use crate::peer::ConnInfo;
 use crate::Body;
 
 pub(super) struct Connection {
-    pub(super) app: AppService,
+    /// The connection's own copy of the stack (see [`ConnService`]).
+    pub(super) app: Arc<std::sync::Mutex<AppService>>,
     pub(super) tls: Option<TlsAcceptor>,
     pub(super) limits: ConnLimits,
     pub(super) peer: SocketAddr,
@@ -95,7 +96,7 @@ impl Connection {
             activity: activity.clone(),
         };
         let service = ConnService {
-            app: Arc::new(std::sync::Mutex::new(self.app.clone())),
+            app: self.app.clone(),
             conn: ConnInfo {
                 peer: self.peer,
                 tls,

@@ -250,7 +250,7 @@ impl WorkerShared {
                 }
             };
             let conn = Connection {
-                app: self.app.clone(),
+                app: Arc::new(std::sync::Mutex::new(self.app.clone())),
                 tls: self.tls.clone(),
                 limits: self.limits.clone(),
                 peer,
