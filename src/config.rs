@@ -240,7 +240,7 @@ pub struct UpstreamSection {
     /// Idle pooled upstream connections are closed after this long.
     #[serde(with = "humantime_serde")]
     pub pool_idle_timeout: Duration,
-    /// Most idle pooled connections kept to the upstream.
+    /// Most idle pooled connections kept to the upstream, per worker.
     pub pool_max_idle: usize,
 }
 

@@ -182,6 +182,7 @@ pub struct Upstream {
     pub addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
     connections: Arc<std::sync::atomic::AtomicUsize>,
+    closed: Arc<std::sync::atomic::AtomicUsize>,
     task: JoinHandle<()>,
 }
 
@@ -205,6 +206,8 @@ impl Upstream {
         let record = seen.clone();
         let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let accepted = connections.clone();
+        let closed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let ended = closed.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
@@ -213,6 +216,7 @@ impl Upstream {
                 accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let handler = handler.clone();
                 let record = record.clone();
+                let ended = ended.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                         let handler = handler.clone();
@@ -241,6 +245,7 @@ impl Upstream {
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection_with_upgrades(TokioIo::new(stream), service)
                         .await;
+                    ended.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 });
             }
         });
@@ -248,6 +253,7 @@ impl Upstream {
             addr,
             seen,
             connections,
+            closed,
             task,
         }
     }
@@ -255,6 +261,11 @@ impl Upstream {
     /// Connections accepted so far.
     pub fn connections(&self) -> usize {
         self.connections.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Connections that have ended (closed by either side) so far.
+    pub fn closed(&self) -> usize {
+        self.closed.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn url(&self) -> String {

@@ -14,9 +14,7 @@ use std::time::{Duration, Instant};
 use http::header::{self, HeaderName};
 use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 
 use crate::config::{IdentityConfig, UpstreamConfig};
 use crate::error::Rejection;
@@ -24,7 +22,9 @@ use crate::peer::{ConnInfo, TrustedProxies};
 use crate::session::gate::Identity;
 use crate::Body;
 
-type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+mod pool;
+
+pub use pool::{Pool, PoolError};
 
 /// How long the upstream took to produce its response head; read by the access log.
 #[derive(Debug, Clone, Copy)]
@@ -113,7 +113,8 @@ impl Tunnel {
 }
 
 /// Where requests go and how they are rewritten; shared by every worker. Each worker's
-/// [`Forward`] owns its own connection pool (see [`Upstream::pool`]).
+/// [`Forward`] owns its own connection [`Pool`]: a request and the upstream connection it uses
+/// then live on one thread, and handing one to the other costs no cross-thread wakeup.
 pub struct Upstream {
     config: UpstreamConfig,
     max_body_bytes: u64,
@@ -121,9 +122,6 @@ pub struct Upstream {
     identity: IdentityConfig,
     tunnels: Arc<TunnelCount>,
 }
-
-/// A keep-alive pool of upstream connections.
-type Pool = Client<Connector, Body>;
 
 impl Upstream {
     pub fn new(
@@ -141,27 +139,6 @@ impl Upstream {
         }
     }
 
-    /// A new, empty connection pool. Its connections are driven by tasks on the runtime that
-    /// opens them, so each worker has its own pool: a request and the upstream connection it
-    /// uses then live on one thread, and handing one to the other costs no cross-thread wakeup.
-    fn pool(&self) -> Pool {
-        let config = &self.config;
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(config.connect_timeout));
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_webpki_roots()
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
-        Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(config.pool_idle_timeout)
-            .pool_max_idle_per_host(config.pool_max_idle)
-            .build(connector)
-    }
-
     pub fn tunnels(&self) -> Arc<TunnelCount> {
         self.tunnels.clone()
     }
@@ -173,13 +150,10 @@ impl Upstream {
         } else {
             None
         };
-        let req = match self.upstream_request(req) {
-            Ok(r) => r,
-            Err(rejection) => return rejection.into_response(),
-        };
+        let req = self.upstream_request(req);
 
         let started = Instant::now();
-        let result = tokio::time::timeout(self.config.request_timeout, pool.request(req)).await;
+        let result = tokio::time::timeout(self.config.request_timeout, pool.send(req)).await;
         let elapsed = started.elapsed();
         let mut response = match result {
             Err(_) => {
@@ -208,7 +182,7 @@ impl Upstream {
     }
 
     /// Rewrites the client's request into the one the upstream receives.
-    fn upstream_request(&self, req: Request<Body>) -> Result<Request<Body>, Rejection> {
+    fn upstream_request(&self, req: Request<Body>) -> Request<Body> {
         let (mut parts, body) = req.into_parts();
         let conn = parts.extensions.get::<ConnInfo>().copied();
 
@@ -219,17 +193,14 @@ impl Upstream {
                 .authority()
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
-        let path_and_query = parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        parts.uri = Uri::builder()
-            .scheme(self.config.scheme.clone())
-            .authority(self.config.authority.clone())
-            .path_and_query(path_and_query)
-            .build()
-            .map_err(|_| Rejection::BadRequest("request target cannot be forwarded".into()))?;
+        // Origin-form, as an HTTP/1.1 request to an origin server is written.
+        parts.uri = Uri::from(
+            parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        );
 
         let upgrade = wants_upgrade_headers(&parts.headers, parts.version);
         let upgrade_protocol = parts.headers.get(header::UPGRADE).cloned();
@@ -253,11 +224,16 @@ impl Upstream {
             (None, Some(host)) => {
                 parts.headers.insert(header::HOST, host);
             }
-            (None, None) => {}
+            // HTTP/1.1 requires a Host; a client that sent none gets the upstream's.
+            (None, None) => {
+                if let Ok(host) = HeaderValue::from_str(self.config.authority.as_str()) {
+                    parts.headers.insert(header::HOST, host);
+                }
+            }
         }
         // The pool speaks HTTP/1.1 to the upstream whatever the client spoke to us.
         parts.version = Version::HTTP_11;
-        Ok(Request::from_parts(parts, body))
+        Request::from_parts(parts, body)
     }
 
     fn set_forwarded(&self, headers: &mut HeaderMap, conn: ConnInfo, host: Option<&HeaderValue>) {
@@ -325,7 +301,7 @@ impl Upstream {
         }
     }
 
-    fn classify(&self, error: hyper_util::client::legacy::Error) -> Rejection {
+    fn classify(&self, error: PoolError) -> Rejection {
         if source_chain_has::<http_body_util::LengthLimitError>(&error) {
             return Rejection::PayloadTooLarge(self.max_body_bytes);
         }
@@ -420,7 +396,7 @@ pub struct Forward {
 
 impl Forward {
     pub fn new(upstream: Arc<Upstream>) -> Self {
-        let pool = upstream.pool();
+        let pool = Pool::new(&upstream.config);
         Forward { upstream, pool }
     }
 }
