@@ -178,14 +178,11 @@ where
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
         let identity = &self.layer.identity;
         let headers = req.headers_mut();
-        let session_header = headers
-            .get(&identity.session_id)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
         // Strip before set: only values portcullis verified may reach the upstream.
-        headers.remove(&identity.user_id);
-        headers.remove(&identity.session_id);
-        headers.remove(&identity.platform);
+        let session_header = headers
+            .remove(&identity.session_id)
+            .and_then(|v| v.to_str().ok().map(str::to_owned));
+        crate::forward::remove_present(headers, &[&identity.user_id, &identity.platform]);
 
         let class = req
             .extensions()

@@ -145,12 +145,13 @@ impl Upstream {
 
     /// Forwards one request; every failure becomes a [`Rejection`] response.
     pub async fn forward(&self, pool: &Pool, mut req: Request<Body>) -> Response<Body> {
-        let handoff = if wants_upgrade(&req) {
+        let upgrade = wants_upgrade(&req);
+        let handoff = if upgrade {
             req.extensions_mut().remove::<UpgradeHandoff>()
         } else {
             None
         };
-        let req = self.upstream_request(req);
+        let req = self.upstream_request(req, upgrade);
 
         let started = Instant::now();
         let result = tokio::time::timeout(self.config.request_timeout, pool.send(req)).await;
@@ -181,8 +182,9 @@ impl Upstream {
         Response::from_parts(parts, Body::new(body))
     }
 
-    /// Rewrites the client's request into the one the upstream receives.
-    fn upstream_request(&self, req: Request<Body>) -> Request<Body> {
+    /// Rewrites the client's request into the one the upstream receives; `upgrade` says whether
+    /// it asks to switch protocols.
+    fn upstream_request(&self, req: Request<Body>, upgrade: bool) -> Request<Body> {
         let (mut parts, body) = req.into_parts();
         let conn = parts.extensions.get::<ConnInfo>().copied();
 
@@ -202,11 +204,12 @@ impl Upstream {
                 .unwrap_or_else(|| PathAndQuery::from_static("/")),
         );
 
-        let upgrade = wants_upgrade_headers(&parts.headers, parts.version);
-        let upgrade_protocol = parts.headers.get(header::UPGRADE).cloned();
+        let upgrade_protocol = upgrade
+            .then(|| parts.headers.get(header::UPGRADE).cloned())
+            .flatten();
 
         strip_hop_by_hop(&mut parts.headers, false);
-        if let (true, Some(protocol)) = (upgrade, upgrade_protocol) {
+        if let Some(protocol) = upgrade_protocol {
             parts
                 .headers
                 .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -258,20 +261,21 @@ impl Upstream {
         } else {
             format!("{}, {peer}", prior.join(", "))
         };
-        headers.remove(&xff);
-        if let Ok(v) = HeaderValue::from_str(&chain) {
-            headers.insert(xff, v);
-        }
+        // `insert` replaces every value the client sent.
+        match HeaderValue::from_str(&chain) {
+            Ok(v) => headers.insert(xff, v),
+            Err(_) => headers.remove(&xff),
+        };
 
         if !(trusted && headers.contains_key(&xfp)) {
             let proto = if conn.tls { "https" } else { "http" };
             headers.insert(xfp, HeaderValue::from_static(proto));
         }
         if !(trusted && headers.contains_key(&xfh)) {
-            headers.remove(&xfh);
-            if let Some(host) = host {
-                headers.insert(xfh, host.clone());
-            }
+            match host {
+                Some(host) => headers.insert(xfh, host.clone()),
+                None => headers.remove(&xfh),
+            };
         }
     }
 
@@ -279,9 +283,10 @@ impl Upstream {
     /// entry; they are removed again here so that no path can forward one.
     fn set_identity(&self, headers: &mut HeaderMap, identity: Option<&Identity>) {
         let names = &self.identity;
-        headers.remove(&names.user_id);
-        headers.remove(&names.session_id);
-        headers.remove(&names.platform);
+        remove_present(
+            headers,
+            &[&names.user_id, &names.session_id, &names.platform],
+        );
         let Some(identity) = identity else { return };
         if let Ok(v) = HeaderValue::from_str(&identity.user_id) {
             headers.insert(names.user_id.clone(), v);
@@ -333,7 +338,7 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 
 /// Headers that describe one connection, not the message (RFC 9110 7.6.1), plus the
 /// non-standard ones that clients still send.
-const HOP_BY_HOP: [HeaderName; 9] = [
+static HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -347,19 +352,40 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 
 /// Removes hop-by-hop headers and every header the Connection header names. On a 101 response
 /// the Upgrade and Connection headers are the answer itself and stay.
+///
+/// Only names that are present are removed: one pass over the few headers a message carries is
+/// cheaper than hashing every hop-by-hop name for `HeaderMap::remove`, and most requests carry
+/// none of them.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    let named: Vec<HeaderName> = connection_tokens(headers)
-        .filter(|t| !(keep_upgrade && t.eq_ignore_ascii_case("upgrade")))
-        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-        .collect();
-    for name in named {
+    let kept =
+        |name: &HeaderName| keep_upgrade && (name == header::CONNECTION || name == header::UPGRADE);
+    let mut doomed: Vec<HeaderName> = Vec::new();
+    let mut has_connection = false;
+    for name in headers.keys() {
+        has_connection |= name == header::CONNECTION;
+        if HOP_BY_HOP.contains(name) && !kept(name) {
+            doomed.push(name.clone());
+        }
+    }
+    if has_connection {
+        doomed.extend(
+            connection_tokens(headers)
+                .filter(|t| !(keep_upgrade && t.eq_ignore_ascii_case("upgrade")))
+                .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok()),
+        );
+    }
+    for name in doomed {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP.iter() {
-        if keep_upgrade && (name == header::CONNECTION || name == header::UPGRADE) {
-            continue;
+}
+
+/// Removes each of `names` that is present, hashing none of them when none is (the usual case).
+pub fn remove_present(headers: &mut HeaderMap, names: &[&HeaderName]) {
+    let present = |key: &HeaderName| names.contains(&key);
+    if headers.keys().any(present) {
+        for name in names {
+            headers.remove(*name);
         }
-        headers.remove(name);
     }
 }
 
@@ -437,6 +463,20 @@ mod tests {
         h.insert("proxy-authorization", HeaderValue::from_static("Basic x"));
         h.insert("x-kept", HeaderValue::from_static("yes"));
         strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1);
+        assert_eq!(h["x-kept"], "yes");
+    }
+
+    #[test]
+    fn remove_present_removes_every_value_of_the_names_given() {
+        let user = HeaderName::from_static("x-user-id");
+        let platform = HeaderName::from_static("x-session-platform");
+        let mut h = HeaderMap::new();
+        h.append(&user, HeaderValue::from_static("forged-1"));
+        h.append(&user, HeaderValue::from_static("forged-2"));
+        h.insert("x-kept", HeaderValue::from_static("yes"));
+        remove_present(&mut h, &[&user, &platform]);
+        assert!(!h.contains_key(&user));
         assert_eq!(h.len(), 1);
         assert_eq!(h["x-kept"], "yes");
     }

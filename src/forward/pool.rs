@@ -96,6 +96,15 @@ impl Pool {
                 },
             }
         }
+        // Boxed: connecting is the rare path, and its state would make every request's future
+        // (moved a few times on its way) several times larger.
+        Box::pin(self.send_on_new_connection(req)).await
+    }
+
+    async fn send_on_new_connection(
+        &self,
+        req: Request<Body>,
+    ) -> Result<Response<Body>, PoolError> {
         let mut sender = self.connect().await?;
         let response = sender.send_request(req).await?;
         Ok(self.attach(sender, response))
