@@ -14,8 +14,8 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use futures_util::FutureExt;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
 use portcullis::authn::{authenticate, AuthnLayer, Verifier};
-use portcullis::config::{AuthMode, Config};
-use portcullis::forward::strip_hop_by_hop;
+use portcullis::config::{AuthMode, Config, JwtConfig};
+use portcullis::forward::{remove_present, strip_hop_by_hop};
 use portcullis::routes::{normalise, RouteClass, RouteTable};
 use portcullis::Body;
 use tower::{Layer, Service, ServiceExt};
@@ -83,9 +83,20 @@ fn client_headers(token: &str) -> HeaderMap {
     h
 }
 
+/// The JWT settings with no verified token remembered.
+fn full_verification(config: &Config) -> JwtConfig {
+    JwtConfig {
+        verified_tokens: 0,
+        ..config.jwt.clone()
+    }
+}
+
 fn jwt(c: &mut Criterion) {
     let config = config();
-    let verifier = Verifier::new(&config.jwt).expect("verifier");
+    // Full verification every time; `remembering` is the default, which skips the signature
+    // check for a token it verified before.
+    let verifier = Verifier::new(&full_verification(&config)).expect("verifier");
+    let remembering = Verifier::new(&config.jwt).expect("verifier");
     let with_sid = token(&config, Some(SID));
     let without_sid = token(&config, None);
     let mut forged = with_sid.clone();
@@ -98,6 +109,9 @@ fn jwt(c: &mut Criterion) {
     });
     g.bench_function("verify_hs256_no_sid", |b| {
         b.iter(|| verifier.verify(black_box(&without_sid)).expect("valid"))
+    });
+    g.bench_function("verify_hs256_remembered", |b| {
+        b.iter(|| remembering.verify(black_box(&with_sid)).expect("valid"))
     });
     g.bench_function("verify_bad_signature", |b| {
         b.iter(|| verifier.verify(black_box(&forged)).is_err())
@@ -123,9 +137,7 @@ fn inject_identity(headers: &mut HeaderMap, user: &Arc<str>, sid: &uuid::Uuid) {
     let user_h = HeaderName::from_static("x-user-id");
     let sid_h = HeaderName::from_static("x-session-id");
     let platform_h = HeaderName::from_static("x-session-platform");
-    headers.remove(&user_h);
-    headers.remove(&sid_h);
-    headers.remove(&platform_h);
+    remove_present(headers, &[&user_h, &sid_h, &platform_h]);
     if let Ok(v) = HeaderValue::from_str(user) {
         headers.insert(user_h, v);
     }
@@ -172,8 +184,8 @@ fn headers(c: &mut Criterion) {
     });
 
     // The Authn layer as the stack runs it: strip client identity headers, verify the bearer
-    // token, attach the identity; the inner service answers at once.
-    let verifier = Arc::new(Verifier::new(&config.jwt).expect("verifier"));
+    // token (fully), attach the identity; the inner service answers at once.
+    let verifier = Arc::new(Verifier::new(&full_verification(&config)).expect("verifier"));
     let layer = AuthnLayer {
         verifier,
         identity: Arc::new(config.identity.clone()),

@@ -390,6 +390,8 @@ pub struct JwtSection {
     /// Clock skew allowed on `exp` and `nbf`.
     #[serde(with = "humantime_serde")]
     pub leeway: Duration,
+    /// Verified tokens remembered, so a token seen again skips its signature check; 0 = none.
+    pub verified_tokens: usize,
 }
 
 impl Default for JwtSection {
@@ -402,6 +404,7 @@ impl Default for JwtSection {
             issuer: String::new(),
             audience: String::new(),
             leeway: Duration::from_secs(30),
+            verified_tokens: 8192,
         }
     }
 }
@@ -483,6 +486,7 @@ pub struct JwtConfig {
     pub issuer: Option<String>,
     pub audience: Option<String>,
     pub leeway: Duration,
+    pub verified_tokens: usize,
 }
 
 /// What a route demands of a request before it is forwarded.
@@ -1086,6 +1090,12 @@ impl Validator {
         env: &[(String, String)],
     ) -> Option<JwtConfig> {
         use jsonwebtoken::{Algorithm, AlgorithmFamily};
+        if section.verified_tokens > MAX_VERIFIED_TOKENS {
+            self.fail(
+                "jwt.verified_tokens",
+                format!("must be at most {MAX_VERIFIED_TOKENS} (0 turns remembering off)"),
+            );
+        }
         let mut algorithms = Vec::new();
         for (i, name) in section.algorithms.iter().enumerate() {
             match name.parse::<Algorithm>() {
@@ -1196,6 +1206,7 @@ impl Validator {
             issuer: optional(&section.issuer),
             audience: optional(&section.audience),
             leeway: section.leeway,
+            verified_tokens: section.verified_tokens,
         })
     }
 
@@ -1247,6 +1258,8 @@ enum Kind {
 /// `server.tls.cert` is `PORTCULLIS_SERVER_TLS_CERT`.
 /// More serving threads than this is a typo, not a machine.
 const MAX_WORKERS: usize = 1024;
+/// A remembered token takes about 500 bytes: at most about 32 MiB of them.
+const MAX_VERIFIED_TOKENS: usize = 1 << 16;
 
 const OVERRIDABLE: &[(&str, Kind)] = &[
     ("server.listen", Kind::Str),
@@ -1291,6 +1304,7 @@ const OVERRIDABLE: &[(&str, Kind)] = &[
     ("jwt.issuer", Kind::Str),
     ("jwt.audience", Kind::Str),
     ("jwt.leeway", Kind::Str),
+    ("jwt.verified_tokens", Kind::Int),
     ("rate_limit.gc_interval", Kind::Str),
     ("metrics.active_sessions_interval", Kind::Str),
     ("rate_limit.proxy.requests", Kind::Int),
@@ -1449,6 +1463,21 @@ mod tests {
         assert_eq!(parse("[server]\nworkers = 3\n").unwrap().server.workers, 3);
         let env = parse_env("", &[("PORTCULLIS_SERVER_WORKERS", "1")]).unwrap();
         assert_eq!(env.server.workers, 1);
+    }
+
+    #[test]
+    fn verified_tokens_is_bounded() {
+        assert_eq!(parse("").unwrap().jwt.verified_tokens, 8192);
+        assert_eq!(
+            parse("[jwt]\nverified_tokens = 0\n")
+                .unwrap()
+                .jwt
+                .verified_tokens,
+            0
+        );
+        let err = parse("[jwt]\nverified_tokens = 10000000\n").unwrap_err();
+        assert_eq!(err.0[0].key, "jwt.verified_tokens");
+        assert!(err.0[0].reason.contains("at most 65536"), "{err}");
     }
 
     #[test]

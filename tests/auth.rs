@@ -309,6 +309,39 @@ async fn the_configured_leeway_allows_a_slightly_expired_token() {
 }
 
 #[tokio::test]
+async fn a_remembered_token_is_refused_once_it_expires() {
+    let s = setup().await;
+    let exp = now_secs() + 1;
+    let mut claims = s.claims();
+    claims["exp"] = json!(exp);
+    let t = sign(&claims);
+    // The second request finds the token remembered (jwt.verified_tokens).
+    s.assert_accepted(&t).await;
+    s.assert_accepted(&t).await;
+    // With no leeway a token is expired once the clock is past its exp.
+    while now_secs() <= exp {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    s.assert_refused(&t, "TOKEN_EXPIRED").await;
+}
+
+#[tokio::test]
+async fn a_remembered_token_vouches_for_no_other_token() {
+    let s = setup().await;
+    let t = sign(&s.claims());
+    s.assert_accepted(&t).await;
+    // The same header and payload under another signature, and the token cut short.
+    let (signed_part, _) = t.rsplit_once('.').unwrap();
+    s.assert_refused(
+        &format!("{signed_part}.{}", b64url(&[7u8; 32])),
+        "TOKEN_INVALID",
+    )
+    .await;
+    s.assert_refused(&t[..t.len() - 2], "TOKEN_INVALID").await;
+    s.assert_accepted(&t).await;
+}
+
+#[tokio::test]
 async fn a_token_without_exp_is_refused() {
     let s = setup().await;
     let mut claims = s.claims();

@@ -20,6 +20,10 @@ use crate::error::Rejection;
 use crate::routes::RouteClass;
 use crate::{Body, BoxError};
 
+mod verified;
+
+use verified::{Verified, VerifiedTokens};
+
 /// A caller whose token verified. `session_hint` is the token's `sid` claim, else the session
 /// id header the client sent; it is only a claim until the session gate checks it.
 #[derive(Debug, Clone)]
@@ -33,12 +37,17 @@ struct Claims {
     sub: String,
     #[serde(default)]
     sid: Option<String>,
+    /// Required and checked by the validation; kept so a remembered token can be checked again.
+    exp: u64,
+    #[serde(default)]
+    nbf: Option<u64>,
 }
 
 /// Verifies tokens against the configured key and rules.
 pub struct Verifier {
     key: DecodingKey,
     validation: Validation,
+    verified: VerifiedTokens,
 }
 
 impl Verifier {
@@ -70,11 +79,27 @@ impl Verifier {
             None => validation.validate_aud = false,
         }
         validation.set_required_spec_claims(&required);
-        Ok(Verifier { key, validation })
+        Ok(Verifier {
+            key,
+            validation,
+            verified: VerifiedTokens::new(config.verified_tokens),
+        })
     }
 
-    /// Verifies a token; the rejection says why it failed without echoing it.
+    /// Verifies a token; the rejection says why it failed without echoing it. A token that
+    /// verified before has only its `exp` and `nbf` checked again.
     pub fn verify(&self, token: &str) -> Result<(Arc<str>, Option<String>), Rejection> {
+        if let Some(known) = self.verified.get(token) {
+            let now = jsonwebtoken::get_current_timestamp();
+            return match known.check_time(now, self.validation.leeway) {
+                Ok(()) => Ok((known.user_id, known.sid)),
+                Err(rejection) => {
+                    tracing::debug!(reason = ?rejection, "token rejected");
+                    self.verified.remove(token);
+                    Err(rejection)
+                }
+            };
+        }
         let data =
             jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(|e| {
                 tracing::debug!(reason = ?e.kind(), "token rejected");
@@ -83,12 +108,22 @@ impl Verifier {
                     _ => Rejection::TokenInvalid,
                 }
             })?;
-        let Claims { sub, sid } = data.claims;
+        let Claims { sub, sid, exp, nbf } = data.claims;
         if !valid_user_id(&sub) {
             tracing::debug!("token rejected: unusable sub");
             return Err(Rejection::TokenInvalid);
         }
-        Ok((sub.into(), sid))
+        let user_id: Arc<str> = sub.into();
+        self.verified.insert(
+            token,
+            Verified {
+                user_id: user_id.clone(),
+                sid: sid.clone(),
+                exp,
+                nbf,
+            },
+        );
+        Ok((user_id, sid))
     }
 }
 
@@ -316,6 +351,7 @@ mod tests {
             issuer: Some("portcullis-test".into()),
             audience: None,
             leeway: Duration::from_secs(0),
+            verified_tokens: 16,
         }
     }
 
