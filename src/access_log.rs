@@ -18,7 +18,7 @@ use crate::authn::Authenticated;
 use crate::config::AuthMode;
 use crate::error::Rejection;
 use crate::forward::UpstreamTime;
-use crate::metrics::{ClassLabels, Metrics, RequestLabels};
+use crate::metrics::Metrics;
 use crate::peer::ClientIp;
 use crate::routes::RouteClass;
 use crate::session::gate::Identity;
@@ -93,17 +93,7 @@ where
             let who = response.extensions().get::<Authenticated>();
             let identity = response.extensions().get::<Identity>();
 
-            metrics
-                .requests
-                .get_or_create(&RequestLabels {
-                    route_class,
-                    status,
-                })
-                .inc();
-            metrics
-                .request_duration
-                .get_or_create(&ClassLabels { route_class })
-                .observe(elapsed.as_secs_f64());
+            metrics.observe_request(route_class, status, elapsed);
             if let Some(upstream) = upstream {
                 metrics.upstream_duration.observe(upstream.as_secs_f64());
             }

@@ -6,6 +6,7 @@
 //! `metrics.active_sessions_interval`, so its cost grows with the number of sessions, never
 //! with the number of requests.
 
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -68,6 +69,20 @@ pub struct Metrics {
     pub certificate_reloads: Family<ReloadLabels, Counter>,
     pub session_cache_lookups: Family<CacheLabels, Counter>,
     pub session_cache_entries: Gauge,
+    /// The series nearly every request updates, kept once first used: a `Family` lookup hashes
+    /// its labels and takes a lock every time. A series still appears only once it is counted.
+    hot: HotSeries,
+}
+
+/// Route classes (see `access_log`), and the results of a session cache lookup.
+const ROUTE_CLASSES: [&str; 5] = ["api", "session", "jwt", "none", "unknown"];
+const CACHE_RESULTS: [&str; 3] = ["hit", "miss", "off"];
+
+#[derive(Default)]
+struct HotSeries {
+    ok_by_class: [OnceLock<Counter>; ROUTE_CLASSES.len()],
+    duration_by_class: [OnceLock<Histogram>; ROUTE_CLASSES.len()],
+    cache_lookups: [OnceLock<Counter>; CACHE_RESULTS.len()],
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -222,6 +237,7 @@ impl Metrics {
             certificate_reloads,
             session_cache_lookups,
             session_cache_entries,
+            hot: HotSeries::default(),
         }
     }
 
@@ -232,6 +248,51 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+
+    /// Counts a request answered with `status` after `elapsed`.
+    pub fn observe_request(&self, route_class: &'static str, status: u16, elapsed: Duration) {
+        let class = ROUTE_CLASSES.iter().position(|c| *c == route_class);
+        let requests = || {
+            self.requests
+                .get_or_create(&RequestLabels {
+                    route_class,
+                    status,
+                })
+                .clone()
+        };
+        match class.and_then(|i| self.hot.ok_by_class.get(i)) {
+            Some(ok) if status == 200 => ok.get_or_init(requests).inc(),
+            _ => requests().inc(),
+        };
+        let duration = || {
+            self.request_duration
+                .get_or_create(&ClassLabels { route_class })
+                .clone()
+        };
+        match class.and_then(|i| self.hot.duration_by_class.get(i)) {
+            Some(histogram) => histogram
+                .get_or_init(duration)
+                .observe(elapsed.as_secs_f64()),
+            None => duration().observe(elapsed.as_secs_f64()),
+        }
+    }
+
+    /// Counts how the session cache answered a proxied request's check.
+    pub fn session_cache_lookup(&self, result: &'static str) {
+        let counter = || {
+            self.session_cache_lookups
+                .get_or_create(&CacheLabels { result })
+                .clone()
+        };
+        let slot = CACHE_RESULTS
+            .iter()
+            .position(|r| *r == result)
+            .and_then(|i| self.hot.cache_lookups.get(i));
+        match slot {
+            Some(slot) => slot.get_or_init(counter).inc(),
+            None => counter().inc(),
+        };
     }
 
     pub fn observe_redis(&self, op: &'static str, elapsed: Duration) {
@@ -276,6 +337,30 @@ pub fn rejection_reason(rejection: &Rejection) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn series_kept_for_speed_count_into_their_families() {
+        let m = Metrics::new();
+        for status in [200, 200, 404] {
+            m.observe_request("session", status, Duration::from_millis(2));
+        }
+        m.observe_request("elsewhere", 200, Duration::from_millis(2));
+        m.session_cache_lookup("hit");
+        m.session_cache_lookup("hit");
+        let text = m.encode();
+        for line in [
+            "portcullis_requests_total{route_class=\"session\",status=\"200\"} 2",
+            "portcullis_requests_total{route_class=\"session\",status=\"404\"} 1",
+            "portcullis_requests_total{route_class=\"elsewhere\",status=\"200\"} 1",
+            "portcullis_request_duration_seconds_count{route_class=\"session\"} 3",
+            "portcullis_session_cache_lookups_total{result=\"hit\"} 2",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        // Only what was counted appears.
+        assert!(!text.contains("route_class=\"jwt\""), "{text}");
+        assert!(!text.contains("result=\"miss\""), "{text}");
+    }
 
     #[test]
     fn names_follow_prometheus_conventions() {

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use foldhash::quality::RandomState;
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::StateInformationMiddleware;
 use governor::state::keyed::DashMapStateStore;
@@ -60,7 +61,12 @@ fn ceil_secs(d: Duration) -> u64 {
 
 /// One keyed GCRA limiter.
 pub struct Limiter<C: Clock = DefaultClock> {
-    inner: RateLimiter<CallerKey, DashMapStateStore<CallerKey>, C, StateInformationMiddleware>,
+    inner: RateLimiter<
+        CallerKey,
+        DashMapStateStore<CallerKey, RandomState>,
+        C,
+        StateInformationMiddleware,
+    >,
     limit: u32,
     per_request: Duration,
 }
@@ -78,7 +84,8 @@ impl<C: Clock> Limiter<C> {
             .unwrap_or_else(|| governor::Quota::per_second(quota.requests))
             .allow_burst(quota.burst);
         Limiter {
-            inner: RateLimiter::dashmap_with_clock(gov, clock).with_middleware(),
+            inner: RateLimiter::dashmap_with_clock_and_hasher(gov, clock, RandomState::default())
+                .with_middleware(),
             limit: quota.burst.get(),
             per_request,
         }

@@ -569,11 +569,19 @@ impl Store {
 
     /// `{prefix}:session:{{userId}}:` — followed by the session id.
     fn session_key_prefix(&self, user_id: &str) -> String {
-        format!("{}:session:{{{user_id}}}:", self.prefix)
+        // Built by hand: this runs on every request, and `format!` costs several times more.
+        let mut key = String::with_capacity(self.prefix.len() + user_id.len() + 48);
+        key.push_str(&self.prefix);
+        key.push_str(":session:{");
+        key.push_str(user_id);
+        key.push_str("}:");
+        key
     }
 
     pub fn session_key(&self, user_id: &str, session_id: &str) -> String {
-        format!("{}{session_id}", self.session_key_prefix(user_id))
+        let mut key = self.session_key_prefix(user_id);
+        key.push_str(session_id);
+        key
     }
 
     pub fn index_key(&self, user_id: &str) -> String {

@@ -7,8 +7,10 @@
 //! hash, so a caller cannot aim at another's slot, and a newcomer simply replaces what was
 //! there, which bounds memory at `capacity` tokens.
 
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex};
+
+use foldhash::quality::RandomState;
 
 use crate::error::Rejection;
 
@@ -54,7 +56,7 @@ impl VerifiedTokens {
         };
         VerifiedTokens {
             slots: (0..len).map(|_| Mutex::new(None)).collect(),
-            hasher: RandomState::new(),
+            hasher: RandomState::default(),
         }
     }
 

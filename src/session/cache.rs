@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
+use foldhash::quality::RandomState;
 
 use crate::session::Platform;
 
@@ -46,9 +47,9 @@ struct Entry {
 
 /// Sessions recently confirmed by Redis, keyed by their Redis key.
 pub struct SessionCache {
-    entries: DashMap<Box<str>, Entry>,
+    entries: DashMap<Box<str>, Entry, RandomState>,
     epochs: Box<[AtomicU64]>,
-    hasher: std::collections::hash_map::RandomState,
+    hasher: RandomState,
     max_entries: usize,
     /// True while the connection that delivers invalidations is up and tracking.
     live: AtomicBool,
@@ -65,9 +66,9 @@ pub struct Epoch(u64);
 impl SessionCache {
     pub fn new(max_entries: usize) -> Self {
         SessionCache {
-            entries: DashMap::new(),
+            entries: DashMap::with_hasher(RandomState::default()),
             epochs: (0..EPOCH_SLOTS).map(|_| AtomicU64::new(0)).collect(),
-            hasher: std::collections::hash_map::RandomState::new(),
+            hasher: RandomState::default(),
             max_entries,
             live: AtomicBool::new(false),
             origin: Instant::now(),

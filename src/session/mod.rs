@@ -14,7 +14,7 @@ use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
 use serde::{Deserialize, Serialize, Serializer};
 use uuid::Uuid;
 
-use crate::metrics::{CacheLabels, Metrics};
+use crate::metrics::Metrics;
 use crate::session::cache::SessionCache;
 use crate::store::{Store, StoreError, StoredSession, Tracking};
 
@@ -229,10 +229,7 @@ impl Sessions {
     }
 
     fn count_lookup(&self, result: &'static str) {
-        self.metrics
-            .session_cache_lookups
-            .get_or_create(&CacheLabels { result })
-            .inc();
+        self.metrics.session_cache_lookup(result);
     }
 
     pub fn cache(&self) -> Option<&SessionCache> {
@@ -337,9 +334,10 @@ impl Sessions {
         user_id: &str,
         session_id: Uuid,
     ) -> Result<Option<Platform>, StoreError> {
-        let id = session_id.to_string();
+        let mut id_text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        let id: &str = session_id.hyphenated().encode_lower(&mut id_text);
         let cached = self.cache.as_ref().filter(|c| c.is_live()).map(|cache| {
-            let key = self.store.session_key(user_id, &id);
+            let key = self.store.session_key(user_id, id);
             let epoch = cache.epoch(&key);
             (cache, key, epoch)
         });
@@ -358,7 +356,7 @@ impl Sessions {
             .store
             .session_touch(
                 user_id,
-                &id,
+                id,
                 now_ms(),
                 self.ttl,
                 self.last_active_resolution,
