@@ -147,3 +147,24 @@ async fn a_response_left_unread_takes_its_connection_with_it() {
     assert_eq!(resp.bytes().await.unwrap(), "");
     assert_eq!(upstream.connections(), 2);
 }
+
+#[tokio::test]
+async fn a_connection_the_upstream_closes_is_not_reused() {
+    let upstream = Upstream::start(|_seen| async {
+        let mut resp = reply(StatusCode::OK, "once");
+        resp.headers_mut()
+            .insert(http::header::CONNECTION, "close".parse().unwrap());
+        resp
+    })
+    .await;
+    let proxy = Proxy::start(&one_worker(&upstream, "")).await;
+    let client = client();
+    for _ in 0..4 {
+        let resp = client.get(proxy.url("/x")).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        // The upstream's hop-by-hop `Connection: close` stays between it and portcullis.
+        assert!(resp.headers().get("connection").is_none());
+        assert_eq!(resp.text().await.unwrap(), "once");
+    }
+    assert_eq!(upstream.connections(), 4);
+}
