@@ -128,6 +128,19 @@ mod tests {
     }
 
     #[test]
+    fn equality_looks_at_every_byte() {
+        let token = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ1In0.c2lnbmF0dXJlLXNpZ25hdHVyZQ";
+        assert!(same_bytes(token.as_bytes(), token.as_bytes()));
+        for i in 0..token.len() {
+            let mut other = token.as_bytes().to_vec();
+            other[i] ^= 1;
+            assert!(!same_bytes(token.as_bytes(), &other), "byte {i}");
+        }
+        assert!(!same_bytes(b"abc", b"abcd"));
+        assert!(same_bytes(b"", b""));
+    }
+
+    #[test]
     fn holds_at_most_its_capacity() {
         let cache = VerifiedTokens::new(4);
         for i in 0..100 {
