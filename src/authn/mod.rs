@@ -90,7 +90,10 @@ impl Verifier {
     /// verified before has only its `exp` and `nbf` checked again.
     pub fn verify(&self, token: &str) -> Result<(Arc<str>, Option<String>), Rejection> {
         if let Some(known) = self.verified.get(token) {
-            let now = jsonwebtoken::get_current_timestamp();
+            // A clock before 1970 cannot vouch for anything: every remembered token is expired.
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(u64::MAX, |d| d.as_secs());
             return match known.check_time(now, self.validation.leeway) {
                 Ok(()) => Ok((known.user_id, known.sid)),
                 Err(rejection) => {
