@@ -3,6 +3,9 @@
 
 mod support;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
 use bytes::Bytes;
 use http::StatusCode;
 use http_body_util::Full;
@@ -167,4 +170,94 @@ async fn a_connection_the_upstream_closes_is_not_reused() {
         assert_eq!(resp.text().await.unwrap(), "once");
     }
     assert_eq!(upstream.connections(), 4);
+}
+
+/// Longer than a pooled connection must have been idle for its requests to be sent again.
+const IDLE_AT_RISK: std::time::Duration =
+    portcullis::forward::REPLAY_AFTER_IDLE.saturating_add(std::time::Duration::from_millis(50));
+
+/// An upstream that answers the first request on each connection and keeps the connection,
+/// then closes it when the next request arrives, unanswered: the moment a keep-alive timeout
+/// or a reload closes a connection that portcullis is just sending on.
+async fn closes_under_the_second_request() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let heads = Arc::new(AtomicUsize::new(0));
+    let seen = heads.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                for answered in 0.. {
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    seen.fetch_add(1, Ordering::SeqCst);
+                    buf.clear();
+                    if answered > 0 {
+                        return; // closes with the request unanswered
+                    }
+                    let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfirst";
+                    if stream.write_all(reply).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, heads)
+}
+
+#[tokio::test]
+async fn an_idempotent_request_is_sent_again_when_its_pooled_connection_closes_under_it() {
+    let (addr, heads) = closes_under_the_second_request().await;
+    let proxy = Proxy::start(&config_with(
+        &format!("http://{addr}"),
+        "[server]\nworkers = 1\n",
+    ))
+    .await;
+    let client = client();
+    let resp = client.get(proxy.url("/one")).send().await.unwrap();
+    assert_eq!(resp.text().await.unwrap(), "first");
+    // Idle long enough for a keep-alive timeout to be what closes it.
+    tokio::time::sleep(IDLE_AT_RISK).await;
+
+    // Sent on the pooled connection, which closes; sent again on a new one, which answers.
+    let resp = client.get(proxy.url("/two")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.unwrap(), "first");
+    assert_eq!(heads.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn a_request_with_a_body_is_never_sent_twice() {
+    let (addr, heads) = closes_under_the_second_request().await;
+    let proxy = Proxy::start(&config_with(
+        &format!("http://{addr}"),
+        "[server]\nworkers = 1\n",
+    ))
+    .await;
+    let client = client();
+    let resp = client.get(proxy.url("/one")).send().await.unwrap();
+    assert_eq!(resp.text().await.unwrap(), "first");
+    tokio::time::sleep(IDLE_AT_RISK).await;
+
+    let resp = client
+        .post(proxy.url("/buy"))
+        .body("item=1")
+        .send()
+        .await
+        .unwrap();
+    assert_error(resp, 502, "UPSTREAM_UNAVAILABLE").await;
+    assert_eq!(
+        heads.load(Ordering::SeqCst),
+        2,
+        "the POST reached the upstream once"
+    );
 }

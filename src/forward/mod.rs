@@ -24,7 +24,7 @@ use crate::Body;
 
 mod pool;
 
-pub use pool::{Pool, PoolError};
+pub use pool::{Pool, PoolError, REPLAY_AFTER_IDLE};
 
 /// How long the upstream took to produce its response head; read by the access log.
 #[derive(Debug, Clone, Copy)]

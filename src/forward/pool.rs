@@ -23,6 +23,10 @@ use crate::{Body, BoxError};
 
 type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 
+/// A request sent on a connection idle this long may be sent again if the upstream closes the
+/// connection under it: a keep-alive timeout closes connections that have been idle.
+pub const REPLAY_AFTER_IDLE: Duration = Duration::from_secs(1);
+
 /// Why a request got no response from the upstream.
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
@@ -84,15 +88,34 @@ impl Pool {
     }
 
     /// Sends `req` (origin-form target, Host set) on a pooled connection, or on a new one when
-    /// none is ready. A request that a pooled connection closed before sending moves on to the
-    /// next; one that was sent is never sent twice.
+    /// none is ready.
+    ///
+    /// A pooled connection can be closed by the upstream (its keep-alive timeout, a reload) just
+    /// as a request goes out on it. A request it never sent moves on to the next connection.
+    /// One it sent goes again on a new connection when the connection had been idle for
+    /// [`REPLAY_AFTER_IDLE`] (the case of keep-alive timeouts) and repeating it is harmless: an
+    /// idempotent method without a body, and no byte of a response received.
     pub async fn send(&self, mut req: Request<Body>) -> Result<Response<Body>, PoolError> {
-        while let Some(mut sender) = self.checkout() {
+        while let Some((mut sender, idle)) = self.checkout() {
+            // Kept only for connections at risk: copying the head costs 4% of a request.
+            let replay = (idle >= REPLAY_AFTER_IDLE)
+                .then(|| Replay::of(&req))
+                .flatten();
             match sender.try_send_request(req).await {
                 Ok(response) => return Ok(self.attach(sender, response)),
                 Err(mut e) => match e.take_message() {
                     Some(unsent) => req = unsent,
-                    None => return Err(e.into_error().into()),
+                    None => {
+                        let error = e.into_error();
+                        match &replay {
+                            Some(replay) if closed_under_request(&error) => {
+                                tracing::debug!(%error, "pooled connection was closed; sending again on a new one");
+                                req = replay.request();
+                                break;
+                            }
+                            _ => return Err(error.into()),
+                        }
+                    }
                 },
             }
         }
@@ -115,12 +138,14 @@ impl Pool {
         self.0.idle.lock().map(|idle| idle.conns.len()).unwrap_or(0)
     }
 
-    /// The most recently returned connection that is still open and not past its idle time.
-    fn checkout(&self) -> Option<SendRequest<Body>> {
+    /// The most recently returned connection that is still open and not past its idle time,
+    /// with how long it was idle.
+    fn checkout(&self) -> Option<(SendRequest<Body>, Duration)> {
         let mut idle = self.0.idle.lock().ok()?;
         while let Some(conn) = idle.conns.pop() {
-            if conn.sender.is_ready() && conn.since.elapsed() < self.0.idle_timeout {
-                return Some(conn.sender);
+            let idle_for = conn.since.elapsed();
+            if conn.sender.is_ready() && idle_for < self.0.idle_timeout {
+                return Some((conn.sender, idle_for));
             }
         }
         None
@@ -179,6 +204,61 @@ impl Shared {
             }
         }
     }
+}
+
+/// The head of a request that may be sent a second time.
+struct Replay(http::request::Parts);
+
+impl Replay {
+    fn of(req: &Request<Body>) -> Option<Replay> {
+        use http::Method;
+        let idempotent = matches!(
+            *req.method(),
+            Method::GET
+                | Method::HEAD
+                | Method::OPTIONS
+                | Method::TRACE
+                | Method::PUT
+                | Method::DELETE
+        );
+        if !idempotent || !http_body::Body::is_end_stream(req.body()) {
+            return None;
+        }
+        let mut head = Request::new(());
+        *head.method_mut() = req.method().clone();
+        *head.uri_mut() = req.uri().clone();
+        *head.version_mut() = req.version();
+        *head.headers_mut() = req.headers().clone();
+        Some(Replay(head.into_parts().0))
+    }
+
+    fn request(&self) -> Request<Body> {
+        let mut req = Request::new(Body::new(http_body_util::Empty::<Bytes>::new()));
+        *req.method_mut() = self.0.method.clone();
+        *req.uri_mut() = self.0.uri.clone();
+        *req.version_mut() = self.0.version;
+        *req.headers_mut() = self.0.headers.clone();
+        req
+    }
+}
+
+/// The upstream closed or reset the connection before any of a response arrived.
+fn closed_under_request(error: &hyper::Error) -> bool {
+    use std::io::ErrorKind;
+    if error.is_incomplete_message() {
+        return true;
+    }
+    let mut source = std::error::Error::source(error);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::ConnectionAborted
+            );
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// Closes idle connections as they pass `timeout` (and forgets those the upstream closed);
