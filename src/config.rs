@@ -237,7 +237,8 @@ pub struct UpstreamSection {
     pub connect_timeout: Duration,
     /// Host header sent upstream; empty keeps the client's.
     pub host: String,
-    /// Idle pooled upstream connections are closed after this long.
+    /// Idle pooled upstream connections are closed after this long; below the upstream's own
+    /// keep-alive timeout, so that portcullis closes them first.
     #[serde(with = "humantime_serde")]
     pub pool_idle_timeout: Duration,
     /// Most idle pooled connections kept to the upstream, per worker.
@@ -251,7 +252,7 @@ impl Default for UpstreamSection {
             request_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(2),
             host: String::new(),
-            pool_idle_timeout: Duration::from_secs(90),
+            pool_idle_timeout: Duration::from_secs(4),
             pool_max_idle: 256,
         }
     }
