@@ -109,7 +109,10 @@ impl Pool {
                         let error = e.into_error();
                         match &replay {
                             Some(replay) if closed_under_request(&error) => {
-                                tracing::debug!(%error, "pooled connection was closed; sending again on a new one");
+                                tracing::debug!(
+                                    %error,
+                                    "pooled connection was closed; sending again on a new one"
+                                );
                                 req = replay.request();
                                 break;
                             }
@@ -131,11 +134,6 @@ impl Pool {
         let mut sender = self.connect().await?;
         let response = sender.send_request(req).await?;
         Ok(self.attach(sender, response))
-    }
-
-    /// Idle connections held now.
-    pub fn idle(&self) -> usize {
-        self.0.idle.lock().map(|idle| idle.conns.len()).unwrap_or(0)
     }
 
     /// The most recently returned connection that is still open and not past its idle time,
