@@ -12,6 +12,7 @@ use std::time::Duration;
 use http::uri::{Authority, Scheme};
 use http::{HeaderName, HeaderValue, Uri};
 use ipnet::IpNet;
+use rustls::pki_types::CertificateDer;
 use serde::Deserialize;
 
 /// One problem with the configuration, naming the key it is about.
@@ -243,6 +244,9 @@ pub struct UpstreamSection {
     pub pool_idle_timeout: Duration,
     /// Most idle pooled connections kept to the upstream, per worker.
     pub pool_max_idle: usize,
+    /// PEM file of the CA certificates an https upstream's certificate must chain to, instead
+    /// of the web PKI roots; empty uses the web PKI roots.
+    pub ca_file: String,
 }
 
 impl Default for UpstreamSection {
@@ -254,6 +258,7 @@ impl Default for UpstreamSection {
             host: String::new(),
             pool_idle_timeout: Duration::from_secs(4),
             pool_max_idle: 256,
+            ca_file: String::new(),
         }
     }
 }
@@ -568,6 +573,8 @@ pub struct UpstreamConfig {
     pub host: Option<HeaderValue>,
     pub pool_idle_timeout: Duration,
     pub pool_max_idle: usize,
+    /// Trust anchors for an https upstream; `None` means the web PKI roots.
+    pub ca: Option<Vec<CertificateDer<'static>>>,
 }
 
 #[derive(Debug, Clone)]
@@ -683,6 +690,10 @@ impl FileConfig {
                 }
             }
         };
+
+        let upstream_ca = (!self.upstream.ca_file.is_empty())
+            .then(|| v.ca_file("upstream.ca_file", &self.upstream.ca_file, base))
+            .flatten();
 
         let admin_listen = v.socket_addr("admin.listen", &self.admin.listen);
         if let (Some(a), Some(b)) = (listen, admin_listen) {
@@ -867,6 +878,7 @@ impl FileConfig {
                 host,
                 pool_idle_timeout: self.upstream.pool_idle_timeout,
                 pool_max_idle: self.upstream.pool_max_idle,
+                ca: upstream_ca,
             },
             admin: AdminConfig {
                 listen: admin_listen,
@@ -933,6 +945,45 @@ impl Validator {
                 None
             }
         }
+    }
+
+    /// CA certificates from a PEM file; every one must be usable as a trust anchor.
+    fn ca_file(
+        &mut self,
+        key: &str,
+        value: &str,
+        base: &Path,
+    ) -> Option<Vec<CertificateDer<'static>>> {
+        use rustls::pki_types::pem::PemObject;
+        let path = self.path(key, value, base);
+        let pem = match std::fs::read(&path) {
+            Ok(pem) => pem,
+            Err(e) => {
+                self.fail(key, format!("cannot read {}: {e}", path.display()));
+                return None;
+            }
+        };
+        let certs: Vec<CertificateDer<'static>> =
+            match CertificateDer::pem_slice_iter(&pem).collect::<Result<_, _>>() {
+                Ok(certs) => certs,
+                Err(e) => {
+                    self.fail(key, format!("{} is not PEM: {e}", path.display()));
+                    return None;
+                }
+            };
+        let mut roots = rustls::RootCertStore::empty();
+        let (added, ignored) = roots.add_parsable_certificates(certs.iter().cloned());
+        if added == 0 || ignored > 0 {
+            self.fail(
+                key,
+                format!(
+                    "{} must hold CA certificates only ({added} usable, {ignored} not)",
+                    path.display()
+                ),
+            );
+            return None;
+        }
+        Some(certs)
     }
 
     fn path(&mut self, key: &str, value: &str, base: &Path) -> PathBuf {
@@ -1282,6 +1333,7 @@ const OVERRIDABLE: &[(&str, Kind)] = &[
     ("upstream.host", Kind::Str),
     ("upstream.pool_idle_timeout", Kind::Str),
     ("upstream.pool_max_idle", Kind::Int),
+    ("upstream.ca_file", Kind::Str),
     ("admin.listen", Kind::Str),
     ("log.format", Kind::Str),
     ("log.level", Kind::Str),
@@ -1464,6 +1516,25 @@ mod tests {
         assert_eq!(parse("[server]\nworkers = 3\n").unwrap().server.workers, 3);
         let env = parse_env("", &[("PORTCULLIS_SERVER_WORKERS", "1")]).unwrap();
         assert_eq!(env.server.workers, 1);
+    }
+
+    #[test]
+    fn upstream_ca_file_must_hold_usable_ca_certificates() {
+        let err = parse("[upstream]\nca_file = \"/nonexistent/ca.pem\"\n").unwrap_err();
+        assert_eq!(err.0[0].key, "upstream.ca_file");
+        assert!(err.0[0].reason.contains("cannot read"), "{err}");
+
+        let not_pem = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(not_pem.path(), "no certificate here\n").unwrap();
+        let err = parse(&format!(
+            "[upstream]\nca_file = \"{}\"\n",
+            not_pem.path().display()
+        ))
+        .unwrap_err();
+        assert_eq!(err.0[0].key, "upstream.ca_file");
+        assert!(err.0[0].reason.contains("0 usable"), "{err}");
+
+        assert!(parse("").unwrap().upstream.ca.is_none());
     }
 
     #[test]

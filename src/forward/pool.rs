@@ -69,11 +69,21 @@ impl Pool {
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(config.connect_timeout));
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_webpki_roots()
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
+        let connector = match &config.ca {
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                // Every certificate was checked usable when the configuration was loaded.
+                roots.add_parsable_certificates(ca.iter().cloned());
+                let tls = rustls::ClientConfig::builder()
+                    .with_root_certificates(roots)
+                    .with_no_client_auth();
+                hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls)
+            }
+            None => hyper_rustls::HttpsConnectorBuilder::new().with_webpki_roots(),
+        }
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
         let mut target = http::uri::Parts::default();
         target.scheme = Some(config.scheme.clone());
         target.authority = Some(config.authority.clone());
