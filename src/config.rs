@@ -947,7 +947,7 @@ impl Validator {
         }
     }
 
-    /// CA certificates from a PEM file; every one must be usable as a trust anchor.
+    /// CA certificates from a PEM file; every one must parse, to be used as a trust anchor.
     fn ca_file(
         &mut self,
         key: &str,
@@ -977,7 +977,7 @@ impl Validator {
             self.fail(
                 key,
                 format!(
-                    "{} must hold CA certificates only ({added} usable, {ignored} not)",
+                    "{} must hold X.509 certificates only ({added} usable, {ignored} unparsable)",
                     path.display()
                 ),
             );
