@@ -6,7 +6,6 @@ mod support;
 use std::net::SocketAddr;
 
 use http::Version;
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use support::*;
 
 /// A test CA and a `localhost` certificate it signed, written to a temporary directory.
@@ -17,29 +16,17 @@ struct TestPki {
 
 impl TestPki {
     fn new() -> TestPki {
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "portcullis test CA");
-        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-
-        let leaf_key = KeyPair::generate().unwrap();
-        let leaf = CertificateParams::new(vec!["localhost".to_string()])
-            .unwrap()
-            .signed_by(&leaf_key, &ca)
-            .unwrap();
-
+        let certs = test_certs("portcullis test CA", "localhost");
         let dir = tempfile::tempdir().unwrap();
         // The chain as served: leaf first, then the CA.
         std::fs::write(
             dir.path().join("cert.pem"),
-            format!("{}{}", leaf.pem(), ca.pem()),
+            format!("{}{}", certs.leaf_pem, certs.ca_pem),
         )
         .unwrap();
-        std::fs::write(dir.path().join("key.pem"), leaf_key.serialize_pem()).unwrap();
+        std::fs::write(dir.path().join("key.pem"), &certs.key_pem).unwrap();
         TestPki {
-            ca_pem: ca.pem(),
+            ca_pem: certs.ca_pem,
             dir,
         }
     }

@@ -11,8 +11,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use support::*;
 
 /// An upstream serving HTTP/1.1 over TLS with a certificate for 127.0.0.1 from a test CA.
@@ -28,22 +27,12 @@ struct TlsUpstream {
 impl TlsUpstream {
     async fn start() -> TlsUpstream {
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "portcullis upstream test CA");
-        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-        let leaf_key = KeyPair::generate().unwrap();
-        let leaf = CertificateParams::new(vec!["127.0.0.1".to_string()])
-            .unwrap()
-            .signed_by(&leaf_key, &ca)
-            .unwrap();
+        let certs = test_certs("portcullis upstream test CA", "127.0.0.1");
         let ca_file = tempfile::NamedTempFile::new().unwrap();
-        std::fs::write(ca_file.path(), ca.pem()).unwrap();
+        std::fs::write(ca_file.path(), &certs.ca_pem).unwrap();
 
-        let chain = vec![leaf.der().clone(), CertificateDer::from(ca.der().to_vec())];
-        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der()));
+        let chain = vec![certs.leaf_der, certs.ca_der];
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(certs.key_der));
         let tls = rustls::ServerConfig::builder()
             .with_no_client_auth()
             .with_single_cert(chain, key)

@@ -1018,3 +1018,42 @@ pub fn monitor_command(line: &str) -> String {
         .unwrap_or("")
         .to_ascii_lowercase()
 }
+
+// ------------------------------------------------------------------------------------------
+// certificates
+
+/// A test CA and a certificate it signed for one name, all made in the test.
+pub struct TestCerts {
+    pub ca_pem: String,
+    pub ca_der: rustls::pki_types::CertificateDer<'static>,
+    pub leaf_pem: String,
+    pub leaf_der: rustls::pki_types::CertificateDer<'static>,
+    pub key_pem: String,
+    /// The leaf's private key, PKCS#8 DER.
+    pub key_der: Vec<u8>,
+}
+
+/// A CA named `ca_name` and a certificate it signed for `name`, a DNS name or an IP address.
+pub fn test_certs(ca_name: &str, name: &str) -> TestCerts {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, ca_name);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("CA key"))
+        .expect("CA certificate");
+    let leaf_key = KeyPair::generate().expect("leaf key");
+    let leaf = CertificateParams::new(vec![name.to_string()])
+        .expect("leaf params")
+        .signed_by(&leaf_key, &ca)
+        .expect("leaf certificate");
+    TestCerts {
+        ca_pem: ca.pem(),
+        ca_der: rustls::pki_types::CertificateDer::from(ca.der().to_vec()),
+        leaf_pem: leaf.pem(),
+        leaf_der: leaf.der().clone(),
+        key_pem: leaf_key.serialize_pem(),
+        key_der: leaf_key.serialize_der(),
+    }
+}
