@@ -214,8 +214,10 @@ async fn closes_under_the_second_request() -> (std::net::SocketAddr, Arc<AtomicU
     (addr, heads)
 }
 
-#[tokio::test]
-async fn an_idempotent_request_is_sent_again_when_its_pooled_connection_closes_under_it() {
+/// A proxy (one worker) in front of [`closes_under_the_second_request`], whose one pooled
+/// connection has answered a request and then been idle long enough for a keep-alive timeout
+/// to be what closes it. Returns the proxy, its client, and the upstream's count of heads.
+async fn pooled_connection_that_closes_next() -> (Proxy, reqwest::Client, Arc<AtomicUsize>) {
     let (addr, heads) = closes_under_the_second_request().await;
     let proxy = Proxy::start(&config_with(
         &format!("http://{addr}"),
@@ -225,8 +227,13 @@ async fn an_idempotent_request_is_sent_again_when_its_pooled_connection_closes_u
     let client = client();
     let resp = client.get(proxy.url("/one")).send().await.unwrap();
     assert_eq!(resp.text().await.unwrap(), "first");
-    // Idle long enough for a keep-alive timeout to be what closes it.
     tokio::time::sleep(IDLE_AT_RISK).await;
+    (proxy, client, heads)
+}
+
+#[tokio::test]
+async fn an_idempotent_request_is_sent_again_when_its_pooled_connection_closes_under_it() {
+    let (proxy, client, heads) = pooled_connection_that_closes_next().await;
 
     // Sent on the pooled connection, which closes; sent again on a new one, which answers.
     let resp = client.get(proxy.url("/two")).send().await.unwrap();
@@ -237,16 +244,7 @@ async fn an_idempotent_request_is_sent_again_when_its_pooled_connection_closes_u
 
 #[tokio::test]
 async fn a_request_with_a_body_is_never_sent_twice() {
-    let (addr, heads) = closes_under_the_second_request().await;
-    let proxy = Proxy::start(&config_with(
-        &format!("http://{addr}"),
-        "[server]\nworkers = 1\n",
-    ))
-    .await;
-    let client = client();
-    let resp = client.get(proxy.url("/one")).send().await.unwrap();
-    assert_eq!(resp.text().await.unwrap(), "first");
-    tokio::time::sleep(IDLE_AT_RISK).await;
+    let (proxy, client, heads) = pooled_connection_that_closes_next().await;
 
     let resp = client
         .post(proxy.url("/buy"))
