@@ -574,7 +574,7 @@ pub struct UpstreamConfig {
     pub pool_idle_timeout: Duration,
     pub pool_max_idle: usize,
     /// Trust anchors for an https upstream; `None` means the web PKI roots.
-    pub ca: Option<Vec<CertificateDer<'static>>>,
+    pub ca: Option<rustls::RootCertStore>,
 }
 
 #[derive(Debug, Clone)]
@@ -947,13 +947,8 @@ impl Validator {
         }
     }
 
-    /// CA certificates from a PEM file; every one must parse, to be used as a trust anchor.
-    fn ca_file(
-        &mut self,
-        key: &str,
-        value: &str,
-        base: &Path,
-    ) -> Option<Vec<CertificateDer<'static>>> {
+    /// Trust anchors from a PEM file of CA certificates; every one must parse.
+    fn ca_file(&mut self, key: &str, value: &str, base: &Path) -> Option<rustls::RootCertStore> {
         use rustls::pki_types::pem::PemObject;
         let path = self.path(key, value, base);
         let pem = match std::fs::read(&path) {
@@ -972,7 +967,7 @@ impl Validator {
                 }
             };
         let mut roots = rustls::RootCertStore::empty();
-        let (added, ignored) = roots.add_parsable_certificates(certs.iter().cloned());
+        let (added, ignored) = roots.add_parsable_certificates(certs);
         if added == 0 || ignored > 0 {
             self.fail(
                 key,
@@ -983,7 +978,7 @@ impl Validator {
             );
             return None;
         }
-        Some(certs)
+        Some(roots)
     }
 
     fn path(&mut self, key: &str, value: &str, base: &Path) -> PathBuf {

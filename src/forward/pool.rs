@@ -70,12 +70,9 @@ impl Pool {
         http.set_nodelay(true);
         http.set_connect_timeout(Some(config.connect_timeout));
         let connector = match &config.ca {
-            Some(ca) => {
-                let mut roots = rustls::RootCertStore::empty();
-                // Every certificate was checked usable when the configuration was loaded.
-                roots.add_parsable_certificates(ca.iter().cloned());
+            Some(roots) => {
                 let tls = rustls::ClientConfig::builder()
-                    .with_root_certificates(roots)
+                    .with_root_certificates(roots.clone())
                     .with_no_client_auth();
                 hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls)
             }
