@@ -346,13 +346,9 @@ fn ip_value(ip: std::net::IpAddr) -> Option<HeaderValue> {
 
 /// True when the request asks to switch protocols (HTTP/1.1 `Connection: upgrade` + `Upgrade`).
 pub fn wants_upgrade<B>(req: &Request<B>) -> bool {
-    wants_upgrade_headers(req.headers(), req.version())
-}
-
-fn wants_upgrade_headers(headers: &HeaderMap, version: Version) -> bool {
-    version == Version::HTTP_11
-        && headers.contains_key(header::UPGRADE)
-        && connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && connection_tokens(req.headers()).any(|t| t.eq_ignore_ascii_case("upgrade"))
 }
 
 fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {

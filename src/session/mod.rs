@@ -228,10 +228,6 @@ impl Sessions {
         }
     }
 
-    fn count_lookup(&self, result: &'static str) {
-        self.metrics.session_cache_lookup(result);
-    }
-
     pub fn cache(&self) -> Option<&SessionCache> {
         self.cache.as_deref()
     }
@@ -344,12 +340,12 @@ impl Sessions {
         match &cached {
             Some((cache, key, _)) => {
                 if let Some(platform) = cache.get(key) {
-                    self.count_lookup("hit");
+                    self.metrics.session_cache_lookup("hit");
                     return Ok(Some(platform));
                 }
-                self.count_lookup("miss");
+                self.metrics.session_cache_lookup("miss");
             }
-            None if self.cache.is_some() => self.count_lookup("off"),
+            None if self.cache.is_some() => self.metrics.session_cache_lookup("off"),
             None => {}
         }
         let Some(value) = self
