@@ -85,14 +85,7 @@ impl App {
             .map(|max| Arc::new(SessionCache::new(max)));
         let tracking = cache.clone().map(|c| c as Arc<dyn Tracking>);
         let store = Store::new(&config.redis, metrics.clone(), tracking)?;
-        let sessions = Sessions::new(
-            store.clone(),
-            config.session.ttl,
-            config.session.last_active_resolution,
-            config.session.slide_interval,
-            cache,
-            metrics.clone(),
-        );
+        let sessions = Sessions::new(store.clone(), &config.session, cache, metrics.clone());
         let verifier = Verifier::new(&config.jwt)?;
         let routes = RouteTable::new(&config.session.api_prefix, &config.routes);
         let rate_limits = RateLimits::new(&config.rate_limit, &config.routes);

@@ -341,6 +341,8 @@ pub struct SessionSection {
     pub local_cache: bool,
     /// Most sessions held in the local cache.
     pub local_cache_max_entries: usize,
+    /// Most live sessions a user may have; opening one more ends the least recently active.
+    pub max_per_user: usize,
 }
 
 impl Default for SessionSection {
@@ -352,6 +354,7 @@ impl Default for SessionSection {
             slide_interval: None,
             local_cache: true,
             local_cache_max_entries: 100_000,
+            max_per_user: 100,
         }
     }
 }
@@ -460,6 +463,7 @@ pub struct SessionConfig {
     pub slide_interval: Duration,
     /// `Some(max entries)` when the local cache is on.
     pub local_cache: Option<usize>,
+    pub max_per_user: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -746,6 +750,12 @@ impl FileConfig {
                 "must be greater than zero",
             );
         }
+        if !(1..=MAX_SESSIONS_PER_USER).contains(&self.session.max_per_user) {
+            v.fail(
+                "session.max_per_user",
+                format!("must be between 1 and {MAX_SESSIONS_PER_USER}"),
+            );
+        }
         let api_prefix = self.session.api_prefix.trim_end_matches('/').to_string();
         if !self.session.api_prefix.starts_with('/') || api_prefix.is_empty() {
             v.fail(
@@ -897,6 +907,7 @@ impl FileConfig {
                     .session
                     .local_cache
                     .then_some(self.session.local_cache_max_entries),
+                max_per_user: self.session.max_per_user,
             },
             identity: IdentityConfig {
                 user_id,
@@ -1301,13 +1312,16 @@ enum Kind {
     List,
 }
 
-/// Every key that `PORTCULLIS_<SECTION>_<KEY>` can set. Dots become underscores:
-/// `server.tls.cert` is `PORTCULLIS_SERVER_TLS_CERT`.
 /// More serving threads than this is a typo, not a machine.
 const MAX_WORKERS: usize = 1024;
 /// A remembered token takes about 500 bytes: at most about 32 MiB of them.
 const MAX_VERIFIED_TOKENS: usize = 1 << 16;
+/// A user's sessions share one Redis value that every check of theirs reads; this bounds it
+/// (to about 1 MB with the longest metadata).
+const MAX_SESSIONS_PER_USER: usize = 1000;
 
+/// Every key that `PORTCULLIS_<SECTION>_<KEY>` can set. Dots become underscores:
+/// `server.tls.cert` is `PORTCULLIS_SERVER_TLS_CERT`.
 const OVERRIDABLE: &[(&str, Kind)] = &[
     ("server.listen", Kind::Str),
     ("server.tls.cert", Kind::Str),
@@ -1342,6 +1356,7 @@ const OVERRIDABLE: &[(&str, Kind)] = &[
     ("session.slide_interval", Kind::Str),
     ("session.local_cache", Kind::Bool),
     ("session.local_cache_max_entries", Kind::Int),
+    ("session.max_per_user", Kind::Int),
     ("identity.user_id_header", Kind::Str),
     ("identity.session_id_header", Kind::Str),
     ("identity.platform_header", Kind::Str),

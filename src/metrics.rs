@@ -62,6 +62,7 @@ pub struct Metrics {
     pub sessions_created: Counter,
     pub sessions_extended: Counter,
     pub sessions_destroyed: Counter,
+    pub sessions_evicted: Counter,
     pub sessions_active: Gauge,
     pub open_connections: Gauge,
     pub open_tunnels: Gauge,
@@ -176,6 +177,12 @@ impl Metrics {
             "Sessions destroyed through the API",
             sessions_destroyed.clone(),
         );
+        let sessions_evicted = Counter::default();
+        registry.register(
+            "sessions_evicted",
+            "Least recently active sessions ended to stay within session.max_per_user",
+            sessions_evicted.clone(),
+        );
         let sessions_active = Gauge::default();
         registry.register(
             "sessions_active",
@@ -230,6 +237,7 @@ impl Metrics {
             sessions_created,
             sessions_extended,
             sessions_destroyed,
+            sessions_evicted,
             sessions_active,
             open_connections,
             open_tunnels,

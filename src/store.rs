@@ -7,11 +7,9 @@
 //! once with [`StoreError::Unavailable`], and every command is bounded by
 //! `redis.command_timeout`. The caller decides what a failure means (the proxy fails closed).
 //!
-//! Keys: `{prefix}:cache:{type}:{id}` for cache entries; `{prefix}:session:{{userId}}:{sessionId}`
-//! for a session and `{prefix}:user:{{userId}}:sessions` for the user's index, a hash whose
-//! fields are the session ids (a small hash is a compact listpack, where a set of strings would
-//! be a hashtable). The braces are a Redis Cluster hash tag, so a session and its index always
-//! share a slot.
+//! Keys: `{prefix}:cache:{type}:{id}` for cache entries; `{prefix}:sessions:{{userId}}` for all
+//! of a user's sessions, one string in the layout of [`crate::session::record`]. The braces are
+//! a Redis Cluster hash tag.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,6 +20,7 @@ use redis::{AsyncConnectionConfig, Script};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::Notify;
+use uuid::Uuid;
 
 use crate::config::RedisConfig;
 use crate::metrics::Metrics;
@@ -281,13 +280,6 @@ pub enum KeyTtl {
     Expires(Duration),
 }
 
-/// A session as stored: its encoded value and remaining lifetime.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredSession {
-    pub value: String,
-    pub ttl: Duration,
-}
-
 /// The Redis door. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
@@ -302,89 +294,244 @@ struct Scripts {
     touch: Script,
     create: Script,
     get: Script,
+    replace: Script,
     destroy: Script,
     list: Script,
+    count: Script,
 }
 
-/// Reads the session, moves lastActive forward when it is older than the resolution, slides
-/// the session's TTL back to full unless it was slid less than `slide` ago (then nothing is
-/// written, so other replicas' caches are not invalidated), and makes sure the user's index
-/// lives at least as long. Returns the (possibly updated) value, or nil when the session does
-/// not exist.
-const TOUCH: &str = r"
-local v = redis.call('GET', KEYS[1])
-if not v then return false end
-local ttl = tonumber(ARGV[1])
-local now = tonumber(ARGV[2])
-local due = ttl - tonumber(ARGV[5])
-local last = tonumber(string.sub(v, 1, 13))
-if last == nil or now - last >= tonumber(ARGV[3]) then
-  redis.call('SETRANGE', KEYS[1], 0, ARGV[2])
-  v = ARGV[2] .. string.sub(v, 14)
+/// What every session script shares: the layout of `session::record`, read in Redis. Times
+/// come from Redis' own clock (`TIME`), so replicas never disagree about what has expired.
+macro_rules! session_lib {
+    () => {
+        r"
+local function u48(s, i)
+  local a, b, c, d, e, f = string.byte(s, i, i + 5)
+  return ((((a * 256 + b) * 256 + c) * 256 + d) * 256 + e) * 256 + f
 end
-if redis.call('PTTL', KEYS[1]) <= due then redis.call('PEXPIRE', KEYS[1], ttl) end
-local t = redis.call('PTTL', KEYS[2])
-if t == -2 then redis.call('HSET', KEYS[2], ARGV[4], '') end
-if t <= due then redis.call('PEXPIRE', KEYS[2], ttl) end
-return v
-";
-
-/// Stores a new session, adds it to the user's index (pruning sessions that have expired) and
-/// extends the index to at least the session's lifetime.
-const CREATE: &str = r"
-local ttl = tonumber(ARGV[2])
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
-for _, s in ipairs(redis.call('HKEYS', KEYS[2])) do
-  if redis.call('EXISTS', ARGV[4] .. s) == 0 then redis.call('HDEL', KEYS[2], s) end
+local function be48(n)
+  local b = {}
+  for i = 6, 1, -1 do b[i] = n % 256; n = (n - b[i]) / 256 end
+  return string.char(b[1], b[2], b[3], b[4], b[5], b[6])
 end
-redis.call('HSET', KEYS[2], ARGV[3], '')
-local t = redis.call('PTTL', KEYS[2])
-if t < ttl then redis.call('PEXPIRE', KEYS[2], ttl) end
-return 1
-";
-
-const GET: &str = r"
-local v = redis.call('GET', KEYS[1])
-if not v then return false end
-return {v, redis.call('PTTL', KEYS[1])}
-";
-
-/// Deletes a session, removes it from the index, prunes the index, and shortens the index's
-/// lifetime to that of the user's longest-lived remaining session. Returns the deleted value.
-const DESTROY: &str = r"
-local v = redis.call('GET', KEYS[1])
-redis.call('DEL', KEYS[1])
-redis.call('HDEL', KEYS[2], ARGV[1])
-local longest = -1
-for _, s in ipairs(redis.call('HKEYS', KEYS[2])) do
-  local t = redis.call('PTTL', ARGV[2] .. s)
-  if t == -2 then redis.call('HDEL', KEYS[2], s) elseif t > longest then longest = t end
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-if longest > 0 then redis.call('PEXPIRE', KEYS[2], longest) end
-return v
-";
-
-/// Every live session of a user as (id, value, pttl) triples; ids whose session is gone are
-/// removed from the index on the way.
-const LIST: &str = r"
-local out = {}
-local longest = -1
-for _, s in ipairs(redis.call('HKEYS', KEYS[1])) do
-  local k = ARGV[1] .. s
-  local v = redis.call('GET', k)
-  if v then
-    local t = redis.call('PTTL', k)
-    table.insert(out, s)
-    table.insert(out, v)
-    table.insert(out, t)
-    if t > longest then longest = t end
+-- The records of a value as {first byte of the body, body length, session id, expires_at},
+-- or nil when the value is not in the layout.
+local function records(v)
+  if string.byte(v, 1) ~= 1 then return nil end
+  local out, pos, n = {}, 2, #v
+  while pos <= n do
+    local hi, lo = string.byte(v, pos, pos + 1)
+    if lo == nil then return nil end
+    local len = hi * 256 + lo
+    local body = pos + 2
+    if len < 37 or body + len - 1 > n then return nil end
+    out[#out + 1] = {body, len, string.sub(v, body, body + 15), u48(v, body + 16)}
+    pos = body + len
+  end
+  return out
+end
+local function corrupt()
+  return redis.error_reply('ERR ' .. KEYS[1] .. ' does not hold sessions in the known layout')
+end
+local function body_of(v, r) return string.sub(v, r[1], r[1] + r[2] - 1) end
+local function framed(body) return string.char(math.floor(#body / 256), #body % 256) .. body end
+-- Writes the user's records back, the key expiring with the last of them; none left, no key.
+local function save(parts, longest)
+  if #parts == 1 then
+    redis.call('DEL', KEYS[1])
   else
-    redis.call('HDEL', KEYS[1], s)
+    redis.call('SET', KEYS[1], table.concat(parts), 'PXAT', longest)
   end
 end
-if longest > 0 then redis.call('PEXPIRE', KEYS[1], longest) end
+"
+    };
+}
+
+/// Finds the session and slides it in place: lastActive moves to now when it is older than
+/// the resolution (ARGV[3]), and the expiry back to now + ttl (ARGV[2]) unless it was slid less
+/// than `slide` (ARGV[4]) ago. Both are one SETRANGE, and nothing is written when neither is
+/// due, so other replicas' caches are not invalidated. Returns the (updated) body, or nil.
+const TOUCH: &str = concat!(
+    session_lib!(),
+    r"
+local v = redis.call('GET', KEYS[1])
+if not v then return false end
+local recs = records(v)
+if not recs then return corrupt() end
+local now = now_ms()
+for _, r in ipairs(recs) do
+  if r[3] == ARGV[1] then
+    if r[4] <= now then return false end
+    local ttl = tonumber(ARGV[2])
+    local expires, last = r[4], u48(v, r[1] + 22)
+    local write = false
+    if now - last >= tonumber(ARGV[3]) then last = now; write = true end
+    if expires - now <= ttl - tonumber(ARGV[4]) then expires = now + ttl; write = true end
+    local times = be48(expires) .. be48(last)
+    if write then
+      redis.call('SETRANGE', KEYS[1], r[1] + 15, times)
+      redis.call('PEXPIREAT', KEYS[1], expires, 'GT')
+    end
+    return ARGV[1] .. times .. string.sub(v, r[1] + 28, r[1] + r[2] - 1)
+  end
+end
+return false
+"
+);
+
+/// Adds a session (id ARGV[1], ttl ARGV[2], details ARGV[3]), dropping expired ones; when the
+/// user would have more than ARGV[4], the least recently active make room. Returns Redis' time
+/// and the bodies of the sessions that made room.
+const CREATE: &str = concat!(
+    session_lib!(),
+    r"
+local now = now_ms()
+local v = redis.call('GET', KEYS[1]) or string.char(1)
+local recs = records(v)
+if not recs then return corrupt() end
+local kept = {}
+for _, r in ipairs(recs) do
+  if r[4] > now and r[3] ~= ARGV[1] then kept[#kept + 1] = r end
+end
+local reply = {now}
+local room = tonumber(ARGV[4]) - 1
+if #kept > room then
+  local order = {}
+  for i, r in ipairs(kept) do order[i] = {u48(v, r[1] + 22), i} end
+  table.sort(order, function(a, b) return a[1] < b[1] or (a[1] == b[1] and a[2] < b[2]) end)
+  for i = 1, #kept - room do
+    local r = kept[order[i][2]]
+    reply[#reply + 1] = body_of(v, r)
+    r[4] = 0
+  end
+end
+local expires = now + tonumber(ARGV[2])
+local parts, longest = {string.char(1)}, expires
+for _, r in ipairs(kept) do
+  if r[4] > 0 then
+    parts[#parts + 1] = string.sub(v, r[1] - 2, r[1] + r[2] - 1)
+    if r[4] > longest then longest = r[4] end
+  end
+end
+parts[#parts + 1] = framed(ARGV[1] .. be48(expires) .. be48(now) .. be48(now) .. ARGV[3])
+save(parts, longest)
+return reply
+"
+);
+
+/// The body of a live session, without touching it.
+const GET: &str = concat!(
+    session_lib!(),
+    r"
+local v = redis.call('GET', KEYS[1])
+if not v then return false end
+local recs = records(v)
+if not recs then return corrupt() end
+local now = now_ms()
+for _, r in ipairs(recs) do
+  if r[3] == ARGV[1] and r[4] > now then return body_of(v, r) end
+end
+return false
+"
+);
+
+/// Replaces a live session's details (ARGV[2]) and records activity now, keeping its expiry
+/// and creation time; expired sessions are dropped on the way. 1 when it existed.
+const REPLACE: &str = concat!(
+    session_lib!(),
+    r"
+local v = redis.call('GET', KEYS[1])
+if not v then return 0 end
+local recs = records(v)
+if not recs then return corrupt() end
+local now = now_ms()
+local parts, longest, found = {string.char(1)}, 0, false
+for _, r in ipairs(recs) do
+  if r[4] > now then
+    local body = body_of(v, r)
+    if r[3] == ARGV[1] then
+      found = true
+      body = string.sub(body, 1, 22) .. be48(now) .. string.sub(body, 29, 34) .. ARGV[2]
+    end
+    parts[#parts + 1] = framed(body)
+    if r[4] > longest then longest = r[4] end
+  end
+end
+if not found then return 0 end
+save(parts, longest)
+return 1
+"
+);
+
+/// Removes a session (and any expired one); the key then expires with the longest-lived
+/// remaining session, or goes. Returns the removed body.
+const DESTROY: &str = concat!(
+    session_lib!(),
+    r"
+local v = redis.call('GET', KEYS[1])
+if not v then return false end
+local recs = records(v)
+if not recs then return corrupt() end
+local now = now_ms()
+local parts, longest, gone = {string.char(1)}, 0, false
+for _, r in ipairs(recs) do
+  if r[4] > now then
+    if r[3] == ARGV[1] then
+      gone = body_of(v, r)
+    else
+      parts[#parts + 1] = string.sub(v, r[1] - 2, r[1] + r[2] - 1)
+      if r[4] > longest then longest = r[4] end
+    end
+  end
+end
+if #parts <= #recs then save(parts, longest) end
+return gone
+"
+);
+
+/// The bodies of a user's live sessions; expired ones are dropped on the way.
+const LIST: &str = concat!(
+    session_lib!(),
+    r"
+local v = redis.call('GET', KEYS[1])
+if not v then return {} end
+local recs = records(v)
+if not recs then return corrupt() end
+local now = now_ms()
+local out, parts, longest = {}, {string.char(1)}, 0
+for _, r in ipairs(recs) do
+  if r[4] > now then
+    out[#out + 1] = body_of(v, r)
+    parts[#parts + 1] = string.sub(v, r[1] - 2, r[1] + r[2] - 1)
+    if r[4] > longest then longest = r[4] end
+  end
+end
+if #out < #recs then save(parts, longest) end
 return out
-";
+"
+);
+
+/// The number of live sessions under the given keys (values not in the layout count none).
+const COUNT: &str = concat!(
+    session_lib!(),
+    r"
+local now, n = now_ms(), 0
+for _, k in ipairs(KEYS) do
+  local v = redis.call('GET', k)
+  local recs = v and records(v)
+  if recs then
+    for _, r in ipairs(recs) do
+      if r[4] > now then n = n + 1 end
+    end
+  end
+end
+return n
+"
+);
 
 /// Hands one push message to the cache: `invalidate` with keys, or with nil after FLUSHALL;
 /// a lost connection turns the cache off.
@@ -455,7 +602,7 @@ impl Store {
             broken: Notify::new(),
             started: AtomicBool::new(false),
             timeouts: AtomicU32::new(0),
-            tracking: tracking.map(|t| (t, format!("{}:session:", config.key_prefix))),
+            tracking: tracking.map(|t| (t, format!("{}:sessions:", config.key_prefix))),
             runtime: tokio::runtime::Handle::try_current().ok(),
         };
         Ok(Store {
@@ -466,8 +613,10 @@ impl Store {
                 touch: Script::new(TOUCH),
                 create: Script::new(CREATE),
                 get: Script::new(GET),
+                replace: Script::new(REPLACE),
                 destroy: Script::new(DESTROY),
                 list: Script::new(LIST),
+                count: Script::new(COUNT),
             }),
             metrics,
         })
@@ -567,25 +716,16 @@ impl Store {
         format!("{}:cache:{kind}:{id}", self.prefix)
     }
 
-    /// `{prefix}:session:{{userId}}:` — followed by the session id.
-    fn session_key_prefix(&self, user_id: &str) -> String {
+    /// `{prefix}:sessions:{{userId}}`, which holds every session of the user (the braces are
+    /// a Redis Cluster hash tag).
+    pub fn sessions_key(&self, user_id: &str) -> String {
         // Built by hand: this runs on every request, and `format!` costs several times more.
-        let mut key = String::with_capacity(self.prefix.len() + user_id.len() + 48);
+        let mut key = String::with_capacity(self.prefix.len() + user_id.len() + 12);
         key.push_str(&self.prefix);
-        key.push_str(":session:{");
+        key.push_str(":sessions:{");
         key.push_str(user_id);
-        key.push_str("}:");
+        key.push('}');
         key
-    }
-
-    pub fn session_key(&self, user_id: &str, session_id: &str) -> String {
-        let mut key = self.session_key_prefix(user_id);
-        key.push_str(session_id);
-        key
-    }
-
-    pub fn index_key(&self, user_id: &str) -> String {
-        format!("{}:user:{{{user_id}}}:sessions", self.prefix)
     }
 
     // ---------------------------------------------------------------------------------------
@@ -675,14 +815,14 @@ impl Store {
         name: &'static str,
         script: &Script,
         keys: &[&str],
-        args: &[String],
+        args: &[&[u8]],
     ) -> Result<T, StoreError> {
         let mut invocation = script.prepare_invoke();
         for key in keys {
             invocation.key(*key);
         }
         for arg in args {
-            invocation.arg(arg.as_str());
+            invocation.arg(*arg);
         }
         self.run(name, |mut c| async move {
             invocation.invoke_async(&mut c).await
@@ -690,123 +830,126 @@ impl Store {
         .await
     }
 
+    /// Adds a session (see `session::record`) and returns Redis' time, in Unix milliseconds,
+    /// and the bodies of the least recently active sessions that made room for it when the
+    /// user already had `max_per_user`.
     pub async fn session_create(
         &self,
         user_id: &str,
-        session_id: &str,
-        value: &str,
+        session_id: &Uuid,
+        details: &[u8],
         ttl: Duration,
-    ) -> Result<(), StoreError> {
-        let key = self.session_key(user_id, session_id);
-        let index = self.index_key(user_id);
-        let _: i64 = self
+        max_per_user: usize,
+    ) -> Result<(u64, Vec<Vec<u8>>), StoreError> {
+        let key = self.sessions_key(user_id);
+        let reply: Vec<redis::Value> = self
             .invoke(
                 "session_create",
                 &self.scripts.create,
-                &[&key, &index],
+                &[&key],
                 &[
-                    value.to_string(),
-                    ms(ttl).to_string(),
-                    session_id.to_string(),
-                    self.session_key_prefix(user_id),
+                    session_id.as_bytes(),
+                    ms(ttl).to_string().as_bytes(),
+                    details,
+                    max_per_user.to_string().as_bytes(),
                 ],
             )
             .await?;
-        Ok(())
+        let bad = || StoreError::Corrupt("session create reply".into());
+        let (now, evicted) = reply.split_first().ok_or_else(bad)?;
+        let now: u64 = redis::from_redis_value_ref(now).map_err(|_| bad())?;
+        let evicted = evicted
+            .iter()
+            .map(|body| redis::from_redis_value_ref(body).map_err(|_| bad()))
+            .collect::<Result<_, _>>()?;
+        Ok((now, evicted))
     }
 
-    /// Reads and slides a session in one round trip: `None` when it does not exist.
-    /// `last_active` is a 13-digit Unix millisecond timestamp.
+    /// Reads and slides a session in one round trip; its body (see `session::record`), or
+    /// `None` when it does not exist.
     pub async fn session_touch(
         &self,
         user_id: &str,
-        session_id: &str,
-        now_ms: u64,
+        session_id: &Uuid,
         ttl: Duration,
         resolution: Duration,
         slide: Duration,
-    ) -> Result<Option<String>, StoreError> {
-        let key = self.session_key(user_id, session_id);
-        let index = self.index_key(user_id);
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let key = self.sessions_key(user_id);
         self.invoke(
             "session_touch",
             &self.scripts.touch,
-            &[&key, &index],
+            &[&key],
             &[
-                ms(ttl).to_string(),
-                format!("{now_ms:013}"),
-                ms(resolution).to_string(),
-                session_id.to_string(),
-                ms(slide).to_string(),
+                session_id.as_bytes(),
+                ms(ttl).to_string().as_bytes(),
+                ms(resolution).to_string().as_bytes(),
+                ms(slide).to_string().as_bytes(),
             ],
         )
         .await
     }
 
+    /// A live session's body, without touching it.
     pub async fn session_get(
         &self,
         user_id: &str,
-        session_id: &str,
-    ) -> Result<Option<StoredSession>, StoreError> {
-        let key = self.session_key(user_id, session_id);
-        let found: Option<(String, i64)> = self
-            .invoke("session_get", &self.scripts.get, &[&key], &[])
-            .await?;
-        Ok(found.map(|(value, pttl)| StoredSession {
-            value,
-            ttl: ttl_from_pttl(pttl),
-        }))
-    }
-
-    /// Replaces a session's stored value, keeping its TTL; false when it does not exist.
-    pub async fn session_replace(
-        &self,
-        user_id: &str,
-        session_id: &str,
-        value: &str,
-    ) -> Result<bool, StoreError> {
-        let key = self.session_key(user_id, session_id);
-        let value = value.to_string();
-        let ok: Option<String> = self
-            .run("session_replace", |mut c| async move {
-                redis::cmd("SET")
-                    .arg(&key)
-                    .arg(value)
-                    .arg("XX")
-                    .arg("KEEPTTL")
-                    .query_async(&mut c)
-                    .await
-            })
-            .await?;
-        Ok(ok.is_some())
-    }
-
-    /// Deletes a session, returning its stored value when it existed.
-    pub async fn session_destroy(
-        &self,
-        user_id: &str,
-        session_id: &str,
-    ) -> Result<Option<String>, StoreError> {
-        let key = self.session_key(user_id, session_id);
-        let index = self.index_key(user_id);
+        session_id: &Uuid,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let key = self.sessions_key(user_id);
         self.invoke(
-            "session_destroy",
-            &self.scripts.destroy,
-            &[&key, &index],
-            &[session_id.to_string(), self.session_key_prefix(user_id)],
+            "session_get",
+            &self.scripts.get,
+            &[&key],
+            &[session_id.as_bytes()],
         )
         .await
     }
 
-    /// Counts session keys with SCAN, in batches, each batch one bounded command. Costs one pass
-    /// over the keyspace, whatever the request rate.
+    /// Replaces a session's details, keeping its expiry; false when it does not exist.
+    pub async fn session_replace(
+        &self,
+        user_id: &str,
+        session_id: &Uuid,
+        details: &[u8],
+    ) -> Result<bool, StoreError> {
+        let key = self.sessions_key(user_id);
+        let replaced: i64 = self
+            .invoke(
+                "session_replace",
+                &self.scripts.replace,
+                &[&key],
+                &[session_id.as_bytes(), details],
+            )
+            .await?;
+        Ok(replaced == 1)
+    }
+
+    /// Deletes a session, returning its body when it existed.
+    pub async fn session_destroy(
+        &self,
+        user_id: &str,
+        session_id: &Uuid,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let key = self.sessions_key(user_id);
+        self.invoke(
+            "session_destroy",
+            &self.scripts.destroy,
+            &[&key],
+            &[session_id.as_bytes()],
+        )
+        .await
+    }
+
+    /// Counts live sessions: SCAN over the users' keys in batches, each batch counted by one
+    /// script. Costs one pass over the keyspace, whatever the request rate.
     pub async fn count_sessions(&self) -> Result<u64, StoreError> {
-        let pattern = format!("{}:session:*", self.prefix);
+        let pattern = format!("{}:sessions:*", self.prefix);
         let mut cursor: u64 = 0;
         let mut total: u64 = 0;
         loop {
             let pattern = pattern.clone();
-            let (next, keys): (u64, Vec<redis::Value>) = self
+            let (next, keys): (u64, Vec<String>) = self
                 .run("session_count_scan", |mut c| async move {
                     redis::cmd("SCAN")
                         .arg(cursor)
@@ -818,7 +961,13 @@ impl Store {
                         .await
                 })
                 .await?;
-            total += keys.len() as u64;
+            if !keys.is_empty() {
+                let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+                let n: u64 = self
+                    .invoke("session_count", &self.scripts.count, &keys, &[])
+                    .await?;
+                total += n;
+            }
             if next == 0 {
                 return Ok(total);
             }
@@ -826,40 +975,11 @@ impl Store {
         }
     }
 
-    /// Every live session of a user, as (session id, stored session).
-    pub async fn session_list(
-        &self,
-        user_id: &str,
-    ) -> Result<Vec<(String, StoredSession)>, StoreError> {
-        let index = self.index_key(user_id);
-        let flat: Vec<redis::Value> = self
-            .invoke(
-                "session_list",
-                &self.scripts.list,
-                &[&index],
-                &[self.session_key_prefix(user_id)],
-            )
-            .await?;
-        let mut out = Vec::with_capacity(flat.len() / 3);
-        for triple in flat.chunks(3) {
-            let [id, value, pttl] = triple else {
-                return Err(StoreError::Corrupt("session list reply".into()));
-            };
-            let id: String =
-                redis::from_redis_value_ref(id).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            let value: String = redis::from_redis_value_ref(value)
-                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            let pttl: i64 = redis::from_redis_value_ref(pttl)
-                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            out.push((
-                id,
-                StoredSession {
-                    value,
-                    ttl: ttl_from_pttl(pttl),
-                },
-            ));
-        }
-        Ok(out)
+    /// The bodies of every live session of a user.
+    pub async fn session_list(&self, user_id: &str) -> Result<Vec<Vec<u8>>, StoreError> {
+        let key = self.sessions_key(user_id);
+        self.invoke("session_list", &self.scripts.list, &[&key], &[])
+            .await
     }
 }
 

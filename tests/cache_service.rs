@@ -14,14 +14,18 @@ use portcullis::store::{KeyTtl, Store, StoreError};
 use serde::{Deserialize, Serialize};
 use support::*;
 
-fn store(redis_url: &str, prefix: &str) -> Store {
+fn config(redis_url: &str, prefix: &str, extra: &str) -> Config {
     let env = [("JWT_SECRET".to_string(), TEST_SECRET.to_string())];
-    let config = Config::from_toml(
-        &format!("[redis]\nurl = \"{redis_url}\"\nkey_prefix = \"{prefix}\"\n"),
+    Config::from_toml(
+        &format!("[redis]\nurl = \"{redis_url}\"\nkey_prefix = \"{prefix}\"\n{extra}"),
         Path::new("."),
         &env,
     )
-    .unwrap();
+    .unwrap()
+}
+
+fn store(redis_url: &str, prefix: &str) -> Store {
+    let config = config(redis_url, prefix, "");
     Store::new(&config.redis, Arc::new(Metrics::new()), None).unwrap()
 }
 
@@ -122,12 +126,15 @@ async fn commands_fail_fast_when_redis_is_down_and_after_close() {
 #[tokio::test]
 async fn update_replaces_metadata_and_keeps_the_expiry() {
     let redis = RedisServer::start();
-    let store = store(&redis.url(), "game5");
+    let config = config(
+        &redis.url(),
+        "game5",
+        "[session]\nttl = \"600s\"\nlast_active_resolution = \"0s\"\n",
+    );
+    let store = Store::new(&config.redis, Arc::new(Metrics::new()), None).unwrap();
     let sessions = Sessions::new(
         store.clone(),
-        Duration::from_secs(600),
-        Duration::ZERO,
-        Duration::from_secs(30),
+        &config.session,
         None,
         Arc::new(Metrics::new()),
     );
@@ -137,7 +144,7 @@ async fn update_replaces_metadata_and_keeps_the_expiry() {
         ip_address: Some("198.51.100.7".into()),
         device_id: None,
     };
-    let created = sessions.create("u1", &web).await.unwrap();
+    let created = sessions.create("u1", &web).await.unwrap().created;
     let before = sessions
         .get("u1", created.session_id)
         .await
@@ -162,14 +169,14 @@ async fn update_replaces_metadata_and_keeps_the_expiry() {
     assert_eq!(after.metadata, ios);
     assert_eq!(after.created_at, before.created_at);
     assert!(after.last_active > before.last_active);
-    let key = format!("game5:session:{{u1}}:{}", created.session_id);
+    assert_eq!(after.expires_at, before.expires_at, "expiry kept");
     let pttl: i64 = redis::cmd("PTTL")
-        .arg(&key)
+        .arg("game5:sessions:{u1}")
         .query(&mut redis.conn())
         .unwrap();
     assert!(
         pttl > 590_000 && pttl <= 600_000,
-        "expiry kept, pttl {pttl}"
+        "the key's expiry kept, pttl {pttl}"
     );
     // Another user's id, or an unknown session, updates nothing.
     assert!(!sessions

@@ -190,10 +190,7 @@ async fn missing_expired_destroyed_and_foreign_sessions_get_one_and_the_same_401
     let destroyed = s.create("alice", "web").await;
     assert_eq!(s.delete("alice", &destroyed).await.status(), 200);
     let expired = s.create("alice", "web").await;
-    let _: () = redis::cmd("DEL")
-        .arg(session_key("alice", &expired))
-        .query(&mut conn)
-        .unwrap();
+    expire_session_in(&mut conn, "alice", &expired, -1);
     let foreign = s.create("bob", "web").await;
     let unknown = uuid::Uuid::new_v4().to_string();
 

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{client, json, pick_free_port, session_key, token, RedisServer, Upstream};
+use support::{client, json, pick_free_port, stored_ids, token, RedisServer, Upstream};
 
 /// What the kubelet puts into a pod for a Service `redis` (10.0.0.5:6379, port named `redis`),
 /// a Service `portcullis` (10.0.0.7:8443, port named `https`) and a Service `portcullis-admin`
@@ -137,11 +137,10 @@ async fn service_link_variables_neither_crash_nor_redirect_portcullis() {
         .as_str()
         .unwrap_or_else(|| panic!("no sessionId in {body}"))
         .to_string();
-    let exists: bool = redis::cmd("EXISTS")
-        .arg(session_key("player-1", &session))
-        .query(&mut redis.conn())
-        .expect("EXISTS");
-    assert!(exists, "the session is not in the configured Redis");
+    assert!(
+        stored_ids(&mut redis.conn(), "player-1").contains(&session),
+        "the session is not in the configured Redis"
+    );
 
     let response = client()
         .get(format!("{base}/play/move?x=1"))

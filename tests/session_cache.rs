@@ -66,7 +66,7 @@ async fn a_session_deleted_in_redis_by_someone_else_is_refused_at_once() {
         assert_eq!(resp.status(), 200);
     }
     let _: () = redis::cmd("DEL")
-        .arg(session_key("bob", &sid))
+        .arg(sessions_key("bob"))
         .query(&mut redis.conn())
         .unwrap();
     let deleted = Instant::now();

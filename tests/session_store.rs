@@ -1,5 +1,6 @@
-//! What the session layer keeps in Redis: the user's index never lists a dead session and never
-//! outlives the user's longest-lived session; one session costs little memory.
+//! What the session layer keeps in Redis: one key per user holding their sessions, which never
+//! keeps an expired session once touched by a write, never outlives the user's longest-lived
+//! session, stays within `session.max_per_user`, and costs little memory.
 
 mod support;
 
@@ -8,25 +9,33 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
-/// Slack between two PTTL readings taken by separate commands.
+/// Slack between two readings taken by separate commands.
 const SLACK_MS: i64 = 50;
 
 struct Setup {
     redis: RedisServer,
     proxy: Proxy,
-    _upstream: Upstream,
+    upstream: Upstream,
 }
 
-async fn setup() -> Setup {
+async fn setup_with(extra: &str) -> Setup {
     let redis = RedisServer::start();
     let upstream = Upstream::echo().await;
-    let config = session_config(&upstream, &redis, "[session]\nttl = \"60s\"\n");
+    let config = session_config(
+        &upstream,
+        &redis,
+        &format!("[session]\nttl = \"60s\"\n{extra}"),
+    );
     let proxy = Proxy::start(&config).await;
     Setup {
         redis,
         proxy,
-        _upstream: upstream,
+        upstream,
     }
+}
+
+async fn setup() -> Setup {
+    setup_with("").await
 }
 
 impl Setup {
@@ -70,40 +79,50 @@ impl Setup {
         assert_eq!(resp.status(), 200);
     }
 
-    fn members(&self, user: &str) -> BTreeSet<String> {
-        redis::cmd("HKEYS")
-            .arg(index_key(user))
-            .query(&mut self.redis.conn())
+    async fn proxied(&self, user: &str, id: &str) -> reqwest::Response {
+        client()
+            .get(self.proxy.url("/game"))
+            .bearer_auth(token(user, Some(id)))
+            .send()
+            .await
             .unwrap()
     }
 
-    fn pexpire(&self, key: &str, ms: i64) {
-        let _: () = redis::cmd("PEXPIRE")
-            .arg(key)
-            .arg(ms)
-            .query(&mut self.redis.conn())
-            .unwrap();
+    fn stored_ids(&self, user: &str) -> BTreeSet<String> {
+        stored_ids(&mut self.redis.conn(), user)
     }
 
-    /// Asserts the index lives exactly as long as the user's longest-lived session: never
+    fn expire_in(&self, user: &str, id: &str, ms: i64) {
+        expire_session_in(&mut self.redis.conn(), user, id, ms);
+    }
+
+    fn key_exists(&self, user: &str) -> bool {
+        let n: i64 = redis::cmd("EXISTS")
+            .arg(sessions_key(user))
+            .query(&mut self.redis.conn())
+            .unwrap();
+        n == 1
+    }
+
+    /// Asserts the user's key lives exactly as long as their longest-lived session: never
     /// longer (it would outlive the sessions), never shorter (it would forget live ones).
-    fn assert_index_ttl_matches(&self, user: &str, ids: &[&str], when: &str) {
+    fn assert_key_ttl_matches(&self, user: &str, ids: &[&str], when: &str) {
         let mut conn = self.redis.conn();
-        // The index is read first, so that time passing can only make it look shorter.
-        let index = pttl(&mut conn, &index_key(user));
+        // The key is read first, so that time passing can only make it look shorter.
+        let key = pttl(&mut conn, &sessions_key(user));
         let longest = ids
             .iter()
-            .map(|id| pttl(&mut conn, &session_key(user, id)))
+            .map(|id| session_ttl_ms(&mut conn, user, id).unwrap_or(-2))
             .max()
             .unwrap_or(-2);
-        assert!(index > 0, "{when}: index PTTL is {index}");
+        assert!(key > 0, "{when}: key PTTL is {key}");
         assert!(
-            index <= longest + SLACK_MS,
-            "{when}: index PTTL {index} ms exceeds the longest session's {longest} ms"
+            key <= longest + SLACK_MS,
+            "{when}: key PTTL {key} ms exceeds the longest session's {longest} ms"
         );
         assert!(
-            index >= longest - SLACK_MS,
-            "{when}: index PTTL {index} ms is shorter than the longest session's {longest} ms"
+            key >= longest - SLACK_MS,
+            "{when}: key PTTL {key} ms is shorter than the longest session's {longest} ms"
         );
     }
 }
@@ -113,153 +132,190 @@ fn set(ids: &[&str]) -> BTreeSet<String> {
 }
 
 #[tokio::test]
-async fn list_prunes_a_session_whose_key_was_deleted_behind_its_back() {
+async fn an_expired_session_is_refused_everywhere_and_list_drops_it() {
     let s = setup().await;
     let a = s.create("alice").await;
     let b = s.create("alice").await;
-    let _: () = redis::cmd("DEL")
-        .arg(session_key("alice", &a))
-        .query(&mut s.redis.conn())
+    s.expire_in("alice", &a, -1);
+    assert_eq!(s.stored_ids("alice"), set(&[&a, &b]), "precondition");
+    let resp = s.proxied("alice", &a).await;
+    assert_error(resp, 401, "SESSION_INVALID").await;
+    assert_eq!(s.upstream.count(), 0);
+    let resp = client()
+        .get(s.proxy.url(&format!("/api/v1/sessions/{a}")))
+        .bearer_auth(token("alice", None))
+        .send()
+        .await
         .unwrap();
-    assert_eq!(s.members("alice"), set(&[&a, &b]), "precondition");
+    assert_error(resp, 404, "SESSION_NOT_FOUND").await;
     assert_eq!(s.list_ids("alice").await, set(&[&b]));
-    assert_eq!(s.members("alice"), set(&[&b]), "the index still lists it");
+    assert_eq!(
+        s.stored_ids("alice"),
+        set(&[&b]),
+        "list kept the expired one"
+    );
+    s.assert_key_ttl_matches("alice", &[&b], "after list");
 }
 
 #[tokio::test]
-async fn list_prunes_a_session_that_expired() {
+async fn list_of_only_expired_sessions_removes_the_key() {
     let s = setup().await;
     let a = s.create("alice").await;
-    let b = s.create("alice").await;
-    s.pexpire(&session_key("alice", &a), 1);
-    // Wait (bounded) for Redis to consider it gone.
-    let deadline = Instant::now() + Duration::from_secs(2);
-    loop {
-        let exists: i64 = redis::cmd("EXISTS")
-            .arg(session_key("alice", &a))
-            .query(&mut s.redis.conn())
-            .unwrap();
-        if exists == 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "session key never expired");
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    assert_eq!(s.list_ids("alice").await, set(&[&b]));
-    assert_eq!(s.members("alice"), set(&[&b]));
-    s.assert_index_ttl_matches("alice", &[&b], "after list");
-}
-
-#[tokio::test]
-async fn list_of_only_dead_sessions_removes_the_index() {
-    let s = setup().await;
-    let a = s.create("alice").await;
-    let _: () = redis::cmd("DEL")
-        .arg(session_key("alice", &a))
-        .query(&mut s.redis.conn())
-        .unwrap();
+    s.expire_in("alice", &a, -1);
+    assert!(s.key_exists("alice"), "precondition");
     assert!(s.list_ids("alice").await.is_empty());
-    let exists: i64 = redis::cmd("EXISTS")
-        .arg(index_key("alice"))
-        .query(&mut s.redis.conn())
-        .unwrap();
-    assert_eq!(exists, 0, "an index of no live session remains");
+    assert!(!s.key_exists("alice"), "a key of no live session remains");
 }
 
 #[tokio::test]
-async fn create_prunes_dead_sessions_from_the_index() {
+async fn create_drops_expired_sessions() {
     let s = setup().await;
     let a = s.create("alice").await;
-    let _: () = redis::cmd("DEL")
-        .arg(session_key("alice", &a))
-        .query(&mut s.redis.conn())
-        .unwrap();
+    s.expire_in("alice", &a, -1);
     let b = s.create("alice").await;
-    assert_eq!(s.members("alice"), set(&[&b]));
+    assert_eq!(s.stored_ids("alice"), set(&[&b]));
 }
 
 #[tokio::test]
-async fn the_index_lives_as_long_as_the_longest_session_after_create() {
+async fn the_key_lives_as_long_as_the_longest_session_after_create() {
     let s = setup().await;
     let a = s.create("alice").await;
-    s.assert_index_ttl_matches("alice", &[&a], "after the first create");
-    // A shorter-lived session must not shorten the index; a new one lengthens it.
-    s.pexpire(&session_key("alice", &a), 10_000);
-    s.pexpire(&index_key("alice"), 10_000);
+    s.assert_key_ttl_matches("alice", &[&a], "after the first create");
+    // A shorter-lived session must not shorten the key; a new one lengthens it.
+    s.expire_in("alice", &a, 10_000);
+    s.assert_key_ttl_matches("alice", &[&a], "precondition");
     let b = s.create("alice").await;
-    s.assert_index_ttl_matches("alice", &[&a, &b], "after the second create");
+    s.assert_key_ttl_matches("alice", &[&a, &b], "after the second create");
 }
 
 #[tokio::test]
-async fn the_index_shrinks_to_the_longest_remaining_session_after_destroy() {
+async fn the_key_shrinks_to_the_longest_remaining_session_after_destroy() {
     let s = setup().await;
     let short = s.create("alice").await;
-    s.pexpire(&session_key("alice", &short), 10_000);
+    s.expire_in("alice", &short, 10_000);
     let long = s.create("alice").await;
-    s.assert_index_ttl_matches("alice", &[&short, &long], "before destroy");
+    s.assert_key_ttl_matches("alice", &[&short, &long], "before destroy");
     s.delete("alice", &long).await;
-    s.assert_index_ttl_matches("alice", &[&short], "after destroying the longest");
-    assert_eq!(s.members("alice"), set(&[&short]));
+    s.assert_key_ttl_matches("alice", &[&short], "after destroying the longest");
+    assert_eq!(s.stored_ids("alice"), set(&[&short]));
 }
 
 #[tokio::test]
-async fn destroying_the_last_session_removes_the_index() {
+async fn destroying_the_last_session_removes_the_key() {
     let s = setup().await;
     let a = s.create("alice").await;
     s.delete("alice", &a).await;
-    let exists: i64 = redis::cmd("EXISTS")
-        .arg(index_key("alice"))
-        .query(&mut s.redis.conn())
-        .unwrap();
-    assert_eq!(exists, 0);
+    assert!(!s.key_exists("alice"));
 }
 
 #[tokio::test]
-async fn the_index_follows_a_session_that_is_extended() {
+async fn the_key_follows_a_session_that_is_extended() {
     let s = setup().await;
     let a = s.create("alice").await;
-    s.pexpire(&session_key("alice", &a), 5_000);
-    s.pexpire(&index_key("alice"), 5_000);
+    s.expire_in("alice", &a, 5_000);
     s.extend("alice", &a).await;
-    s.assert_index_ttl_matches("alice", &[&a], "after extend");
-    let ttl = pttl(&mut s.redis.conn(), &session_key("alice", &a));
-    assert!(ttl > 55_000, "extend left PTTL at {ttl}");
+    s.assert_key_ttl_matches("alice", &[&a], "after extend");
+    let ttl = session_ttl_ms(&mut s.redis.conn(), "alice", &a).unwrap();
+    assert!(ttl > 55_000, "extend left the TTL at {ttl}");
 }
 
 #[tokio::test]
-async fn the_index_follows_a_session_slid_by_a_proxied_request() {
+async fn the_key_follows_a_session_slid_by_a_proxied_request() {
     let s = setup().await;
     let a = s.create("alice").await;
-    s.pexpire(&session_key("alice", &a), 5_000);
-    s.pexpire(&index_key("alice"), 5_000);
-    let resp = client()
-        .get(s.proxy.url("/game"))
-        .bearer_auth(token("alice", Some(&a)))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    s.assert_index_ttl_matches("alice", &[&a], "after a proxied request");
+    s.expire_in("alice", &a, 5_000);
+    assert_eq!(s.proxied("alice", &a).await.status(), 200);
+    s.assert_key_ttl_matches("alice", &[&a], "after a proxied request");
+    let ttl = session_ttl_ms(&mut s.redis.conn(), "alice", &a).unwrap();
+    assert!(ttl > 55_000, "the request left the TTL at {ttl}");
 }
 
 #[tokio::test]
-async fn a_proxied_request_recreates_a_lost_index_entry() {
+async fn a_slide_leaves_the_users_other_sessions_as_they_were() {
     let s = setup().await;
     let a = s.create("alice").await;
-    let _: () = redis::cmd("DEL")
-        .arg(index_key("alice"))
+    let b = s.create("alice").await;
+    s.expire_in("alice", &a, 5_000);
+    s.expire_in("alice", &b, 7_000);
+    let before = stored_session(&mut s.redis.conn(), "alice", &b).unwrap();
+    assert_eq!(s.proxied("alice", &a).await.status(), 200);
+    let after = stored_session(&mut s.redis.conn(), "alice", &b).unwrap();
+    assert_eq!(after, before, "b was changed by a's slide");
+    let a_ttl = session_ttl_ms(&mut s.redis.conn(), "alice", &a).unwrap();
+    assert!(a_ttl > 55_000, "a was not slid: {a_ttl}");
+}
+
+#[tokio::test]
+async fn a_value_that_is_not_in_the_session_layout_fails_closed() {
+    let s = setup().await;
+    let a = s.create("alice").await;
+    let _: () = redis::cmd("SET")
+        .arg(sessions_key("alice"))
+        .arg("not a session record")
         .query(&mut s.redis.conn())
         .unwrap();
+    let resp = s.proxied("alice", &a).await;
+    assert_error(resp, 503, "SESSION_STORE_UNAVAILABLE").await;
+    assert_eq!(s.upstream.count(), 0, "forwarded unchecked");
     let resp = client()
-        .get(s.proxy.url("/game"))
-        .bearer_auth(token("alice", Some(&a)))
+        .post(s.proxy.url("/api/v1/sessions/create"))
+        .bearer_auth(token("alice", None))
         .send()
         .await
         .unwrap();
-    assert_eq!(resp.status(), 200);
-    assert_eq!(s.members("alice"), set(&[&a]));
-    s.assert_index_ttl_matches("alice", &[&a], "after re-adding");
-    assert_eq!(s.list_ids("alice").await, set(&[&a]));
+    assert_error(resp, 503, "SESSION_STORE_UNAVAILABLE").await;
+    let kept: String = redis::cmd("GET")
+        .arg(sessions_key("alice"))
+        .query(&mut s.redis.conn())
+        .unwrap();
+    assert_eq!(
+        kept, "not a session record",
+        "an unknown value was overwritten"
+    );
+}
+
+#[tokio::test]
+async fn opening_more_than_max_per_user_ends_the_least_recently_active() {
+    let s = setup_with("max_per_user = 2\nlast_active_resolution = \"0s\"\nlocal_cache = false\n")
+        .await;
+    let a = s.create("alice").await;
+    let b = s.create("alice").await;
+    // Requests make a the most recently active, so b is the least.
+    let b_active = stored_session(&mut s.redis.conn(), "alice", &b)
+        .unwrap()
+        .last_active_ms;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        assert_eq!(s.proxied("alice", &a).await.status(), 200);
+        let a_active = stored_session(&mut s.redis.conn(), "alice", &a)
+            .unwrap()
+            .last_active_ms;
+        if a_active > b_active {
+            break;
+        }
+        assert!(Instant::now() < deadline, "lastActive never moved");
+    }
+    let c = s.create("alice").await;
+    assert_eq!(s.list_ids("alice").await, set(&[&a, &c]));
+    assert_eq!(s.stored_ids("alice"), set(&[&a, &c]));
+    let resp = s.proxied("alice", &b).await;
+    assert_error(resp, 401, "SESSION_INVALID").await;
+    assert_eq!(s.proxied("alice", &a).await.status(), 200);
+    let metrics = client()
+        .get(s.proxy.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("portcullis_sessions_evicted_total 1"),
+        "{metrics}"
+    );
+    // Other users are not affected by alice's cap.
+    let d = s.create("bob").await;
+    assert_eq!(s.stored_ids("bob"), set(&[&d]));
 }
 
 #[tokio::test]
@@ -271,36 +327,28 @@ async fn one_session_with_a_120_byte_user_agent_uses_under_400_bytes_of_redis_me
     );
     assert_eq!(ua.len(), 120);
     let body = serde_json::json!({
-        "metadata": {"userAgent": ua, "deviceId": "3f2c9a1e-device-0001"}
+        "metadata": {"userAgent": ua, "deviceId": "3f2c9a1e-8d4b-4c1a-9e2f-7b6a5d4c3b2a"}
     });
     let resp = client()
         .post(s.proxy.url("/api/v1/sessions/create"))
-        .bearer_auth(token("player-000042", None))
+        .bearer_auth(token("6ba7b810-9dad-51d1-80b4-00c04fd430c8", None))
         .json(&body)
         .send()
         .await
         .unwrap();
     assert_eq!(resp.status(), 201);
-    let id = json(resp).await["data"]["sessionId"]
-        .as_str()
-        .unwrap()
-        .to_string();
     let mut conn = s.redis.conn();
-    let key = session_key("player-000042", &id);
-    let session: i64 = redis::cmd("MEMORY")
+    let key = sessions_key("6ba7b810-9dad-51d1-80b4-00c04fd430c8");
+    let usage: i64 = redis::cmd("MEMORY")
         .arg("USAGE")
         .arg(&key)
         .query(&mut conn)
         .unwrap();
-    let index: i64 = redis::cmd("MEMORY")
-        .arg("USAGE")
-        .arg(index_key("player-000042"))
-        .query(&mut conn)
-        .unwrap();
-    let value: String = redis::cmd("GET").arg(&key).query(&mut conn).unwrap();
+    let value: Vec<u8> = redis::cmd("GET").arg(&key).query(&mut conn).unwrap();
     println!(
-        "MEMORY USAGE: session key {session} bytes (value {} bytes), user index {index} bytes",
+        "MEMORY USAGE: {usage} bytes for a key of {} bytes and a value of {} bytes",
+        key.len(),
         value.len()
     );
-    assert!(session < 400, "one session costs {session} bytes");
+    assert!(usage < 400, "one session costs {usage} bytes");
 }

@@ -111,11 +111,9 @@ impl Setup {
             .unwrap()
     }
 
-    fn index_members(&self, user: &str) -> BTreeSet<String> {
-        redis::cmd("HKEYS")
-            .arg(index_key(user))
-            .query(&mut self.redis.conn())
-            .unwrap()
+    /// The ids of the sessions stored for `user`.
+    fn stored_ids(&self, user: &str) -> BTreeSet<String> {
+        stored_ids(&mut self.redis.conn(), user)
     }
 }
 
@@ -176,14 +174,19 @@ async fn create_without_a_body_answers_201_with_only_session_id_and_expiry() {
         (expires - expected).num_seconds().abs() <= 5,
         "expiresAt {expires} is not now + ttl ({expected})"
     );
-    // The session exists in Redis under the documented key, with the full TTL, and is indexed.
+    // The session is stored under the documented key, with the full TTL.
     let mut conn = s.redis.conn();
-    let ttl = pttl(&mut conn, &session_key("alice", id));
+    let ttl = session_ttl_ms(&mut conn, "alice", id).expect("stored");
     assert!(
         ttl > (TTL_SECS - 5) * 1000 && ttl <= TTL_SECS * 1000,
-        "PTTL {ttl}"
+        "TTL {ttl}"
     );
-    assert_eq!(s.index_members("alice"), set(&[id]));
+    let key_ttl = pttl(&mut conn, &sessions_key("alice"));
+    assert!(
+        key_ttl >= ttl - 50,
+        "the key dies before the session: {key_ttl}"
+    );
+    assert_eq!(s.stored_ids("alice"), set(&[id]));
 }
 
 #[tokio::test]
@@ -327,7 +330,7 @@ async fn ip_address_comes_from_x_forwarded_for_when_the_peer_is_a_trusted_proxy(
 }
 
 #[tokio::test]
-async fn the_stored_value_is_the_compact_record_under_the_hash_tagged_keys() {
+async fn the_stored_value_is_the_documented_record_under_one_hash_tagged_key_per_user() {
     let s = setup().await;
     let body = s
         .create_with(
@@ -338,32 +341,42 @@ async fn the_stored_value_is_the_compact_record_under_the_hash_tagged_keys() {
         .await;
     let id = body["data"]["sessionId"].as_str().unwrap();
     let mut conn = s.redis.conn();
-    let value: String = redis::cmd("GET")
-        .arg(session_key("alice", id))
+    let value: Vec<u8> = redis::cmd("GET")
+        .arg(sessions_key("alice"))
         .query(&mut conn)
         .unwrap();
-    let fields: Vec<&str> = value.splitn(7, '|').collect();
-    assert_eq!(fields.len(), 7, "{value}");
-    assert_eq!(fields[0].len(), 13, "lastActive is 13 digits: {value}");
-    assert!(fields[0].bytes().all(|b| b.is_ascii_digit()), "{value}");
-    assert_eq!(fields[1], "1", "{value}");
-    assert_eq!(fields[2].len(), 13, "createdAt is 13 digits: {value}");
+    // The documented layout, byte by byte: version, length, id, three times, details.
+    assert_eq!(value[0], 1, "version");
+    let len = usize::from(u16::from_be_bytes([value[1], value[2]]));
+    assert_eq!(value.len(), 3 + len, "one record");
+    let body = &value[3..];
+    assert_eq!(&body[..16], uuid::Uuid::parse_str(id).unwrap().as_bytes());
+    let time_at = |at: usize| {
+        body[at..at + 6]
+            .iter()
+            .fold(0i64, |n, b| (n << 8) | i64::from(*b))
+    };
+    let (expires, last_active, created) = (time_at(16), time_at(22), time_at(28));
     assert_eq!(
-        &fields[3..],
-        ["i", "dev-1", "127.0.0.1", "Game|1.0"],
-        "{value}"
+        last_active, created,
+        "a new session was last active when created"
     );
-    // The session and its index share a hash tag, so they share a cluster slot.
-    assert!(session_key("alice", id).contains("{alice}"));
-    assert!(index_key("alice").contains("{alice}"));
+    assert_eq!(expires, created + TTL_SECS * 1000);
+    let now = redis_now_ms(&mut conn);
+    assert!(
+        (now - 5_000..=now).contains(&created),
+        "createdAt {created}, now {now}"
+    );
+    assert_eq!(&body[34..], b"i\x05dev-1\x09127.0.0.1Game|1.0");
+    // One key per user, hash-tagged on the user id; nothing else was written.
+    assert!(sessions_key("alice").contains("{alice}"));
     let kind: String = redis::cmd("TYPE")
-        .arg(index_key("alice"))
+        .arg(sessions_key("alice"))
         .query(&mut conn)
         .unwrap();
-    assert_eq!(kind, "hash");
-    // Nothing else was written.
+    assert_eq!(kind, "string");
     let all: BTreeSet<String> = redis::cmd("KEYS").arg("*").query(&mut conn).unwrap();
-    assert_eq!(all, set(&[&session_key("alice", id), &index_key("alice")]));
+    assert_eq!(all, set(&[&sessions_key("alice")]));
 }
 
 #[tokio::test]
@@ -381,13 +394,14 @@ async fn keys_use_the_configured_key_prefix() {
         .arg("*")
         .query(&mut redis.conn())
         .unwrap();
-    assert_eq!(
-        all,
-        set(&[
-            &format!("mmo:session:{{alice}}:{id}"),
-            "mmo:user:{alice}:sessions"
-        ])
-    );
+    assert_eq!(all, set(&["mmo:sessions:{alice}"]));
+    let stored: Vec<u8> = redis::cmd("GET")
+        .arg("mmo:sessions:{alice}")
+        .query(&mut redis.conn())
+        .unwrap();
+    let bodies = portcullis::session::record::bodies(&stored).unwrap();
+    let record = portcullis::session::record::decode(bodies[0]).unwrap();
+    assert_eq!(record.session_id.to_string(), id);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -451,11 +465,7 @@ async fn get_does_not_slide_the_session() {
     let s = setup().await;
     let id = s.create("alice").await;
     let mut conn = s.redis.conn();
-    let _: () = redis::cmd("PEXPIRE")
-        .arg(session_key("alice", &id))
-        .arg(10_000)
-        .query(&mut conn)
-        .unwrap();
+    expire_session_in(&mut conn, "alice", &id, 10_000);
     let session = s.get_ok("alice", &id).await;
     let expires = time(&session["expiresAt"]);
     let left = (expires - Utc::now()).num_milliseconds();
@@ -463,7 +473,8 @@ async fn get_does_not_slide_the_session() {
         (5_000..=11_000).contains(&left),
         "expiresAt is {left} ms away"
     );
-    assert!(pttl(&mut conn, &session_key("alice", &id)) <= 10_000);
+    assert!(session_ttl_ms(&mut conn, "alice", &id).unwrap() <= 10_000);
+    assert!(pttl(&mut conn, &sessions_key("alice")) <= 10_000);
 }
 
 #[tokio::test]
@@ -525,12 +536,7 @@ async fn extend_puts_the_ttl_back_to_full_and_answers_id_and_expiry() {
     let s = setup().await;
     let id = s.create("alice").await;
     let mut conn = s.redis.conn();
-    let key = session_key("alice", &id);
-    let _: () = redis::cmd("PEXPIRE")
-        .arg(&key)
-        .arg(5_000)
-        .query(&mut conn)
-        .unwrap();
+    expire_session_in(&mut conn, "alice", &id, 5_000);
     let before = Utc::now();
     let resp = client()
         .post(s.url(&format!("/{id}/extend")))
@@ -546,8 +552,10 @@ async fn extend_puts_the_ttl_back_to_full_and_answers_id_and_expiry() {
     let expires = time(&body["data"]["expiresAt"]);
     let expected = before + chrono::Duration::seconds(TTL_SECS);
     assert!((expires - expected).num_seconds().abs() <= 5, "{expires}");
-    let ttl = pttl(&mut conn, &key);
-    assert!(ttl > (TTL_SECS - 5) * 1000, "PTTL after extend is {ttl}");
+    let ttl = session_ttl_ms(&mut conn, "alice", &id).unwrap();
+    assert!(ttl > (TTL_SECS - 5) * 1000, "TTL after extend is {ttl}");
+    let key_ttl = pttl(&mut conn, &sessions_key("alice"));
+    assert!(key_ttl >= ttl - 50, "the key did not follow: {key_ttl}");
 }
 
 #[tokio::test]
@@ -570,7 +578,7 @@ async fn extend_of_an_unknown_session_is_404_and_creates_nothing() {
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test]
-async fn delete_answers_200_success_and_removes_the_session_and_its_index_entry() {
+async fn delete_answers_200_success_and_removes_only_that_session() {
     let s = setup().await;
     let keep = s.create("alice").await;
     let id = s.create("alice").await;
@@ -582,12 +590,7 @@ async fn delete_answers_200_success_and_removes_the_session_and_its_index_entry(
         .unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(json(resp).await, json!({"success": true}));
-    let exists: i64 = redis::cmd("EXISTS")
-        .arg(session_key("alice", &id))
-        .query(&mut s.redis.conn())
-        .unwrap();
-    assert_eq!(exists, 0);
-    assert_eq!(s.index_members("alice"), set(&[&keep]));
+    assert_eq!(s.stored_ids("alice"), set(&[&keep]));
     assert_error(s.get("alice", &id).await, 404, "SESSION_NOT_FOUND").await;
 }
 
@@ -614,12 +617,7 @@ async fn another_users_session_is_404_on_get_extend_and_delete_and_stays_untouch
     let s = setup().await;
     let id = s.create("alice").await;
     let mut conn = s.redis.conn();
-    let key = session_key("alice", &id);
-    let _: () = redis::cmd("PEXPIRE")
-        .arg(&key)
-        .arg(20_000)
-        .query(&mut conn)
-        .unwrap();
+    expire_session_in(&mut conn, "alice", &id, 20_000);
 
     assert_error(s.get("mallory", &id).await, 404, "SESSION_NOT_FOUND").await;
     let resp = client()
@@ -638,8 +636,9 @@ async fn another_users_session_is_404_on_get_extend_and_delete_and_stays_untouch
     assert_error(resp, 404, "SESSION_NOT_FOUND").await;
 
     // Still alive, not extended, and not listed for the other user.
-    let ttl = pttl(&mut conn, &key);
-    assert!(ttl > 0 && ttl <= 20_000, "PTTL {ttl}");
+    let ttl = session_ttl_ms(&mut conn, "alice", &id).unwrap();
+    assert!(ttl > 0 && ttl <= 20_000, "TTL {ttl}");
+    assert!(stored_ids(&mut conn, "mallory").is_empty());
     assert!(s.list("mallory").await.is_empty());
     assert_eq!(s.get_ok("alice", &id).await["sessionId"], id.as_str());
 }
@@ -678,7 +677,7 @@ async fn create_rejects_malformed_json_with_400() {
         assert!(message(&body).contains("JSON"), "{body}");
     }
     assert!(
-        s.index_members("alice").is_empty(),
+        s.stored_ids("alice").is_empty(),
         "a rejected create stored a session"
     );
 }
@@ -692,7 +691,7 @@ async fn create_rejects_trailing_data_after_the_json_body() {
         assert!(message(&body).contains("JSON"), "{bad}: {body}");
     }
     assert!(
-        s.index_members("alice").is_empty(),
+        s.stored_ids("alice").is_empty(),
         "a rejected create stored a session"
     );
 }
@@ -710,7 +709,7 @@ async fn create_rejects_wrong_types_naming_the_field() {
         let body = assert_error(s.post_create_raw("alice", bad).await, 400, "BAD_REQUEST").await;
         assert!(message(&body).contains(field), "{bad}: {body}");
     }
-    assert!(s.index_members("alice").is_empty());
+    assert!(s.stored_ids("alice").is_empty());
 }
 
 #[tokio::test]
@@ -720,7 +719,7 @@ async fn create_rejects_a_json_array_instead_of_an_object() {
         let resp = s.post_create_raw("alice", bad).await;
         assert_error(resp, 400, "BAD_REQUEST").await;
     }
-    assert!(s.index_members("alice").is_empty());
+    assert!(s.stored_ids("alice").is_empty());
 }
 
 #[tokio::test]
@@ -731,7 +730,7 @@ async fn create_rejects_an_unknown_platform() {
         let body = assert_error(s.post_create_raw("alice", bad).await, 400, "BAD_REQUEST").await;
         assert!(message(&body).contains("platform"), "{platform:?}: {body}");
     }
-    assert!(s.index_members("alice").is_empty());
+    assert!(s.stored_ids("alice").is_empty());
 }
 
 #[tokio::test]
@@ -749,7 +748,7 @@ async fn create_rejects_unknown_fields_naming_them() {
         let body = assert_error(s.post_create_raw("alice", bad).await, 400, "BAD_REQUEST").await;
         assert!(message(&body).contains(field), "{bad}: {body}");
     }
-    assert!(s.index_members("alice").is_empty());
+    assert!(s.stored_ids("alice").is_empty());
 }
 
 #[tokio::test]
@@ -761,7 +760,7 @@ async fn create_rejects_a_device_id_with_a_separator_or_too_long() {
         let body = assert_error(s.post_create_raw("alice", bad).await, 400, "BAD_REQUEST").await;
         assert!(message(&body).contains("deviceId"), "{device:?}: {body}");
     }
-    assert!(s.index_members("alice").is_empty());
+    assert!(s.stored_ids("alice").is_empty());
 }
 
 #[tokio::test]
@@ -791,7 +790,7 @@ async fn create_rejects_a_body_over_16_kib_with_413_and_accepts_one_of_exactly_1
     let body = reqwest::Body::wrap_stream(futures_util::stream::iter(chunks));
     let resp = s.post_create_raw("alice", body).await;
     assert_error(resp, 413, "PAYLOAD_TOO_LARGE").await;
-    assert_eq!(s.index_members("alice").len(), 1);
+    assert_eq!(s.stored_ids("alice").len(), 1);
 }
 
 #[tokio::test]
@@ -856,7 +855,7 @@ async fn a_wrong_method_on_a_known_endpoint_is_405() {
         assert_error(resp, 405, "METHOD_NOT_ALLOWED").await;
     }
     // None of them touched the session.
-    assert_eq!(s.index_members("alice"), set(&[&id]));
+    assert_eq!(s.stored_ids("alice"), set(&[&id]));
 }
 
 #[tokio::test]
@@ -918,5 +917,5 @@ async fn every_endpoint_but_the_openapi_document_needs_a_token() {
         assert_error(resp, 401, "TOKEN_INVALID").await;
     }
     // The session survived the anonymous DELETE, and nothing else was created.
-    assert_eq!(s.index_members("alice"), set(&[&id]));
+    assert_eq!(s.stored_ids("alice"), set(&[&id]));
 }

@@ -40,28 +40,22 @@ impl Setup {
             .unwrap()
     }
 
-    fn stored(&self, sid: &str) -> Option<String> {
-        redis::cmd("GET")
-            .arg(session_key("alice", sid))
-            .query(&mut self.redis.conn())
-            .unwrap()
+    fn stored(&self, sid: &str) -> portcullis::session::record::Record {
+        stored_session(&mut self.redis.conn(), "alice", sid).expect("session stored")
     }
 
     fn last_active_ms(&self, sid: &str) -> u64 {
-        let value = self.stored(sid).expect("session exists");
-        value[..13].parse().expect("13-digit lastActive")
+        self.stored(sid).last_active_ms
     }
 
-    fn pttl(&self, key: &str) -> i64 {
-        pttl(&mut self.redis.conn(), key)
+    /// Milliseconds the session has left in Redis.
+    fn ttl(&self, sid: &str) -> i64 {
+        session_ttl_ms(&mut self.redis.conn(), "alice", sid).expect("session stored")
     }
 
-    fn pexpire(&self, key: &str, ms: i64) {
-        let _: () = redis::cmd("PEXPIRE")
-            .arg(key)
-            .arg(ms)
-            .query(&mut self.redis.conn())
-            .unwrap();
+    /// PTTL of the key holding alice's sessions.
+    fn key_pttl(&self) -> i64 {
+        pttl(&mut self.redis.conn(), &sessions_key("alice"))
     }
 }
 
@@ -82,10 +76,14 @@ async fn requests_keep_a_session_alive_well_past_its_ttl() {
         tokio::time::sleep(Duration::from_millis(600)).await;
         let resp = s.request(&sid).await;
         assert_eq!(resp.status(), 200, "round {round}");
-        let ttl = s.pttl(&session_key("alice", &sid));
+        let ttl = s.ttl(&sid);
         assert!(
             ttl > TTL_MS - 250,
-            "round {round}: PTTL {ttl} ms is not back near {TTL_MS}"
+            "round {round}: TTL {ttl} ms is not back near {TTL_MS}"
+        );
+        assert!(
+            s.key_pttl() >= ttl - 50,
+            "round {round}: the key dies first"
         );
         let now = s.last_active_ms(&sid);
         assert!(now > last_active, "round {round}: lastActive did not move");
@@ -103,8 +101,9 @@ async fn silence_lets_a_session_expire_and_then_it_is_401_session_invalid() {
     assert_eq!(s.request(&sid).await.status(), 200);
     let forwarded = s.upstream.count();
 
-    // Wait, bounded, for Redis to expire it: only time can do this.
-    let key = session_key("alice", &sid);
+    // Wait, bounded, for Redis to expire it (its key goes with the user's last session): only
+    // time can do this.
+    let key = sessions_key("alice");
     loop {
         let exists: i64 = redis::cmd("EXISTS")
             .arg(&key)
@@ -135,26 +134,20 @@ async fn silence_lets_a_session_expire_and_then_it_is_401_session_invalid() {
         .await
         .unwrap();
     assert_error(resp, 404, "SESSION_NOT_FOUND").await;
-    // The index went with it: it never outlives the user's last session.
-    assert_eq!(s.pttl(&index_key("alice")), -2);
 }
 
 #[tokio::test]
 async fn a_request_puts_the_ttl_in_redis_back_near_full() {
     let s = setup().await;
     let sid = create_session(&s.proxy, &token("alice", None)).await;
-    let key = session_key("alice", &sid);
-    s.pexpire(&key, 300);
-    s.pexpire(&index_key("alice"), 300);
+    expire_session_in(&mut s.redis.conn(), "alice", &sid, 300);
+    assert!(s.key_pttl() <= 300, "precondition");
     let before = now_ms();
     assert_eq!(s.request(&sid).await.status(), 200);
-    let ttl = s.pttl(&key);
-    assert!(ttl > TTL_MS - 100, "PTTL after a request is {ttl}");
-    let index = s.pttl(&index_key("alice"));
-    assert!(
-        index > TTL_MS - 100,
-        "index PTTL after a request is {index}"
-    );
+    let ttl = s.ttl(&sid);
+    assert!(ttl > TTL_MS - 100, "TTL after a request is {ttl}");
+    let key = s.key_pttl();
+    assert!(key > TTL_MS - 100, "key PTTL after a request is {key}");
     let last_active = s.last_active_ms(&sid);
     assert!(
         last_active >= before && last_active <= now_ms(),
@@ -166,15 +159,16 @@ async fn a_request_puts_the_ttl_in_redis_back_near_full() {
 async fn last_active_is_rewritten_at_most_once_per_resolution_but_the_ttl_always_slides() {
     let s = setup_with("[session]\nttl = \"60s\"\nlast_active_resolution = \"30s\"\n").await;
     let sid = create_session(&s.proxy, &token("alice", None)).await;
-    let key = session_key("alice", &sid);
-    let stored = s.stored(&sid).unwrap();
-    s.pexpire(&key, 3_000);
+    let stored = s.stored(&sid);
+    expire_session_in(&mut s.redis.conn(), "alice", &sid, 3_000);
     assert_eq!(s.request(&sid).await.status(), 200);
+    let after = s.stored(&sid);
     assert_eq!(
-        s.stored(&sid).unwrap(),
-        stored,
-        "the record was rewritten within the resolution"
+        after.last_active_ms, stored.last_active_ms,
+        "lastActive was rewritten within the resolution"
     );
-    let ttl = s.pttl(&key);
-    assert!(ttl > 59_000, "PTTL after a request is {ttl}");
+    assert_eq!(after.metadata, stored.metadata);
+    let ttl = s.ttl(&sid);
+    assert!(ttl > 59_000, "TTL after a request is {ttl}");
+    assert!(s.key_pttl() > 59_000, "the key did not follow");
 }

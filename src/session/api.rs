@@ -29,7 +29,9 @@ use crate::error::{json_response, Rejection};
 use crate::metrics::Metrics;
 use crate::peer::ClientIp;
 use crate::routes::normalise;
-use crate::session::{Created, Metadata, Platform, Sessions, MAX_DEVICE_ID, MAX_USER_AGENT};
+use crate::session::{
+    Created, Metadata, Opened, Platform, Sessions, MAX_DEVICE_ID, MAX_USER_AGENT,
+};
 use crate::store::StoreError;
 use crate::Body;
 
@@ -153,11 +155,21 @@ impl SessionApi {
         match (endpoint, method) {
             (Endpoint::Create, Method::POST) => {
                 let metadata = create_metadata(req).await?;
-                let created: Created = sessions
+                let Opened { created, evicted } = sessions
                     .create(user, &metadata)
                     .await
                     .map_err(store_failed)?;
                 self.metrics.sessions_created.inc();
+                for old in evicted {
+                    self.metrics.sessions_evicted.inc();
+                    audit(
+                        "session_evicted",
+                        user,
+                        old.session_id,
+                        old.metadata.platform,
+                        client_ip,
+                    );
+                }
                 audit(
                     "session_created",
                     user,

@@ -2,10 +2,11 @@
 //! for up to `slide_interval`, then checked in Redis again.
 //!
 //! It is kept exact by Redis client-side caching: the store's connection runs
-//! `CLIENT TRACKING ON BCAST PREFIX <prefix>:session: NOLOOP`, so any write to a session key by
-//! another client (another replica's destroy or slide, an expiry, an operator's DEL) pushes an
-//! invalidation that removes the entry here within milliseconds. Writes by this process do not
-//! come back (NOLOOP); this process removes those entries itself. The cache is only consulted
+//! `CLIENT TRACKING ON BCAST PREFIX <prefix>:sessions: NOLOOP`, so any write to a user's
+//! sessions key by another client (another replica's destroy or slide, an expiry, an
+//! operator's DEL) pushes an invalidation that removes that user's entries here within
+//! milliseconds. Writes by this process do not come back (NOLOOP); this process removes those
+//! entries itself. The cache is only consulted
 //! while the tracking connection is up: on disconnect it is flushed and every request goes to
 //! Redis (and fails closed if Redis cannot answer).
 //!
@@ -28,6 +29,8 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use foldhash::quality::RandomState;
 
+use uuid::Uuid;
+
 use crate::session::Platform;
 
 const EPOCH_SLOTS: usize = 1024;
@@ -38,16 +41,20 @@ pub const MAX_STALENESS: Duration = Duration::from_millis(60);
 /// How often the store pings Redis to prove invalidations are flowing.
 pub const HEARTBEAT: Duration = Duration::from_millis(20);
 
+/// Sessions of one user kept at most; a user with more is asked about in Redis more often.
+const SESSIONS_PER_USER: usize = 8;
+
 #[derive(Debug, Clone, Copy)]
 struct Entry {
+    session: Uuid,
     platform: Platform,
     /// Until when the entry may admit requests without asking Redis.
     fresh_until: Instant,
 }
 
-/// Sessions recently confirmed by Redis, keyed by their Redis key.
+/// Sessions recently confirmed by Redis, by the Redis key that holds them (one per user).
 pub struct SessionCache {
-    entries: DashMap<Box<str>, Entry, RandomState>,
+    entries: DashMap<Box<str>, Vec<Entry>, RandomState>,
     epochs: Box<[AtomicU64]>,
     hasher: RandomState,
     max_entries: usize,
@@ -97,17 +104,16 @@ impl SessionCache {
     }
 
     /// The platform of a session confirmed recently enough, if the cache may be trusted now.
-    pub fn get(&self, key: &str) -> Option<Platform> {
+    pub fn get(&self, key: &str, session: Uuid) -> Option<Platform> {
         if !self.trustworthy() {
             return None;
         }
-        let entry = *self.entries.get(key)?;
-        if Instant::now() < entry.fresh_until {
-            Some(entry.platform)
-        } else {
-            self.entries.remove(key);
-            None
-        }
+        let entry = *self
+            .entries
+            .get(key)?
+            .iter()
+            .find(|e| e.session == session)?;
+        (Instant::now() < entry.fresh_until).then_some(entry.platform)
     }
 
     /// Call before asking Redis; pass the result to [`SessionCache::insert`].
@@ -115,23 +121,39 @@ impl SessionCache {
         Epoch(self.slot(key.as_bytes()).load(Ordering::Acquire))
     }
 
-    /// Remembers a session Redis just confirmed, unless an invalidation for it (or a flush)
-    /// arrived since `epoch` was taken.
-    pub fn insert(&self, key: &str, epoch: Epoch, platform: Platform, fresh_for: Duration) {
+    /// Remembers a session Redis just confirmed under `key`, unless an invalidation for that
+    /// key (or a flush) arrived since `epoch` was taken.
+    pub fn insert(
+        &self,
+        key: &str,
+        epoch: Epoch,
+        session: Uuid,
+        platform: Platform,
+        fresh_for: Duration,
+    ) {
         if fresh_for.is_zero() || !self.live.load(Ordering::Acquire) {
             return;
         }
-        if self.entries.len() >= self.max_entries {
+        if self.entries.len() >= self.max_entries && !self.entries.contains_key(key) {
             self.sweep();
             if self.entries.len() >= self.max_entries {
                 return;
             }
         }
+        let now = Instant::now();
         let entry = Entry {
+            session,
             platform,
-            fresh_until: Instant::now() + fresh_for,
+            fresh_until: now + fresh_for,
         };
-        self.entries.insert(key.into(), entry);
+        {
+            let mut sessions = self.entries.entry(key.into()).or_default();
+            sessions.retain(|e| e.session != session && now < e.fresh_until);
+            if sessions.len() >= SESSIONS_PER_USER {
+                sessions.remove(0);
+            }
+            sessions.push(entry);
+        }
         // Re-check after inserting: an invalidation handled in between bumped the epoch and
         // may have removed nothing (the entry was not there yet).
         if self.slot(key.as_bytes()).load(Ordering::Acquire) != epoch.0 {
@@ -139,7 +161,7 @@ impl SessionCache {
         }
     }
 
-    /// A key changed in Redis.
+    /// A key changed in Redis: every session under it is asked about again.
     pub fn invalidate(&self, key: &[u8]) {
         self.slot(key).fetch_add(1, Ordering::AcqRel);
         if let Ok(key) = std::str::from_utf8(key) {
@@ -173,9 +195,13 @@ impl SessionCache {
     /// Drops entries that are no longer fresh.
     pub fn sweep(&self) {
         let now = Instant::now();
-        self.entries.retain(|_, e| now < e.fresh_until);
+        self.entries.retain(|_, sessions| {
+            sessions.retain(|e| now < e.fresh_until);
+            !sessions.is_empty()
+        });
     }
 
+    /// Users with a cached session.
     pub fn len(&self) -> usize {
         self.entries.len()
     }
@@ -189,6 +215,10 @@ impl SessionCache {
 mod tests {
     use super::*;
 
+    const A: Uuid = Uuid::from_u128(1);
+    const B: Uuid = Uuid::from_u128(2);
+    const MINUTE: Duration = Duration::from_secs(60);
+
     fn live_cache() -> SessionCache {
         let c = SessionCache::new(10);
         c.set_live(true);
@@ -196,25 +226,38 @@ mod tests {
         c
     }
 
-    #[test]
-    fn a_confirmed_session_is_served_until_it_goes_stale() {
-        let c = live_cache();
-        let e = c.epoch("k");
-        c.insert("k", e, Platform::Ios, Duration::from_secs(60));
-        assert_eq!(c.get("k"), Some(Platform::Ios));
-        let e = c.epoch("old");
-        c.insert("old", e, Platform::Web, Duration::from_nanos(1));
-        std::thread::sleep(Duration::from_millis(1));
-        assert_eq!(c.get("old"), None);
+    fn fill(c: &SessionCache, key: &str, session: Uuid, platform: Platform, fresh: Duration) {
+        let e = c.epoch(key);
+        c.insert(key, e, session, platform, fresh);
     }
 
     #[test]
-    fn an_invalidation_removes_the_entry() {
+    fn a_confirmed_session_is_served_until_it_goes_stale() {
         let c = live_cache();
-        let e = c.epoch("k");
-        c.insert("k", e, Platform::Web, Duration::from_secs(60));
+        fill(&c, "k", A, Platform::Ios, MINUTE);
+        assert_eq!(c.get("k", A), Some(Platform::Ios));
+        assert_eq!(c.get("k", B), None, "another session of the same user");
+        assert_eq!(c.get("other", A), None, "the same id under another user");
+        fill(&c, "old", A, Platform::Web, Duration::from_nanos(1));
+        std::thread::sleep(Duration::from_millis(1));
+        assert_eq!(c.get("old", A), None);
+    }
+
+    #[test]
+    fn an_invalidation_removes_every_session_under_the_key() {
+        let c = live_cache();
+        fill(&c, "k", A, Platform::Web, MINUTE);
+        fill(&c, "k", B, Platform::Ios, MINUTE);
+        fill(&c, "j", A, Platform::Web, MINUTE);
+        assert_eq!(c.get("k", B), Some(Platform::Ios));
         c.invalidate(b"k");
-        assert_eq!(c.get("k"), None);
+        assert_eq!(c.get("k", A), None);
+        assert_eq!(c.get("k", B), None);
+        assert_eq!(
+            c.get("j", A),
+            Some(Platform::Web),
+            "other users keep theirs"
+        );
     }
 
     #[test]
@@ -222,43 +265,62 @@ mod tests {
         let c = live_cache();
         let e = c.epoch("k");
         c.invalidate(b"k"); // arrives while the lookup is in flight
-        c.insert("k", e, Platform::Web, Duration::from_secs(60));
-        assert_eq!(c.get("k"), None);
+        c.insert("k", e, A, Platform::Web, MINUTE);
+        assert_eq!(c.get("k", A), None);
     }
 
     #[test]
     fn nothing_is_served_or_kept_while_tracking_is_down() {
         let c = live_cache();
-        let e = c.epoch("k");
-        c.insert("k", e, Platform::Web, Duration::from_secs(60));
+        fill(&c, "k", A, Platform::Web, MINUTE);
         c.set_live(false);
-        assert_eq!(c.get("k"), None);
+        assert_eq!(c.get("k", A), None);
         assert!(c.is_empty());
-        let e = c.epoch("k");
-        c.insert("k", e, Platform::Web, Duration::from_secs(60));
+        fill(&c, "k", A, Platform::Web, MINUTE);
         assert!(c.is_empty());
     }
 
     #[test]
     fn without_a_recent_answered_ping_nothing_is_served() {
         let c = live_cache();
-        let e = c.epoch("k");
-        c.insert("k", e, Platform::Web, Duration::from_secs(60));
-        assert_eq!(c.get("k"), Some(Platform::Web));
+        fill(&c, "k", A, Platform::Web, MINUTE);
+        assert_eq!(c.get("k", A), Some(Platform::Web));
         std::thread::sleep(MAX_STALENESS + Duration::from_millis(10));
-        assert_eq!(c.get("k"), None, "invalidations may have stopped flowing");
+        assert_eq!(
+            c.get("k", A),
+            None,
+            "invalidations may have stopped flowing"
+        );
         c.confirm(Instant::now());
-        assert_eq!(c.get("k"), Some(Platform::Web));
+        assert_eq!(c.get("k", A), Some(Platform::Web));
     }
 
     #[test]
-    fn the_cache_stays_within_its_bound() {
+    fn the_cache_stays_within_its_bounds() {
         let c = live_cache();
         for i in 0..100 {
-            let k = format!("k{i}");
-            let e = c.epoch(&k);
-            c.insert(&k, e, Platform::Web, Duration::from_secs(60));
+            fill(&c, &format!("k{i}"), A, Platform::Web, MINUTE);
         }
-        assert_eq!(c.len(), 10);
+        assert_eq!(c.len(), 10, "users");
+        for i in 0..20 {
+            fill(&c, "k0", Uuid::from_u128(i), Platform::Web, MINUTE);
+        }
+        let kept = (0..20)
+            .filter(|i| c.get("k0", Uuid::from_u128(*i)).is_some())
+            .count();
+        assert_eq!(kept, SESSIONS_PER_USER, "sessions of one user");
+        assert!(
+            c.get("k0", Uuid::from_u128(19)).is_some(),
+            "the newest stays"
+        );
+    }
+
+    #[test]
+    fn a_session_confirmed_again_is_kept_once() {
+        let c = live_cache();
+        fill(&c, "k", A, Platform::Web, MINUTE);
+        fill(&c, "k", A, Platform::Android, MINUTE);
+        assert_eq!(c.get("k", A), Some(Platform::Android));
+        assert_eq!(c.entries.get("k").map(|s| s.len()), Some(1));
     }
 }

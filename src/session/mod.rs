@@ -1,5 +1,5 @@
-//! Sessions (the SessionManager): the model clients see, its compact stored form, and the
-//! operations on it. Storage goes through [`crate::store::Store`], the only door to Redis.
+//! Sessions (the SessionManager): the model clients see and the operations on it; [`record`]
+//! is how they are stored. Storage goes through [`crate::store::Store`], the only door to Redis.
 //!
 //! Submodules: [`gate`] enforces a live session on proxied requests; [`api`] serves the
 //! session API.
@@ -7,16 +7,18 @@
 pub mod api;
 pub mod cache;
 pub mod gate;
+pub mod record;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
 use serde::{Deserialize, Serialize, Serializer};
 use uuid::Uuid;
 
+use crate::config::SessionConfig;
 use crate::metrics::Metrics;
 use crate::session::cache::SessionCache;
-use crate::store::{Store, StoreError, StoredSession, Tracking};
+use crate::store::{Store, StoreError, Tracking};
 
 /// The client platform a session was opened from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -33,23 +35,6 @@ impl Platform {
             Platform::Web => "web",
             Platform::Ios => "ios",
             Platform::Android => "android",
-        }
-    }
-
-    fn code(self) -> char {
-        match self {
-            Platform::Web => 'w',
-            Platform::Ios => 'i',
-            Platform::Android => 'a',
-        }
-    }
-
-    fn from_code(c: &str) -> Option<Platform> {
-        match c {
-            "w" => Some(Platform::Web),
-            "i" => Some(Platform::Ios),
-            "a" => Some(Platform::Android),
-            _ => None,
         }
     }
 
@@ -109,59 +94,6 @@ pub fn rfc3339_millis<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S
 pub const MAX_USER_AGENT: usize = 512;
 pub const MAX_DEVICE_ID: usize = 128;
 
-/// The stored form: `lastActive|1|createdAt|platform|deviceId|ipAddress|userAgent`, with
-/// times as 13-digit Unix milliseconds (lastActive first, at a fixed width, so the touch script
-/// can rewrite it in place with SETRANGE) and the platform as one letter. The User-Agent comes
-/// last so it may contain `|`; deviceId and ipAddress never do (checked on input).
-fn encode(created_ms: u64, last_active_ms: u64, metadata: &Metadata) -> String {
-    format!(
-        "{last_active_ms:013}|1|{created_ms:013}|{}|{}|{}|{}",
-        metadata.platform.code(),
-        metadata.device_id.as_deref().unwrap_or(""),
-        metadata.ip_address.as_deref().unwrap_or(""),
-        metadata.user_agent.as_deref().unwrap_or(""),
-    )
-}
-
-struct Decoded {
-    created_ms: u64,
-    last_active_ms: u64,
-    metadata: Metadata,
-}
-
-fn decode(value: &str) -> Result<Decoded, StoreError> {
-    let corrupt = || StoreError::Corrupt("unrecognised session record".into());
-    let mut fields = value.splitn(7, '|');
-    let mut next = || fields.next().ok_or_else(corrupt);
-    let last_active_ms: u64 = next()?.parse().map_err(|_| corrupt())?;
-    if next()? != "1" {
-        return Err(corrupt());
-    }
-    let created_ms: u64 = next()?.parse().map_err(|_| corrupt())?;
-    let platform = Platform::from_code(next()?).ok_or_else(corrupt)?;
-    let optional = |s: &str| (!s.is_empty()).then(|| s.to_string());
-    let device_id = optional(next()?);
-    let ip_address = optional(next()?);
-    let user_agent = optional(next()?);
-    Ok(Decoded {
-        created_ms,
-        last_active_ms,
-        metadata: Metadata {
-            platform,
-            user_agent,
-            ip_address,
-            device_id,
-        },
-    })
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
 fn time(ms: u64) -> DateTime<Utc> {
     i64::try_from(ms)
         .ok()
@@ -177,6 +109,7 @@ pub struct Sessions {
     last_active_resolution: Duration,
     /// A session is slid (and re-checked in Redis when cached) at most this often.
     slide_interval: Duration,
+    max_per_user: usize,
     cache: Option<std::sync::Arc<SessionCache>>,
     metrics: std::sync::Arc<Metrics>,
 }
@@ -208,21 +141,28 @@ pub struct Created {
     pub expires_at: DateTime<Utc>,
 }
 
+/// A session opened, and the least recently active ones it ended because the user already
+/// had `session.max_per_user`.
+#[derive(Debug, Clone)]
+pub struct Opened {
+    pub created: Created,
+    pub evicted: Vec<Session>,
+}
+
 impl Sessions {
     /// `cache` must be the same cache the store delivers invalidations to.
     pub fn new(
         store: Store,
-        ttl: Duration,
-        last_active_resolution: Duration,
-        slide_interval: Duration,
+        config: &SessionConfig,
         cache: Option<std::sync::Arc<SessionCache>>,
         metrics: std::sync::Arc<Metrics>,
     ) -> Self {
         Sessions {
             store,
-            ttl,
-            last_active_resolution,
-            slide_interval,
+            ttl: config.ttl,
+            last_active_resolution: config.last_active_resolution,
+            slide_interval: config.slide_interval,
+            max_per_user: config.max_per_user,
             cache,
             metrics,
         }
@@ -232,11 +172,12 @@ impl Sessions {
         self.cache.as_deref()
     }
 
-    /// This process changed a session: its own writes do not come back as invalidations.
-    fn forget(&self, user_id: &str, session_id: Uuid) {
+    /// This process wrote (or may have written) the user's sessions, and its own writes do
+    /// not come back as invalidations. Called after the write: a lookup that began before it
+    /// then cannot fill the cache with what the write changed (its epoch has moved).
+    fn forget(&self, user_id: &str) {
         if let Some(cache) = &self.cache {
-            let key = self.store.session_key(user_id, &session_id.to_string());
-            cache.invalidate(key.as_bytes());
+            cache.invalidate(self.store.sessions_key(user_id).as_bytes());
         }
     }
 
@@ -248,55 +189,39 @@ impl Sessions {
         self.ttl
     }
 
-    fn session(
-        &self,
-        user_id: &str,
-        session_id: Uuid,
-        decoded: Decoded,
-        expires_ms: u64,
-    ) -> Session {
-        Session {
-            session_id,
+    fn session(user_id: &str, body: &[u8]) -> Result<Session, StoreError> {
+        let r = record::decode(body)?;
+        Ok(Session {
+            session_id: r.session_id,
             user_id: user_id.to_string(),
-            created_at: time(decoded.created_ms),
-            last_active: time(decoded.last_active_ms),
-            expires_at: time(expires_ms),
-            metadata: decoded.metadata,
-        }
-    }
-
-    /// A stored session as the API shows it; it expires its remaining TTL after `now_ms`.
-    fn stored_session(
-        &self,
-        user_id: &str,
-        session_id: Uuid,
-        stored: &StoredSession,
-        now_ms: u64,
-    ) -> Result<Session, StoreError> {
-        let remaining = u64::try_from(stored.ttl.as_millis()).unwrap_or(0);
-        Ok(self.session(
-            user_id,
-            session_id,
-            decode(&stored.value)?,
-            now_ms.saturating_add(remaining),
-        ))
-    }
-
-    fn ttl_ms(&self) -> u64 {
-        u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX)
+            created_at: time(r.created_ms),
+            last_active: time(r.last_active_ms),
+            expires_at: time(r.expires_ms),
+            metadata: r.metadata,
+        })
     }
 
     /// Opens a session for `user_id`; returns its id and expiry.
-    pub async fn create(&self, user_id: &str, metadata: &Metadata) -> Result<Created, StoreError> {
+    pub async fn create(&self, user_id: &str, metadata: &Metadata) -> Result<Opened, StoreError> {
         let session_id = Uuid::new_v4();
-        let now = now_ms();
-        let value = encode(now, now, metadata);
-        self.store
-            .session_create(user_id, &session_id.to_string(), &value, self.ttl)
-            .await?;
-        Ok(Created {
-            session_id,
-            expires_at: time(now.saturating_add(self.ttl_ms())),
+        let details = record::details(metadata)?;
+        let created = self
+            .store
+            .session_create(user_id, &session_id, &details, self.ttl, self.max_per_user)
+            .await;
+        self.forget(user_id);
+        let (now, evicted) = created?;
+        let ttl_ms = u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX);
+        let evicted = evicted
+            .iter()
+            .map(|body| Self::session(user_id, body))
+            .collect::<Result<_, _>>()?;
+        Ok(Opened {
+            created: Created {
+                session_id,
+                expires_at: time(now.saturating_add(ttl_ms)),
+            },
+            evicted,
         })
     }
 
@@ -306,19 +231,10 @@ impl Sessions {
         user_id: &str,
         session_id: Uuid,
     ) -> Result<Option<Session>, StoreError> {
-        let Some(stored) = self
-            .store
-            .session_get(user_id, &session_id.to_string())
-            .await?
-        else {
-            return Ok(None);
-        };
-        Ok(Some(self.stored_session(
-            user_id,
-            session_id,
-            &stored,
-            now_ms(),
-        )?))
+        match self.store.session_get(user_id, &session_id).await? {
+            Some(body) => Ok(Some(Self::session(user_id, &body)?)),
+            None => Ok(None),
+        }
     }
 
     /// The per-request check: the session exists under this user. Its TTL slides back to full
@@ -330,16 +246,14 @@ impl Sessions {
         user_id: &str,
         session_id: Uuid,
     ) -> Result<Option<Platform>, StoreError> {
-        let mut id_text = [0u8; uuid::fmt::Hyphenated::LENGTH];
-        let id: &str = session_id.hyphenated().encode_lower(&mut id_text);
         let cached = self.cache.as_ref().filter(|c| c.is_live()).map(|cache| {
-            let key = self.store.session_key(user_id, id);
+            let key = self.store.sessions_key(user_id);
             let epoch = cache.epoch(&key);
             (cache, key, epoch)
         });
         match &cached {
             Some((cache, key, _)) => {
-                if let Some(platform) = cache.get(key) {
+                if let Some(platform) = cache.get(key, session_id) {
                     self.metrics.session_cache_lookup("hit");
                     return Ok(Some(platform));
                 }
@@ -348,12 +262,11 @@ impl Sessions {
             None if self.cache.is_some() => self.metrics.session_cache_lookup("off"),
             None => {}
         }
-        let Some(value) = self
+        let Some(body) = self
             .store
             .session_touch(
                 user_id,
-                id,
-                now_ms(),
+                &session_id,
                 self.ttl,
                 self.last_active_resolution,
                 self.slide_interval,
@@ -362,9 +275,9 @@ impl Sessions {
         else {
             return Ok(None);
         };
-        let platform = decode(&value)?.metadata.platform;
+        let platform = record::platform(&body)?;
         if let Some((cache, key, epoch)) = cached {
-            cache.insert(&key, epoch, platform, self.slide_interval);
+            cache.insert(&key, epoch, session_id, platform, self.slide_interval);
         }
         Ok(Some(platform))
     }
@@ -375,28 +288,20 @@ impl Sessions {
         user_id: &str,
         session_id: Uuid,
     ) -> Result<Option<Session>, StoreError> {
-        let now = now_ms();
-        let Some(value) = self
+        match self
             .store
             .session_touch(
                 user_id,
-                &session_id.to_string(),
-                now,
+                &session_id,
                 self.ttl,
                 Duration::ZERO,
                 Duration::ZERO,
             )
             .await?
-        else {
-            return Ok(None);
-        };
-        let decoded = decode(&value)?;
-        Ok(Some(self.session(
-            user_id,
-            session_id,
-            decoded,
-            now.saturating_add(self.ttl_ms()),
-        )))
+        {
+            Some(body) => Ok(Some(Self::session(user_id, &body)?)),
+            None => Ok(None),
+        }
     }
 
     /// Replaces a session's metadata and records activity now, keeping its expiry.
@@ -406,19 +311,13 @@ impl Sessions {
         session_id: Uuid,
         metadata: &Metadata,
     ) -> Result<bool, StoreError> {
-        let Some(stored) = self
+        let details = record::details(metadata)?;
+        let replaced = self
             .store
-            .session_get(user_id, &session_id.to_string())
-            .await?
-        else {
-            return Ok(false);
-        };
-        let decoded = decode(&stored.value)?;
-        let value = encode(decoded.created_ms, now_ms(), metadata);
-        self.forget(user_id, session_id);
-        self.store
-            .session_replace(user_id, &session_id.to_string(), &value)
-            .await
+            .session_replace(user_id, &session_id, &details)
+            .await;
+        self.forget(user_id);
+        replaced
     }
 
     /// Destroys a session, returning its metadata when it existed.
@@ -427,27 +326,23 @@ impl Sessions {
         user_id: &str,
         session_id: Uuid,
     ) -> Result<Option<Metadata>, StoreError> {
-        self.forget(user_id, session_id);
-        match self
-            .store
-            .session_destroy(user_id, &session_id.to_string())
-            .await?
-        {
-            Some(value) => Ok(Some(decode(&value)?.metadata)),
+        let destroyed = self.store.session_destroy(user_id, &session_id).await;
+        self.forget(user_id);
+        match destroyed? {
+            Some(body) => Ok(Some(record::decode(&body)?.metadata)),
             None => Ok(None),
         }
     }
 
     /// The user's live sessions, oldest first.
     pub async fn list(&self, user_id: &str) -> Result<Vec<Session>, StoreError> {
-        let now = now_ms();
-        let mut sessions = Vec::new();
-        for (id, stored) in self.store.session_list(user_id).await? {
-            let Ok(session_id) = id.parse::<Uuid>() else {
-                continue;
-            };
-            sessions.push(self.stored_session(user_id, session_id, &stored, now)?);
-        }
+        let mut sessions = self
+            .store
+            .session_list(user_id)
+            .await?
+            .iter()
+            .map(|body| Self::session(user_id, body))
+            .collect::<Result<Vec<_>, _>>()?;
         sessions.sort_by_key(|s| (s.created_at, s.session_id));
         Ok(sessions)
     }
@@ -488,41 +383,6 @@ mod tests {
         ];
         for (ua, expected) in cases {
             assert_eq!(Platform::detect(ua), expected, "{ua}");
-        }
-    }
-
-    #[test]
-    fn stored_form_round_trips_and_keeps_pipes_in_the_user_agent() {
-        let metadata = Metadata {
-            platform: Platform::Android,
-            user_agent: Some("Game|1.0 (Android)".into()),
-            ip_address: Some("2001:db8::1".into()),
-            device_id: Some("dev-42".into()),
-        };
-        let value = encode(1_700_000_000_000, 1_700_000_500_000, &metadata);
-        assert!(value.starts_with("1700000500000|"));
-        let decoded = decode(&value).unwrap();
-        assert_eq!(decoded.created_ms, 1_700_000_000_000);
-        assert_eq!(decoded.last_active_ms, 1_700_000_500_000);
-        assert_eq!(decoded.metadata, metadata);
-    }
-
-    #[test]
-    fn absent_metadata_fields_stay_absent() {
-        let metadata = Metadata {
-            platform: Platform::Web,
-            user_agent: None,
-            ip_address: None,
-            device_id: None,
-        };
-        let decoded = decode(&encode(1, 2, &metadata)).unwrap();
-        assert_eq!(decoded.metadata, metadata);
-    }
-
-    #[test]
-    fn garbage_is_reported_not_panicked_on() {
-        for v in ["", "x", "0000000000001|2|0|w|||", "0000000000001|1|0|z|||"] {
-            assert!(decode(v).is_err(), "{v}");
         }
     }
 

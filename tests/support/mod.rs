@@ -534,14 +534,97 @@ pub async fn create_session(proxy: &Proxy, token: &str) -> String {
         .to_string()
 }
 
-/// The Redis key of a session under the default key prefix.
-pub fn session_key(user: &str, session_id: &str) -> String {
-    format!("aeturnis:session:{{{user}}}:{session_id}")
+/// The Redis key holding a user's sessions under the default key prefix.
+pub fn sessions_key(user: &str) -> String {
+    format!("aeturnis:sessions:{{{user}}}")
 }
 
-/// The Redis key of a user's session index under the default key prefix.
-pub fn index_key(user: &str) -> String {
-    format!("aeturnis:user:{{{user}}}:sessions")
+/// Redis' clock in Unix milliseconds (the clock session expiry is decided by).
+pub fn redis_now_ms(conn: &mut redis::Connection) -> i64 {
+    let (secs, micros): (i64, i64) = redis::cmd("TIME").query(conn).expect("TIME");
+    secs * 1000 + micros / 1000
+}
+
+/// Every session stored for a user, expired or not, in storage order.
+pub fn stored_sessions(
+    conn: &mut redis::Connection,
+    user: &str,
+) -> Vec<portcullis::session::record::Record> {
+    use portcullis::session::record;
+    let value: Option<Vec<u8>> = redis::cmd("GET")
+        .arg(sessions_key(user))
+        .query(conn)
+        .expect("GET");
+    let Some(value) = value else {
+        return Vec::new();
+    };
+    record::bodies(&value)
+        .expect("stored value in the session layout")
+        .into_iter()
+        .map(|body| record::decode(body).expect("session record"))
+        .collect()
+}
+
+/// The ids of every session stored for a user, expired or not.
+pub fn stored_ids(conn: &mut redis::Connection, user: &str) -> std::collections::BTreeSet<String> {
+    stored_sessions(conn, user)
+        .iter()
+        .map(|r| r.session_id.to_string())
+        .collect()
+}
+
+/// The stored session `id` of `user`.
+pub fn stored_session(
+    conn: &mut redis::Connection,
+    user: &str,
+    id: &str,
+) -> Option<portcullis::session::record::Record> {
+    stored_sessions(conn, user)
+        .into_iter()
+        .find(|r| r.session_id.to_string() == id)
+}
+
+/// Milliseconds until the stored session `id` of `user` expires by Redis' clock (negative once
+/// expired); `None` when it is not stored.
+pub fn session_ttl_ms(conn: &mut redis::Connection, user: &str, id: &str) -> Option<i64> {
+    let now = redis_now_ms(conn);
+    let record = stored_session(conn, user, id)?;
+    Some(i64::try_from(record.expires_ms).expect("expiry") - now)
+}
+
+/// Makes session `id` of `user` expire `ms` from now by Redis' clock (in the past when
+/// negative), as time passing would, and the key with the user's longest-lived session, as
+/// portcullis keeps it.
+pub fn expire_session_in(conn: &mut redis::Connection, user: &str, id: &str, ms: i64) {
+    use portcullis::session::record;
+    let now = redis_now_ms(conn);
+    let mut records = stored_sessions(conn, user);
+    let target = records
+        .iter_mut()
+        .find(|r| r.session_id.to_string() == id)
+        .unwrap_or_else(|| panic!("session {id} of {user} is not stored"));
+    target.expires_ms = u64::try_from(now + ms).expect("a time after 1970");
+    let mut value = vec![record::VERSION];
+    for r in &records {
+        let body = record::body(r).expect("encodable");
+        value.extend_from_slice(&u16::try_from(body.len()).expect("short").to_be_bytes());
+        value.extend_from_slice(&body);
+    }
+    let longest = records.iter().map(|r| r.expires_ms).max().unwrap_or(0);
+    let key = sessions_key(user);
+    let _: () = redis::cmd("SET")
+        .arg(&key)
+        .arg(value)
+        .arg("KEEPTTL")
+        .query(conn)
+        .expect("SET");
+    if i64::try_from(longest).expect("expiry") > now {
+        let _: () = redis::cmd("PEXPIREAT")
+            .arg(&key)
+            .arg(longest)
+            .query(conn)
+            .expect("PEXPIREAT");
+    }
 }
 
 /// PTTL of a key in milliseconds (-2 missing, -1 persistent).
