@@ -1563,6 +1563,23 @@ mod tests {
     }
 
     #[test]
+    fn max_sessions_per_user_is_bounded() {
+        assert_eq!(parse("").unwrap().session.max_per_user, 100);
+        assert_eq!(
+            parse("[session]\nmax_per_user = 1\n")
+                .unwrap()
+                .session
+                .max_per_user,
+            1
+        );
+        for bad in ["0", "1001"] {
+            let err = parse(&format!("[session]\nmax_per_user = {bad}\n")).unwrap_err();
+            assert_eq!(err.0[0].key, "session.max_per_user");
+            assert!(err.0[0].reason.contains("between 1 and 1000"), "{err}");
+        }
+    }
+
+    #[test]
     fn absurd_worker_count_names_the_key() {
         let err = parse("[server]\nworkers = 100000\n").unwrap_err();
         assert_eq!(err.0[0].key, "server.workers");

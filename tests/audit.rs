@@ -1,5 +1,5 @@
 //! The audit trail (tracing target `audit`), captured by a test subscriber installed once for
-//! this binary: one event per session created, extended and destroyed and per rejected
+//! this binary: one event per session created, extended, destroyed and evicted and per rejected
 //! request, with who, which session, from where, on which platform and why. Never a token.
 
 mod observe;
@@ -156,6 +156,48 @@ async fn session_created_extended_and_destroyed_are_audited_once_each() {
         session_events("session_destroyed", &user, &sid).await.len(),
         1
     );
+}
+
+#[tokio::test]
+async fn a_session_ended_to_stay_within_max_per_user_is_audited_as_evicted() {
+    capture();
+    let redis = RedisServer::start();
+    let upstream = upstream().await;
+    let proxy = Proxy::start(&format!(
+        "{}[session]\nmax_per_user = 1\n",
+        config(&upstream, &redis)
+    ))
+    .await;
+    let user = format!("audit-evict-{}", uuid::Uuid::new_v4());
+    let t = token(&user, None);
+    let create = || async {
+        let resp = client()
+            .post(proxy.url("/api/v1/sessions/create"))
+            .bearer_auth(&t)
+            .json(&serde_json::json!({"metadata": {"platform": "ios"}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 201);
+        json(resp).await["data"]["sessionId"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let first = create().await;
+    let second = create().await;
+    let evicted = session_events("session_evicted", &user, &first).await;
+    assert_eq!(evicted.len(), 1, "{evicted:#?}");
+    assert_eq!(evicted[0].field("platform"), Some("ios"));
+    assert_eq!(evicted[0].field("client_ip"), Some("127.0.0.1"));
+    assert!(evicted[0].span_field("request_id").is_some());
+    let resp = client()
+        .get(proxy.url(&format!("/api/v1/sessions/{second}")))
+        .bearer_auth(&t)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "the new session replaced it");
 }
 
 #[tokio::test]

@@ -156,28 +156,36 @@ async fn a_session_destroyed_through_one_replica_is_refused_by_the_other_within_
     let b = Replica::start(&redis, &upstream).await;
 
     let login = token("carol", None);
-    let created = client()
-        .post(a.url("/api/v1/sessions/create"))
-        .bearer_auth(&login)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(created.status(), 201);
-    let sid = json(created).await["data"]["sessionId"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let open = || async {
+        let created = client()
+            .post(a.url("/api/v1/sessions/create"))
+            .bearer_auth(&login)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(created.status(), 201);
+        json(created).await["data"]["sessionId"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    // carol's sessions share one Redis key: ending one must not end the other.
+    let sid = open().await;
+    let kept = open().await;
     let t = token("carol", Some(&sid));
-    // Both replicas have confirmed (and cached) the session.
+    let t_kept = token("carol", Some(&kept));
+    // Both replicas have confirmed (and cached) both sessions.
     for replica in [&a, &b] {
-        for _ in 0..3 {
-            let resp = client()
-                .get(replica.url("/game"))
-                .bearer_auth(&t)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(resp.status(), 200);
+        for bearer in [&t, &t_kept] {
+            for _ in 0..3 {
+                let resp = client()
+                    .get(replica.url("/game"))
+                    .bearer_auth(bearer)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(resp.status(), 200);
+            }
         }
     }
     let destroyed = client()
@@ -200,4 +208,13 @@ async fn a_session_destroyed_through_one_replica_is_refused_by_the_other_within_
         401,
         "the replica that destroyed it refuses at once"
     );
+    for replica in [&a, &b] {
+        let resp = client()
+            .get(replica.url("/game"))
+            .bearer_auth(&t_kept)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "the user's other session still works");
+    }
 }
