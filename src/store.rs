@@ -360,24 +360,32 @@ const TOUCH: &str = concat!(
     r"
 local v = redis.call('GET', KEYS[1])
 if not v then return false end
-local recs = records(v)
-if not recs then return corrupt() end
-local now = now_ms()
-for _, r in ipairs(recs) do
-  if r[3] == ARGV[1] then
-    if r[4] <= now then return false end
+if string.byte(v, 1) ~= 1 then return corrupt() end
+-- Walks the records without building them: this runs on every check that is not cached.
+local pos, n = 2, #v
+while pos <= n do
+  local hi, lo = string.byte(v, pos, pos + 1)
+  if lo == nil then return corrupt() end
+  local len = hi * 256 + lo
+  local body = pos + 2
+  if len < 37 or body + len - 1 > n then return corrupt() end
+  if string.sub(v, body, body + 15) == ARGV[1] then
+    local now = now_ms()
+    local expires = u48(v, body + 16)
+    if expires <= now then return false end
     local ttl = tonumber(ARGV[2])
-    local expires, last = r[4], u48(v, r[1] + 22)
-    local write = false
-    if now - last >= tonumber(ARGV[3]) then last = now; write = true end
-    if expires - now <= ttl - tonumber(ARGV[4]) then expires = now + ttl; write = true end
+    local last = u48(v, body + 22)
+    local active = now - last >= tonumber(ARGV[3])
+    local slide = expires - now <= ttl - tonumber(ARGV[4])
+    if not active and not slide then return string.sub(v, body, body + len - 1) end
+    if active then last = now end
+    if slide then expires = now + ttl end
     local times = be48(expires) .. be48(last)
-    if write then
-      redis.call('SETRANGE', KEYS[1], r[1] + 15, times)
-      redis.call('PEXPIREAT', KEYS[1], expires, 'GT')
-    end
-    return ARGV[1] .. times .. string.sub(v, r[1] + 28, r[1] + r[2] - 1)
+    redis.call('SETRANGE', KEYS[1], body + 15, times)
+    redis.call('PEXPIREAT', KEYS[1], expires, 'GT')
+    return ARGV[1] .. times .. string.sub(v, body + 28, body + len - 1)
   end
+  pos = body + len
 end
 return false
 "

@@ -352,3 +352,41 @@ async fn one_session_with_a_120_byte_user_agent_uses_under_400_bytes_of_redis_me
     );
     assert!(usage < 400, "one session costs {usage} bytes");
 }
+
+#[tokio::test]
+async fn a_check_with_nothing_due_writes_nothing_and_a_due_slide_writes_once() {
+    // ttl 60s: slides are due once 3s (ttl/20) have passed since the last; lastActive every 30s.
+    let s = setup_with("last_active_resolution = \"30s\"\nlocal_cache = false\n").await;
+    let a = s.create("alice").await;
+    let mut conn = s.redis.conn();
+    let value = |conn: &mut redis::Connection| -> Vec<u8> {
+        redis::cmd("GET")
+            .arg(sessions_key("alice"))
+            .query(conn)
+            .unwrap()
+    };
+    let writes = |conn: &mut redis::Connection| {
+        let stats = commandstats(conn);
+        ["setrange", "pexpireat", "set", "del"]
+            .iter()
+            .map(|c| stats.get(*c).copied().unwrap_or(0))
+            .sum::<u64>()
+    };
+    let stored = value(&mut conn);
+    let before = writes(&mut conn);
+    for _ in 0..5 {
+        assert_eq!(s.proxied("alice", &a).await.status(), 200);
+    }
+    assert_eq!(writes(&mut conn), before, "a check with nothing due wrote");
+    assert_eq!(value(&mut conn), stored);
+
+    s.expire_in("alice", &a, 5_000);
+    let before = commandstats(&mut conn);
+    assert_eq!(s.proxied("alice", &a).await.status(), 200);
+    let after = commandstats(&mut conn);
+    let delta = |c: &str| after.get(c).unwrap_or(&0) - before.get(c).unwrap_or(&0);
+    assert_eq!(delta("setrange"), 1, "{after:?}");
+    assert_eq!(delta("pexpireat"), 1, "{after:?}");
+    let ttl = session_ttl_ms(&mut conn, "alice", &a).unwrap();
+    assert!(ttl > 59_000, "the due slide left the TTL at {ttl}");
+}
