@@ -141,7 +141,7 @@ async fn update_replaces_metadata_and_keeps_the_expiry() {
     let web = Metadata {
         platform: Platform::Web,
         user_agent: Some("Mozilla/5.0".into()),
-        ip_address: Some("198.51.100.7".into()),
+        ip_address: Some([198, 51, 100, 7].into()),
         device_id: None,
     };
     let created = sessions.create("u1", &web).await.unwrap().created;
@@ -153,7 +153,7 @@ async fn update_replaces_metadata_and_keeps_the_expiry() {
     let ios = Metadata {
         platform: Platform::Ios,
         user_agent: Some("Game/2.0 iOS/17".into()),
-        ip_address: Some("198.51.100.7".into()),
+        ip_address: Some([198, 51, 100, 7].into()),
         device_id: Some("dev-9".into()),
     };
     tokio::time::sleep(Duration::from_millis(5)).await;

@@ -367,7 +367,7 @@ async fn the_stored_value_is_the_documented_record_under_one_hash_tagged_key_per
         (now - 5_000..=now).contains(&created),
         "createdAt {created}, now {now}"
     );
-    assert_eq!(&body[34..], b"i\x05dev-1\x09127.0.0.1Game|1.0");
+    assert_eq!(&body[34..], b"i\x05dev-1\x04\x7f\x00\x00\x01Game|1.0");
     // One key per user, hash-tagged on the user id; nothing else was written.
     assert!(sessions_key("alice").contains("{alice}"));
     let kind: String = redis::cmd("TYPE")

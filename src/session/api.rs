@@ -257,10 +257,7 @@ async fn create_metadata(req: Request<Body>) -> Result<Metadata, Rejection> {
         .headers()
         .get(header::USER_AGENT)
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-    let ip = req
-        .extensions()
-        .get::<ClientIp>()
-        .map(|ip| ip.0.to_string());
+    let ip = req.extensions().get::<ClientIp>().map(|ip| ip.0);
     let body = Limited::new(req.into_body(), MAX_API_BODY)
         .collect()
         .await

@@ -9,6 +9,7 @@ pub mod cache;
 pub mod gate;
 pub mod record;
 
+use std::net::IpAddr;
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
@@ -66,7 +67,7 @@ pub struct Metadata {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub user_agent: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub ip_address: Option<String>,
+    pub ip_address: Option<IpAddr>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub device_id: Option<String>,
 }
@@ -397,7 +398,7 @@ mod tests {
             metadata: Metadata {
                 platform: Platform::Ios,
                 user_agent: None,
-                ip_address: Some("10.0.0.1".into()),
+                ip_address: Some([10, 0, 0, 1].into()),
                 device_id: None,
             },
         };

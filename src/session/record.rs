@@ -7,15 +7,18 @@
 //! value  = version:u8 (= 1)  record*
 //! record = length:u16  body                      (length = body's length in bytes)
 //! body   = session_id:[16]  expires_at:u48  last_active:u48  created_at:u48  details
-//! details = platform:u8 ('w' | 'i' | 'a')  device_len:u8  device_id  ip_len:u8  ip_address
-//!           user_agent                           (the rest of the body)
+//! details = platform:u8 ('w' | 'i' | 'a')  device_len:u8  device_id  ip_len:u8 (0 | 4 | 16)
+//!           ip_address  user_agent               (the rest of the body)
 //! ```
 //!
-//! Integers are big-endian, times are Unix milliseconds, an absent field is empty. The
+//! Integers are big-endian, times are Unix milliseconds, the IP address is its 4 or 16 bytes,
+//! an absent field is empty. The
 //! fixed-width fields come first so that the store's scripts find a session and slide it in
 //! place (`SETRANGE`) without understanding the details, which only this module reads and
 //! writes. Each session expires by its own `expires_at`; the key expires with the user's
 //! longest-lived session.
+
+use std::net::IpAddr;
 
 use uuid::Uuid;
 
@@ -69,20 +72,27 @@ fn platform_from_code(code: u8) -> Option<Platform> {
     }
 }
 
-/// The details of a new or updated session. Device id and IP address are at most 255 bytes
-/// (the API allows far less); longer ones are refused rather than cut.
+/// The details of a new or updated session. A device id is at most 255 bytes (the API allows
+/// far less); a longer one is refused rather than cut.
 pub fn details(metadata: &Metadata) -> Result<Vec<u8>, StoreError> {
     let device = metadata.device_id.as_deref().unwrap_or("").as_bytes();
-    let ip = metadata.ip_address.as_deref().unwrap_or("").as_bytes();
     let ua = metadata.user_agent.as_deref().unwrap_or("").as_bytes();
     let device_len = u8::try_from(device.len()).map_err(|_| corrupt("device id too long"))?;
-    let ip_len = u8::try_from(ip.len()).map_err(|_| corrupt("IP address too long"))?;
-    let mut out = Vec::with_capacity(3 + device.len() + ip.len() + ua.len());
+    let mut out = Vec::with_capacity(3 + device.len() + 16 + ua.len());
     out.push(platform_code(metadata.platform));
     out.push(device_len);
     out.extend_from_slice(device);
-    out.push(ip_len);
-    out.extend_from_slice(ip);
+    match metadata.ip_address {
+        None => out.push(0),
+        Some(IpAddr::V4(ip)) => {
+            out.push(4);
+            out.extend_from_slice(&ip.octets());
+        }
+        Some(IpAddr::V6(ip)) => {
+            out.push(16);
+            out.extend_from_slice(&ip.octets());
+        }
+    }
     out.extend_from_slice(ua);
     if FIXED + out.len() > usize::from(u16::MAX) {
         return Err(corrupt("too long"));
@@ -118,16 +128,21 @@ pub fn decode(body: &[u8]) -> Result<Record, StoreError> {
     let session_id = Uuid::from_slice(&fixed[..16]).map_err(|_| corrupt("session id"))?;
     let platform = platform(body)?;
     let mut rest = &details[1..];
-    let mut field = |what: &str| -> Result<Option<String>, StoreError> {
+    let mut field = |what: &str| -> Result<&[u8], StoreError> {
         let (&len, tail) = rest.split_first().ok_or_else(|| corrupt(what))?;
         let len = usize::from(len);
-        let text = tail.get(..len).ok_or_else(|| corrupt(what))?;
-        let text = std::str::from_utf8(text).map_err(|_| corrupt(what))?;
+        let bytes = tail.get(..len).ok_or_else(|| corrupt(what))?;
         rest = &tail[len..];
-        Ok((!text.is_empty()).then(|| text.to_string()))
+        Ok(bytes)
     };
-    let device_id = field("device id")?;
-    let ip_address = field("IP address")?;
+    let device_id = std::str::from_utf8(field("device id")?).map_err(|_| corrupt("device id"))?;
+    let ip_address = match field("IP address")? {
+        [] => None,
+        &[a, b, c, d] => Some(IpAddr::from([a, b, c, d])),
+        bytes => Some(IpAddr::from(
+            <[u8; 16]>::try_from(bytes).map_err(|_| corrupt("IP address"))?,
+        )),
+    };
     let user_agent = std::str::from_utf8(rest).map_err(|_| corrupt("user agent"))?;
     Ok(Record {
         session_id,
@@ -138,7 +153,7 @@ pub fn decode(body: &[u8]) -> Result<Record, StoreError> {
             platform,
             user_agent: (!user_agent.is_empty()).then(|| user_agent.to_string()),
             ip_address,
-            device_id,
+            device_id: (!device_id.is_empty()).then(|| device_id.to_string()),
         },
     })
 }
@@ -177,7 +192,7 @@ mod tests {
             metadata: Metadata {
                 platform: Platform::Android,
                 user_agent: Some("Game|1.0 (Android)".into()),
-                ip_address: Some("2001:db8::1".into()),
+                ip_address: Some("2001:db8::1".parse().unwrap()),
                 device_id: Some("dev-42".into()),
             },
         }
@@ -200,8 +215,24 @@ mod tests {
         assert_eq!(body[28..34], 1_700_000_000_000u64.to_be_bytes()[2..]);
         assert_eq!(body[34], b'a');
         assert_eq!(&body[35..42], b"\x06dev-42");
-        assert_eq!(&body[42..54], b"\x0b2001:db8::1");
-        assert_eq!(&body[54..], b"Game|1.0 (Android)");
+        assert_eq!(body[42], 16);
+        assert_eq!(
+            body[43..59],
+            "2001:db8::1"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets()
+        );
+        assert_eq!(&body[59..], b"Game|1.0 (Android)");
+    }
+
+    #[test]
+    fn an_ipv4_address_takes_four_bytes() {
+        let mut record = sample();
+        record.metadata.ip_address = Some([203, 0, 113, 9].into());
+        let body = body(&record).unwrap();
+        assert_eq!(&body[42..47], &[4, 203, 0, 113, 9]);
+        assert_eq!(decode(&body).unwrap(), record);
     }
 
     #[test]
