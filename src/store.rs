@@ -340,11 +340,12 @@ end
 local function body_of(v, r) return string.sub(v, r[1], r[1] + r[2] - 1) end
 local function framed(body) return string.char(math.floor(#body / 256), #body % 256) .. body end
 -- Writes the user's records back, the key expiring with the last of them; none left, no key.
-local function save(parts, longest)
+-- (PX rather than PXAT, and no EXPIRE ... GT elsewhere: both need Redis 7.)
+local function save(parts, longest, now)
   if #parts == 1 then
     redis.call('DEL', KEYS[1])
   else
-    redis.call('SET', KEYS[1], table.concat(parts), 'PXAT', longest)
+    redis.call('SET', KEYS[1], table.concat(parts), 'PX', math.max(longest - now, 1))
   end
 end
 "
@@ -382,7 +383,9 @@ while pos <= n do
     if slide then expires = now + ttl end
     local times = be48(expires) .. be48(last)
     redis.call('SETRANGE', KEYS[1], body + 15, times)
-    redis.call('PEXPIREAT', KEYS[1], expires, 'GT')
+    if redis.call('PTTL', KEYS[1]) < expires - now then
+      redis.call('PEXPIRE', KEYS[1], expires - now)
+    end
     return ARGV[1] .. times .. string.sub(v, body + 28, body + len - 1)
   end
   pos = body + len
@@ -426,7 +429,7 @@ for _, r in ipairs(kept) do
   end
 end
 parts[#parts + 1] = framed(ARGV[1] .. be48(expires) .. be48(now) .. be48(now) .. ARGV[3])
-save(parts, longest)
+save(parts, longest, now)
 return reply
 "
 );
@@ -470,7 +473,7 @@ for _, r in ipairs(recs) do
   end
 end
 if not found then return 0 end
-save(parts, longest)
+save(parts, longest, now)
 return 1
 "
 );
@@ -496,7 +499,7 @@ for _, r in ipairs(recs) do
     end
   end
 end
-if #parts <= #recs then save(parts, longest) end
+if #parts <= #recs then save(parts, longest, now) end
 return gone
 "
 );
@@ -518,7 +521,7 @@ for _, r in ipairs(recs) do
     if r[4] > longest then longest = r[4] end
   end
 end
-if #out < #recs then save(parts, longest) end
+if #out < #recs then save(parts, longest, now) end
 return out
 "
 );
