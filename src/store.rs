@@ -953,7 +953,9 @@ impl Store {
     }
 
     /// Counts live sessions: SCAN over the users' keys in batches, each batch counted by one
-    /// script. Costs one pass over the keyspace, whatever the request rate.
+    /// script. Costs one pass over the keyspace, whatever the request rate. (A batch spans hash
+    /// slots, so on Redis Cluster this would count per key instead; the store speaks to one
+    /// server.)
     pub async fn count_sessions(&self) -> Result<u64, StoreError> {
         let pattern = format!("{}:sessions:*", self.prefix);
         let mut cursor: u64 = 0;

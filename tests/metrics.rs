@@ -313,6 +313,14 @@ async fn sessions_active_follows_live_sessions() {
         e.get("portcullis_sessions_active", &[]) == Some(2.0)
     })
     .await;
+    // A session past its expiry is not counted, even while its user's key is still there.
+    let s3 = create_session(&proxy, &t2).await;
+    expire_session_in(&mut redis.conn(), "active-2", &s3, -1);
+    scrape_until(proxy.admin, "sessions_active 2 again", |e| {
+        e.get("portcullis_sessions_active", &[]) == Some(2.0)
+    })
+    .await;
+    assert_eq!(stored_ids(&mut redis.conn(), "active-2").len(), 2);
 }
 
 #[tokio::test]
