@@ -948,7 +948,7 @@ def render(b):
       f"commit {git_rev()}, profile `{b.args.profile}`.")
     w("")
     w(f"Machine: {os.cpu_count()} cores (nproc), {cpu_model()}, Linux {pyplatform.release()}. "
-      "**Measured on a shared 2-core machine while other developers were compiling: absolute "
+      "**Measured on a shared virtual machine whose speed varies between runs: absolute "
       "figures are noisy; the ratios, taken from runs interleaved in alternating order, are "
       "what to read.** wrk, nginx, Redis and portcullis all share the same 2 cores.")
     w("")
