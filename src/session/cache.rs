@@ -6,9 +6,9 @@
 //! sessions key by another client (another replica's destroy or slide, an expiry, an
 //! operator's DEL) pushes an invalidation that removes that user's entries here within
 //! milliseconds. Writes by this process do not come back (NOLOOP); this process removes those
-//! entries itself. The cache is only consulted
-//! while the tracking connection is up: on disconnect it is flushed and every request goes to
-//! Redis (and fails closed if Redis cannot answer).
+//! entries itself. The cache is only consulted while the tracking connection is up: on
+//! disconnect it is flushed and every request goes to Redis (and fails closed if Redis cannot
+//! answer).
 //!
 //! Being connected is not enough: a partitioned or paused Redis would leave the connection
 //! open while invalidations stop arriving. So the store pings Redis every few milliseconds on
@@ -28,7 +28,6 @@ use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use foldhash::quality::RandomState;
-
 use uuid::Uuid;
 
 use crate::session::Platform;

@@ -1,7 +1,7 @@
-//! How a session is stored. A user's sessions share one Redis string, `{prefix}:sessions:{{userId}}`:
-//! Redis spends about 170 bytes on every key (dict entry, key, object header, expiry entry), so
-//! one key per user rather than one per session plus an index is what keeps a session under
-//! 400 bytes. The value is:
+//! How a session is stored. A user's sessions share one Redis string,
+//! `{prefix}:sessions:{<userId>}`: Redis spends about 170 bytes on every key (dict entry, key,
+//! object header, expiry entry), so one key per user rather than one per session plus an index
+//! is what keeps a session under 400 bytes. The value is:
 //!
 //! ```text
 //! value  = version:u8 (= 1)  record*
@@ -12,11 +12,10 @@
 //! ```
 //!
 //! Integers are big-endian, times are Unix milliseconds, the IP address is its 4 or 16 bytes,
-//! an absent field is empty. The
-//! fixed-width fields come first so that the store's scripts find a session and slide it in
-//! place (`SETRANGE`) without understanding the details, which only this module reads and
-//! writes. Each session expires by its own `expires_at`; the key expires with the user's
-//! longest-lived session.
+//! an absent field is empty. The fixed-width fields come first so that the store's scripts find
+//! a session and slide it in place (`SETRANGE`) without understanding the details, which only
+//! this module reads and writes. Each session expires by its own `expires_at`; the key expires
+//! with the user's longest-lived session.
 
 use std::net::IpAddr;
 
