@@ -334,6 +334,22 @@ local function records(v)
   end
   return out
 end
+-- The body (start, length) of the record of session `sid`, expired or not, without building
+-- the others: nil when there is none, false when the value is not in the layout.
+local function find(v, sid)
+  if string.byte(v, 1) ~= 1 then return false end
+  local pos, n = 2, #v
+  while pos <= n do
+    local hi, lo = string.byte(v, pos, pos + 1)
+    if lo == nil then return false end
+    local len = hi * 256 + lo
+    local body = pos + 2
+    if len < 37 or body + len - 1 > n then return false end
+    if string.sub(v, body, body + 15) == sid then return body, len end
+    pos = body + len
+  end
+  return nil
+end
 local function corrupt()
   return redis.error_reply('ERR ' .. KEYS[1] .. ' does not hold sessions in the known layout')
 end
@@ -361,36 +377,25 @@ const TOUCH: &str = concat!(
     r"
 local v = redis.call('GET', KEYS[1])
 if not v then return false end
-if string.byte(v, 1) ~= 1 then return corrupt() end
--- Walks the records without building them: this runs on every check that is not cached.
-local pos, n = 2, #v
-while pos <= n do
-  local hi, lo = string.byte(v, pos, pos + 1)
-  if lo == nil then return corrupt() end
-  local len = hi * 256 + lo
-  local body = pos + 2
-  if len < 37 or body + len - 1 > n then return corrupt() end
-  if string.sub(v, body, body + 15) == ARGV[1] then
-    local now = now_ms()
-    local expires = u48(v, body + 16)
-    if expires <= now then return false end
-    local ttl = tonumber(ARGV[2])
-    local last = u48(v, body + 22)
-    local active = now - last >= tonumber(ARGV[3])
-    local slide = expires - now <= ttl - tonumber(ARGV[4])
-    if not active and not slide then return string.sub(v, body, body + len - 1) end
-    if active then last = now end
-    if slide then expires = now + ttl end
-    local times = be48(expires) .. be48(last)
-    redis.call('SETRANGE', KEYS[1], body + 15, times)
-    if redis.call('PTTL', KEYS[1]) < expires - now then
-      redis.call('PEXPIRE', KEYS[1], expires - now)
-    end
-    return ARGV[1] .. times .. string.sub(v, body + 28, body + len - 1)
-  end
-  pos = body + len
+local body, len = find(v, ARGV[1])
+if body == false then return corrupt() end
+if not body then return false end
+local now = now_ms()
+local expires = u48(v, body + 16)
+if expires <= now then return false end
+local ttl = tonumber(ARGV[2])
+local last = u48(v, body + 22)
+local active = now - last >= tonumber(ARGV[3])
+local slide = expires - now <= ttl - tonumber(ARGV[4])
+if not active and not slide then return string.sub(v, body, body + len - 1) end
+if active then last = now end
+if slide then expires = now + ttl end
+local times = be48(expires) .. be48(last)
+redis.call('SETRANGE', KEYS[1], body + 15, times)
+if redis.call('PTTL', KEYS[1]) < expires - now then
+  redis.call('PEXPIRE', KEYS[1], expires - now)
 end
-return false
+return ARGV[1] .. times .. string.sub(v, body + 28, body + len - 1)
 "
 );
 
@@ -440,13 +445,10 @@ const GET: &str = concat!(
     r"
 local v = redis.call('GET', KEYS[1])
 if not v then return false end
-local recs = records(v)
-if not recs then return corrupt() end
-local now = now_ms()
-for _, r in ipairs(recs) do
-  if r[3] == ARGV[1] and r[4] > now then return body_of(v, r) end
-end
-return false
+local body, len = find(v, ARGV[1])
+if body == false then return corrupt() end
+if not body or u48(v, body + 16) <= now_ms() then return false end
+return string.sub(v, body, body + len - 1)
 "
 );
 
