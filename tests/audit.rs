@@ -170,22 +170,9 @@ async fn a_session_ended_to_stay_within_max_per_user_is_audited_as_evicted() {
     .await;
     let user = format!("audit-evict-{}", uuid::Uuid::new_v4());
     let t = token(&user, None);
-    let create = || async {
-        let resp = client()
-            .post(proxy.url("/api/v1/sessions/create"))
-            .bearer_auth(&t)
-            .json(&serde_json::json!({"metadata": {"platform": "ios"}}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 201);
-        json(resp).await["data"]["sessionId"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
-    let first = create().await;
-    let second = create().await;
+    let ios = || Some(serde_json::json!({"metadata": {"platform": "ios"}}));
+    let first = open_session(&proxy, &t, ios()).await;
+    let second = open_session(&proxy, &t, ios()).await;
     let evicted = session_events("session_evicted", &user, &first).await;
     assert_eq!(evicted.len(), 1, "{evicted:#?}");
     assert_eq!(evicted[0].field("platform"), Some("ios"));

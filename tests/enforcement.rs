@@ -40,18 +40,8 @@ async fn setup() -> Setup {
 
 impl Setup {
     async fn create(&self, user: &str, platform: &str) -> String {
-        let resp = client()
-            .post(self.proxy.url("/api/v1/sessions/create"))
-            .bearer_auth(token(user, None))
-            .json(&json!({"metadata": {"platform": platform}}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 201);
-        json(resp).await["data"]["sessionId"]
-            .as_str()
-            .unwrap()
-            .to_string()
+        let body = json!({"metadata": {"platform": platform}});
+        open_session(&self.proxy, &token(user, None), Some(body)).await
     }
 
     fn get(&self, path: &str) -> reqwest::RequestBuilder {

@@ -520,12 +520,18 @@ pub fn session_config(upstream: &Upstream, redis: &RedisServer, extra: &str) -> 
 /// Opens a session for the token's subject through the session API (default prefix) and
 /// returns its id.
 pub async fn create_session(proxy: &Proxy, token: &str) -> String {
-    let resp = client()
+    open_session(proxy, token, None).await
+}
+
+/// As [`create_session`], with a create body (`{"metadata": ...}`) when given.
+pub async fn open_session(proxy: &Proxy, token: &str, body: Option<serde_json::Value>) -> String {
+    let mut request = client()
         .post(proxy.url("/api/v1/sessions/create"))
-        .bearer_auth(token)
-        .send()
-        .await
-        .expect("create session");
+        .bearer_auth(token);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let resp = request.send().await.expect("create session");
     assert_eq!(resp.status().as_u16(), 201, "session create");
     let body = json(resp).await;
     body["data"]["sessionId"]
