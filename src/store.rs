@@ -528,14 +528,15 @@ return out
 "
 );
 
-/// The number of live sessions under the given keys (values not in the layout count none).
+/// The number of live sessions under the given keys (values not in the layout, or not strings,
+/// count none).
 const COUNT: &str = concat!(
     session_lib!(),
     r"
 local now, n = now_ms(), 0
 for _, k in ipairs(KEYS) do
-  local v = redis.call('GET', k)
-  local recs = v and records(v)
+  local v = redis.pcall('GET', k)
+  local recs = type(v) == 'string' and records(v)
   if recs then
     for _, r in ipairs(recs) do
       if r[4] > now then n = n + 1 end

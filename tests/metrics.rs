@@ -296,9 +296,21 @@ async fn sessions_active_follows_live_sessions() {
         e.get("portcullis_sessions_active", &[]) == Some(3.0)
     })
     .await;
-    // Keys outside the session namespace are not counted.
+    // Keys outside the session namespace are not counted, nor values inside it that are not
+    // sessions, and they do not stop the count.
     let _: () = redis::cmd("SET")
         .arg("aeturnis:other:thing")
+        .arg("x")
+        .query(&mut redis.conn())
+        .unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg("aeturnis:sessions:{not-a-user}")
+        .arg("field")
+        .arg("x")
+        .query(&mut redis.conn())
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("aeturnis:sessions:{garbage}")
         .arg("x")
         .query(&mut redis.conn())
         .unwrap();
