@@ -246,32 +246,66 @@ async fn a_slide_leaves_the_users_other_sessions_as_they_were() {
 }
 
 #[tokio::test]
-async fn a_value_that_is_not_in_the_session_layout_fails_closed() {
+async fn a_value_that_is_not_in_the_session_layout_fails_closed_everywhere() {
     let s = setup().await;
     let a = s.create("alice").await;
-    let _: () = redis::cmd("SET")
-        .arg(sessions_key("alice"))
-        .arg("not a session record")
-        .query(&mut s.redis.conn())
-        .unwrap();
-    let resp = s.proxied("alice", &a).await;
-    assert_error(resp, 503, "SESSION_STORE_UNAVAILABLE").await;
-    assert_eq!(s.upstream.count(), 0, "forwarded unchecked");
-    let resp = client()
-        .post(s.proxy.url("/api/v1/sessions/create"))
-        .bearer_auth(token("alice", None))
-        .send()
-        .await
-        .unwrap();
-    assert_error(resp, 503, "SESSION_STORE_UNAVAILABLE").await;
-    let kept: String = redis::cmd("GET")
-        .arg(sessions_key("alice"))
-        .query(&mut s.redis.conn())
-        .unwrap();
-    assert_eq!(
-        kept, "not a session record",
-        "an unknown value was overwritten"
-    );
+    let t = token("alice", None);
+    let api = |path: &str| s.proxy.url(&format!("/api/v1/sessions{path}"));
+    // Not the layout at all; a record whose length runs past the end; a record too short to
+    // hold a session.
+    let mut overrun = vec![1u8, 0, 200];
+    overrun.extend_from_slice(uuid::Uuid::parse_str(&a).unwrap().as_bytes());
+    let short = [1u8, 0, 3, 1, 2, 3];
+    let values: [&[u8]; 3] = [b"not a session record", &overrun, &short];
+    for value in values {
+        let _: () = redis::cmd("SET")
+            .arg(sessions_key("alice"))
+            .arg(value)
+            .query(&mut s.redis.conn())
+            .unwrap();
+        let answers = [
+            s.proxied("alice", &a).await,
+            client()
+                .get(api(&format!("/{a}")))
+                .bearer_auth(&t)
+                .send()
+                .await
+                .unwrap(),
+            client()
+                .get(api("/user/sessions"))
+                .bearer_auth(&t)
+                .send()
+                .await
+                .unwrap(),
+            client()
+                .post(api(&format!("/{a}/extend")))
+                .bearer_auth(&t)
+                .send()
+                .await
+                .unwrap(),
+            client()
+                .delete(api(&format!("/{a}")))
+                .bearer_auth(&t)
+                .send()
+                .await
+                .unwrap(),
+            client()
+                .post(api("/create"))
+                .bearer_auth(&t)
+                .send()
+                .await
+                .unwrap(),
+        ];
+        for resp in answers {
+            assert_error(resp, 503, "SESSION_STORE_UNAVAILABLE").await;
+        }
+        assert_eq!(s.upstream.count(), 0, "forwarded unchecked");
+        let kept: Vec<u8> = redis::cmd("GET")
+            .arg(sessions_key("alice"))
+            .query(&mut s.redis.conn())
+            .unwrap();
+        assert_eq!(kept, value, "a value not in the layout was overwritten");
+    }
 }
 
 #[tokio::test]
