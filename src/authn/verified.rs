@@ -58,11 +58,12 @@ struct Set {
 }
 
 impl Set {
-    fn find(&mut self, hash: u64, token: &str) -> Option<&mut Entry> {
-        self.ways
-            .iter_mut()
-            .flatten()
-            .find(|e| e.hash == hash && same_bytes(e.token.as_bytes(), token.as_bytes()))
+    /// The way holding exactly `token`.
+    fn way_of(&mut self, hash: u64, token: &str) -> Option<&mut Option<Entry>> {
+        self.ways.iter_mut().find(|way| {
+            way.as_ref()
+                .is_some_and(|e| e.hash == hash && same_bytes(e.token.as_bytes(), token.as_bytes()))
+        })
     }
 
     fn tick(&mut self) -> u64 {
@@ -105,7 +106,7 @@ impl VerifiedTokens {
     pub fn get(&self, token: &str) -> Option<Verified> {
         let (hash, mut set) = self.set(token)?;
         let now = set.tick();
-        let entry = set.find(hash, token)?;
+        let entry = set.way_of(hash, token)?.as_mut()?;
         entry.used = now;
         Some(entry.verified.clone())
     }
@@ -121,8 +122,8 @@ impl VerifiedTokens {
             verified,
             used,
         };
-        if let Some(same) = set.find(hash, token) {
-            *same = entry;
+        if let Some(same) = set.way_of(hash, token) {
+            *same = Some(entry);
             return;
         }
         // An empty way, else the least recently used one.
@@ -138,12 +139,8 @@ impl VerifiedTokens {
     /// Forgets `token` (it has expired).
     pub fn remove(&self, token: &str) {
         if let Some((hash, mut set)) = self.set(token) {
-            for way in set.ways.iter_mut() {
-                if way.as_ref().is_some_and(|e| {
-                    e.hash == hash && same_bytes(e.token.as_bytes(), token.as_bytes())
-                }) {
-                    *way = None;
-                }
+            if let Some(way) = set.way_of(hash, token) {
+                *way = None;
             }
         }
     }
