@@ -2,7 +2,7 @@
 //! `linkerd inject` adds its proxy, and points the Services that select them at it.
 //!
 //! The input is read twice: by serde_yaml_ng into plain values, from which every change is
-//! decided ([`Edit`]s), and by yaml-edit into a lossless syntax tree, to which the same edits are
+//! decided (`Edit`s), and by yaml-edit into a lossless syntax tree, to which the same edits are
 //! applied so that comments, key order and layout survive. The edited text is read back and must
 //! equal the edited values; when it does not (a layout yaml-edit cannot edit faithfully, such as
 //! JSON-style flow documents) the file is written from the values instead: key order kept,

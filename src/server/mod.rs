@@ -1,5 +1,5 @@
 //! The public listener: accept on the control thread, deal each connection to a worker thread,
-//! where [`connection`] serves it. On shutdown, accepting stops and open connections finish
+//! where `connection` serves it. On shutdown, accepting stops and open connections finish
 //! their in-flight requests.
 
 mod connection;
