@@ -36,6 +36,10 @@ pub mod tls;
 /// Errors that only need to be reported.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// The future of a middleware layer's response.
+pub type BoxResponse<E> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<http::Response<Body>, E>> + Send>>;
+
 /// The body of every request and response inside the stack: any streaming body, boxed.
 ///
 /// A named type rather than an alias of `BoxBody<Bytes, BoxError>`: async blocks that hold the

@@ -9,10 +9,8 @@
 //! on a limited route carry `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset`;
 //! a refusal is 429 `RATE_LIMITED` with `Retry-After`. Limits are per process.
 
-use std::future::Future;
 use std::hash::Hash;
 use std::net::IpAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -30,7 +28,7 @@ use crate::config::{Quota, RateLimitConfig, RouteConfig, RouteLimit};
 use crate::error::Rejection;
 use crate::peer::ClientIp;
 use crate::routes::RouteClass;
-use crate::Body;
+use crate::{Body, BoxResponse};
 
 /// Who a request is counted against.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -260,8 +258,6 @@ pub struct RateLimit<S> {
     inner: S,
     limits: Arc<RateLimits>,
 }
-
-type BoxResponse<E> = Pin<Box<dyn Future<Output = Result<Response<Body>, E>> + Send>>;
 
 impl<S> Service<Request<Body>> for RateLimit<S>
 where

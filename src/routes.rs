@@ -3,8 +3,6 @@
 //! resolved, empty segments dropped), so `/public/../game` and `/public/%2e%2e/game` are judged
 //! as `/game`. The path itself is still forwarded byte for byte.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -13,7 +11,7 @@ use percent_encoding::percent_decode_str;
 use tower::{Layer, Service};
 
 use crate::config::{AuthMode, RouteConfig};
-use crate::Body;
+use crate::{Body, BoxResponse};
 
 /// The class of a request, decided once and carried as an extension.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,8 +163,6 @@ pub struct Split<A, P> {
     pub api: A,
     pub proxy: P,
 }
-
-type BoxResponse<E> = Pin<Box<dyn Future<Output = Result<Response<Body>, E>> + Send>>;
 
 impl<A, P, E> Service<Request<Body>> for Split<A, P>
 where

@@ -3,8 +3,6 @@
 //! Identity headers sent by the client are stripped here, before anything else can see them,
 //! on every route and whatever the outcome; the session id header is read first.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -18,7 +16,7 @@ use tower::{Layer, Service};
 use crate::config::{AuthMode, IdentityConfig, JwtConfig, JwtKey};
 use crate::error::Rejection;
 use crate::routes::RouteClass;
-use crate::{Body, BoxError};
+use crate::{Body, BoxError, BoxResponse};
 
 mod verified;
 
@@ -197,8 +195,6 @@ pub struct Authn<S> {
     inner: S,
     layer: AuthnLayer,
 }
-
-type BoxResponse<E> = Pin<Box<dyn Future<Output = Result<Response<Body>, E>> + Send>>;
 
 impl<S> Service<Request<Body>> for Authn<S>
 where

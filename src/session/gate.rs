@@ -3,8 +3,6 @@
 //! identity travels on as [`Identity`] for the forwarder to turn into headers. A store that
 //! cannot answer fails closed with 503.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -17,7 +15,7 @@ use crate::config::AuthMode;
 use crate::error::Rejection;
 use crate::routes::RouteClass;
 use crate::session::{Platform, Sessions};
-use crate::Body;
+use crate::{Body, BoxResponse};
 
 /// The identity portcullis vouches for to the upstream.
 #[derive(Debug, Clone)]
@@ -86,8 +84,6 @@ pub struct SessionGate<S> {
     inner: S,
     sessions: Arc<Sessions>,
 }
-
-type BoxResponse<E> = Pin<Box<dyn Future<Output = Result<Response<Body>, E>> + Send>>;
 
 impl<S> Service<Request<Body>> for SessionGate<S>
 where
