@@ -3,6 +3,7 @@
 //! resolved, empty segments dropped), so `/public/../game` and `/public/%2e%2e/game` are judged
 //! as `/game`. The path itself is still forwarded byte for byte.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -93,8 +94,16 @@ pub fn matches_prefix(prefix: &str, path: &str) -> bool {
 
 /// The path as a server would resolve it: percent-decoded once (so `%2e` and `%2f` count),
 /// `.` and `..` resolved, empty segments dropped. Always starts with `/`, never ends with one
-/// (except the root).
-pub fn normalise(raw_path: &str) -> String {
+/// (except the root). A path that is already so (nearly every one) is returned as it is.
+pub fn normalise(raw_path: &str) -> Cow<'_, str> {
+    if is_normal(raw_path) {
+        Cow::Borrowed(raw_path)
+    } else {
+        Cow::Owned(resolve(raw_path))
+    }
+}
+
+fn resolve(raw_path: &str) -> String {
     let decoded = percent_decode_str(raw_path).decode_utf8_lossy();
     let mut segments: Vec<&str> = Vec::new();
     for segment in decoded.split(['/', '\\']) {
@@ -115,6 +124,18 @@ pub fn normalise(raw_path: &str) -> String {
         out.push('/');
     }
     out
+}
+
+/// True when [`normalise`] would change nothing: no escapes, no backslashes, no empty or dot
+/// segments, no trailing slash.
+fn is_normal(path: &str) -> bool {
+    if path == "/" {
+        return true;
+    }
+    let Some(segments) = path.strip_prefix('/') else {
+        return false;
+    };
+    !path.contains(['%', '\\']) && segments.split('/').all(|s| !matches!(s, "" | "." | ".."))
 }
 
 #[derive(Clone)]
@@ -222,6 +243,24 @@ mod tests {
         assert_eq!(normalise("//a/./b//"), "/a/b");
         assert_eq!(normalise("/.."), "/");
         assert_eq!(normalise(""), "/");
+    }
+
+    #[test]
+    fn paths_already_normal_are_borrowed_and_the_rest_resolved() {
+        for path in ["/", "/game", "/game/x.y", "/a/b/c", "/a/..b", "/a/.b/c"] {
+            assert!(
+                matches!(normalise(path), Cow::Borrowed(p) if p == path),
+                "{path}"
+            );
+        }
+        for path in [
+            "", "//", "/a/", "/a//b", "/a/.", "/a/..", "/./a", "/a\\b", "/a/%41", "a/b", "/%2e",
+        ] {
+            assert!(matches!(normalise(path), Cow::Owned(_)), "{path}");
+            assert_eq!(normalise(path), resolve(path), "{path}");
+        }
+        assert_eq!(normalise("/a\\b/"), "/a/b");
+        assert_eq!(normalise("/a/%41"), "/a/A");
     }
 
     #[test]

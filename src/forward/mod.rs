@@ -15,6 +15,7 @@ use http::header::{self, HeaderName};
 use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
+use smallvec::SmallVec;
 
 use crate::config::{IdentityConfig, UpstreamConfig};
 use crate::error::Rejection;
@@ -154,7 +155,9 @@ impl Upstream {
         let req = self.upstream_request(req, upgrade);
 
         let started = Instant::now();
-        let result = tokio::time::timeout(self.config.request_timeout, pool.send(req)).await;
+        // Pinned in place: the timeout then holds a pointer, not a copy of the whole exchange.
+        let send = std::pin::pin!(pool.send(req));
+        let result = tokio::time::timeout(self.config.request_timeout, send).await;
         let elapsed = started.elapsed();
         let mut response = match result {
             Err(_) => {
@@ -380,26 +383,30 @@ static HOP_BY_HOP: [HeaderName; 9] = [
 ///
 /// Only names that are present are removed: one pass over the few headers a message carries is
 /// cheaper than hashing every hop-by-hop name for `HeaderMap::remove`, and most requests carry
-/// none of them.
+/// none of them. The Connection header's tokens are looked up as text, which allocates nothing:
+/// most of them name no header of the message (`keep-alive`, `close`).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     let kept =
         |name: &HeaderName| keep_upgrade && (name == header::CONNECTION || name == header::UPGRADE);
-    let mut doomed: Vec<HeaderName> = Vec::new();
-    let mut has_connection = false;
-    for name in headers.keys() {
-        has_connection |= name == header::CONNECTION;
-        if HOP_BY_HOP.contains(name) && !kept(name) {
-            doomed.push(name.clone());
+    let mut doomed: SmallVec<[HeaderName; 4]> = headers
+        .keys()
+        .filter(|name| HOP_BY_HOP.contains(name) && !kept(name))
+        .cloned()
+        .collect();
+    if headers.keys().any(|name| name == header::CONNECTION) {
+        for token in connection_tokens(headers) {
+            if !headers.contains_key(token) {
+                continue;
+            }
+            let listed = headers
+                .keys()
+                .find(|name| name.as_str().eq_ignore_ascii_case(token));
+            if let Some(name) = listed.filter(|name| !kept(name) && !doomed.contains(name)) {
+                doomed.push(name.clone());
+            }
         }
     }
-    if has_connection {
-        doomed.extend(
-            connection_tokens(headers)
-                .filter(|t| !(keep_upgrade && t.eq_ignore_ascii_case("upgrade")))
-                .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok()),
-        );
-    }
-    for name in doomed {
+    for name in &doomed {
         headers.remove(name);
     }
 }
@@ -489,6 +496,26 @@ mod tests {
         h.insert("x-kept", HeaderValue::from_static("yes"));
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 1);
+        assert_eq!(h["x-kept"], "yes");
+    }
+
+    #[test]
+    fn connection_tokens_remove_every_value_of_the_headers_they_name() {
+        let mut h = HeaderMap::new();
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_static("close, X-Debug"),
+        );
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_static("x-debug ,, bad name@"),
+        );
+        h.append("x-debug", HeaderValue::from_static("1"));
+        h.append("x-debug", HeaderValue::from_static("2"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert("x-kept", HeaderValue::from_static("yes"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
         assert_eq!(h["x-kept"], "yes");
     }
 

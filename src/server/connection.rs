@@ -292,18 +292,22 @@ async fn drive_http1<I: Transport>(
 /// When a connection should next be looked at: to rest, or to close for idleness. With
 /// something in flight, in a second: a long-poll request must not wake its connection every
 /// few milliseconds.
+///
+/// Called on every poll that leaves hyper waiting, so it reads the clock once.
 fn next_check(activity: &Activity, limits: &ConnLimits) -> tokio::time::Instant {
-    let rest_in = if !activity.is_at_rest(Duration::ZERO) {
+    let now = std::time::Instant::now();
+    let quiet = activity.quiet_at(now);
+    let rest_in = if activity.busy() {
         Duration::from_secs(1)
     } else if activity.between_messages() {
-        activity.until_quiet(REST_AFTER)
+        REST_AFTER.saturating_sub(quiet)
     } else {
-        activity.until_quiet(REST_FALLBACK)
+        REST_FALLBACK.saturating_sub(quiet)
     };
     let wait = rest_in
-        .min(activity.until_quiet(limits.idle_timeout))
+        .min(limits.idle_timeout.saturating_sub(quiet))
         .max(Duration::from_millis(10));
-    tokio::time::Instant::now() + wait
+    tokio::time::Instant::from_std(now + wait)
 }
 
 /// Asks hyper to stop at the message boundary it is at. Idle, it closes its side at once and is

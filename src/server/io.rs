@@ -104,8 +104,22 @@ impl Activity {
     }
 
     pub(super) fn quiet_for(&self) -> Duration {
+        self.quiet_at(Instant::now())
+    }
+
+    /// How long the connection had been quiet at `now`.
+    pub(super) fn quiet_at(&self, now: Instant) -> Duration {
         let last = Duration::from_millis(self.last_millis.load(Ordering::Relaxed));
-        self.epoch.elapsed().saturating_sub(last)
+        now.saturating_duration_since(self.epoch)
+            .saturating_sub(last)
+    }
+
+    /// Something is in flight: a request waiting for its response head, an open body, or a
+    /// half-read message.
+    pub(super) fn busy(&self) -> bool {
+        self.awaiting_head.load(Ordering::Relaxed) != 0
+            || self.open_bodies.load(Ordering::Relaxed) != 0
+            || self.reading_message.load(Ordering::Relaxed)
     }
 
     /// No request waits for its response head and no bytes moved for `idle_timeout`. A
@@ -116,10 +130,7 @@ impl Activity {
 
     /// Nothing in flight at all, bodies and half-read heads included, and quiet for `after`.
     pub(super) fn is_at_rest(&self, after: Duration) -> bool {
-        self.awaiting_head.load(Ordering::Relaxed) == 0
-            && self.open_bodies.load(Ordering::Relaxed) == 0
-            && !self.reading_message.load(Ordering::Relaxed)
-            && self.quiet_for() >= after
+        !self.busy() && self.quiet_for() >= after
     }
 
     /// How long until the connection has been quiet for `period`.
