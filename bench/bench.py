@@ -62,6 +62,7 @@ SCENARIOS = {
     3: "portcullis pass-through (auth = none)",
     4: "portcullis enforcing (JWT + session + sliding TTL + rate limit), defaults",
     5: "as 4 with `session.local_cache = false` (Redis on every request)",
+    6: "hyper floor: the smallest hyper proxy, no checks (bench/hyper_floor.rs)",
 }
 
 
@@ -373,7 +374,8 @@ class Bench:
         self.results = {"runs": [], "notes": []}
         self.problems = []
         self.ports = {k: free_port() for k in ("redis", "upstream", "status", "nginx", "portcullis",
-                                               "admin", "portcullis5", "admin5")}
+                                               "admin", "portcullis5", "admin5", "floor")}
+        self.floor_bin = args.floor
         self.portcullis = None
         self.portcullis5 = None
 
@@ -444,6 +446,11 @@ class Bench:
         wait_http(self.ports["nginx"], "/", what="proxy nginx")
         self.start_portcullis()
         self.start_portcullis("5")
+        self.floor = self.procs.start("hyper_floor", [
+            self.floor_bin, "--listen", f"127.0.0.1:{self.ports['floor']}",
+            "--upstream", f"127.0.0.1:{self.ports['upstream']}",
+        ], os.path.join(self.dir, "hyper_floor.log"))
+        wait_http(self.ports["floor"], "/", what="hyper_floor")
 
     # -- sessions for scenario 4 and the API benches -----------------------------------------
 
@@ -548,6 +555,8 @@ class Bench:
             return self.ports["nginx"], ["mode=plain", "path=/game/state"]
         if n == 3:
             return self.ports["portcullis"], ["mode=plain", "path=/open/state"]
+        if n == 6:
+            return self.ports["floor"], ["mode=plain", "path=/game/state"]
         return self.ports["portcullis" if n == 4 else "portcullis5"], [
             "mode=proxy", "path=/game/state", f"file={self.proxy_tokens}"]
 
@@ -566,17 +575,18 @@ class Bench:
     def run_scenario(self, n, duration, extra=(), record=True, tag="max"):
         port, lua = self.scenario_target(n)
         which = "5" if n == 5 else ""
-        pc = getattr(self, "portcullis" + which).pid
+        # CPU of the proxy under test; for 6, of hyper_floor.
+        pc = self.floor.pid if n == 6 else getattr(self, "portcullis" + which).pid
         nginx_pids = [self.nginx.pid] + children(self.nginx.pid)
         cpu_pc0 = proc_cpu_seconds([pc])
         cpu_ng0 = proc_cpu_seconds(nginx_pids)
         cmd0 = redis_commandstats(self.ports["redis"])
         up0 = self.upstream_requests()
-        rt0 = self.redis_round_trips(which)
+        rt0 = self.redis_round_trips(which) if n != 6 else {}
         r = self.wrk(port, duration, lua + list(extra))
         time.sleep(0.2)  # let the requests still in flight when wrk stopped finish
         up1 = self.upstream_requests()
-        rt1 = self.redis_round_trips(which)
+        rt1 = self.redis_round_trips(which) if n != 6 else {}
         r["round_trips"] = {k: v - rt0.get(k, 0) for k, v in rt1.items() if v - rt0.get(k, 0)}
         cmd1 = redis_commandstats(self.ports["redis"])
         # Requests the upstream answered in this run (the status read itself counts one).
@@ -604,7 +614,7 @@ class Bench:
         log("warm-up")
         for n in SCENARIOS:
             self.run_scenario(n, p["warmup"], record=False, tag="warm-up")
-        orders = [(1, 2, 3, 4, 5), (5, 4, 3, 2, 1), (2, 4, 1, 5, 3), (3, 5, 1, 4, 2)]
+        orders = [(1, 2, 3, 4, 5, 6), (6, 5, 4, 3, 2, 1), (2, 4, 6, 1, 5, 3), (3, 6, 5, 1, 4, 2)]
         for rnd in range(p["rounds"]):
             order = orders[rnd % len(orders)]
             log(f"round {rnd + 1}/{p['rounds']}: order {order}")
@@ -976,6 +986,9 @@ def render(b):
     w(f"Ratios of requests/s: **4/2 = {r42:.2f}**, **3/2 = {r32:.2f}**, 4/1 = {r41:.2f}; "
       f"without the local session cache 5/2 = {ratio(5, 2):.2f}.")
     w("")
+    w(f"Against the hyper floor (6), the most any proxy built on hyper and tokio reaches here: "
+      f"6/2 = {ratio(6, 2):.2f}, **3/6 = {ratio(3, 6):.2f}**, **4/6 = {ratio(4, 6):.2f}**.")
+    w("")
 
     paced = [r for r in R["runs"] if r["tag"] == "paced"]
     p1 = [r for r in paced if r["scenario"] == 1]
@@ -1053,8 +1066,8 @@ def render(b):
     w(f"| portcullis CPU seconds per 100k requests | {cpu(by.get(4, [])):.2f} | {cpu(by.get(5, [])):.2f} |")
     w(f"| portcullis peak RSS (VmHWM) after the throughput runs | {R.get('peak_rss_kib', 0) / 1024:.1f} MiB | {R.get('peak_rss5_kib', 0) / 1024:.1f} MiB |")
     w("")
-    w(f"portcullis pass-through (3): {cpu(s3):.2f} CPU seconds per 100k requests; the nginx proxy "
-      f"(2, all workers): {ngx_cpu:.2f}.")
+    w(f"portcullis pass-through (3): {cpu(s3):.2f} CPU seconds per 100k requests; the hyper "
+      f"floor (6): {cpu(by.get(6, [])):.2f}; the nginx proxy (2, all workers): {ngx_cpu:.2f}.")
     w("")
     for n in (4, 5):
         if rc[n]:
@@ -1182,6 +1195,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--smoke", action="store_true", help="a few seconds per step")
     ap.add_argument("--bin", required=True, help="the portcullis binary")
+    ap.add_argument("--floor", required=True, help="the hyper_floor binary (scenario 6)")
     ap.add_argument("--profile", default="release", help="cargo profile of --bin (for the report)")
     ap.add_argument("--out", help="write the markdown table here")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs, configs)")

@@ -44,6 +44,18 @@ fi
 
 export CARGO_TERM_COLOR=never
 target_dir="${CARGO_TARGET_DIR:-target}"
+
+# Runs a cargo build command and prints the path of the hyper_floor executable it built
+# (scenario 6; the path carries a hash).
+floor_bin() {
+  "$@" --message-format=json-render-diagnostics | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if (m.get("reason") == "compiler-artifact" and m["target"]["name"] == "hyper_floor"
+            and m.get("executable")):
+        print(m["executable"])'
+}
 if [ "$smoke" -eq 1 ]; then
   # The debug binary, which the test suite has just built in CI (`cargo test --all-targets`):
   # reused when no source is newer, else built. This keeps the smoke run to seconds. Figures
@@ -55,6 +67,7 @@ if [ "$smoke" -eq 1 ]; then
   else
     cargo build --locked --bin portcullis
   fi
+  floor=$(floor_bin cargo build --locked --bench hyper_floor)
   out="$target_dir/bench-smoke.md"
   budget=300
 else
@@ -62,6 +75,7 @@ else
   cargo build --locked --release --bin portcullis
   # Build the criterion benches before measuring, so compiling does not eat the time budget.
   cargo bench --locked --bench gate --no-run
+  floor=$(floor_bin cargo bench --locked --bench hyper_floor --no-run)
   bin="$target_dir/release/portcullis"
   out=bench/RESULTS.md
   budget=600
@@ -70,5 +84,5 @@ fi
 smoke_flag=()
 [ "$smoke" -eq 1 ] && smoke_flag=(--smoke)
 exec timeout --signal=TERM --kill-after=20 "$budget" \
-  python3 bench/bench.py "${smoke_flag[@]}" --bin "$bin" --profile "$profile" --out "$out" \
+  python3 bench/bench.py "${smoke_flag[@]}" --bin "$bin" --floor "$floor" --profile "$profile" --out "$out" \
   "${extra[@]}"
