@@ -630,8 +630,9 @@ class Bench:
         self.results["paced_rate"] = rate
         log(f"fixed rate {rate} req/s (half of scenario 4's median maximum)")
         for rnd in range(p["paced_rounds"]):
-            # Scenario 2 too: what a proxy adds at this rate on this machine, for reference.
-            for n in ((1, 4, 2) if rnd % 2 == 0 else (2, 4, 1)):
+            # Scenarios 2 and 6 too: what nginx and the bare HTTP engine add at this rate on this
+            # machine, for reference.
+            for n in ((1, 4, 2, 6) if rnd % 2 == 0 else (6, 2, 4, 1)):
                 r = self.run_scenario(n, p["paced_duration"], [f"rate={rate}"], tag="paced")
                 if abs(r["rps"] - rate) > 0.1 * rate:
                     self.results["notes"].append(
@@ -986,7 +987,7 @@ def render(b):
     w(f"Ratios of requests/s: **4/2 = {r42:.2f}**, **3/2 = {r32:.2f}**, 4/1 = {r41:.2f}; "
       f"without the local session cache 5/2 = {ratio(5, 2):.2f}.")
     w("")
-    w(f"Against the hyper floor (6), the most any proxy built on hyper and tokio reaches here: "
+    w(f"Against the hyper floor (6), the smallest proxy on the same HTTP engine (hyper, tokio): "
       f"6/2 = {ratio(6, 2):.2f}, **3/6 = {ratio(3, 6):.2f}**, **4/6 = {ratio(4, 6):.2f}**.")
     w("")
 
@@ -997,11 +998,14 @@ def render(b):
     added50 = median([r["p50_us"] for r in p4]) - median([r["p50_us"] for r in p1]) if p1 and p4 else float("nan")
     p2 = [r for r in paced if r["scenario"] == 2]
     nginx99 = median([r["p99_us"] for r in p2]) - median([r["p99_us"] for r in p1]) if p1 and p2 else float("nan")
+    p6 = [r for r in paced if r["scenario"] == 6]
+    floor99 = median([r["p99_us"] for r in p6]) - median([r["p99_us"] for r in p1]) if p1 and p6 else float("nan")
     w("## Added latency at a fixed rate")
     w("")
     w(f"Constant rate of {R.get('paced_rate', 0)} requests/s (half of scenario 4's maximum), "
-      f"{p['paced_duration']} s per run, {p['paced_rounds']} round(s) alternating 1,4,2 / 2,4,1 "
-      "(scenario 2, nginx, as the reference for what a proxy adds on this machine). "
+      f"{p['paced_duration']} s per run, {p['paced_rounds']} round(s) alternating 1,4,2,6 / 6,2,4,1 "
+      "(scenarios 2, nginx, and 6, the hyper floor, as the references for what a proxy adds on "
+      "this machine). "
       "Tool: wrk with the pacing `delay()` in bench/wrk/load.lua (wrk2 is not in Debian; "
       "`vegeta` is not packaged for bookworm). Each thread claims send slots on a fixed "
       "schedule (monotonic clock via LuaJIT FFI, 1 ms timer resolution); latency is measured "
@@ -1015,7 +1019,7 @@ def render(b):
           f"{ms(r['p999_us'])} |")
     w("")
     w(f"**p99 added latency, 4 over 1: {ms(added99)} ms** (p50 added: {ms(added50)} ms); "
-      f"nginx (2 over 1) adds {ms(nginx99)} ms at p99.")
+      f"nginx (2 over 1) adds {ms(nginx99)} ms at p99, the hyper floor (6 over 1) {ms(floor99)} ms.")
     w("")
 
     s3 = by.get(3, [])

@@ -3,7 +3,9 @@
 //!
 //! It does nothing a proxy is for: no checks, no header rewriting, no pool (each client
 //! connection gets its own upstream connection, driven in the same task), no limits, no logs.
-//! Like portcullis it runs one single-threaded runtime per CPU and allocates with mimalloc. So
+//! Like portcullis it runs one single-threaded runtime per CPU, deals accepted connections to
+//! them round robin (workers that all accept from one socket get uneven shares, and a busy core
+//! next to an idle one caps throughput) and allocates with mimalloc. So
 //! what scenario 6 reaches is what hyper and tokio alone reach on the machine: portcullis can
 //! only approach it, and the gap between the two is what portcullis' own work costs.
 //!
@@ -17,8 +19,8 @@ use std::sync::Arc;
 use hyper::body::Incoming;
 use hyper::Request;
 use hyper_util::rt::TokioIo;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Mutex;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, Mutex};
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -86,30 +88,33 @@ fn main() {
     };
     let workers: Vec<_> = (0..args.workers)
         .map(|_| {
-            let listener = listener.try_clone().expect("clone the listening socket");
+            let (deal, dealt) = mpsc::unbounded_channel();
             let upstream = args.upstream;
             std::thread::spawn(move || {
                 tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
                     .expect("a tokio runtime")
-                    .block_on(serve(listener, upstream))
-            })
+                    .block_on(serve(dealt, upstream))
+            });
+            deal
         })
         .collect();
-    for worker in workers {
-        let _ = worker.join();
+    // This thread accepts (blocking) and deals.
+    for (client, worker) in listener.incoming().zip(workers.iter().cycle()) {
+        let Ok(client) = client else {
+            continue;
+        };
+        if worker.send(client).is_err() {
+            eprintln!("hyper_floor: a worker stopped");
+            std::process::exit(1);
+        }
     }
 }
 
-/// Every worker accepts from the same listening socket.
-async fn serve(listener: std::net::TcpListener, upstream: SocketAddr) {
-    listener.set_nonblocking(true).expect("non-blocking socket");
-    let listener = TcpListener::from_std(listener).expect("register the listening socket");
-    loop {
-        let Ok((client, _)) = listener.accept().await else {
-            continue;
-        };
+/// One worker: serves each connection dealt to it in a task of its own.
+async fn serve(mut dealt: mpsc::UnboundedReceiver<std::net::TcpStream>, upstream: SocketAddr) {
+    while let Some(client) = dealt.recv().await {
         tokio::spawn(async move {
             if let Err(e) = proxy_connection(client, upstream).await {
                 eprintln!("hyper_floor: connection: {e}");
@@ -119,9 +124,11 @@ async fn serve(listener: std::net::TcpListener, upstream: SocketAddr) {
 }
 
 async fn proxy_connection(
-    client: TcpStream,
+    client: std::net::TcpStream,
     upstream: SocketAddr,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    client.set_nonblocking(true)?;
+    let client = TcpStream::from_std(client)?;
     client.set_nodelay(true)?;
     let up = TcpStream::connect(upstream).await?;
     up.set_nodelay(true)?;
