@@ -15,10 +15,6 @@ use crate::Body;
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// The request's id, as an extension.
-#[derive(Debug, Clone)]
-pub struct RequestId(pub HeaderValue);
-
 /// True for ids worth keeping: short, and safe in logs and headers.
 pub fn well_formed(value: &HeaderValue) -> bool {
     let bytes = value.as_bytes();
@@ -73,8 +69,9 @@ where
             }
             _ => generate(),
         };
+        // The upstream reads the id from the header and log lines from the span; nothing needs
+        // an extension copy, which would cost an allocation and grow the extension map.
         req.headers_mut().insert(X_REQUEST_ID.clone(), id.clone());
-        req.extensions_mut().insert(RequestId(id.clone()));
         let span = tracing::info_span!(
             "request",
             request_id = %String::from_utf8_lossy(id.as_bytes())
