@@ -78,8 +78,7 @@ where
         let client_ip = req.extensions().get::<ClientIp>().map(|c| c.0);
         let route_class = class_name(req.extensions().get::<RouteClass>().copied());
         let metrics = self.metrics.clone();
-        // Boxed so the logging future below does not name the inner service's future type.
-        let future: Self::Future = Box::pin(self.inner.call(req));
+        let future = self.inner.call(req);
         Box::pin(async move {
             let result = future.await;
             let response = match &result {

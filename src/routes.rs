@@ -7,12 +7,13 @@ use std::borrow::Cow;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use futures_util::future::Either;
 use http::{Request, Response};
 use percent_encoding::percent_decode_str;
 use tower::{Layer, Service};
 
 use crate::config::{AuthMode, RouteConfig};
-use crate::{Body, BoxResponse};
+use crate::Body;
 
 /// The class of a request, decided once and carried as an extension.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -194,7 +195,7 @@ where
 {
     type Response = Response<Body>;
     type Error = E;
-    type Future = BoxResponse<E>;
+    type Future = Either<A::Future, P::Future>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), E>> {
         Poll::Ready(Ok(()))
@@ -202,8 +203,8 @@ where
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
         match req.extensions().get::<RouteClass>() {
-            Some(RouteClass::Api { .. }) => Box::pin(self.api.call(req)),
-            _ => Box::pin(self.proxy.call(req)),
+            Some(RouteClass::Api { .. }) => Either::Left(self.api.call(req)),
+            _ => Either::Right(self.proxy.call(req)),
         }
     }
 }

@@ -3,10 +3,12 @@
 //! Identity headers sent by the client are stripped here, before anything else can see them,
 //! on every route and whatever the outcome; the session id header is read first.
 
+use std::future::Ready;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use futures_util::future::Either;
 use http::{header, HeaderMap, Request, Response};
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{AlgorithmFamily, DecodingKey, EncodingKey, Validation};
@@ -276,7 +278,7 @@ where
 {
     type Response = Response<Body>;
     type Error = S::Error;
-    type Future = BoxResponse<S::Error>;
+    type Future = Either<Ready<Result<Response<Body>, S::Error>>, S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -284,8 +286,10 @@ where
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
         match req.extensions_mut().remove::<AuthFailure>() {
-            Some(AuthFailure(rejection)) => Box::pin(async move { Ok(rejection.into_response()) }),
-            None => Box::pin(self.inner.call(req)),
+            Some(AuthFailure(rejection)) => {
+                Either::Left(std::future::ready(Ok(rejection.into_response())))
+            }
+            None => Either::Right(self.inner.call(req)),
         }
     }
 }

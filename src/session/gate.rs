@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use futures_util::future::Either;
 use http::{Request, Response};
 use tower::{Layer, Service};
 use uuid::Uuid;
@@ -92,7 +93,7 @@ where
 {
     type Response = Response<Body>;
     type Error = S::Error;
-    type Future = BoxResponse<S::Error>;
+    type Future = Either<S::Future, BoxResponse<S::Error>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -104,13 +105,13 @@ where
             _ => AuthMode::Session,
         };
         if mode == AuthMode::None {
-            return Box::pin(self.inner.call(req));
+            return Either::Left(self.inner.call(req));
         }
         let sessions = self.sessions.clone();
         // The clone that was driven ready is used; a fresh clone waits for the next call.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(async move {
+        Either::Right(Box::pin(async move {
             let who = req.extensions().get::<Authenticated>().cloned();
             match admit(&sessions, mode, who.as_ref()).await {
                 Ok(None) => inner.call(req).await,
@@ -122,6 +123,6 @@ where
                 }
                 Err(rejection) => Ok(rejection.into_response()),
             }
-        })
+        }))
     }
 }
