@@ -222,20 +222,48 @@ static RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
 
 fn set_headers(response: &mut Response<Body>, decision: Decision) {
     let headers = response.headers_mut();
-    headers.insert(RATELIMIT_LIMIT.clone(), HeaderValue::from(decision.limit));
+    headers.insert(RATELIMIT_LIMIT.clone(), number(decision.limit.into()));
     headers.insert(
         RATELIMIT_REMAINING.clone(),
-        HeaderValue::from(decision.remaining),
+        number(decision.remaining.into()),
     );
-    headers.insert(
-        RATELIMIT_RESET.clone(),
-        HeaderValue::from(decision.reset_secs),
-    );
+    headers.insert(RATELIMIT_RESET.clone(), number(decision.reset_secs));
     if !decision.allowed {
-        headers.insert(
-            http::header::RETRY_AFTER,
-            HeaderValue::from(decision.reset_secs),
-        );
+        headers.insert(http::header::RETRY_AFTER, number(decision.reset_secs));
+    }
+}
+
+/// The numbers below this are served from one static string, without allocating: every
+/// limited response carries three of them.
+const PREWRITTEN: u64 = 10_000;
+
+/// "0123456789101112...9999": each number's digits, one after another.
+static DIGITS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    use std::fmt::Write;
+    let mut all = String::with_capacity(38_890);
+    for n in 0..PREWRITTEN {
+        let _ = write!(all, "{n}");
+    }
+    all
+});
+
+/// `n` as a header value.
+fn number(n: u64) -> HeaderValue {
+    if n >= PREWRITTEN {
+        return HeaderValue::from(n);
+    }
+    // Where n's digits start in DIGITS: all the shorter numbers come first.
+    let (start, width) = match n {
+        0..=9 => (n, 1),
+        10..=99 => (10 + (n - 10) * 2, 2),
+        100..=999 => (190 + (n - 100) * 3, 3),
+        _ => (2890 + (n - 1000) * 4, 4),
+    };
+    let digits: &'static str = &DIGITS;
+    match digits.get(start as usize..(start + width) as usize) {
+        Some(text) => HeaderValue::from_maybe_shared(bytes::Bytes::from_static(text.as_bytes()))
+            .unwrap_or_else(|_| HeaderValue::from(n)),
+        None => HeaderValue::from(n),
     }
 }
 
@@ -323,6 +351,14 @@ mod tests {
 
     fn user(id: &str) -> CallerKey {
         CallerKey::User(id.into())
+    }
+
+    #[test]
+    fn numbers_are_written_in_decimal_prewritten_or_not() {
+        let large = [999_999, 1_000_000, u64::from(u32::MAX), u64::MAX];
+        for n in (0..PREWRITTEN + 20).chain(large) {
+            assert_eq!(number(n).to_str().unwrap(), n.to_string(), "{n}");
+        }
     }
 
     #[test]
