@@ -5,8 +5,6 @@
 //! and tokens cannot leak.
 
 use std::convert::Infallible;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -22,7 +20,7 @@ use crate::metrics::Metrics;
 use crate::peer::ClientIp;
 use crate::routes::RouteClass;
 use crate::session::gate::Identity;
-use crate::Body;
+use crate::{Body, BoxResponse};
 
 #[derive(Clone)]
 pub struct AccessLogLayer(pub Arc<Metrics>);
@@ -63,7 +61,7 @@ where
 {
     type Response = Response<Body>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+    type Future = BoxResponse<Infallible>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)

@@ -6,7 +6,6 @@
 //! (WebSocket, Socket.IO) that the upstream accepts with 101 becomes a bidirectional tunnel.
 
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -21,7 +20,7 @@ use crate::config::{IdentityConfig, UpstreamConfig};
 use crate::error::Rejection;
 use crate::peer::{ConnInfo, TrustedProxies};
 use crate::session::gate::Identity;
-use crate::Body;
+use crate::{Body, BoxResponse};
 
 mod pool;
 
@@ -462,7 +461,7 @@ impl Forward {
 impl tower::Service<Request<Body>> for Forward {
     type Response = Response<Body>;
     type Error = std::convert::Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Self::Error>> + Send>>;
+    type Future = BoxResponse<Self::Error>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         Poll::Ready(Ok(()))

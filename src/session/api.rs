@@ -12,8 +12,6 @@
 //! | GET | `/openapi.json` | 200, the OpenAPI 3 document |
 
 use std::convert::Infallible;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -33,7 +31,7 @@ use crate::session::{
     Created, Metadata, Opened, Platform, Sessions, MAX_DEVICE_ID, MAX_USER_AGENT,
 };
 use crate::store::StoreError;
-use crate::Body;
+use crate::{Body, BoxResponse};
 
 /// Largest request body the API reads.
 pub const MAX_API_BODY: usize = 16 * 1024;
@@ -344,7 +342,7 @@ fn truncate(mut s: String, max: usize) -> String {
 impl Service<Request<Body>> for SessionApi {
     type Response = Response<Body>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+    type Future = BoxResponse<Infallible>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
