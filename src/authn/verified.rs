@@ -92,13 +92,18 @@ impl VerifiedTokens {
         }
     }
 
+    /// Which set a token with this hash belongs to (the set count is a power of two).
+    fn set_index(&self, hash: u64) -> usize {
+        hash as usize & self.sets.len().saturating_sub(1)
+    }
+
     /// The token's hash and its set (locked).
     fn set(&self, token: &str) -> Option<(u64, std::sync::MutexGuard<'_, Set>)> {
         if self.sets.is_empty() {
             return None;
         }
         let hash = self.hasher.hash_one(token);
-        let set = self.sets.get(hash as usize & (self.sets.len() - 1))?;
+        let set = self.sets.get(self.set_index(hash))?;
         Some((hash, set.lock().ok()?))
     }
 
@@ -206,7 +211,7 @@ mod tests {
     fn same_set(cache: &VerifiedTokens, n: usize) -> Vec<String> {
         (0..)
             .map(|i| format!("tok-{i}"))
-            .filter(|t| cache.hasher.hash_one(t.as_str()) as usize & (cache.sets.len() - 1) == 0)
+            .filter(|t| cache.set_index(cache.hasher.hash_one(t.as_str())) == 0)
             .take(n)
             .collect()
     }
