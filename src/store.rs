@@ -354,6 +354,8 @@ local function corrupt()
   return redis.error_reply('ERR ' .. KEYS[1] .. ' does not hold sessions in the known layout')
 end
 local function body_of(v, r) return string.sub(v, r[1], r[1] + r[2] - 1) end
+-- The record with its length, as stored.
+local function record_of(v, r) return string.sub(v, r[1] - 2, r[1] + r[2] - 1) end
 local function framed(body) return string.char(math.floor(#body / 256), #body % 256) .. body end
 -- Writes the user's records back, the key expiring with the last of them; none left, no key.
 -- (PX rather than PXAT, and no EXPIRE ... GT elsewhere: both need Redis 7.)
@@ -429,7 +431,7 @@ local expires = now + tonumber(ARGV[2])
 local parts, longest = {string.char(1)}, expires
 for _, r in ipairs(kept) do
   if r[4] > 0 then
-    parts[#parts + 1] = string.sub(v, r[1] - 2, r[1] + r[2] - 1)
+    parts[#parts + 1] = record_of(v, r)
     if r[4] > longest then longest = r[4] end
   end
 end
@@ -496,7 +498,7 @@ for _, r in ipairs(recs) do
     if r[3] == ARGV[1] then
       gone = body_of(v, r)
     else
-      parts[#parts + 1] = string.sub(v, r[1] - 2, r[1] + r[2] - 1)
+      parts[#parts + 1] = record_of(v, r)
       if r[4] > longest then longest = r[4] end
     end
   end
@@ -519,7 +521,7 @@ local out, parts, longest = {}, {string.char(1)}, 0
 for _, r in ipairs(recs) do
   if r[4] > now then
     out[#out + 1] = body_of(v, r)
-    parts[#parts + 1] = string.sub(v, r[1] - 2, r[1] + r[2] - 1)
+    parts[#parts + 1] = record_of(v, r)
     if r[4] > longest then longest = r[4] end
   end
 end
