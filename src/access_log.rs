@@ -5,11 +5,12 @@
 //! and tokens cannot leak.
 
 use std::convert::Infallible;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use http::{Request, Response};
+use http::{Method, Request, Response, Uri, Version};
 use tower::{Layer, Service};
 
 use crate::authn::Authenticated;
@@ -17,10 +18,11 @@ use crate::config::AuthMode;
 use crate::error::Rejection;
 use crate::forward::UpstreamTime;
 use crate::metrics::Metrics;
+use crate::on_response::OnResponse;
 use crate::peer::ClientIp;
 use crate::routes::RouteClass;
 use crate::session::gate::Identity;
-use crate::{Body, BoxResponse};
+use crate::Body;
 
 #[derive(Clone)]
 pub struct AccessLogLayer(pub Arc<Metrics>);
@@ -57,82 +59,100 @@ fn class_name(class: Option<RouteClass>) -> &'static str {
 impl<S> Service<Request<Body>> for AccessLog<S>
 where
     S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>,
-    S::Future: Send + 'static,
 {
     type Response = Response<Body>;
     type Error = Infallible;
-    type Future = BoxResponse<Infallible>;
+    type Future = OnResponse<S::Future, InFlight>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        let started = Instant::now();
-        let method = req.method().clone();
-        // A reference-counted copy: no allocation when nothing is logged.
-        let uri = req.uri().clone();
-        let version = req.version();
-        let client_ip = req.extensions().get::<ClientIp>().map(|c| c.0);
-        let route_class = class_name(req.extensions().get::<RouteClass>().copied());
-        let metrics = self.metrics.clone();
-        let future = self.inner.call(req);
-        Box::pin(async move {
-            let result = future.await;
-            let response = match &result {
-                Ok(response) => response,
-                Err(never) => match *never {},
-            };
-            let elapsed = started.elapsed();
-            let status = response.status().as_u16();
-            let upstream = response.extensions().get::<UpstreamTime>().map(|t| t.0);
-            let rejection = response.extensions().get::<Rejection>();
-            let who = response.extensions().get::<Authenticated>();
-            let identity = response.extensions().get::<Identity>();
+        let in_flight = InFlight {
+            started: Instant::now(),
+            method: req.method().clone(),
+            // A reference-counted copy: no allocation when nothing is logged.
+            uri: req.uri().clone(),
+            version: req.version(),
+            client_ip: req.extensions().get::<ClientIp>().map(|c| c.0),
+            route_class: class_name(req.extensions().get::<RouteClass>().copied()),
+            metrics: self.metrics.clone(),
+        };
+        OnResponse::new(self.inner.call(req), in_flight, InFlight::finish)
+    }
+}
 
-            metrics.observe_request(route_class, status, elapsed);
-            if let Some(upstream) = upstream {
-                metrics.upstream_duration.observe(upstream.as_secs_f64());
-            }
+/// What the log line needs from the request, kept until its response.
+pub struct InFlight {
+    started: Instant,
+    method: Method,
+    uri: Uri,
+    version: Version,
+    client_ip: Option<IpAddr>,
+    route_class: &'static str,
+    metrics: Arc<Metrics>,
+}
 
-            let user_id = who.map(|w| &*w.user_id);
-            let path = uri.path();
+impl InFlight {
+    fn finish(self, response: &mut Response<Body>) {
+        let InFlight {
+            started,
+            method,
+            uri,
+            version,
+            client_ip,
+            route_class,
+            metrics,
+        } = self;
+        let elapsed = started.elapsed();
+        let status = response.status().as_u16();
+        let upstream = response.extensions().get::<UpstreamTime>().map(|t| t.0);
+        let rejection = response.extensions().get::<Rejection>();
+        let who = response.extensions().get::<Authenticated>();
+        let identity = response.extensions().get::<Identity>();
+
+        metrics.observe_request(route_class, status, elapsed);
+        if let Some(upstream) = upstream {
+            metrics.upstream_duration.observe(upstream.as_secs_f64());
+        }
+
+        let user_id = who.map(|w| &*w.user_id);
+        let path = uri.path();
+        tracing::info!(
+            target: "portcullis::access",
+            method = %method,
+            path = %path,
+            version = ?version,
+            status,
+            route_class,
+            total_ms = elapsed.as_secs_f64() * 1000.0,
+            upstream_ms = upstream.map(|u| u.as_secs_f64() * 1000.0),
+            client_ip = client_ip.map(tracing::field::display),
+            user_id,
+            code = rejection.map(Rejection::code),
+            "request"
+        );
+        if let Some(rejection) = rejection {
+            metrics.rejected(rejection);
+            let session_id = identity
+                .and_then(|i| i.session_id.map(|s| s.to_string()))
+                .or_else(|| who.and_then(|w| w.session_hint.clone()));
+            let platform = identity.and_then(|i| i.platform).map(|p| p.as_str());
             tracing::info!(
-                target: "portcullis::access",
+                target: "audit",
+                event = "request_rejected",
+                reason = crate::metrics::rejection_reason(rejection),
+                code = rejection.code(),
+                status,
                 method = %method,
                 path = %path,
-                version = ?version,
-                status,
-                route_class,
-                total_ms = elapsed.as_secs_f64() * 1000.0,
-                upstream_ms = upstream.map(|u| u.as_secs_f64() * 1000.0),
-                client_ip = client_ip.map(tracing::field::display),
                 user_id,
-                code = rejection.map(Rejection::code),
-                "request"
+                session_id = session_id.as_deref(),
+                client_ip = client_ip.map(tracing::field::display),
+                platform,
+                "request rejected"
             );
-            if let Some(rejection) = rejection {
-                metrics.rejected(rejection);
-                let session_id = identity
-                    .and_then(|i| i.session_id.map(|s| s.to_string()))
-                    .or_else(|| who.and_then(|w| w.session_hint.clone()));
-                let platform = identity.and_then(|i| i.platform).map(|p| p.as_str());
-                tracing::info!(
-                    target: "audit",
-                    event = "request_rejected",
-                    reason = crate::metrics::rejection_reason(rejection),
-                    code = rejection.code(),
-                    status,
-                    method = %method,
-                    path = %path,
-                    user_id,
-                    session_id = session_id.as_deref(),
-                    client_ip = client_ip.map(tracing::field::display),
-                    platform,
-                    "request rejected"
-                );
-            }
-            result
-        })
+        }
     }
 }

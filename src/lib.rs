@@ -24,6 +24,7 @@ pub mod forward;
 pub mod inject;
 pub mod limits;
 pub mod metrics;
+pub mod on_response;
 pub mod peer;
 pub mod rate_limit;
 pub mod request_id;

@@ -9,6 +9,7 @@
 //! on a limited route carry `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset`;
 //! a refusal is 429 `RATE_LIMITED` with `Retry-After`. Limits are per process.
 
+use std::future::Ready;
 use std::hash::Hash;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use foldhash::quality::RandomState;
+use futures_util::future::Either;
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::StateInformationMiddleware;
 use governor::state::keyed::DashMapStateStore;
@@ -26,9 +28,10 @@ use tower::{Layer, Service};
 use crate::authn::Authenticated;
 use crate::config::{Quota, RateLimitConfig, RouteConfig, RouteLimit};
 use crate::error::Rejection;
+use crate::on_response::OnResponse;
 use crate::peer::ClientIp;
 use crate::routes::RouteClass;
-use crate::{Body, BoxResponse};
+use crate::Body;
 
 /// Who a request is counted against.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -220,7 +223,7 @@ static RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
 static RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
 static RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
 
-fn set_headers(response: &mut Response<Body>, decision: Decision) {
+fn set_headers(decision: Decision, response: &mut Response<Body>) {
     let headers = response.headers_mut();
     headers.insert(RATELIMIT_LIMIT.clone(), number(decision.limit.into()));
     headers.insert(
@@ -294,7 +297,7 @@ where
 {
     type Response = Response<Body>;
     type Error = S::Error;
-    type Future = BoxResponse<S::Error>;
+    type Future = Either<Ready<Result<Response<Body>, S::Error>>, OnResponse<S::Future, Decision>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -316,19 +319,14 @@ where
             _ => None,
         };
         match decision {
-            None => Box::pin(self.inner.call(req)),
-            Some(decision) if !decision.allowed => Box::pin(async move {
+            None => Either::Right(OnResponse::unchanged(self.inner.call(req))),
+            Some(decision) if !decision.allowed => {
                 let mut response = Rejection::RateLimited.into_response();
-                set_headers(&mut response, decision);
-                Ok(response)
-            }),
+                set_headers(decision, &mut response);
+                Either::Left(std::future::ready(Ok(response)))
+            }
             Some(decision) => {
-                let future = self.inner.call(req);
-                Box::pin(async move {
-                    let mut response = future.await?;
-                    set_headers(&mut response, decision);
-                    Ok(response)
-                })
+                Either::Right(OnResponse::new(self.inner.call(req), decision, set_headers))
             }
         }
     }

@@ -7,9 +7,10 @@ use std::task::{Context, Poll};
 
 use http::{HeaderName, HeaderValue, Request, Response};
 use tower::{Layer, Service};
-use tracing::Instrument;
+use tracing::instrument::{Instrument, Instrumented};
 
-use crate::{Body, BoxResponse};
+use crate::on_response::OnResponse;
+use crate::Body;
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -52,7 +53,7 @@ where
 {
     type Response = Response<Body>;
     type Error = Infallible;
-    type Future = BoxResponse<Infallible>;
+    type Future = Instrumented<OnResponse<S::Future, HeaderValue>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -78,14 +79,10 @@ where
             let _entered = span.enter();
             self.inner.call(req)
         };
-        Box::pin(
-            async move {
-                let Ok(mut response) = future.await;
-                response.headers_mut().insert(X_REQUEST_ID.clone(), id);
-                Ok(response)
-            }
-            .instrument(span),
-        )
+        OnResponse::new(future, id, |id, response| {
+            response.headers_mut().insert(X_REQUEST_ID.clone(), id);
+        })
+        .instrument(span)
     }
 }
 

@@ -17,8 +17,9 @@ use tower::{Layer, Service};
 
 use crate::config::{AuthMode, IdentityConfig, JwtConfig, JwtKey};
 use crate::error::Rejection;
+use crate::on_response::OnResponse;
 use crate::routes::RouteClass;
-use crate::{Body, BoxError, BoxResponse};
+use crate::{Body, BoxError};
 
 mod verified;
 
@@ -205,7 +206,7 @@ where
 {
     type Response = Response<Body>;
     type Error = S::Error;
-    type Future = BoxResponse<S::Error>;
+    type Future = OnResponse<S::Future, Authenticated>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -232,11 +233,8 @@ where
             Ok(Some(who)) => {
                 req.extensions_mut().insert(who.clone());
                 // The caller travels back on the response too, for the access log and audit.
-                let future = self.inner.call(req);
-                return Box::pin(async move {
-                    let mut response = future.await?;
+                return OnResponse::new(self.inner.call(req), who, |who, response| {
                     response.extensions_mut().insert(who);
-                    Ok(response)
                 });
             }
             Ok(None) => {}
@@ -246,7 +244,7 @@ where
                 req.extensions_mut().insert(AuthFailure(rejection));
             }
         }
-        Box::pin(self.inner.call(req))
+        OnResponse::unchanged(self.inner.call(req))
     }
 }
 
