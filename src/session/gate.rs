@@ -3,6 +3,7 @@
 //! identity travels on as [`Identity`] for the forwarder to turn into headers. A store that
 //! cannot answer fails closed with 503.
 
+use std::future::Ready;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -14,6 +15,7 @@ use uuid::Uuid;
 use crate::authn::Authenticated;
 use crate::config::AuthMode;
 use crate::error::Rejection;
+use crate::on_response::OnResponse;
 use crate::routes::RouteClass;
 use crate::session::{Platform, Sessions};
 use crate::{Body, BoxResponse};
@@ -26,42 +28,70 @@ pub struct Identity {
     pub platform: Option<Platform>,
 }
 
-/// Decides the identity of a proxied request, checking and sliding the session when the route
-/// demands one.
-pub async fn admit(
+/// Where a request's admission is decided.
+enum Admission<'a> {
+    /// Without Redis: the route needs no session, the token carries no usable one, or the
+    /// local cache vouches for it.
+    Decided(Result<Option<Identity>, Rejection>),
+    /// The session must be checked (and slid) in Redis.
+    AskStore(&'a Authenticated, Uuid),
+}
+
+/// Decides the identity of a proxied request where that needs no Redis.
+fn admit_now<'a>(
     sessions: &Sessions,
     mode: AuthMode,
-    who: Option<&Authenticated>,
-) -> Result<Option<Identity>, Rejection> {
-    match mode {
+    who: Option<&'a Authenticated>,
+) -> Admission<'a> {
+    let decided = match mode {
         AuthMode::None => Ok(None),
-        AuthMode::Jwt => {
-            let who = who.ok_or(Rejection::TokenMissing)?;
-            Ok(Some(Identity {
+        AuthMode::Jwt => who.ok_or(Rejection::TokenMissing).map(|who| {
+            Some(Identity {
                 user_id: who.user_id.clone(),
                 session_id: None,
                 platform: None,
-            }))
-        }
+            })
+        }),
         AuthMode::Session => {
-            let who = who.ok_or(Rejection::TokenMissing)?;
-            let session_id = who
+            let Some(who) = who else {
+                return Admission::Decided(Err(Rejection::TokenMissing));
+            };
+            let Some(session_id) = who
                 .session_hint
                 .as_deref()
                 .and_then(|s| Uuid::parse_str(s).ok())
-                .ok_or(Rejection::SessionInvalid)?;
-            match sessions.touch(&who.user_id, session_id).await {
-                Ok(Some(platform)) => Ok(Some(Identity {
+            else {
+                return Admission::Decided(Err(Rejection::SessionInvalid));
+            };
+            match sessions.touch_cached(&who.user_id, session_id) {
+                Some(platform) => Ok(Some(Identity {
                     user_id: who.user_id.clone(),
                     session_id: Some(session_id),
                     platform: Some(platform),
                 })),
-                Ok(None) => Err(Rejection::SessionInvalid),
-                Err(e) => {
-                    tracing::warn!(error = %e, "session check failed; refusing the request");
-                    Err(Rejection::StoreUnavailable)
-                }
+                None => return Admission::AskStore(who, session_id),
             }
+        }
+    };
+    Admission::Decided(decided)
+}
+
+/// Decides the identity of a proxied request whose session Redis must check and slide.
+async fn admit_from_store(
+    sessions: &Sessions,
+    who: &Authenticated,
+    session_id: Uuid,
+) -> Result<Identity, Rejection> {
+    match sessions.touch_in_store(&who.user_id, session_id).await {
+        Ok(Some(platform)) => Ok(Identity {
+            user_id: who.user_id.clone(),
+            session_id: Some(session_id),
+            platform: Some(platform),
+        }),
+        Ok(None) => Err(Rejection::SessionInvalid),
+        Err(e) => {
+            tracing::warn!(error = %e, "session check failed; refusing the request");
+            Err(Rejection::StoreUnavailable)
         }
     }
 }
@@ -93,7 +123,7 @@ where
 {
     type Response = Response<Body>;
     type Error = S::Error;
-    type Future = Either<S::Future, BoxResponse<S::Error>>;
+    type Future = Either<Decided<S::Future, S::Error>, BoxResponse<S::Error>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -104,25 +134,58 @@ where
             Some(RouteClass::Proxy { auth, .. }) => *auth,
             _ => AuthMode::Session,
         };
-        if mode == AuthMode::None {
-            return Either::Left(self.inner.call(req));
-        }
+        let decided = match admit_now(&self.sessions, mode, req.extensions().get()) {
+            Admission::Decided(decided) => decided,
+            Admission::AskStore(who, session_id) => {
+                let who = who.clone();
+                return Either::Right(self.ask_store(req, who, session_id));
+            }
+        };
+        Either::Left(match decided {
+            Ok(None) => Either::Left(OnResponse::unchanged(self.inner.call(req))),
+            Ok(Some(identity)) => {
+                req.extensions_mut().insert(identity.clone());
+                Either::Left(OnResponse::new(self.inner.call(req), identity, carry_back))
+            }
+            Err(rejection) => Either::Right(std::future::ready(Ok(rejection.into_response()))),
+        })
+    }
+}
+
+/// The identity travels back on the response too, for the access log and audit.
+fn carry_back(identity: Identity, response: &mut Response<Body>) {
+    response.extensions_mut().insert(identity);
+}
+
+/// The gate's future when it decided without Redis.
+type Decided<F, E> = Either<OnResponse<F, Identity>, Ready<Result<Response<Body>, E>>>;
+
+impl<S> SessionGate<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    /// Admits the request once Redis has checked its session.
+    fn ask_store(
+        &mut self,
+        mut req: Request<Body>,
+        who: Authenticated,
+        session_id: Uuid,
+    ) -> BoxResponse<S::Error> {
         let sessions = self.sessions.clone();
         // The clone that was driven ready is used; a fresh clone waits for the next call.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        Either::Right(Box::pin(async move {
-            let who = req.extensions().get::<Authenticated>().cloned();
-            match admit(&sessions, mode, who.as_ref()).await {
-                Ok(None) => inner.call(req).await,
-                Ok(Some(identity)) => {
+        Box::pin(async move {
+            match admit_from_store(&sessions, &who, session_id).await {
+                Ok(identity) => {
                     req.extensions_mut().insert(identity.clone());
                     let mut response = inner.call(req).await?;
-                    response.extensions_mut().insert(identity);
+                    carry_back(identity, &mut response);
                     Ok(response)
                 }
                 Err(rejection) => Ok(rejection.into_response()),
             }
-        }))
+        })
     }
 }

@@ -238,11 +238,21 @@ impl Sessions {
         }
     }
 
-    /// The per-request check: the session exists under this user. Its TTL slides back to full
-    /// (at most once per `slide_interval`) and lastActive moves to now (at most once per
-    /// `last_active_resolution`), in one round trip; a session confirmed less than
-    /// `slide_interval` ago is admitted from the local cache without any. Returns its platform.
-    pub async fn touch(
+    /// The per-request check, from the local cache: a session confirmed less than
+    /// `slide_interval` ago is admitted without Redis (and without an await). Returns its
+    /// platform; `None` sends the check to [`Sessions::touch_in_store`].
+    pub fn touch_cached(&self, user_id: &str, session_id: Uuid) -> Option<Platform> {
+        let cache = self.cache.as_ref().filter(|c| c.is_live())?;
+        let platform = cache.get(&self.store.sessions_key(user_id), session_id)?;
+        self.metrics.session_cache_lookup("hit");
+        Some(platform)
+    }
+
+    /// The per-request check in Redis: the session exists under this user. Its TTL slides back
+    /// to full (at most once per `slide_interval`) and lastActive moves to now (at most once per
+    /// `last_active_resolution`), in one round trip. Returns its platform; a confirmed session
+    /// is cached for `slide_interval`.
+    pub async fn touch_in_store(
         &self,
         user_id: &str,
         session_id: Uuid,
@@ -253,13 +263,7 @@ impl Sessions {
             (cache, key, epoch)
         });
         match &cached {
-            Some((cache, key, _)) => {
-                if let Some(platform) = cache.get(key, session_id) {
-                    self.metrics.session_cache_lookup("hit");
-                    return Ok(Some(platform));
-                }
-                self.metrics.session_cache_lookup("miss");
-            }
+            Some(_) => self.metrics.session_cache_lookup("miss"),
             None if self.cache.is_some() => self.metrics.session_cache_lookup("off"),
             None => {}
         }
