@@ -83,6 +83,10 @@ where
         if let Err(rejection) = check(&req, &self.limits) {
             return Either::Left(std::future::ready(Ok(rejection.into_response())));
         }
+        // A body with nothing left to read cannot exceed the limit: it is not wrapped.
+        if http_body::Body::is_end_stream(req.body()) {
+            return Either::Right(self.inner.call(req));
+        }
         let max = usize::try_from(self.limits.max_body_bytes).unwrap_or(usize::MAX);
         let req = req.map(|body| Body::new(Limited::new(body, max)));
         Either::Right(self.inner.call(req))

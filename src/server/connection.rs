@@ -16,7 +16,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -389,14 +389,12 @@ struct ConnService {
     upgrades: UpgradeHandoff,
 }
 
-type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response<ConnBody>, Infallible>> + Send>>;
-
 impl hyper::service::Service<Request<Incoming>> for ConnService {
     type Response = Response<ConnBody>;
     type Error = Infallible;
-    type Future = ResponseFuture;
+    type Future = Respond;
 
-    fn call(&self, req: Request<Incoming>) -> ResponseFuture {
+    fn call(&self, req: Request<Incoming>) -> Respond {
         let awaiting = AwaitingHead::new(self.activity.clone());
         let open = OpenBody::new(self.activity.clone());
         let upgrade = wants_upgrade(&req);
@@ -406,7 +404,8 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
             parts.extensions.insert(self.upgrades.clone());
         }
         let body = if hyper::body::Body::is_end_stream(&body) {
-            Body::new(body)
+            // Nothing to read (a GET, say): an empty body is boxed without an allocation.
+            Body::new(http_body_util::Empty::new())
         } else {
             Body::new(RequestBody {
                 body,
@@ -420,14 +419,33 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .call(Request::from_parts(parts, body));
-        Box::pin(async move {
-            let response = match response.await {
-                Ok(response) => response,
-                Err(never) => match never {},
-            };
-            drop(awaiting);
-            Ok(response.map(|body| ConnBody { body, _open: open }))
-        })
+        Respond {
+            response,
+            awaiting: Some(awaiting),
+            open: Some(open),
+        }
+    }
+}
+
+/// The stack's response on its way to hyper: the request counts as awaiting its head until
+/// the head is ready, then the body as open until hyper drops it.
+struct Respond {
+    response: <AppService as Service<Request<Body>>>::Future,
+    awaiting: Option<AwaitingHead>,
+    open: Option<OpenBody>,
+}
+
+impl Future for Respond {
+    type Output = Result<Response<ConnBody>, Infallible>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let response = match ready!(self.response.as_mut().poll(cx)) {
+            Ok(response) => response,
+            Err(never) => match never {},
+        };
+        self.awaiting = None;
+        let open = self.open.take();
+        Poll::Ready(Ok(response.map(|body| ConnBody { body, _open: open })))
     }
 }
 
@@ -464,7 +482,7 @@ impl hyper::body::Body for RequestBody {
 /// A response body that counts as open on its connection until hyper drops it.
 struct ConnBody {
     body: Body,
-    _open: OpenBody,
+    _open: Option<OpenBody>,
 }
 
 impl hyper::body::Body for ConnBody {
