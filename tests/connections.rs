@@ -227,3 +227,96 @@ async fn connection_close_is_honoured_after_the_response() {
     // The client asked to close: no resting, the connection ends after its one response.
     assert!(conn.response().await.is_none());
 }
+
+/// Sends `start`, then one more header line every 100 ms, as a slow-loris client does: the
+/// head never completes. The connection must be closed `header_read_timeout` (500 ms) after
+/// the head's first byte, with nothing forwarded; returns how long that took.
+async fn trickled_head_is_cut_off(conn: &mut RawConn, start: &[u8]) -> Duration {
+    let first_byte = Instant::now();
+    conn.send(start).await;
+    let closed = loop {
+        tokio::select! {
+            response = conn.response() => break response,
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                // A write may fail once the proxy has closed; the read then reports it.
+                let _ = conn.stream.write_all(b"X-Pad: a\r\n").await;
+            }
+        }
+    };
+    let took = first_byte.elapsed();
+    assert!(
+        closed.is_none(),
+        "the unfinished head got a response: {closed:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(450),
+        "cut off after {took:?}, before header_read_timeout"
+    );
+    assert!(
+        took < Duration::from_secs(3),
+        "a head trickled in for {took:?}"
+    );
+    took
+}
+
+fn slow_head_config(upstream: &Upstream) -> String {
+    config_with(
+        &upstream.url(),
+        "[server]\nheader_read_timeout = \"500ms\"\n",
+    )
+}
+
+#[tokio::test]
+async fn a_request_head_trickling_in_is_cut_off_at_header_read_timeout() {
+    let upstream = Upstream::echo().await;
+    let proxy = Proxy::start(&slow_head_config(&upstream)).await;
+    let mut conn = RawConn::open(&proxy).await;
+    trickled_head_is_cut_off(&mut conn, b"GET /slow HTTP/1.1\r\nHost: test\r\n").await;
+    assert_eq!(upstream.count(), 0);
+}
+
+#[tokio::test]
+async fn a_second_head_trickling_in_is_cut_off_too() {
+    let upstream = Upstream::echo().await;
+    let proxy = Proxy::start(&slow_head_config(&upstream)).await;
+    let mut conn = RawConn::open(&proxy).await;
+    conn.get_ok("/first").await;
+    trickled_head_is_cut_off(&mut conn, b"GET /slow HTTP/1.1\r\nHost: test\r\n").await;
+    assert!(upstream.seen().iter().all(|s| s.target != "/slow"));
+}
+
+#[tokio::test]
+async fn a_pipelined_head_trickling_in_is_cut_off_too() {
+    let upstream = Upstream::echo().await;
+    let proxy = Proxy::start(&slow_head_config(&upstream)).await;
+    let mut conn = RawConn::open(&proxy).await;
+    // The first request and the start of the second arrive in one read.
+    let start = format!("{}GET /slow HTTP/1.1\r\nHost: test\r\n", get("/first"));
+    let first_byte = Instant::now();
+    conn.send(start.as_bytes()).await;
+    let response = conn
+        .response()
+        .await
+        .expect("the first request is answered");
+    assert_eq!(response.status, 200);
+    let before = first_byte.elapsed();
+    let took = trickled_head_is_cut_off(&mut conn, b"").await;
+    assert!(before + took < Duration::from_secs(3));
+    assert!(upstream.seen().iter().all(|s| s.target != "/slow"));
+}
+
+#[tokio::test]
+async fn a_head_that_stops_halfway_is_cut_off() {
+    let upstream = Upstream::echo().await;
+    let proxy = Proxy::start(&slow_head_config(&upstream)).await;
+    let mut conn = RawConn::open(&proxy).await;
+    let first_byte = Instant::now();
+    conn.send(b"GET /half HTTP/1.1\r\nHo").await;
+    assert!(conn.response().await.is_none());
+    let took = first_byte.elapsed();
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_secs(3),
+        "closed after {took:?}"
+    );
+    assert_eq!(upstream.count(), 0);
+}
