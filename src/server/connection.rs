@@ -133,7 +133,9 @@ impl Connection {
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
             .timer(TokioTimer::new())
-            .header_read_timeout(limits.header_read_timeout)
+            // The connection's own check enforces header_read_timeout (see `drive_http1`):
+            // hyper's timer would cost an allocation and a timer wheel entry per request.
+            .header_read_timeout(None::<Duration>)
             .max_buf_size(limits.hard_header_cap())
             .max_headers(MAX_HEADERS);
         let upgrades = service.upgrades.clone();
@@ -148,6 +150,10 @@ impl Connection {
             let rest = match end {
                 Http1End::Failed(e) => {
                     tracing::debug!(error = %e, "connection ended with an error");
+                    return;
+                }
+                Http1End::HeadTimedOut => {
+                    tracing::debug!("request head not complete within header_read_timeout");
                     return;
                 }
                 Http1End::Closed => false,
@@ -219,6 +225,9 @@ enum Http1End {
     /// asked it to stop after the current exchange).
     Closed,
     Failed(hyper::Error),
+    /// A request head took longer than `header_read_timeout`: the connection is dropped, as
+    /// hyper's own header timer would.
+    HeadTimedOut,
 }
 
 type Http1Conn<I> =
@@ -226,7 +235,8 @@ type Http1Conn<I> =
 
 /// Runs hyper on the connection until it is done with the socket, asking it to stop when the
 /// server shuts down, when the connection has been idle for `idle_timeout`, or, to let the
-/// connection rest, once nothing has been in flight for [`REST_AFTER`].
+/// connection rest, once nothing has been in flight for [`REST_AFTER`]. A request head still
+/// incomplete `header_read_timeout` after its first byte ends the connection.
 async fn drive_http1<I: Transport>(
     mut conn: Box<Http1Conn<I>>,
     activity: &Activity,
@@ -256,6 +266,10 @@ async fn drive_http1<I: Transport>(
                 check.as_mut().poll(cx).map(|()| None)
             }) => {
                 let Some(result) = event else {
+                    let now = std::time::Instant::now();
+                    if activity.head_time_left(now, limits.header_read_timeout) == Some(Duration::ZERO) {
+                        return (conn, Http1End::HeadTimedOut);
+                    }
                     if activity.is_idle(limits.idle_timeout) {
                         closing = true;
                         Pin::new(&mut *conn).graceful_shutdown();
@@ -289,8 +303,8 @@ async fn drive_http1<I: Transport>(
     }
 }
 
-/// When a connection should next be looked at: to rest, or to close for idleness. With
-/// something in flight, in a second: a long-poll request must not wake its connection every
+/// When a connection should next be looked at: to rest, to close for idleness, or when the
+/// request head being read runs out of time. With something in flight, in a second: a long-poll request must not wake its connection every
 /// few milliseconds.
 ///
 /// Called on every poll that leaves hyper waiting, so it reads the clock once.
@@ -304,8 +318,12 @@ fn next_check(activity: &Activity, limits: &ConnLimits) -> tokio::time::Instant 
     } else {
         REST_FALLBACK.saturating_sub(quiet)
     };
+    let head_left = activity
+        .head_time_left(now, limits.header_read_timeout)
+        .unwrap_or(Duration::MAX);
     let wait = rest_in
         .min(limits.idle_timeout.saturating_sub(quiet))
+        .min(head_left)
         .max(Duration::from_millis(10));
     tokio::time::Instant::from_std(now + wait)
 }

@@ -47,6 +47,8 @@ pub(super) struct Activity {
     /// Bytes were read that no request has been made of yet (a head in pieces), or that belong
     /// to a request body not yet finished.
     reading_message: AtomicBool,
+    /// When the first byte of the message being read arrived (`last_millis`' clock).
+    message_started_millis: AtomicU64,
     /// Bytes were written and not flushed yet.
     unflushed: AtomicBool,
     /// hyper asked for the next request's bytes while nothing else was in flight, and none
@@ -64,6 +66,7 @@ impl Activity {
             open_request_bodies: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
             reading_message: AtomicBool::new(false),
+            message_started_millis: AtomicU64::new(0),
             unflushed: AtomicBool::new(false),
             between_messages: AtomicBool::new(false),
         }
@@ -89,13 +92,44 @@ impl Activity {
     /// but did not use (the start of a head). Nothing of the last one is draining.
     pub(super) fn new_parser(&self, unread: bool) {
         self.draining.store(false, Ordering::Relaxed);
-        self.reading_message.store(unread, Ordering::Relaxed);
+        self.reading_message.store(false, Ordering::Relaxed);
+        if unread {
+            // The head's first bytes came earlier; timing it from now only errs on the long side.
+            self.read();
+        }
         self.between_messages.store(false, Ordering::Relaxed);
     }
 
-    fn touch(&self) {
+    fn touch(&self) -> u64 {
         let now = self.epoch.elapsed().as_millis() as u64;
         self.last_millis.store(now, Ordering::Relaxed);
+        now
+    }
+
+    /// Bytes arrived: the first after a complete message starts the next one.
+    fn read(&self) {
+        let now = self.touch();
+        if !self.reading_message.load(Ordering::Relaxed) {
+            self.reading_message.store(true, Ordering::Relaxed);
+            self.message_started_millis.store(now, Ordering::Relaxed);
+        }
+    }
+
+    /// How long the request head being read has left of `limit` at `now`; `None` when no head
+    /// is being read. A head is what arrives once no request is waiting for its response head
+    /// and no request body is being read (a response body may still be going out: pipelining).
+    pub(super) fn head_time_left(&self, now: Instant, limit: Duration) -> Option<Duration> {
+        let reading_head = self.reading_message.load(Ordering::Relaxed)
+            && self.awaiting_head.load(Ordering::Relaxed) == 0
+            && self.open_request_bodies.load(Ordering::Relaxed) == 0;
+        if !reading_head {
+            return None;
+        }
+        let started = Duration::from_millis(self.message_started_millis.load(Ordering::Relaxed));
+        let reading_for = now
+            .saturating_duration_since(self.epoch)
+            .saturating_sub(started);
+        Some(limit.saturating_sub(reading_for))
     }
 
     fn wrote(&self) {
@@ -226,8 +260,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for Tracked<I> {
         let before = buf.filled().len();
         let result = Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
-            self.activity.touch();
-            self.activity.reading_message.store(true, Ordering::Relaxed);
+            self.activity.read();
         } else if result.is_pending() && self.activity.quiescent() {
             self.activity
                 .between_messages
