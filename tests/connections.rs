@@ -320,3 +320,35 @@ async fn a_head_that_stops_halfway_is_cut_off() {
     );
     assert_eq!(upstream.count(), 0);
 }
+
+#[tokio::test]
+async fn shutdown_ends_a_busy_connection_after_its_in_flight_response() {
+    let (upstream, mut arrived, gate) = gated_upstream().await;
+    let mut proxy = Proxy::start(&open_config(&upstream.url())).await;
+    let public = proxy.addr;
+    let mut conn = RawConn::open(&proxy).await;
+    conn.send(get("/slow")).await;
+    tokio::time::timeout(Duration::from_secs(5), arrived.recv())
+        .await
+        .expect("the request reached the upstream within 5 s");
+
+    let stopped = proxy.shutdown();
+    // The server signals its connections in the step that closes the listener.
+    eventually("the public listener to close", || async move {
+        TcpStream::connect(public).await.is_err()
+    })
+    .await;
+    gate.send(true).unwrap();
+    // hyper was told while the request was in flight: the response says the connection ends.
+    let response = conn
+        .response()
+        .await
+        .expect("the in-flight request is answered");
+    assert_eq!(response.status, 200);
+    assert_eq!(response.header("connection"), Some("close"));
+    assert!(conn.response().await.is_none());
+    tokio::time::timeout(Duration::from_secs(5), stopped)
+        .await
+        .expect("shutdown completed within 5 s")
+        .expect("portcullis stopped cleanly");
+}
