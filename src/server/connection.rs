@@ -145,7 +145,7 @@ impl Connection {
             // Boxed, so that a resting connection's task holds only a pointer's worth of it.
             let conn = Box::new(builder.serve_connection(TokioIo::new(io), service.clone()));
             // The driving future, timers included, lives only while hyper does.
-            let drive = drive_http1(conn, &activity, &limits, &mut self.stop);
+            let drive = drive_http1(conn, &activity, &limits, &self.stop);
             let (conn, end) = Box::pin(drive).await;
             let rest = match end {
                 Http1End::Failed(e) => {
@@ -241,15 +241,18 @@ async fn drive_http1<I: Transport>(
     mut conn: Box<Http1Conn<I>>,
     activity: &Activity,
     limits: &ConnLimits,
-    stop: &mut watch::Receiver<bool>,
+    stop: &watch::Receiver<bool>,
 ) -> (Box<Http1Conn<I>>, Http1End) {
     let mut closing = *stop.borrow();
     if closing {
         Pin::new(&mut *conn).graceful_shutdown();
     }
     let mut check = Box::pin(tokio::time::sleep_until(next_check(activity, limits)));
+    let mut stopping = StopSignal::new(stop);
     loop {
         tokio::select! {
+            // hyper first: the stop signal is looked at when hyper has nothing to do.
+            biased;
             event = std::future::poll_fn(|cx| {
                 if let Poll::Ready(result) = conn.poll_without_shutdown(cx) {
                     return Poll::Ready(Some(result));
@@ -293,13 +296,47 @@ async fn drive_http1<I: Transport>(
                 };
                 return (conn, end);
             }
-            changed = stop.changed(), if !closing => {
-                if changed.is_err() || *stop.borrow() {
-                    closing = true;
-                    Pin::new(&mut *conn).graceful_shutdown();
-                }
+            () = std::future::poll_fn(|cx| stopping.poll_stopped(cx)), if !closing => {
+                closing = true;
+                Pin::new(&mut *conn).graceful_shutdown();
             }
         }
+    }
+}
+
+/// The server's stop signal, looked at each time a connection's task wakes. Polling tokio's
+/// watch takes a lock to register the waker again every time; this registers it only when the
+/// task's waker changed, and otherwise reads the signal's version.
+struct StopSignal {
+    probe: watch::Receiver<bool>,
+    stopped: Pin<Box<dyn Future<Output = ()> + Send>>,
+    registered: Option<std::task::Waker>,
+}
+
+impl StopSignal {
+    fn new(stop: &watch::Receiver<bool>) -> Self {
+        StopSignal {
+            probe: stop.clone(),
+            stopped: Box::pin(stopped(stop.clone())),
+            registered: None,
+        }
+    }
+
+    /// Ready once the server stops (or its signal is gone); keeps being ready after.
+    fn poll_stopped(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let unchanged = matches!(self.probe.has_changed(), Ok(false));
+        if unchanged
+            && self
+                .registered
+                .as_ref()
+                .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            // The waker `stopped` holds is this task's: a stop will wake it.
+            return Poll::Pending;
+        }
+        self.probe.mark_unchanged();
+        self.registered = Some(cx.waker().clone());
+        self.stopped.as_mut().poll(cx)
     }
 }
 
