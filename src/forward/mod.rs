@@ -382,21 +382,22 @@ static HOP_BY_HOP: [HeaderName; 9] = [
 ///
 /// Only names that are present are removed: one pass over the few headers a message carries is
 /// cheaper than hashing every hop-by-hop name for `HeaderMap::remove`, and most requests carry
-/// none of them. The Connection header's tokens are looked up as text, which allocates nothing:
-/// most of them name no header of the message (`keep-alive`, `close`).
+/// none of them. The Connection header's tokens are compared as text with the message's names:
+/// parsing one into a `HeaderName` costs more than that, and most of them (`keep-alive`,
+/// `close`) name no header of the message.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     let kept =
         |name: &HeaderName| keep_upgrade && (name == header::CONNECTION || name == header::UPGRADE);
-    let mut doomed: SmallVec<[HeaderName; 4]> = headers
-        .keys()
-        .filter(|name| HOP_BY_HOP.contains(name) && !kept(name))
-        .cloned()
-        .collect();
-    if headers.keys().any(|name| name == header::CONNECTION) {
+    let mut doomed: SmallVec<[HeaderName; 4]> = SmallVec::new();
+    let mut has_connection = false;
+    for name in headers.keys() {
+        has_connection |= name == header::CONNECTION;
+        if HOP_BY_HOP.contains(name) && !kept(name) {
+            doomed.push(name.clone());
+        }
+    }
+    if has_connection {
         for token in connection_tokens(headers) {
-            if !headers.contains_key(token) {
-                continue;
-            }
             let listed = headers
                 .keys()
                 .find(|name| name.as_str().eq_ignore_ascii_case(token));
