@@ -247,7 +247,7 @@ async fn drive_http1<I: Transport>(
     if closing {
         Pin::new(&mut *conn).graceful_shutdown();
     }
-    let mut check = Box::pin(tokio::time::sleep_until(next_check(activity, limits)));
+    let mut check = CheckTimer::new(next_check(activity, limits));
     let mut stopping = StopSignal::new(stop);
     loop {
         tokio::select! {
@@ -264,9 +264,9 @@ async fn drive_http1<I: Transport>(
                 // connection rests REST_AFTER after its last exchange, not a second later.
                 let due = next_check(activity, limits);
                 if due + Duration::from_millis(1) < check.deadline() {
-                    check.as_mut().reset(due);
+                    check.reset(due);
                 }
-                check.as_mut().poll(cx).map(|()| None)
+                check.poll(cx).map(|()| None)
             }) => {
                 let Some(result) = event else {
                     let now = std::time::Instant::now();
@@ -286,8 +286,7 @@ async fn drive_http1<I: Transport>(
                             None => closing = true,
                         }
                     }
-                    let due = next_check(activity, limits);
-                    check.as_mut().reset(due);
+                    check.reset(next_check(activity, limits));
                     continue;
                 };
                 let end = match result {
@@ -301,6 +300,46 @@ async fn drive_http1<I: Transport>(
                 Pin::new(&mut *conn).graceful_shutdown();
             }
         }
+    }
+}
+
+/// The timer of a connection's next check, polled each time the connection's task wakes.
+/// Polling tokio's timer registers the waker again every time; this skips the poll while the
+/// timer is set, has not fired, and already holds this task's waker.
+struct CheckTimer {
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    /// The waker the timer was last polled with, since it was last set.
+    registered: Option<std::task::Waker>,
+}
+
+impl CheckTimer {
+    fn new(deadline: tokio::time::Instant) -> Self {
+        CheckTimer {
+            sleep: Box::pin(tokio::time::sleep_until(deadline)),
+            registered: None,
+        }
+    }
+
+    fn deadline(&self) -> tokio::time::Instant {
+        self.sleep.deadline()
+    }
+
+    fn reset(&mut self, deadline: tokio::time::Instant) {
+        self.sleep.as_mut().reset(deadline);
+        // A timer that had fired gave its waker away: the next poll must register one.
+        self.registered = None;
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let holds_this_waker = self
+            .registered
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()));
+        if holds_this_waker && !self.sleep.is_elapsed() {
+            return Poll::Pending;
+        }
+        self.registered = Some(cx.waker().clone());
+        self.sleep.as_mut().poll(cx)
     }
 }
 
