@@ -112,6 +112,12 @@ impl Tunnel {
     }
 }
 
+// Statics, so that the names are parsed at compile time: `from_static` in a function body
+// runs its lookup on every call.
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
 /// Where requests go and how they are rewritten; shared by every worker. Each worker's
 /// [`Forward`] owns its own connection [`Pool`]: a request and the upstream connection it uses
 /// then live on one thread, and handing one to the other costs no cross-thread wakeup.
@@ -244,13 +250,9 @@ impl Upstream {
     fn set_forwarded(&self, headers: &mut HeaderMap, conn: ConnInfo, host: Option<&HeaderValue>) {
         let peer = crate::peer::canonical(conn.peer.ip());
         let trusted = self.trusted.contains(peer);
-        let xff = HeaderName::from_static("x-forwarded-for");
-        let xfp = HeaderName::from_static("x-forwarded-proto");
-        let xfh = HeaderName::from_static("x-forwarded-host");
-
         let prior: Vec<String> = if trusted {
             headers
-                .get_all(&xff)
+                .get_all(&X_FORWARDED_FOR)
                 .iter()
                 .filter_map(|v| v.to_str().ok())
                 .map(str::to_owned)
@@ -265,18 +267,18 @@ impl Upstream {
         };
         // `insert` replaces every value the client sent.
         match chain {
-            Some(v) => headers.insert(xff, v),
-            None => headers.remove(&xff),
+            Some(v) => headers.insert(X_FORWARDED_FOR.clone(), v),
+            None => headers.remove(&X_FORWARDED_FOR),
         };
 
-        if !(trusted && headers.contains_key(&xfp)) {
+        if !(trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
             let proto = if conn.tls { "https" } else { "http" };
-            headers.insert(xfp, HeaderValue::from_static(proto));
+            headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
         }
-        if !(trusted && headers.contains_key(&xfh)) {
+        if !(trusted && headers.contains_key(&X_FORWARDED_HOST)) {
             match host {
-                Some(host) => headers.insert(xfh, host.clone()),
-                None => headers.remove(&xfh),
+                Some(host) => headers.insert(X_FORWARDED_HOST.clone(), host.clone()),
+                None => headers.remove(&X_FORWARDED_HOST),
             };
         }
     }
