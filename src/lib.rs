@@ -9,7 +9,7 @@
 //! and streams the answer back. [`store`] is the only door to Redis. [`error`] is the one place
 //! failures become responses; [`config`] is read and validated once at start; [`admin`] serves
 //! health and metrics on its own port; [`echo`] is a demo upstream; [`inject`] adds the sidecar
-//! to Kubernetes manifests.
+//! to Kubernetes manifests. The layers that finish a response share [`on_response`]'s future.
 
 #![forbid(unsafe_code)]
 
