@@ -42,8 +42,8 @@ pub enum StoreError {
 
 /// Receives Redis client-side-caching invalidations (see `session::cache`).
 pub trait Tracking: Send + Sync + 'static {
-    /// A tracked key changed.
-    fn invalidate(&self, key: &[u8]);
+    /// The sessions key of the user `user_id` changed.
+    fn invalidate(&self, user_id: &[u8]);
     /// Everything may have changed.
     fn flush(&self);
     /// Whether invalidations are being delivered; false flushes.
@@ -550,8 +550,14 @@ return n
 );
 
 /// Hands one push message to the cache: `invalidate` with keys, or with nil after FLUSHALL;
-/// a lost connection turns the cache off.
-fn deliver(tracking: &dyn Tracking, push: redis::PushInfo) {
+/// a lost connection turns the cache off. `sessions_prefix` is `{prefix}:sessions:`, the
+/// tracked prefix.
+fn deliver(tracking: &dyn Tracking, sessions_prefix: &str, push: redis::PushInfo) {
+    let changed = |key: &[u8]| match user_of_sessions_key(sessions_prefix, key) {
+        Some(user_id) => tracking.invalidate(user_id),
+        // Not a key this store writes: nothing cached can be matched to it, so all of it goes.
+        None => tracking.flush(),
+    };
     match push.kind {
         redis::PushKind::Invalidate => {
             for value in push.data {
@@ -559,11 +565,11 @@ fn deliver(tracking: &dyn Tracking, push: redis::PushInfo) {
                     redis::Value::Array(keys) => {
                         for key in keys {
                             if let redis::Value::BulkString(bytes) = key {
-                                tracking.invalidate(&bytes);
+                                changed(&bytes);
                             }
                         }
                     }
-                    redis::Value::BulkString(bytes) => tracking.invalidate(&bytes),
+                    redis::Value::BulkString(bytes) => changed(&bytes),
                     _ => tracking.flush(),
                 }
             }
@@ -571,6 +577,14 @@ fn deliver(tracking: &dyn Tracking, push: redis::PushInfo) {
         redis::PushKind::Disconnection => tracking.set_live(false),
         _ => {}
     }
+}
+
+/// The user whose sessions key `key` is (`{sessions_prefix}{userId}`, braces included; see
+/// [`Store::sessions_key`]), or `None` for any other key.
+fn user_of_sessions_key<'k>(sessions_prefix: &str, key: &'k [u8]) -> Option<&'k [u8]> {
+    key.strip_prefix(sessions_prefix.as_bytes())?
+        .strip_prefix(b"{")?
+        .strip_suffix(b"}")
 }
 
 fn ms(d: Duration) -> u64 {
@@ -591,6 +605,7 @@ impl Store {
         tracking: Option<Arc<dyn Tracking>>,
     ) -> Result<Store, StoreError> {
         let mut info = config.connection.clone();
+        let sessions_prefix = format!("{}:sessions:", config.key_prefix);
         let mut connection_config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(config.connect_timeout))
             .set_response_timeout(Some(config.command_timeout));
@@ -601,9 +616,10 @@ impl Store {
                 .set_protocol(redis::ProtocolVersion::RESP3);
             info = info.set_redis_settings(settings);
             let sink = tracking.clone();
+            let prefix = sessions_prefix.clone();
             connection_config = connection_config.set_push_sender(
                 move |push: redis::PushInfo| -> Result<(), std::convert::Infallible> {
-                    deliver(sink.as_ref(), push);
+                    deliver(sink.as_ref(), &prefix, push);
                     Ok(())
                 },
             );
@@ -618,7 +634,7 @@ impl Store {
             broken: Notify::new(),
             started: AtomicBool::new(false),
             timeouts: AtomicU32::new(0),
-            tracking: tracking.map(|t| (t, format!("{}:sessions:", config.key_prefix))),
+            tracking: tracking.map(|t| (t, sessions_prefix)),
             runtime: tokio::runtime::Handle::try_current().ok(),
         };
         Ok(Store {
@@ -1011,5 +1027,88 @@ mod tests {
         assert_eq!(backoff(4), Duration::from_millis(200));
         assert_eq!(backoff(40), Duration::from_secs(2));
         assert_eq!(backoff(u32::MAX), Duration::from_secs(2));
+    }
+
+    fn store(prefix: &str) -> Store {
+        let config = RedisConfig {
+            connection: "redis://127.0.0.1:1".parse().unwrap(),
+            key_prefix: prefix.into(),
+            command_timeout: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(1),
+        };
+        Store::new(&config, Arc::new(Metrics::new()), None).unwrap()
+    }
+
+    #[test]
+    fn a_sessions_key_names_its_user() {
+        let store = store("app");
+        for user in ["alice", "a:{b}", "", "ü"] {
+            let key = store.sessions_key(user);
+            assert_eq!(
+                user_of_sessions_key("app:sessions:", key.as_bytes()),
+                Some(user.as_bytes()),
+                "{key}"
+            );
+        }
+        for other in [
+            "app:sessions:alice",
+            "app:cache:x:{alice}",
+            "other:sessions:{alice}",
+        ] {
+            assert_eq!(
+                user_of_sessions_key("app:sessions:", other.as_bytes()),
+                None
+            );
+        }
+    }
+
+    #[derive(Default)]
+    struct Recorded {
+        invalidated: Mutex<Vec<Vec<u8>>>,
+        flushes: AtomicU32,
+    }
+
+    impl Tracking for Recorded {
+        fn invalidate(&self, user_id: &[u8]) {
+            self.invalidated.lock().unwrap().push(user_id.to_vec());
+        }
+        fn flush(&self) {
+            self.flushes.fetch_add(1, Ordering::Relaxed);
+        }
+        fn set_live(&self, _: bool) {}
+        fn confirm(&self, _: std::time::Instant) {}
+    }
+
+    #[test]
+    fn invalidations_reach_the_cache_by_user_and_unknown_keys_flush_it() {
+        let recorded = Recorded::default();
+        let key = |k: &str| redis::Value::BulkString(k.as_bytes().to_vec());
+        let push = redis::PushInfo {
+            kind: redis::PushKind::Invalidate,
+            data: vec![redis::Value::Array(vec![
+                key("app:sessions:{alice}"),
+                key("app:sessions:{bob}"),
+            ])],
+        };
+        deliver(&recorded, "app:sessions:", push);
+        assert_eq!(
+            *recorded.invalidated.lock().unwrap(),
+            vec![b"alice".to_vec(), b"bob".to_vec()]
+        );
+        assert_eq!(recorded.flushes.load(Ordering::Relaxed), 0);
+
+        let push = redis::PushInfo {
+            kind: redis::PushKind::Invalidate,
+            data: vec![key("app:sessions:stray")],
+        };
+        deliver(&recorded, "app:sessions:", push);
+        assert_eq!(recorded.flushes.load(Ordering::Relaxed), 1);
+        // FLUSHALL: a nil instead of keys.
+        let push = redis::PushInfo {
+            kind: redis::PushKind::Invalidate,
+            data: vec![redis::Value::Nil],
+        };
+        deliver(&recorded, "app:sessions:", push);
+        assert_eq!(recorded.flushes.load(Ordering::Relaxed), 2);
     }
 }

@@ -18,7 +18,7 @@
 //! session destroyed anywhere is refused here within that bound.
 //!
 //! A reply and an invalidation for the same key can race (the reply is read first, but the task
-//! that fills the cache may run after the invalidation was handled). Each key hashes to one of
+//! that fills the cache may run after the invalidation was handled). Each user id hashes to one of
 //! a fixed set of epoch counters, bumped by every invalidation; a fill is dropped when its
 //! counter moved since the lookup began.
 
@@ -51,7 +51,7 @@ struct Entry {
     fresh_until: Instant,
 }
 
-/// Sessions recently confirmed by Redis, by the Redis key that holds them (one per user).
+/// Sessions recently confirmed by Redis, by user id (the user's Redis key holds them all).
 pub struct SessionCache {
     entries: DashMap<Box<str>, Vec<Entry>, RandomState>,
     epochs: Box<[AtomicU64]>,
@@ -98,33 +98,33 @@ impl SessionCache {
         self.origin.elapsed().saturating_sub(confirmed) <= MAX_STALENESS
     }
 
-    fn slot(&self, key: &[u8]) -> &AtomicU64 {
-        &self.epochs[(self.hasher.hash_one(key) as usize) % EPOCH_SLOTS]
+    fn slot(&self, user_id: &[u8]) -> &AtomicU64 {
+        &self.epochs[(self.hasher.hash_one(user_id) as usize) % EPOCH_SLOTS]
     }
 
     /// The platform of a session confirmed recently enough, if the cache may be trusted now.
-    pub fn get(&self, key: &str, session: Uuid) -> Option<Platform> {
+    pub fn get(&self, user_id: &str, session: Uuid) -> Option<Platform> {
         if !self.trustworthy() {
             return None;
         }
         let entry = *self
             .entries
-            .get(key)?
+            .get(user_id)?
             .iter()
             .find(|e| e.session == session)?;
         (Instant::now() < entry.fresh_until).then_some(entry.platform)
     }
 
     /// Call before asking Redis; pass the result to [`SessionCache::insert`].
-    pub fn epoch(&self, key: &str) -> Epoch {
-        Epoch(self.slot(key.as_bytes()).load(Ordering::Acquire))
+    pub fn epoch(&self, user_id: &str) -> Epoch {
+        Epoch(self.slot(user_id.as_bytes()).load(Ordering::Acquire))
     }
 
-    /// Remembers a session Redis just confirmed under `key`, unless an invalidation for that
-    /// key (or a flush) arrived since `epoch` was taken.
+    /// Remembers a session of `user_id` Redis just confirmed, unless an invalidation of that
+    /// user's key (or a flush) arrived since `epoch` was taken.
     pub fn insert(
         &self,
-        key: &str,
+        user_id: &str,
         epoch: Epoch,
         session: Uuid,
         platform: Platform,
@@ -133,7 +133,7 @@ impl SessionCache {
         if fresh_for.is_zero() || !self.live.load(Ordering::Acquire) {
             return;
         }
-        if self.entries.len() >= self.max_entries && !self.entries.contains_key(key) {
+        if self.entries.len() >= self.max_entries && !self.entries.contains_key(user_id) {
             self.sweep();
             if self.entries.len() >= self.max_entries {
                 return;
@@ -146,7 +146,7 @@ impl SessionCache {
             fresh_until: now + fresh_for,
         };
         {
-            let mut sessions = self.entries.entry(key.into()).or_default();
+            let mut sessions = self.entries.entry(user_id.into()).or_default();
             sessions.retain(|e| e.session != session && now < e.fresh_until);
             if sessions.len() >= SESSIONS_PER_USER {
                 sessions.remove(0);
@@ -155,16 +155,16 @@ impl SessionCache {
         }
         // Re-check after inserting: an invalidation handled in between bumped the epoch and
         // may have removed nothing (the entry was not there yet).
-        if self.slot(key.as_bytes()).load(Ordering::Acquire) != epoch.0 {
-            self.entries.remove(key);
+        if self.slot(user_id.as_bytes()).load(Ordering::Acquire) != epoch.0 {
+            self.entries.remove(user_id);
         }
     }
 
-    /// A key changed in Redis: every session under it is asked about again.
-    pub fn invalidate(&self, key: &[u8]) {
-        self.slot(key).fetch_add(1, Ordering::AcqRel);
-        if let Ok(key) = std::str::from_utf8(key) {
-            self.entries.remove(key);
+    /// The user's key changed in Redis: every session of theirs is asked about again.
+    pub fn invalidate(&self, user_id: &[u8]) {
+        self.slot(user_id).fetch_add(1, Ordering::AcqRel);
+        if let Ok(user_id) = std::str::from_utf8(user_id) {
+            self.entries.remove(user_id);
         }
     }
 

@@ -116,8 +116,8 @@ pub struct Sessions {
 }
 
 impl Tracking for SessionCache {
-    fn invalidate(&self, key: &[u8]) {
-        SessionCache::invalidate(self, key);
+    fn invalidate(&self, user_id: &[u8]) {
+        SessionCache::invalidate(self, user_id);
     }
 
     fn flush(&self) {
@@ -178,7 +178,7 @@ impl Sessions {
     /// then cannot fill the cache with what the write changed (its epoch has moved).
     fn forget(&self, user_id: &str) {
         if let Some(cache) = &self.cache {
-            cache.invalidate(self.store.sessions_key(user_id).as_bytes());
+            cache.invalidate(user_id.as_bytes());
         }
     }
 
@@ -243,7 +243,7 @@ impl Sessions {
     /// platform; `None` sends the check to [`Sessions::touch_in_store`].
     pub fn touch_cached(&self, user_id: &str, session_id: Uuid) -> Option<Platform> {
         let cache = self.cache.as_ref().filter(|c| c.is_live())?;
-        let platform = cache.get(&self.store.sessions_key(user_id), session_id)?;
+        let platform = cache.get(user_id, session_id)?;
         self.metrics.session_cache_lookup("hit");
         Some(platform)
     }
@@ -257,11 +257,11 @@ impl Sessions {
         user_id: &str,
         session_id: Uuid,
     ) -> Result<Option<Platform>, StoreError> {
-        let cached = self.cache.as_ref().filter(|c| c.is_live()).map(|cache| {
-            let key = self.store.sessions_key(user_id);
-            let epoch = cache.epoch(&key);
-            (cache, key, epoch)
-        });
+        let cached = self
+            .cache
+            .as_ref()
+            .filter(|c| c.is_live())
+            .map(|cache| (cache, cache.epoch(user_id)));
         match &cached {
             Some(_) => self.metrics.session_cache_lookup("miss"),
             None if self.cache.is_some() => self.metrics.session_cache_lookup("off"),
@@ -281,8 +281,8 @@ impl Sessions {
             return Ok(None);
         };
         let platform = record::platform(&body)?;
-        if let Some((cache, key, epoch)) = cached {
-            cache.insert(&key, epoch, session_id, platform, self.slide_interval);
+        if let Some((cache, epoch)) = cached {
+            cache.insert(user_id, epoch, session_id, platform, self.slide_interval);
         }
         Ok(Some(platform))
     }
