@@ -270,7 +270,8 @@ async fn drive_http1<I: Transport>(
             }) => {
                 let Some(result) = event else {
                     let now = std::time::Instant::now();
-                    if activity.head_time_left(now, limits.header_read_timeout) == Some(Duration::ZERO) {
+                    let head_left = activity.head_time_left(now, limits.header_read_timeout);
+                    if head_left == Some(Duration::ZERO) {
                         return (conn, Http1End::HeadTimedOut);
                     }
                     if activity.is_idle(limits.idle_timeout) {
@@ -380,8 +381,8 @@ impl StopSignal {
 }
 
 /// When a connection should next be looked at: to rest, to close for idleness, or when the
-/// request head being read runs out of time. With something in flight, in a second: a long-poll request must not wake its connection every
-/// few milliseconds.
+/// request head being read runs out of time. With something in flight, in a second: a
+/// long-poll request must not wake its connection every few milliseconds.
 ///
 /// Called on every poll that leaves hyper waiting, so it reads the clock once.
 fn next_check(activity: &Activity, limits: &ConnLimits) -> tokio::time::Instant {
