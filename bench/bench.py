@@ -87,6 +87,7 @@ FULL = dict(
     hold=10_000,
     perf_duration=5,
     criterion=True,
+    pair_rounds=4, pair_duration=8, pair_rate_open=10_000, pair_rate_enforced=8_000,
 )
 SMOKE = dict(
     threads=2, connections=16, duration=2, rounds=1, warmup=1,
@@ -97,6 +98,7 @@ SMOKE = dict(
     hold=300,
     perf_duration=0,
     criterion=False,
+    pair_rounds=1, pair_duration=2, pair_rate_open=500, pair_rate_enforced=500,
 )
 
 
@@ -374,10 +376,12 @@ class Bench:
         self.results = {"runs": [], "notes": []}
         self.problems = []
         self.ports = {k: free_port() for k in ("redis", "upstream", "status", "nginx", "portcullis",
-                                               "admin", "portcullis5", "admin5", "floor")}
+                                               "admin", "portcullis5", "admin5", "floor",
+                                               "portcullisB", "adminB")}
         self.floor_bin = args.floor
         self.portcullis = None
         self.portcullis5 = None
+        self.portcullisB = None
 
     # -- setup ------------------------------------------------------------------------------
 
@@ -408,22 +412,24 @@ class Bench:
         return self.procs.start(name, ["nginx", "-p", d, "-e", os.path.join(d, "error.log"),
                                        "-c", conf], os.path.join(d, "stdout.log"))
 
-    def start_portcullis(self, which=""):
-        """Starts portcullis (defaults), or with which="5" the one without the local cache."""
+    def start_portcullis(self, which="", binary=None):
+        """Starts portcullis (defaults), or with which="5" the one without the local cache, or
+        with which="B" `binary` (the baseline of a paired run) with the same configuration."""
+        binary = binary or self.bin
         conf = os.path.join(self.dir, f"portcullis{which}.toml")
         with open(conf, "w") as f:
             f.write(PORTCULLIS_CONFIG.format(
                 port=self.ports["portcullis" + which], upstream=self.ports["upstream"],
                 admin=self.ports["admin" + which], redis=self.ports["redis"], prefix=KEY_PREFIX,
-                session_extra="local_cache = false" if which else ""))
+                session_extra="local_cache = false" if which == "5" else ""))
         env = dict(os.environ, JWT_SECRET=SECRET)
         env.pop("PORTCULLIS_LOG", None)
-        check = subprocess.run([self.bin, "--config", conf, "check-config"], env=env,
+        check = subprocess.run([binary, "--config", conf, "check-config"], env=env,
                                capture_output=True, text=True, timeout=30)
         if check.returncode != 0:
             raise Failure(f"bench config rejected: {check.stderr.strip()}")
         # SIGINT: stop at once (SIGTERM first waits out server.shutdown_delay).
-        proc = self.procs.start("portcullis" + which, [self.bin, "--config", conf, "run"],
+        proc = self.procs.start("portcullis" + which, [binary, "--config", conf, "run"],
                                 os.path.join(self.dir, f"portcullis{which}.log"), env=env,
                                 stop_signal=signal.SIGINT)
         setattr(self, "portcullis" + which, proc)
@@ -797,9 +803,80 @@ class Bench:
             return
         self.results["criterion"] = parse_criterion(out.stdout)
 
+    # -- paired: two binaries under the same load at the same time ----------------------------
+
+    def paired(self):
+        """CPU per request of the binary under test against a baseline binary, both started with
+        the same configuration and loaded at the same fixed rate at the same time, so that the
+        machine's changes of speed hit both alike. Returns the markdown report."""
+        p = self.p
+        log(f"temp dir {self.dir}; ports {self.ports}")
+        self.start_redis()
+        self.upstream = self.start_nginx("upstream", NGINX_UPSTREAM.format(
+            port=self.ports["upstream"], status=self.ports["status"]))
+        wait_http(self.ports["upstream"], "/", what="upstream nginx")
+        self.start_portcullis()
+        self.start_portcullis("B", binary=self.args.against)
+        # Sessions live in the shared Redis under the same prefix: valid through either binary.
+        users = self.create_sessions("players", p["users"], 1)
+        tokens = os.path.join(self.dir, "pair-tokens.txt")
+        with open(tokens, "w") as f:
+            for u, _, sids in users:
+                f.write(token(u, sids[0]) + "\n")
+        loads = (
+            ("pass-through (3)", p["pair_rate_open"], ["mode=plain", "path=/open/state"]),
+            ("enforcing (4)", p["pair_rate_enforced"],
+             ["mode=proxy", "path=/game/state", f"file={tokens}"]),
+        )
+        sides = {"current": (self.portcullis, "portcullis"),
+                 "baseline": (self.portcullisB, "portcullisB")}
+        rows = []
+        for name, rate, lua in loads:
+            for rnd in range(p["pair_rounds"]):
+                before = {k: proc_cpu_seconds([proc.pid]) for k, (proc, _) in sides.items()}
+                results = {}
+
+                def load(side, port_key):
+                    results[side] = self.wrk(self.ports[port_key], p["pair_duration"],
+                                             [*lua, f"rate={rate}"], connections=32, threads=1)
+
+                ts = [threading.Thread(target=load, args=(k, port)) for k, (_, port) in sides.items()]
+                for t in ts:
+                    t.start()
+                for t in ts:
+                    t.join(p["pair_duration"] + 90)
+                if len(results) != 2:
+                    raise Failure(f"paired {name} round {rnd + 1}: a load did not finish")
+                row = {"scenario": name, "round": rnd + 1, "rate": rate}
+                for side, (proc, _) in sides.items():
+                    r = results[side]
+                    if r["errors"] or r["requests"] == 0:
+                        raise Failure(f"paired {name}, {side}: {r['errors']} errors of "
+                                      f"{r['requests']} requests")
+                    cpu = proc_cpu_seconds([proc.pid]) - before[side]
+                    row[side] = {"us": cpu * 1e6 / r["requests"], "p99": r["p99_us"],
+                                 "rps": r["rps"]}
+                rows.append(row)
+                log(f"  {name} round {rnd + 1}: current {row['current']['us']:.1f} us/req, "
+                    f"baseline {row['baseline']['us']:.1f} us/req")
+        return render_paired(self, rows)
+
     # -- all --------------------------------------------------------------------------------
 
     def run(self):
+        if self.args.against:
+            try:
+                report = self.paired()
+            finally:
+                self.procs.stop_all()
+            if self.args.out:
+                with open(self.args.out, "w") as f:
+                    f.write(report)
+                log(f"wrote {self.args.out}")
+            print(report)
+            if not self.args.keep:
+                shutil.rmtree(self.dir, ignore_errors=True)
+            return 0
         started = time.time()
         try:
             self.setup()
@@ -1195,16 +1272,51 @@ def render(b):
     return "\n".join(L)
 
 
+def render_paired(b, rows):
+    out = [
+        "# portcullis paired comparison", "",
+        f"Generated by `bench/run.sh --against {b.args.against_label}` on "
+        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC: commit "
+        f"{git_rev()} (current) against the baseline binary `{b.args.against}`. Machine: "
+        f"{os.cpu_count()} cores, {cpu_model()}.", "",
+        "Both binaries run with the same configuration, Redis and upstream, and get the same "
+        "fixed-rate load (wrk, 1 thread, 32 connections) at the same time, so a change in the "
+        "machine's speed hits both alike. CPU is user + system time from /proc per request "
+        "answered.", "",
+        "| scenario | round | req/s each | baseline µs/req | current µs/req | current / baseline "
+        "| baseline p99 ms | current p99 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    ratios = {}
+    for r in rows:
+        ratio = r["current"]["us"] / r["baseline"]["us"]
+        ratios.setdefault(r["scenario"], []).append(ratio)
+        out.append(f"| {r['scenario']} | {r['round']} | {r['rate']} | {r['baseline']['us']:.1f} "
+                   f"| {r['current']['us']:.1f} | {ratio:.3f} | {ms(r['baseline']['p99'])} "
+                   f"| {ms(r['current']['p99'])} |")
+    out.append("")
+    for name, rs in ratios.items():
+        out.append(f"- {name}: median current / baseline CPU per request **{median(rs):.3f}** "
+                   f"(rounds: {', '.join(f'{x:.3f}' for x in rs)})")
+    out.append("")
+    return "\n".join(out)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--smoke", action="store_true", help="a few seconds per step")
     ap.add_argument("--bin", required=True, help="the portcullis binary")
-    ap.add_argument("--floor", required=True, help="the hyper_floor binary (scenario 6)")
+    ap.add_argument("--floor", help="the hyper_floor binary (scenario 6; the full run needs it)")
+    ap.add_argument("--against", help="a baseline portcullis binary: run only the paired "
+                                      "comparison of --bin against it")
+    ap.add_argument("--against-label", default="", help="how the report names the baseline")
     ap.add_argument("--profile", default="release", help="cargo profile of --bin (for the report)")
     ap.add_argument("--out", help="write the markdown table here")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs, configs)")
     ap.add_argument("--no-criterion", action="store_true")
     args = ap.parse_args()
+    if not args.against and not args.floor:
+        ap.error("--floor is required for the full run")
     bench = Bench(args)
 
     def on_term(signum, frame):

@@ -7,6 +7,10 @@
 #   bench/run.sh --smoke   a few seconds per step on the same code path, so the benchmark cannot
 #                          rot (run by .ci/run); uses the debug build that the tests already made
 #                          and writes its table to target/bench-smoke.md
+#   bench/run.sh --against REV
+#                          only the paired comparison: the current release build against REV's
+#                          (built in a git worktree under target/against), both under the same
+#                          fixed-rate load at the same time; writes target/bench-paired.md
 #
 # Needs root or sudo for apt-get (wrk, nginx, redis-server, python3 when missing). Everything
 # listens on 127.0.0.1 only, on free ports, and every load is bounded in time. See bench/README.md.
@@ -14,13 +18,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 smoke=0
+against=""
 extra=()
-for arg in "$@"; do
-  case "$arg" in
+while [ "$#" -gt 0 ]; do
+  case "$1" in
     --smoke) smoke=1 ;;
-    --keep | --no-criterion) extra+=("$arg") ;;
-    *) echo "usage: bench/run.sh [--smoke] [--keep] [--no-criterion]" >&2; exit 2 ;;
+    --against) against="${2:?--against needs a git revision}"; shift ;;
+    --keep | --no-criterion) extra+=("$1") ;;
+    *) echo "usage: bench/run.sh [--smoke] [--keep] [--no-criterion] [--against REV]" >&2; exit 2 ;;
   esac
+  shift
 done
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -56,6 +63,22 @@ for line in sys.stdin:
             and m.get("executable")):
         print(m["executable"])'
 }
+if [ -n "$against" ]; then
+  rev=$(git rev-parse --verify "$against^{commit}")
+  worktree="$target_dir/against/src"
+  git worktree remove --force "$worktree" 2>/dev/null || rm -rf "$worktree"
+  git worktree add --detach "$worktree" "$rev" >/dev/null
+  trap 'git worktree remove --force "$worktree" 2>/dev/null || true' EXIT
+  baseline_target="$(cd "$target_dir" && pwd)/against/target"
+  (cd "$worktree" && CARGO_TARGET_DIR="$baseline_target" cargo build --locked --release --bin portcullis)
+  cargo build --locked --release --bin portcullis
+  timeout --signal=TERM --kill-after=20 600 \
+    python3 bench/bench.py --bin "$target_dir/release/portcullis" \
+    --against "$baseline_target/release/portcullis" --against-label "$against" \
+    --out "$target_dir/bench-paired.md" "${extra[@]}"
+  exit
+fi
+
 if [ "$smoke" -eq 1 ]; then
   # The debug binary, which the test suite has just built in CI (`cargo test --all-targets`):
   # reused when no source is newer, else built. This keeps the smoke run to seconds. Figures
@@ -82,7 +105,13 @@ else
 fi
 
 smoke_flag=()
-[ "$smoke" -eq 1 ] && smoke_flag=(--smoke)
+if [ "$smoke" -eq 1 ]; then
+  smoke_flag=(--smoke)
+  # The paired comparison's code path too, with the binary as its own baseline.
+  timeout --signal=TERM --kill-after=20 120 \
+    python3 bench/bench.py --smoke --bin "$bin" --against "$bin" --against-label itself \
+    --out "$target_dir/bench-paired-smoke.md" "${extra[@]}"
+fi
 exec timeout --signal=TERM --kill-after=20 "$budget" \
   python3 bench/bench.py "${smoke_flag[@]}" --bin "$bin" --floor "$floor" --profile "$profile" --out "$out" \
   "${extra[@]}"
