@@ -54,6 +54,10 @@ pub(super) struct Activity {
     /// hyper asked for the next request's bytes while nothing else was in flight, and none
     /// were there: it is idle between messages.
     between_messages: AtomicBool,
+    /// hyper's last read found nothing (it waits for the client's next bytes), whatever was in
+    /// flight then. It does not read again after the response it was waiting to send: once
+    /// that is out, this is the sign that it is idle.
+    read_waiting: AtomicBool,
 }
 
 impl Activity {
@@ -69,6 +73,7 @@ impl Activity {
             message_started_millis: AtomicU64::new(0),
             unflushed: AtomicBool::new(false),
             between_messages: AtomicBool::new(false),
+            read_waiting: AtomicBool::new(false),
         }
     }
 
@@ -83,15 +88,19 @@ impl Activity {
             && !self.unflushed.load(Ordering::Relaxed)
     }
 
-    /// hyper went idle between messages and nothing was read since (see [`Tracked`]'s reads).
+    /// hyper went idle between messages and nothing was read since (see [`Tracked`]'s reads):
+    /// a read found nothing while nothing was in flight, or one found nothing earlier and
+    /// everything in flight then has finished.
     pub(super) fn between_messages(&self) -> bool {
         self.between_messages.load(Ordering::Relaxed)
+            || (self.read_waiting.load(Ordering::Relaxed) && self.quiescent())
     }
 
     /// A new hyper connection starts on the socket; `unread`: the last one left bytes it read
     /// but did not use (the start of a head). Nothing of the last one is draining.
     pub(super) fn new_parser(&self, unread: bool) {
         self.draining.store(false, Ordering::Relaxed);
+        self.read_waiting.store(false, Ordering::Relaxed);
         self.reading_message.store(false, Ordering::Relaxed);
         if unread {
             // The head's first bytes came earlier; timing it from now only errs on the long side.
@@ -108,6 +117,7 @@ impl Activity {
 
     /// Bytes arrived: the first after a complete message starts the next one.
     fn read(&self) {
+        self.read_waiting.store(false, Ordering::Relaxed);
         let now = self.touch();
         if !self.reading_message.load(Ordering::Relaxed) {
             self.reading_message.store(true, Ordering::Relaxed);
@@ -261,10 +271,12 @@ impl<I: AsyncRead + Unpin> AsyncRead for Tracked<I> {
         let result = Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
             self.activity.read();
-        } else if result.is_pending() && self.activity.quiescent() {
-            self.activity
-                .between_messages
-                .store(true, Ordering::Relaxed);
+        } else if result.is_pending() {
+            let activity = &self.activity;
+            activity.read_waiting.store(true, Ordering::Relaxed);
+            if activity.quiescent() {
+                activity.between_messages.store(true, Ordering::Relaxed);
+            }
         }
         result
     }
