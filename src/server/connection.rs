@@ -62,7 +62,13 @@ impl Connection {
             Some(acceptor) => {
                 // TLS state is large; boxed, it does not size the task of every plain connection.
                 let handshake = Box::pin(acceptor.accept(stream));
-                let tls = match tokio::time::timeout(deadline, handshake).await {
+                // A client that has not finished its handshake when the server stops has sent
+                // no request: it is closed, not waited for.
+                let handshake = tokio::select! {
+                    result = tokio::time::timeout(deadline, handshake) => result,
+                    () = stopped(self.stop.clone()) => return,
+                };
+                let tls = match handshake {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {
                         tracing::debug!(peer = %self.peer, error = %e, "TLS handshake failed");
@@ -80,7 +86,12 @@ impl Connection {
                 Box::pin(self.serve(tls, protocol, true)).await;
             }
             None => {
-                let protocol = match tokio::time::timeout(deadline, detect(&stream)).await {
+                // Likewise a client that has sent nothing yet.
+                let detected = tokio::select! {
+                    result = tokio::time::timeout(deadline, detect(&stream)) => result,
+                    () = stopped(self.stop.clone()) => return,
+                };
+                let protocol = match detected {
                     Ok(Ok(Some(p))) => p,
                     _ => return,
                 };
