@@ -26,6 +26,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
+use tokio::time::error::Elapsed;
 use tokio_rustls::TlsAcceptor;
 use tower::Service;
 
@@ -64,9 +65,8 @@ impl Connection {
                 let handshake = Box::pin(acceptor.accept(stream));
                 // A client that has not finished its handshake when the server stops has sent
                 // no request: it is closed, not waited for.
-                let handshake = tokio::select! {
-                    result = tokio::time::timeout(deadline, handshake) => result,
-                    () = stopped(self.stop.clone()) => return,
+                let Some(handshake) = unless_stopped(&self.stop, deadline, handshake).await else {
+                    return;
                 };
                 let tls = match handshake {
                     Ok(Ok(tls)) => tls,
@@ -87,9 +87,9 @@ impl Connection {
             }
             None => {
                 // Likewise a client that has sent nothing yet.
-                let detected = tokio::select! {
-                    result = tokio::time::timeout(deadline, detect(&stream)) => result,
-                    () = stopped(self.stop.clone()) => return,
+                let Some(detected) = unless_stopped(&self.stop, deadline, detect(&stream)).await
+                else {
+                    return;
                 };
                 let protocol = match detected {
                     Ok(Ok(Some(p))) => p,
@@ -468,6 +468,18 @@ async fn drive_http2<C>(
                 }
             }
         }
+    }
+}
+
+/// `work`'s output within `limit`, or `None` if the server stops first.
+async fn unless_stopped<F: Future>(
+    stop: &watch::Receiver<bool>,
+    limit: Duration,
+    work: F,
+) -> Option<Result<F::Output, Elapsed>> {
+    tokio::select! {
+        output = tokio::time::timeout(limit, work) => Some(output),
+        () = stopped(stop.clone()) => None,
     }
 }
 
