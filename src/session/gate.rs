@@ -129,7 +129,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
         let mode = match req.extensions().get::<RouteClass>() {
             Some(RouteClass::Proxy { auth, .. }) => *auth,
             _ => AuthMode::Session,
@@ -143,18 +143,23 @@ where
         };
         Either::Left(match decided {
             Ok(None) => Either::Left(OnResponse::unchanged(self.inner.call(req))),
-            Ok(Some(identity)) => {
-                req.extensions_mut().insert(identity.clone());
-                Either::Left(OnResponse::new(self.inner.call(req), identity, carry_back))
-            }
+            Ok(Some(identity)) => Either::Left(call_vouched(&mut self.inner, req, identity)),
             Err(rejection) => Either::Right(std::future::ready(Ok(rejection.into_response()))),
         })
     }
 }
 
-/// The identity travels back on the response too, for the access log and audit.
-fn carry_back(identity: Identity, response: &mut Response<Body>) {
-    response.extensions_mut().insert(identity);
+/// Calls `inner` with the identity the gate vouches for: the forwarder turns it into headers,
+/// and it travels back on the response too, for the access log and audit.
+fn call_vouched<S: Service<Request<Body>, Response = Response<Body>>>(
+    inner: &mut S,
+    mut req: Request<Body>,
+    identity: Identity,
+) -> OnResponse<S::Future, Identity> {
+    req.extensions_mut().insert(identity.clone());
+    OnResponse::new(inner.call(req), identity, |identity, response| {
+        response.extensions_mut().insert(identity);
+    })
 }
 
 /// The gate's future when it decided without Redis.
@@ -168,7 +173,7 @@ where
     /// Admits the request once Redis has checked its session.
     fn ask_store(
         &mut self,
-        mut req: Request<Body>,
+        req: Request<Body>,
         who: Authenticated,
         session_id: Uuid,
     ) -> BoxResponse<S::Error> {
@@ -178,12 +183,7 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         Box::pin(async move {
             match admit_from_store(&sessions, &who, session_id).await {
-                Ok(identity) => {
-                    req.extensions_mut().insert(identity.clone());
-                    let mut response = inner.call(req).await?;
-                    carry_back(identity, &mut response);
-                    Ok(response)
-                }
+                Ok(identity) => call_vouched(&mut inner, req, identity).await,
                 Err(rejection) => Ok(rejection.into_response()),
             }
         })
