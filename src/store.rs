@@ -285,6 +285,8 @@ pub enum KeyTtl {
 pub struct Store {
     link: Arc<Link>,
     prefix: Arc<str>,
+    /// `{prefix}:sessions:`, where every user's sessions key starts ([`Store::sessions_key`]).
+    sessions_prefix: Arc<str>,
     command_timeout: Duration,
     scripts: Arc<Scripts>,
     metrics: Arc<Metrics>,
@@ -634,12 +636,13 @@ impl Store {
             broken: Notify::new(),
             started: AtomicBool::new(false),
             timeouts: AtomicU32::new(0),
-            tracking: tracking.map(|t| (t, sessions_prefix)),
+            tracking: tracking.map(|t| (t, sessions_prefix.clone())),
             runtime: tokio::runtime::Handle::try_current().ok(),
         };
         Ok(Store {
             link: Arc::new(link),
             prefix: config.key_prefix.as_str().into(),
+            sessions_prefix: sessions_prefix.into(),
             command_timeout: config.command_timeout,
             scripts: Arc::new(Scripts {
                 touch: Script::new(TOUCH),
@@ -751,10 +754,10 @@ impl Store {
     /// `{prefix}:sessions:{{userId}}`, which holds every session of the user (the braces are
     /// a Redis Cluster hash tag).
     pub fn sessions_key(&self, user_id: &str) -> String {
-        // Built by hand: this runs on every request, and `format!` costs several times more.
-        let mut key = String::with_capacity(self.prefix.len() + user_id.len() + 12);
-        key.push_str(&self.prefix);
-        key.push_str(":sessions:{");
+        // Built by hand: `format!` costs several times more.
+        let mut key = String::with_capacity(self.sessions_prefix.len() + user_id.len() + 2);
+        key.push_str(&self.sessions_prefix);
+        key.push('{');
         key.push_str(user_id);
         key.push('}');
         key
@@ -978,7 +981,7 @@ impl Store {
     /// slots, so on Redis Cluster this would count per key instead; the store speaks to one
     /// server.)
     pub async fn count_sessions(&self) -> Result<u64, StoreError> {
-        let pattern = format!("{}:sessions:*", self.prefix);
+        let pattern = format!("{}*", self.sessions_prefix);
         let mut cursor: u64 = 0;
         let mut total: u64 = 0;
         loop {
@@ -1045,7 +1048,7 @@ mod tests {
         for user in ["alice", "a:{b}", "", "ü"] {
             let key = store.sessions_key(user);
             assert_eq!(
-                user_of_sessions_key("app:sessions:", key.as_bytes()),
+                user_of_sessions_key(&store.sessions_prefix, key.as_bytes()),
                 Some(user.as_bytes()),
                 "{key}"
             );
