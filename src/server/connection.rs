@@ -315,20 +315,46 @@ async fn drive_http1<I: Transport>(
     }
 }
 
+/// The waker a future was last polled with. A future polled again with the same waker (the same
+/// task) and told of nothing new need not be polled: it will wake the task itself.
+#[derive(Default)]
+struct LastWaker(Option<std::task::Waker>);
+
+impl LastWaker {
+    /// The last poll was by this task.
+    fn is_this_task(&self, cx: &Context<'_>) -> bool {
+        self.0.as_ref().is_some_and(|w| w.will_wake(cx.waker()))
+    }
+
+    /// Polls `future`, remembering the waker it now holds.
+    fn poll<F: Future + ?Sized>(
+        &mut self,
+        future: Pin<&mut F>,
+        cx: &mut Context<'_>,
+    ) -> Poll<F::Output> {
+        self.0 = Some(cx.waker().clone());
+        future.poll(cx)
+    }
+
+    fn forget(&mut self) {
+        self.0 = None;
+    }
+}
+
 /// The timer of a connection's next check, polled each time the connection's task wakes.
 /// Polling tokio's timer registers the waker again every time; this skips the poll while the
 /// timer is set, has not fired, and already holds this task's waker.
 struct CheckTimer {
     sleep: Pin<Box<tokio::time::Sleep>>,
-    /// The waker the timer was last polled with, since it was last set.
-    registered: Option<std::task::Waker>,
+    /// Since the timer was last set.
+    last_waker: LastWaker,
 }
 
 impl CheckTimer {
     fn new(deadline: tokio::time::Instant) -> Self {
         CheckTimer {
             sleep: Box::pin(tokio::time::sleep_until(deadline)),
-            registered: None,
+            last_waker: LastWaker::default(),
         }
     }
 
@@ -339,19 +365,14 @@ impl CheckTimer {
     fn reset(&mut self, deadline: tokio::time::Instant) {
         self.sleep.as_mut().reset(deadline);
         // A timer that had fired gave its waker away: the next poll must register one.
-        self.registered = None;
+        self.last_waker.forget();
     }
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let holds_this_waker = self
-            .registered
-            .as_ref()
-            .is_some_and(|w| w.will_wake(cx.waker()));
-        if holds_this_waker && !self.sleep.is_elapsed() {
+        if self.last_waker.is_this_task(cx) && !self.sleep.is_elapsed() {
             return Poll::Pending;
         }
-        self.registered = Some(cx.waker().clone());
-        self.sleep.as_mut().poll(cx)
+        self.last_waker.poll(self.sleep.as_mut(), cx)
     }
 }
 
@@ -361,7 +382,7 @@ impl CheckTimer {
 struct StopSignal {
     probe: watch::Receiver<bool>,
     stopped: Pin<Box<dyn Future<Output = ()> + Send>>,
-    registered: Option<std::task::Waker>,
+    last_waker: LastWaker,
 }
 
 impl StopSignal {
@@ -369,25 +390,19 @@ impl StopSignal {
         StopSignal {
             probe: stop.clone(),
             stopped: Box::pin(stopped(stop.clone())),
-            registered: None,
+            last_waker: LastWaker::default(),
         }
     }
 
     /// Ready once the server stops (or its signal is gone); keeps being ready after.
     fn poll_stopped(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         let unchanged = matches!(self.probe.has_changed(), Ok(false));
-        if unchanged
-            && self
-                .registered
-                .as_ref()
-                .is_some_and(|w| w.will_wake(cx.waker()))
-        {
+        if unchanged && self.last_waker.is_this_task(cx) {
             // The waker `stopped` holds is this task's: a stop will wake it.
             return Poll::Pending;
         }
         self.probe.mark_unchanged();
-        self.registered = Some(cx.waker().clone());
-        self.stopped.as_mut().poll(cx)
+        self.last_waker.poll(self.stopped.as_mut(), cx)
     }
 }
 
