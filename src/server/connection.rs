@@ -41,7 +41,8 @@ pub(super) struct Connection {
     /// The connection's own copy of the stack (see [`ConnService`]).
     pub(super) app: Arc<std::sync::Mutex<AppService>>,
     pub(super) tls: Option<TlsAcceptor>,
-    pub(super) limits: ConnLimits,
+    /// Shared by the worker's connections.
+    pub(super) limits: Arc<ConnLimits>,
     pub(super) peer: SocketAddr,
     pub(super) stop: watch::Receiver<bool>,
 }
@@ -57,50 +58,59 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl Connection {
-    pub(super) async fn run(self, stream: TcpStream) {
-        let deadline = self.limits.header_read_timeout;
+    /// Serves the connection to its end.
+    ///
+    /// The task lives as long as its client does, idle ones included, so its size is memory
+    /// per connection: the stages that come once and are large (the TLS handshake and TLS
+    /// state, protocol detection, HTTP/2) are boxed, leaving inline what a resting HTTP/1.1
+    /// connection needs.
+    pub(super) async fn run(mut self, stream: TcpStream) {
         match self.tls.clone() {
-            Some(acceptor) => {
-                // TLS state is large; boxed, it does not size the task of every plain connection.
-                let handshake = Box::pin(acceptor.accept(stream));
-                // A client that has not finished its handshake when the server stops has sent
-                // no request: it is closed, not waited for.
-                let Some(handshake) = unless_stopped(&self.stop, deadline, handshake).await else {
-                    return;
-                };
-                let tls = match handshake {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(e)) => {
-                        tracing::debug!(peer = %self.peer, error = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!(peer = %self.peer, "TLS handshake timed out");
-                        return;
-                    }
-                };
-                let protocol = match tls.get_ref().1.alpn_protocol() {
-                    Some(b"h2") => Protocol::Http2,
-                    _ => Protocol::Http1,
-                };
-                Box::pin(self.serve(tls, protocol, true)).await;
-            }
+            Some(acceptor) => Box::pin(self.serve_tls(acceptor, stream)).await,
             None => {
-                // Likewise a client that has sent nothing yet.
-                let Some(detected) = unless_stopped(&self.stop, deadline, detect(&stream)).await
-                else {
+                let Some(protocol) = Box::pin(self.detect_protocol(&stream)).await else {
                     return;
-                };
-                let protocol = match detected {
-                    Ok(Ok(Some(p))) => p,
-                    _ => return,
                 };
                 self.serve(stream, protocol, false).await;
             }
         }
     }
 
-    async fn serve<I: Transport>(self, io: I, protocol: Protocol, tls: bool) {
+    async fn serve_tls(&mut self, acceptor: TlsAcceptor, stream: TcpStream) {
+        let deadline = self.limits.header_read_timeout;
+        // A client that has not finished its handshake when the server stops has sent no
+        // request: it is closed, not waited for.
+        let tls = match unless_stopped(&self.stop, deadline, acceptor.accept(stream)).await {
+            None => return,
+            Some(Ok(Ok(tls))) => tls,
+            Some(Ok(Err(e))) => {
+                tracing::debug!(peer = %self.peer, error = %e, "TLS handshake failed");
+                return;
+            }
+            Some(Err(_)) => {
+                tracing::debug!(peer = %self.peer, "TLS handshake timed out");
+                return;
+            }
+        };
+        let protocol = match tls.get_ref().1.alpn_protocol() {
+            Some(b"h2") => Protocol::Http2,
+            _ => Protocol::Http1,
+        };
+        self.serve(tls, protocol, true).await;
+    }
+
+    /// The protocol a plain-text client speaks, or `None` when the connection should close: it
+    /// closed or sent nothing in time, or the server stops (a client that has sent nothing yet
+    /// is not waited for).
+    async fn detect_protocol(&self, stream: &TcpStream) -> Option<Protocol> {
+        let deadline = self.limits.header_read_timeout;
+        match unless_stopped(&self.stop, deadline, detect(stream)).await {
+            Some(Ok(Ok(protocol))) => protocol,
+            _ => None,
+        }
+    }
+
+    async fn serve<I: Transport>(&mut self, io: I, protocol: Protocol, tls: bool) {
         let activity = Arc::new(Activity::new());
         let io = Tracked {
             inner: io,
@@ -112,21 +122,21 @@ impl Connection {
                 peer: self.peer,
                 tls,
             },
-            activity: activity.clone(),
+            activity,
             upgrades: UpgradeHandoff::default(),
         };
         match protocol {
-            Protocol::Http1 => self.serve_http1(io, service, activity).await,
+            Protocol::Http1 => self.serve_http1(io, &service).await,
             Protocol::Http2 => {
-                let limits = &self.limits;
-                let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-                builder
-                    .timer(TokioTimer::new())
-                    .max_header_list_size(limits.hard_header_cap().try_into().unwrap_or(u32::MAX))
-                    .max_concurrent_streams(256);
-                let conn = builder.serve_connection(TokioIo::new(io), service);
-                let drive =
-                    drive_http2(conn, |c| c.graceful_shutdown(), activity, limits, self.stop);
+                let activity = service.activity.clone();
+                let conn = http2_builder(&self.limits).serve_connection(TokioIo::new(io), service);
+                let drive = drive_http2(
+                    conn,
+                    |c| c.graceful_shutdown(),
+                    activity,
+                    &self.limits,
+                    self.stop.clone(),
+                );
                 Box::pin(drive).await;
             }
         }
@@ -134,29 +144,17 @@ impl Connection {
 
     /// Serves HTTP/1.1 requests, resting between them when the client goes quiet, until the
     /// connection closes or upgrades.
-    async fn serve_http1<I: Transport>(
-        mut self,
-        io: Tracked<I>,
-        service: ConnService,
-        activity: Arc<Activity>,
-    ) {
-        let limits = self.limits.clone();
-        let mut builder = hyper::server::conn::http1::Builder::new();
-        builder
-            .timer(TokioTimer::new())
-            // The connection's own check enforces header_read_timeout (see `drive_http1`):
-            // hyper's timer would cost an allocation and a timer wheel entry per request.
-            .header_read_timeout(None::<Duration>)
-            .max_buf_size(limits.hard_header_cap())
-            .max_headers(MAX_HEADERS);
-        let upgrades = service.upgrades.clone();
+    async fn serve_http1<I: Transport>(&mut self, io: Tracked<I>, service: &ConnService) {
+        let activity = &service.activity;
         let mut io = Rewind::new(Bytes::new(), io);
         loop {
             activity.new_parser(io.has_unread());
             // Boxed, so that a resting connection's task holds only a pointer's worth of it.
-            let conn = Box::new(builder.serve_connection(TokioIo::new(io), service.clone()));
+            let conn = Box::new(
+                http1_builder(&self.limits).serve_connection(TokioIo::new(io), service.clone()),
+            );
             // The driving future, timers included, lives only while hyper does.
-            let drive = drive_http1(conn, &activity, &limits, &self.stop);
+            let drive = drive_http1(conn, activity, &self.limits, &self.stop);
             let (conn, end) = Box::pin(drive).await;
             let rest = match end {
                 Http1End::Failed(e) => {
@@ -171,12 +169,12 @@ impl Connection {
                 Http1End::Resting => true,
             };
             let (unread, mut tracked) = take_socket(*conn);
-            if let Some(tunnel) = upgrades.take() {
+            if let Some(tunnel) = service.upgrades.take() {
                 let client = Rewind::new(unread, tracked);
                 Box::pin(tunnel.run(client, stopped(self.stop.clone()))).await;
                 return;
             }
-            if !rest || (unread.is_empty() && !self.wait_for_client(&tracked, &activity).await) {
+            if !rest || (unread.is_empty() && !self.wait_for_client(&tracked, activity).await) {
                 close(&mut tracked).await;
                 return;
             }
@@ -206,6 +204,28 @@ impl Connection {
             _ = self.stop.changed() => false,
         }
     }
+}
+
+/// A new HTTP/1.1 parser's settings. Built for each parser rather than kept, so that a resting
+/// connection does not hold them.
+fn http1_builder(limits: &ConnLimits) -> hyper::server::conn::http1::Builder {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        // No timer: the connection's own check enforces header_read_timeout (see
+        // `drive_http1`), as hyper's would cost an allocation and a timer entry per request.
+        .header_read_timeout(None::<Duration>)
+        .max_buf_size(limits.hard_header_cap())
+        .max_headers(MAX_HEADERS);
+    builder
+}
+
+fn http2_builder(limits: &ConnLimits) -> hyper::server::conn::http2::Builder<TokioExecutor> {
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .max_header_list_size(limits.hard_header_cap().try_into().unwrap_or(u32::MAX))
+        .max_concurrent_streams(256);
+    builder
 }
 
 /// Takes the socket back from a finished hyper connection, with the bytes hyper read from it

@@ -112,12 +112,13 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
+    let shared_limits = Arc::new(limits.clone());
     let mut workers = Vec::with_capacity(services.len());
     for (index, app) in services.into_iter().enumerate() {
         let shared = WorkerShared {
             app,
             tls: tls.clone(),
-            limits: limits.clone(),
+            limits: shared_limits.clone(),
             stop: stop_rx.clone(),
             open: open.clone(),
         };
@@ -192,7 +193,7 @@ struct Accepted {
 struct WorkerShared {
     app: AppService,
     tls: Option<TlsAcceptor>,
-    limits: ConnLimits,
+    limits: Arc<ConnLimits>,
     stop: watch::Receiver<bool>,
     open: Arc<ConnCount>,
 }
