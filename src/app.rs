@@ -25,7 +25,7 @@ use crate::peer::{ClientIpLayer, TrustedProxies};
 use crate::rate_limit::{RateLimitLayer, RateLimits};
 use crate::request_id::RequestIdLayer;
 use crate::routes::{RouteTable, RouterLayer, Split};
-use crate::server::{ConnCount, ConnLimits};
+use crate::server::{ConnCounts, ConnLimits};
 use crate::session::api::SessionApi;
 use crate::session::cache::SessionCache;
 use crate::session::gate::SessionGateLayer;
@@ -59,7 +59,7 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     pub upstream: Arc<Upstream>,
     pub certs: Option<Arc<CertStore>>,
-    pub open_connections: Arc<ConnCount>,
+    pub connections: Arc<ConnCounts>,
     pub store: Store,
     pub sessions: Arc<Sessions>,
     pub verifier: Arc<Verifier>,
@@ -98,7 +98,7 @@ impl App {
             metrics,
             upstream: Arc::new(upstream),
             certs,
-            open_connections: Arc::new(ConnCount::default()),
+            connections: Arc::new(ConnCounts::default()),
             store,
             sessions: Arc::new(sessions),
             verifier: Arc::new(verifier),
@@ -157,14 +157,17 @@ impl App {
             async move { store.ping().await.map_err(|e| e.to_string()) }
         });
         let metrics = self.metrics.clone();
-        let connections = self.open_connections.clone();
+        let connections = self.connections.clone();
         let tunnels = self.upstream.tunnels();
         let rate_limits = self.rate_limits.clone();
         let sessions = self.sessions.clone();
         admin.routes.push((
             "/metrics",
             Arc::new(move || {
-                metrics.open_connections.set(gauge(connections.get()));
+                metrics.open_connections.set(gauge(connections.open()));
+                metrics
+                    .resting_connections
+                    .set(gauge(connections.resting()));
                 metrics.open_tunnels.set(gauge(tunnels.get()));
                 metrics
                     .rate_limit_keys
@@ -304,7 +307,7 @@ impl App {
             tls,
             services,
             limits,
-            self.open_connections.clone(),
+            self.connections.clone(),
             draining,
         )
         .await;

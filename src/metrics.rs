@@ -65,6 +65,7 @@ pub struct Metrics {
     pub sessions_evicted: Counter,
     pub sessions_active: Gauge,
     pub open_connections: Gauge,
+    pub resting_connections: Gauge,
     pub open_tunnels: Gauge,
     pub rate_limit_keys: Gauge,
     pub certificate_reloads: Family<ReloadLabels, Counter>,
@@ -196,6 +197,12 @@ impl Metrics {
             "Open client connections on the public listener",
             open_connections.clone(),
         );
+        let resting_connections = Gauge::default();
+        registry.register(
+            "resting_connections",
+            "Open HTTP/1.1 connections at rest: idle between requests, holding no parser or buffers",
+            resting_connections.clone(),
+        );
         let open_tunnels = Gauge::default();
         registry.register(
             "open_tunnels",
@@ -240,6 +247,7 @@ impl Metrics {
             sessions_evicted,
             sessions_active,
             open_connections,
+            resting_connections,
             open_tunnels,
             rate_limit_keys,
             certificate_reloads,

@@ -160,6 +160,7 @@ async fn metrics_after_a_known_sequence_have_the_expected_counts() {
         ("portcullis_sessions_destroyed", "counter"),
         ("portcullis_sessions_active", "gauge"),
         ("portcullis_open_connections", "gauge"),
+        ("portcullis_resting_connections", "gauge"),
         ("portcullis_open_tunnels", "gauge"),
         ("portcullis_rate_limit_tracked_keys", "gauge"),
     ] {
@@ -393,6 +394,12 @@ async fn with_the_local_cache_every_session_check_is_a_hit_or_a_redis_touch() {
 /// Opens a connection to the proxy and completes one keep-alive HTTP/1.1 request on it.
 async fn kept_alive(proxy: &Proxy) -> tokio::net::TcpStream {
     let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    get_held(&mut stream, proxy).await;
+    stream
+}
+
+/// Sends `GET /held` on a kept-alive connection and reads the whole response.
+async fn get_held(stream: &mut tokio::net::TcpStream, proxy: &Proxy) {
     let head = format!("GET /held HTTP/1.1\r\nHost: {}\r\n\r\n", proxy.addr);
     stream.write_all(head.as_bytes()).await.unwrap();
     // The echo upstream answers an empty body with Content-Length: 0.
@@ -407,7 +414,34 @@ async fn kept_alive(proxy: &Proxy) -> tokio::net::TcpStream {
         buf.extend_from_slice(&chunk[..n]);
     }
     assert!(buf.starts_with(b"HTTP/1.1 200"), "{buf:?}");
-    stream
+}
+
+/// A kept-alive connection with nothing in flight rests (gives back its parser and buffers)
+/// within tens of milliseconds of its response, not at the one-second fallback kept for
+/// connections whose reads never showed hyper idle, and wakes for its next request.
+#[tokio::test]
+async fn a_quiet_keep_alive_connection_rests_soon_after_its_response() {
+    let upstream = Upstream::echo().await;
+    let proxy = Proxy::start(&open_config(&upstream.url())).await;
+    let resting =
+        |n: f64| move |e: &Exposition| e.get("portcullis_resting_connections", &[]) == Some(n);
+    let mut stream = kept_alive(&proxy).await;
+    for round in 0..3 {
+        let answered = std::time::Instant::now();
+        scrape_until(proxy.admin, "the connection at rest", resting(1.0)).await;
+        let waited = answered.elapsed();
+        assert!(
+            waited < Duration::from_millis(700),
+            "round {round}: rested {waited:?} after the response; the fallback is 1 s"
+        );
+        // The next request wakes it: served on the same socket, then it rests again.
+        get_held(&mut stream, &proxy).await;
+    }
+    let m = scrape_until(proxy.admin, "the connection at rest", resting(1.0)).await;
+    assert_eq!(m.get("portcullis_open_connections", &[]), Some(1.0));
+    drop(stream);
+    scrape_until(proxy.admin, "no connection at rest", resting(0.0)).await;
+    assert_eq!(upstream.count(), 4);
 }
 
 #[tokio::test]

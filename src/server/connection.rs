@@ -31,7 +31,7 @@ use tokio_rustls::TlsAcceptor;
 use tower::Service;
 
 use super::io::{Activity, AwaitingHead, OpenBody, OpenRequestBody, Rewind, Tracked, Transport};
-use super::{ConnLimits, MAX_HEADERS, REST_AFTER, REST_FALLBACK};
+use super::{ConnCounts, ConnLimits, RestingGuard, MAX_HEADERS, REST_AFTER, REST_FALLBACK};
 use crate::app::AppService;
 use crate::forward::{wants_upgrade, UpgradeHandoff};
 use crate::peer::ConnInfo;
@@ -45,6 +45,7 @@ pub(super) struct Connection {
     pub(super) limits: Arc<ConnLimits>,
     pub(super) peer: SocketAddr,
     pub(super) stop: watch::Receiver<bool>,
+    pub(super) counts: Arc<ConnCounts>,
 }
 
 enum Protocol {
@@ -198,6 +199,7 @@ impl Connection {
         if *self.stop.borrow() {
             return false;
         }
+        let _resting = RestingGuard::new(&self.counts);
         tokio::select! {
             ready = std::future::poll_fn(|cx| io.inner.poll_client_ready(cx)) => ready.is_ok(),
             _ = tokio::time::sleep(activity.until_quiet(limit)) => false,

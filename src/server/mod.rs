@@ -68,29 +68,55 @@ impl ConnLimits {
     }
 }
 
-/// Open public connections, for metrics and tests.
+/// Public connections by state, for metrics and tests.
 #[derive(Debug, Default)]
-pub struct ConnCount(AtomicUsize);
+pub struct ConnCounts {
+    open: AtomicUsize,
+    resting: AtomicUsize,
+}
+
+impl ConnCounts {
+    /// Open public connections.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// HTTP/1.1 connections at rest: waiting for their client's next request on the bare
+    /// socket, holding no parser or buffers.
+    pub fn resting(&self) -> usize {
+        self.resting.load(Ordering::Relaxed)
+    }
+}
 
 /// Counts a connection as open while it lives.
-struct OpenGuard(Arc<ConnCount>);
+struct OpenGuard(Arc<ConnCounts>);
 
 impl OpenGuard {
-    fn new(count: Arc<ConnCount>) -> Self {
-        count.0.fetch_add(1, Ordering::Relaxed);
-        OpenGuard(count)
+    fn new(counts: Arc<ConnCounts>) -> Self {
+        counts.open.fetch_add(1, Ordering::Relaxed);
+        OpenGuard(counts)
     }
 }
 
 impl Drop for OpenGuard {
     fn drop(&mut self) {
-        self.0 .0.fetch_sub(1, Ordering::Relaxed);
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
-impl ConnCount {
-    pub fn get(&self) -> usize {
-        self.0.load(Ordering::Relaxed)
+/// Counts a connection as resting while it waits for its client.
+struct RestingGuard<'a>(&'a ConnCounts);
+
+impl<'a> RestingGuard<'a> {
+    fn new(counts: &'a ConnCounts) -> Self {
+        counts.resting.fetch_add(1, Ordering::Relaxed);
+        RestingGuard(counts)
+    }
+}
+
+impl Drop for RestingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.resting.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -108,7 +134,7 @@ pub async fn serve(
     tls: Option<TlsAcceptor>,
     services: Vec<AppService>,
     limits: ConnLimits,
-    open: Arc<ConnCount>,
+    counts: Arc<ConnCounts>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -120,7 +146,7 @@ pub async fn serve(
             tls: tls.clone(),
             limits: shared_limits.clone(),
             stop: stop_rx.clone(),
-            open: open.clone(),
+            counts: counts.clone(),
         };
         workers.push(Worker::start(index, shared)?);
     }
@@ -195,7 +221,7 @@ struct WorkerShared {
     tls: Option<TlsAcceptor>,
     limits: Arc<ConnLimits>,
     stop: watch::Receiver<bool>,
-    open: Arc<ConnCount>,
+    counts: Arc<ConnCounts>,
 }
 
 /// One connection-serving thread and its single-threaded runtime.
@@ -256,8 +282,9 @@ impl WorkerShared {
                 limits: self.limits.clone(),
                 peer,
                 stop: self.stop.clone(),
+                counts: self.counts.clone(),
             };
-            let open = OpenGuard::new(self.open.clone());
+            let open = OpenGuard::new(self.counts.clone());
             tracker.spawn(async move {
                 conn.run(stream).await;
                 drop(open);
