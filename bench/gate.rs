@@ -15,6 +15,7 @@ use futures_util::FutureExt;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
 use portcullis::authn::{authenticate, AuthnLayer, Verifier};
 use portcullis::config::{AuthMode, Config, JwtConfig};
+use portcullis::facts::RequestFacts;
 use portcullis::forward::{remove_present, strip_hop_by_hop};
 use portcullis::routes::{normalise, RouteClass, RouteTable};
 use portcullis::Body;
@@ -201,7 +202,7 @@ fn headers(c: &mut Criterion) {
             || {
                 let mut req = Request::new(Body::new(http_body_util::Empty::<bytes::Bytes>::new()));
                 *req.headers_mut() = base.clone();
-                req.extensions_mut().insert(RouteClass::Proxy {
+                RequestFacts::of_mut(&mut req).route = Some(RouteClass::Proxy {
                     auth: AuthMode::Session,
                     route: None,
                 });

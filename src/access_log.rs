@@ -13,15 +13,12 @@ use std::time::Instant;
 use http::{Method, Request, Response, Uri, Version};
 use tower::{Layer, Service};
 
-use crate::authn::Authenticated;
 use crate::config::AuthMode;
 use crate::error::Rejection;
-use crate::forward::UpstreamTime;
+use crate::facts::{RequestFacts, ResponseFacts};
 use crate::metrics::Metrics;
 use crate::on_response::OnResponse;
-use crate::peer::ClientIp;
 use crate::routes::RouteClass;
-use crate::session::gate::Identity;
 use crate::Body;
 
 #[derive(Clone)]
@@ -75,8 +72,8 @@ where
             // A reference-counted copy: no allocation when nothing is logged.
             uri: req.uri().clone(),
             version: req.version(),
-            client_ip: req.extensions().get::<ClientIp>().map(|c| c.0),
-            route_class: class_name(req.extensions().get::<RouteClass>().copied()),
+            client_ip: RequestFacts::of(&req).client_ip,
+            route_class: class_name(RequestFacts::of(&req).route),
             metrics: self.metrics.clone(),
         };
         OnResponse::new(self.inner.call(req), in_flight, InFlight::finish)
@@ -107,10 +104,11 @@ impl InFlight {
         } = self;
         let elapsed = started.elapsed();
         let status = response.status().as_u16();
-        let upstream = response.extensions().get::<UpstreamTime>().map(|t| t.0);
+        let facts = ResponseFacts::of(response);
+        let upstream = facts.upstream_time;
         let rejection = response.extensions().get::<Rejection>();
-        let who = response.extensions().get::<Authenticated>();
-        let identity = response.extensions().get::<Identity>();
+        let who = facts.who.as_ref();
+        let identity = facts.identity.as_ref();
 
         metrics.observe_request(route_class, status, elapsed);
         if let Some(upstream) = upstream {

@@ -9,7 +9,8 @@
 //! and streams the answer back. [`store`] is the only door to Redis. [`error`] is the one place
 //! failures become responses; [`config`] is read and validated once at start; [`admin`] serves
 //! health and metrics on its own port; [`echo`] is a demo upstream; [`inject`] adds the sidecar
-//! to Kubernetes manifests. The layers that finish a response share [`on_response`]'s future.
+//! to Kubernetes manifests. The layers that finish a response share [`on_response`]'s future;
+//! what they learn about a request travels in [`facts`].
 
 #![forbid(unsafe_code)]
 
@@ -20,6 +21,7 @@ pub mod authn;
 pub mod config;
 pub mod echo;
 pub mod error;
+pub mod facts;
 pub mod forward;
 pub mod inject;
 pub mod limits;

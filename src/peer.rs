@@ -9,16 +9,14 @@ use http::{HeaderMap, Request};
 use ipnet::IpNet;
 use tower::{Layer, Service};
 
+use crate::facts::RequestFacts;
+
 /// Facts about the connection a request arrived on, set by the server on every request.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
     pub tls: bool,
 }
-
-/// The client's address as far as it can be trusted, set on every request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct ClientIp(pub IpAddr);
 
 /// Which peers may speak for the client in X-Forwarded-* headers.
 #[derive(Debug, Clone, Default)]
@@ -63,7 +61,7 @@ impl TrustedProxies {
     }
 }
 
-/// Sets [`ClientIp`] on every request, from the connection's peer and, when that peer is a
+/// Sets the client's address (`RequestFacts::client_ip`) on every request, from the connection's peer and, when that peer is a
 /// trusted proxy, its X-Forwarded-For.
 #[derive(Clone)]
 pub struct ClientIpLayer(pub Arc<TrustedProxies>);
@@ -98,9 +96,9 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        if let Some(conn) = req.extensions().get::<ConnInfo>().copied() {
+        if let Some(conn) = RequestFacts::of(&req).conn {
             let ip = self.trusted.client_ip(conn.peer.ip(), req.headers());
-            req.extensions_mut().insert(ClientIp(ip));
+            RequestFacts::of_mut(&mut req).client_ip = Some(ip);
         }
         self.inner.call(req)
     }

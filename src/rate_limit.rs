@@ -25,11 +25,10 @@ use governor::RateLimiter;
 use http::{HeaderName, HeaderValue, Request, Response};
 use tower::{Layer, Service};
 
-use crate::authn::Authenticated;
 use crate::config::{Quota, RateLimitConfig, RouteConfig, RouteLimit};
 use crate::error::Rejection;
+use crate::facts::RequestFacts;
 use crate::on_response::OnResponse;
-use crate::peer::ClientIp;
 use crate::routes::RouteClass;
 use crate::Body;
 
@@ -304,16 +303,13 @@ where
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        let extensions = req.extensions();
-        let key = match (
-            extensions.get::<Authenticated>(),
-            extensions.get::<ClientIp>(),
-        ) {
+        let facts = RequestFacts::of(&req);
+        let key = match (&facts.who, facts.client_ip) {
             (Some(who), _) => Some(CallerKey::User(who.user_id.clone())),
-            (None, Some(ip)) => Some(CallerKey::Ip(ip.0)),
+            (None, Some(ip)) => Some(CallerKey::Ip(ip)),
             (None, None) => None,
         };
-        let class = extensions.get::<RouteClass>().copied();
+        let class = facts.route;
         let decision = match (key, class) {
             (Some(key), Some(class)) => self.limits.decide(class, &key),
             _ => None,

@@ -13,9 +13,10 @@ use percent_encoding::percent_decode_str;
 use tower::{Layer, Service};
 
 use crate::config::{AuthMode, RouteConfig};
+use crate::facts::RequestFacts;
 use crate::Body;
 
-/// The class of a request, decided once and carried as an extension.
+/// The class of a request, decided once and carried in its [`crate::facts::RequestFacts`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RouteClass {
     /// The session API; `public` for its OpenAPI document.
@@ -174,7 +175,7 @@ where
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
         let class = self.table.classify(req.uri().path());
-        req.extensions_mut().insert(class);
+        RequestFacts::of_mut(&mut req).route = Some(class);
         self.inner.call(req)
     }
 }
@@ -202,7 +203,7 @@ where
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        match req.extensions().get::<RouteClass>() {
+        match RequestFacts::of(&req).route {
             Some(RouteClass::Api { .. }) => Either::Left(self.api.call(req)),
             _ => Either::Right(self.proxy.call(req)),
         }

@@ -17,6 +17,7 @@ use tower::{Layer, Service};
 
 use crate::config::{AuthMode, IdentityConfig, JwtConfig, JwtKey};
 use crate::error::Rejection;
+use crate::facts::{RequestFacts, ResponseFacts};
 use crate::on_response::OnResponse;
 use crate::routes::RouteClass;
 use crate::{Body, BoxError};
@@ -221,20 +222,16 @@ where
             .and_then(|v| v.to_str().ok().map(str::to_owned));
         crate::forward::remove_present(headers, &[&identity.user_id, &identity.platform]);
 
-        let class = req
-            .extensions()
-            .get::<RouteClass>()
-            .copied()
-            .unwrap_or(RouteClass::Proxy {
-                auth: AuthMode::Session,
-                route: None,
-            });
+        let class = RequestFacts::of(&req).route.unwrap_or(RouteClass::Proxy {
+            auth: AuthMode::Session,
+            route: None,
+        });
         match authenticate(&self.layer.verifier, class, req.headers(), session_header) {
             Ok(Some(who)) => {
-                req.extensions_mut().insert(who.clone());
+                RequestFacts::of_mut(&mut req).who = Some(who.clone());
                 // The caller travels back on the response too, for the access log and audit.
                 return OnResponse::new(self.inner.call(req), who, |who, response| {
-                    response.extensions_mut().insert(who);
+                    ResponseFacts::of_mut(response).who = Some(who);
                 });
             }
             Ok(None) => {}

@@ -8,7 +8,7 @@
 use std::future::Future;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use http::header::{self, HeaderName};
 use http::uri::PathAndQuery;
@@ -18,6 +18,7 @@ use smallvec::SmallVec;
 
 use crate::config::{IdentityConfig, UpstreamConfig};
 use crate::error::Rejection;
+use crate::facts::{RequestFacts, ResponseFacts};
 use crate::peer::{ConnInfo, TrustedProxies};
 use crate::session::gate::Identity;
 use crate::{Body, BoxResponse};
@@ -25,10 +26,6 @@ use crate::{Body, BoxResponse};
 mod pool;
 
 pub use pool::{Pool, PoolError, REPLAY_AFTER_IDLE};
-
-/// How long the upstream took to produce its response head; read by the access log.
-#[derive(Debug, Clone, Copy)]
-pub struct UpstreamTime(pub Duration);
 
 /// Live WebSocket (and other Upgrade) tunnels, shared with whoever wants to count them.
 #[derive(Debug, Default)]
@@ -186,15 +183,17 @@ impl Upstream {
 
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers, upgraded);
-        parts.extensions.insert(UpstreamTime(elapsed));
-        Response::from_parts(parts, Body::new(body))
+        let mut response = Response::from_parts(parts, Body::new(body));
+        ResponseFacts::of_mut(&mut response).upstream_time = Some(elapsed);
+        response
     }
 
     /// Rewrites the client's request into the one the upstream receives; `upgrade` says whether
     /// it asks to switch protocols.
     fn upstream_request(&self, req: Request<Body>, upgrade: bool) -> Request<Body> {
         let (mut parts, body) = req.into_parts();
-        let conn = parts.extensions.get::<ConnInfo>().copied();
+        let facts = parts.extensions.get::<RequestFacts>();
+        let conn = facts.and_then(|f| f.conn);
 
         // The Host the client asked for: its Host header (HTTP/1) or :authority (HTTP/2).
         let client_host = parts.headers.get(header::HOST).cloned().or_else(|| {
@@ -227,7 +226,7 @@ impl Upstream {
         if let Some(conn) = conn {
             self.set_forwarded(&mut parts.headers, conn, client_host.as_ref());
         }
-        self.set_identity(&mut parts.headers, parts.extensions.get::<Identity>());
+        self.set_identity(&mut parts.headers, facts.and_then(|f| f.identity.as_ref()));
         match (&self.config.host, client_host) {
             (Some(fixed), _) => {
                 parts.headers.insert(header::HOST, fixed.clone());

@@ -33,6 +33,7 @@ use tower::Service;
 use super::io::{Activity, AwaitingHead, OpenBody, OpenRequestBody, Rewind, Tracked, Transport};
 use super::{ConnCounts, ConnLimits, RestingGuard, MAX_HEADERS, REST_AFTER, REST_FALLBACK};
 use crate::app::AppService;
+use crate::facts::RequestFacts;
 use crate::forward::{wants_upgrade, UpgradeHandoff};
 use crate::peer::ConnInfo;
 use crate::Body;
@@ -554,7 +555,10 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
         let open = OpenBody::new(self.activity.clone());
         let upgrade = wants_upgrade(&req);
         let (mut parts, body) = req.into_parts();
-        parts.extensions.insert(self.conn);
+        parts.extensions.insert(RequestFacts {
+            conn: Some(self.conn),
+            ..RequestFacts::default()
+        });
         if upgrade {
             parts.extensions.insert(self.upgrades.clone());
         }

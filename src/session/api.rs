@@ -22,10 +22,9 @@ use serde::{Deserialize, Serialize};
 use tower::Service;
 use uuid::Uuid;
 
-use crate::authn::Authenticated;
 use crate::error::{json_response, Rejection};
+use crate::facts::RequestFacts;
 use crate::metrics::Metrics;
-use crate::peer::ClientIp;
 use crate::routes::normalise;
 use crate::session::{
     Created, Metadata, Opened, Platform, Sessions, MAX_DEVICE_ID, MAX_USER_AGENT,
@@ -141,12 +140,11 @@ impl SessionApi {
                 _ => Err(Rejection::MethodNotAllowed),
             };
         }
-        let who = req
-            .extensions()
-            .get::<Authenticated>()
-            .cloned()
+        let who = RequestFacts::of(&req)
+            .who
+            .clone()
             .ok_or(Rejection::TokenMissing)?;
-        let client_ip = req.extensions().get::<ClientIp>().map(|ip| ip.0);
+        let client_ip = RequestFacts::of(&req).client_ip;
         let user = &*who.user_id;
         let sessions = &self.sessions;
 
@@ -255,7 +253,7 @@ async fn create_metadata(req: Request<Body>) -> Result<Metadata, Rejection> {
         .headers()
         .get(header::USER_AGENT)
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-    let ip = req.extensions().get::<ClientIp>().map(|ip| ip.0);
+    let ip = RequestFacts::of(&req).client_ip;
     let body = Limited::new(req.into_body(), MAX_API_BODY)
         .collect()
         .await

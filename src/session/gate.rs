@@ -15,6 +15,7 @@ use uuid::Uuid;
 use crate::authn::Authenticated;
 use crate::config::AuthMode;
 use crate::error::Rejection;
+use crate::facts::{RequestFacts, ResponseFacts};
 use crate::on_response::OnResponse;
 use crate::routes::RouteClass;
 use crate::session::{Platform, Sessions};
@@ -130,11 +131,12 @@ where
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        let mode = match req.extensions().get::<RouteClass>() {
-            Some(RouteClass::Proxy { auth, .. }) => *auth,
+        let facts = RequestFacts::of(&req);
+        let mode = match facts.route {
+            Some(RouteClass::Proxy { auth, .. }) => auth,
             _ => AuthMode::Session,
         };
-        let decided = match admit_now(&self.sessions, mode, req.extensions().get()) {
+        let decided = match admit_now(&self.sessions, mode, facts.who.as_ref()) {
             Admission::Decided(decided) => decided,
             Admission::AskStore(who, session_id) => {
                 let who = who.clone();
@@ -156,9 +158,9 @@ fn call_vouched<S: Service<Request<Body>, Response = Response<Body>>>(
     mut req: Request<Body>,
     identity: Identity,
 ) -> OnResponse<S::Future, Identity> {
-    req.extensions_mut().insert(identity.clone());
+    RequestFacts::of_mut(&mut req).identity = Some(identity.clone());
     OnResponse::new(inner.call(req), identity, |identity, response| {
-        response.extensions_mut().insert(identity);
+        ResponseFacts::of_mut(response).identity = Some(identity);
     })
 }
 
