@@ -135,7 +135,7 @@ impl InFlight {
             metrics.rejected(rejection);
             let session_id = identity
                 .and_then(|i| i.session_id.map(|s| s.to_string()))
-                .or_else(|| who.and_then(|w| w.session_hint.clone()));
+                .or_else(|| who.and_then(|w| w.session_hint.as_deref().map(str::to_owned)));
             let platform = identity.and_then(|i| i.platform).map(|p| p.as_str());
             tracing::info!(
                 target: "audit",

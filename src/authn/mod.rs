@@ -31,7 +31,8 @@ use verified::{Verified, VerifiedTokens};
 #[derive(Debug, Clone)]
 pub struct Authenticated {
     pub user_id: Arc<str>,
-    pub session_hint: Option<String>,
+    /// Shared with the verified-token table: a request's copies cost no allocation.
+    pub session_hint: Option<Arc<str>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -90,7 +91,7 @@ impl Verifier {
 
     /// Verifies a token; the rejection says why it failed without echoing it. A token that
     /// verified before has only its `exp` and `nbf` checked again.
-    pub fn verify(&self, token: &str) -> Result<(Arc<str>, Option<String>), Rejection> {
+    pub fn verify(&self, token: &str) -> Result<(Arc<str>, Option<Arc<str>>), Rejection> {
         if let Some(known) = self.verified.get(token) {
             // A clock before 1970 cannot vouch for anything: every remembered token is expired.
             let now = SystemTime::now()
@@ -119,6 +120,7 @@ impl Verifier {
             return Err(Rejection::TokenInvalid);
         }
         let user_id: Arc<str> = sub.into();
+        let sid: Option<Arc<str>> = sid.map(Arc::from);
         self.verified.insert(
             token,
             Verified {
@@ -169,7 +171,7 @@ pub fn authenticate(
     match verifier.verify(token) {
         Ok((user_id, sid)) => Ok(Some(Authenticated {
             user_id,
-            session_hint: sid.or(session_header),
+            session_hint: sid.or_else(|| session_header.map(Arc::from)),
         })),
         // On open routes a bad token is ignored: the caller is simply anonymous.
         Err(rejection) if required => Err(rejection),

@@ -24,7 +24,7 @@ const WAYS: usize = 4;
 #[derive(Clone)]
 pub struct Verified {
     pub user_id: Arc<str>,
-    pub sid: Option<String>,
+    pub sid: Option<Arc<str>>,
     pub exp: u64,
     pub nbf: Option<u64>,
 }
