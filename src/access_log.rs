@@ -15,7 +15,7 @@ use tower::{Layer, Service};
 
 use crate::config::AuthMode;
 use crate::error::Rejection;
-use crate::facts::{RequestFacts, ResponseFacts};
+use crate::facts::RequestFacts;
 use crate::metrics::Metrics;
 use crate::on_response::OnResponse;
 use crate::routes::RouteClass;
@@ -104,7 +104,7 @@ impl InFlight {
         } = self;
         let elapsed = started.elapsed();
         let status = response.status().as_u16();
-        let facts = ResponseFacts::of(response);
+        let facts = RequestFacts::on(response);
         let upstream = facts.upstream_time;
         let rejection = response.extensions().get::<Rejection>();
         let who = facts.who.as_ref();

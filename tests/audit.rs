@@ -204,6 +204,13 @@ async fn every_rejected_request_is_audited_once_with_who_and_why() {
     let ok = rid("ok");
     assert_eq!(get(&proxy, "/game/ok", Some(&with_session), &ok).await, 200);
     assert!(audit_of(&ok).await.is_empty());
+    // Its access line names the caller and the upstream's time, both brought back on the
+    // forwarded response.
+    let lines = capture().access_lines(&ok).await;
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert_eq!(lines[0].field("user_id"), Some(user.as_str()), "{lines:#?}");
+    assert_eq!(lines[0].field("status"), Some("200"), "{lines:#?}");
+    assert!(lines[0].field("upstream_ms").is_some(), "{lines:#?}");
 
     let missing = rid("missing");
     assert_eq!(get(&proxy, "/game/a", None, &missing).await, 401);

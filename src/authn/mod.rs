@@ -17,7 +17,7 @@ use tower::{Layer, Service};
 
 use crate::config::{AuthMode, IdentityConfig, JwtConfig, JwtKey};
 use crate::error::Rejection;
-use crate::facts::{RequestFacts, ResponseFacts};
+use crate::facts::RequestFacts;
 use crate::on_response::OnResponse;
 use crate::routes::RouteClass;
 use crate::{Body, BoxError};
@@ -231,9 +231,10 @@ where
         match authenticate(&self.layer.verifier, class, req.headers(), session_header) {
             Ok(Some(who)) => {
                 RequestFacts::of_mut(&mut req).who = Some(who.clone());
-                // The caller travels back on the response too, for the access log and audit.
+                // A forwarded response brings the caller back in its facts; a refusal made
+                // further in gets it here, for the access log and audit.
                 return OnResponse::new(self.inner.call(req), who, |who, response| {
-                    ResponseFacts::of_mut(response).who = Some(who);
+                    RequestFacts::on_mut(response).who.get_or_insert(who);
                 });
             }
             Ok(None) => {}

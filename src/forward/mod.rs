@@ -8,17 +8,17 @@
 use std::future::Future;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderName};
 use http::uri::PathAndQuery;
-use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version};
+use http::{Extensions, HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
 use smallvec::SmallVec;
 
 use crate::config::{IdentityConfig, UpstreamConfig};
 use crate::error::Rejection;
-use crate::facts::{RequestFacts, ResponseFacts};
+use crate::facts::RequestFacts;
 use crate::peer::{ConnInfo, TrustedProxies};
 use crate::session::gate::Identity;
 use crate::{Body, BoxResponse};
@@ -146,15 +146,38 @@ impl Upstream {
         self.tunnels.clone()
     }
 
-    /// Forwards one request; every failure becomes a [`Rejection`] response.
+    /// Forwards one request; every failure becomes a [`Rejection`] response. The request's
+    /// facts come back on the response, with the upstream's time when it answered.
     pub async fn forward(&self, pool: &Pool, mut req: Request<Body>) -> Response<Body> {
+        // Handed over whole, the extension map costs no allocation on the response.
+        let mut extensions = std::mem::take(req.extensions_mut());
+        let mut response = match self.exchange(pool, req, &mut extensions).await {
+            Ok((response, elapsed)) => {
+                if let Some(facts) = extensions.get_mut::<RequestFacts>() {
+                    facts.upstream_time = Some(elapsed);
+                }
+                response
+            }
+            Err(rejection) => rejection.into_response(),
+        };
+        response.extensions_mut().extend(extensions);
+        response
+    }
+
+    /// Sends the request upstream and returns its answer, with how long the answer's head took.
+    async fn exchange(
+        &self,
+        pool: &Pool,
+        req: Request<Body>,
+        extensions: &mut Extensions,
+    ) -> Result<(Response<Body>, Duration), Rejection> {
         let upgrade = wants_upgrade(&req);
         let handoff = if upgrade {
-            req.extensions_mut().remove::<UpgradeHandoff>()
+            extensions.remove::<UpgradeHandoff>()
         } else {
             None
         };
-        let req = self.upstream_request(req, upgrade);
+        let req = self.upstream_request(req, extensions.get::<RequestFacts>(), upgrade);
 
         let started = Instant::now();
         // Pinned in place: the timeout then holds a pointer, not a copy of the whole exchange.
@@ -162,10 +185,8 @@ impl Upstream {
         let result = tokio::time::timeout(self.config.request_timeout, send).await;
         let elapsed = started.elapsed();
         let mut response = match result {
-            Err(_) => {
-                return Rejection::UpstreamTimeout(self.config.request_timeout).into_response()
-            }
-            Ok(Err(e)) => return self.classify(e).into_response(),
+            Err(_) => return Err(Rejection::UpstreamTimeout(self.config.request_timeout)),
+            Ok(Err(e)) => return Err(self.classify(e)),
             Ok(Ok(response)) => response,
         };
 
@@ -177,22 +198,24 @@ impl Upstream {
                     _guard: TunnelGuard::new(self.tunnels.clone()),
                 }),
                 // A 101 we did not ask for cannot be honoured: the client never offered to switch.
-                None => return Rejection::UpstreamUnavailable.into_response(),
+                None => return Err(Rejection::UpstreamUnavailable),
             }
         }
 
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers, upgraded);
-        let mut response = Response::from_parts(parts, Body::new(body));
-        ResponseFacts::of_mut(&mut response).upstream_time = Some(elapsed);
-        response
+        Ok((Response::from_parts(parts, Body::new(body)), elapsed))
     }
 
     /// Rewrites the client's request into the one the upstream receives; `upgrade` says whether
     /// it asks to switch protocols.
-    fn upstream_request(&self, req: Request<Body>, upgrade: bool) -> Request<Body> {
+    fn upstream_request(
+        &self,
+        req: Request<Body>,
+        facts: Option<&RequestFacts>,
+        upgrade: bool,
+    ) -> Request<Body> {
         let (mut parts, body) = req.into_parts();
-        let facts = parts.extensions.get::<RequestFacts>();
         let conn = facts.and_then(|f| f.conn);
 
         // The Host the client asked for: its Host header (HTTP/1) or :authority (HTTP/2).

@@ -15,7 +15,7 @@ use uuid::Uuid;
 use crate::authn::Authenticated;
 use crate::config::AuthMode;
 use crate::error::Rejection;
-use crate::facts::{RequestFacts, ResponseFacts};
+use crate::facts::RequestFacts;
 use crate::on_response::OnResponse;
 use crate::routes::RouteClass;
 use crate::session::{Platform, Sessions};
@@ -152,7 +152,7 @@ where
 }
 
 /// Calls `inner` with the identity the gate vouches for: the forwarder turns it into headers,
-/// and it travels back on the response too, for the access log and audit.
+/// and a response that did not come from upstream gets it here, for the access log and audit.
 fn call_vouched<S: Service<Request<Body>, Response = Response<Body>>>(
     inner: &mut S,
     mut req: Request<Body>,
@@ -160,7 +160,9 @@ fn call_vouched<S: Service<Request<Body>, Response = Response<Body>>>(
 ) -> OnResponse<S::Future, Identity> {
     RequestFacts::of_mut(&mut req).identity = Some(identity.clone());
     OnResponse::new(inner.call(req), identity, |identity, response| {
-        ResponseFacts::of_mut(response).identity = Some(identity);
+        RequestFacts::on_mut(response)
+            .identity
+            .get_or_insert(identity);
     })
 }
 
