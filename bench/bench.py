@@ -87,7 +87,7 @@ FULL = dict(
     hold=10_000,
     perf_duration=5,
     criterion=True,
-    pair_rounds=4, pair_duration=8, pair_rate_open=10_000, pair_rate_enforced=8_000,
+    pair_rounds=4, pair_duration=8, pair_warmup=3, pair_rate_open=10_000, pair_rate_enforced=8_000,
 )
 SMOKE = dict(
     threads=2, connections=16, duration=2, rounds=1, warmup=1,
@@ -98,7 +98,7 @@ SMOKE = dict(
     hold=300,
     perf_duration=0,
     criterion=False,
-    pair_rounds=1, pair_duration=2, pair_rate_open=500, pair_rate_enforced=500,
+    pair_rounds=1, pair_duration=2, pair_warmup=1, pair_rate_open=500, pair_rate_enforced=500,
 )
 
 
@@ -831,20 +831,30 @@ class Bench:
         sides = {"current": (self.portcullis, "portcullis"),
                  "baseline": (self.portcullisB, "portcullisB")}
         rows = []
+
+        def run_both(lua, rate, duration, first):
+            """Loads both at once; `first` side's load starts first."""
+            results = {}
+
+            def load(side, port_key):
+                results[side] = self.wrk(self.ports[port_key], duration,
+                                         [*lua, f"rate={rate}"], connections=32, threads=1)
+
+            order = sorted(sides.items(), key=lambda kv: kv[0] != first)
+            ts = [threading.Thread(target=load, args=(k, port)) for k, (_, port) in order]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join(duration + 90)
+            return results
+
         for name, rate, lua in loads:
+            # Unmeasured: both warm up alike (only one of them served the session creates).
+            run_both(lua, rate, p["pair_warmup"], "baseline")
             for rnd in range(p["pair_rounds"]):
                 before = {k: proc_cpu_seconds([proc.pid]) for k, (proc, _) in sides.items()}
-                results = {}
-
-                def load(side, port_key):
-                    results[side] = self.wrk(self.ports[port_key], p["pair_duration"],
-                                             [*lua, f"rate={rate}"], connections=32, threads=1)
-
-                ts = [threading.Thread(target=load, args=(k, port)) for k, (_, port) in sides.items()]
-                for t in ts:
-                    t.start()
-                for t in ts:
-                    t.join(p["pair_duration"] + 90)
+                results = run_both(lua, rate, p["pair_duration"],
+                                   "current" if rnd % 2 else "baseline")
                 if len(results) != 2:
                     raise Failure(f"paired {name} round {rnd + 1}: a load did not finish")
                 row = {"scenario": name, "round": rnd + 1, "rate": rate}
