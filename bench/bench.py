@@ -871,9 +871,45 @@ class Bench:
                     f"baseline {row['baseline']['us']:.1f} us/req")
         return render_paired(self, rows)
 
+    # -- training run for profile-guided optimisation (bench/pgo.sh) ------------------------
+
+    def train(self):
+        """Drives --bin through what the benchmark measures (session creates, pass-through,
+        enforcing), then stops it with SIGINT, so that an instrumented build writes its
+        profile on the way out."""
+        secs = self.args.train
+        log(f"training {self.bin}: {secs} s per load")
+        self.start_redis()
+        self.upstream = self.start_nginx("upstream", NGINX_UPSTREAM.format(
+            port=self.ports["upstream"], status=self.ports["status"]))
+        wait_http(self.ports["upstream"], "/", what="upstream nginx")
+        self.start_portcullis()
+        users = self.create_sessions("players", min(self.p["users"], 200), 1)
+        tokens = os.path.join(self.dir, "train-tokens.txt")
+        with open(tokens, "w") as f:
+            for u, _, sids in users:
+                f.write(token(u, sids[0]) + "\n")
+        for lua in (["mode=plain", "path=/open/state"],
+                    ["mode=proxy", "path=/game/state", f"file={tokens}"]):
+            r = self.wrk(self.ports["portcullis"], secs, lua)
+            if r["errors"] or r["requests"] == 0:
+                raise Failure(f"training load {lua[0]}: {r['errors']} errors of "
+                              f"{r['requests']} requests")
+        self.procs.stop(self.portcullis)
+        if self.portcullis.returncode not in (0, -signal.SIGINT):
+            raise Failure(f"portcullis exited with {self.portcullis.returncode} after training")
+
     # -- all --------------------------------------------------------------------------------
 
     def run(self):
+        if self.args.train:
+            try:
+                self.train()
+            finally:
+                self.procs.stop_all()
+            if not self.args.keep:
+                shutil.rmtree(self.dir, ignore_errors=True)
+            return 0
         if self.args.against:
             try:
                 report = self.paired()
@@ -1320,12 +1356,15 @@ def main():
     ap.add_argument("--against", help="a baseline portcullis binary: run only the paired "
                                       "comparison of --bin against it")
     ap.add_argument("--against-label", default="", help="how the report names the baseline")
+    ap.add_argument("--train", type=int, metavar="SECONDS",
+                    help="only drive --bin (a build instrumented for profile-guided "
+                         "optimisation) through the request paths for SECONDS each, then stop it")
     ap.add_argument("--profile", default="release", help="cargo profile of --bin (for the report)")
     ap.add_argument("--out", help="write the markdown table here")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs, configs)")
     ap.add_argument("--no-criterion", action="store_true")
     args = ap.parse_args()
-    if not args.against and not args.floor:
+    if not args.against and not args.train and not args.floor:
         ap.error("--floor is required for the full run")
     bench = Bench(args)
 

@@ -7,6 +7,8 @@
 #   bench/run.sh --smoke   a few seconds per step on the same code path, so the benchmark cannot
 #                          rot (run by .ci/run); uses the debug build that the tests already made
 #                          and writes its table to target/bench-smoke.md
+#   bench/run.sh --pgo     the full run of a build with profile-guided optimisation (bench/pgo.sh
+#                          makes it: two release builds and a 20-second training run)
 #   bench/run.sh --against REV
 #                          only the paired comparison: the current release build against REV's
 #                          (built in a git worktree under target/against), both under the same
@@ -18,14 +20,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 smoke=0
+pgo=0
 against=""
 extra=()
 while [ "$#" -gt 0 ]; do
   case "$1" in
     --smoke) smoke=1 ;;
+    --pgo) pgo=1 ;;
     --against) against="${2:?--against needs a git revision}"; shift ;;
     --keep | --no-criterion) extra+=("$1") ;;
-    *) echo "usage: bench/run.sh [--smoke] [--keep] [--no-criterion] [--against REV]" >&2; exit 2 ;;
+    *) echo "usage: bench/run.sh [--smoke] [--pgo] [--keep] [--no-criterion] [--against REV]" >&2
+       exit 2 ;;
   esac
   shift
 done
@@ -96,10 +101,14 @@ if [ "$smoke" -eq 1 ]; then
 else
   profile=release
   cargo build --locked --release --bin portcullis
+  bin="$target_dir/release/portcullis"
+  if [ "$pgo" -eq 1 ]; then
+    profile="release, profile-guided (bench/pgo.sh)"
+    bin=$(bench/pgo.sh)
+  fi
   # Build the criterion benches before measuring, so compiling does not eat the time budget.
   cargo bench --locked --bench gate --no-run
   floor=$(floor_bin cargo bench --locked --bench hyper_floor --no-run)
-  bin="$target_dir/release/portcullis"
   out=bench/RESULTS.md
   budget=600
 fi
@@ -111,6 +120,9 @@ if [ "$smoke" -eq 1 ]; then
   timeout --signal=TERM --kill-after=20 120 \
     python3 bench/bench.py --smoke --bin "$bin" --against "$bin" --against-label itself \
     --out "$target_dir/bench-paired-smoke.md" "${extra[@]}"
+  # And bench/pgo.sh's training run (its builds take minutes: not part of the smoke run).
+  timeout --signal=TERM --kill-after=20 120 \
+    python3 bench/bench.py --smoke --bin "$bin" --train 2 "${extra[@]}"
 fi
 exec timeout --signal=TERM --kill-after=20 "$budget" \
   python3 bench/bench.py "${smoke_flag[@]}" --bin "$bin" --floor "$floor" --profile "$profile" --out "$out" \
