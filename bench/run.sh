@@ -8,7 +8,8 @@
 #                          rot (run by .ci/run); uses the debug build that the tests already made
 #                          and writes its table to target/bench-smoke.md
 #   bench/run.sh --pgo     the full run of a build with profile-guided optimisation (bench/pgo.sh
-#                          makes it: two release builds and a 20-second training run)
+#                          makes it: two release builds and a 20-second training run); writes
+#                          bench/RESULTS-pgo.md
 #   bench/run.sh --against REV
 #                          only the paired comparison: the current release build against REV's
 #                          (built in a git worktree under target/against), both under the same
@@ -102,14 +103,15 @@ else
   profile=release
   cargo build --locked --release --bin portcullis
   bin="$target_dir/release/portcullis"
+  out=bench/RESULTS.md
   if [ "$pgo" -eq 1 ]; then
     profile="release, profile-guided (bench/pgo.sh)"
     bin=$(bench/pgo.sh)
+    out=bench/RESULTS-pgo.md
   fi
   # Build the criterion benches before measuring, so compiling does not eat the time budget.
   cargo bench --locked --bench gate --no-run
   floor=$(floor_bin cargo bench --locked --bench hyper_floor --no-run)
-  out=bench/RESULTS.md
   budget=600
 fi
 
