@@ -436,6 +436,12 @@ class Bench:
         wait_http(self.ports["admin" + which], "/readyz", what="portcullis admin /readyz")
         wait_http(self.ports["portcullis" + which], "/open/ping", what="portcullis")
 
+    def start_redis_and_upstream(self):
+        self.start_redis()
+        self.upstream = self.start_nginx("upstream", NGINX_UPSTREAM.format(
+            port=self.ports["upstream"], status=self.ports["status"]))
+        wait_http(self.ports["upstream"], "/", what="upstream nginx")
+
     def restart_portcullis(self):
         if self.portcullis is not None:
             self.procs.stop(self.portcullis)
@@ -811,10 +817,7 @@ class Bench:
         machine's changes of speed hit both alike. Returns the markdown report."""
         p = self.p
         log(f"temp dir {self.dir}; ports {self.ports}")
-        self.start_redis()
-        self.upstream = self.start_nginx("upstream", NGINX_UPSTREAM.format(
-            port=self.ports["upstream"], status=self.ports["status"]))
-        wait_http(self.ports["upstream"], "/", what="upstream nginx")
+        self.start_redis_and_upstream()
         self.start_portcullis()
         self.start_portcullis("B", binary=self.args.against)
         # Sessions live in the shared Redis under the same prefix: valid through either binary.
@@ -879,10 +882,7 @@ class Bench:
         profile on the way out."""
         secs = self.args.train
         log(f"training {self.bin}: {secs} s per load")
-        self.start_redis()
-        self.upstream = self.start_nginx("upstream", NGINX_UPSTREAM.format(
-            port=self.ports["upstream"], status=self.ports["status"]))
-        wait_http(self.ports["upstream"], "/", what="upstream nginx")
+        self.start_redis_and_upstream()
         self.start_portcullis()
         users = self.create_sessions("players", min(self.p["users"], 200), 1)
         tokens = os.path.join(self.dir, "train-tokens.txt")
