@@ -61,8 +61,8 @@ impl TrustedProxies {
     }
 }
 
-/// Sets the client's address (`RequestFacts::client_ip`) on every request, from the connection's peer and, when that peer is a
-/// trusted proxy, its X-Forwarded-For.
+/// Sets the client's address (`RequestFacts::client_ip`) on every request, from the
+/// connection's peer and, when that peer is a trusted proxy, its X-Forwarded-For.
 #[derive(Clone)]
 pub struct ClientIpLayer(pub Arc<TrustedProxies>);
 
