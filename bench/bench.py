@@ -30,6 +30,13 @@ import uuid
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 LUA = os.path.join(HERE, "wrk", "load.lua")
+# load.lua arguments of the portcullis loads: pass-through (scenario 3) and enforcing (4 and 5),
+# the latter rotating over a file of tokens that carry a session id.
+PASS_THROUGH_LOAD = ["mode=plain", "path=/open/state"]
+
+
+def enforcing_load(tokens_file):
+    return ["mode=proxy", "path=/game/state", f"file={tokens_file}"]
 SECRET = "portcullis-bench-secret-0123456789abcdef-not-for-production"
 KEY_PREFIX = "aeturnis"
 API = "/api/v1/sessions"
@@ -504,17 +511,23 @@ class Bench:
             raise Failure(f"creating sessions failed: {errors[0]}")
         return out
 
+    def write_proxy_tokens(self, users, name):
+        """Writes, one per line, a token carrying each user's first session id: what
+        `enforcing_load` rotates over. Returns the file's path."""
+        path = os.path.join(self.dir, name)
+        with open(path, "w") as f:
+            for u, _, sids in users:
+                f.write(token(u, sids[0]) + "\n")
+        return path
+
     def prepare_tokens(self):
         p = self.p
         log(f"creating {p['users']} users x {p['sessions_per_user']} sessions through the API")
         t0 = time.time()
         self.users = self.create_sessions("players", p["users"], p["sessions_per_user"])
         log(f"  done in {time.time() - t0:.1f}s")
-        self.proxy_tokens = os.path.join(self.dir, "proxy-tokens.txt")
+        self.proxy_tokens = self.write_proxy_tokens(self.users, "proxy-tokens.txt")
         self.api_tokens = os.path.join(self.dir, "api-tokens.txt")
-        with open(self.proxy_tokens, "w") as f:
-            for u, _, sids in self.users:
-                f.write(token(u, sids[0]) + "\n")
         with open(self.api_tokens, "w") as f:
             for u, t, sids in self.users:
                 f.write(f"{t} {sids[0]}\n")
@@ -566,11 +579,11 @@ class Bench:
         if n == 2:
             return self.ports["nginx"], ["mode=plain", "path=/game/state"]
         if n == 3:
-            return self.ports["portcullis"], ["mode=plain", "path=/open/state"]
+            return self.ports["portcullis"], PASS_THROUGH_LOAD
         if n == 6:
             return self.ports["floor"], ["mode=plain", "path=/game/state"]
-        return self.ports["portcullis" if n == 4 else "portcullis5"], [
-            "mode=proxy", "path=/game/state", f"file={self.proxy_tokens}"]
+        return (self.ports["portcullis" if n == 4 else "portcullis5"],
+                enforcing_load(self.proxy_tokens))
 
     def redis_round_trips(self, which=""):
         """Redis operations portcullis made, by op, from its own /metrics (one per round trip,
@@ -822,14 +835,10 @@ class Bench:
         self.start_portcullis("B", binary=self.args.against)
         # Sessions live in the shared Redis under the same prefix: valid through either binary.
         users = self.create_sessions("players", p["users"], 1)
-        tokens = os.path.join(self.dir, "pair-tokens.txt")
-        with open(tokens, "w") as f:
-            for u, _, sids in users:
-                f.write(token(u, sids[0]) + "\n")
+        tokens = self.write_proxy_tokens(users, "pair-tokens.txt")
         loads = (
-            ("pass-through (3)", p["pair_rate_open"], ["mode=plain", "path=/open/state"]),
-            ("enforcing (4)", p["pair_rate_enforced"],
-             ["mode=proxy", "path=/game/state", f"file={tokens}"]),
+            ("pass-through (3)", p["pair_rate_open"], PASS_THROUGH_LOAD),
+            ("enforcing (4)", p["pair_rate_enforced"], enforcing_load(tokens)),
         )
         sides = {"current": (self.portcullis, "portcullis"),
                  "baseline": (self.portcullisB, "portcullisB")}
@@ -885,12 +894,8 @@ class Bench:
         self.start_redis_and_upstream()
         self.start_portcullis()
         users = self.create_sessions("players", min(self.p["users"], 200), 1)
-        tokens = os.path.join(self.dir, "train-tokens.txt")
-        with open(tokens, "w") as f:
-            for u, _, sids in users:
-                f.write(token(u, sids[0]) + "\n")
-        for lua in (["mode=plain", "path=/open/state"],
-                    ["mode=proxy", "path=/game/state", f"file={tokens}"]):
+        tokens = self.write_proxy_tokens(users, "train-tokens.txt")
+        for lua in (PASS_THROUGH_LOAD, enforcing_load(tokens)):
             r = self.wrk(self.ports["portcullis"], secs, lua)
             if r["errors"] or r["requests"] == 0:
                 raise Failure(f"training load {lua[0]}: {r['errors']} errors of "
