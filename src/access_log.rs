@@ -66,14 +66,15 @@ where
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let facts = RequestFacts::of(&req);
         let in_flight = InFlight {
             started: Instant::now(),
             method: req.method().clone(),
             // A reference-counted copy: no allocation when nothing is logged.
             uri: req.uri().clone(),
             version: req.version(),
-            client_ip: RequestFacts::of(&req).client_ip,
-            route_class: class_name(RequestFacts::of(&req).route),
+            client_ip: facts.client_ip,
+            route_class: class_name(facts.route),
             metrics: self.metrics.clone(),
         };
         OnResponse::new(self.inner.call(req), in_flight, InFlight::finish)

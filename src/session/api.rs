@@ -140,11 +140,9 @@ impl SessionApi {
                 _ => Err(Rejection::MethodNotAllowed),
             };
         }
-        let who = RequestFacts::of(&req)
-            .who
-            .clone()
-            .ok_or(Rejection::TokenMissing)?;
-        let client_ip = RequestFacts::of(&req).client_ip;
+        let facts = RequestFacts::of(&req);
+        let who = facts.who.clone().ok_or(Rejection::TokenMissing)?;
+        let client_ip = facts.client_ip;
         let user = &*who.user_id;
         let sessions = &self.sessions;
 
