@@ -465,10 +465,13 @@ class Bench:
         wait_http(self.ports["nginx"], "/", what="proxy nginx")
         self.start_portcullis()
         self.start_portcullis("5")
+        self.start_floor()
+
+    def start_floor(self, stop_signal=signal.SIGTERM):
         self.floor = self.procs.start("hyper_floor", [
             self.floor_bin, "--listen", f"127.0.0.1:{self.ports['floor']}",
             "--upstream", f"127.0.0.1:{self.ports['upstream']}",
-        ], os.path.join(self.dir, "hyper_floor.log"))
+        ], os.path.join(self.dir, "hyper_floor.log"), stop_signal=stop_signal)
         wait_http(self.ports["floor"], "/", what="hyper_floor")
 
     # -- sessions for scenario 4 and the API benches -----------------------------------------
@@ -904,12 +907,32 @@ class Bench:
         if self.portcullis.returncode not in (0, -signal.SIGINT):
             raise Failure(f"portcullis exited with {self.portcullis.returncode} after training")
 
+    def train_floor(self):
+        """Drives --floor through the pass-through load (all it does), then stops it with
+        SIGINT, on which it exits so that an instrumented build writes its profile."""
+        secs = self.args.train
+        log(f"training {self.floor_bin}: {secs} s of pass-through load")
+        self.upstream = self.start_nginx("upstream", NGINX_UPSTREAM.format(
+            port=self.ports["upstream"], status=self.ports["status"]))
+        wait_http(self.ports["upstream"], "/", what="upstream nginx")
+        self.start_floor(stop_signal=signal.SIGINT)
+        r = self.wrk(self.ports["floor"], secs, PASS_THROUGH_LOAD)
+        if r["errors"] or r["requests"] == 0:
+            raise Failure(f"floor training load: {r['errors']} errors of {r['requests']} "
+                          f"requests")
+        self.procs.stop(self.floor)
+        if self.floor.returncode != 0:
+            raise Failure(f"hyper_floor exited with {self.floor.returncode} after training")
+
     # -- all --------------------------------------------------------------------------------
 
     def run(self):
         if self.args.train:
             try:
-                self.train()
+                if self.bin:
+                    self.train()
+                else:
+                    self.train_floor()
             finally:
                 self.procs.stop_all()
             if not self.args.keep:
@@ -1356,19 +1379,22 @@ def render_paired(b, rows):
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--smoke", action="store_true", help="a few seconds per step")
-    ap.add_argument("--bin", required=True, help="the portcullis binary")
+    ap.add_argument("--bin", help="the portcullis binary (all but --train --floor need it)")
     ap.add_argument("--floor", help="the hyper_floor binary (scenario 6; the full run needs it)")
     ap.add_argument("--against", help="a baseline portcullis binary: run only the paired "
                                       "comparison of --bin against it")
     ap.add_argument("--against-label", default="", help="how the report names the baseline")
     ap.add_argument("--train", type=int, metavar="SECONDS",
                     help="only drive --bin (a build instrumented for profile-guided "
-                         "optimisation) through the request paths for SECONDS each, then stop it")
+                         "optimisation) through the request paths for SECONDS each, then stop "
+                         "it; without --bin, drive --floor through pass-through load")
     ap.add_argument("--profile", default="release", help="cargo profile of --bin (for the report)")
     ap.add_argument("--out", help="write the markdown table here")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs, configs)")
     ap.add_argument("--no-criterion", action="store_true")
     args = ap.parse_args()
+    if not args.bin and not (args.train and args.floor):
+        ap.error("--bin is required, except to train --floor")
     if not args.against and not args.train and not args.floor:
         ap.error("--floor is required for the full run")
     bench = Bench(args)

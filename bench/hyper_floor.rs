@@ -100,6 +100,17 @@ fn main() {
             deal
         })
         .collect();
+    // SIGINT ends the process through `exit`, so that a build instrumented for profile-guided
+    // optimisation (bench/pgo.sh --floor) writes its counts on the way out.
+    std::thread::spawn(|| {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a tokio runtime");
+        if runtime.block_on(tokio::signal::ctrl_c()).is_ok() {
+            std::process::exit(0);
+        }
+    });
     // This thread accepts (blocking) and deals.
     for (client, worker) in listener.incoming().zip(workers.iter().cycle()) {
         let Ok(client) = client else {

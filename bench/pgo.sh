@@ -5,10 +5,21 @@
 #   2. that build serves the benchmark's request paths for a few seconds: pass-through,
 #      enforcing, session creates (bench.py --train, on loopback, bounded in time);
 #   3. llvm-profdata merges the counts; the release build that uses them is the result.
+# With --floor it does the same for the hyper floor (scenario 6), trained on pass-through load
+# under target/pgo/floor-*, so that a profile-guided portcullis is compared with a
+# profile-guided floor.
 # Needs what bench/run.sh needs (wrk, nginx, redis-server), plus llvm-profdata from the
 # toolchain's own LLVM: rustup's llvm-tools component, added when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/cargo-executable.sh
+
+what=portcullis
+case "${1:-}" in
+  "") ;;
+  --floor) what=floor ;;
+  *) echo "usage: bench/pgo.sh [--floor]" >&2; exit 2 ;;
+esac
 
 target_dir="${CARGO_TARGET_DIR:-target}"
 mkdir -p "$target_dir/pgo"
@@ -20,13 +31,31 @@ if [ ! -x "$profdata" ]; then
   rustup component add llvm-tools >&2
 fi
 
-RUSTFLAGS="-Cprofile-generate=$pgo/raw" CARGO_TARGET_DIR="$pgo/gen" \
-  cargo build --locked --release --bin portcullis >&2
+# build DIR FLAGS: a release build of $what under $pgo/DIR with RUSTFLAGS=FLAGS; prints its path.
+build() {
+  if [ "$what" = portcullis ]; then
+    RUSTFLAGS="$2" CARGO_TARGET_DIR="$pgo/$1" cargo build --locked --release --bin portcullis >&2
+    echo "$pgo/$1/release/portcullis"
+  else
+    RUSTFLAGS="$2" CARGO_TARGET_DIR="$pgo/$1" \
+      cargo_executable hyper_floor bench --locked --bench hyper_floor --no-run
+  fi
+}
+
+if [ "$what" = portcullis ]; then
+  prefix=""
+else
+  prefix="floor-"
+fi
+raw="$pgo/${prefix}raw"
+instrumented=$(build "${prefix}gen" "-Cprofile-generate=$raw")
 # Build scripts ran instrumented too: only the training's counts go into the profile.
-rm -rf "$pgo/raw"
-timeout --signal=TERM --kill-after=20 300 \
-  python3 bench/bench.py --bin "$pgo/gen/release/portcullis" --train 10 >&2
-"$profdata" merge -o "$pgo/merged.profdata" "$pgo/raw"
-RUSTFLAGS="-Cprofile-use=$pgo/merged.profdata" CARGO_TARGET_DIR="$pgo/use" \
-  cargo build --locked --release --bin portcullis >&2
-echo "$pgo/use/release/portcullis"
+rm -rf "$raw"
+if [ "$what" = portcullis ]; then
+  train=(--bin "$instrumented")
+else
+  train=(--floor "$instrumented")
+fi
+timeout --signal=TERM --kill-after=20 300 python3 bench/bench.py "${train[@]}" --train 10 >&2
+"$profdata" merge -o "$pgo/${prefix}merged.profdata" "$raw"
+build "${prefix}use" "-Cprofile-use=$pgo/${prefix}merged.profdata"

@@ -7,9 +7,9 @@
 #   bench/run.sh --smoke   a few seconds per step on the same code path, so the benchmark cannot
 #                          rot (run by .ci/run); uses the debug build that the tests already made
 #                          and writes its table to target/bench-smoke.md
-#   bench/run.sh --pgo     the full run of a build with profile-guided optimisation (bench/pgo.sh
-#                          makes it: two release builds and a 20-second training run); writes
-#                          bench/RESULTS-pgo.md
+#   bench/run.sh --pgo     the full run of a build with profile-guided optimisation against a
+#                          hyper floor built the same way (bench/pgo.sh makes both: two release
+#                          builds and a short training run each); writes bench/RESULTS-pgo.md
 #   bench/run.sh --against REV
 #                          only the paired comparison: the current release build against REV's
 #                          (built in a git worktree under target/against), both under the same
@@ -58,17 +58,8 @@ fi
 export CARGO_TERM_COLOR=never
 target_dir="${CARGO_TARGET_DIR:-target}"
 
-# Runs a cargo build command and prints the path of the hyper_floor executable it built
-# (scenario 6; the path carries a hash).
-floor_bin() {
-  "$@" --message-format=json-render-diagnostics | python3 -c '
-import json, sys
-for line in sys.stdin:
-    m = json.loads(line)
-    if (m.get("reason") == "compiler-artifact" and m["target"]["name"] == "hyper_floor"
-            and m.get("executable")):
-        print(m["executable"])'
-}
+. bench/cargo-executable.sh
+
 if [ -n "$against" ]; then
   rev=$(git rev-parse --verify "$against^{commit}")
   worktree="$target_dir/against/src"
@@ -96,7 +87,7 @@ if [ "$smoke" -eq 1 ]; then
   else
     cargo build --locked --bin portcullis
   fi
-  floor=$(floor_bin cargo build --locked --bench hyper_floor)
+  floor=$(cargo_executable hyper_floor build --locked --bench hyper_floor)
   out="$target_dir/bench-smoke.md"
   budget=300
 else
@@ -104,14 +95,16 @@ else
   cargo build --locked --release --bin portcullis
   bin="$target_dir/release/portcullis"
   out=bench/RESULTS.md
-  if [ "$pgo" -eq 1 ]; then
-    profile="release, profile-guided (bench/pgo.sh)"
-    bin=$(bench/pgo.sh)
-    out=bench/RESULTS-pgo.md
-  fi
   # Build the criterion benches before measuring, so compiling does not eat the time budget.
   cargo bench --locked --bench gate --no-run
-  floor=$(floor_bin cargo bench --locked --bench hyper_floor --no-run)
+  floor=$(cargo_executable hyper_floor bench --locked --bench hyper_floor --no-run)
+  if [ "$pgo" -eq 1 ]; then
+    # Both profile-guided, so that the floor stays a like-for-like reference.
+    profile="release, profile-guided (bench/pgo.sh), the hyper floor too"
+    bin=$(bench/pgo.sh)
+    floor=$(bench/pgo.sh --floor)
+    out=bench/RESULTS-pgo.md
+  fi
   budget=600
 fi
 
@@ -122,9 +115,11 @@ if [ "$smoke" -eq 1 ]; then
   timeout --signal=TERM --kill-after=20 120 \
     python3 bench/bench.py --smoke --bin "$bin" --against "$bin" --against-label itself \
     --out "$target_dir/bench-paired-smoke.md" "${extra[@]}"
-  # And bench/pgo.sh's training run (its builds take minutes: not part of the smoke run).
+  # And bench/pgo.sh's training runs (its builds take minutes: not part of the smoke run).
   timeout --signal=TERM --kill-after=20 120 \
     python3 bench/bench.py --smoke --bin "$bin" --train 2 "${extra[@]}"
+  timeout --signal=TERM --kill-after=20 60 \
+    python3 bench/bench.py --smoke --floor "$floor" --train 2 "${extra[@]}"
 fi
 exec timeout --signal=TERM --kill-after=20 "$budget" \
   python3 bench/bench.py "${smoke_flag[@]}" --bin "$bin" --floor "$floor" --profile "$profile" --out "$out" \
