@@ -147,16 +147,22 @@ def device_id(i):
     return str(uuid.uuid5(uuid.NAMESPACE_URL, f"portcullis-bench/device/{i}"))
 
 
-def proc_cpu_seconds(pids):
-    total = 0
+def proc_cpu_split(pids):
+    """User and kernel CPU seconds of the processes."""
+    user = kernel = 0
     for pid in pids:
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+            user += int(fields[11])  # utime (field 14)
+            kernel += int(fields[12])  # stime (field 15)
         except FileNotFoundError:
             pass
-    return total / CLK_TCK
+    return user / CLK_TCK, kernel / CLK_TCK
+
+
+def proc_cpu_seconds(pids):
+    return sum(proc_cpu_split(pids))
 
 
 def proc_status_kib(pid, key):
@@ -606,8 +612,8 @@ class Bench:
         # CPU of the proxy under test; for 6, of hyper_floor.
         pc = self.floor.pid if n == 6 else getattr(self, "portcullis" + which).pid
         nginx_pids = [self.nginx.pid] + children(self.nginx.pid)
-        cpu_pc0 = proc_cpu_seconds([pc])
-        cpu_ng0 = proc_cpu_seconds(nginx_pids)
+        cpu_pc0 = proc_cpu_split([pc])
+        cpu_ng0 = proc_cpu_split(nginx_pids)
         cmd0 = redis_commandstats(self.ports["redis"])
         up0 = self.upstream_requests()
         rt0 = self.redis_round_trips(which) if n != 6 else {}
@@ -619,8 +625,12 @@ class Bench:
         cmd1 = redis_commandstats(self.ports["redis"])
         # Requests the upstream answered in this run (the status read itself counts one).
         r["served"] = up1 - up0 - 1
-        r["portcullis_cpu_s"] = proc_cpu_seconds([pc]) - cpu_pc0
-        r["nginx_cpu_s"] = proc_cpu_seconds(nginx_pids) - cpu_ng0
+        cpu_pc = [b - a for a, b in zip(cpu_pc0, proc_cpu_split([pc]))]
+        cpu_ng = [b - a for a, b in zip(cpu_ng0, proc_cpu_split(nginx_pids))]
+        r["portcullis_user_s"], r["portcullis_kernel_s"] = cpu_pc
+        r["nginx_user_s"], r["nginx_kernel_s"] = cpu_ng
+        r["portcullis_cpu_s"] = sum(cpu_pc)
+        r["nginx_cpu_s"] = sum(cpu_ng)
         delta = {k: cmd1.get(k, 0) - cmd0.get(k, 0) for k in cmd1}
         delta = {k: v for k, v in delta.items() if v and not k.startswith("info")}
         r["redis_client_cmds"] = delta.get("evalsha", 0) + delta.get("eval", 0)
@@ -1223,6 +1233,22 @@ def render(b):
     w("")
     w(f"portcullis pass-through (3): {cpu(s3):.2f} CPU seconds per 100k requests; the hyper "
       f"floor (6): {cpu(by.get(6, [])):.2f}; the nginx proxy (2, all workers): {ngx_cpu:.2f}.")
+    w("")
+
+    def per_request_us(rs, key):
+        served = sum(r["served"] for r in rs)
+        return sum(r.get(key, 0) for r in rs) / served * 1e6 if served else float("nan")
+    w("The proxy's CPU per request, split into user and kernel time (/proc/<pid>/stat), in "
+      "microseconds: the kernel's share is the system calls and the loopback TCP work they do.")
+    w("")
+    w("| # | proxy | user µs | kernel µs |")
+    w("|---|---|---:|---:|")
+    for n, name, who in ((2, "nginx (all workers)", "nginx"), (3, "portcullis", "portcullis"),
+                         (4, "portcullis", "portcullis"), (6, "hyper floor", "portcullis")):
+        rs = by.get(n, [])
+        if rs:
+            w(f"| {n} | {name} | {per_request_us(rs, who + '_user_s'):.1f} | "
+              f"{per_request_us(rs, who + '_kernel_s'):.1f} |")
     w("")
     for n in (4, 5):
         if rc[n]:
