@@ -837,6 +837,35 @@ class Bench:
 
     # -- paired: two binaries under the same load at the same time ----------------------------
 
+    def load_together(self, sides, rate, duration, first=None):
+        """Loads every side at once, each at `rate` (wrk, 1 thread, 32 connections). `sides`
+        maps a name to (port, wrk load arguments, a function giving the pids whose CPU counts);
+        the `first` side's load starts first. Returns each side's wrk result with `cpu_us`, its
+        CPU per request answered."""
+        before = {name: proc_cpu_seconds(pids()) for name, (_, _, pids) in sides.items()}
+        results = {}
+
+        def load(name, port, lua):
+            results[name] = self.wrk(port, duration, [*lua, f"rate={rate}"], connections=32,
+                                     threads=1)
+
+        order = sorted(sides.items(), key=lambda kv: kv[0] != first)
+        ts = [threading.Thread(target=load, args=(name, port, lua))
+              for name, (port, lua, _) in order]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(duration + 90)
+        for name, (_, _, pids) in sides.items():
+            r = results.get(name)
+            if r is None:
+                raise Failure(f"simultaneous load: {name}'s load did not finish")
+            if r["errors"] or r["requests"] == 0:
+                raise Failure(f"simultaneous load, {name}: {r['errors']} errors of "
+                              f"{r['requests']} requests")
+            r["cpu_us"] = (proc_cpu_seconds(pids()) - before[name]) * 1e6 / r["requests"]
+        return results
+
     def paired(self):
         """CPU per request of the binary under test against a baseline binary, both started with
         the same configuration and loaded at the same fixed rate at the same time, so that the
@@ -853,48 +882,52 @@ class Bench:
             ("pass-through (3)", p["pair_rate_open"], PASS_THROUGH_LOAD),
             ("enforcing (4)", p["pair_rate_enforced"], enforcing_load(tokens)),
         )
-        sides = {"current": (self.portcullis, "portcullis"),
-                 "baseline": (self.portcullisB, "portcullisB")}
         rows = []
-
-        def run_both(lua, rate, duration, first):
-            """Loads both at once; `first` side's load starts first."""
-            results = {}
-
-            def load(side, port_key):
-                results[side] = self.wrk(self.ports[port_key], duration,
-                                         [*lua, f"rate={rate}"], connections=32, threads=1)
-
-            order = sorted(sides.items(), key=lambda kv: kv[0] != first)
-            ts = [threading.Thread(target=load, args=(k, port)) for k, (_, port) in order]
-            for t in ts:
-                t.start()
-            for t in ts:
-                t.join(duration + 90)
-            return results
-
         for name, rate, lua in loads:
+            sides = {"current": (self.ports["portcullis"], lua, lambda: [self.portcullis.pid]),
+                     "baseline": (self.ports["portcullisB"], lua,
+                                  lambda: [self.portcullisB.pid])}
             # Unmeasured: both warm up alike (only one of them served the session creates).
-            run_both(lua, rate, p["pair_warmup"], "baseline")
+            self.load_together(sides, rate, p["pair_warmup"], "baseline")
             for rnd in range(p["pair_rounds"]):
-                before = {k: proc_cpu_seconds([proc.pid]) for k, (proc, _) in sides.items()}
-                results = run_both(lua, rate, p["pair_duration"],
-                                   "current" if rnd % 2 else "baseline")
-                if len(results) != 2:
-                    raise Failure(f"paired {name} round {rnd + 1}: a load did not finish")
+                results = self.load_together(sides, rate, p["pair_duration"],
+                                             "current" if rnd % 2 else "baseline")
                 row = {"scenario": name, "round": rnd + 1, "rate": rate}
-                for side, (proc, _) in sides.items():
-                    r = results[side]
-                    if r["errors"] or r["requests"] == 0:
-                        raise Failure(f"paired {name}, {side}: {r['errors']} errors of "
-                                      f"{r['requests']} requests")
-                    cpu = proc_cpu_seconds([proc.pid]) - before[side]
-                    row[side] = {"us": cpu * 1e6 / r["requests"], "p99": r["p99_us"],
-                                 "rps": r["rps"]}
+                for side, r in results.items():
+                    row[side] = {"us": r["cpu_us"], "p99": r["p99_us"], "rps": r["rps"]}
                 rows.append(row)
                 log(f"  {name} round {rnd + 1}: current {row['current']['us']:.1f} us/req, "
                     f"baseline {row['baseline']['us']:.1f} us/req")
         return render_paired(self, rows)
+
+    def references(self):
+        """CPU per request of portcullis (pass-through, then enforcing), the nginx proxy and the
+        hyper floor, all three loaded at the same fixed rate at the same time: their ratios do
+        not depend on how fast the machine happens to be during one scenario's run, which
+        moves the requests/s ratios by 10% and more between runs."""
+        p = self.p
+        rate = p["pair_rate_enforced"]
+        nginx_pids = lambda: [self.nginx.pid] + children(self.nginx.pid)  # noqa: E731
+        references = {
+            "nginx": (self.ports["nginx"], self.scenario_target(2)[1], nginx_pids),
+            "floor": (self.ports["floor"], self.scenario_target(6)[1], lambda: [self.floor.pid]),
+        }
+        log(f"portcullis, nginx and the floor loaded together at {rate} req/s each")
+        rows = []
+        for n in (3, 4):
+            sides = dict(references, portcullis=(*self.scenario_target(n),
+                                                 lambda: [self.portcullis.pid]))
+            names = list(sides)
+            self.load_together(sides, rate, p["pair_warmup"])
+            for rnd in range(p["pair_rounds"]):
+                # Each side starts first in turn.
+                results = self.load_together(sides, rate, p["pair_duration"],
+                                             names[rnd % len(names)])
+                rows.append({"scenario": n, "round": rnd + 1,
+                             **{k: r["cpu_us"] for k, r in results.items()}})
+                log(f"  scenario {n} round {rnd + 1}: " + ", ".join(
+                    f"{k} {r['cpu_us']:.1f} us/req" for k, r in results.items()))
+        self.results["references"] = {"rate": rate, "rows": rows}
 
     # -- training run for profile-guided optimisation (bench/pgo.sh) ------------------------
 
@@ -968,6 +1001,7 @@ class Bench:
             self.throughput()
             self.paced()
             self.perf_stat()
+            self.references()
             self.procs.stop(self.portcullis5)
             self.api_latency()
             self.session_memory()
@@ -1266,6 +1300,33 @@ def render(b):
                 return fmt.format(c[k] * scale) if k in c else "n/a"
             w(f"| {n} | {g('task-clock', 1, '{:.3f}')} | {g('instructions')} | {g('cycles')} | "
               f"{g('context-switches', 1, '{:.2f}')} | {g('cpu-migrations', 1, '{:.3f}')} |")
+        w("")
+
+    refs = R.get("references")
+    if refs:
+        w("## Cost against nginx and the floor, loaded together")
+        w("")
+        w(f"portcullis, the nginx proxy (all workers) and the hyper floor, each loaded at "
+          f"{refs['rate']} requests/s (wrk, 1 thread, 32 connections) at the same time, so that "
+          "the machine's changes of speed hit all three alike; each starts first in turn. CPU "
+          "per request answered, from /proc (user + kernel). At a fixed rate below the maximum "
+          "every request carries more of the cost of waking up than in the flat-out runs, so "
+          "read the ratios, not the microseconds.")
+        w("")
+        w("| scenario | round | portcullis µs/req | nginx µs/req | floor µs/req | "
+          "portcullis / nginx | portcullis / floor |")
+        w("|---|---:|---:|---:|---:|---:|---:|")
+        ratios = {}
+        for r in refs["rows"]:
+            to_nginx = r["portcullis"] / r["nginx"]
+            to_floor = r["portcullis"] / r["floor"]
+            ratios.setdefault(r["scenario"], []).append((to_nginx, to_floor))
+            w(f"| {r['scenario']} | {r['round']} | {r['portcullis']:.1f} | {r['nginx']:.1f} | "
+              f"{r['floor']:.1f} | {to_nginx:.2f} | {to_floor:.2f} |")
+        w("")
+        for n, rs in sorted(ratios.items()):
+            w(f"- Scenario {n}: portcullis' CPU per request is **{median([a for a, _ in rs]):.2f}×"
+              f"** nginx's and **{median([b for _, b in rs]):.2f}×** the floor's (medians).")
         w("")
 
     api = R.get("api") or {}
