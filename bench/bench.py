@@ -449,11 +449,18 @@ class Bench:
         wait_http(self.ports["admin" + which], "/readyz", what="portcullis admin /readyz")
         wait_http(self.ports["portcullis" + which], "/open/ping", what="portcullis")
 
-    def start_redis_and_upstream(self):
-        self.start_redis()
+    def start_upstream(self):
         self.upstream = self.start_nginx("upstream", NGINX_UPSTREAM.format(
             port=self.ports["upstream"], status=self.ports["status"]))
         wait_http(self.ports["upstream"], "/", what="upstream nginx")
+
+    def start_redis_and_upstream(self):
+        self.start_redis()
+        self.start_upstream()
+
+    def nginx_pids(self):
+        """The nginx proxy's master and workers."""
+        return [self.nginx.pid] + children(self.nginx.pid)
 
     def restart_portcullis(self):
         if self.portcullis is not None:
@@ -462,12 +469,9 @@ class Bench:
 
     def setup(self):
         log(f"temp dir {self.dir}; ports {self.ports}")
-        self.start_redis()
-        self.upstream = self.start_nginx("upstream", NGINX_UPSTREAM.format(
-            port=self.ports["upstream"], status=self.ports["status"]))
+        self.start_redis_and_upstream()
         self.nginx = self.start_nginx("nginx", NGINX_PROXY.format(port=self.ports["nginx"],
                                                                   upstream=self.ports["upstream"]))
-        wait_http(self.ports["upstream"], "/", what="upstream nginx")
         wait_http(self.ports["nginx"], "/", what="proxy nginx")
         self.start_portcullis()
         self.start_portcullis("5")
@@ -611,7 +615,7 @@ class Bench:
         which = "5" if n == 5 else ""
         # CPU of the proxy under test; for 6, of hyper_floor.
         pc = self.floor.pid if n == 6 else getattr(self, "portcullis" + which).pid
-        nginx_pids = [self.nginx.pid] + children(self.nginx.pid)
+        nginx_pids = self.nginx_pids()
         cpu_pc0 = proc_cpu_split([pc])
         cpu_ng0 = proc_cpu_split(nginx_pids)
         cmd0 = redis_commandstats(self.ports["redis"])
@@ -907,9 +911,8 @@ class Bench:
         moves the requests/s ratios by 10% and more between runs."""
         p = self.p
         rate = p["pair_rate_enforced"]
-        nginx_pids = lambda: [self.nginx.pid] + children(self.nginx.pid)  # noqa: E731
         references = {
-            "nginx": (self.ports["nginx"], self.scenario_target(2)[1], nginx_pids),
+            "nginx": (self.ports["nginx"], self.scenario_target(2)[1], self.nginx_pids),
             "floor": (self.ports["floor"], self.scenario_target(6)[1], lambda: [self.floor.pid]),
         }
         log(f"portcullis, nginx and the floor loaded together at {rate} req/s each")
@@ -955,9 +958,7 @@ class Bench:
         SIGINT, on which it exits so that an instrumented build writes its profile."""
         secs = self.args.train
         log(f"training {self.floor_bin}: {secs} s of pass-through load")
-        self.upstream = self.start_nginx("upstream", NGINX_UPSTREAM.format(
-            port=self.ports["upstream"], status=self.ports["status"]))
-        wait_http(self.ports["upstream"], "/", what="upstream nginx")
+        self.start_upstream()
         self.start_floor(stop_signal=signal.SIGINT)
         r = self.wrk(self.ports["floor"], secs, PASS_THROUGH_LOAD)
         if r["errors"] or r["requests"] == 0:
