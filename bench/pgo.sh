@@ -14,10 +14,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/cargo-executable.sh
 
-what=portcullis
+# What is built, where (target/pgo/PREFIX*), and how bench.py is told of it for training.
 case "${1:-}" in
-  "") ;;
-  --floor) what=floor ;;
+  "") what=portcullis prefix="" train_flag=--bin ;;
+  --floor) what=floor prefix=floor- train_flag=--floor ;;
   *) echo "usage: bench/pgo.sh [--floor]" >&2; exit 2 ;;
 esac
 
@@ -42,20 +42,11 @@ build() {
   fi
 }
 
-if [ "$what" = portcullis ]; then
-  prefix=""
-else
-  prefix="floor-"
-fi
 raw="$pgo/${prefix}raw"
 instrumented=$(build "${prefix}gen" "-Cprofile-generate=$raw")
 # Build scripts ran instrumented too: only the training's counts go into the profile.
 rm -rf "$raw"
-if [ "$what" = portcullis ]; then
-  train=(--bin "$instrumented")
-else
-  train=(--floor "$instrumented")
-fi
-timeout --signal=TERM --kill-after=20 300 python3 bench/bench.py "${train[@]}" --train 10 >&2
+timeout --signal=TERM --kill-after=20 300 \
+  python3 bench/bench.py "$train_flag" "$instrumented" --train 10 >&2
 "$profdata" merge -o "$pgo/${prefix}merged.profdata" "$raw"
 build "${prefix}use" "-Cprofile-use=$pgo/${prefix}merged.profdata"
