@@ -49,6 +49,7 @@ fn class_name(class: Option<RouteClass>) -> &'static str {
             AuthMode::Jwt => "jwt",
             AuthMode::None => "none",
         },
+        Some(RouteClass::Invalid(_)) => "invalid",
         None => "unknown",
     }
 }

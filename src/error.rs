@@ -24,6 +24,8 @@ pub enum Rejection {
     HeadersTooLarge(usize),
     #[error("{0}")]
     BadRequest(String),
+    #[error("{}", .0.message())]
+    InvalidPath(crate::routes::PathError),
     #[error("no such endpoint")]
     NotFound,
     #[error("method not allowed for this endpoint")]
@@ -55,7 +57,7 @@ impl Rejection {
             Rejection::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Rejection::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Rejection::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            Rejection::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Rejection::BadRequest(_) | Rejection::InvalidPath(_) => StatusCode::BAD_REQUEST,
             Rejection::NotFound => StatusCode::NOT_FOUND,
             Rejection::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Rejection::TokenMissing
@@ -77,6 +79,7 @@ impl Rejection {
             Rejection::PayloadTooLarge(_) => "PAYLOAD_TOO_LARGE",
             Rejection::HeadersTooLarge(_) => "HEADERS_TOO_LARGE",
             Rejection::BadRequest(_) => "BAD_REQUEST",
+            Rejection::InvalidPath(_) => "INVALID_PATH",
             Rejection::NotFound => "NOT_FOUND",
             Rejection::MethodNotAllowed => "METHOD_NOT_ALLOWED",
             Rejection::TokenMissing => "TOKEN_MISSING",

@@ -1,5 +1,6 @@
 //! Request size limits, applied before anything else looks at a request: the head (431) and the
-//! body (413). A declared Content-Length over the limit is refused at once; a streamed body is
+//! body (413). A path the router could not judge safely (400) is refused here too, after the
+//! access log has seen it. A declared Content-Length over the limit is refused at once; a streamed body is
 //! cut off where it crosses the limit, and the forwarder turns that into a 413.
 
 use std::convert::Infallible;
@@ -12,6 +13,8 @@ use http_body_util::Limited;
 use tower::{Layer, Service};
 
 use crate::error::Rejection;
+use crate::facts::RequestFacts;
+use crate::routes::RouteClass;
 use crate::Body;
 
 #[derive(Debug, Clone, Copy)]
@@ -51,6 +54,9 @@ pub const MAX_HEADER_COUNT: usize = 100;
 
 /// Checks a request against the limits without looking at its body.
 pub fn check(req: &Request<Body>, limits: &RequestLimitsLayer) -> Result<(), Rejection> {
+    if let Some(RouteClass::Invalid(e)) = RequestFacts::of(req).route {
+        return Err(Rejection::InvalidPath(e));
+    }
     if head_size(req) > limits.max_header_bytes || req.headers().len() > MAX_HEADER_COUNT {
         return Err(Rejection::HeadersTooLarge(limits.max_header_bytes));
     }

@@ -344,6 +344,7 @@ pub fn rejection_reason(rejection: &Rejection) -> &'static str {
         Rejection::PayloadTooLarge(_)
         | Rejection::HeadersTooLarge(_)
         | Rejection::BadRequest(_)
+        | Rejection::InvalidPath(_)
         | Rejection::NotFound
         | Rejection::MethodNotAllowed
         | Rejection::InvalidSessionId(_) => "request",

@@ -198,6 +198,8 @@ impl RateLimits {
         let scoped = match class {
             RouteClass::Api { .. } if !anonymous => self.sessions_api.as_ref(),
             RouteClass::Api { .. } => None,
+            // Refused before the rate limit, by `limits`.
+            RouteClass::Invalid(_) => None,
             RouteClass::Proxy { route, .. } => match route.and_then(|i| self.routes.get(i)) {
                 Some(RouteLimiter::Own(limiter)) => Some(limiter),
                 Some(RouteLimiter::Off) => None,

@@ -1,14 +1,24 @@
 //! Which policy applies to a request: the session API, or a proxied route with its auth mode.
-//! Prefixes match whole segments of the normalised path (percent-decoded once, dot segments
-//! resolved, empty segments dropped), so `/public/../game` and `/public/%2e%2e/game` are judged
-//! as `/game`. The path itself is still forwarded byte for byte.
+//!
+//! What portcullis judges is what the upstream receives. The path is first brought to its
+//! canonical form (RFC 3986 6.2.2: escapes of unreserved characters decoded, dot segments
+//! resolved, repeated slashes merged), and that form is both matched and forwarded: a backend
+//! that resolved `/login/../game` itself would otherwise run its `/game` handler on a request
+//! judged as `/login`. A path that backends read in incompatible ways (an encoded `/` or `\`,
+//! a backslash, a malformed or control-character escape) is refused with 400.
+//!
+//! Backends still differ on what they do with the canonical path: some percent-decode what is
+//! left, strip `;parameters` from segments (Java servlet containers), or route ignoring case.
+//! The route is judged under each of those readings and the strictest auth mode wins, so that
+//! no reading reaches a handler with fewer checks than its route demands.
 
 use std::borrow::Cow;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures_util::future::Either;
-use http::{Request, Response};
+use http::uri::PathAndQuery;
+use http::{Request, Response, Uri};
 use percent_encoding::percent_decode_str;
 use tower::{Layer, Service};
 
@@ -27,6 +37,9 @@ pub enum RouteClass {
         auth: AuthMode,
         route: Option<usize>,
     },
+    /// A path that cannot be judged safely; refused before any other work
+    /// ([`crate::limits`]).
+    Invalid(PathError),
 }
 
 impl RouteClass {
@@ -36,7 +49,46 @@ impl RouteClass {
             RouteClass::Api { public: true } => AuthMode::None,
             RouteClass::Api { public: false } => AuthMode::Jwt,
             RouteClass::Proxy { auth, .. } => auth,
+            // Never forwarded; should a layer ever let it through, it needs everything.
+            RouteClass::Invalid(_) => AuthMode::Session,
         }
+    }
+}
+
+/// Why a path is refused: portcullis and the upstream could read it as different paths.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathError {
+    /// `%2F` or `%5C`: a separator to some backends, data to others.
+    EncodedSeparator,
+    /// `\`: a separator to some backends (and to browsers), data to others.
+    Backslash,
+    /// `%` not followed by two hex digits, or an escaped control character.
+    BadEscape,
+}
+
+impl PathError {
+    pub fn message(self) -> &'static str {
+        match self {
+            PathError::EncodedSeparator => {
+                "the request path contains an encoded slash or backslash (%2F, %5C)"
+            }
+            PathError::Backslash => "the request path contains a backslash",
+            PathError::BadEscape => {
+                "the request path contains a malformed percent escape or an escaped control character"
+            }
+        }
+    }
+}
+
+/// A route's auth mode and index, as one reading of a path matched it.
+type Matched = (AuthMode, Option<usize>);
+
+/// How much a mode demands: a reading that lands on a stricter route wins.
+fn strictness(mode: AuthMode) -> u8 {
+    match mode {
+        AuthMode::None => 0,
+        AuthMode::Jwt => 1,
+        AuthMode::Session => 2,
     }
 }
 
@@ -47,15 +99,21 @@ pub struct RouteTable {
     api_prefix: String,
     /// Longest prefix first, each with its index in configuration order.
     routes: Vec<(usize, RouteConfig)>,
+    /// Some prefix has an upper-case letter: every path gets the case-insensitive reading.
+    mixed_case: bool,
 }
 
 impl RouteTable {
     pub fn new(api_prefix: &str, routes: &[RouteConfig]) -> Self {
         let mut routes: Vec<(usize, RouteConfig)> = routes.iter().cloned().enumerate().collect();
         routes.sort_by_key(|(_, r)| std::cmp::Reverse(r.path_prefix.len()));
+        let mixed_case = routes
+            .iter()
+            .any(|(_, r)| r.path_prefix.bytes().any(|b| b.is_ascii_uppercase()));
         RouteTable {
             api_prefix: api_prefix.to_string(),
             routes,
+            mixed_case,
         }
     }
 
@@ -63,26 +121,81 @@ impl RouteTable {
         &self.api_prefix
     }
 
+    /// The class of a request for `raw_path` as it arrived.
     pub fn classify(&self, raw_path: &str) -> RouteClass {
-        let path = normalise(raw_path);
-        if matches_prefix(&self.api_prefix, &path) {
-            let public = path == format!("{}/openapi.json", self.api_prefix);
+        match canonical(raw_path) {
+            Ok(path) => self.classify_canonical(&path),
+            Err(e) => RouteClass::Invalid(e),
+        }
+    }
+
+    /// The class of a request whose path is already canonical (see [`canonical`]).
+    pub fn classify_canonical(&self, path: &str) -> RouteClass {
+        // `*` (OPTIONS) and an empty path are judged as the root.
+        let path = if path.starts_with('/') { path } else { "/" };
+        let judged = match path.strip_suffix('/') {
+            Some(trimmed) if !trimmed.is_empty() => trimmed,
+            _ => path,
+        };
+        if matches_prefix(&self.api_prefix, judged) {
+            let public = judged
+                .strip_prefix(self.api_prefix.as_str())
+                .is_some_and(|rest| rest == "/openapi.json");
             return RouteClass::Api { public };
         }
-        match self
-            .routes
-            .iter()
-            .find(|(_, r)| matches_prefix(&r.path_prefix, &path))
-        {
-            Some((index, r)) => RouteClass::Proxy {
-                auth: r.auth,
-                route: Some(*index),
-            },
-            None => RouteClass::Proxy {
-                auth: AuthMode::Session,
-                route: None,
-            },
+        let (auth, route) = self.strictest_reading(judged);
+        RouteClass::Proxy { auth, route }
+    }
+
+    /// The strictest route among the readings a backend may make of `path`: as it is,
+    /// percent-decoded, without `;parameters`, and each of those ignoring case.
+    fn strictest_reading(&self, path: &str) -> Matched {
+        let mut strictest = self.route_for(path, false);
+        let mut consider = |reading: &str, exact_done: bool| {
+            for ignore_case in [false, true] {
+                let skip = if ignore_case {
+                    !self.mixed_case && !reading.bytes().any(|b| b.is_ascii_uppercase())
+                } else {
+                    exact_done
+                };
+                if skip {
+                    continue;
+                }
+                let matched = self.route_for(reading, ignore_case);
+                if strictness(matched.0) > strictness(strictest.0) {
+                    strictest = matched;
+                }
+            }
+        };
+        consider(path, true);
+        if path.contains(['%', ';']) {
+            let decoded = percent_decode_str(path).decode_utf8_lossy();
+            if decoded != path {
+                consider(&decoded, false);
+            }
+            for base in [path, decoded.as_ref()] {
+                if base.contains(';') {
+                    consider(&resolve(&without_parameters(base)), false);
+                }
+            }
         }
+        strictest
+    }
+
+    /// The longest `[[routes]]` prefix covering `path`, else the default (`session`).
+    fn route_for(&self, path: &str, ignore_case: bool) -> Matched {
+        self.routes
+            .iter()
+            .find(|(_, r)| {
+                if ignore_case {
+                    matches_prefix_ignoring_case(&r.path_prefix, path)
+                } else {
+                    matches_prefix(&r.path_prefix, path)
+                }
+            })
+            .map_or((AuthMode::Session, None), |(index, r)| {
+                (r.auth, Some(*index))
+            })
     }
 }
 
@@ -94,9 +207,102 @@ pub fn matches_prefix(prefix: &str, path: &str) -> bool {
         || (path.starts_with(prefix) && path.as_bytes().get(prefix.len()) == Some(&b'/'))
 }
 
-/// The path as a server would resolve it: percent-decoded once (so `%2e` and `%2f` count),
-/// `.` and `..` resolved, empty segments dropped. Always starts with `/`, never ends with one
-/// (except the root). A path that is already so (nearly every one) is returned as it is.
+fn matches_prefix_ignoring_case(prefix: &str, path: &str) -> bool {
+    let head = path.as_bytes().get(..prefix.len());
+    prefix.is_empty()
+        || (head.is_some_and(|head| head.eq_ignore_ascii_case(prefix.as_bytes()))
+            && matches!(path.as_bytes().get(prefix.len()), None | Some(b'/')))
+}
+
+/// Each segment cut at its first `;`, as servlet containers do before routing.
+fn without_parameters(path: &str) -> String {
+    path.split('/')
+        .map(|segment| segment.split(';').next().unwrap_or(""))
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// The canonical form of a request path (RFC 3986 6.2.2): escapes of unreserved characters
+/// decoded, dot segments resolved, repeated slashes merged, a trailing slash kept. Borrowed
+/// when the path is already so, as nearly every one is; a path that does not start with `/`
+/// (`*`) is left as it is.
+pub fn canonical(raw_path: &str) -> Result<Cow<'_, str>, PathError> {
+    if !raw_path.starts_with('/') || is_canonical(raw_path) {
+        return Ok(Cow::Borrowed(raw_path));
+    }
+    let decoded = decode_unreserved(raw_path)?;
+    let mut segments: Vec<&str> = Vec::new();
+    let mut trailing_slash = false;
+    for segment in decoded.split('/').skip(1) {
+        trailing_slash = matches!(segment, "" | "." | "..");
+        match segment {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            s => segments.push(s),
+        }
+    }
+    let mut out = String::with_capacity(decoded.len());
+    for s in &segments {
+        out.push('/');
+        out.push_str(s);
+    }
+    if out.is_empty() || trailing_slash {
+        out.push('/');
+    }
+    Ok(Cow::Owned(out))
+}
+
+/// True when [`canonical`] would change nothing: no escapes, no backslashes, no empty or dot
+/// segments (a trailing slash is kept).
+fn is_canonical(path: &str) -> bool {
+    let Some(segments) = path.strip_prefix('/') else {
+        return false;
+    };
+    let segments = segments.strip_suffix('/').unwrap_or(segments);
+    path == "/"
+        || (!path.contains(['%', '\\'])
+            && segments.split('/').all(|s| !matches!(s, "" | "." | "..")))
+}
+
+/// Decodes the escapes of unreserved characters (`A-Z a-z 0-9 - . _ ~`), which name the same
+/// resource either way; other escapes stay as they are. Refuses what backends disagree on.
+fn decode_unreserved(path: &str) -> Result<String, PathError> {
+    let bytes = path.as_bytes();
+    let mut out = String::with_capacity(path.len());
+    let mut copied = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'\\' => return Err(PathError::Backslash),
+            b'%' => {
+                let byte = bytes
+                    .get(i + 1..i + 3)
+                    .and_then(|hex| std::str::from_utf8(hex).ok())
+                    .and_then(|hex| u8::from_str_radix(hex, 16).ok())
+                    .ok_or(PathError::BadEscape)?;
+                out.push_str(&path[copied..i]);
+                match byte {
+                    b'/' | b'\\' => return Err(PathError::EncodedSeparator),
+                    b if b.is_ascii_control() => return Err(PathError::BadEscape),
+                    b if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') => {
+                        out.push(char::from(b));
+                    }
+                    _ => out.push_str(&path[i..i + 3]),
+                }
+                i += 3;
+                copied = i;
+            }
+            _ => i += 1,
+        }
+    }
+    out.push_str(&path[copied..]);
+    Ok(out)
+}
+
+/// The path as a lenient server would resolve it: percent-decoded once, `.` and `..` resolved,
+/// empty segments dropped, no trailing slash. For matching the session API's own endpoints.
 pub fn normalise(raw_path: &str) -> Cow<'_, str> {
     if is_normal(raw_path) {
         Cow::Borrowed(raw_path)
@@ -154,7 +360,7 @@ impl<S> Layer<S> for RouterLayer {
     }
 }
 
-/// Classifies each request and passes it on with its [`RouteClass`].
+/// Classifies each request and passes it on with its [`RouteClass`], its path made canonical.
 #[derive(Clone)]
 pub struct Router<S> {
     inner: S,
@@ -174,10 +380,32 @@ where
     }
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
-        let class = self.table.classify(req.uri().path());
+        let class = match canonical(req.uri().path()) {
+            Ok(Cow::Borrowed(path)) => self.table.classify_canonical(path),
+            Ok(Cow::Owned(path)) => match with_path(req.uri(), &path) {
+                Some(uri) => {
+                    *req.uri_mut() = uri;
+                    self.table.classify_canonical(&path)
+                }
+                None => RouteClass::Invalid(PathError::BadEscape),
+            },
+            Err(e) => RouteClass::Invalid(e),
+        };
         RequestFacts::of_mut(&mut req).route = Some(class);
         self.inner.call(req)
     }
+}
+
+/// `uri` with its path replaced and its query kept.
+fn with_path(uri: &Uri, path: &str) -> Option<Uri> {
+    let path_and_query = match uri.query() {
+        Some(query) => PathAndQuery::try_from(format!("{path}?{query}")),
+        None => PathAndQuery::try_from(path),
+    }
+    .ok()?;
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(path_and_query);
+    Uri::from_parts(parts).ok()
 }
 
 /// Sends API requests to one service and proxied requests to another.
@@ -281,7 +509,138 @@ mod tests {
         let t = table();
         assert_eq!(auth(t.classify("/public/../game")), AuthMode::Session);
         assert_eq!(auth(t.classify("/public/%2e%2e/game")), AuthMode::Session);
-        assert_eq!(auth(t.classify("/login/..%2fgame")), AuthMode::Session);
+        assert_eq!(auth(t.classify("/game/../public")), AuthMode::None);
+    }
+
+    #[test]
+    fn canonical_paths_decode_unreserved_escapes_and_resolve_dot_segments() {
+        for (raw, want) in [
+            ("/", "/"),
+            ("/game/x.y", "/game/x.y"),
+            ("/a/", "/a/"),
+            ("*", "*"),
+            ("", ""),
+            ("/public/%2e%2e/game", "/game"),
+            ("/public/%2E%2E/game/", "/game/"),
+            ("/a//b///c", "/a/b/c"),
+            ("/a/b/..", "/a/"),
+            ("/a/./b/.", "/a/b/"),
+            ("/..", "/"),
+            ("/%7Euser/%41-%5f", "/~user/A-_"),
+            ("/a/%20b%3B%25", "/a/%20b%3B%25"),
+            ("/caf%C3%A9", "/caf%C3%A9"),
+        ] {
+            assert_eq!(canonical(raw).as_deref(), Ok(want), "{raw}");
+        }
+        for raw in ["/", "/game/x.y", "/a/", "/a/..b/.c", "*"] {
+            assert!(matches!(canonical(raw), Ok(Cow::Borrowed(_))), "{raw}");
+        }
+    }
+
+    #[test]
+    fn paths_backends_disagree_on_are_invalid() {
+        for (raw, want) in [
+            ("/a%2fb", PathError::EncodedSeparator),
+            ("/a/%2F..", PathError::EncodedSeparator),
+            ("/a%5Cb", PathError::EncodedSeparator),
+            ("/a\\b", PathError::Backslash),
+            ("/a/%zz", PathError::BadEscape),
+            ("/a/%4", PathError::BadEscape),
+            ("/a/%", PathError::BadEscape),
+            ("/a/%00", PathError::BadEscape),
+            ("/a/%1b[31m", PathError::BadEscape),
+            ("/a/%7f", PathError::BadEscape),
+        ] {
+            assert_eq!(canonical(raw), Err(want), "{raw}");
+            assert_eq!(table().classify(raw), RouteClass::Invalid(want), "{raw}");
+        }
+    }
+
+    fn nested() -> RouteTable {
+        RouteTable::new(
+            "/api/v1/sessions",
+            &[
+                route("/open", AuthMode::None),
+                route("/open/admin", AuthMode::Session),
+                route("/open/me", AuthMode::Jwt),
+            ],
+        )
+    }
+
+    #[test]
+    fn each_reading_of_a_path_is_held_to_the_strictest_route_it_reaches() {
+        let t = nested();
+        for path in [
+            "/open/ADMIN",
+            "/open/Admin/users",
+            "/OPEN/x",
+            "/open/admin;",
+            "/open/admin;jsessionid=x/users",
+            "/open/x/..;/admin",
+            "/open/admin%3Bx",
+            "/open/adm%69n",
+        ] {
+            assert_eq!(auth(t.classify(path)), AuthMode::Session, "{path}");
+        }
+        assert_eq!(auth(t.classify("/open/ME;x")), AuthMode::Jwt);
+        for path in ["/open/x", "/open/News;v=2", "/open/a%20b", "/open/adminx"] {
+            assert_eq!(auth(t.classify(path)), AuthMode::None, "{path}");
+        }
+        // The route that decided is the one whose limits apply.
+        assert_eq!(
+            t.classify("/open/ADMIN"),
+            RouteClass::Proxy {
+                auth: AuthMode::Session,
+                route: Some(1)
+            }
+        );
+    }
+
+    #[test]
+    fn a_prefix_with_capitals_is_matched_ignoring_case_too() {
+        let t = RouteTable::new(
+            "/api/v1/sessions",
+            &[
+                route("/Game", AuthMode::Jwt),
+                route("/login", AuthMode::None),
+            ],
+        );
+        assert_eq!(auth(t.classify("/Game/x")), AuthMode::Jwt);
+        // Case-sensitive backends route `/game` elsewhere (default: session).
+        assert_eq!(auth(t.classify("/game/x")), AuthMode::Session);
+        assert_eq!(auth(t.classify("/login")), AuthMode::None);
+    }
+
+    #[test]
+    fn the_router_forwards_the_canonical_path_with_the_query_as_sent() {
+        let table = Arc::new(table());
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = seen.clone();
+        let inner = tower::service_fn(move |req: Request<Body>| {
+            let class = RequestFacts::of(&req).route;
+            record.lock().unwrap().push((req.uri().clone(), class));
+            std::future::ready(Ok::<_, std::convert::Infallible>(Response::new(
+                crate::error::full(""),
+            )))
+        });
+        let mut router = RouterLayer(table).layer(inner);
+        for target in [
+            "/login/./x?q=%2e%2e",
+            "https://game.example/public/../game?a=1",
+            "/game",
+        ] {
+            let req = Request::builder()
+                .uri(target)
+                .body(crate::error::full(""))
+                .unwrap();
+            let _ = router.call(req);
+        }
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen[0].0, "/login/x?q=%2e%2e");
+        assert_eq!(auth(seen[0].1.unwrap()), AuthMode::None);
+        assert_eq!(seen[1].0, "https://game.example/game?a=1");
+        assert_eq!(auth(seen[1].1.unwrap()), AuthMode::Session);
+        assert_eq!(seen[2].0, "/game");
     }
 
     #[test]

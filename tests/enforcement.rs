@@ -15,6 +15,10 @@ auth = \"none\"
 [[routes]]
 path_prefix = \"/profile\"
 auth = \"jwt\"
+
+[[routes]]
+path_prefix = \"/public/admin\"
+auth = \"session\"
 ";
 
 struct Setup {
@@ -415,14 +419,25 @@ async fn a_rejected_request_with_spoofed_headers_never_reaches_the_upstream() {
 // Route normalisation
 // ---------------------------------------------------------------------------------------------
 
-const TRAVERSALS: [&str; 7] = [
+/// Each resolves to `/game`, which needs a session.
+const TRAVERSALS: [&str; 5] = [
     "/public/../game",
     "/public/%2e%2e/game",
     "/public/%2E%2E/game",
-    "/public/..%2fgame",
-    "/public/%2e%2e%2fgame",
     "/public/./../game",
     "/public/x/../../game",
+];
+
+/// Paths that backends read in incompatible ways: refused, whatever the route.
+const AMBIGUOUS: [&str; 8] = [
+    "/public/..%2fgame",
+    "/public/%2e%2e%2fgame",
+    "/game/%2e%2e%2fpublic",
+    "/game/%2E%2E%5Cpublic",
+    "/game/x\\..\\..\\public",
+    "/public/%zz",
+    "/public/%00/x",
+    "/public/%",
 ];
 
 #[tokio::test]
@@ -459,7 +474,7 @@ async fn prefixes_match_whole_segments_only() {
 }
 
 #[tokio::test]
-async fn an_authorised_traversal_is_forwarded_byte_for_byte() {
+async fn an_authorised_traversal_is_forwarded_as_it_was_judged() {
     let s = setup().await;
     let sid = s.create("alice", "web").await;
     let auth = format!("Bearer {}", token("alice", Some(&sid)));
@@ -469,8 +484,64 @@ async fn an_authorised_traversal_is_forwarded_byte_for_byte() {
             raw_request(s.proxy.addr, &target, &[("authorization", auth.as_str())]).await;
         assert_eq!(status, 200, "{target}: {body}");
         let seen = s.upstream.last();
-        assert_eq!(seen.target, target);
+        // The upstream sees the path portcullis judged; the query goes byte for byte.
+        assert_eq!(seen.target, "/game?q=%2e%2e", "{target}");
         assert_eq!(seen.headers["x-session-id"], sid.as_str());
+    }
+}
+
+#[tokio::test]
+async fn paths_that_backends_read_differently_are_refused_before_any_other_work() {
+    let s = setup().await;
+    let sid = s.create("alice", "web").await;
+    let auth = format!("Bearer {}", token("alice", Some(&sid)));
+    for target in AMBIGUOUS {
+        for headers in [vec![], vec![("authorization", auth.as_str())]] {
+            let (status, body) = raw_request(s.proxy.addr, target, &headers).await;
+            assert_eq!(status, 400, "{target}: {body}");
+            let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(body["success"], false, "{target}");
+            assert_eq!(body["error"]["code"], "INVALID_PATH", "{target}");
+        }
+    }
+    assert_eq!(
+        s.upstream.count(),
+        0,
+        "an ambiguous path reached the upstream"
+    );
+}
+
+/// Backends that ignore case, strip `;parameters` (servlet containers) or decode escapes could
+/// run `/public/admin`'s handler (session) for each of these; none gets the open route's pass.
+#[tokio::test]
+async fn every_reading_of_a_path_is_held_to_the_strictest_route_it_could_reach() {
+    let s = setup().await;
+    for target in [
+        "/public/ADMIN",
+        "/public/Admin/users",
+        "/PUBLIC/admin",
+        "/public/admin;",
+        "/public/admin;jsessionid=x/users",
+        "/public/x/..;/admin",
+        "/public/adm%69n",
+        "/public/adm%49N",
+        "/public/admin%3bx",
+    ] {
+        let (status, body) = raw_request(s.proxy.addr, target, &[]).await;
+        assert_eq!(status, 401, "{target}: {body}");
+        assert!(body.contains("TOKEN_MISSING"), "{target}: {body}");
+    }
+    assert_eq!(s.upstream.count(), 0, "a reading got past its route");
+
+    // The open route's own paths, in any of those forms, stay open.
+    for target in [
+        "/public/news",
+        "/public/News;v=2",
+        "/public/n%65ws",
+        "/public/a%20b",
+    ] {
+        let (status, body) = raw_request(s.proxy.addr, target, &[]).await;
+        assert_eq!(status, 200, "{target}: {body}");
     }
 }
 
