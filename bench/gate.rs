@@ -161,7 +161,7 @@ fn headers(c: &mut Criterion) {
     g.bench_function("strip_hop_by_hop_request", |b| {
         b.iter_batched_ref(
             || base.clone(),
-            |h| strip_hop_by_hop(h, false),
+            |h| strip_hop_by_hop(h, false, &[]),
             BatchSize::SmallInput,
         )
     });
@@ -172,7 +172,7 @@ fn headers(c: &mut Criterion) {
     g.bench_function("strip_hop_by_hop_no_connection_header", |b| {
         b.iter_batched_ref(
             || plain.clone(),
-            |h| strip_hop_by_hop(h, false),
+            |h| strip_hop_by_hop(h, false, &[]),
             BatchSize::SmallInput,
         )
     });

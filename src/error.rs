@@ -26,6 +26,10 @@ pub enum Rejection {
     BadRequest(String),
     #[error("{}", .0.message())]
     InvalidPath(crate::routes::PathError),
+    #[error("{0}")]
+    Malformed(&'static str),
+    #[error("the request uses a transfer coding other than chunked")]
+    TransferCodingUnsupported,
     #[error("no such endpoint")]
     NotFound,
     #[error("method not allowed for this endpoint")]
@@ -57,7 +61,10 @@ impl Rejection {
             Rejection::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Rejection::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Rejection::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            Rejection::BadRequest(_) | Rejection::InvalidPath(_) => StatusCode::BAD_REQUEST,
+            Rejection::BadRequest(_) | Rejection::InvalidPath(_) | Rejection::Malformed(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            Rejection::TransferCodingUnsupported => StatusCode::NOT_IMPLEMENTED,
             Rejection::NotFound => StatusCode::NOT_FOUND,
             Rejection::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Rejection::TokenMissing
@@ -80,6 +87,8 @@ impl Rejection {
             Rejection::HeadersTooLarge(_) => "HEADERS_TOO_LARGE",
             Rejection::BadRequest(_) => "BAD_REQUEST",
             Rejection::InvalidPath(_) => "INVALID_PATH",
+            Rejection::Malformed(_) => "MALFORMED_REQUEST",
+            Rejection::TransferCodingUnsupported => "TRANSFER_CODING_UNSUPPORTED",
             Rejection::NotFound => "NOT_FOUND",
             Rejection::MethodNotAllowed => "METHOD_NOT_ALLOWED",
             Rejection::TokenMissing => "TOKEN_MISSING",

@@ -1,6 +1,7 @@
 //! Request size limits, applied before anything else looks at a request: the head (431) and the
-//! body (413). A path the router could not judge safely (400) is refused here too, after the
-//! access log has seen it. A declared Content-Length over the limit is refused at once; a streamed body is
+//! body (413). Requests that servers could read in two ways are refused here too, after the
+//! access log has seen them: a path the router could not judge safely, two Authorization
+//! headers, a transfer coding other than chunked, a Host that contradicts :authority. A declared Content-Length over the limit is refused at once; a streamed body is
 //! cut off where it crosses the limit, and the forwarder turns that into a 413.
 
 use std::convert::Infallible;
@@ -8,7 +9,7 @@ use std::future::Ready;
 use std::task::{Context, Poll};
 
 use futures_util::future::Either;
-use http::{header, Request, Response};
+use http::{header, Request, Response, Version};
 use http_body_util::Limited;
 use tower::{Layer, Service};
 
@@ -60,6 +61,7 @@ pub fn check(req: &Request<Body>, limits: &RequestLimitsLayer) -> Result<(), Rej
     if head_size(req) > limits.max_header_bytes || req.headers().len() > MAX_HEADER_COUNT {
         return Err(Rejection::HeadersTooLarge(limits.max_header_bytes));
     }
+    check_unambiguous(req)?;
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -69,6 +71,49 @@ pub fn check(req: &Request<Body>, limits: &RequestLimitsLayer) -> Result<(), Rej
         return Err(Rejection::PayloadTooLarge(limits.max_body_bytes));
     }
     Ok(())
+}
+
+/// Refuses requests whose meaning depends on which of two conflicting fields a server believes:
+/// the upstream, or a backend behind it, could act on the one portcullis did not check.
+fn check_unambiguous(req: &Request<Body>) -> Result<(), Rejection> {
+    let mut authorizations = 0;
+    for (name, value) in req.headers() {
+        if name == header::AUTHORIZATION {
+            // Only the first is verified; a backend may read another.
+            authorizations += 1;
+            if authorizations > 1 {
+                return Err(Rejection::Malformed("more than one Authorization header"));
+            }
+        } else if name == header::TRANSFER_ENCODING && !only_chunked(value) {
+            // HTTP/1.1 decodes `chunked` only: another coding would reach the upstream as if
+            // the body were plain (RFC 9112 6.1 answers 501).
+            return Err(Rejection::TransferCodingUnsupported);
+        }
+    }
+    // RFC 9113 8.3.1: over HTTP/2 a Host that names another authority than :authority makes
+    // the request malformed; the upstream would be told one and routed by the other.
+    if req.version() == Version::HTTP_2 {
+        if let (Some(authority), Some(host)) =
+            (req.uri().authority(), req.headers().get(header::HOST))
+        {
+            if !host
+                .as_bytes()
+                .eq_ignore_ascii_case(authority.as_str().as_bytes())
+            {
+                return Err(Rejection::Malformed(
+                    "the Host header differs from :authority",
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn only_chunked(value: &http::HeaderValue) -> bool {
+    value.to_str().is_ok_and(|v| {
+        v.split(',')
+            .all(|coding| coding.trim().eq_ignore_ascii_case("chunked"))
+    })
 }
 
 impl<S> Service<Request<Body>> for RequestLimits<S>

@@ -345,6 +345,8 @@ pub fn rejection_reason(rejection: &Rejection) -> &'static str {
         | Rejection::HeadersTooLarge(_)
         | Rejection::BadRequest(_)
         | Rejection::InvalidPath(_)
+        | Rejection::Malformed(_)
+        | Rejection::TransferCodingUnsupported
         | Rejection::NotFound
         | Rejection::MethodNotAllowed
         | Rejection::InvalidSessionId(_) => "request",

@@ -633,7 +633,7 @@ mod tests {
                 .uri(target)
                 .body(crate::error::full(""))
                 .unwrap();
-            let _ = router.call(req);
+            drop(router.call(req));
         }
         let seen = seen.lock().unwrap();
         assert_eq!(seen[0].0, "/login/x?q=%2e%2e");

@@ -250,6 +250,164 @@ async fn a_path_already_canonical_is_forwarded_byte_for_byte() {
 // ------------------------------------------------------------------------------------------
 
 #[tokio::test]
+async fn a_connection_header_naming_the_request_id_does_not_drop_it() {
+    let upstream = Upstream::echo().await;
+    let proxy = Proxy::start(&open_config(&upstream.url())).await;
+    let resp = send_raw(
+        proxy.addr,
+        b"GET /id HTTP/1.1\r\n\
+          Host: game.example\r\n\
+          Connection: close, X-Request-Id\r\n\
+          X-Request-Id: trace-42\r\n\
+          \r\n",
+    )
+    .await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(upstream.last().headers["x-request-id"], "trace-42");
+}
+
+#[tokio::test]
+async fn underscore_aliases_of_the_headers_portcullis_sets_never_reach_the_upstream() {
+    let upstream = Upstream::echo().await;
+    let proxy = Proxy::start(&open_config(&upstream.url())).await;
+    let resp = send_raw(
+        proxy.addr,
+        b"GET /alias HTTP/1.1\r\n\
+          Host: game.example\r\n\
+          Connection: close\r\n\
+          X_User_Id: admin\r\n\
+          x-session_id: 00000000-0000-4000-8000-000000000000\r\n\
+          X_Session_Platform: ios\r\n\
+          X_Forwarded_For: 10.9.9.9\r\n\
+          X_Forwarded_Host: evil.example\r\n\
+          X_Request_Id: forged\r\n\
+          X_Custom_Header: kept\r\n\
+          \r\n",
+    )
+    .await;
+    assert_eq!(resp.status, 200);
+    let seen = upstream.last();
+    let underscored: Vec<&str> = seen
+        .headers
+        .keys()
+        .map(|k| k.as_str())
+        .filter(|k| k.contains('_'))
+        .collect();
+    assert_eq!(underscored, ["x_custom_header"], "{:?}", seen.headers);
+}
+
+#[tokio::test]
+async fn two_authorization_headers_are_refused_before_any_other_work() {
+    let upstream = Upstream::echo().await;
+    let proxy = Proxy::start(&open_config(&upstream.url())).await;
+    let resp = send_raw(
+        proxy.addr,
+        b"GET /open HTTP/1.1\r\n\
+          Host: game.example\r\n\
+          Connection: close\r\n\
+          Authorization: Bearer a.b.c\r\n\
+          Authorization: Bearer d.e.f\r\n\
+          \r\n",
+    )
+    .await;
+    resp.assert_error(400, "MALFORMED_REQUEST");
+    assert_eq!(upstream.count(), 0);
+}
+
+#[tokio::test]
+async fn a_transfer_coding_other_than_chunked_gives_501() {
+    let upstream = Upstream::echo().await;
+    let proxy = Proxy::start(&open_config(&upstream.url())).await;
+    let resp = send_raw(
+        proxy.addr,
+        b"POST /upload HTTP/1.1\r\n\
+          Host: game.example\r\n\
+          Connection: close\r\n\
+          Transfer-Encoding: gzip, chunked\r\n\
+          \r\n\
+          3\r\nabc\r\n0\r\n\r\n",
+    )
+    .await;
+    resp.assert_error(501, "TRANSFER_CODING_UNSUPPORTED");
+    assert_eq!(upstream.count(), 0);
+
+    // Plain chunked is forwarded as ever.
+    let resp = send_raw(
+        proxy.addr,
+        b"POST /upload HTTP/1.1\r\n\
+          Host: game.example\r\n\
+          Connection: close\r\n\
+          Transfer-Encoding: chunked\r\n\
+          \r\n\
+          3\r\nabc\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(upstream.last().body, "abc");
+}
+
+/// An HTTP/2 connection to the proxy on which each request is sent exactly as built.
+async fn h2_connection(
+    proxy: &Proxy,
+) -> hyper::client::conn::http2::SendRequest<http_body_util::Full<Bytes>> {
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+#[tokio::test]
+async fn http2_cookie_fields_reach_the_http1_upstream_as_one() {
+    let upstream = Upstream::echo().await;
+    let proxy = Proxy::start(&open_config(&upstream.url())).await;
+    let mut h2 = h2_connection(&proxy).await;
+    let req = http::Request::get(format!("http://{}/cookies", proxy.addr))
+        .header("cookie", "a=1")
+        .header("cookie", "b=2")
+        .header("cookie", "c=3")
+        .body(http_body_util::Full::new(Bytes::new()))
+        .unwrap();
+    let resp = h2.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let seen = upstream.last();
+    let cookies: Vec<_> = seen.headers.get_all("cookie").iter().collect();
+    assert_eq!(cookies, ["a=1; b=2; c=3"]);
+}
+
+#[tokio::test]
+async fn http2_host_contradicting_authority_is_refused() {
+    let upstream = Upstream::echo().await;
+    let proxy = Proxy::start(&open_config(&upstream.url())).await;
+    let mut h2 = h2_connection(&proxy).await;
+    let req = http::Request::get("http://a.example/which")
+        .header("host", "b.example")
+        .body(http_body_util::Full::new(Bytes::new()))
+        .unwrap();
+    let resp = h2.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 400);
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["error"]["code"], "MALFORMED_REQUEST");
+    assert_eq!(upstream.count(), 0);
+
+    // The same authority in both (letter case aside) is fine.
+    let req = http::Request::get("http://a.example/which")
+        .header("host", "A.example")
+        .body(http_body_util::Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(h2.send_request(req).await.unwrap().status(), 200);
+    assert_eq!(upstream.last().headers["host"], "A.example");
+}
+
+#[tokio::test]
 async fn hop_by_hop_request_headers_never_reach_the_upstream() {
     let upstream = Upstream::echo().await;
     let proxy = Proxy::start(&open_config(&upstream.url())).await;

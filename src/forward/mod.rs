@@ -20,6 +20,7 @@ use crate::config::{IdentityConfig, UpstreamConfig};
 use crate::error::Rejection;
 use crate::facts::RequestFacts;
 use crate::peer::{ConnInfo, TrustedProxies};
+use crate::request_id::X_REQUEST_ID;
 use crate::session::gate::Identity;
 use crate::{Body, BoxResponse};
 
@@ -203,7 +204,7 @@ impl Upstream {
         }
 
         let (mut parts, body) = response.into_parts();
-        strip_hop_by_hop(&mut parts.headers, upgraded);
+        strip_hop_by_hop(&mut parts.headers, upgraded, &[]);
         Ok((Response::from_parts(parts, Body::new(body)), elapsed))
     }
 
@@ -238,7 +239,12 @@ impl Upstream {
             .then(|| parts.headers.get(header::UPGRADE).cloned())
             .flatten();
 
-        strip_hop_by_hop(&mut parts.headers, false);
+        // The request id is portcullis' own: a Connection header naming it does not drop it.
+        strip_hop_by_hop(&mut parts.headers, false, &[&X_REQUEST_ID]);
+        self.remove_aliases(&mut parts.headers);
+        if parts.version == Version::HTTP_2 {
+            join_cookies(&mut parts.headers);
+        }
         if let Some(protocol) = upgrade_protocol {
             parts
                 .headers
@@ -302,6 +308,42 @@ impl Upstream {
                 Some(host) => headers.insert(X_FORWARDED_HOST.clone(), host.clone()),
                 None => headers.remove(&X_FORWARDED_HOST),
             };
+        }
+    }
+
+    /// Removes the headers some backends would read as one portcullis sets: CGI-style servers
+    /// (WSGI, Rack, PHP) map `X_User_Id` and `X-User-Id` alike to `HTTP_X_USER_ID`, so a client's
+    /// `X_User_Id` would reach them next to, or instead of, the verified one.
+    fn remove_aliases(&self, headers: &mut HeaderMap) {
+        let names = &self.identity;
+        let ours: [&HeaderName; 7] = [
+            &names.user_id,
+            &names.session_id,
+            &names.platform,
+            &X_FORWARDED_FOR,
+            &X_FORWARDED_PROTO,
+            &X_FORWARDED_HOST,
+            &X_REQUEST_ID,
+        ];
+        let is_alias = |key: &HeaderName| {
+            let key = key.as_str().as_bytes();
+            key.contains(&b'_')
+                && ours.iter().any(|name| {
+                    let name = name.as_str().as_bytes();
+                    name.len() == key.len()
+                        && name
+                            .iter()
+                            .zip(key)
+                            .all(|(n, k)| n == k || (*n == b'-' && *k == b'_'))
+                })
+        };
+        if !headers.keys().any(is_alias) {
+            return;
+        }
+        let doomed: SmallVec<[HeaderName; 2]> =
+            headers.keys().filter(|k| is_alias(k)).cloned().collect();
+        for name in &doomed {
+            headers.remove(name);
         }
     }
 
@@ -401,15 +443,16 @@ static HOP_BY_HOP: [HeaderName; 9] = [
     header::UPGRADE,
 ];
 
-/// Removes hop-by-hop headers and every header the Connection header names. On a 101 response
-/// the Upgrade and Connection headers are the answer itself and stay.
+/// Removes hop-by-hop headers and every header the Connection header names, except `spared`
+/// (headers portcullis itself vouches for). On a 101 response the Upgrade and Connection headers
+/// are the answer itself and stay.
 ///
 /// Only names that are present are removed: one pass over the few headers a message carries is
 /// cheaper than hashing every hop-by-hop name for `HeaderMap::remove`, and most requests carry
 /// none of them. The Connection header's tokens are compared as text with the message's names:
 /// parsing one into a `HeaderName` costs more than that, and most of them (`keep-alive`,
 /// `close`) name no header of the message.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool, spared: &[&HeaderName]) {
     let kept =
         |name: &HeaderName| keep_upgrade && (name == header::CONNECTION || name == header::UPGRADE);
     let mut doomed: SmallVec<[HeaderName; 4]> = SmallVec::new();
@@ -425,13 +468,41 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
             let listed = headers
                 .keys()
                 .find(|name| name.as_str().eq_ignore_ascii_case(token));
-            if let Some(name) = listed.filter(|name| !kept(name) && !doomed.contains(name)) {
+            let removable = |name: &&HeaderName| {
+                !kept(name) && !doomed.contains(name) && !spared.contains(name)
+            };
+            if let Some(name) = listed.filter(removable) {
                 doomed.push(name.clone());
             }
         }
     }
     for name in &doomed {
         headers.remove(name);
+    }
+}
+
+/// HTTP/2 clients may split Cookie into several fields; HTTP/1.1 allows one, so they are joined
+/// with `; ` before the request goes upstream (RFC 9113 8.2.3).
+fn join_cookies(headers: &mut HeaderMap) {
+    let mut cookies = headers.get_all(header::COOKIE).iter();
+    if cookies.next().is_none() || cookies.next().is_none() {
+        return;
+    }
+    let mut joined = Vec::new();
+    for value in headers.get_all(header::COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(value.as_bytes());
+    }
+    match HeaderValue::from_bytes(&joined) {
+        Ok(value) => {
+            headers.insert(header::COOKIE, value);
+        }
+        // Each part was a valid value, so their join is one; should it not be, none is sent.
+        Err(_) => {
+            headers.remove(header::COOKIE);
+        }
     }
 }
 
@@ -518,7 +589,7 @@ mod tests {
         );
         h.insert("proxy-authorization", HeaderValue::from_static("Basic x"));
         h.insert("x-kept", HeaderValue::from_static("yes"));
-        strip_hop_by_hop(&mut h, false);
+        strip_hop_by_hop(&mut h, false, &[]);
         assert_eq!(h.len(), 1);
         assert_eq!(h["x-kept"], "yes");
     }
@@ -538,7 +609,7 @@ mod tests {
         h.append("x-debug", HeaderValue::from_static("2"));
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         h.insert("x-kept", HeaderValue::from_static("yes"));
-        strip_hop_by_hop(&mut h, false);
+        strip_hop_by_hop(&mut h, false, &[]);
         assert_eq!(h.len(), 1, "{h:?}");
         assert_eq!(h["x-kept"], "yes");
     }
@@ -577,7 +648,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        strip_hop_by_hop(&mut h, true);
+        strip_hop_by_hop(&mut h, true, &[]);
         assert_eq!(h[header::UPGRADE], "websocket");
         assert_eq!(h[header::CONNECTION], "Upgrade");
     }
