@@ -763,14 +763,7 @@ impl FileConfig {
                 "must start with / and not be / itself",
             );
         }
-        let identity = (
-            v.header_name("identity.user_id_header", &self.identity.user_id_header),
-            v.header_name(
-                "identity.session_id_header",
-                &self.identity.session_id_header,
-            ),
-            v.header_name("identity.platform_header", &self.identity.platform_header),
-        );
+        let identity = v.identity(&self.identity);
         let jwt = v.jwt(&self.jwt, base, env);
 
         let rl = &self.rate_limit;
@@ -1070,6 +1063,43 @@ impl Validator {
         }
     }
 
+    /// The three identity header names: each of its own, and none that HTTP or portcullis
+    /// already gives a meaning (portcullis strips them from requests and sets them itself).
+    fn identity(
+        &mut self,
+        section: &IdentitySection,
+    ) -> (Option<HeaderName>, Option<HeaderName>, Option<HeaderName>) {
+        let keys = [
+            ("identity.user_id_header", &section.user_id_header),
+            ("identity.session_id_header", &section.session_id_header),
+            ("identity.platform_header", &section.platform_header),
+        ];
+        let mut names: [Option<HeaderName>; 3] = [None, None, None];
+        for (i, (key, value)) in keys.into_iter().enumerate() {
+            let Some(name) = self.header_name(key, value) else {
+                continue;
+            };
+            if let Some((_, what)) = RESERVED_HEADERS.iter().find(|(r, _)| name == *r) {
+                self.fail(key, format!("cannot be {name}, which {what}"));
+                continue;
+            }
+            // Header names are case-insensitive; `HeaderName` holds them lowercased.
+            if let Some(earlier) = names[..i].iter().position(|n| n.as_ref() == Some(&name)) {
+                self.fail(
+                    key,
+                    format!(
+                        "{name} is already {}: each identity header needs a name of its own",
+                        keys[earlier].0
+                    ),
+                );
+                continue;
+            }
+            names[i] = Some(name);
+        }
+        let [user_id, session_id, platform] = names;
+        (user_id, session_id, platform)
+    }
+
     /// The Redis connection: `redis.url`, then REDIS_HOST / REDIS_PORT / REDIS_PASSWORD over it.
     fn redis(&mut self, section: &RedisSection, env: &[(String, String)]) -> Option<RedisConfig> {
         use redis::{ConnectionAddr, IntoConnectionInfo};
@@ -1319,6 +1349,30 @@ const MAX_VERIFIED_TOKENS: usize = 1 << 16;
 /// A user's sessions share one Redis value that every check of theirs reads; this bounds it
 /// (to about 1 MB with the longest metadata).
 const MAX_SESSIONS_PER_USER: usize = 1000;
+
+/// Header names an identity header may not take, with what each already does.
+const RESERVED_HEADERS: &[(&str, &str)] = &[
+    ("connection", "is hop-by-hop (RFC 9110 7.6.1)"),
+    ("keep-alive", "is hop-by-hop (RFC 9110 7.6.1)"),
+    ("proxy-connection", "is hop-by-hop (RFC 9110 7.6.1)"),
+    ("proxy-authenticate", "is hop-by-hop (RFC 9110 7.6.1)"),
+    ("proxy-authorization", "is hop-by-hop (RFC 9110 7.6.1)"),
+    ("te", "is hop-by-hop (RFC 9110 7.6.1)"),
+    ("trailer", "is hop-by-hop (RFC 9110 7.6.1)"),
+    ("transfer-encoding", "frames the request body"),
+    ("upgrade", "is hop-by-hop (RFC 9110 7.6.1)"),
+    ("content-length", "frames the request body"),
+    ("host", "names the server the request is for"),
+    ("authorization", "carries the client's bearer token"),
+    ("cookie", "carries the client's cookies"),
+    ("x-forwarded-for", "portcullis sets to the client address"),
+    (
+        "x-forwarded-proto",
+        "portcullis sets to the client's scheme",
+    ),
+    ("x-forwarded-host", "portcullis sets to the client's Host"),
+    ("x-request-id", "portcullis sets to the request id"),
+];
 
 /// Every key that `PORTCULLIS_<SECTION>_<KEY>` can set. Dots become underscores:
 /// `server.tls.cert` is `PORTCULLIS_SERVER_TLS_CERT`.
@@ -1586,6 +1640,64 @@ mod tests {
         assert!(err.0[0].reason.contains("at most 1024"), "{err}");
         let err = parse("[server]\nworkers = -1\n").unwrap_err();
         assert_eq!(err.0[0].key, "server.workers");
+    }
+
+    #[test]
+    fn identity_headers_must_differ_ignoring_case() {
+        let err = parse("[identity]\nuser_id_header = \"x-id\"\nsession_id_header = \"X-Id\"\n")
+            .unwrap_err();
+        assert_eq!(err.0.len(), 1, "{err}");
+        assert_eq!(err.0[0].key, "identity.session_id_header");
+        assert!(
+            err.0[0].reason.contains("already identity.user_id_header"),
+            "{err}"
+        );
+
+        let err = parse("[identity]\nplatform_header = \"x-session-id\"\n").unwrap_err();
+        assert_eq!(err.0[0].key, "identity.platform_header");
+        assert!(
+            err.0[0]
+                .reason
+                .contains("already identity.session_id_header"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn identity_headers_cannot_take_a_name_http_or_portcullis_uses() {
+        for name in [
+            "Connection",
+            "keep-alive",
+            "proxy-connection",
+            "proxy-authenticate",
+            "proxy-authorization",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "upgrade",
+            "content-length",
+            "host",
+            "Authorization",
+            "cookie",
+            "x-forwarded-for",
+            "x-forwarded-proto",
+            "x-forwarded-host",
+            "x-request-id",
+        ] {
+            for key in ["user_id_header", "session_id_header", "platform_header"] {
+                let err = parse(&format!("[identity]\n{key} = \"{name}\"\n")).unwrap_err();
+                assert_eq!(err.0.len(), 1, "{key} = {name}: {err}");
+                assert_eq!(err.0[0].key, format!("identity.{key}"));
+                assert!(
+                    err.0[0]
+                        .reason
+                        .starts_with(&format!("cannot be {}", name.to_ascii_lowercase())),
+                    "{err}"
+                );
+            }
+        }
+        let c = parse("[identity]\nuser_id_header = \"X-Player\"\n").unwrap();
+        assert_eq!(c.identity.user_id, "x-player");
     }
 
     #[test]
