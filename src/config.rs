@@ -726,6 +726,12 @@ impl FileConfig {
         if self.session.ttl < Duration::from_secs(1) {
             v.fail("session.ttl", "must be at least 1s");
         }
+        if self.session.ttl > MAX_SESSION_TTL {
+            v.fail(
+                "session.ttl",
+                "must be at most 100 years (expiry is stored in 48-bit milliseconds)",
+            );
+        }
         if self.session.last_active_resolution >= self.session.ttl {
             v.fail(
                 "session.last_active_resolution",
@@ -1350,6 +1356,11 @@ const MAX_VERIFIED_TOKENS: usize = 1 << 16;
 /// (to about 1 MB with the longest metadata).
 const MAX_SESSIONS_PER_USER: usize = 1000;
 
+/// Session expiry is stored as 48-bit Unix milliseconds (`session::record`), which run out in
+/// the year 10889; a longer ttl would wrap to 1970 and every new session be born expired. A
+/// century (humantime's `100y`) outlasts any session and stays far inside that.
+const MAX_SESSION_TTL: Duration = Duration::from_secs(100 * 31_557_600);
+
 /// Header names an identity header may not take, with what each already does.
 const RESERVED_HEADERS: &[(&str, &str)] = &[
     ("connection", "is hop-by-hop (RFC 9110 7.6.1)"),
@@ -1630,6 +1641,21 @@ mod tests {
             let err = parse(&format!("[session]\nmax_per_user = {bad}\n")).unwrap_err();
             assert_eq!(err.0[0].key, "session.max_per_user");
             assert!(err.0[0].reason.contains("between 1 and 1000"), "{err}");
+        }
+    }
+
+    #[test]
+    fn session_ttl_is_bounded_so_that_expiry_fits_its_48_bits() {
+        assert_eq!(
+            parse("[session]\nttl = \"100y\"\n").unwrap().session.ttl,
+            Duration::from_secs(100 * 31_557_600)
+        );
+        // 9000 years from now is past 2^48 ms after 1970: it wrapped to an expiry in the past.
+        for bad in ["101y", "9000y"] {
+            let err = parse(&format!("[session]\nttl = \"{bad}\"\n")).unwrap_err();
+            assert_eq!(err.0.len(), 1, "{err}");
+            assert_eq!(err.0[0].key, "session.ttl");
+            assert!(err.0[0].reason.contains("at most 100 years"), "{err}");
         }
     }
 
