@@ -15,6 +15,8 @@ use ipnet::IpNet;
 use rustls::pki_types::CertificateDer;
 use serde::Deserialize;
 
+use crate::routes::matches_prefix;
+
 /// One problem with the configuration, naming the key it is about.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -762,13 +764,24 @@ impl FileConfig {
                 format!("must be between 1 and {MAX_SESSIONS_PER_USER}"),
             );
         }
-        let api_prefix = self.session.api_prefix.trim_end_matches('/').to_string();
-        if !self.session.api_prefix.starts_with('/') || api_prefix.is_empty() {
-            v.fail(
-                "session.api_prefix",
-                "must start with / and not be / itself",
-            );
-        }
+        let api_prefix = match v.path_prefix("session.api_prefix", &self.session.api_prefix) {
+            Some("") => {
+                v.fail(
+                    "session.api_prefix",
+                    "must not be / itself: the session API would answer every request",
+                );
+                None
+            }
+            // Its endpoints are matched on the percent-decoded path, which keeps no escape.
+            Some(prefix) if prefix.contains('%') => {
+                v.fail(
+                    "session.api_prefix",
+                    "must not contain % escapes: the session API would never match a request",
+                );
+                None
+            }
+            prefix => prefix.map(str::to_string),
+        };
         let identity = v.identity(&self.identity);
         let jwt = v.jwt(&self.jwt, base, env);
 
@@ -809,15 +822,18 @@ impl FileConfig {
                     continue;
                 }
             };
-            let prefix = route.path_prefix.trim_end_matches('/');
-            if !route.path_prefix.starts_with('/') {
-                v.fail(&format!("{key}.path_prefix"), "must start with /");
+            let Some(prefix) = v.path_prefix(&format!("{key}.path_prefix"), &route.path_prefix)
+            else {
                 continue;
-            }
-            if prefix.split('/').any(|seg| seg == "." || seg == "..") || prefix.contains("//") {
+            };
+            // The session API is matched first: a route on its paths would never apply.
+            if let Some(api) = api_prefix
+                .as_deref()
+                .filter(|api| matches_prefix(api, prefix))
+            {
                 v.fail(
                     &format!("{key}.path_prefix"),
-                    "must be a normalised path (no empty, . or .. segments)",
+                    format!("is under session.api_prefix ({api}), which the session API answers: this route would never apply"),
                 );
                 continue;
             }
@@ -848,6 +864,7 @@ impl FileConfig {
             Some(scheme),
             Some(authority),
             Some(redis),
+            Some(api_prefix),
             (Some(user_id), Some(session_id), Some(platform)),
             Some(jwt),
         ) = (
@@ -856,6 +873,7 @@ impl FileConfig {
             scheme,
             authority,
             redis,
+            api_prefix,
             identity,
             jwt,
         )
@@ -1067,6 +1085,28 @@ impl Validator {
                 None
             }
         }
+    }
+
+    /// A path prefix without its trailing slashes. Requests are matched on their path with
+    /// empty, `.` and `..` segments resolved and backslashes refused or taken as separators,
+    /// so a prefix holding any of those could never match.
+    fn path_prefix<'a>(&mut self, key: &str, raw: &'a str) -> Option<&'a str> {
+        if !raw.starts_with('/') {
+            self.fail(key, "must start with /");
+            return None;
+        }
+        let prefix = raw.trim_end_matches('/');
+        if prefix.contains("//")
+            || prefix.contains('\\')
+            || prefix.split('/').any(|seg| seg == "." || seg == "..")
+        {
+            self.fail(
+                key,
+                "must be a normalised path (no empty, . or .. segments, no backslashes): it could never match a request",
+            );
+            return None;
+        }
+        Some(prefix)
     }
 
     /// The three identity header names: each of its own, and none that HTTP or portcullis
@@ -1768,10 +1808,69 @@ mod tests {
         assert_eq!(c.routes[1].path_prefix, "");
         assert_eq!(c.routes[1].auth, AuthMode::Session);
 
-        let err = parse("[[routes]]\npath_prefix = \"/a/../b\"\n[[routes]]\npath_prefix = \"/x\"\nauth = \"open\"\n")
+        let err = parse("[[routes]]\npath_prefix = \"/a/../b\"\n[[routes]]\npath_prefix = \"/x\"\nauth = \"open\"\n[[routes]]\npath_prefix = \"/a\\\\b\"\n")
             .unwrap_err();
         let keys: Vec<&str> = err.0.iter().map(|e| e.key.as_str()).collect();
-        assert_eq!(keys, ["routes[0].path_prefix", "routes[1].auth"]);
+        assert_eq!(
+            keys,
+            [
+                "routes[0].path_prefix",
+                "routes[1].auth",
+                "routes[2].path_prefix"
+            ]
+        );
+    }
+
+    #[test]
+    fn api_prefix_must_be_a_normalised_path_that_can_match() {
+        assert_eq!(parse("").unwrap().session.api_prefix, "/api/v1/sessions");
+        let c = parse("[session]\napi_prefix = \"/api/v2/sessions/\"\n").unwrap();
+        assert_eq!(c.session.api_prefix, "/api/v2/sessions");
+        for (bad, why) in [
+            ("/api//v1/sessions", "normalised"),
+            ("/api/./sessions", "normalised"),
+            ("/api/../sessions", "normalised"),
+            ("/api\\\\sessions", "normalised"),
+            ("/api/v1%2Fsessions", "% escapes"),
+            ("/api/%73essions", "% escapes"),
+            ("api/v1/sessions", "start with /"),
+            ("", "start with /"),
+            ("/", "not be / itself"),
+            ("//", "not be / itself"),
+        ] {
+            let err = parse(&format!("[session]\napi_prefix = \"{bad}\"\n")).unwrap_err();
+            assert_eq!(err.0.len(), 1, "{bad:?}: {err}");
+            assert_eq!(err.0[0].key, "session.api_prefix", "{bad:?}");
+            assert!(err.0[0].reason.contains(why), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_route_on_the_session_api_paths_is_refused() {
+        for dead in [
+            "/api/v1/sessions",
+            "/api/v1/sessions/",
+            "/api/v1/sessions/x",
+        ] {
+            let err = parse(&format!(
+                "[[routes]]\npath_prefix = \"{dead}\"\nauth = \"none\"\n"
+            ))
+            .unwrap_err();
+            assert_eq!(err.0.len(), 1, "{dead}: {err}");
+            assert_eq!(err.0[0].key, "routes[0].path_prefix");
+            assert!(err.0[0].reason.contains("session.api_prefix"), "{err}");
+        }
+        let err = parse(
+            "[session]\napi_prefix = \"/sessions\"\n[[routes]]\npath_prefix = \"/sessions/x\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(err.0[0].key, "routes[0].path_prefix");
+        // Above it, beside it, or the root: the route applies to the paths the API leaves.
+        let c = parse(
+            "[[routes]]\npath_prefix = \"/api\"\n[[routes]]\npath_prefix = \"/api/v1/sessionsx\"\n[[routes]]\npath_prefix = \"/\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.routes.len(), 3);
     }
 
     #[test]
