@@ -29,7 +29,8 @@ use crate::server::{ConnCounts, ConnLimits};
 use crate::session::api::SessionApi;
 use crate::session::cache::SessionCache;
 use crate::session::gate::SessionGateLayer;
-use crate::session::Sessions;
+use crate::session::tunnels::TunnelWatch;
+use crate::session::{Invalidations, Sessions};
 use crate::store::{Store, Tracking};
 use crate::tls::{self, CertStore};
 use crate::{Body, BoxError};
@@ -83,9 +84,21 @@ impl App {
             .session
             .local_cache
             .map(|max| Arc::new(SessionCache::new(max)));
-        let tracking = cache.clone().map(|c| c as Arc<dyn Tracking>);
+        let tunnels = Arc::new(TunnelWatch::default());
+        let tracking = cache.clone().map(|cache| {
+            Arc::new(Invalidations {
+                cache,
+                tunnels: tunnels.clone(),
+            }) as Arc<dyn Tracking>
+        });
         let store = Store::new(&config.redis, metrics.clone(), tracking)?;
-        let sessions = Sessions::new(store.clone(), &config.session, cache, metrics.clone());
+        let sessions = Sessions::new(
+            store.clone(),
+            &config.session,
+            cache,
+            tunnels,
+            metrics.clone(),
+        );
         let verifier = Verifier::new(&config.jwt)?;
         let routes = RouteTable::new(&config.session.api_prefix, &config.routes);
         let rate_limits = RateLimits::new(&config.rate_limit, &config.routes);

@@ -6,7 +6,8 @@
 //! and the audit trail), size [`limits`], token verification ([`authn`]), [`rate_limit`], then
 //! either the session API ([`session::api`]) or the session gate ([`session::gate`], with its
 //! local cache [`session::cache`]) and finally [`forward`], which sends the request upstream
-//! and streams the answer back. [`store`] is the only door to Redis. [`error`] is the one place
+//! and streams the answer back (a WebSocket tunnel on a session route ends with its session:
+//! [`session::tunnels`]). [`store`] is the only door to Redis. [`error`] is the one place
 //! failures become responses; [`config`] is read and validated once at start; [`admin`] serves
 //! health and metrics on its own port; [`echo`] is a demo upstream; [`inject`] adds the sidecar
 //! to Kubernetes manifests. The layers that finish a response share [`on_response`]'s future;

@@ -136,6 +136,7 @@ async fn update_replaces_metadata_and_keeps_the_expiry() {
         store.clone(),
         &config.session,
         None,
+        Arc::default(),
         Arc::new(Metrics::new()),
     );
     let web = Metadata {

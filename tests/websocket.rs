@@ -315,3 +315,143 @@ async fn bytes_sent_right_behind_the_upgrade_request_reach_the_upstream() {
     let text = String::from_utf8_lossy(&received);
     assert!(text.starts_with("HTTP/1.1 101"), "{text}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Tunnels and their sessions
+// ---------------------------------------------------------------------------------------------
+
+/// A portcullis in front of `upstream` whose routes all need a session, kept in `redis`.
+fn session_routes(upstream: SocketAddr, redis: &RedisServer, session: &str) -> String {
+    format!(
+        "[upstream]\nurl = \"http://{upstream}\"\n\n[redis]\nurl = \"{}\"\n\n[session]\n{session}\n",
+        redis.url()
+    )
+}
+
+/// Connects through the proxy with `token` and checks that the tunnel echoes.
+async fn connect_with(proxy: &Proxy, path: &str, token: &str) -> Ws {
+    let mut request = format!("ws://{}{}", proxy.addr, path)
+        .into_client_request()
+        .unwrap();
+    request.headers_mut().insert(
+        "authorization",
+        http::HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
+    );
+    let (mut ws, response) = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio_tungstenite::connect_async(request),
+    )
+    .await
+    .expect("handshake within 5 s")
+    .expect("WebSocket handshake through the proxy");
+    assert_eq!(response.status(), 101);
+    assert!(matches!(next(&mut ws).await, Some(Ok(Message::Text(_)))));
+    assert_echoes(&mut ws).await;
+    ws
+}
+
+async fn assert_echoes(ws: &mut Ws) {
+    ws.send(Message::text("ping")).await.unwrap();
+    match next(ws).await {
+        Some(Ok(Message::Text(text))) => assert_eq!(text.as_str(), "ping"),
+        other => panic!("expected the echo, got {other:?}"),
+    }
+}
+
+/// Reads until the proxy ends the tunnel (end of stream, an error or a close frame).
+async fn assert_ends(ws: &mut Ws, what: &str) {
+    let ended = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            match ws.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "{what}: the tunnel stayed open");
+}
+
+async fn destroy(proxy: &Proxy, user: &str, session: &str) {
+    let resp = client()
+        .delete(proxy.url(&format!("/api/v1/sessions/{session}")))
+        .bearer_auth(token(user, None))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test]
+async fn a_tunnel_ends_when_its_session_is_destroyed_on_this_or_another_replica() {
+    let redis = RedisServer::start();
+    let (upstream, _task) = echo_upstream().await;
+    let config = session_routes(upstream, &redis, "");
+    let here = Proxy::start(&config).await;
+    let elsewhere = Proxy::start(&config).await;
+
+    let mut tunnels = Vec::new();
+    let mut sessions = Vec::new();
+    for _ in 0..3 {
+        let sid = create_session(&here, &token("alice", None)).await;
+        tunnels.push(connect_with(&here, "/ws", &token("alice", Some(&sid))).await);
+        sessions.push(sid);
+    }
+
+    // Destroyed through this replica's API.
+    destroy(&here, "alice", &sessions[0]).await;
+    assert_ends(&mut tunnels[0], "destroyed here").await;
+
+    // Destroyed through another replica: this one learns of it from Redis.
+    destroy(&elsewhere, "alice", &sessions[1]).await;
+    assert_ends(&mut tunnels[1], "destroyed on another replica").await;
+
+    // The user's other session, and its tunnel, live on.
+    assert_echoes(&mut tunnels[2]).await;
+}
+
+#[tokio::test]
+async fn a_tunnel_ends_when_a_newer_session_evicts_its_own() {
+    let redis = RedisServer::start();
+    let (upstream, _task) = echo_upstream().await;
+    let proxy = Proxy::start(&session_routes(upstream, &redis, "max_per_user = 1")).await;
+    let first = create_session(&proxy, &token("bob", None)).await;
+    let mut ws = connect_with(&proxy, "/ws", &token("bob", Some(&first))).await;
+    create_session(&proxy, &token("bob", None)).await;
+    assert_ends(&mut ws, "evicted").await;
+}
+
+#[tokio::test]
+async fn an_open_tunnel_keeps_its_session_alive() {
+    let redis = RedisServer::start();
+    let (upstream, _task) = echo_upstream().await;
+    // A 2 s TTL is slid every 100 ms (ttl/20) while something uses the session.
+    let proxy = Proxy::start(&session_routes(upstream, &redis, "ttl = \"2s\"")).await;
+    let sid = create_session(&proxy, &token("carol", None)).await;
+    let mut ws = connect_with(&proxy, "/ws", &token("carol", Some(&sid))).await;
+
+    // Twice the TTL with no request at all: only the tunnel can have kept the session.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let session_url = proxy.url(&format!("/api/v1/sessions/{sid}"));
+    let resp = client()
+        .get(&session_url)
+        .bearer_auth(token("carol", None))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "the session expired under its tunnel");
+    assert_echoes(&mut ws).await;
+
+    // Once the tunnel is gone, the session runs out.
+    drop(ws);
+    eventually("the session to expire", || async {
+        let resp = client()
+            .get(&session_url)
+            .bearer_auth(token("carol", None))
+            .send()
+            .await
+            .unwrap();
+        resp.status() == 404
+    })
+    .await;
+}

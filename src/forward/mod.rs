@@ -22,6 +22,7 @@ use crate::facts::RequestFacts;
 use crate::peer::{ConnInfo, TrustedProxies};
 use crate::request_id::X_REQUEST_ID;
 use crate::session::gate::Identity;
+use crate::session::tunnels::{TunnelLease, TunnelSession};
 use crate::{Body, BoxResponse};
 
 mod pool;
@@ -77,12 +78,14 @@ impl UpgradeHandoff {
 pub struct Tunnel {
     upstream: hyper::upgrade::OnUpgrade,
     _guard: TunnelGuard,
+    /// The session it was admitted on, if its route needs one: the tunnel ends with it.
+    lease: Option<TunnelLease>,
 }
 
 impl Tunnel {
     /// Copies bytes both ways between `client` and the upstream until either side closes (then
-    /// both are closed, so a peer that vanished never leaves the other hanging) or `stop`
-    /// resolves.
+    /// both are closed, so a peer that vanished never leaves the other hanging), its session
+    /// ends, or `stop` resolves.
     pub async fn run<C>(self, mut client: C, stop: impl Future<Output = ()>)
     where
         C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
@@ -97,9 +100,16 @@ impl Tunnel {
         let mut upstream = TokioIo::new(upstream);
         let (mut client_read, mut client_write) = tokio::io::split(&mut client);
         let (mut upstream_read, mut upstream_write) = tokio::io::split(&mut upstream);
+        let session_ended = async {
+            match &self.lease {
+                Some(lease) => lease.ended().await,
+                None => std::future::pending().await,
+            }
+        };
         let result = tokio::select! {
             r = tokio::io::copy(&mut client_read, &mut upstream_write) => r,
             r = tokio::io::copy(&mut upstream_read, &mut client_write) => r,
+            _ = session_ended => Ok(0),
             _ = stop => Ok(0),
         };
         if let Err(e) = result {
@@ -197,6 +207,9 @@ impl Upstream {
                 Some(handoff) => handoff.give(Tunnel {
                     upstream: hyper::upgrade::on(&mut response),
                     _guard: TunnelGuard::new(self.tunnels.clone()),
+                    lease: extensions
+                        .remove::<TunnelSession>()
+                        .map(TunnelSession::watch),
                 }),
                 // A 101 we did not ask for cannot be honoured: the client never offered to switch.
                 None => return Err(Rejection::UpstreamUnavailable),

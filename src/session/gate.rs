@@ -16,8 +16,10 @@ use crate::authn::Authenticated;
 use crate::config::AuthMode;
 use crate::error::Rejection;
 use crate::facts::RequestFacts;
+use crate::forward::UpgradeHandoff;
 use crate::on_response::OnResponse;
 use crate::routes::RouteClass;
+use crate::session::tunnels::TunnelSession;
 use crate::session::{Platform, Sessions};
 use crate::{Body, BoxResponse};
 
@@ -145,7 +147,9 @@ where
         };
         Either::Left(match decided {
             Ok(None) => Either::Left(OnResponse::unchanged(self.inner.call(req))),
-            Ok(Some(identity)) => Either::Left(call_vouched(&mut self.inner, req, identity)),
+            Ok(Some(identity)) => {
+                Either::Left(call_vouched(&mut self.inner, req, identity, &self.sessions))
+            }
             Err(rejection) => Either::Right(std::future::ready(Ok(rejection.into_response()))),
         })
     }
@@ -153,11 +157,22 @@ where
 
 /// Calls `inner` with the identity the gate vouches for: the forwarder turns it into headers,
 /// and a response that did not come from upstream gets it here, for the access log and audit.
+/// A request that asks to upgrade carries its session along: the tunnel it opens ends with it.
 fn call_vouched<S: Service<Request<Body>, Response = Response<Body>>>(
     inner: &mut S,
     mut req: Request<Body>,
     identity: Identity,
+    sessions: &Arc<Sessions>,
 ) -> OnResponse<S::Future, Identity> {
+    if let Some(session) = identity.session_id {
+        if req.extensions().get::<UpgradeHandoff>().is_some() {
+            req.extensions_mut().insert(TunnelSession {
+                sessions: sessions.clone(),
+                user_id: identity.user_id.clone(),
+                session,
+            });
+        }
+    }
     RequestFacts::of_mut(&mut req).identity = Some(identity.clone());
     OnResponse::new(inner.call(req), identity, |identity, response| {
         RequestFacts::on_mut(response)
@@ -187,7 +202,7 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         Box::pin(async move {
             match admit_from_store(&sessions, &who, session_id).await {
-                Ok(identity) => call_vouched(&mut inner, req, identity).await,
+                Ok(identity) => call_vouched(&mut inner, req, identity, &sessions).await,
                 Err(rejection) => Ok(rejection.into_response()),
             }
         })

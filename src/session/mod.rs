@@ -8,6 +8,7 @@ pub mod api;
 pub mod cache;
 pub mod gate;
 pub mod record;
+pub mod tunnels;
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -19,6 +20,7 @@ use uuid::Uuid;
 use crate::config::SessionConfig;
 use crate::metrics::Metrics;
 use crate::session::cache::SessionCache;
+use crate::session::tunnels::TunnelWatch;
 use crate::store::{Store, StoreError, Tracking};
 
 /// The client platform a session was opened from.
@@ -112,24 +114,37 @@ pub struct Sessions {
     slide_interval: Duration,
     max_per_user: usize,
     cache: Option<std::sync::Arc<SessionCache>>,
+    tunnels: std::sync::Arc<TunnelWatch>,
     metrics: std::sync::Arc<Metrics>,
 }
 
-impl Tracking for SessionCache {
+/// What Redis invalidations reach: the local cache, and the tunnels whose sessions they may
+/// have ended.
+pub struct Invalidations {
+    pub cache: std::sync::Arc<SessionCache>,
+    pub tunnels: std::sync::Arc<TunnelWatch>,
+}
+
+impl Tracking for Invalidations {
     fn invalidate(&self, user_id: &[u8]) {
-        SessionCache::invalidate(self, user_id);
+        self.cache.invalidate(user_id);
+        self.tunnels.check_user(user_id);
     }
 
     fn flush(&self) {
-        SessionCache::flush(self);
+        self.cache.flush();
     }
 
     fn set_live(&self, live: bool) {
-        SessionCache::set_live(self, live);
+        self.cache.set_live(live);
+        if live {
+            // Writes made while nothing was listening were never announced.
+            self.tunnels.check_all();
+        }
     }
 
     fn confirm(&self, sent: std::time::Instant) {
-        SessionCache::confirm(self, sent);
+        self.cache.confirm(sent);
     }
 }
 
@@ -151,11 +166,13 @@ pub struct Opened {
 }
 
 impl Sessions {
-    /// `cache` must be the same cache the store delivers invalidations to.
+    /// `cache` and `tunnels` must be the ones the store delivers invalidations to
+    /// ([`Invalidations`]).
     pub fn new(
         store: Store,
         config: &SessionConfig,
         cache: Option<std::sync::Arc<SessionCache>>,
+        tunnels: std::sync::Arc<TunnelWatch>,
         metrics: std::sync::Arc<Metrics>,
     ) -> Self {
         Sessions {
@@ -165,6 +182,7 @@ impl Sessions {
             slide_interval: config.slide_interval,
             max_per_user: config.max_per_user,
             cache,
+            tunnels,
             metrics,
         }
     }
@@ -173,13 +191,24 @@ impl Sessions {
         self.cache.as_deref()
     }
 
+    /// The open tunnels admitted on a session.
+    pub fn tunnels(&self) -> &TunnelWatch {
+        &self.tunnels
+    }
+
+    pub fn slide_interval(&self) -> Duration {
+        self.slide_interval
+    }
+
     /// This process wrote (or may have written) the user's sessions, and its own writes do
     /// not come back as invalidations. Called after the write: a lookup that began before it
-    /// then cannot fill the cache with what the write changed (its epoch has moved).
+    /// then cannot fill the cache with what the write changed (its epoch has moved), and the
+    /// user's tunnels check whether their sessions survived it.
     fn forget(&self, user_id: &str) {
         if let Some(cache) = &self.cache {
             cache.invalidate(user_id.as_bytes());
         }
+        self.tunnels.check_user(user_id.as_bytes());
     }
 
     pub fn store(&self) -> &Store {
