@@ -7,6 +7,12 @@
 //! once with [`StoreError::Unavailable`], and every command is bounded by
 //! `redis.command_timeout`. The caller decides what a failure means (the proxy fails closed).
 //!
+//! A server that cannot take writes is left like a lost connection: a master demoted by a
+//! failover (`READONLY`), a replica cut off from its master (`MASTERDOWN`), Redis loading its
+//! data (`LOADING`). Redis keeps the connection open through all three, and after a failover
+//! the master is elsewhere: re-opening resolves the configured host again, and a new
+//! connection is only used once `PING` and `ROLE` say it reaches a master.
+//!
 //! Keys: `{prefix}:cache:{type}:{id}` for cache entries; `{prefix}:sessions:{{userId}}` for all
 //! of a user's sessions, one string in the layout of [`crate::session::record`]. The braces are
 //! a Redis Cluster hash tag.
@@ -30,6 +36,8 @@ use crate::session::cache::HEARTBEAT;
 pub enum StoreError {
     #[error("Redis is unavailable")]
     Unavailable,
+    #[error("Redis cannot take writes: {0}")]
+    NotWritable(String),
     #[error("Redis did not answer within {0:?}")]
     Timeout(Duration),
     #[error("Redis error: {0}")]
@@ -84,6 +92,9 @@ struct Link {
     broken: Notify,
     started: AtomicBool,
     timeouts: AtomicU32,
+    /// Whether checks send `ROLE` with their `PING`: false once the server refused it (an ACL
+    /// may deny it, being an admin command), so as not to fill its ACL log 50 times a second.
+    ask_role: AtomicBool,
     /// Client-side caching: who to tell, and the key prefix tracked (BCAST).
     tracking: Option<(Arc<dyn Tracking>, String)>,
     /// The runtime the store was made on, which outlives the workers: the connection's tasks
@@ -133,16 +144,32 @@ impl Link {
 
     /// Drops connection `generation` (if still current) and wakes the reconnect task.
     fn mark_broken(&self, generation: u64) {
-        let mut state = self.lock();
-        if matches!(&state.conn, Some((g, _)) if *g == generation) {
-            state.conn = None;
-            drop(state);
-            if let Some((tracking, _)) = &self.tracking {
-                tracking.set_live(false);
-            }
+        if self.drop_connection(generation) {
             tracing::warn!("Redis connection lost; reconnecting");
-            self.broken.notify_one();
         }
+    }
+
+    /// As [`Link::mark_broken`], for a server that answered but cannot take writes (`reply`).
+    fn mark_not_writable(&self, generation: u64, reply: &str) {
+        if self.drop_connection(generation) {
+            tracing::warn!(error = %reply, "Redis cannot take writes; reconnecting");
+        }
+    }
+
+    /// Drops connection `generation` if still current, flushing the local cache, and wakes the
+    /// reconnect task; false when another caller already did.
+    fn drop_connection(&self, generation: u64) -> bool {
+        let mut state = self.lock();
+        if !matches!(&state.conn, Some((g, _)) if *g == generation) {
+            return false;
+        }
+        state.conn = None;
+        drop(state);
+        if let Some((tracking, _)) = &self.tracking {
+            tracking.set_live(false);
+        }
+        self.broken.notify_one();
+        true
     }
 
     async fn maintain(self: Arc<Self>) {
@@ -151,14 +178,8 @@ impl Link {
             if self.lock().closed {
                 return;
             }
-            let connected = tokio::time::timeout(
-                self.connect_timeout,
-                self.client
-                    .get_multiplexed_async_connection_with_config(&self.config),
-            )
-            .await;
-            match connected {
-                Ok(Ok(conn)) => {
+            match self.open().await {
+                Ok(conn) => {
                     if attempt > 0 {
                         tracing::info!(attempts = attempt, "Redis connection restored");
                     }
@@ -189,22 +210,46 @@ impl Link {
                         }
                     }
                 }
-                Ok(Err(e)) => {
+                Err(reason) => {
                     attempt = attempt.saturating_add(1);
-                    self.failed_attempt(attempt, &e.to_string());
-                    tokio::time::sleep(backoff(attempt)).await;
-                }
-                Err(_) => {
-                    attempt = attempt.saturating_add(1);
-                    self.failed_attempt(attempt, "connect timed out");
+                    self.failed_attempt(attempt, &reason);
                     tokio::time::sleep(backoff(attempt)).await;
                 }
             }
         }
     }
 
+    /// Connects, and checks that the server can take writes: after a failover the host may
+    /// still name the demoted master for a while. The reason when not.
+    async fn open(&self) -> Result<MultiplexedConnection, String> {
+        let connect = self
+            .client
+            .get_multiplexed_async_connection_with_config(&self.config);
+        let conn = match tokio::time::timeout(self.connect_timeout, connect).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err("connect timed out".into()),
+        };
+        match tokio::time::timeout(self.connect_timeout, probe(conn.clone(), true)).await {
+            Ok(Ok(role_answered)) => self.ask_role.store(role_answered, Ordering::Relaxed),
+            Ok(Err(e)) => match classify(&e) {
+                Failure::NotWritable => {
+                    return Err(format!("it cannot take writes: {}", reply_text(&e)))
+                }
+                Failure::Broken | Failure::Timeout => return Err(e.to_string()),
+                // PING refused for another reason: the commands and `/readyz` will tell, as
+                // they did before this check.
+                Failure::Command => {}
+            },
+            Err(_) => return Err("no answer to PING".into()),
+        }
+        Ok(conn)
+    }
+
     /// Pings the tracking connection every [`HEARTBEAT`]; each answer proves every
-    /// invalidation sent before the ping has been delivered (see `session::cache`).
+    /// invalidation sent before the ping has been delivered (see `session::cache`). The ping
+    /// asks the role too: a demoted master keeps answering PING, and its invalidations only
+    /// follow the new master's writes while it replicates them.
     async fn heartbeat(self: Arc<Self>, generation: u64) {
         let Some((tracking, _)) = &self.tracking else {
             return;
@@ -219,11 +264,13 @@ impl Link {
                 }
             };
             let sent = std::time::Instant::now();
-            let mut conn = conn;
-            let cmd = redis::cmd("PING");
-            let ping = cmd.query_async::<String>(&mut conn);
+            let ping = probe(conn, self.ask_role.load(Ordering::Relaxed));
             match tokio::time::timeout(HEARTBEAT * 5, ping).await {
                 Ok(Ok(_)) => tracking.confirm(sent),
+                Ok(Err(e)) if classify(&e) == Failure::NotWritable => {
+                    self.mark_not_writable(generation, &reply_text(&e));
+                    return;
+                }
                 Ok(Err(e)) if e.is_io_error() || e.is_connection_dropped() => {
                     self.mark_broken(generation);
                     return;
@@ -589,6 +636,95 @@ fn user_of_sessions_key<'k>(sessions_prefix: &str, key: &'k [u8]) -> Option<&'k 
         .strip_suffix(b"}")
 }
 
+/// What a failed command says about its connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// No answer in time; the connection may still be fine.
+    Timeout,
+    /// The connection is dead or unusable.
+    Broken,
+    /// The server answered but cannot take writes now: a master demoted to replica
+    /// (`READONLY`), a replica cut off from its master (`MASTERDOWN`), Redis loading its data
+    /// (`LOADING`). It keeps the connection open, so only re-opening finds the master.
+    NotWritable,
+    /// Redis refused this command; the connection is fine.
+    Command,
+}
+
+fn classify(e: &redis::RedisError) -> Failure {
+    use redis::{ErrorKind, ServerErrorKind};
+    if e.is_timeout() {
+        return Failure::Timeout;
+    }
+    if e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_unrecoverable_error()
+    {
+        return Failure::Broken;
+    }
+    match e.kind() {
+        ErrorKind::Server(
+            ServerErrorKind::ReadOnly | ServerErrorKind::MasterDown | ServerErrorKind::BusyLoading,
+        ) => Failure::NotWritable,
+        _ => Failure::Command,
+    }
+}
+
+/// Whether the server behind `conn` can take writes, in one round trip. `PING` is refused
+/// (`LOADING`, `MASTERDOWN`) while Redis loads its data or is a replica cut off from its
+/// master; a replica in sync answers it as a master would, so with `ask_role` `ROLE` goes
+/// along, and any role but master comes back as a `READONLY` error, to be handled as a
+/// refused write is. Returns whether `ROLE` was answered: an ACL may deny it (an admin
+/// command), and a proxy in front of Redis may not know it; then `PING` alone decides, and
+/// the first write refused with `READONLY` still re-opens the connection.
+async fn probe(mut conn: MultiplexedConnection, ask_role: bool) -> redis::RedisResult<bool> {
+    if !ask_role {
+        let ping = redis::cmd("PING").query_async::<String>(&mut conn).await;
+        return ping.map(|_| false);
+    }
+    let mut pipe = redis::pipe();
+    pipe.cmd("PING").cmd("ROLE").ignore_errors();
+    let (ping, role): (redis::RedisResult<String>, redis::RedisResult<redis::Value>) =
+        pipe.query_async(&mut conn).await?;
+    ping?;
+    match role {
+        Ok(reply) => match role_of(&reply) {
+            Some(role) if role == "master" => Ok(true),
+            Some(role) => Err(not_master(role)),
+            None => Ok(false),
+        },
+        Err(e) if classify(&e) == Failure::NotWritable => Err(e),
+        Err(_) => Ok(false),
+    }
+}
+
+/// The role named first in a `ROLE` reply: `master`, `slave` or `sentinel`.
+fn role_of(reply: &redis::Value) -> Option<String> {
+    match reply {
+        redis::Value::Array(items) => redis::from_redis_value_ref(items.first()?).ok(),
+        _ => None,
+    }
+}
+
+fn not_master(role: String) -> redis::RedisError {
+    let kind = redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly);
+    redis::RedisError::from((
+        kind,
+        "not the master",
+        format!("ROLE is {role}, not master"),
+    ))
+}
+
+/// A Redis error reply as Redis wrote it (`READONLY You can't write against a read only
+/// replica.`), for logs and `/readyz`.
+fn reply_text(e: &redis::RedisError) -> String {
+    match (e.code(), e.detail()) {
+        (Some(code), Some(detail)) => format!("{code} {detail}"),
+        _ => e.to_string(),
+    }
+}
+
 fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -636,6 +772,7 @@ impl Store {
             broken: Notify::new(),
             started: AtomicBool::new(false),
             timeouts: AtomicU32::new(0),
+            ask_role: AtomicBool::new(true),
             tracking: tracking.map(|t| (t, sessions_prefix.clone())),
             runtime: tokio::runtime::Handle::try_current().ok(),
         };
@@ -670,6 +807,7 @@ impl Store {
         if let Err(e) = &result {
             let kind = match e {
                 StoreError::Unavailable | StoreError::Closed => "unavailable",
+                StoreError::NotWritable(_) => "not_writable",
                 StoreError::Timeout(_) => "timeout",
                 StoreError::Redis(_) | StoreError::Corrupt(_) => "error",
             };
@@ -689,21 +827,23 @@ impl Store {
                 self.link.timeouts.store(0, Ordering::Relaxed);
                 Ok(value)
             }
-            Ok(Err(e)) => {
-                if e.is_timeout() {
+            Ok(Err(e)) => match classify(&e) {
+                Failure::Timeout => {
                     self.note_timeout(generation);
-                    return Err(StoreError::Timeout(self.command_timeout));
+                    Err(StoreError::Timeout(self.command_timeout))
                 }
-                if e.is_io_error()
-                    || e.is_connection_dropped()
-                    || e.is_connection_refusal()
-                    || e.is_unrecoverable_error()
-                {
+                Failure::Broken => {
                     self.link.mark_broken(generation);
-                    return Err(StoreError::Unavailable);
+                    Err(StoreError::Unavailable)
                 }
-                Err(StoreError::Redis(e.to_string()))
-            }
+                // This command fails (closed); the next gets a connection to a master, or none.
+                Failure::NotWritable => {
+                    let reply = reply_text(&e);
+                    self.link.mark_not_writable(generation, &reply);
+                    Err(StoreError::NotWritable(reply))
+                }
+                Failure::Command => Err(StoreError::Redis(e.to_string())),
+            },
             Err(_) => {
                 self.note_timeout(generation);
                 Err(StoreError::Timeout(self.command_timeout))
@@ -719,14 +859,15 @@ impl Store {
         }
     }
 
-    /// PING: used by `/readyz`.
+    /// PING and ROLE in one round trip: used by `/readyz`, which so fails while the server
+    /// cannot take writes (a replica answers PING), and re-opens the connection then, as a
+    /// refused write would.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        self.run("ping", |mut c| async move {
-            redis::cmd("PING")
-                .query_async::<String>(&mut c)
-                .await
-                .map(|_| ())
-        })
+        let ask_role = self.link.ask_role.load(Ordering::Relaxed);
+        self.run(
+            "ping",
+            |c| async move { probe(c, ask_role).await.map(|_| ()) },
+        )
         .await
     }
 
@@ -1063,6 +1204,67 @@ mod tests {
                 None
             );
         }
+    }
+
+    /// The error of a Redis error reply (`-CODE detail`).
+    fn error_reply(reply: &str) -> redis::RedisError {
+        match redis::parse_redis_value(format!("-{reply}\r\n").as_bytes()) {
+            Ok(redis::Value::ServerError(e)) => e.into(),
+            other => panic!("{reply:?} parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_server_that_cannot_take_writes_is_left_like_a_broken_connection() {
+        for reply in [
+            "READONLY You can't write against a read only replica.",
+            "READONLY You can't write against a read only replica. script: 2466aaf81bbfc77363f98c3be5e38bcaa7ccc024, on @user_script:1.",
+            "MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'.",
+            "LOADING Redis is loading the dataset in memory",
+        ] {
+            let e = error_reply(reply);
+            assert_eq!(classify(&e), Failure::NotWritable, "{reply}");
+            assert_eq!(reply_text(&e), reply);
+        }
+        for reply in [
+            "ERR unknown command 'ROLE', with args beginning with: ",
+            "NOPERM User portcullis has no permissions to run the 'role' command",
+            "NOSCRIPT No matching script. Please use EVAL.",
+            "WRONGTYPE Operation against a key holding the wrong kind of value",
+        ] {
+            assert_eq!(classify(&error_reply(reply)), Failure::Command, "{reply}");
+        }
+        let io = |kind: std::io::ErrorKind| redis::RedisError::from(std::io::Error::from(kind));
+        assert_eq!(
+            classify(&io(std::io::ErrorKind::ConnectionReset)),
+            Failure::Broken
+        );
+        assert_eq!(
+            classify(&io(std::io::ErrorKind::TimedOut)),
+            Failure::Timeout
+        );
+    }
+
+    #[test]
+    fn any_role_but_master_counts_as_a_refused_write() {
+        use redis::Value::{Array, BulkString, Int};
+        let bulk = |s: &str| BulkString(s.as_bytes().to_vec());
+        let master = Array(vec![bulk("master"), Int(3129659), Array(vec![])]);
+        assert_eq!(role_of(&master).as_deref(), Some("master"));
+        let replica = Array(vec![
+            bulk("slave"),
+            bulk("127.0.0.1"),
+            Int(9999),
+            bulk("connected"),
+            Int(3167038),
+        ]);
+        assert_eq!(role_of(&replica).as_deref(), Some("slave"));
+        assert_eq!(role_of(&redis::Value::Okay), None);
+        assert_eq!(role_of(&Array(vec![])), None);
+
+        let refused = not_master("slave".into());
+        assert_eq!(classify(&refused), Failure::NotWritable);
+        assert_eq!(reply_text(&refused), "READONLY ROLE is slave, not master");
     }
 
     #[derive(Default)]
