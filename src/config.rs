@@ -16,6 +16,7 @@ use rustls::pki_types::CertificateDer;
 use serde::Deserialize;
 
 use crate::routes::matches_prefix;
+use crate::session::cache::HEARTBEAT;
 
 /// One problem with the configuration, naming the key it is about.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -742,6 +743,15 @@ impl FileConfig {
         }
         let slide_interval = match self.session.slide_interval {
             Some(slide) => {
+                // Zero caches nothing and slides on every request (a few milliseconds, nearly
+                // so): a Redis write each time, each emptying the other replicas' cache of the
+                // user. The default is never below 50ms (a twentieth of the shortest ttl).
+                if slide < HEARTBEAT {
+                    v.fail(
+                        "session.slide_interval",
+                        format!("must be at least {HEARTBEAT:?} (the local cache's heartbeat): shorter, every request writes to Redis and empties the other replicas' caches"),
+                    );
+                }
                 if slide > self.session.ttl / 10 {
                     v.fail(
                         "session.slide_interval",
@@ -1696,6 +1706,28 @@ mod tests {
             assert_eq!(err.0.len(), 1, "{err}");
             assert_eq!(err.0[0].key, "session.ttl");
             assert!(err.0[0].reason.contains("at most 100 years"), "{err}");
+        }
+    }
+
+    #[test]
+    fn slide_interval_is_at_least_the_cache_heartbeat_and_at_most_a_tenth_of_ttl() {
+        assert_eq!(
+            parse("").unwrap().session.slide_interval,
+            Duration::from_secs(30)
+        );
+        let shortest = parse("[session]\nttl = \"1s\"\nlast_active_resolution = \"0s\"\n").unwrap();
+        assert_eq!(shortest.session.slide_interval, Duration::from_millis(50));
+        let c = parse("[session]\nslide_interval = \"20ms\"\n").unwrap();
+        assert_eq!(c.session.slide_interval, Duration::from_millis(20));
+        for (bad, why) in [
+            ("0s", "at least 20ms"),
+            ("19ms", "at least 20ms"),
+            ("3d4h", "at most a tenth"),
+        ] {
+            let err = parse(&format!("[session]\nslide_interval = \"{bad}\"\n")).unwrap_err();
+            assert_eq!(err.0.len(), 1, "{bad}: {err}");
+            assert_eq!(err.0[0].key, "session.slide_interval");
+            assert!(err.0[0].reason.contains(why), "{bad}: {err}");
         }
     }
 
