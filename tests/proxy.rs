@@ -448,6 +448,54 @@ async fn hop_by_hop_request_headers_never_reach_the_upstream() {
     assert_eq!(seen.headers["x-end-to-end"], "kept");
 }
 
+/// h2c smuggling: behind an accepted `Upgrade: h2c` the client would speak HTTP/2 to the
+/// upstream directly, every request in it unchecked.
+#[tokio::test]
+async fn an_upgrade_to_anything_but_websocket_is_never_offered_to_the_upstream() {
+    let upstream = Upstream::echo().await;
+    let proxy = Proxy::start(&open_config(&upstream.url())).await;
+    let resp = send_raw(
+        proxy.addr,
+        b"GET /open HTTP/1.1\r\n\
+          Host: game.example\r\n\
+          Connection: Upgrade, HTTP2-Settings\r\n\
+          Upgrade: h2c\r\n\
+          HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\
+          \r\n",
+    )
+    .await;
+    assert_eq!(resp.status, 200);
+    let seen = upstream.last();
+    for name in ["upgrade", "connection", "http2-settings"] {
+        assert!(
+            !seen.headers.contains_key(name),
+            "{name}: {:?}",
+            seen.headers
+        );
+    }
+
+    // An upstream that switches anyway is not followed.
+    let eager = RawUpstream::start(
+        b"HTTP/1.1 101 Switching Protocols\r\n\
+          Connection: Upgrade\r\n\
+          Upgrade: h2c\r\n\
+          \r\n",
+    )
+    .await;
+    let proxy = Proxy::start(&open_config(&eager.url())).await;
+    let resp = send_raw(
+        proxy.addr,
+        b"GET /open HTTP/1.1\r\n\
+          Host: game.example\r\n\
+          Connection: Upgrade, HTTP2-Settings\r\n\
+          Upgrade: h2c\r\n\
+          HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\
+          \r\n",
+    )
+    .await;
+    resp.assert_error(502, "UPSTREAM_UNAVAILABLE");
+}
+
 #[tokio::test]
 async fn hop_by_hop_response_headers_never_reach_the_client() {
     let upstream = RawUpstream::start(

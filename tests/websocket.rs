@@ -191,7 +191,7 @@ async fn silent_upgrade_upstream() -> (SocketAddr, tokio::task::JoinHandle<()>) 
                 }
             }
             let _ = stream
-                .write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: raw\r\n\r\n")
+                .write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n")
                 .await;
             held.push(stream); // never read, never written, never closed
         }
@@ -206,7 +206,7 @@ async fn client_disconnect_ends_the_tunnel_even_if_the_upstream_stays_silent() {
         Proxy::start_counting_tunnels(&open_config(&format!("http://{upstream}"))).await;
     let mut client = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     client
-        .write_all(b"GET /raw HTTP/1.1\r\nHost: game.example\r\nConnection: Upgrade\r\nUpgrade: raw\r\n\r\n")
+        .write_all(b"GET /raw HTTP/1.1\r\nHost: game.example\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
         .await
         .unwrap();
     let mut head = Vec::new();
@@ -269,7 +269,7 @@ async fn raw_echo_upgrade_upstream() -> (SocketAddr, tokio::task::JoinHandle<()>
                     }
                     head.push(byte[0]);
                 }
-                let answer = b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: raw\r\n\r\n";
+                let answer = b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n";
                 if stream.write_all(answer).await.is_err() {
                     return;
                 }
@@ -289,7 +289,7 @@ async fn bytes_sent_right_behind_the_upgrade_request_reach_the_upstream() {
     // The client does not wait for the 101: its first bytes of the new protocol arrive with
     // the request, so portcullis has read them before the tunnel exists.
     conn.write_all(
-        b"GET /raw HTTP/1.1\r\nHost: t\r\nConnection: upgrade\r\nUpgrade: raw\r\n\r\nEAGER",
+        b"GET /raw HTTP/1.1\r\nHost: t\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\nEAGER",
     )
     .await
     .unwrap();

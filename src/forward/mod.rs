@@ -2,8 +2,9 @@
 //!
 //! Header hygiene happens here, strip before set: hop-by-hop headers (RFC 9110 7.6.1, and every
 //! header the Connection header names) are removed in both directions, and X-Forwarded-For /
-//! -Proto / -Host are rewritten. The path and query go upstream byte for byte. An HTTP Upgrade
-//! (WebSocket, Socket.IO) that the upstream accepts with 101 becomes a bidirectional tunnel.
+//! -Proto / -Host are rewritten. The path goes upstream as the router made it canonical, the
+//! query byte for byte. A WebSocket upgrade (Socket.IO's included) that the upstream accepts
+//! with 101 becomes a bidirectional tunnel.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -29,7 +30,7 @@ mod pool;
 
 pub use pool::{Pool, PoolError, REPLAY_AFTER_IDLE};
 
-/// Live WebSocket (and other Upgrade) tunnels, shared with whoever wants to count them.
+/// Live WebSocket tunnels, shared with whoever wants to count them.
 #[derive(Debug, Default)]
 pub struct TunnelCount(std::sync::atomic::AtomicUsize);
 
@@ -425,10 +426,20 @@ fn ip_value(ip: std::net::IpAddr) -> Option<HeaderValue> {
     HeaderValue::from_bytes(&text[..len]).ok()
 }
 
-/// True when the request asks to switch protocols (HTTP/1.1 `Connection: upgrade` + `Upgrade`).
+/// True when the request asks to switch to WebSocket (HTTP/1.1 `Connection: upgrade` +
+/// `Upgrade: websocket`). No other protocol is offered to the upstream: behind an `h2c` (or any
+/// other) tunnel the client could send the upstream requests that no check ever sees. Such a
+/// request goes upstream as an ordinary one, its Upgrade header stripped as hop-by-hop.
 pub fn wants_upgrade<B>(req: &Request<B>) -> bool {
+    let mut protocols = req.headers().get_all(header::UPGRADE).iter();
+    let websocket = match (protocols.next(), protocols.next()) {
+        (Some(protocol), None) => protocol
+            .to_str()
+            .is_ok_and(|p| p.trim().eq_ignore_ascii_case("websocket")),
+        _ => false,
+    };
     req.version() == Version::HTTP_11
-        && req.headers().contains_key(header::UPGRADE)
+        && websocket
         && connection_tokens(req.headers()).any(|t| t.eq_ignore_ascii_case("upgrade"))
 }
 
@@ -664,6 +675,27 @@ mod tests {
         strip_hop_by_hop(&mut h, true, &[]);
         assert_eq!(h[header::UPGRADE], "websocket");
         assert_eq!(h[header::CONNECTION], "Upgrade");
+    }
+
+    #[test]
+    fn only_websocket_is_an_upgrade() {
+        for protocol in ["h2c", "websocket, h2c", "TLS/1.0", "websocket2", ""] {
+            let mut req = Request::new(());
+            req.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+            req.headers_mut()
+                .insert(header::UPGRADE, HeaderValue::from_str(protocol).unwrap());
+            assert!(!wants_upgrade(&req), "{protocol}");
+        }
+        let mut req = Request::new(());
+        req.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        req.headers_mut()
+            .insert(header::UPGRADE, HeaderValue::from_static(" WebSocket "));
+        assert!(wants_upgrade(&req));
+        req.headers_mut()
+            .append(header::UPGRADE, HeaderValue::from_static("h2c"));
+        assert!(!wants_upgrade(&req), "two Upgrade lines");
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! Tunnels (WebSocket and other upgrades) opened on a `session` route end when their session
-//! ends: destroyed through the API on any replica, evicted by a newer session, or expired.
+//! WebSocket tunnels opened on a `session` route end when their session ends: destroyed
+//! through the API on any replica, evicted by a newer session, or expired.
 //!
 //! A tunnel carries no requests for the gate to check, so each one holds a [`TunnelLease`]
 //! that checks its session itself: at once when something may have ended it (this process
