@@ -217,3 +217,38 @@ async fn eviction_keeps_the_tracked_key_count_bounded() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A config behind a trusted load balancer on 127.0.0.1 whose anonymous callers get `requests`
+/// per minute.
+fn behind_a_load_balancer(upstream: &str, requests: u32) -> String {
+    format!(
+        "[upstream]\nurl = \"{upstream}\"\n[server]\ntrusted_proxies = [\"127.0.0.1\"]\n{OPEN_ROUTES}[rate_limit.anonymous]\nrequests = {requests}\nper = \"1m\"\n"
+    )
+}
+
+async fn status_via(http: &reqwest::Client, proxy: &Limited, xff: Option<&str>) -> u16 {
+    let mut req = http.get(format!("{}/x", proxy.url));
+    if let Some(xff) = xff {
+        req = req.header("x-forwarded-for", xff);
+    }
+    req.send().await.unwrap().status().as_u16()
+}
+
+#[tokio::test]
+async fn junk_a_client_writes_into_x_forwarded_for_spends_its_own_quota_not_the_load_balancers() {
+    let upstream = Upstream::echo().await;
+    let proxy = start(&behind_a_load_balancer(&upstream.url(), 2)).await;
+    let http = client();
+    let junk = Some("unknown, 203.0.113.66");
+    assert_eq!(status_via(&http, &proxy, junk).await, 200);
+    assert_eq!(status_via(&http, &proxy, junk).await, 200);
+    assert_eq!(status_via(&http, &proxy, junk).await, 429);
+    assert_eq!(
+        status_via(&http, &proxy, Some("203.0.113.66")).await,
+        429,
+        "the same client without the junk"
+    );
+    // The load balancer's own address, and its other clients, are untouched.
+    assert_eq!(status_via(&http, &proxy, None).await, 200);
+    assert_eq!(status_via(&http, &proxy, Some("198.51.100.7")).await, 200);
+}
