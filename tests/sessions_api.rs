@@ -772,6 +772,37 @@ async fn create_rejects_a_user_agent_over_512_bytes_in_the_body() {
 }
 
 #[tokio::test]
+async fn create_rejects_a_user_agent_with_control_characters_in_the_body() {
+    let s = setup().await;
+    for ua in [
+        "\\u0000\\u001b[31mred",
+        "Game/1\\r\\nX-Evil: 1",
+        "Game\\t1",
+        "Game\\u007f",
+        "Game\\u009b31m",
+    ] {
+        let bad = format!(r#"{{"metadata":{{"userAgent":"{ua}"}}}}"#);
+        let body = assert_error(s.post_create_raw("alice", bad).await, 400, "BAD_REQUEST").await;
+        assert!(
+            message(&body).contains("metadata.userAgent"),
+            "{ua:?}: {body}"
+        );
+    }
+    assert!(s.stored_ids("alice").is_empty());
+    // Printable text beyond ASCII is fine.
+    let created = s
+        .create_with(
+            "alice",
+            Some(r#"{"metadata":{"userAgent":"Jeu/1 (é, 日本)"}}"#),
+            None,
+        )
+        .await;
+    let id = created["data"]["sessionId"].as_str().unwrap();
+    let session = s.get_ok("alice", id).await;
+    assert_eq!(session["metadata"]["userAgent"], "Jeu/1 (é, 日本)");
+}
+
+#[tokio::test]
 async fn create_rejects_a_body_over_16_kib_with_413_and_accepts_one_of_exactly_16_kib() {
     let s = setup().await;
     let json = r#"{"metadata":{"platform":"ios"}}"#;

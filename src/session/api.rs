@@ -267,9 +267,10 @@ async fn create_metadata(req: Request<Body>) -> Result<Metadata, Rejection> {
     let input = input.metadata.unwrap_or_default();
 
     let user_agent = match input.user_agent {
-        Some(ua) if ua.len() > MAX_USER_AGENT => {
+        // Control characters are refused as in deviceId: both are listed back and logged.
+        Some(ua) if ua.len() > MAX_USER_AGENT || ua.chars().any(char::is_control) => {
             return Err(Rejection::BadRequest(format!(
-                "metadata.userAgent is longer than {MAX_USER_AGENT} bytes"
+                "metadata.userAgent must be at most {MAX_USER_AGENT} bytes without control characters"
             )))
         }
         Some(ua) => Some(ua),
