@@ -883,10 +883,56 @@ async fn a_wrong_method_on_a_known_endpoint_is_405() {
             .await
             .unwrap();
         assert_eq!(resp.status(), 405, "{method} {path}");
+        assert!(resp.headers().contains_key("allow"), "{method} {path}");
         assert_error(resp, 405, "METHOD_NOT_ALLOWED").await;
     }
     // None of them touched the session.
     assert_eq!(s.stored_ids("alice"), set(&[&id]));
+}
+
+#[tokio::test]
+async fn a_405_lists_in_allow_exactly_the_methods_the_endpoint_answers() {
+    let s = setup().await;
+    let t = token("alice", None);
+    let id = s.create("alice").await;
+    let cases = [
+        ("/create".to_string(), "POST"),
+        ("/user/sessions".to_string(), "GET"),
+        (format!("/{id}/extend"), "POST"),
+        ("/openapi.json".to_string(), "GET, HEAD"),
+        // Last: its DELETE ends the session the others use.
+        (format!("/{id}"), "GET, DELETE"),
+    ];
+    for (path, allow) in &cases {
+        let resp = client()
+            .request(reqwest::Method::PATCH, s.url(path))
+            .bearer_auth(&t)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 405, "PATCH {path}");
+        assert_eq!(
+            resp.headers().get("allow").and_then(|v| v.to_str().ok()),
+            Some(*allow),
+            "PATCH {path}"
+        );
+    }
+    // Every method named is answered.
+    for (path, allow) in &cases {
+        for method in allow.split(", ") {
+            let resp = client()
+                .request(method.parse().unwrap(), s.url(path))
+                .bearer_auth(&t)
+                .send()
+                .await
+                .unwrap();
+            assert!(
+                resp.status().is_success(),
+                "{method} {path}: {}",
+                resp.status()
+            );
+        }
+    }
 }
 
 #[tokio::test]

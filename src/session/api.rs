@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::{header, Method, Request, Response, StatusCode};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use serde::{Deserialize, Serialize};
 use tower::Service;
@@ -104,6 +104,20 @@ enum Endpoint {
     Unknown,
 }
 
+impl Endpoint {
+    /// The methods it answers, for the Allow header a 405 must carry (RFC 9110 15.5.6); the
+    /// arms of [`SessionApi::answer`] in one line each.
+    fn allow(&self) -> Option<&'static str> {
+        match self {
+            Endpoint::OpenApi => Some("GET, HEAD"),
+            Endpoint::Create | Endpoint::Extend(_) => Some("POST"),
+            Endpoint::List => Some("GET"),
+            Endpoint::One(_) => Some("GET, DELETE"),
+            Endpoint::Unknown => None,
+        }
+    }
+}
+
 fn endpoint(rest: &str) -> Endpoint {
     let parts: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
     match parts.as_slice() {
@@ -126,10 +140,31 @@ fn store_failed(e: StoreError) -> Rejection {
 }
 
 impl SessionApi {
-    async fn handle(self, req: Request<Body>) -> Result<Response<Body>, Rejection> {
+    async fn handle(self, req: Request<Body>) -> Response<Body> {
         let path = normalise(req.uri().path());
         let rest = path.strip_prefix(&*self.prefix).unwrap_or("");
         let endpoint = endpoint(rest);
+        let allow = endpoint.allow();
+        match self.answer(endpoint, req).await {
+            Ok(response) => response,
+            Err(Rejection::MethodNotAllowed) => {
+                let mut response = Rejection::MethodNotAllowed.into_response();
+                if let Some(allow) = allow {
+                    response
+                        .headers_mut()
+                        .insert(header::ALLOW, HeaderValue::from_static(allow));
+                }
+                response
+            }
+            Err(rejection) => rejection.into_response(),
+        }
+    }
+
+    async fn answer(
+        self,
+        endpoint: Endpoint,
+        req: Request<Body>,
+    ) -> Result<Response<Body>, Rejection> {
         let method = req.method().clone();
 
         if let Endpoint::OpenApi = endpoint {
@@ -347,12 +382,7 @@ impl Service<Request<Body>> for SessionApi {
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
         let api = self.clone();
-        Box::pin(async move {
-            Ok(api
-                .handle(req)
-                .await
-                .unwrap_or_else(Rejection::into_response))
-        })
+        Box::pin(async move { Ok(api.handle(req).await) })
     }
 }
 
