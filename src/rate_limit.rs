@@ -1,7 +1,7 @@
 //! Per-caller rate limits, decided after the token is verified (CPU only) and before anything
 //! touches Redis or the upstream. A caller with a valid token is counted by user id, any other
-//! caller by client IP, so that a flood of bad or missing tokens is limited too while players
-//! behind one carrier NAT keep their own quotas.
+//! caller by client IP (an IPv6 one by its /64), so that a flood of bad or missing tokens is
+//! limited too while players behind one carrier NAT keep their own quotas.
 //!
 //! Quotas are GCRA (governor): `burst` at once, refilling at `requests` per `per`. Which quota:
 //! the session API uses `rate_limit.sessions_api`; a proxied route its own `rate_limit`, else
@@ -11,7 +11,7 @@
 
 use std::future::Ready;
 use std::hash::Hash;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -29,6 +29,7 @@ use crate::config::{Quota, RateLimitConfig, RouteConfig, RouteLimit};
 use crate::error::Rejection;
 use crate::facts::RequestFacts;
 use crate::on_response::OnResponse;
+use crate::peer::canonical;
 use crate::routes::RouteClass;
 use crate::Body;
 
@@ -36,7 +37,23 @@ use crate::Body;
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum CallerKey {
     User(Arc<str>),
+    /// An anonymous caller's address as [`CallerKey::ip`] keys it.
     Ip(IpAddr),
+}
+
+impl CallerKey {
+    /// An anonymous caller: an IPv4 address on its own, an IPv6 address by its /64 (the smallest
+    /// block a subscriber is given), so that rotating through the block neither escapes the
+    /// limit nor grows the key map.
+    pub fn ip(ip: IpAddr) -> Self {
+        CallerKey::Ip(match canonical(ip) {
+            IpAddr::V6(v6) => {
+                let [a, b, c, d, ..] = v6.segments();
+                IpAddr::V6(Ipv6Addr::new(a, b, c, d, 0, 0, 0, 0))
+            }
+            v4 => v4,
+        })
+    }
 }
 
 /// What one limiter said about one request.
@@ -308,7 +325,7 @@ where
         let facts = RequestFacts::of(&req);
         let key = match (&facts.who, facts.client_ip) {
             (Some(who), _) => Some(CallerKey::User(who.user_id.clone())),
-            (None, Some(ip)) => Some(CallerKey::Ip(ip)),
+            (None, Some(ip)) => Some(CallerKey::ip(ip)),
             (None, None) => None,
         };
         let class = facts.route;
@@ -397,7 +414,7 @@ mod tests {
         let clock = FakeRelativeClock::default();
         let limiter = Limiter::with_clock(quota(10, Duration::from_secs(1), 10), clock.clone());
         for i in 0..10_000u32 {
-            limiter.check(&CallerKey::Ip(IpAddr::from(i.to_be_bytes())));
+            limiter.check(&CallerKey::ip(IpAddr::from(i.to_be_bytes())));
         }
         assert_eq!(limiter.tracked_keys(), 10_000);
         limiter.evict_idle();
@@ -442,7 +459,7 @@ mod tests {
             auth: AuthMode::None,
             route: Some(0),
         };
-        let ip = CallerKey::Ip("192.0.2.1".parse().unwrap());
+        let ip = CallerKey::ip("192.0.2.1".parse().unwrap());
         assert_eq!(l.decide(api, &user("u")).unwrap().limit, 2);
         assert_eq!(l.decide(game, &user("u")).unwrap().limit, 1000);
         assert_eq!(l.decide(login, &user("u")).unwrap().limit, 1);
@@ -465,6 +482,31 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_callers_share_a_quota_per_64_and_ipv4_callers_have_one_each() {
+        let l = limits();
+        let game = RouteClass::Proxy {
+            auth: AuthMode::Session,
+            route: None,
+        };
+        let decide = |ip: &str| l.decide(game, &CallerKey::ip(ip.parse().unwrap())).unwrap();
+        // The anonymous quota is 3, spent across one /64.
+        assert_eq!(decide("2001:db8:1:2::1").remaining, 2);
+        assert_eq!(decide("2001:db8:1:2::2").remaining, 1);
+        assert_eq!(decide("2001:db8:1:2:ffff:ffff:ffff:ffff").remaining, 0);
+        assert!(!decide("2001:db8:1:2:abcd::9").allowed);
+        assert_eq!(decide("2001:db8:1:3::1").remaining, 2, "the next /64");
+        assert_eq!(decide("2001:db8:1:3::2").remaining, 1);
+
+        assert_eq!(decide("192.0.2.1").remaining, 2);
+        assert_eq!(decide("192.0.2.2").remaining, 2, "IPv4 is per address");
+        assert_eq!(
+            decide("::ffff:192.0.2.1").remaining,
+            1,
+            "a mapped IPv4 address is that address, not the ::/64"
+        );
+    }
+
+    #[test]
     fn no_section_means_no_limit() {
         let l = RateLimits::new(
             &RateLimitConfig {
@@ -481,7 +523,7 @@ mod tests {
         };
         assert!(l.decide(game, &user("u")).is_none());
         assert!(l
-            .decide(game, &CallerKey::Ip("192.0.2.1".parse().unwrap()))
+            .decide(game, &CallerKey::ip("192.0.2.1".parse().unwrap()))
             .is_none());
     }
 }

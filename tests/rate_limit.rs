@@ -252,3 +252,32 @@ async fn junk_a_client_writes_into_x_forwarded_for_spends_its_own_quota_not_the_
     assert_eq!(status_via(&http, &proxy, None).await, 200);
     assert_eq!(status_via(&http, &proxy, Some("198.51.100.7")).await, 200);
 }
+
+#[tokio::test]
+async fn ipv6_callers_are_counted_by_their_64_so_rotating_addresses_does_not_escape() {
+    let upstream = Upstream::echo().await;
+    let proxy = start(&behind_a_load_balancer(&upstream.url(), 2)).await;
+    let http = client();
+    assert_eq!(
+        status_via(&http, &proxy, Some("2001:db8:1:2::1")).await,
+        200
+    );
+    assert_eq!(
+        status_via(&http, &proxy, Some("2001:db8:1:2::2")).await,
+        200
+    );
+    assert_eq!(
+        status_via(&http, &proxy, Some("2001:db8:1:2:ffff:ffff:ffff:ffff")).await,
+        429,
+        "the third address of the same /64"
+    );
+    assert_eq!(
+        status_via(&http, &proxy, Some("2001:db8:1:3::1")).await,
+        200
+    );
+    assert_eq!(proxy.limits.tracked_keys(), 2, "one key per /64");
+    // IPv4 callers keep one quota per address.
+    for ip in ["192.0.2.1", "192.0.2.1", "192.0.2.2", "192.0.2.2"] {
+        assert_eq!(status_via(&http, &proxy, Some(ip)).await, 200, "{ip}");
+    }
+}
