@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use http::{Method, Request, Response, StatusCode};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
@@ -91,11 +91,16 @@ pub struct Admin {
 impl Admin {
     async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
         if req.method() != Method::GET && req.method() != Method::HEAD {
-            return error_response(
+            let mut response = error_response(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "METHOD_NOT_ALLOWED",
                 "the admin endpoints answer GET only",
             );
+            // RFC 9110 15.5.6: a 405 lists what the resource does answer.
+            response
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            return response;
         }
         match req.uri().path() {
             "/healthz" => json_response(StatusCode::OK, br#"{"alive":true}"#.to_vec()),

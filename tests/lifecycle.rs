@@ -146,6 +146,20 @@ async fn readyz_answers_200_json_on_the_admin_port() {
 }
 
 #[tokio::test]
+async fn admin_endpoints_refuse_other_methods_with_405_and_allow() {
+    let upstream = Upstream::echo().await;
+    let proxy = Proxy::start(&open_config(&upstream.url())).await;
+    let resp = client()
+        .post(proxy.admin_url("/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 405);
+    assert_eq!(resp.headers()["allow"], "GET, HEAD");
+    assert_eq!(json(resp).await["error"]["code"], "METHOD_NOT_ALLOWED");
+}
+
+#[tokio::test]
 async fn health_endpoints_are_not_on_the_public_port() {
     let upstream = Upstream::echo().await;
     let proxy = Proxy::start(&open_config(&upstream.url())).await;
