@@ -1116,7 +1116,22 @@ impl Validator {
             );
             return None;
         }
-        Some(prefix)
+        // Requests are matched in their canonical form (`routes::canonical`): a prefix in
+        // another form, or one no canonical path holds, would never match.
+        match crate::routes::canonical(prefix) {
+            Ok(canonical) if canonical == prefix => Some(prefix),
+            Ok(canonical) => {
+                self.fail(
+                    key,
+                    format!("must be written as requests are matched, {canonical:?}: escapes of letters, digits and -._~ stand for the characters themselves"),
+                );
+                None
+            }
+            Err(e) => {
+                self.fail(key, format!("{}: no request could match it", e.message()));
+                None
+            }
+        }
     }
 
     /// The three identity header names: each of its own, and none that HTTP or portcullis
@@ -1854,6 +1869,24 @@ mod tests {
     }
 
     #[test]
+    fn route_prefixes_must_be_canonical_paths() {
+        let c = parse("[[routes]]\npath_prefix = \"/a%20b\"\nauth = \"none\"\n").unwrap();
+        assert_eq!(c.routes[0].path_prefix, "/a%20b");
+        for (bad, says) in [
+            ("/%7Euser", "\"/~user\""),
+            ("/a%2Fb", "encoded slash"),
+            ("/a%zz", "malformed"),
+        ] {
+            let err = parse(&format!(
+                "[[routes]]\npath_prefix = \"{bad}\"\nauth = \"none\"\n"
+            ))
+            .unwrap_err();
+            assert_eq!(err.0[0].key, "routes[0].path_prefix", "{bad}");
+            assert!(err.0[0].reason.contains(says), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn api_prefix_must_be_a_normalised_path_that_can_match() {
         assert_eq!(parse("").unwrap().session.api_prefix, "/api/v1/sessions");
         let c = parse("[session]\napi_prefix = \"/api/v2/sessions/\"\n").unwrap();
@@ -1863,8 +1896,9 @@ mod tests {
             ("/api/./sessions", "normalised"),
             ("/api/../sessions", "normalised"),
             ("/api\\\\sessions", "normalised"),
-            ("/api/v1%2Fsessions", "% escapes"),
-            ("/api/%73essions", "% escapes"),
+            ("/api/v1%2Fsessions", "encoded slash"),
+            ("/api/%73essions", "\"/api/sessions\""),
+            ("/api/a%20b", "% escapes"),
             ("api/v1/sessions", "start with /"),
             ("", "start with /"),
             ("/", "not be / itself"),
