@@ -897,11 +897,11 @@ async fn a_405_lists_in_allow_exactly_the_methods_the_endpoint_answers() {
     let id = s.create("alice").await;
     let cases = [
         ("/create".to_string(), "POST"),
-        ("/user/sessions".to_string(), "GET"),
+        ("/user/sessions".to_string(), "GET, HEAD"),
         (format!("/{id}/extend"), "POST"),
         ("/openapi.json".to_string(), "GET, HEAD"),
         // Last: its DELETE ends the session the others use.
-        (format!("/{id}"), "GET, DELETE"),
+        (format!("/{id}"), "GET, HEAD, DELETE"),
     ];
     for (path, allow) in &cases {
         let resp = client()

@@ -111,8 +111,8 @@ impl Endpoint {
         match self {
             Endpoint::OpenApi => Some("GET, HEAD"),
             Endpoint::Create | Endpoint::Extend(_) => Some("POST"),
-            Endpoint::List => Some("GET"),
-            Endpoint::One(_) => Some("GET, DELETE"),
+            Endpoint::List => Some("GET, HEAD"),
+            Endpoint::One(_) => Some("GET, HEAD, DELETE"),
             Endpoint::Unknown => None,
         }
     }
@@ -208,11 +208,12 @@ impl SessionApi {
                 );
                 Ok(success(StatusCode::CREATED, Some(created)))
             }
-            (Endpoint::List, Method::GET) => {
+            // HEAD as GET (RFC 9110 9.1); hyper sends no body with the answer.
+            (Endpoint::List, Method::GET | Method::HEAD) => {
                 let list = sessions.list(user).await.map_err(store_failed)?;
                 Ok(success(StatusCode::OK, Some(list)))
             }
-            (Endpoint::One(id), Method::GET) => {
+            (Endpoint::One(id), Method::GET | Method::HEAD) => {
                 let id = session_id(&id)?;
                 match sessions.get(user, id).await.map_err(store_failed)? {
                     Some(session) => Ok(success(StatusCode::OK, Some(session))),
