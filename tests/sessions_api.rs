@@ -800,6 +800,14 @@ async fn create_rejects_a_user_agent_with_control_characters_in_the_body() {
     let id = created["data"]["sessionId"].as_str().unwrap();
     let session = s.get_ok("alice", id).await;
     assert_eq!(session["metadata"]["userAgent"], "Jeu/1 (é, 日本)");
+
+    // From the header (no userAgent in the body), control characters are dropped.
+    let created = s
+        .create_with("alice", None, Some("Game/1\tX\u{9b}[31m"))
+        .await;
+    let id = created["data"]["sessionId"].as_str().unwrap();
+    let session = s.get_ok("alice", id).await;
+    assert_eq!(session["metadata"]["userAgent"], "Game/1X[31m");
 }
 
 #[tokio::test]

@@ -283,10 +283,14 @@ fn audit(
 /// Reads and checks the create body: platform from the body, else detected from the
 /// User-Agent; userAgent from the body, else the header; ipAddress always the client's.
 async fn create_metadata(req: Request<Body>) -> Result<Metadata, Rejection> {
-    let header_ua = req
-        .headers()
-        .get(header::USER_AGENT)
-        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    // A header may carry a tab or UTF-8 C1 controls (a terminal's escape introducer): they
+    // are dropped, as the body's userAgent may not hold them either.
+    let header_ua = req.headers().get(header::USER_AGENT).map(|v| {
+        String::from_utf8_lossy(v.as_bytes())
+            .chars()
+            .filter(|c| !c.is_control())
+            .collect::<String>()
+    });
     let ip = RequestFacts::of(&req).client_ip;
     let body = Limited::new(req.into_body(), MAX_API_BODY)
         .collect()
