@@ -183,12 +183,10 @@ impl Upstream {
         req: Request<Body>,
         extensions: &mut Extensions,
     ) -> Result<(Response<Body>, Duration), Rejection> {
-        let upgrade = wants_upgrade(&req);
-        let handoff = if upgrade {
-            extensions.remove::<UpgradeHandoff>()
-        } else {
-            None
-        };
+        // The client connection hands one over with each request that asks to switch to
+        // WebSocket (`wants_upgrade`), and with no other.
+        let handoff = extensions.remove::<UpgradeHandoff>();
+        let upgrade = handoff.is_some();
         let req = self.upstream_request(req, extensions.get::<RequestFacts>(), upgrade);
 
         let started = Instant::now();
@@ -431,16 +429,16 @@ fn ip_value(ip: std::net::IpAddr) -> Option<HeaderValue> {
 /// other) tunnel the client could send the upstream requests that no check ever sees. Such a
 /// request goes upstream as an ordinary one, its Upgrade header stripped as hop-by-hop.
 pub fn wants_upgrade<B>(req: &Request<B>) -> bool {
-    let mut protocols = req.headers().get_all(header::UPGRADE).iter();
-    let websocket = match (protocols.next(), protocols.next()) {
-        (Some(protocol), None) => protocol
+    let headers = req.headers();
+    let websocket = |protocol: &HeaderValue| {
+        protocol
             .to_str()
-            .is_ok_and(|p| p.trim().eq_ignore_ascii_case("websocket")),
-        _ => false,
+            .is_ok_and(|p| p.trim().eq_ignore_ascii_case("websocket"))
     };
     req.version() == Version::HTTP_11
-        && websocket
-        && connection_tokens(req.headers()).any(|t| t.eq_ignore_ascii_case("upgrade"))
+        && headers.get(header::UPGRADE).is_some_and(websocket)
+        && headers.get_all(header::UPGRADE).iter().nth(1).is_none()
+        && connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
 }
 
 fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
