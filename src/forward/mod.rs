@@ -136,6 +136,42 @@ pub struct Upstream {
     trusted: TrustedProxies,
     identity: IdentityConfig,
     tunnels: Arc<TunnelCount>,
+    /// The headers portcullis sets, whose underscore spellings are removed.
+    aliased: Aliased,
+}
+
+/// Names some backends would confuse with these (see `Upstream::remove_aliases`); the bit of
+/// each one's length is set, so that most names are passed over without reading them.
+struct Aliased {
+    names: Vec<HeaderName>,
+    lengths: u64,
+}
+
+impl Aliased {
+    fn new(names: Vec<HeaderName>) -> Self {
+        let lengths = names
+            .iter()
+            .map(|n| n.as_str().len())
+            .filter(|&len| len < 64)
+            .fold(0, |bits, len| bits | 1 << len);
+        Aliased { names, lengths }
+    }
+
+    /// `key` is one of the names with `_` for some `-`.
+    fn aliases(&self, key: &HeaderName) -> bool {
+        let key = key.as_str().as_bytes();
+        key.len() < 64
+            && self.lengths & (1 << key.len()) != 0
+            && key.contains(&b'_')
+            && self.names.iter().any(|name| {
+                let name = name.as_str().as_bytes();
+                name.len() == key.len()
+                    && name
+                        .iter()
+                        .zip(key)
+                        .all(|(n, k)| n == k || (*n == b'-' && *k == b'_'))
+            })
+    }
 }
 
 impl Upstream {
@@ -145,12 +181,22 @@ impl Upstream {
         trusted: TrustedProxies,
         identity: IdentityConfig,
     ) -> Self {
+        let aliased = Aliased::new(vec![
+            identity.user_id.clone(),
+            identity.session_id.clone(),
+            identity.platform.clone(),
+            X_FORWARDED_FOR.clone(),
+            X_FORWARDED_PROTO.clone(),
+            X_FORWARDED_HOST.clone(),
+            X_REQUEST_ID.clone(),
+        ]);
         Upstream {
             config: config.clone(),
             max_body_bytes,
             trusted,
             identity,
             tunnels: Arc::new(TunnelCount::default()),
+            aliased,
         }
     }
 
@@ -327,33 +373,14 @@ impl Upstream {
     /// (WSGI, Rack, PHP) map `X_User_Id` and `X-User-Id` alike to `HTTP_X_USER_ID`, so a client's
     /// `X_User_Id` would reach them next to, or instead of, the verified one.
     fn remove_aliases(&self, headers: &mut HeaderMap) {
-        let names = &self.identity;
-        let ours: [&HeaderName; 7] = [
-            &names.user_id,
-            &names.session_id,
-            &names.platform,
-            &X_FORWARDED_FOR,
-            &X_FORWARDED_PROTO,
-            &X_FORWARDED_HOST,
-            &X_REQUEST_ID,
-        ];
-        let is_alias = |key: &HeaderName| {
-            let key = key.as_str().as_bytes();
-            key.contains(&b'_')
-                && ours.iter().any(|name| {
-                    let name = name.as_str().as_bytes();
-                    name.len() == key.len()
-                        && name
-                            .iter()
-                            .zip(key)
-                            .all(|(n, k)| n == k || (*n == b'-' && *k == b'_'))
-                })
-        };
-        if !headers.keys().any(is_alias) {
+        if !headers.keys().any(|k| self.aliased.aliases(k)) {
             return;
         }
-        let doomed: SmallVec<[HeaderName; 2]> =
-            headers.keys().filter(|k| is_alias(k)).cloned().collect();
+        let doomed: SmallVec<[HeaderName; 2]> = headers
+            .keys()
+            .filter(|k| self.aliased.aliases(k))
+            .cloned()
+            .collect();
         for name in &doomed {
             headers.remove(name);
         }
