@@ -17,6 +17,7 @@ use crate::access_log::AccessLogLayer;
 use crate::admin::Admin;
 use crate::authn::{AuthnLayer, RequireAuthLayer, Verifier};
 use crate::config::Config;
+use crate::cors::CorsLayer;
 use crate::error::full;
 use crate::forward::{Forward, Upstream};
 use crate::limits::RequestLimitsLayer;
@@ -143,6 +144,8 @@ impl App {
             .layer(RouterLayer(self.routes.clone()))
             // One log line, the request metrics, and an audit event for every refusal.
             .layer(AccessLogLayer(self.metrics.clone()))
+            // With `[cors]`: browsers' preflights answered, allowed origins' responses marked.
+            .option_layer(self.config.cors.clone().map(|c| CorsLayer(Arc::new(c))))
             // Oversized heads and bodies are refused before any other work.
             .layer(RequestLimitsLayer {
                 max_header_bytes: server.max_header_bytes,

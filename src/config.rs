@@ -77,6 +77,7 @@ pub struct FileConfig {
     pub jwt: JwtSection,
     pub rate_limit: RateLimitSection,
     pub metrics: MetricsSection,
+    pub cors: CorsSection,
     /// Per-path policy; the longest matching `path_prefix` wins.
     pub routes: Vec<RouteSection>,
 }
@@ -112,6 +113,44 @@ pub struct MetricsSection {
     /// How often the live sessions are counted (one SCAN pass over the session keys).
     #[serde(with = "humantime_serde")]
     pub active_sessions_interval: Duration,
+}
+
+/// Cross-origin requests from browser clients; off while `allowed_origins` is empty.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CorsSection {
+    /// Origins (`https://play.example.com`) whose pages may call portcullis, or `["*"]`.
+    pub allowed_origins: Vec<String>,
+    pub allowed_methods: Vec<String>,
+    /// Absent: `authorization`, `content-type`, the session id header and `x-request-id`.
+    pub allowed_headers: Option<Vec<String>>,
+    /// Response headers the page's script may read.
+    pub expose_headers: Vec<String>,
+    /// How long a browser may reuse a preflight's answer.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// Let pages send cookies (and read the answer) with `credentials: "include"`.
+    pub allow_credentials: bool,
+}
+
+impl Default for CorsSection {
+    fn default() -> Self {
+        let strings = |list: &[&str]| list.iter().map(|s| s.to_string()).collect();
+        CorsSection {
+            allowed_origins: Vec::new(),
+            allowed_methods: strings(&["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]),
+            allowed_headers: None,
+            expose_headers: strings(&[
+                "x-request-id",
+                "retry-after",
+                "ratelimit-limit",
+                "ratelimit-remaining",
+                "ratelimit-reset",
+            ]),
+            max_age: Duration::from_secs(600),
+            allow_credentials: false,
+        }
+    }
 }
 
 impl Default for MetricsSection {
@@ -438,10 +477,25 @@ pub struct Config {
     pub jwt: JwtConfig,
     pub rate_limit: RateLimitConfig,
     pub metrics: MetricsConfig,
+    /// `None` when `[cors]` allows no origin.
+    pub cors: Option<CorsConfig>,
     pub routes: Vec<RouteConfig>,
     /// Things worth telling the operator that do not stop portcullis (ignored environment
     /// variables, ...). Logged once logging is set up.
     pub warnings: Vec<String>,
+}
+
+/// Which origins may make cross-origin requests, and what a preflight answers them.
+#[derive(Debug, Clone)]
+pub struct CorsConfig {
+    /// Lower-case `scheme://host[:port]`, the default port left out as browsers send it;
+    /// `None`: any origin.
+    pub origins: Option<Vec<String>>,
+    pub methods: HeaderValue,
+    pub headers: HeaderValue,
+    pub expose: Option<HeaderValue>,
+    pub max_age: HeaderValue,
+    pub credentials: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -794,6 +848,7 @@ impl FileConfig {
         };
         let identity = v.identity(&self.identity);
         let jwt = v.jwt(&self.jwt, base, env);
+        let cors = v.cors(&self.cors, identity.1.as_ref());
 
         let rl = &self.rate_limit;
         let rate_limit = RateLimitConfig {
@@ -946,6 +1001,7 @@ impl FileConfig {
             metrics: MetricsConfig {
                 active_sessions_interval: self.metrics.active_sessions_interval,
             },
+            cors,
             routes,
             warnings,
         })
@@ -1084,6 +1140,113 @@ impl Validator {
             requests,
             per: q.per,
             burst,
+        })
+    }
+
+    /// `[cors]`: `None` (off) when no origin is allowed.
+    fn cors(&mut self, c: &CorsSection, session_id: Option<&HeaderName>) -> Option<CorsConfig> {
+        if c.allowed_origins.is_empty() {
+            return None;
+        }
+        let any = c.allowed_origins.iter().any(|o| o == "*");
+        if any && c.allowed_origins.len() > 1 {
+            self.fail(
+                "cors.allowed_origins",
+                "\"*\" allows every origin and stands alone",
+            );
+        }
+        if any && c.allow_credentials {
+            self.fail(
+                "cors.allowed_origins",
+                "cannot be \"*\" while cors.allow_credentials is true: any site could then act with the visitor's cookies",
+            );
+        }
+        let origins = (!any).then(|| {
+            c.allowed_origins
+                .iter()
+                .filter_map(|o| self.origin("cors.allowed_origins", o))
+                .collect()
+        });
+        let methods: Vec<String> = c
+            .allowed_methods
+            .iter()
+            .filter_map(|m| match http::Method::from_bytes(m.as_bytes()) {
+                Ok(method) => Some(method.as_str().to_string()),
+                Err(_) => {
+                    self.fail(
+                        "cors.allowed_methods",
+                        format!("{m:?} is not a method name"),
+                    );
+                    None
+                }
+            })
+            .collect();
+        let default_headers = ["authorization", "content-type", "x-request-id"]
+            .into_iter()
+            .map(str::to_string)
+            .chain(session_id.map(|h| h.as_str().to_string()))
+            .collect::<Vec<_>>();
+        let header_list = |v: &mut Self, key: &str, names: &[String]| -> Vec<String> {
+            names
+                .iter()
+                .filter_map(|n| v.header_name(key, n))
+                .map(|n| n.as_str().to_string())
+                .collect()
+        };
+        let headers = header_list(
+            self,
+            "cors.allowed_headers",
+            c.allowed_headers.as_deref().unwrap_or(&default_headers),
+        );
+        let expose = header_list(self, "cors.expose_headers", &c.expose_headers);
+        if c.max_age > Duration::from_secs(86_400) {
+            self.fail(
+                "cors.max_age",
+                "must be at most 24h (browsers cap it lower still)",
+            );
+        }
+        let joined = |list: Vec<String>| HeaderValue::from_str(&list.join(", ")).ok();
+        Some(CorsConfig {
+            origins,
+            methods: joined(methods)?,
+            headers: joined(headers)?,
+            expose: Some(expose).filter(|e| !e.is_empty()).and_then(joined),
+            max_age: HeaderValue::from(c.max_age.as_secs()),
+            credentials: c.allow_credentials,
+        })
+    }
+
+    /// An origin as browsers send it: lower-case `scheme://host[:port]`, no default port.
+    fn origin(&mut self, key: &str, raw: &str) -> Option<String> {
+        let fail = |v: &mut Self| {
+            v.fail(
+                key,
+                format!("{raw:?} is not an origin: scheme://host[:port], http or https, no path"),
+            );
+            None
+        };
+        let Ok(uri) = raw.parse::<Uri>() else {
+            return fail(self);
+        };
+        let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
+            return fail(self);
+        };
+        let default_port = match scheme.to_ascii_lowercase().as_str() {
+            "https" => 443,
+            "http" => 80,
+            _ => return fail(self),
+        };
+        let bare = uri.path_and_query().is_none_or(|p| p.as_str() == "/")
+            && !authority.as_str().contains('@');
+        if !bare {
+            return fail(self);
+        }
+        let host = authority.host().to_ascii_lowercase();
+        Some(match authority.port_u16() {
+            Some(port) if port != default_port => {
+                format!("{}://{host}:{port}", scheme.to_ascii_lowercase())
+            }
+            _ => format!("{}://{host}", scheme.to_ascii_lowercase()),
         })
     }
 
@@ -1500,6 +1663,12 @@ const OVERRIDABLE: &[(&str, Kind)] = &[
     ("jwt.verified_tokens", Kind::Int),
     ("rate_limit.gc_interval", Kind::Str),
     ("metrics.active_sessions_interval", Kind::Str),
+    ("cors.allowed_origins", Kind::List),
+    ("cors.allowed_methods", Kind::List),
+    ("cors.allowed_headers", Kind::List),
+    ("cors.expose_headers", Kind::List),
+    ("cors.max_age", Kind::Str),
+    ("cors.allow_credentials", Kind::Bool),
     ("rate_limit.proxy.requests", Kind::Int),
     ("rate_limit.proxy.per", Kind::Str),
     ("rate_limit.proxy.burst", Kind::Int),
@@ -1866,6 +2035,77 @@ mod tests {
                 "routes[2].path_prefix"
             ]
         );
+    }
+
+    #[test]
+    fn cors_is_off_until_an_origin_is_allowed_and_origins_are_kept_as_browsers_send_them() {
+        assert!(parse("").unwrap().cors.is_none());
+        let c = parse(
+            "[cors]\nallowed_origins = [\"HTTPS://Play.Example.com:443/\", \"http://localhost:5173\"]\n",
+        )
+        .unwrap();
+        let cors = c.cors.unwrap();
+        assert_eq!(
+            cors.origins.unwrap(),
+            ["https://play.example.com", "http://localhost:5173"]
+        );
+        assert_eq!(
+            cors.headers,
+            "authorization, content-type, x-request-id, x-session-id"
+        );
+        assert_eq!(cors.max_age, "600");
+        let env = parse_env("", &[("PORTCULLIS_CORS_ALLOWED_ORIGINS", "*")]).unwrap();
+        assert!(env.cors.unwrap().origins.is_none(), "* allows any origin");
+    }
+
+    #[test]
+    fn cors_errors_name_the_key() {
+        for (toml, key, says) in [
+            (
+                "allowed_origins = [\"play.example.com\"]",
+                "cors.allowed_origins",
+                "not an origin",
+            ),
+            (
+                "allowed_origins = [\"https://a.example/path\"]",
+                "cors.allowed_origins",
+                "no path",
+            ),
+            (
+                "allowed_origins = [\"ftp://a.example\"]",
+                "cors.allowed_origins",
+                "http or https",
+            ),
+            (
+                "allowed_origins = [\"*\", \"https://a.example\"]",
+                "cors.allowed_origins",
+                "stands alone",
+            ),
+            (
+                "allowed_origins = [\"*\"]\nallow_credentials = true",
+                "cors.allowed_origins",
+                "cookies",
+            ),
+            (
+                "allowed_origins = [\"https://a.example\"]\nmax_age = \"2d\"",
+                "cors.max_age",
+                "24h",
+            ),
+            (
+                "allowed_origins = [\"https://a.example\"]\nallowed_methods = [\"G ET\"]",
+                "cors.allowed_methods",
+                "not a method",
+            ),
+            (
+                "allowed_origins = [\"https://a.example\"]\nallowed_headers = [\"x y\"]",
+                "cors.allowed_headers",
+                "header name",
+            ),
+        ] {
+            let err = parse(&format!("[cors]\n{toml}\n")).unwrap_err();
+            assert_eq!(err.0[0].key, key, "{toml}: {err}");
+            assert!(err.0[0].reason.contains(says), "{toml}: {err}");
+        }
     }
 
     #[test]

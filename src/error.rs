@@ -52,6 +52,8 @@ pub enum Rejection {
     InvalidSessionId(String),
     #[error("too many requests; retry after the number of seconds in Retry-After")]
     RateLimited,
+    #[error("this origin may not make cross-origin requests here (cors.allowed_origins)")]
+    OriginNotAllowed,
 }
 
 impl Rejection {
@@ -75,6 +77,7 @@ impl Rejection {
             Rejection::SessionNotFound => StatusCode::NOT_FOUND,
             Rejection::InvalidSessionId(_) => StatusCode::BAD_REQUEST,
             Rejection::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            Rejection::OriginNotAllowed => StatusCode::FORBIDDEN,
         }
     }
 
@@ -99,6 +102,7 @@ impl Rejection {
             Rejection::SessionNotFound => "SESSION_NOT_FOUND",
             Rejection::InvalidSessionId(_) => "INVALID_SESSION_ID",
             Rejection::RateLimited => "RATE_LIMITED",
+            Rejection::OriginNotAllowed => "ORIGIN_NOT_ALLOWED",
         }
     }
 

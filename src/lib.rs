@@ -3,7 +3,7 @@
 //! A request reads top to bottom through the modules. [`server`] accepts it and hands its
 //! connection to a worker thread (TLS from [`tls`], the connection's [`peer`]); [`app`] holds the tower stack in order: [`request_id`], the
 //! client address ([`peer`]), the route class ([`routes`]), [`access_log`] (with [`metrics`]
-//! and the audit trail), size [`limits`], token verification ([`authn`]), [`rate_limit`], then
+//! and the audit trail), browsers' cross-origin preflights ([`cors`]), size [`limits`], token verification ([`authn`]), [`rate_limit`], then
 //! either the session API ([`session::api`]) or the session gate ([`session::gate`], with its
 //! local cache [`session::cache`]) and finally [`forward`], which sends the request upstream
 //! and streams the answer back (a WebSocket tunnel on a session route ends with its session:
@@ -20,6 +20,7 @@ pub mod admin;
 pub mod app;
 pub mod authn;
 pub mod config;
+pub mod cors;
 pub mod echo;
 pub mod error;
 pub mod facts;

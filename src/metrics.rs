@@ -349,7 +349,8 @@ pub fn rejection_reason(rejection: &Rejection) -> &'static str {
         | Rejection::TransferCodingUnsupported
         | Rejection::NotFound
         | Rejection::MethodNotAllowed
-        | Rejection::InvalidSessionId(_) => "request",
+        | Rejection::InvalidSessionId(_)
+        | Rejection::OriginNotAllowed => "request",
     }
 }
 
