@@ -448,22 +448,21 @@ async fn hop_by_hop_request_headers_never_reach_the_upstream() {
     assert_eq!(seen.headers["x-end-to-end"], "kept");
 }
 
+/// A request asking to switch to HTTP/2 in clear text.
+const H2C_UPGRADE: &[u8] = b"GET /open HTTP/1.1\r\n\
+    Host: game.example\r\n\
+    Connection: Upgrade, HTTP2-Settings\r\n\
+    Upgrade: h2c\r\n\
+    HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\
+    \r\n";
+
 /// h2c smuggling: behind an accepted `Upgrade: h2c` the client would speak HTTP/2 to the
 /// upstream directly, every request in it unchecked.
 #[tokio::test]
 async fn an_upgrade_to_anything_but_websocket_is_never_offered_to_the_upstream() {
     let upstream = Upstream::echo().await;
     let proxy = Proxy::start(&open_config(&upstream.url())).await;
-    let resp = send_raw(
-        proxy.addr,
-        b"GET /open HTTP/1.1\r\n\
-          Host: game.example\r\n\
-          Connection: Upgrade, HTTP2-Settings\r\n\
-          Upgrade: h2c\r\n\
-          HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\
-          \r\n",
-    )
-    .await;
+    let resp = send_raw(proxy.addr, H2C_UPGRADE).await;
     assert_eq!(resp.status, 200);
     let seen = upstream.last();
     for name in ["upgrade", "connection", "http2-settings"] {
@@ -483,16 +482,7 @@ async fn an_upgrade_to_anything_but_websocket_is_never_offered_to_the_upstream()
     )
     .await;
     let proxy = Proxy::start(&open_config(&eager.url())).await;
-    let resp = send_raw(
-        proxy.addr,
-        b"GET /open HTTP/1.1\r\n\
-          Host: game.example\r\n\
-          Connection: Upgrade, HTTP2-Settings\r\n\
-          Upgrade: h2c\r\n\
-          HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\
-          \r\n",
-    )
-    .await;
+    let resp = send_raw(proxy.addr, H2C_UPGRADE).await;
     resp.assert_error(502, "UPSTREAM_UNAVAILABLE");
 }
 

@@ -35,16 +35,15 @@ async fn next(ws: &mut Ws) -> Option<Result<Message, tokio_tungstenite::tungsten
     }
 }
 
-/// Connects through the proxy and returns the socket and the upstream's description of the
-/// handshake request (the echo upstream's first message).
-async fn connect(proxy: &Proxy, path: &str) -> (Ws, serde_json::Value) {
+/// Opens a WebSocket through the proxy with one extra request header; the proxy must answer 101.
+async fn handshake(proxy: &Proxy, path: &str, name: &'static str, value: &str) -> Ws {
     let mut request = format!("ws://{}{}", proxy.addr, path)
         .into_client_request()
         .unwrap();
     request
         .headers_mut()
-        .insert("x-client", http::HeaderValue::from_static("ws-test"));
-    let (mut ws, response) = tokio::time::timeout(
+        .insert(name, http::HeaderValue::from_str(value).unwrap());
+    let (ws, response) = tokio::time::timeout(
         Duration::from_secs(5),
         tokio_tungstenite::connect_async(request),
     )
@@ -52,6 +51,13 @@ async fn connect(proxy: &Proxy, path: &str) -> (Ws, serde_json::Value) {
     .expect("handshake within 5 s")
     .expect("WebSocket handshake through the proxy");
     assert_eq!(response.status(), 101);
+    ws
+}
+
+/// Connects through the proxy and returns the socket and the upstream's description of the
+/// handshake request (the echo upstream's first message).
+async fn connect(proxy: &Proxy, path: &str) -> (Ws, serde_json::Value) {
+    let mut ws = handshake(proxy, path, "x-client", "ws-test").await;
     let hello = match next(&mut ws).await {
         Some(Ok(Message::Text(text))) => serde_json::from_str(text.as_str()).unwrap(),
         other => panic!("expected the echo upstream's JSON hello, got {other:?}"),
@@ -330,21 +336,7 @@ fn session_routes(upstream: SocketAddr, redis: &RedisServer, session: &str) -> S
 
 /// Connects through the proxy with `token` and checks that the tunnel echoes.
 async fn connect_with(proxy: &Proxy, path: &str, token: &str) -> Ws {
-    let mut request = format!("ws://{}{}", proxy.addr, path)
-        .into_client_request()
-        .unwrap();
-    request.headers_mut().insert(
-        "authorization",
-        http::HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
-    );
-    let (mut ws, response) = tokio::time::timeout(
-        Duration::from_secs(5),
-        tokio_tungstenite::connect_async(request),
-    )
-    .await
-    .expect("handshake within 5 s")
-    .expect("WebSocket handshake through the proxy");
-    assert_eq!(response.status(), 101);
+    let mut ws = handshake(proxy, path, "authorization", &format!("Bearer {token}")).await;
     assert!(matches!(next(&mut ws).await, Some(Ok(Message::Text(_)))));
     assert_echoes(&mut ws).await;
     ws
