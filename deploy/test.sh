@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # Runs the whole test suite. Tests start their own redis-server on ephemeral ports, so only the
-# binary is needed; it is installed here when missing.
+# binary is needed; it is installed here when missing, with openssl and kill (procps), which a
+# few tests run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
-if ! command -v redis-server >/dev/null; then
+missing=()
+command -v redis-server >/dev/null || missing+=(redis-server)
+command -v openssl >/dev/null || missing+=(openssl)
+[ -x /bin/kill ] || missing+=(procps)
+if [ ${#missing[@]} -gt 0 ]; then
   as_root apt-get update -qq
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 cargo test --all-targets --locked "$@"

@@ -18,6 +18,10 @@ use serde::Deserialize;
 use crate::routes::matches_prefix;
 use crate::session::cache::HEARTBEAT;
 
+/// What the examples' placeholder values (deploy/k8s/secrets.yaml) contain: a secret holding it
+/// is public knowledge.
+const PLACEHOLDER: &[u8] = b"REPLACE-ME";
+
 /// One problem with the configuration, naming the key it is about.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -1397,6 +1401,18 @@ impl Validator {
             let settings = info.redis_settings().clone().set_password(password);
             info = info.set_redis_settings(settings);
         }
+        let placeholder = info.redis_settings().password().is_some_and(|p| {
+            p.as_bytes()
+                .windows(PLACEHOLDER.len())
+                .any(|w| w.eq_ignore_ascii_case(PLACEHOLDER))
+        });
+        if placeholder {
+            self.fail(
+                "redis.url",
+                "its password (or REDIS_PASSWORD) is the example's placeholder: anyone could use it; make one with `openssl rand -hex 24`",
+            );
+            return None;
+        }
         Some(RedisConfig {
             connection: info,
             key_prefix: section.key_prefix.clone(),
@@ -1446,19 +1462,14 @@ impl Validator {
             .filter(|v| !v.is_empty());
         let key = match family? {
             AlgorithmFamily::Hmac => {
-                let secret = if let Some(s) = env_secret {
-                    s.into_bytes()
+                let (mut secret, source) = if let Some(s) = env_secret {
+                    (s.into_bytes(), "JWT_SECRET")
                 } else if !section.secret.is_empty() {
-                    section.secret.clone().into_bytes()
+                    (section.secret.clone().into_bytes(), "jwt.secret")
                 } else if !section.secret_file.is_empty() {
                     let path = self.path("jwt.secret_file", &section.secret_file, base);
                     match std::fs::read(&path) {
-                        Ok(mut bytes) => {
-                            while bytes.last().is_some_and(|b| b.is_ascii_whitespace()) {
-                                bytes.pop();
-                            }
-                            bytes
-                        }
+                        Ok(bytes) => (bytes, "jwt.secret_file"),
                         Err(e) => {
                             self.fail(
                                 "jwt.secret_file",
@@ -1474,8 +1485,26 @@ impl Validator {
                     );
                     return None;
                 };
+                // The same key however it is delivered: a file, or a Secret made from one
+                // (`kubectl create secret --from-file`), ends in a newline that is not part of it.
+                while secret.last().is_some_and(|b| b.is_ascii_whitespace()) {
+                    secret.pop();
+                }
                 if secret.len() < 32 {
-                    self.fail("jwt.secret", "must be at least 32 bytes long");
+                    self.fail(
+                        "jwt.secret",
+                        format!("must be at least 32 bytes long (it came from {source})"),
+                    );
+                    return None;
+                }
+                if secret
+                    .windows(PLACEHOLDER.len())
+                    .any(|w| w.eq_ignore_ascii_case(PLACEHOLDER))
+                {
+                    self.fail(
+                        "jwt.secret",
+                        format!("is the example's placeholder (it came from {source}): anyone could sign tokens with it; make one with `openssl rand -hex 32`"),
+                    );
                     return None;
                 }
                 JwtKey::Secret(secret)
@@ -1800,6 +1829,50 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         Config::from_toml(text, Path::new("/etc/portcullis"), &env)
+    }
+
+    fn hmac_key(text: &str, env: &[(&str, &str)]) -> Result<Vec<u8>, ConfigErrors> {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let config = Config::from_toml(text, Path::new("/etc/portcullis"), &env)?;
+        match config.jwt.key {
+            JwtKey::Secret(secret) => Ok(secret),
+            _ => panic!("not an HMAC key"),
+        }
+    }
+
+    #[test]
+    fn a_secret_is_the_same_key_with_or_without_its_trailing_newline() {
+        let bare = hmac_key("", &[SECRET]).unwrap();
+        let with_newline = format!("{}\n", SECRET.1);
+        assert_eq!(
+            hmac_key("", &[("JWT_SECRET", &with_newline)]).unwrap(),
+            bare
+        );
+        let in_file = format!("[jwt]\nsecret = \"{} \"\n", SECRET.1);
+        assert_eq!(hmac_key(&in_file, &[]).unwrap(), bare);
+    }
+
+    #[test]
+    fn the_examples_placeholder_secrets_are_refused() {
+        let placeholder = "REPLACE-ME-with-at-least-32-random-bytes-0000000000";
+        let err = hmac_key("", &[("JWT_SECRET", placeholder)]).unwrap_err();
+        assert_eq!(err.0[0].key, "jwt.secret");
+        assert!(err.0[0].reason.contains("placeholder") && err.0[0].reason.contains("JWT_SECRET"));
+        let err = hmac_key(&format!("[jwt]\nsecret = \"{placeholder}\"\n"), &[]).unwrap_err();
+        assert!(err.0[0].reason.contains("jwt.secret"), "{err}");
+
+        let err = parse_env(
+            "",
+            &[("REDIS_PASSWORD", "REPLACE-ME-with-a-random-password")],
+        )
+        .unwrap_err();
+        assert_eq!(err.0[0].key, "redis.url");
+        assert!(err.0[0].reason.contains("placeholder"), "{err}");
+        let err = parse("[redis]\nurl = \"redis://:replace-me@redis:6379\"\n").unwrap_err();
+        assert_eq!(err.0[0].key, "redis.url");
     }
 
     #[test]
