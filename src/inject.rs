@@ -69,8 +69,8 @@ pub struct InjectOptions {
     /// Secret whose key `password` becomes REDIS_PASSWORD.
     #[arg(long)]
     pub redis_secret: Option<String>,
-    /// Also emit, per injected workload, a NetworkPolicy admitting traffic to its pods only on
-    /// the sidecar's public and admin ports.
+    /// Also emit, per injected workload, a NetworkPolicy that closes the game's port: it admits
+    /// the sidecar's public and admin ports and the pods' other declared ports.
     #[arg(long)]
     pub network_policy: bool,
 }
@@ -243,8 +243,10 @@ struct Workload {
     upstream: Option<u16>,
     /// Names the pod gives that port.
     upstream_names: BTreeSet<String>,
-    /// Every TCP port of the pod's containers other than the sidecar's.
-    other_ports: Vec<u16>,
+    /// What its NetworkPolicy admits besides the sidecar's ports: every other port the pods
+    /// declare or a Service targets (protocol, number), so that the policy closes only the port
+    /// portcullis fronts. Empty when that port is not known.
+    open: Vec<(String, u16)>,
     port: u16,
     admin_port: u16,
 }
@@ -302,10 +304,12 @@ pub fn inject(sources: &[Source], opts: &InjectOptions) -> Result<Injected, Inje
                     reason,
                 }
             })?;
-        for port in udp_ports(&doc.value, &spec_path) {
+        for p in non_tcp_ports(&doc.value, &spec_path) {
             notes.push(format!(
-                "{}: UDP port {port} is not fronted by portcullis (it proxies HTTP): restrict it another way",
-                doc.describe(sources)
+                "{}: {} port {} is not fronted by portcullis (it proxies HTTP): restrict it another way",
+                doc.describe(sources),
+                p.protocol,
+                p.port
             ));
         }
         doc.edits.extend(edits);
@@ -314,7 +318,7 @@ pub fn inject(sources: &[Source], opts: &InjectOptions) -> Result<Injected, Inje
 
     for i in 0..docs.len() {
         if docs[i].kind() == "Service" {
-            let (edits, service_notes) = plan_service(&docs[i], &workloads, &docs);
+            let (edits, service_notes) = plan_service(&docs[i], &mut workloads, &docs);
             let described = docs[i].describe(sources);
             notes.extend(
                 service_notes
@@ -343,6 +347,11 @@ pub fn inject(sources: &[Source], opts: &InjectOptions) -> Result<Injected, Inje
                     reason: "its pods have no labels, so no NetworkPolicy can select them".into(),
                 });
             }
+            notes.push(format!(
+                "{}: {}",
+                docs[w.doc].describe(sources),
+                policy_note(w, &name)
+            ));
             policies.push(network_policy(w, &name));
         }
     }
@@ -368,7 +377,7 @@ pub fn inject(sources: &[Source], opts: &InjectOptions) -> Result<Injected, Inje
         let body = serde_yaml_ng::to_string(&policy).unwrap_or_default();
         append_document_text(
             &mut text,
-            &format!("# Added by portcullis inject: only the sidecar's ports are open.\n{body}"),
+            &format!("# Added by portcullis inject: the game's port is reached only through the sidecar.\n{body}"),
         );
     }
     Ok(Injected { text, notes })
@@ -442,7 +451,7 @@ fn plan_workload(
         selector,
         upstream: None,
         upstream_names: BTreeSet::new(),
-        other_ports: Vec::new(),
+        open: Vec::new(),
         port: opts.port,
         admin_port: opts.admin_port,
     };
@@ -452,15 +461,18 @@ fn plan_workload(
         .iter()
         .chain(&init_containers)
         .find(|c| c.get("name").and_then(Value::as_str) == Some(SIDECAR_NAME));
-    let game_ports: Vec<ContainerPort> = containers
+    let declared: Vec<ContainerPort> = containers
         .iter()
         .filter(|c| c.get("name").and_then(Value::as_str) != Some(SIDECAR_NAME))
         .chain(&init_containers)
         .filter(|c| c.get("name").and_then(Value::as_str) != Some(SIDECAR_NAME))
         .flat_map(container_ports)
-        .filter(|p| p.tcp)
         .collect();
-    workload.other_ports = game_ports.iter().map(|p| p.port).collect();
+    let game_ports: Vec<ContainerPort> = declared
+        .iter()
+        .filter(|p| p.protocol == "TCP")
+        .cloned()
+        .collect();
     if let Some(sidecar) = existing {
         let ports = container_ports(sidecar);
         let named = |name: &str| ports.iter().find(|p| p.name.as_deref() == Some(name));
@@ -468,6 +480,7 @@ fn plan_workload(
         workload.admin_port = named(ADMIN_PORT_NAME).map_or(opts.admin_port, |p| p.port);
         workload.upstream = sidecar_upstream_port(sidecar);
         set_upstream_names(&mut workload, &game_ports);
+        set_open(&mut workload, &declared);
         return Ok((workload, Vec::new()));
     }
 
@@ -523,6 +536,7 @@ fn plan_workload(
     }
     workload.upstream = Some(upstream);
     set_upstream_names(&mut workload, &game_ports);
+    set_open(&mut workload, &declared);
 
     let path: Vec<Seg> = spec_path.iter().map(|k| Seg::Key(k)).collect();
     let mut edits = vec![Edit::Push {
@@ -564,6 +578,30 @@ fn set_upstream_names(workload: &mut Workload, game_ports: &[ContainerPort]) {
     }
 }
 
+fn set_open(workload: &mut Workload, declared: &[ContainerPort]) {
+    for p in declared {
+        workload.admit(&p.protocol, p.port);
+    }
+}
+
+impl Workload {
+    /// Has its NetworkPolicy admit `port`, unless it is the one portcullis fronts (closing that
+    /// is the policy's point) or the sidecar's own; nothing when the fronted port is not known.
+    fn admit(&mut self, protocol: &str, port: u16) {
+        let Some(upstream) = self.upstream else {
+            return;
+        };
+        let tcp = protocol == "TCP";
+        if tcp && [upstream, self.port, self.admin_port].contains(&port) {
+            return;
+        }
+        let entry = (protocol.to_string(), port);
+        if !self.open.contains(&entry) {
+            self.open.push(entry);
+        }
+    }
+}
+
 /// The port in the sidecar's PORTCULLIS_UPSTREAM_URL (`http://127.0.0.1:<port>`).
 fn sidecar_upstream_port(sidecar: &Value) -> Option<u16> {
     let env = sidecar.get("env")?.as_sequence()?;
@@ -576,11 +614,13 @@ fn sidecar_upstream_port(sidecar: &Value) -> Option<u16> {
 }
 
 /// A containerPort of one container.
+#[derive(Clone)]
 struct ContainerPort {
     container: String,
     name: Option<String>,
     port: u16,
-    tcp: bool,
+    /// TCP, UDP or SCTP.
+    protocol: String,
 }
 
 impl ContainerPort {
@@ -606,12 +646,11 @@ fn container_ports(container: &Value) -> Vec<ContainerPort> {
                 .iter()
                 .filter_map(|p| {
                     let port = u16::try_from(p.get("containerPort")?.as_u64()?).ok()?;
-                    let protocol = p.get("protocol").and_then(Value::as_str).unwrap_or("TCP");
                     Some(ContainerPort {
                         container: name.clone(),
                         name: p.get("name").and_then(Value::as_str).map(str::to_string),
                         port,
-                        tcp: protocol == "TCP",
+                        protocol: protocol_of(p).to_string(),
                     })
                 })
                 .collect()
@@ -619,20 +658,33 @@ fn container_ports(container: &Value) -> Vec<ContainerPort> {
         .unwrap_or_default()
 }
 
-fn udp_ports(doc: &Value, spec_path: &[&str]) -> Vec<u16> {
+/// The `protocol` of a container or Service port; Kubernetes' default is TCP.
+fn protocol_of(port: &Value) -> &str {
+    port.get("protocol")
+        .and_then(Value::as_str)
+        .unwrap_or("TCP")
+}
+
+/// The ports of the pod's containers that are not TCP (UDP or SCTP), which portcullis cannot
+/// front.
+fn non_tcp_ports(doc: &Value, spec_path: &[&str]) -> Vec<ContainerPort> {
     let Some(spec) = get(doc, spec_path).and_then(Value::as_mapping) else {
         return Vec::new();
     };
     seq_of(spec, "containers")
         .iter()
         .flat_map(container_ports)
-        .filter(|p| !p.tcp)
-        .map(|p| p.port)
+        .filter(|p| p.protocol != "TCP")
         .collect()
 }
 
-/// Retargets the ports of a Service that select an injected workload's game port.
-fn plan_service(service: &Doc, workloads: &[Workload], docs: &[Doc]) -> (Vec<Edit>, Vec<String>) {
+/// Retargets the ports of a Service that select an injected workload's game port; the ports it
+/// reaches some other way are added to what the workload's NetworkPolicy admits.
+fn plan_service(
+    service: &Doc,
+    workloads: &mut [Workload],
+    docs: &[Doc],
+) -> (Vec<Edit>, Vec<String>) {
     let mut edits = Vec::new();
     let mut notes = Vec::new();
     let Some(selector) = get(&service.value, &["spec", "selector"]).and_then(Value::as_mapping)
@@ -646,7 +698,7 @@ fn plan_service(service: &Doc, workloads: &[Workload], docs: &[Doc]) -> (Vec<Edi
         (Some(a), Some(b)) => a == b,
         _ => true,
     };
-    let Some(workload) = workloads.iter().find(|w| {
+    let Some(workload) = workloads.iter_mut().find(|w| {
         same_namespace(w)
             && selector
                 .iter()
@@ -663,17 +715,17 @@ fn plan_service(service: &Doc, workloads: &[Workload], docs: &[Doc]) -> (Vec<Edi
         .cloned()
         .unwrap_or_default();
     for (i, port) in ports.iter().enumerate() {
-        if port
-            .get("protocol")
-            .and_then(Value::as_str)
-            .unwrap_or("TCP")
-            != "TCP"
-        {
-            continue;
-        }
         let Some(target) = port.get("targetPort").or_else(|| port.get("port")) else {
             continue;
         };
+        // A port by name is one the pods declare, which the policy admits already.
+        let number = target.as_u64().and_then(|n| u16::try_from(n).ok());
+        if protocol_of(port) != "TCP" {
+            if let Some(n) = number {
+                workload.admit(protocol_of(port), n);
+            }
+            continue;
+        }
         let to_sidecar = match target {
             Value::Number(n) => n.as_u64() == Some(u64::from(workload.port)),
             Value::String(name) => name == PORT_NAME,
@@ -703,6 +755,9 @@ fn plan_service(service: &Doc, workloads: &[Workload], docs: &[Doc]) -> (Vec<Edi
         {
             continue;
         } else {
+            if let Some(n) = number {
+                workload.admit("TCP", n);
+            }
             notes.push(format!(
                 "port {} targets {} of {workload_name}, which portcullis does not front: traffic there bypasses it",
                 i + 1,
@@ -844,12 +899,43 @@ pub fn sidecar(opts: &InjectOptions, upstream: u16) -> Value {
     ])
 }
 
+/// What the workload's NetworkPolicy does, for the operator.
+fn policy_note(w: &Workload, name: &str) -> String {
+    let sidecar = format!(
+        "TCP {} (portcullis) and TCP {} (its admin port)",
+        w.port, w.admin_port
+    );
+    let closed = match w.upstream {
+        Some(upstream) => format!("the game's port {upstream}"),
+        None => "the game's port".to_string(),
+    };
+    if w.open.is_empty() {
+        return format!(
+            "NetworkPolicy {name} admits only {sidecar}: it closes {closed} and every other port of the pods"
+        );
+    }
+    let open: Vec<String> = w.open.iter().map(|(p, n)| format!("{p} {n}")).collect();
+    format!(
+        "NetworkPolicy {name} admits {sidecar}, and the pods' other ports {}, which portcullis does not front: it closes {closed}, and any port the pods serve without declaring it (add such ports to the policy)",
+        open.join(", ")
+    )
+}
+
+/// Closes the game's port to everything but the sidecar, whose traffic comes over loopback and
+/// is not subject to the policy; the pods' other ports stay as open as they were.
 fn network_policy(w: &Workload, name: &str) -> Value {
     let mut metadata = vec![("name", s(name))];
     if let Some(ns) = &w.namespace {
         metadata.push(("namespace", s(ns)));
     }
-    let port = |number: u16| map(vec![("protocol", s("TCP")), ("port", Value::from(number))]);
+    let port = |protocol: &str, number: u16| {
+        map(vec![
+            ("protocol", s(protocol)),
+            ("port", Value::from(number)),
+        ])
+    };
+    let mut ports = vec![port("TCP", w.port), port("TCP", w.admin_port)];
+    ports.extend(w.open.iter().map(|(p, n)| port(p, *n)));
     map(vec![
         ("apiVersion", s("networking.k8s.io/v1")),
         ("kind", s("NetworkPolicy")),
@@ -864,10 +950,7 @@ fn network_policy(w: &Workload, name: &str) -> Value {
                 ("policyTypes", Value::Sequence(vec![s("Ingress")])),
                 (
                     "ingress",
-                    Value::Sequence(vec![map(vec![(
-                        "ports",
-                        Value::Sequence(vec![port(w.port), port(w.admin_port)]),
-                    )])]),
+                    Value::Sequence(vec![map(vec![("ports", Value::Sequence(ports))])]),
                 ),
             ]),
         ),

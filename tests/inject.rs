@@ -466,6 +466,59 @@ fn network_policy_admits_only_the_sidecar_ports() {
 }
 
 #[test]
+fn network_policy_closes_only_the_fronted_port() {
+    // Game HTTP on 8080 (fronted), Prometheus on 9100, game UDP on 7777, a log shipper's 2020,
+    // and a Service port to 9200, which no container declares.
+    let ports = "          ports:
+            - containerPort: 8080
+              name: http
+            - containerPort: 9100
+              name: metrics
+            - containerPort: 7777
+              protocol: UDP
+        - name: logs
+          image: fluent-bit:3
+          ports:
+            - containerPort: 2020
+";
+    let input = format!(
+        "{}---\napiVersion: v1\nkind: Service\nmetadata:\n  name: game\nspec:\n  selector: {{app: game}}\n  ports:\n    - name: http\n      port: 80\n      targetPort: http\n    - name: metrics\n      port: 9100\n    - name: debug\n      port: 9200\n",
+        deployment("game", "{app: game}", ports)
+    );
+    let out = inject(&["--upstream-port", "8080", "--network-policy"], &input);
+    let docs = out.docs();
+    let policy = kind(&docs, "NetworkPolicy", "game-portcullis");
+    assert_eq!(
+        policy["spec"]["ingress"],
+        json!([{"ports": [
+            {"protocol": "TCP", "port": 8443},
+            {"protocol": "TCP", "port": 9090},
+            {"protocol": "TCP", "port": 9100},
+            {"protocol": "UDP", "port": 7777},
+            {"protocol": "TCP", "port": 2020},
+            {"protocol": "TCP", "port": 9200},
+        ]}])
+    );
+    // The notes say what the policy does.
+    let note = out
+        .stderr
+        .lines()
+        .find(|l| l.contains("NetworkPolicy game-portcullis"))
+        .unwrap_or_else(|| panic!("no note on the policy: {}", out.stderr));
+    assert!(note.contains("closes the game's port 8080"), "{note}");
+    for port in ["TCP 9100", "UDP 7777", "TCP 2020", "TCP 9200"] {
+        assert!(note.contains(port), "{port}: {note}");
+    }
+    assert!(
+        out.stdout.contains(
+            "# Added by portcullis inject: the game's port is reached only through the sidecar."
+        ),
+        "{}",
+        out.stdout
+    );
+}
+
+#[test]
 fn json_documents_are_injected_too() {
     let input = r#"{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "j"}, "spec": {"containers": [{"name": "g", "image": "g", "ports": [{"containerPort": 80}]}]}}"#;
     let out = inject(&[], input);
