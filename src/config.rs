@@ -682,18 +682,25 @@ impl Config {
         env: &[(String, String)],
     ) -> Result<Config, ConfigErrors> {
         let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-            ConfigErrors::one("(file)", format!("not valid TOML: {}", e.message()))
+            let at = e.span().map(|span| line_and_column(text, span.start));
+            let at = at.map_or(String::new(), |(line, column)| {
+                format!(" at line {line}, column {column}")
+            });
+            ConfigErrors::one("(file)", format!("not valid TOML{at}: {}", e.message()))
         })?;
         let mut warnings = Vec::new();
-        apply_env_overrides(&mut table, env, &mut warnings)?;
+        let overridden = apply_env_overrides(&mut table, env, &mut warnings)?;
         let file: FileConfig = serde_path_to_error::deserialize(table).map_err(|e| {
             let key = e.path().to_string();
-            ConfigErrors::one(
+            let error = ConfigErrors::one(
                 if key == "." { "(file)".into() } else { key },
                 e.into_inner().message().to_string(),
-            )
+            );
+            blame_env(error, &overridden)
         })?;
-        let mut config = file.validate(base, env)?;
+        let mut config = file
+            .validate(base, env)
+            .map_err(|e| blame_env(e, &overridden))?;
         warnings.append(&mut config.warnings);
         config.warnings = warnings;
         Ok(config)
@@ -1729,12 +1736,34 @@ fn is_service_link(rest: &str) -> bool {
         || rest.contains("_SERVICE_")
 }
 
+/// 1-based line and column of byte `offset` in `text`.
+fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+/// Errors about a key an environment variable set name the variable: the file may be fine.
+fn blame_env(mut errors: ConfigErrors, overridden: &[(&str, String)]) -> ConfigErrors {
+    for error in &mut errors.0 {
+        if let Some((_, var)) = overridden.iter().find(|(key, _)| error.key == *key) {
+            if !error.reason.contains(var.as_str()) {
+                error.reason.push_str(&format!(" (set by {var})"));
+            }
+        }
+    }
+    errors
+}
+
+/// Applies the `PORTCULLIS_*` overrides; returns each key set, with the variable that set it.
 fn apply_env_overrides(
     table: &mut toml::Table,
     env: &[(String, String)],
     warnings: &mut Vec<String>,
-) -> Result<(), ConfigErrors> {
+) -> Result<Vec<(&'static str, String)>, ConfigErrors> {
     let mut errors = Vec::new();
+    let mut overridden = Vec::new();
     for (name, value) in env {
         let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
             continue;
@@ -1788,9 +1817,10 @@ fn apply_env_overrides(
             ),
         };
         set_path(table, key, parsed);
+        overridden.push((key, name.clone()));
     }
     if errors.is_empty() {
-        Ok(())
+        Ok(overridden)
     } else {
         Err(ConfigErrors(errors))
     }
@@ -1873,6 +1903,32 @@ mod tests {
         assert!(err.0[0].reason.contains("placeholder"), "{err}");
         let err = parse("[redis]\nurl = \"redis://:replace-me@redis:6379\"\n").unwrap_err();
         assert_eq!(err.0[0].key, "redis.url");
+    }
+
+    #[test]
+    fn a_toml_syntax_error_says_where() {
+        let err =
+            parse("[server]\nlisten = \"0.0.0.0:8443\"\n\n[session]\nttl = \"30d\n").unwrap_err();
+        assert_eq!(err.0[0].key, "(file)");
+        assert!(err.0[0].reason.contains("at line 5, column"), "{err}");
+        let err = parse("[server]\n[server]\n").unwrap_err();
+        assert!(err.0[0].reason.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn errors_about_an_overridden_key_name_the_variable() {
+        let err = parse_env("", &[("PORTCULLIS_LOG_FORMAT", "yaml")]).unwrap_err();
+        assert_eq!(err.0[0].key, "log.format");
+        assert!(
+            err.0[0].reason.contains("(set by PORTCULLIS_LOG_FORMAT)"),
+            "{err}"
+        );
+        let err = parse_env("", &[("PORTCULLIS_SESSION_TTL", "5")]).unwrap_err();
+        assert_eq!(err.0[0].key, "session.ttl");
+        assert!(err.0[0].reason.contains("PORTCULLIS_SESSION_TTL"), "{err}");
+        // The same mistake in the file names no variable.
+        let err = parse("[log]\nformat = \"yaml\"\n").unwrap_err();
+        assert!(!err.0[0].reason.contains("PORTCULLIS_"), "{err}");
     }
 
     #[test]
