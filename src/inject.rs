@@ -8,7 +8,8 @@
 //! JSON-style flow documents) the file is written from the values instead: key order kept,
 //! comments lost, and a note says so. A file with nothing to change is copied byte for byte,
 //! which is what makes a second injection a no-op. A workload annotated
-//! `portcullis/inject: disabled` (Redis, say) is passed through like any other document.
+//! `portcullis/inject: disabled` (Redis, say) is passed through like any other document, and so,
+//! with a note, is one whose pods use the node's network.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -297,6 +298,16 @@ pub fn inject(sources: &[Source], opts: &InjectOptions) -> Result<Injected, Inje
         if opted_out(&doc.value, &labels_path) {
             continue;
         }
+        // Skipped, like a List, rather than refused: the rest of the input can still be injected.
+        if host_network(&doc.value, &spec_path) {
+            notes.push(format!(
+                "{}: left unchanged: its pods use hostNetwork, so a sidecar would listen on the node's own interfaces (ports {} and {}), the game's port would stay reachable at the node's address, and NetworkPolicies do not apply to host-network pods on most network plugins: drop hostNetwork to inject it",
+                doc.describe(sources),
+                opts.port,
+                opts.admin_port
+            ));
+            continue;
+        }
         let (workload, edits) =
             plan_workload(&*doc, i, &spec_path, &labels_path, opts).map_err(|reason| {
                 InjectError::Refused {
@@ -412,6 +423,13 @@ fn opted_out(doc: &Value, labels_path: &[&str]) -> bool {
         path.extend(["annotations", OPT_OUT_ANNOTATION]);
         get(doc, &path).and_then(Value::as_str) == Some("disabled")
     })
+}
+
+/// True when the pod spec at `spec_path` has `hostNetwork: true`.
+fn host_network(doc: &Value, spec_path: &[&str]) -> bool {
+    let mut path = spec_path.to_vec();
+    path.push("hostNetwork");
+    get(doc, &path).and_then(Value::as_bool) == Some(true)
 }
 
 /// The workload in `doc`, and the edits that inject it (none when it already is).

@@ -546,6 +546,37 @@ fn a_workload_annotated_disabled_is_left_alone() {
 }
 
 #[test]
+fn a_host_network_workload_is_left_alone_with_a_note() {
+    let input = format!(
+        "{}---\napiVersion: v1\nkind: Service\nmetadata:\n  name: relay\nspec:\n  selector: {{app: relay}}\n  ports:\n    - port: 80\n      targetPort: 8080\n---\n{}",
+        deployment("relay", "{app: relay}", ONE_PORT)
+            .replace("      containers:\n", "      hostNetwork: true\n      containers:\n"),
+        deployment("d", "{app: d}", ONE_PORT),
+    );
+    let out = inject(&["--network-policy"], &input);
+    assert!(out.ok, "{}", out.stderr);
+    assert!(out.stderr.contains("Deployment relay"), "{}", out.stderr);
+    assert!(out.stderr.contains("hostNetwork"), "{}", out.stderr);
+    let docs = out.docs();
+    let input = self::docs(&input);
+    // The relay and its Service as they were, no policy for it; the other workload injected.
+    assert_eq!(
+        kind(&docs, "Deployment", "relay"),
+        kind(&input, "Deployment", "relay")
+    );
+    assert_eq!(
+        kind(&docs, "Service", "relay"),
+        kind(&input, "Service", "relay")
+    );
+    assert!(docs
+        .iter()
+        .all(|d| d["metadata"]["name"] != "relay-portcullis"));
+    assert!(
+        kind(&docs, "Deployment", "d")["spec"]["template"]["spec"]["initContainers"].is_array()
+    );
+}
+
+#[test]
 fn files_and_stdin_are_read_in_order() {
     let dir = tempfile::tempdir().expect("temp dir");
     let file = dir.path().join("a.yaml");
