@@ -323,6 +323,14 @@ pub fn inject(sources: &[Source], opts: &InjectOptions) -> Result<Injected, Inje
                 p.port
             ));
         }
+        if let Some(upstream) = workload.upstream {
+            for probe in probes_of_port(&doc.value, &spec_path, upstream) {
+                notes.push(format!(
+                    "{}: {probe} checks port {upstream}, which portcullis fronts: the kubelet probes the pod's IP, so the probe fails once the game listens on 127.0.0.1 only (restarts, or never Ready): keep the game on 0.0.0.0 and close its port with --network-policy (which does not stop the kubelet), or make it an exec probe",
+                    doc.describe(sources)
+                ));
+            }
+        }
         doc.edits.extend(edits);
         workloads.push(workload);
     }
@@ -674,6 +682,49 @@ fn container_ports(container: &Value) -> Vec<ContainerPort> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// The kubelet probes of the pod's containers that reach `port` on the pod's IP, described as
+/// `container "game" readinessProbe (httpGet port http)`.
+fn probes_of_port(doc: &Value, spec_path: &[&str], port: u16) -> Vec<String> {
+    let Some(spec) = get(doc, spec_path).and_then(Value::as_mapping) else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for container in seq_of(spec, "containers") {
+        let name = container.get("name").and_then(Value::as_str).unwrap_or("");
+        if name == SIDECAR_NAME {
+            continue;
+        }
+        // A probe names a port of its own container.
+        let ports = container_ports(&container);
+        for kind in ["startupProbe", "livenessProbe", "readinessProbe"] {
+            for handler in ["httpGet", "tcpSocket", "grpc"] {
+                let Some(target) = container
+                    .get(kind)
+                    .and_then(|p| p.get(handler)?.get("port"))
+                else {
+                    continue;
+                };
+                let number = match target {
+                    Value::Number(n) => n.as_u64().and_then(|n| u16::try_from(n).ok()),
+                    Value::String(named) => ports
+                        .iter()
+                        .find(|p| p.protocol == "TCP" && p.name.as_deref() == Some(named))
+                        .map(|p| p.port),
+                    _ => None,
+                };
+                if number == Some(port) {
+                    let shown = serde_yaml_ng::to_string(target).unwrap_or_default();
+                    found.push(format!(
+                        "container {name:?} {kind} ({handler} port {})",
+                        shown.trim()
+                    ));
+                }
+            }
+        }
+    }
+    found
 }
 
 /// The `protocol` of a container or Service port; Kubernetes' default is TCP.

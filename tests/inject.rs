@@ -546,6 +546,50 @@ fn a_workload_annotated_disabled_is_left_alone() {
 }
 
 #[test]
+fn probes_of_the_fronted_port_are_reported() {
+    let probes = "          startupProbe:
+            tcpSocket: {port: 8080}
+          livenessProbe:
+            httpGet: {path: /alive, port: http}
+          readinessProbe:
+            exec: {command: [/ready]}
+            periodSeconds: 5
+        - name: metrics
+          image: exporter:1
+          ports:
+            - containerPort: 9100
+              name: http
+          readinessProbe:
+            httpGet: {path: /, port: http}
+";
+    let input = deployment("game", "{app: game}", &format!("{ONE_PORT}{probes}"));
+    let out = inject(&["--upstream-port", "8080"], &input);
+    assert!(out.ok, "{}", out.stderr);
+    let notes: Vec<&str> = out.stderr.lines().filter(|l| l.contains("Probe")).collect();
+    assert_eq!(notes.len(), 2, "{}", out.stderr);
+    assert!(
+        notes[0].contains("container \"game\" startupProbe (tcpSocket port 8080)"),
+        "{}",
+        notes[0]
+    );
+    assert!(
+        notes[1].contains("container \"game\" livenessProbe (httpGet port http)"),
+        "{}",
+        notes[1]
+    );
+    for note in notes {
+        assert!(note.contains("127.0.0.1"), "{note}");
+        assert!(note.contains("exec"), "{note}");
+    }
+    // The probes themselves are left as they were.
+    let docs = out.docs();
+    assert_eq!(
+        docs[0]["spec"]["template"]["spec"]["containers"],
+        self::docs(&input)[0]["spec"]["template"]["spec"]["containers"]
+    );
+}
+
+#[test]
 fn a_host_network_workload_is_left_alone_with_a_note() {
     let input = format!(
         "{}---\napiVersion: v1\nkind: Service\nmetadata:\n  name: relay\nspec:\n  selector: {{app: relay}}\n  ports:\n    - port: 80\n      targetPort: 8080\n---\n{}",
