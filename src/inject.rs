@@ -779,6 +779,8 @@ fn plan_service(
         .get(workload.doc)
         .map_or("the workload", |d| d.name())
         .to_string();
+    let headless =
+        get(&service.value, &["spec", "clusterIP"]).and_then(Value::as_str) == Some("None");
     let ports = get(&service.value, &["spec", "ports"])
         .and_then(Value::as_sequence)
         .cloned()
@@ -811,7 +813,16 @@ fn plan_service(
             _ => false,
         };
         let shown = serde_yaml_ng::to_string(target).unwrap_or_default();
-        if to_game {
+        if to_game && headless {
+            // Its clients look up the pods' addresses and connect to them on a port they know;
+            // a new targetPort would only change the SRV records, and mislead.
+            notes.push(format!(
+                "port {} targets {} of {workload_name}, which portcullis now fronts, but the Service is headless (clusterIP: None): its clients connect to the pods directly on the port they know, so it is left as is: have them connect to port {} (portcullis), or use a Service with a cluster IP",
+                i + 1,
+                shown.trim(),
+                workload.port
+            ));
+        } else if to_game {
             edits.push(Edit::Set {
                 path: vec![Seg::Key("spec"), Seg::Key("ports"), Seg::Index(i)],
                 key: "targetPort",

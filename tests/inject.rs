@@ -428,6 +428,23 @@ fn services_selecting_an_injected_workload_are_retargeted() {
 }
 
 #[test]
+fn a_headless_service_is_not_retargeted_and_is_reported() {
+    let input = format!(
+        "{}---\napiVersion: v1\nkind: Service\nmetadata:\n  name: peers\nspec:\n  clusterIP: None\n  selector: {{app: d}}\n  ports:\n    - port: 8080\n      targetPort: http\n",
+        deployment("d", "{app: d}", ONE_PORT)
+    );
+    let out = inject(&[], &input);
+    let docs = out.docs();
+    assert_eq!(
+        kind(&docs, "Service", "peers"),
+        kind(&self::docs(&input), "Service", "peers")
+    );
+    assert!(out.stderr.contains("Service peers"), "{}", out.stderr);
+    assert!(out.stderr.contains("headless"), "{}", out.stderr);
+    assert!(out.stderr.contains("port 8443"), "{}", out.stderr);
+}
+
+#[test]
 fn a_service_port_that_bypasses_the_sidecar_is_reported() {
     let input = format!(
         "{}---\napiVersion: v1\nkind: Service\nmetadata:\n  name: side\nspec:\n  selector: {{app: d}}\n  ports:\n    - port: 9999\n",
