@@ -337,7 +337,7 @@ pub fn inject(sources: &[Source], opts: &InjectOptions) -> Result<Injected, Inje
 
     for i in 0..docs.len() {
         if docs[i].kind() == "Service" {
-            let (edits, service_notes) = plan_service(&docs[i], &mut workloads, &docs);
+            let (edits, service_notes) = plan_service(&docs[i], &mut workloads, &docs, opts);
             let described = docs[i].describe(sources);
             notes.extend(
                 service_notes
@@ -684,6 +684,30 @@ fn container_ports(container: &Value) -> Vec<ContainerPort> {
         .unwrap_or_default()
 }
 
+/// Why a Service port looks like it carries plain HTTP (its name, appProtocol or number), if it
+/// does.
+fn says_plain_http(port: &Value) -> Option<String> {
+    const PLAIN: [&str; 5] = ["http", "http2", "h2c", "grpc", "ws"];
+    // Istio's convention: `<protocol>[-<suffix>]`.
+    if let Some(name) = port.get("name").and_then(Value::as_str) {
+        let protocol = name.split('-').next().unwrap_or("").to_ascii_lowercase();
+        if PLAIN.contains(&protocol.as_str()) {
+            return Some(format!("named {name:?}"));
+        }
+    }
+    if let Some(app) = port.get("appProtocol").and_then(Value::as_str) {
+        let lower = app.to_ascii_lowercase();
+        let bare = lower.strip_prefix("kubernetes.io/").unwrap_or(&lower);
+        if PLAIN.contains(&bare) {
+            return Some(format!("appProtocol {app}"));
+        }
+    }
+    if port.get("port").and_then(Value::as_u64) == Some(80) {
+        return Some("port 80".into());
+    }
+    None
+}
+
 /// The kubelet probes of the pod's containers that reach `port` on the pod's IP, described as
 /// `container "game" readinessProbe (httpGet port http)`.
 fn probes_of_port(doc: &Value, spec_path: &[&str], port: u16) -> Vec<String> {
@@ -753,6 +777,7 @@ fn plan_service(
     service: &Doc,
     workloads: &mut [Workload],
     docs: &[Doc],
+    opts: &InjectOptions,
 ) -> (Vec<Edit>, Vec<String>) {
     let mut edits = Vec::new();
     let mut notes = Vec::new();
@@ -828,6 +853,15 @@ fn plan_service(
                 key: "targetPort",
                 value: Value::from(workload.port),
             });
+            // With a certificate mounted the sidecar's port is TLS (the ConfigMap's [server.tls]
+            // points at it); without one it speaks plain HTTP, as the game did.
+            if let (Some(_), Some(why)) = (&opts.tls_secret, says_plain_http(port)) {
+                notes.push(format!(
+                    "port {} ({why}) now reaches portcullis on {}, which serves TLS with the certificate of --tls-secret: its clients, and any ingress or load balancer in front, must now connect with TLS (https://, wss://); rename the port and set appProtocol: https where something reads them",
+                    i + 1,
+                    workload.port
+                ));
+            }
         } else if target
             .as_u64()
             .is_some_and(|t| t == u64::from(workload.admin_port))

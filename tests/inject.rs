@@ -428,6 +428,40 @@ fn services_selecting_an_injected_workload_are_retargeted() {
 }
 
 #[test]
+fn a_plain_http_service_port_retargeted_to_tls_is_reported() {
+    let service = |name: &str, port: &str| {
+        format!("---\napiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\nspec:\n  selector: {{app: d}}\n  ports:\n{port}")
+    };
+    let input = [
+        deployment("d", "{app: d}", ONE_PORT),
+        service("named", "    - name: http-game\n      port: 8080\n      targetPort: http\n"),
+        service("app-protocol", "    - name: game\n      appProtocol: kubernetes.io/h2c\n      port: 8080\n      targetPort: 8080\n"),
+        service("eighty", "    - port: 80\n      targetPort: 8080\n"),
+        service("tls", "    - name: https\n      port: 443\n      targetPort: 8080\n"),
+    ]
+    .concat();
+    let noted = |stderr: &str, name: &str| {
+        stderr.lines().any(|l| {
+            l.contains(&format!("Service {name})")) && l.contains("must now connect with TLS")
+        })
+    };
+    let out = inject(&["--tls-secret", "portcullis-tls"], &input);
+    let docs = out.docs();
+    for name in ["named", "app-protocol", "eighty"] {
+        assert!(noted(&out.stderr, name), "{name}: {}", out.stderr);
+        assert_eq!(
+            kind(&docs, "Service", name)["spec"]["ports"][0]["targetPort"],
+            8443
+        );
+    }
+    assert!(!noted(&out.stderr, "tls"), "{}", out.stderr);
+    // Without a certificate the sidecar speaks plain HTTP, as the game did: nothing to say.
+    let out = inject(&[], &input);
+    assert!(out.ok, "{}", out.stderr);
+    assert!(!out.stderr.contains("TLS"), "{}", out.stderr);
+}
+
+#[test]
 fn a_headless_service_is_not_retargeted_and_is_reported() {
     let input = format!(
         "{}---\napiVersion: v1\nkind: Service\nmetadata:\n  name: peers\nspec:\n  clusterIP: None\n  selector: {{app: d}}\n  ports:\n    - port: 8080\n      targetPort: http\n",
