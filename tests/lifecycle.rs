@@ -86,6 +86,42 @@ async fn readyz_turns_503_while_draining() {
         .unwrap();
 }
 
+/// Each worker's connections get the grace at the same time, not one worker after another.
+#[tokio::test]
+async fn the_grace_runs_once_however_many_workers_hold_unfinished_requests() {
+    let (upstream, mut arrived, _gate) = gated_upstream().await;
+    let config = config_with(
+        &upstream.url(),
+        "[server]\nworkers = 4\nshutdown_grace = \"1s\"\n",
+    );
+    let mut proxy = Proxy::start(&config).await;
+    // Connections are dealt to the workers in turn: one stuck request on each.
+    let mut in_flight = Vec::new();
+    for i in 0..4 {
+        let client = reqwest::Client::builder().no_proxy().build().unwrap();
+        in_flight.push(tokio::spawn(
+            client.get(proxy.url(&format!("/forever/{i}"))).send(),
+        ));
+    }
+    for _ in 0..4 {
+        tokio::time::timeout(Duration::from_secs(5), arrived.recv())
+            .await
+            .expect("each request reached the upstream");
+    }
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), proxy.shutdown())
+        .await
+        .expect("the drain ends")
+        .unwrap();
+    let took = started.elapsed();
+    assert!(took >= Duration::from_secs(1), "{took:?}");
+    // One after the other, four workers would take four seconds.
+    assert!(
+        took < Duration::from_millis(2500),
+        "the drain took {took:?}"
+    );
+}
+
 #[tokio::test]
 async fn shutdown_gives_up_on_a_request_that_outlasts_the_grace() {
     let (upstream, mut arrived, _gate) = gated_upstream().await;

@@ -201,8 +201,13 @@ pub async fn serve(
 
     drop(listener);
     let _ = stop_tx.send(true);
-    for worker in workers {
-        worker.finish().await;
+    // Every worker hears it at once, so that their graces run side by side: one after the
+    // other, a drain would take workers × shutdown_grace.
+    let done: Vec<_> = workers.into_iter().map(Worker::finish).collect();
+    for worker in done {
+        if worker.await.is_err() {
+            tracing::error!("a worker thread ended abnormally");
+        }
     }
     Ok(())
 }
@@ -249,12 +254,10 @@ impl Worker {
         Ok(Worker { inbox, done })
     }
 
-    /// Stops handing over connections and waits for the worker to drain.
-    async fn finish(self) {
+    /// Stops handing over connections; the worker is drained when the receiver resolves.
+    fn finish(self) -> oneshot::Receiver<()> {
         drop(self.inbox);
-        if self.done.await.is_err() {
-            tracing::error!("a worker thread ended abnormally");
-        }
+        self.done
     }
 }
 
