@@ -315,6 +315,41 @@ async fn two_authorization_headers_are_refused_before_any_other_work() {
 }
 
 #[tokio::test]
+async fn a_get_with_a_chunked_body_reaches_the_upstream_with_its_body() {
+    let upstream = Upstream::echo().await;
+    let proxy = Proxy::start(&open_config(&upstream.url())).await;
+    let resp = send_raw(
+        proxy.addr,
+        b"GET /search HTTP/1.1\r\n\
+          Host: game.example\r\n\
+          Connection: close\r\n\
+          Transfer-Encoding: chunked\r\n\
+          \r\n\
+          5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(resp.status, 200);
+    let seen = upstream.last();
+    assert_eq!(seen.method, http::Method::GET);
+    assert_eq!(seen.body, "hello");
+}
+
+#[tokio::test]
+async fn connect_is_refused() {
+    let upstream = Upstream::echo().await;
+    let proxy = Proxy::start(&open_config(&upstream.url())).await;
+    let resp = send_raw(
+        proxy.addr,
+        b"CONNECT db.internal:5432 HTTP/1.1\r\n\
+          Host: db.internal:5432\r\n\
+          \r\n",
+    )
+    .await;
+    resp.assert_error(405, "METHOD_NOT_ALLOWED");
+    assert_eq!(upstream.count(), 0);
+}
+
+#[tokio::test]
 async fn a_transfer_coding_other_than_chunked_gives_501() {
     let upstream = Upstream::echo().await;
     let proxy = Proxy::start(&open_config(&upstream.url())).await;

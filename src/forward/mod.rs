@@ -299,6 +299,17 @@ impl Upstream {
 
         // The request id is portcullis' own: a Connection header naming it does not drop it.
         strip_hop_by_hop(&mut parts.headers, false, &[&X_REQUEST_ID]);
+        // hyper's client sends a GET, HEAD or CONNECT no body unless the head says one
+        // follows: a body that came chunked (HTTP/1.1, its Transfer-Encoding just removed) or
+        // in DATA frames without a length (HTTP/2) says so here, chunked.
+        if !http_body::Body::is_end_stream(&body)
+            && !parts.headers.contains_key(header::CONTENT_LENGTH)
+        {
+            parts.headers.insert(
+                header::TRANSFER_ENCODING,
+                HeaderValue::from_static("chunked"),
+            );
+        }
         self.remove_aliases(&mut parts.headers);
         if parts.version == Version::HTTP_2 {
             join_cookies(&mut parts.headers);
