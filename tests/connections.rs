@@ -2,12 +2,14 @@
 //! requests and rebuilt on the next byte), pipelining, request bodies, and the limits that close
 //! a resting connection.
 
+mod observe;
 mod support;
 
 use std::time::{Duration, Instant};
 
+use observe::scrape_until;
 use support::*;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 fn get(path: &str) -> String {
@@ -350,4 +352,121 @@ async fn shutdown_ends_a_busy_connection_after_its_in_flight_response() {
         .await
         .expect("shutdown completed within 5 s")
         .expect("portcullis stopped cleanly");
+}
+
+// ------------------------------------------------------------------------------------------
+// Idle connections that do not finish
+// ------------------------------------------------------------------------------------------
+
+/// A client that stops reading a large response holds its connection, and an upstream one,
+/// only until idle_timeout plus the few seconds an idle close may take.
+#[tokio::test]
+async fn a_client_that_stops_reading_its_response_is_dropped() {
+    let body = vec![b'x'; 32 << 20];
+    let mut response =
+        format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+    response.extend_from_slice(&body);
+    let upstream = RawUpstream::start(Box::leak(response.into_boxed_slice())).await;
+    let proxy = Proxy::start(&config_with(
+        &upstream.url(),
+        "[server]\nidle_timeout = \"1s\"\n",
+    ))
+    .await;
+    let mut stalled = RawConn::open(&proxy).await;
+    stalled.send(get("/big")).await;
+    let open = |n: f64| {
+        move |e: &observe::Exposition| e.get("portcullis_open_connections", &[]) == Some(n)
+    };
+    scrape_until(proxy.admin, "the stalled connection open", open(1.0)).await;
+    // Never read: the response stalls once the socket buffers are full. Dropped within
+    // idle_timeout (1 s) and the 5 s an idle close may take, not held for ever.
+    scrape_until(proxy.admin, "the stalled connection dropped", open(0.0)).await;
+    drop(stalled);
+}
+
+/// The raw bytes of an HTTP/2 client that never makes a request.
+const H2_PREFACE_AND_SETTINGS: &[u8] =
+    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+const H2_PING: &[u8] = b"\x00\x00\x08\x06\x00\x00\x00\x00\x00\x01\x02\x03\x04\x05\x06\x07\x08";
+/// A HEADERS frame announcing a 200-byte block on stream 1, without the block.
+const H2_HEADERS_START: &[u8] = b"\x00\x00\xc8\x01\x04\x00\x00\x00\x01";
+
+/// Sends `first`, then `each` every 200 ms, reading whatever comes back, until the server
+/// closes the connection; returns how long that took (panics past 8 s).
+async fn kept_busy_without_a_request(proxy: &Proxy, first: &[u8], each: &'static [u8]) -> Duration {
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut read, mut write) = stream.into_split();
+    let started = Instant::now();
+    write.write_all(H2_PREFACE_AND_SETTINGS).await.unwrap();
+    write.write_all(first).await.unwrap();
+    let writer = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if write.write_all(each).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut buf = [0u8; 4096];
+    let closed = tokio::time::timeout(Duration::from_secs(8), async {
+        while matches!(read.read(&mut buf).await, Ok(n) if n > 0) {}
+    })
+    .await;
+    writer.abort();
+    assert!(
+        closed.is_ok(),
+        "the connection was held for 8 s without a request"
+    );
+    started.elapsed()
+}
+
+fn h2_idle_config(upstream: &Upstream) -> String {
+    config_with(
+        &upstream.url(),
+        "[server]\nheader_read_timeout = \"1s\"\nidle_timeout = \"2s\"\n",
+    )
+}
+
+#[tokio::test]
+async fn http2_pings_do_not_keep_a_connection_without_requests() {
+    let upstream = Upstream::echo().await;
+    let proxy = Proxy::start(&h2_idle_config(&upstream)).await;
+    let took = kept_busy_without_a_request(&proxy, H2_PING, H2_PING).await;
+    assert!(took >= Duration::from_millis(900), "{took:?}");
+}
+
+#[tokio::test]
+async fn an_http2_request_head_trickling_in_is_cut_off() {
+    let upstream = Upstream::echo().await;
+    let proxy = Proxy::start(&h2_idle_config(&upstream)).await;
+    kept_busy_without_a_request(&proxy, H2_HEADERS_START, b"\x00").await;
+    assert_eq!(upstream.count(), 0);
+}
+
+#[tokio::test]
+async fn an_http2_connection_in_use_is_kept_past_the_first_request_limit() {
+    let upstream = Upstream::echo().await;
+    let proxy = Proxy::start(&h2_idle_config(&upstream)).await;
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    // Requests 700 ms apart for 3 s: past header_read_timeout (1 s) and idle_timeout (2 s)
+    // counted from the start, never idle that long.
+    for i in 0..5 {
+        let req = http::Request::get(format!("http://{}/r{i}", proxy.addr))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let resp = h2
+            .send_request(req)
+            .await
+            .expect("the connection still serves");
+        assert_eq!(resp.status(), 200);
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    assert_eq!(upstream.count(), 5);
 }

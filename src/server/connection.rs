@@ -31,7 +31,9 @@ use tokio_rustls::TlsAcceptor;
 use tower::Service;
 
 use super::io::{Activity, AwaitingHead, OpenBody, OpenRequestBody, Rewind, Tracked, Transport};
-use super::{ConnCounts, ConnLimits, RestingGuard, MAX_HEADERS, REST_AFTER, REST_FALLBACK};
+use super::{
+    ConnCounts, ConnLimits, RestingGuard, IDLE_CLOSE_GRACE, MAX_HEADERS, REST_AFTER, REST_FALLBACK,
+};
 use crate::app::AppService;
 use crate::facts::RequestFacts;
 use crate::forward::{wants_upgrade, UpgradeHandoff};
@@ -167,6 +169,10 @@ impl Connection {
                     tracing::debug!("request head not complete within header_read_timeout");
                     return;
                 }
+                Http1End::IdleTimedOut => {
+                    tracing::debug!("idle connection did not finish its exchange; dropped");
+                    return;
+                }
                 Http1End::Closed => false,
                 Http1End::Resting => true,
             };
@@ -262,6 +268,9 @@ enum Http1End {
     /// A request head took longer than `header_read_timeout`: the connection is dropped, as
     /// hyper's own header timer would.
     HeadTimedOut,
+    /// Asked to close for idleness, it did not finish within [`IDLE_CLOSE_GRACE`] (a client
+    /// that reads no more of its response): the connection is dropped.
+    IdleTimedOut,
 }
 
 type Http1Conn<I> =
@@ -283,6 +292,8 @@ async fn drive_http1<I: Transport>(
     }
     let mut check = CheckTimer::new(next_check(activity, limits));
     let mut stopping = StopSignal::new(stop);
+    // Set when idleness asked hyper to close: past it, the connection is dropped.
+    let mut give_up: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             // hyper first: the stop signal is looked at when hyper has nothing to do.
@@ -310,6 +321,7 @@ async fn drive_http1<I: Transport>(
                     }
                     if activity.is_idle(limits.idle_timeout) {
                         closing = true;
+                        give_up = Some(tokio::time::Instant::now() + IDLE_CLOSE_GRACE);
                         Pin::new(&mut *conn).graceful_shutdown();
                     } else if activity.is_at_rest(REST_AFTER)
                         && (activity.between_messages() || activity.is_at_rest(REST_FALLBACK))
@@ -334,7 +346,18 @@ async fn drive_http1<I: Transport>(
                 closing = true;
                 Pin::new(&mut *conn).graceful_shutdown();
             }
+            // hyper's graceful close waits for the response in flight, which a client that
+            // reads nothing more never lets finish.
+            () = sleep_until_some(give_up) => return (conn, Http1End::IdleTimedOut),
         }
+    }
+}
+
+/// Sleeps until `deadline`; never resolves without one.
+async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -467,7 +490,13 @@ async fn rest<I: Transport>(conn: &mut Http1Conn<I>) -> Option<Http1End> {
 }
 
 /// Runs an HTTP/2 connection to completion, starting a graceful shutdown of it when the server
-/// stops or when it has been idle (nothing in flight, no bytes moving) for `idle_timeout`.
+/// stops or when it has been idle for `idle_timeout` (`header_read_timeout` before its first
+/// request), and dropping it [`IDLE_CLOSE_GRACE`] after an idle shutdown that did not finish.
+///
+/// Idle is judged by streams, not bytes: PINGs, or a HEADERS frame sent a byte at a time, move
+/// bytes without making any request, and would otherwise hold a connection (and its slot under
+/// `server.max_connections`) for ever. A request waiting for its response head is not idle;
+/// a response (or request) body that moves no frame for `idle_timeout` is.
 async fn drive_http2<C>(
     conn: C,
     graceful_shutdown: impl Fn(Pin<&mut C>),
@@ -477,15 +506,18 @@ async fn drive_http2<C>(
 ) where
     C: Future<Output = Result<(), hyper::Error>>,
 {
+    use tokio::time::Instant;
     tokio::pin!(conn);
     let mut closing = *stop.borrow();
     if closing {
         graceful_shutdown(conn.as_mut());
     }
+    let mut seen = activity.progress();
+    let mut quiet_since = Instant::now();
+    let mut limit = limits.header_read_timeout;
+    let mut give_up: Option<Instant> = None;
     loop {
-        let idle_check = activity
-            .until_quiet(limits.idle_timeout)
-            .max(Duration::from_millis(10));
+        let check = give_up.unwrap_or(quiet_since + limit);
         tokio::select! {
             result = conn.as_mut() => {
                 if let Err(e) = result {
@@ -499,10 +531,23 @@ async fn drive_http2<C>(
                     graceful_shutdown(conn.as_mut());
                 }
             }
-            _ = tokio::time::sleep(idle_check), if !closing => {
-                if activity.is_idle(limits.idle_timeout) {
+            _ = tokio::time::sleep_until(check) => {
+                if give_up.is_some() {
+                    tracing::debug!("idle HTTP/2 connection did not finish its streams; dropped");
+                    return;
+                }
+                let progress = activity.progress();
+                if progress != seen || activity.awaiting_head() {
+                    seen = progress;
+                    quiet_since = Instant::now();
+                    limit = limits.idle_timeout;
+                } else if !closing {
                     closing = true;
                     graceful_shutdown(conn.as_mut());
+                    give_up = Some(Instant::now() + IDLE_CLOSE_GRACE);
+                } else {
+                    // Closing for the server's stop: its grace bounds what is left.
+                    quiet_since = Instant::now();
                 }
             }
         }
@@ -604,7 +649,7 @@ impl Future for Respond {
         };
         self.awaiting = None;
         let open = self.open.take();
-        Poll::Ready(Ok(response.map(|body| ConnBody { body, _open: open })))
+        Poll::Ready(Ok(response.map(|body| ConnBody { body, open })))
     }
 }
 
@@ -623,6 +668,9 @@ impl hyper::body::Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let frame = Pin::new(&mut self.body).poll_frame(cx);
+        if matches!(frame, Poll::Ready(Some(Ok(_)))) {
+            self.open.activity.progressed();
+        }
         if matches!(frame, Poll::Ready(None)) || self.body.is_end_stream() {
             self.open.finish();
         }
@@ -641,7 +689,7 @@ impl hyper::body::Body for RequestBody {
 /// A response body that counts as open on its connection until hyper drops it.
 struct ConnBody {
     body: Body,
-    _open: Option<OpenBody>,
+    open: Option<OpenBody>,
 }
 
 impl hyper::body::Body for ConnBody {
@@ -652,7 +700,11 @@ impl hyper::body::Body for ConnBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
+        let frame = Pin::new(&mut self.body).poll_frame(cx);
+        if let (Poll::Ready(Some(Ok(_))), Some(open)) = (&frame, &self.open) {
+            open.0.progressed();
+        }
+        frame
     }
 
     fn is_end_stream(&self) -> bool {

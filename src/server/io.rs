@@ -58,6 +58,9 @@ pub(super) struct Activity {
     /// flight then. It does not read again after the response it was waiting to send: once
     /// that is out, this is the sign that it is idle.
     read_waiting: AtomicBool,
+    /// Requests started and body frames moved, either way: what HTTP/2 counts as use, where
+    /// bytes alone (PINGs, a HEADERS frame sent a byte at a time) are not.
+    progress: AtomicU64,
 }
 
 impl Activity {
@@ -74,7 +77,23 @@ impl Activity {
             unflushed: AtomicBool::new(false),
             between_messages: AtomicBool::new(false),
             read_waiting: AtomicBool::new(false),
+            progress: AtomicU64::new(0),
         }
+    }
+
+    /// A request started, or a body frame moved.
+    pub(super) fn progressed(&self) {
+        self.progress.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Changes whenever [`Activity::progressed`] is called.
+    pub(super) fn progress(&self) -> u64 {
+        self.progress.load(Ordering::Relaxed)
+    }
+
+    /// A request waits for its response head (the upstream is working on it).
+    pub(super) fn awaiting_head(&self) -> bool {
+        self.awaiting_head.load(Ordering::Relaxed) != 0
     }
 
     /// Nothing in flight in either direction and everything written has been flushed: a read
@@ -189,6 +208,7 @@ pub(super) struct AwaitingHead(Arc<Activity>);
 impl AwaitingHead {
     pub(super) fn new(activity: Arc<Activity>) -> Self {
         activity.awaiting_head.fetch_add(1, Ordering::Relaxed);
+        activity.progressed();
         // The head is complete; any body reads will mark the message as being read again.
         activity.reading_message.store(false, Ordering::Relaxed);
         AwaitingHead(activity)
@@ -203,7 +223,7 @@ impl Drop for AwaitingHead {
 }
 
 /// Counts a response body until hyper has sent all of it (or given up on it).
-pub(super) struct OpenBody(Arc<Activity>);
+pub(super) struct OpenBody(pub(super) Arc<Activity>);
 
 impl OpenBody {
     pub(super) fn new(activity: Arc<Activity>) -> Self {
@@ -222,7 +242,7 @@ impl Drop for OpenBody {
 /// Counts a request body until it has been read to its end; one dropped before that marks the
 /// connection as draining.
 pub(super) struct OpenRequestBody {
-    activity: Arc<Activity>,
+    pub(super) activity: Arc<Activity>,
     finished: bool,
 }
 

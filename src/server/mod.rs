@@ -55,6 +55,11 @@ const MAX_HEADERS: usize = 512;
 /// proxied request, measured).
 const REST_AFTER: Duration = Duration::from_millis(20);
 
+/// How long a connection asked to close for idleness may take to finish what it has in flight
+/// (hyper's graceful close waits for it) before it is dropped: a client that stopped reading a
+/// response would otherwise hold its connection, and an upstream one, for ever.
+const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(5);
+
 /// When the reads have not shown hyper idle (after a request body it had to drain), the
 /// connection tries to rest after this long instead, and closes if hyper was not idle after all.
 const REST_FALLBACK: Duration = Duration::from_secs(1);
