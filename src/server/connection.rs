@@ -719,6 +719,8 @@ impl hyper::body::Body for ConnBody {
 /// Reads just enough of a plain-text connection to tell HTTP/2 prior knowledge from HTTP/1.1.
 async fn detect(stream: &TcpStream) -> io::Result<Option<Protocol>> {
     let mut buf = [0u8; 24];
+    let mut seen = 0;
+    let mut wait = Duration::ZERO;
     loop {
         stream.readable().await?;
         let n = stream.peek(&mut buf).await?;
@@ -731,7 +733,46 @@ async fn detect(stream: &TcpStream) -> io::Result<Option<Protocol>> {
         if n == H2_PREFACE.len() {
             return Ok(Some(Protocol::Http2));
         }
-        // A partial preface: wait for the rest (bounded by the caller's timeout).
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        // A partial preface: wait for the rest (bounded by the caller's timeout). The socket
+        // stays readable with those bytes in it, so waiting is by the clock, longer each time
+        // nothing more came: a client that stops part-way costs a few peeks, not a core.
+        wait = preface_wait(wait, n > seen);
+        seen = n;
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// The next wait for the rest of a partial HTTP/2 preface: short again when more arrived,
+/// else twice the last, up to 200 ms.
+fn preface_wait(last: Duration, more_arrived: bool) -> Duration {
+    const FIRST: Duration = Duration::from_millis(5);
+    const MOST: Duration = Duration::from_millis(200);
+    if more_arrived {
+        FIRST
+    } else {
+        (last * 2).clamp(FIRST, MOST)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_stalled_partial_preface_is_looked_at_less_and_less_often() {
+        use super::preface_wait;
+        use std::time::Duration;
+        let ms = Duration::from_millis;
+        let mut wait = preface_wait(Duration::ZERO, true);
+        assert_eq!(wait, ms(5));
+        let mut waits = Vec::new();
+        for _ in 0..8 {
+            wait = preface_wait(wait, false);
+            waits.push(wait.as_millis());
+        }
+        assert_eq!(waits, [10, 20, 40, 80, 160, 200, 200, 200]);
+        assert_eq!(
+            preface_wait(ms(200), true),
+            ms(5),
+            "more bytes: look again soon"
+        );
     }
 }
