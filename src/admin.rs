@@ -79,6 +79,9 @@ impl Readiness {
     }
 }
 
+/// Most connections the admin listener serves at once.
+pub const MAX_ADMIN_CONNECTIONS: usize = 64;
+
 /// Extra admin endpoints contributed by other modules (e.g. `/metrics`).
 pub type AdminRoute = Arc<dyn Fn() -> Response<Body> + Send + Sync>;
 
@@ -118,6 +121,9 @@ impl Admin {
     /// Serves until `stop` turns true.
     pub async fn serve(self, listener: TcpListener, mut stop: watch::Receiver<bool>) {
         let admin = Arc::new(self);
+        // Probes and scrapes need a handful; past this many, new connections are closed at
+        // once, so that the admin port cannot use up the file descriptors the public one needs.
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
         loop {
             let (stream, _) = tokio::select! {
                 _ = async { stop.wait_for(|s| *s).await.is_ok() } => return,
@@ -130,8 +136,14 @@ impl Admin {
                     }
                 },
             };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                tracing::debug!("admin connection refused: {MAX_ADMIN_CONNECTIONS} open");
+                drop(stream);
+                continue;
+            };
             let admin = admin.clone();
             tokio::spawn(async move {
+                let _slot = slot;
                 let service = hyper::service::service_fn(move |req| {
                     let admin = admin.clone();
                     async move { Ok::<_, Infallible>(admin.handle(req).await) }

@@ -196,6 +196,40 @@ async fn admin_endpoints_refuse_other_methods_with_405_and_allow() {
 }
 
 #[tokio::test]
+async fn the_admin_port_serves_a_bounded_number_of_connections() {
+    let upstream = Upstream::echo().await;
+    let proxy = Proxy::start(&open_config(&upstream.url())).await;
+    // Connections that never send a request hold their slots.
+    let mut held = Vec::new();
+    for _ in 0..portcullis::admin::MAX_ADMIN_CONNECTIONS {
+        held.push(tokio::net::TcpStream::connect(proxy.admin).await.unwrap());
+    }
+    // One more is closed at once, unanswered.
+    let mut extra = tokio::net::TcpStream::connect(proxy.admin).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = extra
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await;
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), extra.read_to_end(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "answered past the limit: {:?}",
+        String::from_utf8_lossy(&buf)
+    );
+    // Slots come back as connections close.
+    held.clear();
+    eventually("the admin port to answer again", || async {
+        client()
+            .get(proxy.admin_url("/healthz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn health_endpoints_are_not_on_the_public_port() {
     let upstream = Upstream::echo().await;
     let proxy = Proxy::start(&open_config(&upstream.url())).await;
