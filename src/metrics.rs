@@ -67,6 +67,7 @@ pub struct Metrics {
     pub open_connections: Gauge,
     pub resting_connections: Gauge,
     pub open_tunnels: Gauge,
+    pub tunnels_session_ended: Counter,
     pub rate_limit_keys: Gauge,
     pub certificate_reloads: Family<ReloadLabels, Counter>,
     pub session_cache_lookups: Family<CacheLabels, Counter>,
@@ -184,6 +185,12 @@ impl Metrics {
             "Least recently active sessions ended to stay within session.max_per_user",
             sessions_evicted.clone(),
         );
+        let tunnels_session_ended = Counter::default();
+        registry.register(
+            "tunnels_session_ended",
+            "WebSocket tunnels closed because the session they were admitted on ended",
+            tunnels_session_ended.clone(),
+        );
         let sessions_active = Gauge::default();
         registry.register(
             "sessions_active",
@@ -249,6 +256,7 @@ impl Metrics {
             open_connections,
             resting_connections,
             open_tunnels,
+            tunnels_session_ended,
             rate_limit_keys,
             certificate_reloads,
             session_cache_lookups,

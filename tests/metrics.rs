@@ -162,6 +162,7 @@ async fn metrics_after_a_known_sequence_have_the_expected_counts() {
         ("portcullis_open_connections", "gauge"),
         ("portcullis_resting_connections", "gauge"),
         ("portcullis_open_tunnels", "gauge"),
+        ("portcullis_tunnels_session_ended", "counter"),
         ("portcullis_rate_limit_tracked_keys", "gauge"),
     ] {
         assert_eq!(

@@ -400,6 +400,20 @@ async fn a_tunnel_ends_when_its_session_is_destroyed_on_this_or_another_replica(
 
     // The user's other session, and its tunnel, live on.
     assert_echoes(&mut tunnels[2]).await;
+    eventually("both closings counted", || async {
+        let metrics = client()
+            .get(here.admin_url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        metrics
+            .lines()
+            .any(|l| l == "portcullis_tunnels_session_ended_total 2")
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -161,6 +161,7 @@ impl TunnelLease {
             match live {
                 Ok(true) => {}
                 Ok(false) => {
+                    self.sessions.metrics.tunnels_session_ended.inc();
                     tracing::info!(
                         user_id = %self.user_id,
                         session_id = %self.session,
