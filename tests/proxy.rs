@@ -591,6 +591,47 @@ async fn stalled_upstream_gives_504_upstream_timeout() {
     );
 }
 
+/// request_timeout is the upstream's time: a client uploading steadily for longer than it is
+/// not cut off, and the clock starts once the body has gone upstream.
+#[tokio::test]
+async fn a_slow_upload_is_not_counted_against_request_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = Upstream::echo().await;
+    let config = config_with(&upstream.url(), "[upstream]\nrequest_timeout = \"1s\"\n");
+    let proxy = Proxy::start(&config).await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(
+            b"POST /upload HTTP/1.1\r\nHost: game.example\r\nConnection: close\r\n\
+              Content-Length: 6000\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    // 1.8 s of upload, in steady pieces.
+    for _ in 0..6 {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        stream.write_all(&[b'x'; 1000]).await.unwrap();
+    }
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(upstream.last().body.len(), 6000);
+}
+
+#[tokio::test]
+async fn an_upstream_stalled_after_the_body_still_times_out() {
+    let upstream = Upstream::start(|_| std::future::pending()).await;
+    let config = config_with(&upstream.url(), "[upstream]\nrequest_timeout = \"300ms\"\n");
+    let proxy = Proxy::start(&config).await;
+    let resp = client()
+        .post(proxy.url("/slow"))
+        .body("a body")
+        .send()
+        .await
+        .unwrap();
+    assert_error(resp, 504, "UPSTREAM_TIMEOUT").await;
+}
+
 #[tokio::test]
 async fn declared_content_length_over_the_limit_gives_413_without_reaching_upstream() {
     let upstream = Upstream::echo().await;

@@ -234,11 +234,34 @@ impl Upstream {
         let handoff = extensions.remove::<UpgradeHandoff>();
         let upgrade = handoff.is_some();
         let req = self.upstream_request(req, extensions.get::<RequestFacts>(), upgrade);
+        // `request_timeout` is the upstream's time, not the client's upload: with a body, the
+        // clock starts once all of it has gone upstream. An upload that stalls is the client
+        // connection's `idle_timeout` to end.
+        let (req, uploaded) = if http_body::Body::is_end_stream(req.body()) {
+            (req, None)
+        } else {
+            let uploaded = Arc::new(tokio::sync::Notify::new());
+            let announce = uploaded.clone();
+            let req = req.map(|body| {
+                Body::new(Announced {
+                    body,
+                    done: Some(announce),
+                })
+            });
+            (req, Some(uploaded))
+        };
 
         let started = Instant::now();
+        let timeout = self.config.request_timeout;
         // Pinned in place: the timeout then holds a pointer, not a copy of the whole exchange.
-        let send = std::pin::pin!(pool.send(req));
-        let result = tokio::time::timeout(self.config.request_timeout, send).await;
+        let mut send = std::pin::pin!(pool.send(req));
+        let result = match uploaded {
+            None => tokio::time::timeout(timeout, send).await,
+            Some(uploaded) => tokio::select! {
+                result = send.as_mut() => Ok(result),
+                () = uploaded.notified() => tokio::time::timeout(timeout, send).await,
+            },
+        };
         let elapsed = started.elapsed();
         let mut response = match result {
             Err(_) => return Err(Rejection::UpstreamTimeout(self.config.request_timeout)),
@@ -598,6 +621,43 @@ fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
         current = e.source();
     }
     out
+}
+
+/// A request body that says when it has been read to its end (sent upstream in full).
+struct Announced {
+    body: Body,
+    done: Option<Arc<tokio::sync::Notify>>,
+}
+
+impl http_body::Body for Announced {
+    type Data = bytes::Bytes;
+    type Error = crate::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        let frame = std::pin::Pin::new(&mut self.body).poll_frame(cx);
+        let ended = match &frame {
+            Poll::Ready(None) => true,
+            Poll::Ready(Some(Ok(_))) => self.body.is_end_stream(),
+            _ => false,
+        };
+        if ended {
+            if let Some(done) = self.done.take() {
+                done.notify_one();
+            }
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// The forwarding service at the bottom of the stack: one per worker, with that worker's pool.
