@@ -461,3 +461,81 @@ async fn an_open_tunnel_keeps_its_session_alive() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_tunnel_ends_when_redis_is_flushed() {
+    let redis = RedisServer::start();
+    let (upstream, _task) = echo_upstream().await;
+    let proxy = Proxy::start(&session_routes(upstream, &redis, "")).await;
+    let sid = create_session(&proxy, &token("dave", None)).await;
+    let mut ws = connect_with(&proxy, "/ws", &token("dave", Some(&sid))).await;
+    let _: () = redis::cmd("FLUSHDB").query(&mut redis.conn()).unwrap();
+    assert_ends(&mut ws, "the session's key flushed").await;
+}
+
+/// An upstream that accepts a WebSocket upgrade only when told to, then echoes raw bytes.
+async fn gated_upgrade_upstream() -> (
+    SocketAddr,
+    tokio::sync::mpsc::Receiver<()>,
+    tokio::sync::oneshot::Sender<()>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (arrived_tx, arrived) = tokio::sync::mpsc::channel(1);
+    let (open_tx, open) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            return;
+        };
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let _ = arrived_tx.send(()).await;
+        let _ = open.await;
+        let _ = stream
+            .write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n")
+            .await;
+        let (mut r, mut w) = stream.into_split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+    });
+    (addr, arrived, open_tx)
+}
+
+/// A session destroyed while the upstream is still accepting the upgrade: nothing was
+/// watching yet, so the tunnel checks its session the moment it opens.
+#[tokio::test]
+async fn a_session_destroyed_during_the_upgrade_ends_the_tunnel_as_it_opens() {
+    let redis = RedisServer::start();
+    let (upstream, mut arrived, open) = gated_upgrade_upstream().await;
+    let proxy = Proxy::start(&session_routes(upstream, &redis, "")).await;
+    let sid = create_session(&proxy, &token("erin", None)).await;
+    let mut client = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let head = format!(
+        "GET /ws HTTP/1.1\r\nHost: game.example\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Authorization: Bearer {}\r\n\r\n",
+        token("erin", Some(&sid))
+    );
+    client.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), arrived.recv())
+        .await
+        .expect("the upgrade reached the upstream");
+    destroy(&proxy, "erin", &sid).await;
+    open.send(()).unwrap();
+    // The 101 comes through, then the proxy closes the tunnel (well before slide_interval, 30 s).
+    let mut seen = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(2), client.read_to_end(&mut seen)).await;
+    assert!(
+        String::from_utf8_lossy(&seen).starts_with("HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&seen)
+    );
+    assert!(
+        closed.is_ok(),
+        "the tunnel of a destroyed session stayed open"
+    );
+}

@@ -133,6 +133,8 @@ impl Tracking for Invalidations {
 
     fn flush(&self) {
         self.cache.flush();
+        // Anything may have changed (FLUSHALL, an invalidation that names no user).
+        self.tunnels.check_all();
     }
 
     fn set_live(&self, live: bool) {

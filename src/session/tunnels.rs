@@ -110,9 +110,12 @@ pub struct TunnelSession {
 }
 
 impl TunnelSession {
-    /// Starts watching the session for the tunnel that now opens.
+    /// Starts watching the session for the tunnel that now opens. Its first check is at once:
+    /// the session may have ended while the upstream was accepting the upgrade, when nothing
+    /// was registered to hear of it.
     pub fn watch(self) -> TunnelLease {
         let (id, check) = self.sessions.tunnels().register(&self.user_id);
+        check.notify_one();
         TunnelLease {
             sessions: self.sessions,
             user_id: self.user_id,
@@ -143,7 +146,9 @@ impl TunnelLease {
                 _ = tokio::time::sleep_until(slide_due) => true,
             };
             if slide {
-                slide_due += every;
+                // From now, not from when it was due: a check slower than the interval must
+                // not make the next ones run back to back.
+                slide_due = tokio::time::Instant::now() + every;
             }
             // Asked: read only, so that checking never writes (and never sets off another
             // replica's checks). Due: slide, as a request would.
@@ -169,8 +174,10 @@ impl TunnelLease {
                     );
                     return;
                 }
+                // Debug: during an outage every tunnel gets here each interval, and the store
+                // already warns about Redis itself.
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot check a tunnel's session; it stays open");
+                    tracing::debug!(error = %e, "cannot check a tunnel's session; it stays open");
                 }
             }
         }
