@@ -100,8 +100,24 @@ impl CorsConfig {
     }
 }
 
-/// The origin a response is for, and the policy that allows it.
-type Allowed = (HeaderValue, Arc<CorsConfig>);
+/// The origin a response is for, and the policy that allows it; `None` for a response that
+/// only says it depends on `Origin`.
+type Allowed = Option<(HeaderValue, Arc<CorsConfig>)>;
+
+impl<S> Cors<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>>,
+{
+    /// Passes the request on; its response says that another `Origin` could get another
+    /// answer, so that a shared cache does not hand this one to a page it would not allow.
+    fn vary_only(&mut self, req: Request<Body>) -> OnResponse<S::Future, Allowed> {
+        OnResponse::new(self.inner.call(req), None, |_, response| {
+            response
+                .headers_mut()
+                .append(header::VARY, HeaderValue::from_static("origin"));
+        })
+    }
+}
 
 impl<S> Service<Request<Body>> for Cors<S>
 where
@@ -120,7 +136,7 @@ where
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
         let Some(origin) = req.headers().get(header::ORIGIN).cloned() else {
-            return Either::Right(OnResponse::unchanged(self.inner.call(req)));
+            return Either::Right(self.vary_only(req));
         };
         let allowed = self.policy.allows(&origin);
         let preflight = req.method() == Method::OPTIONS
@@ -137,12 +153,16 @@ where
         }
         if !allowed {
             // Answered as ever; the browser keeps the answer from the page.
-            return Either::Right(OnResponse::unchanged(self.inner.call(req)));
+            return Either::Right(self.vary_only(req));
         }
         Either::Right(OnResponse::new(
             self.inner.call(req),
-            (origin, self.policy.clone()),
-            |(origin, policy), response| policy.allow(origin, response.headers_mut()),
+            Some((origin, self.policy.clone())),
+            |allowed, response| {
+                if let Some((origin, policy)) = allowed {
+                    policy.allow(origin, response.headers_mut());
+                }
+            },
         ))
     }
 }

@@ -30,6 +30,8 @@ pub enum Rejection {
     Malformed(&'static str),
     #[error("the request uses a transfer coding other than chunked")]
     TransferCodingUnsupported,
+    #[error("CONNECT is not supported: portcullis opens no tunnels to where a client names")]
+    ConnectUnsupported,
     #[error("no such endpoint")]
     NotFound,
     #[error("method not allowed for this endpoint")]
@@ -66,7 +68,9 @@ impl Rejection {
             Rejection::BadRequest(_) | Rejection::InvalidPath(_) | Rejection::Malformed(_) => {
                 StatusCode::BAD_REQUEST
             }
-            Rejection::TransferCodingUnsupported => StatusCode::NOT_IMPLEMENTED,
+            Rejection::TransferCodingUnsupported | Rejection::ConnectUnsupported => {
+                StatusCode::NOT_IMPLEMENTED
+            }
             Rejection::NotFound => StatusCode::NOT_FOUND,
             Rejection::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Rejection::TokenMissing
@@ -92,6 +96,7 @@ impl Rejection {
             Rejection::InvalidPath(_) => "INVALID_PATH",
             Rejection::Malformed(_) => "MALFORMED_REQUEST",
             Rejection::TransferCodingUnsupported => "TRANSFER_CODING_UNSUPPORTED",
+            Rejection::ConnectUnsupported => "METHOD_NOT_SUPPORTED",
             Rejection::NotFound => "NOT_FOUND",
             Rejection::MethodNotAllowed => "METHOD_NOT_ALLOWED",
             Rejection::TokenMissing => "TOKEN_MISSING",

@@ -76,9 +76,10 @@ pub fn check(req: &Request<Body>, limits: &RequestLimitsLayer) -> Result<(), Rej
 /// Refuses requests whose meaning depends on which of two conflicting fields a server believes:
 /// the upstream, or a backend behind it, could act on the one portcullis did not check.
 fn check_unambiguous(req: &Request<Body>) -> Result<(), Rejection> {
-    // A tunnel to wherever the client names is not a reverse proxy's to open.
+    // A tunnel to wherever the client names is not a reverse proxy's to open (501: a method
+    // this server does not support anywhere, so a 405's Allow would have nothing to list).
     if req.method() == http::Method::CONNECT {
-        return Err(Rejection::MethodNotAllowed);
+        return Err(Rejection::ConnectUnsupported);
     }
     let mut authorizations = 0;
     for (name, value) in req.headers() {

@@ -355,6 +355,7 @@ pub fn rejection_reason(rejection: &Rejection) -> &'static str {
         | Rejection::InvalidPath(_)
         | Rejection::Malformed(_)
         | Rejection::TransferCodingUnsupported
+        | Rejection::ConnectUnsupported
         | Rejection::NotFound
         | Rejection::MethodNotAllowed
         | Rejection::InvalidSessionId(_)

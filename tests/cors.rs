@@ -155,7 +155,19 @@ async fn a_refusal_to_an_allowed_origin_is_readable_by_its_page() {
         .await
         .unwrap();
     assert!(header(&resp, "access-control-allow-origin").is_none());
+    assert_eq!(header(&resp, "vary"), Some("origin"));
     assert_error(resp, 401, "TOKEN_MISSING").await;
+}
+
+/// With CORS on, whether a response carries Access-Control-Allow-Origin depends on Origin:
+/// every response says so, or a shared cache could serve a page another client's copy.
+#[tokio::test]
+async fn responses_without_origin_vary_on_it_too() {
+    let s = setup(CORS).await;
+    let resp = client().get(s.proxy.url("/open/x")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(header(&resp, "access-control-allow-origin").is_none());
+    assert_eq!(header(&resp, "vary"), Some("origin"));
 }
 
 #[tokio::test]
@@ -186,6 +198,7 @@ async fn without_cors_nothing_changes() {
         .unwrap();
     assert_eq!(resp.status(), 200);
     assert!(header(&resp, "access-control-allow-origin").is_none());
+    assert!(header(&resp, "vary").is_none(), "CORS off: nothing added");
 }
 
 #[tokio::test]

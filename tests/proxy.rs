@@ -345,7 +345,7 @@ async fn connect_is_refused() {
           \r\n",
     )
     .await;
-    resp.assert_error(405, "METHOD_NOT_ALLOWED");
+    resp.assert_error(501, "METHOD_NOT_SUPPORTED");
     assert_eq!(upstream.count(), 0);
 }
 
