@@ -2,6 +2,7 @@
 //! is alive) and `GET /readyz` (it should get traffic: 200, or 503 naming each check that failed).
 
 use std::collections::BTreeMap;
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
@@ -14,6 +15,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio::task::AbortHandle;
 
 use crate::error::{error_response, json_response};
 use crate::Body;
@@ -79,7 +81,7 @@ impl Readiness {
     }
 }
 
-/// Most connections the admin listener serves at once.
+/// Most connections the admin listener keeps open at once; a new one closes the oldest.
 pub const MAX_ADMIN_CONNECTIONS: usize = 64;
 
 /// Extra admin endpoints contributed by other modules (e.g. `/metrics`).
@@ -121,9 +123,11 @@ impl Admin {
     /// Serves until `stop` turns true.
     pub async fn serve(self, listener: TcpListener, mut stop: watch::Receiver<bool>) {
         let admin = Arc::new(self);
-        // Probes and scrapes need a handful; past this many, new connections are closed at
-        // once, so that the admin port cannot use up the file descriptors the public one needs.
-        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
+        // Probes and scrapes need a handful. Past this many the oldest connection is closed, so
+        // that the admin port cannot use up the file descriptors the public one needs, and a
+        // new connection (the kubelet's next probe) is always served: refusing new ones would
+        // let anyone who holds 64 open fail the pod's probes.
+        let mut open: VecDeque<AbortHandle> = VecDeque::new();
         loop {
             let (stream, _) = tokio::select! {
                 _ = async { stop.wait_for(|s| *s).await.is_ok() } => return,
@@ -136,14 +140,17 @@ impl Admin {
                     }
                 },
             };
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
-                tracing::debug!("admin connection refused: {MAX_ADMIN_CONNECTIONS} open");
-                drop(stream);
-                continue;
-            };
+            open.retain(|task| !task.is_finished());
+            if open.len() >= MAX_ADMIN_CONNECTIONS {
+                if let Some(oldest) = open.pop_front() {
+                    tracing::debug!(
+                        "{MAX_ADMIN_CONNECTIONS} admin connections open; closing the oldest"
+                    );
+                    oldest.abort();
+                }
+            }
             let admin = admin.clone();
-            tokio::spawn(async move {
-                let _slot = slot;
+            let task = tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req| {
                     let admin = admin.clone();
                     async move { Ok::<_, Infallible>(admin.handle(req).await) }
@@ -156,6 +163,7 @@ impl Admin {
                     .serve_connection(TokioIo::new(stream), service)
                     .await;
             });
+            open.push_back(task.abort_handle());
         }
     }
 }
