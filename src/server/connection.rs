@@ -513,11 +513,14 @@ async fn drive_http2<C>(
         graceful_shutdown(conn.as_mut());
     }
     let mut seen = activity.progress();
+    // When a look last found progress: the idle time is known to within the look interval, a
+    // quarter of the limit (reading the clock on every request would cost every request).
     let mut quiet_since = Instant::now();
     let mut limit = limits.header_read_timeout;
     let mut give_up: Option<Instant> = None;
     loop {
-        let check = give_up.unwrap_or(quiet_since + limit);
+        let look = (limit / 4).max(Duration::from_millis(10));
+        let check = give_up.unwrap_or_else(|| (Instant::now() + look).min(quiet_since + limit));
         tokio::select! {
             result = conn.as_mut() => {
                 if let Err(e) = result {
@@ -541,6 +544,8 @@ async fn drive_http2<C>(
                     seen = progress;
                     quiet_since = Instant::now();
                     limit = limits.idle_timeout;
+                } else if quiet_since.elapsed() < limit {
+                    // Looked early: not idle long enough yet.
                 } else if !closing {
                     closing = true;
                     graceful_shutdown(conn.as_mut());
@@ -649,7 +654,11 @@ impl Future for Respond {
         };
         self.awaiting = None;
         let open = self.open.take();
-        Poll::Ready(Ok(response.map(|body| ConnBody { body, open })))
+        Poll::Ready(Ok(response.map(|body| ConnBody {
+            body,
+            open,
+            rest: Bytes::new(),
+        })))
     }
 }
 
@@ -687,9 +696,31 @@ impl hyper::body::Body for RequestBody {
 }
 
 /// A response body that counts as open on its connection until hyper drops it.
+///
+/// Data comes out in pieces of at most [`BODY_PIECE`]: hyper's HTTP/2 side takes the next piece
+/// only once the client's window has let the last one through, and each piece taken counts as
+/// progress (`Activity::progressed`). A slow client reading a large upstream chunk then shows
+/// progress as it reads, rather than none until the whole chunk is through.
 struct ConnBody {
     body: Body,
     open: Option<OpenBody>,
+    /// What is left of a data frame larger than a piece.
+    rest: Bytes,
+}
+
+/// The largest data frame handed to hyper at once.
+const BODY_PIECE: usize = 64 * 1024;
+
+impl ConnBody {
+    fn piece(&mut self, mut data: Bytes) -> Frame<Bytes> {
+        if data.len() > BODY_PIECE {
+            self.rest = data.split_off(BODY_PIECE);
+        }
+        if let Some(open) = &self.open {
+            open.0.progressed();
+        }
+        Frame::data(data)
+    }
 }
 
 impl hyper::body::Body for ConnBody {
@@ -700,19 +731,33 @@ impl hyper::body::Body for ConnBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let frame = Pin::new(&mut self.body).poll_frame(cx);
-        if let (Poll::Ready(Some(Ok(_))), Some(open)) = (&frame, &self.open) {
-            open.0.progressed();
+        let this = &mut *self;
+        if !this.rest.is_empty() {
+            let rest = std::mem::take(&mut this.rest);
+            return Poll::Ready(Some(Ok(this.piece(rest))));
         }
-        frame
+        match ready!(Pin::new(&mut this.body).poll_frame(cx)) {
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => Poll::Ready(Some(Ok(this.piece(data)))),
+                Err(trailers) => Poll::Ready(Some(Ok(trailers))),
+            },
+            other => Poll::Ready(other),
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.rest.is_empty() && self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        let rest = self.rest.len() as u64;
+        let body = self.body.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(body.lower().saturating_add(rest));
+        if let Some(upper) = body.upper() {
+            hint.set_upper(upper.saturating_add(rest));
+        }
+        hint
     }
 }
 
@@ -756,6 +801,30 @@ fn preface_wait(last: Duration, more_arrived: bool) -> Duration {
 
 #[cfg(test)]
 mod tests {
+    #[tokio::test]
+    async fn a_large_response_frame_goes_to_hyper_in_pieces() {
+        use http_body_util::BodyExt;
+        let data = bytes::Bytes::from(vec![7u8; 3 * super::BODY_PIECE + 100]);
+        let mut body = super::ConnBody {
+            body: crate::Body::new(http_body_util::Full::new(data.clone())),
+            open: None,
+            rest: bytes::Bytes::new(),
+        };
+        assert_eq!(
+            hyper::body::Body::size_hint(&body).exact(),
+            Some(data.len() as u64)
+        );
+        let mut pieces = Vec::new();
+        while let Some(frame) = body.frame().await {
+            pieces.push(frame.unwrap().into_data().unwrap());
+        }
+        let sizes: Vec<usize> = pieces.iter().map(|p| p.len()).collect();
+        let piece = super::BODY_PIECE;
+        assert_eq!(sizes, [piece, piece, piece, 100]);
+        assert_eq!(pieces.concat(), data);
+        assert!(hyper::body::Body::is_end_stream(&body));
+    }
+
     #[test]
     fn a_stalled_partial_preface_is_looked_at_less_and_less_often() {
         use super::preface_wait;
