@@ -77,14 +77,7 @@ impl CorsConfig {
 
     /// Marks a response to an allowed origin as readable by its page.
     fn allow(&self, origin: HeaderValue, headers: &mut HeaderMap) {
-        let theirs: SmallVec<[HeaderName; 2]> = headers
-            .keys()
-            .filter(|name| name.as_str().starts_with("access-control-"))
-            .cloned()
-            .collect();
-        for name in &theirs {
-            headers.remove(name);
-        }
+        remove_cors_headers(headers);
         headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
         if let Some(expose) = &self.expose {
             headers.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, expose.clone());
@@ -100,6 +93,18 @@ impl CorsConfig {
     }
 }
 
+/// Removes the upstream's own CORS answer: it would contradict portcullis' policy.
+fn remove_cors_headers(headers: &mut HeaderMap) {
+    let theirs: SmallVec<[HeaderName; 2]> = headers
+        .keys()
+        .filter(|name| name.as_str().starts_with("access-control-"))
+        .cloned()
+        .collect();
+    for name in &theirs {
+        headers.remove(name);
+    }
+}
+
 /// The origin a response is for, and the policy that allows it; `None` for a response that
 /// only says it depends on `Origin`.
 type Allowed = Option<(HeaderValue, Arc<CorsConfig>)>;
@@ -108,13 +113,14 @@ impl<S> Cors<S>
 where
     S: Service<Request<Body>, Response = Response<Body>>,
 {
-    /// Passes the request on; its response says that another `Origin` could get another
-    /// answer, so that a shared cache does not hand this one to a page it would not allow.
+    /// Passes the request on; its response carries no CORS permission (not even one the
+    /// upstream gave: portcullis' policy is the only one) and says that another `Origin` could
+    /// get another answer, so that a shared cache does not hand it to a page it would not allow.
     fn vary_only(&mut self, req: Request<Body>) -> OnResponse<S::Future, Allowed> {
         OnResponse::new(self.inner.call(req), None, |_, response| {
-            response
-                .headers_mut()
-                .append(header::VARY, HeaderValue::from_static("origin"));
+            let headers = response.headers_mut();
+            remove_cors_headers(headers);
+            headers.append(header::VARY, HeaderValue::from_static("origin"));
         })
     }
 }

@@ -133,6 +133,21 @@ async fn responses_to_an_allowed_origin_are_readable_and_replace_the_upstreams_a
     assert!(exposed.contains("x-request-id") && exposed.contains("retry-after"));
     let vary: Vec<_> = resp.headers().get_all("vary").iter().collect();
     assert_eq!(vary, ["Accept-Encoding", "origin"]);
+
+    // Another origin, or none, gets no permission at all, not even the upstream's own.
+    for origin in [Some("https://evil.example"), None] {
+        let mut req = client().get(proxy.url("/open/x"));
+        if let Some(origin) = origin {
+            req = req.header("origin", origin);
+        }
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert!(
+            header(&resp, "access-control-allow-origin").is_none(),
+            "{origin:?}"
+        );
+        assert!(header(&resp, "access-control-allow-credentials").is_none());
+    }
 }
 
 #[tokio::test]
