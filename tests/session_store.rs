@@ -335,14 +335,7 @@ async fn opening_more_than_max_per_user_ends_the_least_recently_active() {
     let resp = s.proxied("alice", &b).await;
     assert_error(resp, 401, "SESSION_INVALID").await;
     assert_eq!(s.proxied("alice", &a).await.status(), 200);
-    let metrics = client()
-        .get(s.proxy.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.proxy.metrics_text().await;
     assert!(
         metrics.contains("portcullis_sessions_evicted_total 1"),
         "{metrics}"

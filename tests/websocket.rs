@@ -188,14 +188,8 @@ async fn silent_upgrade_upstream() -> (SocketAddr, tokio::task::JoinHandle<()>) 
             let Ok((mut stream, _)) = listener.accept().await else {
                 return;
             };
-            let mut buf = Vec::new();
-            let mut chunk = [0u8; 4096];
-            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                match stream.read(&mut chunk).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                }
-            }
+            // A client that closed early still gets its 101 written (and ignored).
+            read_head(&mut stream).await;
             let _ = stream
                 .write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n")
                 .await;
@@ -401,15 +395,8 @@ async fn a_tunnel_ends_when_its_session_is_destroyed_on_this_or_another_replica(
     // The user's other session, and its tunnel, live on.
     assert_echoes(&mut tunnels[2]).await;
     eventually("both closings counted", || async {
-        let metrics = client()
-            .get(here.admin_url("/metrics"))
-            .send()
+        here.metrics_text()
             .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        metrics
             .lines()
             .any(|l| l == "portcullis_tunnels_session_ended_total 2")
     })
@@ -487,13 +474,8 @@ async fn gated_upgrade_upstream() -> (
         let Ok((mut stream, _)) = listener.accept().await else {
             return;
         };
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 4096];
-        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-            match stream.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
+        if !read_head(&mut stream).await {
+            return;
         }
         let _ = arrived_tx.send(()).await;
         let _ = open.await;

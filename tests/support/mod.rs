@@ -380,6 +380,18 @@ impl Proxy {
         format!("http://{}{}", self.admin, path)
     }
 
+    /// The admin port's /metrics text.
+    pub async fn metrics_text(&self) -> String {
+        client()
+            .get(self.admin_url("/metrics"))
+            .send()
+            .await
+            .expect("scrape /metrics")
+            .text()
+            .await
+            .expect("/metrics body")
+    }
+
     /// Starts a graceful shutdown; the returned handle resolves when portcullis has stopped.
     pub fn shutdown(&mut self) -> JoinHandle<()> {
         if let Some(stop) = self.stop.take() {
@@ -746,6 +758,21 @@ where
     }
 }
 
+/// Reads from `stream` until a whole request head (up to its blank line) has arrived; false if
+/// the peer closed first. Bytes past the head in the same read are consumed too.
+pub async fn read_head<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    true
+}
+
 /// A response read off a raw socket.
 #[derive(Debug)]
 pub struct RawResponse {
@@ -944,7 +971,7 @@ pub struct RawUpstream {
 
 impl RawUpstream {
     pub async fn start(response: &'static [u8]) -> RawUpstream {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::io::AsyncWriteExt;
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind raw upstream");
@@ -956,13 +983,8 @@ impl RawUpstream {
                 };
                 tokio::spawn(async move {
                     // Read the request head (the tests send no bodies here), then answer.
-                    let mut buf = Vec::new();
-                    let mut chunk = [0u8; 4096];
-                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match stream.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
+                    if !read_head(&mut stream).await {
+                        return;
                     }
                     let _ = stream.write_all(response).await;
                     let _ = stream.shutdown().await;
