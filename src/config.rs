@@ -22,6 +22,12 @@ use crate::session::cache::HEARTBEAT;
 /// is public knowledge.
 const PLACEHOLDER: &[u8] = b"REPLACE-ME";
 
+fn is_placeholder(secret: &[u8]) -> bool {
+    secret
+        .windows(PLACEHOLDER.len())
+        .any(|w| w.eq_ignore_ascii_case(PLACEHOLDER))
+}
+
 /// One problem with the configuration, naming the key it is about.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -1408,11 +1414,10 @@ impl Validator {
             let settings = info.redis_settings().clone().set_password(password);
             info = info.set_redis_settings(settings);
         }
-        let placeholder = info.redis_settings().password().is_some_and(|p| {
-            p.as_bytes()
-                .windows(PLACEHOLDER.len())
-                .any(|w| w.eq_ignore_ascii_case(PLACEHOLDER))
-        });
+        let placeholder = info
+            .redis_settings()
+            .password()
+            .is_some_and(|p| is_placeholder(p.as_bytes()));
         if placeholder {
             self.fail(
                 "redis.url",
@@ -1504,10 +1509,7 @@ impl Validator {
                     );
                     return None;
                 }
-                if secret
-                    .windows(PLACEHOLDER.len())
-                    .any(|w| w.eq_ignore_ascii_case(PLACEHOLDER))
-                {
+                if is_placeholder(&secret) {
                     self.fail(
                         "jwt.secret",
                         format!("is the example's placeholder (it came from {source}): anyone could sign tokens with it; make one with `openssl rand -hex 32`"),
