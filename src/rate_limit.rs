@@ -11,7 +11,7 @@
 
 use std::future::Ready;
 use std::hash::Hash;
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -44,15 +44,36 @@ pub enum CallerKey {
 impl CallerKey {
     /// An anonymous caller: an IPv4 address on its own, an IPv6 address by its /64 (the smallest
     /// block a subscriber is given), so that rotating through the block neither escapes the
-    /// limit nor grows the key map.
+    /// limit nor grows the key map. An IPv6 address that carries an IPv4 one (NAT64, Teredo,
+    /// 6to4) counts as that IPv4 address: their /64s hold many unrelated callers, or a whole
+    /// site's worth of /64s, so keying them by /64 would let one caller spend the quota of
+    /// everyone behind the same translator, or a 6to4 site escape the limit.
     pub fn ip(ip: IpAddr) -> Self {
         CallerKey::Ip(match canonical(ip) {
-            IpAddr::V6(v6) => {
-                let [a, b, c, d, ..] = v6.segments();
-                IpAddr::V6(Ipv6Addr::new(a, b, c, d, 0, 0, 0, 0))
-            }
+            IpAddr::V6(v6) => match embedded_ipv4(v6) {
+                Some(v4) => IpAddr::V4(v4),
+                None => {
+                    let [a, b, c, d, ..] = v6.segments();
+                    IpAddr::V6(Ipv6Addr::new(a, b, c, d, 0, 0, 0, 0))
+                }
+            },
             v4 => v4,
         })
+    }
+}
+
+/// The IPv4 address an IPv6 one stands for, where its prefix says where to find it.
+fn embedded_ipv4(v6: Ipv6Addr) -> Option<Ipv4Addr> {
+    let s = v6.segments();
+    let low32 = (u32::from(s[6]) << 16) | u32::from(s[7]);
+    match s {
+        // NAT64 well-known prefix 64:ff9b::/96 (RFC 6052): the IPv4 address is the last 32 bits.
+        [0x64, 0xff9b, 0, 0, 0, 0, ..] => Some(Ipv4Addr::from(low32)),
+        // Teredo 2001::/32 (RFC 4380): the client's public address, inverted, in the last 32 bits.
+        [0x2001, 0, ..] => Some(Ipv4Addr::from(!low32)),
+        // 6to4 2002::/16 (RFC 3056): the site's address in bits 16..48.
+        [0x2002, hi, lo, ..] => Some(Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo))),
+        _ => None,
     }
 }
 
@@ -504,6 +525,26 @@ mod tests {
             1,
             "a mapped IPv4 address is that address, not the ::/64"
         );
+    }
+
+    #[test]
+    fn ipv6_addresses_that_carry_an_ipv4_one_count_as_that_address() {
+        let key = |ip: &str| CallerKey::ip(ip.parse().unwrap());
+        let v4 = |ip: &str| CallerKey::Ip(ip.parse().unwrap());
+        // NAT64: two IPv4 callers behind one translator, in the same /64, are two callers.
+        assert_eq!(key("64:ff9b::c000:201"), v4("192.0.2.1"));
+        assert_eq!(key("64:ff9b::c000:202"), v4("192.0.2.2"));
+        // Teredo: server 65.54.227.120, client 192.0.2.45 (inverted: 3fff:fdd2).
+        assert_eq!(
+            key("2001:0:4136:e378:8000:63bf:3fff:fdd2"),
+            v4("192.0.2.45")
+        );
+        // 6to4: every /64 of the site 192.0.2.4 is one caller.
+        assert_eq!(key("2002:c000:204:1::1"), v4("192.0.2.4"));
+        assert_eq!(key("2002:c000:204:ffff::1"), v4("192.0.2.4"));
+        // Near misses stay /64s.
+        assert_eq!(key("64:ff9b:1::c000:201"), v4("64:ff9b:1::"));
+        assert_eq!(key("2001:db8::1"), v4("2001:db8::"));
     }
 
     #[test]
