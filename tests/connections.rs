@@ -470,3 +470,66 @@ async fn an_http2_connection_in_use_is_kept_past_the_first_request_limit() {
     }
     assert_eq!(upstream.count(), 5);
 }
+
+/// An HTTP/2 client reading a large response slowly is making progress, even while the
+/// upstream hands over the body in chunks far larger than the client reads between two
+/// idle checks: the connection is not closed for idleness under it.
+#[tokio::test]
+async fn an_http2_client_reading_a_large_response_slowly_is_not_idle() {
+    use http_body_util::BodyExt;
+    const BODY: usize = 2 << 20;
+    let body = vec![b'x'; BODY];
+    let mut response =
+        format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+    response.extend_from_slice(&body);
+    let upstream = RawUpstream::start(Box::leak(response.into_boxed_slice())).await;
+    let proxy = Proxy::start(&config_with(
+        &upstream.url(),
+        "[server]\nidle_timeout = \"300ms\"\n",
+    ))
+    .await;
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    // A 16 KiB window: the proxy can send no further ahead of the reader than that.
+    let (mut h2, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .adaptive_window(false)
+            .initial_stream_window_size(16 * 1024)
+            .initial_connection_window_size(16 * 1024)
+            .handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let get = |path: &str| {
+        http::Request::get(format!("http://{}{path}", proxy.addr))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap()
+    };
+    let resp = h2.send_request(get("/big")).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    // Read at 640 KiB/s on a fixed schedule: a 64 KiB piece in 100 ms, well within idle_timeout,
+    // while the proxy's reads from the upstream grow to 400 KiB at a time (over 600 ms to drain
+    // whole, long enough to be judged idle).
+    const BYTES_PER_SEC: f64 = 640.0 * 1024.0;
+    let mut body = resp.into_body();
+    let mut received = 0;
+    let started = Instant::now();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.expect("the response arrives whole");
+        if let Some(data) = frame.data_ref() {
+            received += data.len();
+        }
+        let due = Duration::from_secs_f64(received as f64 / BYTES_PER_SEC);
+        tokio::time::sleep_until((started + due).into()).await;
+    }
+    assert_eq!(received, BODY);
+    // Had the connection been judged idle while the body was drained, it would have been
+    // told to go away (GOAWAY), and this request would be refused.
+    h2.ready()
+        .await
+        .expect("the connection still serves after the slow read");
+    let next = h2
+        .send_request(get("/after"))
+        .await
+        .expect("the connection still serves after the slow read");
+    assert_eq!(next.status(), 200);
+}
