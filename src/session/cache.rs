@@ -43,6 +43,11 @@ pub const HEARTBEAT: Duration = Duration::from_millis(20);
 /// Sessions of one user kept at most; a user with more is asked about in Redis more often.
 const SESSIONS_PER_USER: usize = 8;
 
+/// How often a full cache may sweep itself to make room for a new user. A sweep walks every
+/// entry; were each insert into a full cache of fresh entries to sweep, every request of an
+/// uncached user would pay that walk (and hold the shards' locks through it).
+const FULL_SWEEP_SPACING: Duration = Duration::from_secs(1);
+
 #[derive(Debug, Clone, Copy)]
 struct Entry {
     session: Uuid,
@@ -63,6 +68,8 @@ pub struct SessionCache {
     origin: Instant,
     /// When (after `origin`) the latest answered ping was sent.
     confirmed_nanos: AtomicU64,
+    /// When (after `origin`) a full cache last swept itself, to make room.
+    full_sweep_nanos: AtomicU64,
 }
 
 /// Where a lookup began, to decide whether its result may be cached.
@@ -79,23 +86,30 @@ impl SessionCache {
             live: AtomicBool::new(false),
             origin: Instant::now(),
             confirmed_nanos: AtomicU64::new(0),
+            full_sweep_nanos: AtomicU64::new(0),
         }
+    }
+
+    /// `at` as nanoseconds after `origin`.
+    fn nanos(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.origin).as_nanos()).unwrap_or(u64::MAX)
     }
 
     /// A ping sent at `sent` was answered: every invalidation before it has arrived.
     pub fn confirm(&self, sent: Instant) {
-        let nanos = u64::try_from(sent.saturating_duration_since(self.origin).as_nanos())
-            .unwrap_or(u64::MAX);
-        self.confirmed_nanos.fetch_max(nanos, Ordering::AcqRel);
+        self.confirmed_nanos
+            .fetch_max(self.nanos(sent), Ordering::AcqRel);
     }
 
     /// Live, and a recent enough ping has been answered.
-    fn trustworthy(&self) -> bool {
+    fn trustworthy(&self, now: Instant) -> bool {
         if !self.live.load(Ordering::Acquire) {
             return false;
         }
         let confirmed = Duration::from_nanos(self.confirmed_nanos.load(Ordering::Acquire));
-        self.origin.elapsed().saturating_sub(confirmed) <= MAX_STALENESS
+        now.saturating_duration_since(self.origin)
+            .saturating_sub(confirmed)
+            <= MAX_STALENESS
     }
 
     fn slot(&self, user_id: &[u8]) -> &AtomicU64 {
@@ -104,7 +118,11 @@ impl SessionCache {
 
     /// The platform of a session confirmed recently enough, if the cache may be trusted now.
     pub fn get(&self, user_id: &str, session: Uuid) -> Option<Platform> {
-        if !self.trustworthy() {
+        self.get_at(user_id, session, Instant::now())
+    }
+
+    fn get_at(&self, user_id: &str, session: Uuid, now: Instant) -> Option<Platform> {
+        if !self.trustworthy(now) {
             return None;
         }
         let entry = *self
@@ -112,7 +130,7 @@ impl SessionCache {
             .get(user_id)?
             .iter()
             .find(|e| e.session == session)?;
-        (Instant::now() < entry.fresh_until).then_some(entry.platform)
+        (now < entry.fresh_until).then_some(entry.platform)
     }
 
     /// Call before asking Redis; pass the result to [`SessionCache::insert`].
@@ -130,16 +148,32 @@ impl SessionCache {
         platform: Platform,
         fresh_for: Duration,
     ) {
+        self.insert_at(user_id, epoch, session, platform, fresh_for, Instant::now());
+    }
+
+    fn insert_at(
+        &self,
+        user_id: &str,
+        epoch: Epoch,
+        session: Uuid,
+        platform: Platform,
+        fresh_for: Duration,
+        now: Instant,
+    ) {
         if fresh_for.is_zero() || !self.live.load(Ordering::Acquire) {
             return;
         }
         if self.entries.len() >= self.max_entries && !self.entries.contains_key(user_id) {
-            self.sweep();
+            // Full: make room at most once per FULL_SWEEP_SPACING; until then, a new user is
+            // simply not cached (each of its requests asks Redis, as without a cache).
+            if !self.may_sweep_when_full(now) {
+                return;
+            }
+            self.sweep_at(now);
             if self.entries.len() >= self.max_entries {
                 return;
             }
         }
-        let now = Instant::now();
         let entry = Entry {
             session,
             platform,
@@ -191,9 +225,25 @@ impl SessionCache {
         self.live.load(Ordering::Acquire)
     }
 
+    /// Claims the full cache's next sweep, if one is due at `now`.
+    fn may_sweep_when_full(&self, now: Instant) -> bool {
+        let now = self.nanos(now);
+        let last = self.full_sweep_nanos.load(Ordering::Acquire);
+        let spacing = FULL_SWEEP_SPACING.as_nanos() as u64;
+        // `last == 0`: none yet. One caller wins the claim; the others go on uncached.
+        (last == 0 || now.saturating_sub(last) >= spacing)
+            && self
+                .full_sweep_nanos
+                .compare_exchange(last, now.max(1), Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+    }
+
     /// Drops entries that are no longer fresh.
     pub fn sweep(&self) {
-        let now = Instant::now();
+        self.sweep_at(Instant::now());
+    }
+
+    fn sweep_at(&self, now: Instant) {
         self.entries.retain(|_, sessions| {
             sessions.retain(|e| now < e.fresh_until);
             !sessions.is_empty()
@@ -218,42 +268,63 @@ mod tests {
     const B: Uuid = Uuid::from_u128(2);
     const MINUTE: Duration = Duration::from_secs(60);
 
-    fn live_cache() -> SessionCache {
-        let c = SessionCache::new(10);
+    /// A live cache of at most `max` users, a ping answered at the returned instant. The tests
+    /// pass that instant (or one after it) as the clock, so none depends on how fast it runs.
+    fn live_cache_of(max: usize) -> (SessionCache, Instant) {
+        let c = SessionCache::new(max);
         c.set_live(true);
-        c.confirm(Instant::now());
-        c
+        let now = Instant::now();
+        c.confirm(now);
+        (c, now)
     }
 
-    fn fill(c: &SessionCache, key: &str, session: Uuid, platform: Platform, fresh: Duration) {
+    fn live_cache() -> (SessionCache, Instant) {
+        live_cache_of(10)
+    }
+
+    fn fill_at(c: &SessionCache, key: &str, session: Uuid, fresh: Duration, now: Instant) {
         let e = c.epoch(key);
-        c.insert(key, e, session, platform, fresh);
+        c.insert_at(key, e, session, Platform::Web, fresh, now);
+    }
+
+    fn fill(c: &SessionCache, key: &str, session: Uuid, platform: Platform, now: Instant) {
+        let e = c.epoch(key);
+        c.insert_at(key, e, session, platform, MINUTE, now);
     }
 
     #[test]
     fn a_confirmed_session_is_served_until_it_goes_stale() {
-        let c = live_cache();
-        fill(&c, "k", A, Platform::Ios, MINUTE);
-        assert_eq!(c.get("k", A), Some(Platform::Ios));
-        assert_eq!(c.get("k", B), None, "another session of the same user");
-        assert_eq!(c.get("other", A), None, "the same id under another user");
-        fill(&c, "old", A, Platform::Web, Duration::from_nanos(1));
-        std::thread::sleep(Duration::from_millis(1));
-        assert_eq!(c.get("old", A), None);
+        let (c, t) = live_cache();
+        fill(&c, "k", A, Platform::Ios, t);
+        assert_eq!(c.get_at("k", A, t), Some(Platform::Ios));
+        assert_eq!(
+            c.get_at("k", B, t),
+            None,
+            "another session of the same user"
+        );
+        assert_eq!(
+            c.get_at("other", A, t),
+            None,
+            "the same id under another user"
+        );
+        let fresh = Duration::from_millis(10);
+        fill_at(&c, "old", A, fresh, t);
+        assert_eq!(c.get_at("old", A, t + fresh / 2), Some(Platform::Web));
+        assert_eq!(c.get_at("old", A, t + fresh), None);
     }
 
     #[test]
     fn an_invalidation_removes_every_session_under_the_key() {
-        let c = live_cache();
-        fill(&c, "k", A, Platform::Web, MINUTE);
-        fill(&c, "k", B, Platform::Ios, MINUTE);
-        fill(&c, "j", A, Platform::Web, MINUTE);
-        assert_eq!(c.get("k", B), Some(Platform::Ios));
+        let (c, t) = live_cache();
+        fill(&c, "k", A, Platform::Web, t);
+        fill(&c, "k", B, Platform::Ios, t);
+        fill(&c, "j", A, Platform::Web, t);
+        assert_eq!(c.get_at("k", B, t), Some(Platform::Ios));
         c.invalidate(b"k");
-        assert_eq!(c.get("k", A), None);
-        assert_eq!(c.get("k", B), None);
+        assert_eq!(c.get_at("k", A, t), None);
+        assert_eq!(c.get_at("k", B, t), None);
         assert_eq!(
-            c.get("j", A),
+            c.get_at("j", A, t),
             Some(Platform::Web),
             "other users keep theirs"
         );
@@ -261,65 +332,92 @@ mod tests {
 
     #[test]
     fn a_fill_racing_an_invalidation_is_dropped() {
-        let c = live_cache();
+        let (c, t) = live_cache();
         let e = c.epoch("k");
         c.invalidate(b"k"); // arrives while the lookup is in flight
-        c.insert("k", e, A, Platform::Web, MINUTE);
-        assert_eq!(c.get("k", A), None);
+        c.insert_at("k", e, A, Platform::Web, MINUTE, t);
+        assert_eq!(c.get_at("k", A, t), None);
     }
 
     #[test]
     fn nothing_is_served_or_kept_while_tracking_is_down() {
-        let c = live_cache();
-        fill(&c, "k", A, Platform::Web, MINUTE);
+        let (c, t) = live_cache();
+        fill(&c, "k", A, Platform::Web, t);
         c.set_live(false);
-        assert_eq!(c.get("k", A), None);
+        assert_eq!(c.get_at("k", A, t), None);
         assert!(c.is_empty());
-        fill(&c, "k", A, Platform::Web, MINUTE);
+        fill(&c, "k", A, Platform::Web, t);
         assert!(c.is_empty());
     }
 
     #[test]
     fn without_a_recent_answered_ping_nothing_is_served() {
-        let c = live_cache();
-        fill(&c, "k", A, Platform::Web, MINUTE);
-        assert_eq!(c.get("k", A), Some(Platform::Web));
-        std::thread::sleep(MAX_STALENESS + Duration::from_millis(10));
+        let (c, t) = live_cache();
+        fill(&c, "k", A, Platform::Web, t);
+        assert_eq!(c.get_at("k", A, t + MAX_STALENESS), Some(Platform::Web));
+        let later = t + MAX_STALENESS + Duration::from_millis(1);
         assert_eq!(
-            c.get("k", A),
+            c.get_at("k", A, later),
             None,
             "invalidations may have stopped flowing"
         );
-        c.confirm(Instant::now());
-        assert_eq!(c.get("k", A), Some(Platform::Web));
+        c.confirm(later);
+        assert_eq!(c.get_at("k", A, later), Some(Platform::Web));
     }
 
     #[test]
     fn the_cache_stays_within_its_bounds() {
-        let c = live_cache();
+        let (c, t) = live_cache();
         for i in 0..100 {
-            fill(&c, &format!("k{i}"), A, Platform::Web, MINUTE);
+            fill(&c, &format!("k{i}"), A, Platform::Web, t);
         }
         assert_eq!(c.len(), 10, "users");
         for i in 0..20 {
-            fill(&c, "k0", Uuid::from_u128(i), Platform::Web, MINUTE);
+            fill(&c, "k0", Uuid::from_u128(i), Platform::Web, t);
         }
         let kept = (0..20)
-            .filter(|i| c.get("k0", Uuid::from_u128(*i)).is_some())
+            .filter(|i| c.get_at("k0", Uuid::from_u128(*i), t).is_some())
             .count();
         assert_eq!(kept, SESSIONS_PER_USER, "sessions of one user");
         assert!(
-            c.get("k0", Uuid::from_u128(19)).is_some(),
+            c.get_at("k0", Uuid::from_u128(19), t).is_some(),
             "the newest stays"
         );
     }
 
     #[test]
+    fn a_full_cache_makes_room_at_most_once_per_spacing() {
+        let (c, t) = live_cache_of(2);
+        let short = Duration::from_millis(1);
+        fill_at(&c, "stale1", A, short, t);
+        fill_at(&c, "stale2", A, short, t);
+        // Full, both entries stale: the first new user sweeps them out and is cached.
+        let t1 = t + short;
+        fill_at(&c, "new1", A, short, t1);
+        assert_eq!(c.len(), 1, "swept");
+        fill_at(&c, "new2", A, MINUTE, t1);
+        assert_eq!(c.len(), 2);
+        // Full again, new1 gone stale, but the last sweep was just now: a new user is not
+        // cached, and the stale entry stays until the next sweep is due.
+        let t2 = t1 + short;
+        fill_at(&c, "new3", A, MINUTE, t2);
+        assert_eq!(c.get_at("new3", A, t2), None);
+        assert_eq!(c.len(), 2);
+        // Once the spacing has passed, the next new user makes room again.
+        let t3 = t1 + FULL_SWEEP_SPACING;
+        c.confirm(t3);
+        fill_at(&c, "new3", A, MINUTE, t3);
+        assert_eq!(c.get_at("new3", A, t3), Some(Platform::Web));
+        assert_eq!(c.get_at("new2", A, t3), Some(Platform::Web), "fresh stays");
+        assert_eq!(c.len(), 2);
+    }
+
+    #[test]
     fn a_session_confirmed_again_is_kept_once() {
-        let c = live_cache();
-        fill(&c, "k", A, Platform::Web, MINUTE);
-        fill(&c, "k", A, Platform::Android, MINUTE);
-        assert_eq!(c.get("k", A), Some(Platform::Android));
+        let (c, t) = live_cache();
+        fill(&c, "k", A, Platform::Web, t);
+        fill(&c, "k", A, Platform::Android, t);
+        assert_eq!(c.get_at("k", A, t), Some(Platform::Android));
         assert_eq!(c.entries.get("k").map(|s| s.len()), Some(1));
     }
 }
