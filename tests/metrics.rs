@@ -98,7 +98,13 @@ async fn metrics_after_a_known_sequence_have_the_expected_counts() {
     );
     let first = Exposition::parse(&resp.text().await.unwrap());
     assert!(first.saw_eof, "an OpenMetrics exposition ends with # EOF");
-    assert_eq!(first.value("portcullis_requests_total", &[]), 0.0);
+    // Nothing has been answered on the public listener yet (scrapes are not counted): no
+    // sample of the family at all, whatever its labels.
+    assert_eq!(
+        requests(&first),
+        BTreeMap::new(),
+        "portcullis_requests_total before any request"
+    );
 
     // Two sessions through the API (api 201 x2).
     let anonymous_session = token(USER, None);
@@ -327,8 +333,13 @@ async fn sessions_active_follows_live_sessions() {
         e.get("portcullis_sessions_active", &[]) == Some(2.0)
     })
     .await;
-    // A session past its expiry is not counted, even while its user's key is still there.
+    // A session past its expiry is not counted, even while its user's key is still there:
+    // counted while live, then no longer once it has expired.
     let s3 = create_session(&proxy, &t2).await;
+    scrape_until(proxy.admin, "sessions_active 3 with s3", |e| {
+        e.get("portcullis_sessions_active", &[]) == Some(3.0)
+    })
+    .await;
     expire_session_in(&mut redis.conn(), "active-2", &s3, -1);
     scrape_until(proxy.admin, "sessions_active 2 again", |e| {
         e.get("portcullis_sessions_active", &[]) == Some(2.0)
