@@ -96,8 +96,9 @@ fn jwt(c: &mut Criterion) {
     let config = config();
     // Full verification every time; `remembering` is the default, which skips the signature
     // check for a token it verified before.
-    let verifier = Verifier::new(&full_verification(&config)).expect("verifier");
-    let remembering = Verifier::new(&config.jwt).expect("verifier");
+    let verifier =
+        Verifier::new(&full_verification(&config), Default::default()).expect("verifier");
+    let remembering = Verifier::new(&config.jwt, Default::default()).expect("verifier");
     let with_sid = token(&config, Some(SID));
     let without_sid = token(&config, None);
     let mut forged = with_sid.clone();
@@ -186,7 +187,8 @@ fn headers(c: &mut Criterion) {
 
     // The Authn layer as the stack runs it: strip client identity headers, verify the bearer
     // token (fully), attach the identity; the inner service answers at once.
-    let verifier = Arc::new(Verifier::new(&full_verification(&config)).expect("verifier"));
+    let verifier =
+        Arc::new(Verifier::new(&full_verification(&config), Default::default()).expect("verifier"));
     let layer = AuthnLayer {
         verifier,
         identity: Arc::new(config.identity.clone()),

@@ -100,7 +100,10 @@ impl App {
             tunnels,
             metrics.clone(),
         );
-        let verifier = Verifier::new(&config.jwt)?;
+        let verifier = Verifier::new(
+            &config.jwt,
+            metrics.tokens_verified_with_previous_key.clone(),
+        )?;
         let routes = RouteTable::new(&config.session.api_prefix, &config.routes);
         let rate_limits = RateLimits::new(&config.rate_limit, &config.routes);
         let certs = match &config.server.tls {

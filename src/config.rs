@@ -444,6 +444,11 @@ pub struct JwtSection {
     pub secret_file: String,
     /// PEM public key file for RS*, PS*, ES* and EdDSA.
     pub public_key_pem: String,
+    /// A key being rotated out, still accepted: HMAC secret (JWT_PREVIOUS_SECRET takes
+    /// precedence), its file, or a PEM public key file.
+    pub previous_secret: String,
+    pub previous_secret_file: String,
+    pub previous_public_key_pem: String,
     /// Required `iss`, when set.
     pub issuer: String,
     /// Required `aud`, when set.
@@ -462,6 +467,9 @@ impl Default for JwtSection {
             secret: String::new(),
             secret_file: String::new(),
             public_key_pem: String::new(),
+            previous_secret: String::new(),
+            previous_secret_file: String::new(),
+            previous_public_key_pem: String::new(),
             issuer: String::new(),
             audience: String::new(),
             leeway: Duration::from_secs(30),
@@ -547,6 +555,38 @@ pub enum JwtKey {
     PublicPem(Vec<u8>),
 }
 
+/// Where one verification key may come from: its environment variable (HMAC), its config keys.
+struct JwtKeySource<'a> {
+    env: &'static str,
+    secret: (&'static str, &'a str),
+    secret_file: (&'static str, &'a str),
+    public_key_pem: (&'static str, &'a str),
+}
+
+impl JwtKeySource<'_> {
+    fn env_secret<'e>(&self, env: &'e [(String, String)]) -> Option<&'e str> {
+        env.iter()
+            .find(|(k, _)| k == self.env)
+            .map(|(_, v)| v.as_str())
+            .filter(|v| !v.is_empty())
+    }
+
+    /// Whether any source of this key is set, for the algorithms' family.
+    fn is_set(&self, family: jsonwebtoken::AlgorithmFamily, env: &[(String, String)]) -> bool {
+        match family {
+            jsonwebtoken::AlgorithmFamily::Hmac => {
+                self.env_secret(env).is_some()
+                    || !self.secret.1.is_empty()
+                    || !self.secret_file.1.is_empty()
+            }
+            _ => !self.public_key_pem.1.is_empty(),
+        }
+    }
+}
+
+/// The most clock skew tolerated on `exp` and `nbf`.
+const MAX_JWT_LEEWAY: Duration = Duration::from_secs(3600);
+
 impl fmt::Debug for JwtKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -560,6 +600,8 @@ impl fmt::Debug for JwtKey {
 pub struct JwtConfig {
     pub algorithms: Vec<jsonwebtoken::Algorithm>,
     pub key: JwtKey,
+    /// A key being rotated out: tokens it signed are still accepted.
+    pub previous_key: Option<JwtKey>,
     pub issuer: Option<String>,
     pub audience: Option<String>,
     pub leeway: Duration,
@@ -1467,107 +1509,175 @@ impl Validator {
             );
             return None;
         }
-        let env_secret = env
-            .iter()
-            .find(|(k, _)| k == "JWT_SECRET")
-            .map(|(_, v)| v.clone())
-            .filter(|v| !v.is_empty());
-        let key = match family? {
-            AlgorithmFamily::Hmac => {
-                let (mut secret, source) = if let Some(s) = env_secret {
-                    (s.into_bytes(), "JWT_SECRET")
-                } else if !section.secret.is_empty() {
-                    (section.secret.clone().into_bytes(), "jwt.secret")
-                } else if !section.secret_file.is_empty() {
-                    let path = self.path("jwt.secret_file", &section.secret_file, base);
-                    match std::fs::read(&path) {
-                        Ok(bytes) => (bytes, "jwt.secret_file"),
-                        Err(e) => {
-                            self.fail(
-                                "jwt.secret_file",
-                                format!("cannot read {}: {e} (deploy/dev-setup.sh creates a development secret)", path.display()),
-                            );
-                            return None;
-                        }
-                    }
-                } else {
-                    self.fail(
-                        "jwt.secret",
-                        "an HMAC algorithm needs a secret: set jwt.secret, jwt.secret_file or JWT_SECRET",
-                    );
-                    return None;
-                };
-                // The same key however it is delivered: a file, or a Secret made from one
-                // (`kubectl create secret --from-file`), ends in a newline that is not part of it.
-                while secret.last().is_some_and(|b| b.is_ascii_whitespace()) {
-                    secret.pop();
-                }
-                if secret.len() < 32 {
-                    self.fail(
-                        "jwt.secret",
-                        format!("must be at least 32 bytes long (it came from {source})"),
-                    );
-                    return None;
-                }
-                if is_placeholder(&secret) {
-                    self.fail(
-                        "jwt.secret",
-                        format!("is the example's placeholder (it came from {source}): anyone could sign tokens with it; make one with `openssl rand -hex 32`"),
-                    );
-                    return None;
-                }
-                JwtKey::Secret(secret)
-            }
-            _ => {
-                if section.public_key_pem.is_empty() {
-                    self.fail(
-                        "jwt.public_key_pem",
-                        "a public-key algorithm needs a PEM public key file",
-                    );
-                    return None;
-                }
-                let path = self.path("jwt.public_key_pem", &section.public_key_pem, base);
-                let pem = match std::fs::read(&path) {
-                    Ok(pem) => pem,
-                    Err(e) => {
-                        self.fail(
-                            "jwt.public_key_pem",
-                            format!("cannot read {}: {e}", path.display()),
-                        );
-                        return None;
-                    }
-                };
-                let parsed = match family? {
-                    AlgorithmFamily::Rsa => {
-                        jsonwebtoken::DecodingKey::from_rsa_pem(&pem).map(|_| ())
-                    }
-                    AlgorithmFamily::Ec => jsonwebtoken::DecodingKey::from_ec_pem(&pem).map(|_| ()),
-                    AlgorithmFamily::Ed => jsonwebtoken::DecodingKey::from_ed_pem(&pem).map(|_| ()),
-                    AlgorithmFamily::Hmac => Ok(()),
-                };
-                if let Err(e) = parsed {
-                    self.fail(
-                        "jwt.public_key_pem",
-                        format!(
-                            "{} is not a usable public key for {:?}: {e}",
-                            path.display(),
-                            algorithms[0]
-                        ),
-                    );
-                    return None;
-                }
-                JwtKey::PublicPem(pem)
-            }
+        let family = family?;
+        let key = self.jwt_key(
+            &JwtKeySource {
+                env: "JWT_SECRET",
+                secret: ("jwt.secret", &section.secret),
+                secret_file: ("jwt.secret_file", &section.secret_file),
+                public_key_pem: ("jwt.public_key_pem", &section.public_key_pem),
+            },
+            family,
+            algorithms[0],
+            base,
+            env,
+        );
+        let previous = JwtKeySource {
+            env: "JWT_PREVIOUS_SECRET",
+            secret: ("jwt.previous_secret", &section.previous_secret),
+            secret_file: ("jwt.previous_secret_file", &section.previous_secret_file),
+            public_key_pem: (
+                "jwt.previous_public_key_pem",
+                &section.previous_public_key_pem,
+            ),
         };
+        // A previous key of the other kind would be ignored: say so rather than let a rotation
+        // silently refuse the old tokens.
+        let (unused, kind) = match family {
+            AlgorithmFamily::Hmac => (vec![previous.public_key_pem], "an HMAC secret"),
+            _ => (
+                vec![previous.secret, previous.secret_file],
+                "a PEM public key file",
+            ),
+        };
+        for (key, _) in unused.into_iter().filter(|(_, value)| !value.is_empty()) {
+            self.fail(
+                key,
+                format!("does not fit jwt.algorithms ({:?}): the key being rotated out must be {kind}, like the current one", algorithms[0]),
+            );
+        }
+        let previous_key = if previous.is_set(family, env) {
+            let previous_key = self.jwt_key(&previous, family, algorithms[0], base, env);
+            if let (Some(JwtKey::Secret(a) | JwtKey::PublicPem(a)), Some(k)) = (&key, &previous_key)
+            {
+                if matches!(k, JwtKey::Secret(b) | JwtKey::PublicPem(b) if a == b) {
+                    let name = match family {
+                        AlgorithmFamily::Hmac => "jwt.previous_secret",
+                        _ => "jwt.previous_public_key_pem",
+                    };
+                    self.fail(
+                        name,
+                        "is the current key itself: set it to the key being rotated out, or leave it out",
+                    );
+                }
+            }
+            previous_key
+        } else {
+            None
+        };
+        if section.leeway > MAX_JWT_LEEWAY {
+            self.fail(
+                "jwt.leeway",
+                "must be at most 1h: it is the clock skew tolerated between the signer and portcullis",
+            );
+        }
+        let key = key?;
         let optional = |s: &str| (!s.is_empty()).then(|| s.to_string());
         Some(JwtConfig {
             algorithms,
             key,
+            previous_key,
             issuer: optional(&section.issuer),
             audience: optional(&section.audience),
             leeway: section.leeway,
             verified_tokens: section.verified_tokens,
         })
+    }
+
+    /// One verification key, from where `source` says it may come; fails (naming the key) when
+    /// it is missing, unreadable, too weak or not a key for `first`.
+    fn jwt_key(
+        &mut self,
+        source: &JwtKeySource<'_>,
+        family: jsonwebtoken::AlgorithmFamily,
+        first: jsonwebtoken::Algorithm,
+        base: &Path,
+        env: &[(String, String)],
+    ) -> Option<JwtKey> {
+        use jsonwebtoken::AlgorithmFamily;
+        let (secret_key, secret_value) = source.secret;
+        let (file_key, file_value) = source.secret_file;
+        let (pem_key, pem_value) = source.public_key_pem;
+        if family == AlgorithmFamily::Hmac {
+            let (mut secret, from) = if let Some(s) = source.env_secret(env) {
+                (s.as_bytes().to_vec(), source.env)
+            } else if !secret_value.is_empty() {
+                (secret_value.as_bytes().to_vec(), secret_key)
+            } else if !file_value.is_empty() {
+                let path = self.path(file_key, file_value, base);
+                match std::fs::read(&path) {
+                    Ok(bytes) => (bytes, file_key),
+                    Err(e) => {
+                        self.fail(
+                            file_key,
+                            format!("cannot read {}: {e} (deploy/dev-setup.sh creates a development secret)", path.display()),
+                        );
+                        return None;
+                    }
+                }
+            } else {
+                self.fail(
+                    secret_key,
+                    format!(
+                        "an HMAC algorithm needs a secret: set {secret_key}, {file_key} or {}",
+                        source.env
+                    ),
+                );
+                return None;
+            };
+            // The same key however it is delivered: a file, or a Secret made from one
+            // (`kubectl create secret --from-file`), ends in a newline that is not part of it.
+            while secret.last().is_some_and(|b| b.is_ascii_whitespace()) {
+                secret.pop();
+            }
+            if secret.len() < 32 {
+                self.fail(
+                    secret_key,
+                    format!("must be at least 32 bytes long (it came from {from})"),
+                );
+                return None;
+            }
+            if is_placeholder(&secret) {
+                self.fail(
+                    secret_key,
+                    format!("is the example's placeholder (it came from {from}): anyone could sign tokens with it; make one with `openssl rand -hex 32`"),
+                );
+                return None;
+            }
+            return Some(JwtKey::Secret(secret));
+        }
+        if pem_value.is_empty() {
+            self.fail(
+                pem_key,
+                "a public-key algorithm needs a PEM public key file",
+            );
+            return None;
+        }
+        let path = self.path(pem_key, pem_value, base);
+        let pem = match std::fs::read(&path) {
+            Ok(pem) => pem,
+            Err(e) => {
+                self.fail(pem_key, format!("cannot read {}: {e}", path.display()));
+                return None;
+            }
+        };
+        let parsed = match family {
+            AlgorithmFamily::Rsa => jsonwebtoken::DecodingKey::from_rsa_pem(&pem).map(|_| ()),
+            AlgorithmFamily::Ec => jsonwebtoken::DecodingKey::from_ec_pem(&pem).map(|_| ()),
+            AlgorithmFamily::Ed => jsonwebtoken::DecodingKey::from_ed_pem(&pem).map(|_| ()),
+            AlgorithmFamily::Hmac => Ok(()),
+        };
+        if let Err(e) = parsed {
+            self.fail(
+                pem_key,
+                format!(
+                    "{} is not a usable public key for {first:?}: {e}",
+                    path.display()
+                ),
+            );
+            return None;
+        }
+        Some(JwtKey::PublicPem(pem))
     }
 
     fn upstream_url(&mut self, key: &str, value: &str) -> (Option<Scheme>, Option<Authority>) {
@@ -1695,6 +1805,9 @@ const OVERRIDABLE: &[(&str, Kind)] = &[
     ("jwt.secret", Kind::Str),
     ("jwt.secret_file", Kind::Str),
     ("jwt.public_key_pem", Kind::Str),
+    ("jwt.previous_secret", Kind::Str),
+    ("jwt.previous_secret_file", Kind::Str),
+    ("jwt.previous_public_key_pem", Kind::Str),
     ("jwt.issuer", Kind::Str),
     ("jwt.audience", Kind::Str),
     ("jwt.leeway", Kind::Str),
@@ -1885,6 +1998,48 @@ mod tests {
         );
         let in_file = format!("[jwt]\nsecret = \"{} \"\n", SECRET.1);
         assert_eq!(hmac_key(&in_file, &[]).unwrap(), bare);
+    }
+
+    #[test]
+    fn a_previous_jwt_key_is_read_like_the_current_one_and_checked() {
+        let previous = |c: Config| match c.jwt.previous_key {
+            Some(JwtKey::Secret(secret)) => Some(String::from_utf8(secret).unwrap()),
+            Some(JwtKey::PublicPem(_)) => panic!("not an HMAC key"),
+            None => None,
+        };
+        let old = "o".repeat(32);
+        assert_eq!(previous(parse("").unwrap()), None);
+        let from_env = parse_env("", &[("JWT_PREVIOUS_SECRET", &format!("{old}\n"))]).unwrap();
+        assert_eq!(previous(from_env), Some(old.clone()), "trimmed");
+        let in_file = format!("[jwt]\nprevious_secret = \"{old}\"\n");
+        assert_eq!(previous(parse(&in_file).unwrap()), Some(old.clone()));
+
+        let only_error = |text: &str, env: &[(&str, &str)]| {
+            let err = parse_env(text, env).unwrap_err();
+            assert_eq!(err.0.len(), 1, "{err}");
+            (err.0[0].key.clone(), err.0[0].reason.clone())
+        };
+        let (key, reason) = only_error("", &[("JWT_PREVIOUS_SECRET", "short")]);
+        assert_eq!(key, "jwt.previous_secret");
+        assert!(
+            reason.contains("32 bytes") && reason.contains("JWT_PREVIOUS_SECRET"),
+            "{reason}"
+        );
+        let (key, reason) = only_error("", &[("JWT_PREVIOUS_SECRET", SECRET.1)]);
+        assert_eq!(key, "jwt.previous_secret");
+        assert!(reason.contains("current key"), "{reason}");
+        let (key, reason) = only_error("[jwt]\nprevious_public_key_pem = \"old.pem\"\n", &[]);
+        assert_eq!(key, "jwt.previous_public_key_pem");
+        assert!(reason.contains("HMAC secret"), "{reason}");
+        let (key, _) = only_error("[jwt]\nprevious_secret_file = \"/nonexistent/old\"\n", &[]);
+        assert_eq!(key, "jwt.previous_secret_file");
+    }
+
+    #[test]
+    fn jwt_leeway_is_at_most_an_hour() {
+        assert!(parse("[jwt]\nleeway = \"1h\"\n").is_ok());
+        let err = parse("[jwt]\nleeway = \"61m\"\n").unwrap_err();
+        assert_eq!(err.0[0].key, "jwt.leeway", "{err}");
     }
 
     #[test]

@@ -68,6 +68,7 @@ pub struct Metrics {
     pub resting_connections: Gauge,
     pub open_tunnels: Gauge,
     pub tunnels_session_ended: Counter,
+    pub tokens_verified_with_previous_key: Counter,
     pub rate_limit_keys: Gauge,
     pub certificate_reloads: Family<ReloadLabels, Counter>,
     pub session_cache_lookups: Family<CacheLabels, Counter>,
@@ -191,6 +192,12 @@ impl Metrics {
             "WebSocket tunnels closed because the session they were admitted on ended",
             tunnels_session_ended.clone(),
         );
+        let tokens_verified_with_previous_key = Counter::default();
+        registry.register(
+            "tokens_verified_with_previous_key",
+            "Tokens whose signature only the key being rotated out (jwt.previous_*) verified; remembered tokens count once",
+            tokens_verified_with_previous_key.clone(),
+        );
         let sessions_active = Gauge::default();
         registry.register(
             "sessions_active",
@@ -257,6 +264,7 @@ impl Metrics {
             resting_connections,
             open_tunnels,
             tunnels_session_ended,
+            tokens_verified_with_previous_key,
             rate_limit_keys,
             certificate_reloads,
             session_cache_lookups,

@@ -12,6 +12,7 @@ use futures_util::future::Either;
 use http::{header, HeaderMap, Request, Response};
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{AlgorithmFamily, DecodingKey, EncodingKey, Validation};
+use prometheus_client::metrics::counter::Counter;
 use serde::{Deserialize, Serialize};
 use tower::{Layer, Service};
 
@@ -46,22 +47,39 @@ struct Claims {
     nbf: Option<u64>,
 }
 
-/// Verifies tokens against the configured key and rules.
+/// Verifies tokens against the configured keys and rules.
 pub struct Verifier {
     key: DecodingKey,
+    /// A key being rotated out, tried when a signature does not match `key`.
+    previous_key: Option<DecodingKey>,
+    /// Tokens that only the previous key verified: when it stays at zero for a token
+    /// lifetime, the previous key can go.
+    verified_with_previous_key: Counter,
     validation: Validation,
     verified: VerifiedTokens,
 }
 
+fn decoding_key(key: &JwtKey, family: AlgorithmFamily) -> Result<DecodingKey, BoxError> {
+    Ok(match (key, family) {
+        (JwtKey::Secret(secret), AlgorithmFamily::Hmac) => DecodingKey::from_secret(secret),
+        (JwtKey::PublicPem(pem), AlgorithmFamily::Rsa) => DecodingKey::from_rsa_pem(pem)?,
+        (JwtKey::PublicPem(pem), AlgorithmFamily::Ec) => DecodingKey::from_ec_pem(pem)?,
+        (JwtKey::PublicPem(pem), AlgorithmFamily::Ed) => DecodingKey::from_ed_pem(pem)?,
+        _ => return Err("jwt key does not fit jwt.algorithms".into()),
+    })
+}
+
 impl Verifier {
-    pub fn new(config: &JwtConfig) -> Result<Verifier, BoxError> {
+    /// `verified_with_previous_key` counts the tokens only the previous key verified.
+    pub fn new(
+        config: &JwtConfig,
+        verified_with_previous_key: Counter,
+    ) -> Result<Verifier, BoxError> {
         let first = *config.algorithms.first().ok_or("jwt.algorithms is empty")?;
-        let key = match (&config.key, first.family()) {
-            (JwtKey::Secret(secret), AlgorithmFamily::Hmac) => DecodingKey::from_secret(secret),
-            (JwtKey::PublicPem(pem), AlgorithmFamily::Rsa) => DecodingKey::from_rsa_pem(pem)?,
-            (JwtKey::PublicPem(pem), AlgorithmFamily::Ec) => DecodingKey::from_ec_pem(pem)?,
-            (JwtKey::PublicPem(pem), AlgorithmFamily::Ed) => DecodingKey::from_ed_pem(pem)?,
-            _ => return Err("jwt key does not fit jwt.algorithms".into()),
+        let key = decoding_key(&config.key, first.family())?;
+        let previous_key = match &config.previous_key {
+            Some(previous) => Some(decoding_key(previous, first.family())?),
+            None => None,
         };
         // Built from configuration only, never from a token's header.
         let mut validation = Validation::new(first);
@@ -84,6 +102,8 @@ impl Verifier {
         validation.set_required_spec_claims(&required);
         Ok(Verifier {
             key,
+            previous_key,
+            verified_with_previous_key,
             validation,
             verified: VerifiedTokens::new(config.verified_tokens),
         })
@@ -106,14 +126,24 @@ impl Verifier {
                 }
             };
         }
-        let data =
-            jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(|e| {
-                tracing::debug!(reason = ?e.kind(), "token rejected");
-                match e.kind() {
-                    ErrorKind::ExpiredSignature => Rejection::TokenExpired,
-                    _ => Rejection::TokenInvalid,
+        let mut decoded = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation);
+        // The signature is checked before the claims, so only a signature that does not match
+        // the current key sends a token to the previous one.
+        if let (Err(e), Some(previous)) = (&decoded, &self.previous_key) {
+            if *e.kind() == ErrorKind::InvalidSignature {
+                decoded = jsonwebtoken::decode::<Claims>(token, previous, &self.validation);
+                if decoded.is_ok() {
+                    self.verified_with_previous_key.inc();
                 }
-            })?;
+            }
+        }
+        let data = decoded.map_err(|e| {
+            tracing::debug!(reason = ?e.kind(), "token rejected");
+            match e.kind() {
+                ErrorKind::ExpiredSignature => Rejection::TokenExpired,
+                _ => Rejection::TokenInvalid,
+            }
+        })?;
         let Claims { sub, sid, exp, nbf } = data.claims;
         if !valid_user_id(&sub) {
             tracing::debug!("token rejected: unusable sub");
@@ -349,6 +379,7 @@ mod tests {
         JwtConfig {
             algorithms: vec![jsonwebtoken::Algorithm::HS256],
             key: JwtKey::Secret(b"0123456789abcdef0123456789abcdef".to_vec()),
+            previous_key: None,
             issuer: Some("portcullis-test".into()),
             audience: None,
             leeway: Duration::from_secs(0),
@@ -360,9 +391,84 @@ mod tests {
     fn a_minted_token_verifies_and_carries_its_claims() {
         let c = config();
         let token = dev_token(&c, "player-1", Some("s-1"), Duration::from_secs(60)).unwrap();
-        let (sub, sid) = Verifier::new(&c).unwrap().verify(&token).unwrap();
+        let (sub, sid) = Verifier::new(&c, Counter::default())
+            .unwrap()
+            .verify(&token)
+            .unwrap();
         assert_eq!(&*sub, "player-1");
         assert_eq!(sid.as_deref(), Some("s-1"));
+    }
+
+    #[test]
+    fn a_key_being_rotated_out_still_verifies_its_tokens_and_is_counted() {
+        let secret = |s: &str| JwtKey::Secret(s.repeat(32).into_bytes());
+        let signed_by = |key: JwtKey, ttl: u64| {
+            let c = JwtConfig { key, ..config() };
+            dev_token(&c, "u", None, Duration::from_secs(ttl)).unwrap()
+        };
+        let (old, new, other) = (secret("o"), secret("n"), secret("x"));
+        let rotating = JwtConfig {
+            key: new.clone(),
+            previous_key: Some(old.clone()),
+            ..config()
+        };
+        let counted = Counter::default();
+        let verifier = Verifier::new(&rotating, counted.clone()).unwrap();
+
+        assert!(verifier.verify(&signed_by(new.clone(), 60)).is_ok());
+        assert_eq!(counted.get(), 0, "the current key verified it");
+        let by_old = signed_by(old.clone(), 60);
+        assert!(verifier.verify(&by_old).is_ok());
+        assert_eq!(counted.get(), 1);
+        assert!(verifier.verify(&by_old).is_ok(), "remembered");
+        assert_eq!(counted.get(), 1, "a remembered token counts once");
+        assert_eq!(
+            verifier.verify(&signed_by(other, 60)).unwrap_err(),
+            Rejection::TokenInvalid
+        );
+        // Signed by the old key and expired: expired, like any other token.
+        let expired = {
+            let c = JwtConfig {
+                key: old.clone(),
+                ..config()
+            };
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_secs();
+            let claims = DevClaims {
+                sub: "u",
+                sid: None,
+                iat: now - 120,
+                exp: now - 60,
+                iss: c.issuer.as_deref(),
+                aud: None,
+            };
+            let JwtKey::Secret(key) = &c.key else {
+                unreachable!()
+            };
+            jsonwebtoken::encode(
+                &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+                &claims,
+                &EncodingKey::from_secret(key),
+            )
+            .unwrap()
+        };
+        assert_eq!(
+            verifier.verify(&expired).unwrap_err(),
+            Rejection::TokenExpired
+        );
+
+        let rotated = JwtConfig {
+            key: new,
+            ..config()
+        };
+        let verifier = Verifier::new(&rotated, Counter::default()).unwrap();
+        assert_eq!(
+            verifier.verify(&by_old).unwrap_err(),
+            Rejection::TokenInvalid,
+            "once the previous key is gone"
+        );
     }
 
     #[test]
@@ -381,7 +487,7 @@ mod tests {
 
     #[test]
     fn open_routes_ignore_bad_tokens_but_guarded_ones_reject_them() {
-        let verifier = Verifier::new(&config()).unwrap();
+        let verifier = Verifier::new(&config(), Counter::default()).unwrap();
         let mut h = HeaderMap::new();
         h.insert(
             header::AUTHORIZATION,
@@ -427,7 +533,7 @@ mod tests {
     #[test]
     fn the_sid_claim_wins_over_the_header() {
         let c = config();
-        let verifier = Verifier::new(&c).unwrap();
+        let verifier = Verifier::new(&c, Counter::default()).unwrap();
         let with_sid = dev_token(&c, "u", Some("claim"), Duration::from_secs(60)).unwrap();
         let without = dev_token(&c, "u", None, Duration::from_secs(60)).unwrap();
         let auth = |t: &str| {
