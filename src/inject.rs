@@ -31,6 +31,9 @@ const CONFIG_VOLUME: &str = "portcullis-config";
 const CONFIG_DIR: &str = "/etc/portcullis";
 const TLS_VOLUME: &str = "portcullis-tls";
 const TLS_DIR: &str = "/etc/portcullis-tls";
+/// The ConfigMap the sidecar mounts unless `--config-map` names another: the one
+/// deploy/k8s/portcullis-config.yaml ships.
+pub const DEFAULT_CONFIG_MAP: &str = "portcullis-config";
 /// An annotation (on the workload or its pod template) that keeps inject away: `disabled`.
 pub const OPT_OUT_ANNOTATION: &str = "portcullis/inject";
 
@@ -49,8 +52,9 @@ pub struct InjectOptions {
     /// Container image of the sidecar.
     #[arg(long, default_value = concat!("portcullis:", env!("CARGO_PKG_VERSION")))]
     pub image: String,
-    /// ConfigMap holding `config.toml`, mounted at /etc/portcullis.
-    #[arg(long, default_value = "portcullis")]
+    /// ConfigMap holding `config.toml`, mounted at /etc/portcullis (deploy/k8s's is
+    /// `portcullis-config`).
+    #[arg(long, default_value = DEFAULT_CONFIG_MAP)]
     pub config_map: String,
     /// The game's port that portcullis fronts (default: the pod's only TCP containerPort).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
@@ -80,7 +84,7 @@ impl Default for InjectOptions {
     fn default() -> Self {
         InjectOptions {
             image: concat!("portcullis:", env!("CARGO_PKG_VERSION")).into(),
-            config_map: "portcullis".into(),
+            config_map: DEFAULT_CONFIG_MAP.into(),
             upstream_port: None,
             port: 8443,
             admin_port: 9090,

@@ -151,6 +151,29 @@ fn the_example_game_is_injected_as_deploy_k8s_game_yaml_shows() {
 }
 
 #[test]
+fn the_example_injected_with_defaults_mounts_the_shipped_config_map() {
+    let shipped = docs(&read("deploy/k8s/portcullis-config.yaml"));
+    let config_map = shipped
+        .iter()
+        .find(|d| d["kind"] == "ConfigMap")
+        .expect("a ConfigMap in deploy/k8s/portcullis-config.yaml");
+    let name = &config_map["metadata"]["name"];
+    assert!(name.is_string(), "{config_map}");
+
+    let out = inject(&[], &read("deploy/k8s/examples/game-before-inject.yaml")).docs();
+    let spec = &kind(&out, "Deployment", "game")["spec"]["template"]["spec"];
+    let volume = spec["volumes"]
+        .as_array()
+        .and_then(|v| v.iter().find(|v| v["name"] == "portcullis-config"))
+        .unwrap_or_else(|| panic!("no portcullis-config volume in {spec}"));
+    assert_eq!(&volume["configMap"]["name"], name);
+    // And the shipped game.yaml mounts the same one.
+    let game = docs(&read("deploy/k8s/game.yaml"));
+    let shipped_volumes = &kind(&game, "Deployment", "game")["spec"]["template"]["spec"]["volumes"];
+    assert_eq!(&shipped_volumes[0], volume);
+}
+
+#[test]
 fn the_deploy_k8s_manifests_are_left_exactly_as_they_are() {
     for file in [
         "deploy/k8s/game.yaml",
@@ -206,7 +229,7 @@ fn every_workload_of_a_multi_document_input_is_injected_and_the_rest_kept() {
         );
         assert_eq!(
             spec["volumes"],
-            json!([{"name": "portcullis-config", "configMap": {"name": "portcullis"}}])
+            json!([{"name": "portcullis-config", "configMap": {"name": "portcullis-config"}}])
         );
     }
     // A bare Pod gets it in its own spec.
