@@ -38,7 +38,8 @@ enum Command {
     Run,
     /// Validate the configuration and exit: 0 when valid, 2 with the bad keys named otherwise.
     CheckConfig,
-    /// Print an HS256 token signed with the configured secret, for trying portcullis out.
+    /// Print a token signed with the configured HMAC secret (the first HS* algorithm in
+    /// jwt.algorithms), for trying portcullis out.
     DevToken {
         /// The user id (`sub`).
         #[arg(long)]
