@@ -289,6 +289,8 @@ pub fn inject(sources: &[Source], opts: &InjectOptions) -> Result<Injected, Inje
     let mut notes = Vec::new();
 
     let mut workloads = Vec::new();
+    // The workloads that get a sidecar now (not those injected before).
+    let mut injected = Vec::new();
     for (i, doc) in docs.iter_mut().enumerate() {
         let Some((spec_path, labels_path)) = pod_paths(doc.kind()) else {
             if doc.kind() == "List" {
@@ -335,8 +337,21 @@ pub fn inject(sources: &[Source], opts: &InjectOptions) -> Result<Injected, Inje
                 ));
             }
         }
+        if !edits.is_empty() {
+            injected.push(doc.describe(sources));
+        }
         doc.edits.extend(edits);
         workloads.push(workload);
+    }
+    if let (None, Some(first)) = (&opts.jwt_secret, injected.first()) {
+        let others = match injected.len() - 1 {
+            0 => String::new(),
+            1 => " and 1 other workload".to_string(),
+            n => format!(" and {n} other workloads"),
+        };
+        notes.push(format!(
+            "{first}{others}: no --jwt-secret, so the sidecar gets no JWT_SECRET: portcullis refuses to start without a JWT key, and the example ConfigMap (deploy/k8s/portcullis-config.yaml, HS256) takes its HMAC secret only from JWT_SECRET: pass --jwt-secret NAME, a Secret whose key `secret` holds it (portcullis-jwt in deploy/k8s/secrets.yaml), unless the ConfigMap's [jwt] names a key file under {CONFIG_DIR} (public_key_pem)"
+        ));
     }
 
     for i in 0..docs.len() {
@@ -1300,20 +1315,28 @@ spec:
             - containerPort: 8080
 ";
 
+    /// With a JWT Secret, so that no note is expected.
+    fn with_jwt() -> InjectOptions {
+        InjectOptions {
+            jwt_secret: Some("portcullis-jwt".into()),
+            ..InjectOptions::default()
+        }
+    }
+
     #[test]
     fn comments_survive_and_a_second_run_changes_nothing() {
-        let once = run(DEPLOYMENT, &InjectOptions::default()).unwrap();
+        let once = run(DEPLOYMENT, &with_jwt()).unwrap();
         assert!(once.notes.is_empty(), "{:?}", once.notes);
         assert!(once.text.starts_with("# the game\n"), "{}", once.text);
         assert!(once.text.contains("name: game # its name"), "{}", once.text);
-        let twice = run(&once.text, &InjectOptions::default()).unwrap();
+        let twice = run(&once.text, &with_jwt()).unwrap();
         assert_eq!(twice.text, once.text);
     }
 
     #[test]
     fn a_layout_the_editor_cannot_change_is_rewritten_from_values() {
         let tagged = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p # gone\nspec: !!map\n  containers:\n    - name: g\n      ports:\n        - containerPort: 80\n";
-        let out = run(tagged, &InjectOptions::default()).unwrap();
+        let out = run(tagged, &with_jwt()).unwrap();
         assert_eq!(out.notes.len(), 1, "{:?}", out.notes);
         assert!(out.notes[0].contains("comments and layout lost"));
         let values = parse_all(&out.text).unwrap();
@@ -1327,7 +1350,7 @@ spec:
     #[test]
     fn flow_documents_are_edited_in_place() {
         let json = r#"{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": {"containers": [{"name": "g", "image": "g", "ports": [{"containerPort": 80}]}]}}"#;
-        let out = run(json, &InjectOptions::default()).unwrap();
+        let out = run(json, &with_jwt()).unwrap();
         assert!(out.notes.is_empty(), "{:?}", out.notes);
         assert!(
             out.text.starts_with(r#"{"apiVersion": "v1""#),

@@ -320,7 +320,7 @@ fn comments_and_key_order_are_kept() {
     let input = deployment("d", "{app: d}", ONE_PORT)
         .replace("kind: Deployment", "kind: Deployment # the game")
         .replace("    spec:\n", "    spec:\n      # pod spec\n");
-    let out = inject(&[], &input);
+    let out = inject(&["--jwt-secret", "jwt"], &input);
     assert!(out.ok, "{}", out.stderr);
     assert!(
         out.stdout.contains("kind: Deployment # the game"),
@@ -595,7 +595,7 @@ fn network_policy_closes_only_the_fronted_port() {
 #[test]
 fn json_documents_are_injected_too() {
     let input = r#"{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "j"}, "spec": {"containers": [{"name": "g", "image": "g", "ports": [{"containerPort": 80}]}]}}"#;
-    let out = inject(&[], input);
+    let out = inject(&["--jwt-secret", "jwt"], input);
     let docs = out.docs();
     assert_eq!(docs[0]["spec"]["initContainers"][0]["name"], "portcullis");
     assert_eq!(docs[0]["spec"]["containers"][0]["name"], "g");
@@ -692,6 +692,51 @@ fn a_host_network_workload_is_left_alone_with_a_note() {
     assert!(
         kind(&docs, "Deployment", "d")["spec"]["template"]["spec"]["initContainers"].is_array()
     );
+}
+
+#[test]
+fn without_a_jwt_secret_a_note_says_what_to_pass() {
+    let input = format!(
+        "{}---\n{}",
+        deployment("a", "{app: a}", ONE_PORT),
+        deployment("b", "{app: b}", ONE_PORT)
+    );
+    let out = inject(&[], &input);
+    assert!(out.ok, "{}", out.stderr);
+    // One note for the whole input, in the usual shape, naming what to pass.
+    let notes: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.contains("JWT_SECRET"))
+        .collect();
+    assert_eq!(notes.len(), 1, "{}", out.stderr);
+    let note = notes[0];
+    assert!(
+        note.starts_with(
+            "portcullis inject: <stdin>, document 1 (Deployment a) and 1 other workload: "
+        ),
+        "{note}"
+    );
+    assert!(note.contains("--jwt-secret NAME"), "{note}");
+    assert!(note.contains("public_key_pem"), "{note}");
+    // Both are still injected, without the variable.
+    for d in out.docs() {
+        let sidecar = container(
+            &d["spec"]["template"]["spec"]["initContainers"],
+            "portcullis",
+        );
+        assert!(sidecar["env"]
+            .as_array()
+            .is_some_and(|e| e.iter().all(|v| v["name"] != "JWT_SECRET")));
+    }
+
+    // With the Secret, or with nothing newly injected, there is nothing to say.
+    let out = inject(&["--jwt-secret", "portcullis-jwt"], &input);
+    assert!(out.ok, "{}", out.stderr);
+    assert!(out.stderr.is_empty(), "{}", out.stderr);
+    let out = inject(&[], &read("deploy/k8s/game.yaml"));
+    assert!(out.ok, "{}", out.stderr);
+    assert!(out.stderr.is_empty(), "{}", out.stderr);
 }
 
 #[test]
