@@ -1,0 +1,342 @@
+//! JSON logs (`--log-format json`, `log.format = "json"`): the real binary runs as a child
+//! process, requests go through it, and what it writes is read back and parsed line by line.
+//! The access line carries the documented fields at the top level; no token, Authorization
+//! value or query string is ever written.
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::{client, json, pick_free_port, token, RedisServer, Upstream};
+
+/// The real binary as a child process, killed on drop.
+struct Running {
+    child: Child,
+    public: u16,
+    admin: u16,
+    stdout: PathBuf,
+    stderr: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Running {
+    /// Starts `portcullis <args> run` with `config` (listen addresses added) and only
+    /// `JWT_SECRET` in its environment (no PORTCULLIS_LOG: the config's level applies).
+    fn start(config: &str, args: &[&str]) -> Running {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (public, admin) = (pick_free_port(), pick_free_port());
+        let path = dir.path().join("config.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[server]\nlisten = \"127.0.0.1:{public}\"\n\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n{config}"
+            ),
+        )
+        .expect("write config");
+        let stdout = dir.path().join("stdout.log");
+        let stderr = dir.path().join("stderr.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .env_clear()
+            .env("JWT_SECRET", support::TEST_SECRET)
+            .args(args)
+            .arg("--config")
+            .arg(&path)
+            .arg("run")
+            .stdout(std::fs::File::create(&stdout).expect("stdout file"))
+            .stderr(std::fs::File::create(&stderr).expect("stderr file"))
+            .spawn()
+            .expect("start portcullis");
+        Running {
+            child,
+            public,
+            admin,
+            stdout,
+            stderr,
+            _dir: dir,
+        }
+    }
+
+    fn stdout(&self) -> String {
+        std::fs::read_to_string(&self.stdout).unwrap_or_default()
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.public)
+    }
+
+    /// Polls `/readyz` until 200 (15 s).
+    async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "portcullis exited with {status}:\n{}{}",
+                    self.stdout(),
+                    self.stderr()
+                );
+            }
+            let response = client()
+                .get(format!("http://127.0.0.1:{}/readyz", self.admin))
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await;
+            if response.is_ok_and(|r| r.status() == 200) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "portcullis never became ready:\n{}{}",
+                self.stdout(),
+                self.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits (5 s) until stdout has a line containing each of `needles`; returns stdout.
+    async fn wait_for_lines(&self, needles: &[&str]) -> String {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let out = self.stdout();
+            if needles
+                .iter()
+                .all(|n| out.lines().any(|line| line.contains(n)))
+            {
+                return out;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no log line for each of {needles:?} within 5 s:\n{out}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn config(upstream: &Upstream, redis: &RedisServer, extra: &str) -> String {
+    format!(
+        "[upstream]\nurl = \"{}\"\n\n[redis]\nurl = \"{}\"\n\n{extra}\n",
+        upstream.url(),
+        redis.url()
+    )
+}
+
+/// Every non-empty line of `out`, each of which must be one JSON object.
+fn json_lines(out: &str) -> Vec<Value> {
+    out.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|line| {
+            let value: Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("log line is not JSON ({e}): {line:?}\n{out}"));
+            assert!(value.is_object(), "log line is not a JSON object: {line}");
+            value
+        })
+        .collect()
+}
+
+/// The single line with this target whose span carries `request_id`.
+fn line_of<'a>(lines: &'a [Value], target: &str, request_id: &str) -> &'a Value {
+    let found: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["target"] == target && l["span"]["request_id"] == request_id)
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "expected one {target} line of {request_id}: {found:#?}"
+    );
+    found[0]
+}
+
+/// Requests through `running` (a session opened, a proxied request with a query, one refused
+/// without a token); checks the JSON lines they leave. Returns the tokens used, which must
+/// appear nowhere in the output.
+async fn exercise_and_check(running: &Running, upstream: &Upstream) {
+    let create_token = token("player-1", None);
+    let resp = client()
+        .post(running.url("/api/v1/sessions/create"))
+        .header("x-request-id", "log-create-1")
+        .bearer_auth(&create_token)
+        .send()
+        .await
+        .expect("create session");
+    assert_eq!(resp.status(), 201);
+    let session = json(resp).await["data"]["sessionId"]
+        .as_str()
+        .expect("sessionId")
+        .to_string();
+
+    let play_token = token("player-1", Some(&session));
+    let query_secret = "q-secret-7f3a9c1e";
+    let resp = client()
+        .get(running.url(&format!("/play/move?x=1&access_token={query_secret}")))
+        .header("x-request-id", "log-play-1")
+        .bearer_auth(&play_token)
+        .header("cookie", "sid=cookie-secret-5b2d")
+        .send()
+        .await
+        .expect("proxied request");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(upstream.count(), 1);
+
+    let resp = client()
+        .get(running.url("/play/move"))
+        .header("x-request-id", "log-refused-1")
+        .header("authorization", "Bearer not-a-jwt-but-secret-9e8d")
+        .send()
+        .await
+        .expect("refused request");
+    assert_eq!(resp.status(), 401);
+
+    let out = running
+        .wait_for_lines(&["log-create-1", "log-play-1", "log-refused-1"])
+        .await;
+    let lines = json_lines(&out);
+
+    // The session's creation: an api line.
+    let create = line_of(&lines, "portcullis::access", "log-create-1");
+    assert_eq!(create["method"], "POST", "{create}");
+    assert_eq!(create["path"], "/api/v1/sessions/create", "{create}");
+    assert_eq!(create["status"], 201, "{create}");
+    assert_eq!(create["route_class"], "api", "{create}");
+
+    // The proxied request: every documented field, at the top level.
+    let play = line_of(&lines, "portcullis::access", "log-play-1");
+    assert_eq!(play["message"], "request", "{play}");
+    assert_eq!(play["level"], "INFO", "{play}");
+    assert!(play["timestamp"].is_string(), "{play}");
+    assert_eq!(play["method"], "GET", "{play}");
+    assert_eq!(
+        play["path"], "/play/move",
+        "the query is never logged: {play}"
+    );
+    assert_eq!(play["version"], "HTTP/1.1", "{play}");
+    assert_eq!(play["status"], 200, "{play}");
+    assert_eq!(play["route_class"], "session", "{play}");
+    assert_eq!(play["client_ip"], "127.0.0.1", "{play}");
+    assert_eq!(play["user_id"], "player-1", "{play}");
+    let total = play["total_ms"].as_f64().expect("total_ms is a number");
+    let upstream_ms = play["upstream_ms"]
+        .as_f64()
+        .expect("upstream_ms is a number");
+    assert!(
+        total >= 0.0 && upstream_ms >= 0.0 && upstream_ms <= total,
+        "{play}"
+    );
+    assert!(play.get("code").is_none(), "{play}");
+
+    // The refusal: its code, no user, no upstream time, and an audit event beside it.
+    let refused = line_of(&lines, "portcullis::access", "log-refused-1");
+    assert_eq!(refused["status"], 401, "{refused}");
+    assert_eq!(refused["code"], "TOKEN_INVALID", "{refused}");
+    assert!(refused["total_ms"].is_number(), "{refused}");
+    assert!(refused.get("user_id").is_none(), "{refused}");
+    assert!(refused.get("upstream_ms").is_none(), "{refused}");
+    let audit = line_of(&lines, "audit", "log-refused-1");
+    assert_eq!(audit["event"], "request_rejected", "{audit}");
+    assert_eq!(audit["code"], "TOKEN_INVALID", "{audit}");
+
+    // No token, Authorization value, cookie or query value anywhere, in either stream.
+    let everything = format!("{out}{}", running.stderr());
+    for secret in [
+        create_token.as_str(),
+        play_token.as_str(),
+        // A JWT's signature alone is as good as a leak of it.
+        play_token.rsplit('.').next().expect("signature"),
+        "not-a-jwt-but-secret-9e8d",
+        "Bearer",
+        "cookie-secret-5b2d",
+        query_secret,
+    ] {
+        assert!(
+            !everything.contains(secret),
+            "the log contains {secret:?}:\n{everything}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn log_format_json_flag_writes_access_lines_as_json() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::echo().await;
+    let mut running = Running::start(&config(&upstream, &redis, ""), &["--log-format", "json"]);
+    running.wait_ready().await;
+    exercise_and_check(&running, &upstream).await;
+}
+
+#[tokio::test]
+async fn log_format_json_in_the_config_writes_access_lines_as_json() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::echo().await;
+    let mut running = Running::start(
+        &config(&upstream, &redis, "[log]\nformat = \"json\"\n"),
+        &[],
+    );
+    running.wait_ready().await;
+    exercise_and_check(&running, &upstream).await;
+}
+
+#[tokio::test]
+async fn the_log_format_flag_overrides_the_config() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::echo().await;
+
+    // The flag's json over the file's text.
+    let mut running = Running::start(
+        &config(&upstream, &redis, "[log]\nformat = \"text\"\n"),
+        &["--log-format", "json"],
+    );
+    running.wait_ready().await;
+    let resp = client()
+        .get(running.url("/open"))
+        .header("x-request-id", "flag-json-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    let out = running.wait_for_lines(&["flag-json-1"]).await;
+    let lines = json_lines(&out);
+    assert_eq!(
+        line_of(&lines, "portcullis::access", "flag-json-1")["status"],
+        401
+    );
+    drop(running);
+
+    // The flag's text over the file's json: the access line is not JSON.
+    let mut running = Running::start(
+        &config(&upstream, &redis, "[log]\nformat = \"json\"\n"),
+        &["--log-format", "text"],
+    );
+    running.wait_ready().await;
+    let resp = client()
+        .get(running.url("/open"))
+        .header("x-request-id", "flag-text-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    let out = running.wait_for_lines(&["flag-text-1"]).await;
+    let line = out
+        .lines()
+        .find(|l| l.contains("flag-text-1") && l.contains("portcullis::access"))
+        .unwrap_or_else(|| panic!("no access line:\n{out}"));
+    assert!(
+        serde_json::from_str::<Value>(line).is_err(),
+        "a text-mode line parsed as JSON: {line}"
+    );
+    assert!(line.contains("status") && line.contains("401"), "{line}");
+}
