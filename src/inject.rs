@@ -9,7 +9,8 @@
 //! comments lost, and a note says so. A file with nothing to change is copied byte for byte,
 //! which is what makes a second injection a no-op. A workload annotated
 //! `portcullis/inject: disabled` (Redis, say) is passed through like any other document, and so,
-//! with a note, is one whose pods use the node's network.
+//! with a note, is one whose pods use the node's network. The items of a `List` (what
+//! `kubectl get -o yaml` prints) are injected like documents of their own, inside the List.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -191,11 +192,59 @@ enum Edit {
     },
 }
 
-/// A document of the input.
+impl Edit {
+    /// The same edit, made to a value that sits at `prefix` in the document.
+    fn under(self, prefix: &[Seg]) -> Edit {
+        let nest = |path: Vec<Seg>| prefix.iter().cloned().chain(path).collect();
+        match self {
+            Edit::Push {
+                path,
+                key,
+                item,
+                after,
+            } => Edit::Push {
+                path: nest(path),
+                key,
+                item,
+                after,
+            },
+            Edit::Set { path, key, value } => Edit::Set {
+                path: nest(path),
+                key,
+                value,
+            },
+        }
+    }
+}
+
+/// The items of a `List` document (`kubectl get -o yaml`'s output), by index: each is injected
+/// like a document of its own, and the List kept around them. None for any other document.
+fn list_items(value: &Value) -> Vec<(usize, Value)> {
+    if value.get("kind").and_then(Value::as_str) != Some("List") {
+        return Vec::new();
+    }
+    value
+        .get("items")
+        .and_then(Value::as_sequence)
+        .map(|items| {
+            items
+                .iter()
+                .enumerate()
+                .filter(|(_, item)| item.is_mapping())
+                .map(|(i, item)| (i, item.clone()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A document of the input, or an item of a `List` document (what `kubectl get -o yaml`
+/// prints), which is injected like a document of its own.
 struct Doc {
     source: usize,
     /// Index among the non-empty documents of its source.
     index: usize,
+    /// For an item of a List: the List's index in the documents, and the item's in its `items`.
+    parent: Option<(usize, usize)>,
     value: Value,
     edits: Vec<Edit>,
 }
@@ -226,8 +275,12 @@ impl Doc {
             .namespace()
             .map(|n| format!("{n}/"))
             .unwrap_or_default();
+        let item = self
+            .parent
+            .map(|(_, item)| format!(", item {}", item + 1))
+            .unwrap_or_default();
         format!(
-            "{file}, document {} ({} {ns}{})",
+            "{file}, document {}{item} ({} {ns}{})",
             self.index + 1,
             self.kind(),
             self.name()
@@ -278,12 +331,24 @@ pub fn inject(sources: &[Source], opts: &InjectOptions) -> Result<Injected, Inje
             reason,
         })?;
         for (index, value) in values.into_iter().enumerate() {
+            let list = docs.len();
+            let items = list_items(&value);
             docs.push(Doc {
                 source: i,
                 index,
+                parent: None,
                 value,
                 edits: Vec::new(),
             });
+            for (item, value) in items {
+                docs.push(Doc {
+                    source: i,
+                    index,
+                    parent: Some((list, item)),
+                    value,
+                    edits: Vec::new(),
+                });
+            }
         }
     }
     let mut notes = Vec::new();
@@ -293,18 +358,12 @@ pub fn inject(sources: &[Source], opts: &InjectOptions) -> Result<Injected, Inje
     let mut injected = Vec::new();
     for (i, doc) in docs.iter_mut().enumerate() {
         let Some((spec_path, labels_path)) = pod_paths(doc.kind()) else {
-            if doc.kind() == "List" {
-                notes.push(format!(
-                    "{}: a List is passed through untouched: inject its items as separate documents",
-                    doc.describe(sources)
-                ));
-            }
             continue;
         };
         if opted_out(&doc.value, &labels_path) {
             continue;
         }
-        // Skipped, like a List, rather than refused: the rest of the input can still be injected.
+        // Skipped rather than refused: the rest of the input can still be injected.
         if host_network(&doc.value, &spec_path) {
             notes.push(format!(
                 "{}: left unchanged: its pods use hostNetwork, so a sidecar would listen on the node's own interfaces (ports {} and {}), the game's port would stay reachable at the node's address, and NetworkPolicies do not apply to host-network pods on most network plugins: drop hostNetwork to inject it",
@@ -394,9 +453,24 @@ pub fn inject(sources: &[Source], opts: &InjectOptions) -> Result<Injected, Inje
         }
     }
 
+    // A List item's edits are its List's, under `items`.
+    for i in 0..docs.len() {
+        if let Some((list, item)) = docs[i].parent {
+            let edits = std::mem::take(&mut docs[i].edits);
+            docs[list].edits.extend(
+                edits
+                    .into_iter()
+                    .map(|e| e.under(&[Seg::Key("items"), Seg::Index(item)])),
+            );
+        }
+    }
+
     let mut text = String::new();
     for (i, source) in sources.iter().enumerate() {
-        let own: Vec<&Doc> = docs.iter().filter(|d| d.source == i).collect();
+        let own: Vec<&Doc> = docs
+            .iter()
+            .filter(|d| d.source == i && d.parent.is_none())
+            .collect();
         let rendered = if own.iter().all(|d| d.edits.is_empty()) {
             source.text.clone()
         } else {

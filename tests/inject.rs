@@ -739,6 +739,115 @@ fn without_a_jwt_secret_a_note_says_what_to_pass() {
     assert!(out.stderr.is_empty(), "{}", out.stderr);
 }
 
+/// What `kubectl get deployment,service -o yaml` prints: a List, items not indented.
+const KUBECTL_LIST: &str = "apiVersion: v1
+items:
+- apiVersion: apps/v1
+  kind: Deployment
+  metadata:
+    name: game # the game
+    namespace: play
+  spec:
+    selector:
+      matchLabels:
+        app: game
+    template:
+      metadata:
+        labels:
+          app: game
+      spec:
+        containers:
+        - image: game:1
+          name: game
+          ports:
+          - containerPort: 8080
+            name: http
+            protocol: TCP
+  status: {}
+- apiVersion: v1
+  kind: Service
+  metadata:
+    name: game
+    namespace: play
+  spec:
+    ports:
+    - port: 443
+      targetPort: http
+    selector:
+      app: game
+- apiVersion: v1
+  kind: ConfigMap
+  metadata:
+    name: settings
+    namespace: play
+  data:
+    level: \"3\"
+kind: List
+metadata:
+  resourceVersion: \"\"
+";
+
+#[test]
+fn the_items_of_a_list_are_injected_inside_it() {
+    let args = ["--jwt-secret", "portcullis-jwt", "--network-policy"];
+    let once = inject(&args, KUBECTL_LIST);
+    let out = once.docs();
+    let input = docs(KUBECTL_LIST);
+    // Still one List, its items injected as documents of their own would be; then the policy.
+    assert_eq!(out.len(), 2, "{}", once.stdout);
+    assert_eq!(out[0]["kind"], "List");
+    assert_eq!(out[0]["metadata"], input[0]["metadata"]);
+    let items = out[0]["items"].as_array().expect("items");
+    assert_eq!(items.len(), 3);
+    let spec = &items[0]["spec"]["template"]["spec"];
+    let sidecar = container(&spec["initContainers"], "portcullis");
+    assert_eq!(
+        env(sidecar, "PORTCULLIS_UPSTREAM_URL")["value"],
+        "http://127.0.0.1:8080"
+    );
+    assert_eq!(
+        env(sidecar, "JWT_SECRET")["valueFrom"]["secretKeyRef"]["name"],
+        "portcullis-jwt"
+    );
+    assert_eq!(
+        spec["containers"],
+        input[0]["items"][0]["spec"]["template"]["spec"]["containers"]
+    );
+    assert_eq!(items[1]["spec"]["ports"][0]["targetPort"], 8443);
+    assert_eq!(items[2], input[0]["items"][2]);
+    let policy = kind(&out, "NetworkPolicy", "game-portcullis");
+    assert_eq!(policy["metadata"]["namespace"], "play");
+    // Edited in place, and messages name the item.
+    assert!(
+        once.stdout.contains("name: game # the game"),
+        "{}",
+        once.stdout
+    );
+    assert!(
+        once.stderr
+            .contains("<stdin>, document 1, item 1 (Deployment play/game)"),
+        "{}",
+        once.stderr
+    );
+    assert!(!once.stderr.contains("untouched"), "{}", once.stderr);
+
+    // Injecting the output again changes nothing.
+    let twice = inject(&args, &once.stdout);
+    assert!(twice.ok, "{}", twice.stderr);
+    assert_eq!(twice.stdout, once.stdout);
+
+    // A refusal names the item.
+    let out = inject(&[], &KUBECTL_LIST.replace("          ports:\n          - containerPort: 8080\n            name: http\n            protocol: TCP\n", ""));
+    assert!(!out.ok);
+    assert!(out.stdout.is_empty(), "{}", out.stdout);
+    assert!(
+        out.stderr
+            .contains("document 1, item 1 (Deployment play/game): cannot inject"),
+        "{}",
+        out.stderr
+    );
+}
+
 #[test]
 fn files_and_stdin_are_read_in_order() {
     let dir = tempfile::tempdir().expect("temp dir");
