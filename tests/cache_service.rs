@@ -96,17 +96,21 @@ async fn a_value_of_the_wrong_shape_is_an_error_not_a_panic() {
 #[tokio::test]
 async fn commands_fail_fast_when_redis_is_down_and_after_close() {
     let mut redis = RedisServer::start();
-    let store = store(&redis.url(), "game4");
+    // Timeouts far longer than the test: an answer in seconds was a failure detected, not a
+    // timeout waited out.
+    let config = config(
+        &redis.url(),
+        "game4",
+        "command_timeout = \"30s\"\nconnect_timeout = \"30s\"\n",
+    );
+    let store = Store::new(&config.redis, Arc::new(Metrics::new()), None).unwrap();
     store.set("k", "1", &1u8, None).await.unwrap();
     redis.stop();
     let started = std::time::Instant::now();
     let err = store.get::<u8>("k", "1").await.unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable), "{err:?}");
     assert!(
-        matches!(err, StoreError::Unavailable | StoreError::Timeout(_)),
-        "{err:?}"
-    );
-    assert!(
-        started.elapsed() < Duration::from_millis(800),
+        started.elapsed() < Duration::from_secs(5),
         "{:?}",
         started.elapsed()
     );
