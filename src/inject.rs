@@ -1007,14 +1007,27 @@ fn env_var(name: &str, value: &str) -> Value {
 }
 
 fn env_secret(name: &str, secret: &str, key: &str) -> Value {
+    env_secret_ref(name, vec![("name", s(secret)), ("key", s(key))])
+}
+
+/// As [`env_secret`], for a key the Secret may not have: the variable is then left unset.
+fn env_optional_secret(name: &str, secret: &str, key: &str) -> Value {
+    env_secret_ref(
+        name,
+        vec![
+            ("name", s(secret)),
+            ("key", s(key)),
+            ("optional", Value::Bool(true)),
+        ],
+    )
+}
+
+fn env_secret_ref(name: &str, secret_key_ref: Vec<(&str, Value)>) -> Value {
     map(vec![
         ("name", s(name)),
         (
             "valueFrom",
-            map(vec![(
-                "secretKeyRef",
-                map(vec![("name", s(secret)), ("key", s(key))]),
-            )]),
+            map(vec![("secretKeyRef", map(secret_key_ref))]),
         ),
     ])
 }
@@ -1039,6 +1052,12 @@ pub fn sidecar(opts: &InjectOptions, upstream: u16) -> Value {
     ];
     if let Some(secret) = &opts.jwt_secret {
         env.push(env_secret("JWT_SECRET", secret, "secret"));
+        // The key being rotated out, while the Secret has one (README: Rotating the JWT key).
+        env.push(env_optional_secret(
+            "JWT_PREVIOUS_SECRET",
+            secret,
+            "previous",
+        ));
     }
     if let Some(secret) = &opts.redis_secret {
         env.push(env_secret("REDIS_PASSWORD", secret, "password"));
