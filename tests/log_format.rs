@@ -338,5 +338,7 @@ async fn the_log_format_flag_overrides_the_config() {
         serde_json::from_str::<Value>(line).is_err(),
         "a text-mode line parsed as JSON: {line}"
     );
-    assert!(line.contains("status") && line.contains("401"), "{line}");
+    assert!(line.contains("status=401"), "{line}");
+    // Written to a pipe, not a terminal: no colour escape codes.
+    assert!(!out.contains('\x1b'), "escape codes in piped text logs:\n{out:?}");
 }
