@@ -1,7 +1,8 @@
 //! Helpers for the observability tests (metrics.rs, audit.rs, request_id.rs, cert_rotation.rs,
 //! shutdown_readiness.rs): an OpenMetrics parser, a capturing tracing subscriber, a test PKI
 //! with atomic (Kubernetes-style) file swaps, TLS handshakes that report the served
-//! certificate, and the real binary as a child process.
+//! certificate, and the real binary as a child process; and, for the tests that compare
+//! expiries, a user's sessions key read in Redis at one instant.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
@@ -727,4 +728,67 @@ pub fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, text).unwrap();
     path
+}
+
+// ------------------------------------------------------------------------------------------
+// A sessions key read at one instant
+// ------------------------------------------------------------------------------------------
+
+/// A user's sessions key read by one Lua script, so that no time passes between its parts:
+/// Redis' clock, the key's PTTL and the sessions it holds. Expiries compared across the parts
+/// then differ only by millisecond rounding, however slow the machine.
+#[derive(Debug, Clone)]
+pub struct SessionsKey {
+    /// Redis' clock (`TIME`), Unix milliseconds.
+    pub now_ms: i64,
+    /// The key's PTTL in milliseconds (-2 missing, -1 persistent).
+    pub pttl: i64,
+    /// Every session stored under the key, expired or not, in storage order.
+    pub sessions: Vec<portcullis::session::record::Record>,
+}
+
+/// Slack between two expiries compared within one [`SessionsKey`]: each part is rounded down
+/// to the millisecond on its own.
+pub const ROUNDING_MS: i64 = 2;
+
+impl SessionsKey {
+    pub fn read(conn: &mut redis::Connection, key: &str) -> SessionsKey {
+        use portcullis::session::record;
+        let script = redis::Script::new(
+            "local t = redis.call('TIME') \
+             return {t[1], t[2], redis.call('PTTL', KEYS[1]), redis.call('GET', KEYS[1])}",
+        );
+        let (secs, micros, pttl, value): (i64, i64, i64, Option<Vec<u8>>) = script
+            .key(key)
+            .invoke(conn)
+            .expect("TIME, PTTL and GET in one script");
+        let sessions = value
+            .map(|value| {
+                record::bodies(&value)
+                    .expect("stored value in the session layout")
+                    .into_iter()
+                    .map(|body| record::decode(body).expect("session record"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        SessionsKey {
+            now_ms: secs * 1000 + micros / 1000,
+            pttl,
+            sessions,
+        }
+    }
+
+    /// The stored session `id`.
+    pub fn session(&self, id: &str) -> Option<&portcullis::session::record::Record> {
+        self.sessions
+            .iter()
+            .find(|r| r.session_id.to_string() == id)
+    }
+
+    /// Milliseconds until session `id` expires, by Redis' clock at the reading (negative once
+    /// expired); `None` when it is not stored.
+    pub fn ttl_ms(&self, id: &str) -> Option<i64> {
+        let record = self.session(id)?;
+        Some(i64::try_from(record.expires_ms).expect("expiry") - self.now_ms)
+    }
 }
