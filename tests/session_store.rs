@@ -2,15 +2,14 @@
 //! keeps an expired session once touched by a write, never outlives the user's longest-lived
 //! session, stays within `session.max_per_user`, and costs little memory.
 
+mod observe;
 mod support;
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use observe::{Exposition, SessionsKey, ROUNDING_MS};
 use support::*;
-
-/// Slack between two readings taken by separate commands.
-const SLACK_MS: i64 = 50;
 
 struct Setup {
     redis: RedisServer,
@@ -107,21 +106,21 @@ impl Setup {
     /// Asserts the user's key lives exactly as long as their longest-lived session: never
     /// longer (it would outlive the sessions), never shorter (it would forget live ones).
     fn assert_key_ttl_matches(&self, user: &str, ids: &[&str], when: &str) {
-        let mut conn = self.redis.conn();
-        // The key is read first, so that time passing can only make it look shorter.
-        let key = pttl(&mut conn, &sessions_key(user));
+        // The key's PTTL and the sessions' expiries, read at one instant.
+        let read = SessionsKey::read(&mut self.redis.conn(), &sessions_key(user));
+        let key = read.pttl;
         let longest = ids
             .iter()
-            .map(|id| session_ttl_ms(&mut conn, user, id).unwrap_or(-2))
+            .map(|id| read.ttl_ms(id).unwrap_or(-2))
             .max()
             .unwrap_or(-2);
         assert!(key > 0, "{when}: key PTTL is {key}");
         assert!(
-            key <= longest + SLACK_MS,
+            key <= longest + ROUNDING_MS,
             "{when}: key PTTL {key} ms exceeds the longest session's {longest} ms"
         );
         assert!(
-            key >= longest - SLACK_MS,
+            key >= longest - ROUNDING_MS,
             "{when}: key PTTL {key} ms is shorter than the longest session's {longest} ms"
         );
     }
@@ -335,10 +334,11 @@ async fn opening_more_than_max_per_user_ends_the_least_recently_active() {
     let resp = s.proxied("alice", &b).await;
     assert_error(resp, 401, "SESSION_INVALID").await;
     assert_eq!(s.proxied("alice", &a).await.status(), 200);
-    let metrics = s.proxy.metrics_text().await;
-    assert!(
-        metrics.contains("portcullis_sessions_evicted_total 1"),
-        "{metrics}"
+    let metrics = Exposition::parse(&s.proxy.metrics_text().await);
+    assert_eq!(
+        metrics.get("portcullis_sessions_evicted_total", &[]),
+        Some(1.0),
+        "portcullis_sessions_evicted_total"
     );
     // Other users are not affected by alice's cap.
     let d = s.create("bob").await;
