@@ -1,10 +1,12 @@
 //! The session API against a real redis-server: every endpoint, its answers and its errors.
 
+mod observe;
 mod support;
 
 use std::collections::BTreeSet;
 
 use chrono::{DateTime, Utc};
+use observe::{SessionsKey, ROUNDING_MS};
 use serde_json::{json, Value};
 use support::*;
 
@@ -175,16 +177,16 @@ async fn create_without_a_body_answers_201_with_only_session_id_and_expiry() {
         "expiresAt {expires} is not now + ttl ({expected})"
     );
     // The session is stored under the documented key, with the full TTL.
-    let mut conn = s.redis.conn();
-    let ttl = session_ttl_ms(&mut conn, "alice", id).expect("stored");
+    let read = SessionsKey::read(&mut s.redis.conn(), &sessions_key("alice"));
+    let ttl = read.ttl_ms(id).expect("stored");
     assert!(
         ttl > (TTL_SECS - 5) * 1000 && ttl <= TTL_SECS * 1000,
         "TTL {ttl}"
     );
-    let key_ttl = pttl(&mut conn, &sessions_key("alice"));
     assert!(
-        key_ttl >= ttl - 50,
-        "the key dies before the session: {key_ttl}"
+        read.pttl >= ttl - ROUNDING_MS,
+        "the key dies before the session: key PTTL {} ms, session {ttl} ms",
+        read.pttl
     );
     assert_eq!(s.stored_ids("alice"), set(&[id]));
 }
@@ -552,10 +554,14 @@ async fn extend_puts_the_ttl_back_to_full_and_answers_id_and_expiry() {
     let expires = time(&body["data"]["expiresAt"]);
     let expected = before + chrono::Duration::seconds(TTL_SECS);
     assert!((expires - expected).num_seconds().abs() <= 5, "{expires}");
-    let ttl = session_ttl_ms(&mut conn, "alice", &id).unwrap();
+    let read = SessionsKey::read(&mut conn, &sessions_key("alice"));
+    let ttl = read.ttl_ms(&id).unwrap();
     assert!(ttl > (TTL_SECS - 5) * 1000, "TTL after extend is {ttl}");
-    let key_ttl = pttl(&mut conn, &sessions_key("alice"));
-    assert!(key_ttl >= ttl - 50, "the key did not follow: {key_ttl}");
+    assert!(
+        read.pttl >= ttl - ROUNDING_MS,
+        "the key did not follow: key PTTL {} ms, session {ttl} ms",
+        read.pttl
+    );
 }
 
 #[tokio::test]
