@@ -1,10 +1,12 @@
 //! Sliding sessions, in real time with a short ttl: requests keep a session alive, silence
 //! lets it expire, and each request puts the TTL in Redis back to full.
 
+mod observe;
 mod support;
 
 use std::time::{Duration, Instant};
 
+use observe::{SessionsKey, ROUNDING_MS};
 use support::*;
 
 const TTL_MS: i64 = 2_000;
@@ -57,13 +59,42 @@ impl Setup {
     fn key_pttl(&self) -> i64 {
         pttl(&mut self.redis.conn(), &sessions_key("alice"))
     }
-}
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
+    /// Redis' clock, Unix milliseconds.
+    fn redis_now_ms(&self) -> u64 {
+        u64::try_from(redis_now_ms(&mut self.redis.conn())).expect("a time after 1970")
+    }
+
+    /// Sends one request on `sid` (which must be admitted) and asserts that it slid the session
+    /// to expire `ttl_ms` after the request was checked: Redis decides the new expiry by its own
+    /// clock, at a moment between the readings of that clock before and after the request. The
+    /// key holding the session lives exactly as long as the session. Returns the stored session.
+    async fn assert_request_slides(
+        &self,
+        sid: &str,
+        ttl_ms: u64,
+        when: &str,
+    ) -> portcullis::session::record::Record {
+        let before = self.redis_now_ms();
+        let resp = self.request(sid).await;
+        assert_eq!(resp.status(), 200, "{when}");
+        let read = SessionsKey::read(&mut self.redis.conn(), &sessions_key("alice"));
+        let after = u64::try_from(read.now_ms).expect("a time after 1970");
+        let stored = read.session(sid).expect("session stored").clone();
+        assert!(
+            stored.expires_ms >= before + ttl_ms && stored.expires_ms <= after + ttl_ms,
+            "{when}: the session expires at {}, not {ttl_ms} ms after the request (made between \
+             {before} and {after})",
+            stored.expires_ms
+        );
+        let ttl = read.ttl_ms(sid).expect("session stored");
+        assert!(
+            (ttl - ROUNDING_MS..=ttl + ROUNDING_MS).contains(&read.pttl),
+            "{when}: the key's PTTL {} ms does not follow the session's {ttl} ms",
+            read.pttl
+        );
+        stored
+    }
 }
 
 #[tokio::test]
@@ -73,19 +104,12 @@ async fn requests_keep_a_session_alive_well_past_its_ttl() {
     let created = Instant::now();
     let mut last_active = s.last_active_ms(&sid);
     for round in 0..6 {
+        // Time passing is what is tested: each request comes well after the session last slid.
         tokio::time::sleep(Duration::from_millis(600)).await;
-        let resp = s.request(&sid).await;
-        assert_eq!(resp.status(), 200, "round {round}");
-        let ttl = s.ttl(&sid);
-        assert!(
-            ttl > TTL_MS - 250,
-            "round {round}: TTL {ttl} ms is not back near {TTL_MS}"
-        );
-        assert!(
-            s.key_pttl() >= ttl - 50,
-            "round {round}: the key dies first"
-        );
-        let now = s.last_active_ms(&sid);
+        let stored = s
+            .assert_request_slides(&sid, TTL_MS as u64, &format!("round {round}"))
+            .await;
+        let now = stored.last_active_ms;
         assert!(now > last_active, "round {round}: lastActive did not move");
         last_active = now;
     }
@@ -138,20 +162,21 @@ async fn silence_lets_a_session_expire_and_then_it_is_401_session_invalid() {
 
 #[tokio::test]
 async fn a_request_puts_the_ttl_in_redis_back_near_full() {
-    let s = setup().await;
+    // A long ttl, and a few seconds left: the request is checked long before the session would
+    // expire, however slow the machine.
+    let s = setup_with("[session]\nttl = \"60s\"\nlast_active_resolution = \"0s\"\n").await;
     let sid = create_session(&s.proxy, &token("alice", None)).await;
-    expire_session_in(&mut s.redis.conn(), "alice", &sid, 300);
-    assert!(s.key_pttl() <= 300, "precondition");
-    let before = now_ms();
-    assert_eq!(s.request(&sid).await.status(), 200);
-    let ttl = s.ttl(&sid);
-    assert!(ttl > TTL_MS - 100, "TTL after a request is {ttl}");
-    let key = s.key_pttl();
-    assert!(key > TTL_MS - 100, "key PTTL after a request is {key}");
-    let last_active = s.last_active_ms(&sid);
+    expire_session_in(&mut s.redis.conn(), "alice", &sid, 3_000);
+    assert!(s.key_pttl() <= 3_000, "precondition");
+    let before = s.redis_now_ms();
+    let stored = s
+        .assert_request_slides(&sid, 60_000, "after a request")
+        .await;
+    let after = s.redis_now_ms();
     assert!(
-        last_active >= before && last_active <= now_ms(),
-        "lastActive {last_active} was not set to the request's time ({before})"
+        (before..=after).contains(&stored.last_active_ms),
+        "lastActive {} was not set to the request's time (between {before} and {after})",
+        stored.last_active_ms
     );
 }
 
