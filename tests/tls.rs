@@ -1,6 +1,7 @@
 //! Protocols on the public port: TLS with ALPN (h2, http/1.1) using a certificate made in the
 //! test, and plain text with HTTP/2 prior knowledge or HTTP/1.1.
 
+mod observe;
 mod support;
 
 use std::net::SocketAddr;
@@ -180,7 +181,11 @@ async fn a_tls_connection_keeps_serving_across_rests() {
     let mut buf = Vec::new();
     for i in 0..3 {
         if i > 0 {
-            tokio::time::sleep(std::time::Duration::from_millis(60)).await;
+            // A request wakes the connection: a count of one is this rest, not the last.
+            observe::scrape_until(proxy.admin, "the TLS connection at rest", |e| {
+                e.get("portcullis_resting_connections", &[]) == Some(1.0)
+            })
+            .await;
         }
         let request = format!("GET /tls/{i} HTTP/1.1\r\nHost: localhost\r\n\r\n");
         tls.write_all(request.as_bytes()).await.unwrap();
