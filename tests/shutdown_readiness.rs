@@ -10,11 +10,17 @@ use std::time::{Duration, Instant};
 use observe::Binary;
 use support::*;
 
-fn config(upstream: &Upstream, redis: &RedisServer, public: u16, admin: u16) -> String {
+fn config(
+    upstream: &Upstream,
+    redis: &RedisServer,
+    public: u16,
+    admin: u16,
+    shutdown_delay: &str,
+) -> String {
     config_with(
         &upstream.url(),
         &format!(
-            "[server]\nlisten = \"127.0.0.1:{public}\"\nshutdown_delay = \"2s\"\n\
+            "[server]\nlisten = \"127.0.0.1:{public}\"\nshutdown_delay = \"{shutdown_delay}\"\n\
              [admin]\nlisten = \"127.0.0.1:{admin}\"\n\
              [redis]\nurl = \"{}\"\n",
             redis.url()
@@ -41,11 +47,11 @@ fn fresh_client() -> reqwest::Client {
         .unwrap()
 }
 
-async fn start(upstream: &Upstream, redis: &RedisServer) -> Binary {
+async fn start(upstream: &Upstream, redis: &RedisServer, shutdown_delay: &str) -> Binary {
     let (public, admin) = (pick_free_port(), pick_free_port());
     let mut binary = Binary::start(
         TEST_SECRET,
-        &config(upstream, redis, public, admin),
+        &config(upstream, redis, public, admin, shutdown_delay),
         public,
         admin,
     );
@@ -68,10 +74,11 @@ async fn start(upstream: &Upstream, redis: &RedisServer) -> Binary {
 async fn sigterm_turns_readyz_503_while_the_listener_still_serves_then_exits_0() {
     let redis = RedisServer::start();
     let upstream = Upstream::echo().await;
-    let mut binary = start(&upstream, &redis).await;
+    let mut binary = start(&upstream, &redis, "2s").await;
 
-    binary.signal("TERM");
+    // Taken before the signal goes: the delay cannot have started earlier.
     let signalled = Instant::now();
+    binary.signal("TERM");
     let mut not_ready = None;
     let deadline = Instant::now() + Duration::from_secs(2);
     while not_ready.is_none() {
@@ -86,7 +93,8 @@ async fn sigterm_turns_readyz_503_while_the_listener_still_serves_then_exits_0()
     assert_eq!(body["ready"], false, "{body}");
     assert_eq!(body["checks"]["shutdown"], "shutting down", "{body}");
 
-    // Still inside the delay: a new connection to the public port is accepted and answered.
+    // Still inside the delay (past it, the listener is closed and the connection refused): a
+    // new connection to the public port is accepted and answered.
     let resp = fresh_client()
         .get(format!("http://{}/during-delay", binary.public))
         .send()
@@ -94,10 +102,6 @@ async fn sigterm_turns_readyz_503_while_the_listener_still_serves_then_exits_0()
         .expect("the public listener still accepts during the delay");
     assert_eq!(resp.status(), 200);
     assert_eq!(upstream.last().target, "/during-delay");
-    assert!(
-        signalled.elapsed() < Duration::from_secs(2),
-        "the request was answered within the delay"
-    );
     binary.assert_running();
 
     let status = binary.wait_exit(Duration::from_secs(10)).await;
@@ -113,16 +117,17 @@ async fn sigterm_turns_readyz_503_while_the_listener_still_serves_then_exits_0()
 async fn sigint_closes_the_listener_without_the_delay() {
     let redis = RedisServer::start();
     let upstream = Upstream::echo().await;
-    let mut binary = start(&upstream, &redis).await;
+    // A delay long enough that no slowness of the machine can pass for skipping it.
+    let mut binary = start(&upstream, &redis, "30s").await;
 
-    binary.signal("INT");
     let signalled = Instant::now();
-    let status = binary.wait_exit(Duration::from_secs(10)).await;
+    binary.signal("INT");
+    let status = binary.wait_exit(Duration::from_secs(40)).await;
     let took = signalled.elapsed();
     assert!(status.success(), "{status:?}");
     assert!(
-        took < Duration::from_millis(1500),
-        "SIGINT waited {took:?}; it must skip the 2 s delay"
+        took < Duration::from_secs(10),
+        "SIGINT waited {took:?}; it must skip the 30 s delay"
     );
     assert!(
         tokio::net::TcpStream::connect(binary.public).await.is_err(),
