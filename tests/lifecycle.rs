@@ -92,7 +92,7 @@ async fn the_grace_runs_once_however_many_workers_hold_unfinished_requests() {
     let (upstream, mut arrived, _gate) = gated_upstream().await;
     let config = config_with(
         &upstream.url(),
-        "[server]\nworkers = 4\nshutdown_grace = \"1s\"\n",
+        "[server]\nworkers = 4\nshutdown_grace = \"3s\"\n",
     );
     let mut proxy = Proxy::start(&config).await;
     // Connections are dealt to the workers in turn: one stuck request on each.
@@ -109,17 +109,15 @@ async fn the_grace_runs_once_however_many_workers_hold_unfinished_requests() {
             .expect("each request reached the upstream");
     }
     let started = Instant::now();
-    tokio::time::timeout(Duration::from_secs(10), proxy.shutdown())
+    tokio::time::timeout(Duration::from_secs(30), proxy.shutdown())
         .await
         .expect("the drain ends")
         .unwrap();
     let took = started.elapsed();
-    assert!(took >= Duration::from_secs(1), "{took:?}");
-    // One after the other, four workers would take four seconds.
-    assert!(
-        took < Duration::from_millis(2500),
-        "the drain took {took:?}"
-    );
+    assert!(took >= Duration::from_secs(3), "{took:?}");
+    // One after the other, four workers would take twelve seconds; side by side, three and
+    // whatever the load adds.
+    assert!(took < Duration::from_secs(8), "the drain took {took:?}");
 }
 
 #[tokio::test]
