@@ -294,6 +294,34 @@ async fn underscore_aliases_of_the_headers_portcullis_sets_never_reach_the_upstr
         .filter(|k| k.contains('_'))
         .collect();
     assert_eq!(underscored, ["x_custom_header"], "{:?}", seen.headers);
+    // Nor under their own names: no session is on an open route, so portcullis sets none of
+    // these, and the forged values come through under no spelling.
+    for name in ["x-user-id", "x-session-id", "x-session-platform"] {
+        assert!(
+            seen.headers.get(name).is_none(),
+            "{name} reached the upstream: {:?}",
+            seen.headers
+        );
+    }
+    assert_eq!(
+        seen.headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .collect::<Vec<_>>(),
+        ["127.0.0.1"],
+        "only the real peer is in X-Forwarded-For"
+    );
+    assert_eq!(
+        seen.headers
+            .get_all("x-forwarded-host")
+            .iter()
+            .collect::<Vec<_>>(),
+        ["game.example"],
+        "X-Forwarded-Host is the request's own Host"
+    );
+    let request_id = seen.headers.get("x-request-id").expect("a request id");
+    assert_ne!(request_id, "forged");
+    assert!(!request_id.is_empty());
 }
 
 #[tokio::test]
