@@ -78,7 +78,12 @@ impl RedisServer {
         self.wait_ready()
     }
 
+    /// True once our redis-server answers on the port; false if it exited (the port was taken
+    /// after [`free_port`] let it go) or did not answer within 10 s.
     fn wait_ready(&mut self) -> bool {
+        let Some(pid) = self.child.as_ref().map(Child::id) else {
+            return false;
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if let Some(child) = self.child.as_mut() {
@@ -87,8 +92,15 @@ impl RedisServer {
                 }
             }
             if let Ok(mut conn) = redis::Client::open(self.url()).and_then(|c| c.get_connection()) {
-                if redis::cmd("PING").query::<String>(&mut conn).is_ok() {
-                    return true;
+                // Another test's server may hold the port: only ours, by its process id, counts.
+                if let Ok(info) = redis::cmd("INFO").arg("server").query::<String>(&mut conn) {
+                    let answering = info
+                        .lines()
+                        .find_map(|l| l.strip_prefix("process_id:"))
+                        .and_then(|p| p.trim().parse::<u32>().ok());
+                    if answering == Some(pid) {
+                        return true;
+                    }
                 }
             }
             std::thread::sleep(Duration::from_millis(20));
