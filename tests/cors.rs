@@ -82,6 +82,10 @@ async fn a_preflight_from_an_allowed_origin_is_answered_without_a_token() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 204);
+    assert_eq!(
+        header(&resp, "access-control-allow-origin"),
+        Some("http://localhost:5173")
+    );
     assert_eq!(s.upstream.count(), 0, "a preflight reached the upstream");
 }
 
