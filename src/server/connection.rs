@@ -299,6 +299,13 @@ async fn drive_http1<I: Transport>(
             // hyper first: the stop signal is looked at when hyper has nothing to do.
             biased;
             event = std::future::poll_fn(|cx| {
+                // A stop that came with this wake-up (the task may be woken for the upstream's
+                // answer before it looks at the signal) is passed on before hyper writes the
+                // response, so that the response says the connection ends.
+                if !closing && !matches!(stop.has_changed(), Ok(false)) {
+                    closing = true;
+                    Pin::new(&mut *conn).graceful_shutdown();
+                }
                 if let Poll::Ready(result) = conn.poll_without_shutdown(cx) {
                     return Poll::Ready(Some(result));
                 }
