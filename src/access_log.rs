@@ -135,9 +135,12 @@ impl InFlight {
         );
         if let Some(rejection) = rejection {
             metrics.rejected(rejection);
-            let session_id = identity
-                .and_then(|i| i.session_id.map(|s| s.to_string()))
-                .or_else(|| who.and_then(|w| w.session_hint.as_deref().map(str::to_owned)));
+            // A hint (the client's X-Session-Id, or a token's `sid`) is logged only as the
+            // session id it names: the audit trail carries no caller-chosen text.
+            let session_id = identity.and_then(|i| i.session_id).or_else(|| {
+                who.and_then(|w| w.session_hint.as_deref())
+                    .and_then(|hint| uuid::Uuid::try_parse(hint).ok())
+            });
             let platform = identity.and_then(|i| i.platform).map(|p| p.as_str());
             tracing::info!(
                 target: "audit",
@@ -148,7 +151,7 @@ impl InFlight {
                 method = %method,
                 path = %path,
                 user_id,
-                session_id = session_id.as_deref(),
+                session_id = session_id.map(tracing::field::display),
                 client_ip = client_ip.map(tracing::field::display),
                 platform,
                 "request rejected"

@@ -427,3 +427,43 @@ async fn no_token_cookie_or_authorization_reaches_any_log_event() {
         }
     }
 }
+
+/// The session id a client names in its header is only a claim: the audit trail records it as
+/// the session id it parses to, and records none for text that is not one.
+#[tokio::test]
+async fn a_session_id_header_reaches_the_audit_trail_only_as_a_session_id() {
+    let redis = RedisServer::start();
+    let upstream = upstream().await;
+    let proxy = Proxy::start(&config(&upstream, &redis)).await;
+    let user = format!("audit-hint-{}", uuid::Uuid::new_v4());
+    let bearer = format!("Bearer {}", token(&user, None));
+    let with_hint = |hint: String, request_id: String| {
+        client()
+            .get(proxy.url("/game/x"))
+            .header("authorization", bearer.clone())
+            .header("x-session-id", hint)
+            .header("x-request-id", request_id)
+            .send()
+    };
+
+    let junk = rid("hint-junk");
+    let resp = with_hint("A".repeat(4000), junk.clone()).await.unwrap();
+    assert_eq!(resp.status(), 401);
+    let e = one_rejection(&junk, "session", "SESSION_INVALID", "401").await;
+    assert_eq!(e.field("user_id"), Some(user.as_str()), "{e:#?}");
+    assert_eq!(e.field("session_id"), None, "{e:#?}");
+
+    let unknown = uuid::Uuid::new_v4();
+    let shouted = rid("hint-upper");
+    let resp = with_hint(unknown.to_string().to_uppercase(), shouted.clone())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    let e = one_rejection(&shouted, "session", "SESSION_INVALID", "401").await;
+    assert_eq!(
+        e.field("session_id"),
+        Some(unknown.to_string().as_str()),
+        "{e:#?}"
+    );
+    assert_eq!(upstream.count(), 0);
+}
