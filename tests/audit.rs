@@ -432,6 +432,7 @@ async fn no_token_cookie_or_authorization_reaches_any_log_event() {
 /// the session id it parses to, and records none for text that is not one.
 #[tokio::test]
 async fn a_session_id_header_reaches_the_audit_trail_only_as_a_session_id() {
+    capture();
     let redis = RedisServer::start();
     let upstream = upstream().await;
     let proxy = Proxy::start(&config(&upstream, &redis)).await;
