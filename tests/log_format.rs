@@ -340,5 +340,8 @@ async fn the_log_format_flag_overrides_the_config() {
     );
     assert!(line.contains("status=401"), "{line}");
     // Written to a pipe, not a terminal: no colour escape codes.
-    assert!(!out.contains('\x1b'), "escape codes in piped text logs:\n{out:?}");
+    assert!(
+        !out.contains('\x1b'),
+        "escape codes in piped text logs:\n{out:?}"
+    );
 }
