@@ -2,6 +2,7 @@
 //! `portcullis dev-token` command. Every refused token carries the sub and sid of a live
 //! session, so that only the token itself can be the reason.
 
+mod observe;
 mod support;
 
 use std::path::Path;
@@ -70,11 +71,15 @@ impl Setup {
     }
 
     /// The token is refused with `code` and an invalid_token challenge, before Redis and
-    /// without reaching the upstream.
-    async fn assert_refused(&self, token: &str, code: &str) {
+    /// without reaching the upstream. Returns the refused request's id.
+    async fn assert_refused(&self, token: &str, code: &str) -> String {
         let before = self.upstream.count();
         let scripts = self.redis.command_calls("evalsha");
         let resp = self.get(token).await;
+        let request_id = resp.headers()["x-request-id"]
+            .to_str()
+            .expect("a printable request id")
+            .to_string();
         assert_eq!(
             resp.headers()
                 .get("www-authenticate")
@@ -93,6 +98,7 @@ impl Setup {
             scripts,
             "a refused token still cost a session lookup"
         );
+        request_id
     }
 }
 
@@ -310,8 +316,10 @@ async fn the_configured_leeway_allows_a_slightly_expired_token() {
 
 #[tokio::test]
 async fn a_remembered_token_is_refused_once_it_expires() {
+    let capture = observe::capture();
     let s = setup().await;
-    let exp = now_secs() + 1;
+    // A few seconds ahead, so that both requests below are made before it expires.
+    let exp = now_secs() + 3;
     let mut claims = s.claims();
     claims["exp"] = json!(exp);
     let t = sign(&claims);
@@ -322,7 +330,23 @@ async fn a_remembered_token_is_refused_once_it_expires() {
     while now_secs() <= exp {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    s.assert_refused(&t, "TOKEN_EXPIRED").await;
+    let request_id = s.assert_refused(&t, "TOKEN_EXPIRED").await;
+    // It was refused from the table of verified tokens (whose entries have only their exp and
+    // nbf checked again), not by verifying the token anew: the token was remembered. The two
+    // paths log the refusal differently: the remembered one names the rejection
+    // (`TokenExpired`), a full verification the decoder's error (`ExpiredSignature`).
+    let refusals = capture
+        .wait_for("the refusal's log event", |e| {
+            e.span_field("request_id") == Some(request_id.as_str())
+                && e.field("message") == Some("token rejected")
+        })
+        .await;
+    assert_eq!(refusals.len(), 1, "{refusals:#?}");
+    assert_eq!(
+        refusals[0].field("reason"),
+        Some("TokenExpired"),
+        "refused by verifying the token anew, so it was not remembered: {refusals:#?}"
+    );
 }
 
 #[tokio::test]
