@@ -221,68 +221,6 @@ async fn sighup_reloads_the_pair_in_the_real_binary() {
     assert!(status.success(), "{status:?}");
 }
 
-/// The binary with its log (standard output, where it writes it) collected line by line;
-/// killed on drop.
-struct LoggingBinary {
-    child: std::process::Child,
-    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-    _dir: tempfile::TempDir,
-}
-
-impl LoggingBinary {
-    fn start(config: &str) -> LoggingBinary {
-        use std::io::BufRead;
-        let dir = tempfile::tempdir().unwrap();
-        let path = write_file(dir.path(), "config.toml", config);
-        let mut child = portcullis_command(TEST_SECRET)
-            .arg("--config")
-            .arg(&path)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("start portcullis");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let lines = log.clone();
-        // Read to the end, so that the binary never blocks on a full pipe.
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                lines.lock().unwrap().push(line);
-            }
-        });
-        LoggingBinary {
-            child,
-            log,
-            _dir: dir,
-        }
-    }
-
-    fn logged(&self, text: &str) -> bool {
-        self.log.lock().unwrap().iter().any(|l| l.contains(text))
-    }
-
-    fn assert_running(&mut self) {
-        let status = self.child.try_wait().unwrap();
-        assert!(status.is_none(), "portcullis exited: {status:?}");
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = std::process::Command::new("kill")
-            .args([&format!("-{sig}"), &self.child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(ok.success(), "kill -{sig} failed");
-    }
-}
-
-impl Drop for LoggingBinary {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test]
 async fn sighup_without_tls_neither_kills_nor_disturbs_the_binary() {
     const HANDLED: &str = "SIGHUP: no TLS certificate to reload";
@@ -298,20 +236,8 @@ async fn sighup_without_tls_neither_kills_nor_disturbs_the_binary() {
             redis.url(),
         ),
     );
-    let mut binary = LoggingBinary::start(&config);
-    let healthz = format!("http://127.0.0.1:{admin}/healthz");
-    eventually("the binary's /healthz", || {
-        binary.assert_running();
-        let healthz = healthz.clone();
-        async move {
-            client()
-                .get(&healthz)
-                .send()
-                .await
-                .is_ok_and(|r| r.status() == 200)
-        }
-    })
-    .await;
+    let mut binary = Binary::start(TEST_SECRET, &config, public, admin);
+    binary.wait_healthy().await;
     let through = |path: &'static str| {
         client()
             .get(format!("http://127.0.0.1:{public}{path}"))
@@ -334,12 +260,6 @@ async fn sighup_without_tls_neither_kills_nor_disturbs_the_binary() {
     assert_eq!(targets, ["/before", "/after-1", "/after-2", "/after-3"]);
     binary.assert_running();
     binary.signal("TERM");
-    eventually("the binary to exit after SIGTERM", || {
-        let exited = binary.child.try_wait().unwrap();
-        if let Some(status) = exited {
-            assert!(status.success(), "{status:?}");
-        }
-        async move { exited.is_some() }
-    })
-    .await;
+    let status = binary.wait_exit(Duration::from_secs(10)).await;
+    assert!(status.success(), "{status:?}");
 }

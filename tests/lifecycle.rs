@@ -1,5 +1,6 @@
 //! The process around the proxy: graceful shutdown, health endpoints, `check-config`, signals.
 
+mod observe;
 mod support;
 
 use std::path::Path;
@@ -236,19 +237,6 @@ async fn health_endpoints_are_not_on_the_public_port() {
 // The real binary
 // ------------------------------------------------------------------------------------------
 
-fn portcullis() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_portcullis"));
-    // The developer's environment must not override the test's files.
-    for (name, _) in std::env::vars() {
-        if name.starts_with("PORTCULLIS_") || name.starts_with("REDIS_") {
-            cmd.env_remove(name);
-        }
-    }
-    // The same secret in-process test proxies get, so that only the keys under test can fail.
-    cmd.env("JWT_SECRET", TEST_SECRET);
-    cmd
-}
-
 fn write_config(dir: &Path, text: &str) -> std::path::PathBuf {
     let path = dir.join("config.toml");
     std::fs::write(&path, text).unwrap();
@@ -258,7 +246,7 @@ fn write_config(dir: &Path, text: &str) -> std::path::PathBuf {
 fn check_config(text: &str) -> std::process::Output {
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(dir.path(), text);
-    portcullis()
+    observe::portcullis_command(TEST_SECRET)
         .args(["check-config", "--config"])
         .arg(&path)
         .output()
@@ -304,7 +292,7 @@ fn check_config_rejects_a_bad_duration_naming_the_key() {
 #[test]
 fn check_config_rejects_a_missing_file() {
     let dir = tempfile::tempdir().unwrap();
-    let out = portcullis()
+    let out = observe::portcullis_command(TEST_SECRET)
         .args(["check-config", "--config"])
         .arg(dir.path().join("absent.toml"))
         .output()
@@ -343,7 +331,7 @@ async fn binary_exits_0_after_sigterm() {
             ),
         ),
     );
-    let child = portcullis()
+    let child = observe::portcullis_command(TEST_SECRET)
         .arg("--config")
         .arg(&path)
         .stdout(Stdio::null())

@@ -3,128 +3,19 @@
 //! The access line carries the documented fields at the top level; no token, Authorization
 //! value or query string is ever written.
 
+mod observe;
 mod support;
 
-use std::path::PathBuf;
-use std::process::{Child, Command};
-use std::time::{Duration, Instant};
-
+use observe::{portcullis_command, Binary};
 use serde_json::Value;
-use support::{client, json, pick_free_port, token, RedisServer, Upstream};
+use support::{client, json, token, RedisServer, Upstream};
 
-/// The real binary as a child process, killed on drop.
-struct Running {
-    child: Child,
-    public: u16,
-    admin: u16,
-    stdout: PathBuf,
-    stderr: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Running {
-    /// Starts `portcullis <args> run` with `config` (listen addresses added) and only
-    /// `JWT_SECRET` in its environment (no PORTCULLIS_LOG: the config's level applies).
-    fn start(config: &str, args: &[&str]) -> Running {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let (public, admin) = (pick_free_port(), pick_free_port());
-        let path = dir.path().join("config.toml");
-        std::fs::write(
-            &path,
-            format!(
-                "[server]\nlisten = \"127.0.0.1:{public}\"\n\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n{config}"
-            ),
-        )
-        .expect("write config");
-        let stdout = dir.path().join("stdout.log");
-        let stderr = dir.path().join("stderr.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
-            .env_clear()
-            .env("JWT_SECRET", support::TEST_SECRET)
-            .args(args)
-            .arg("--config")
-            .arg(&path)
-            .arg("run")
-            .stdout(std::fs::File::create(&stdout).expect("stdout file"))
-            .stderr(std::fs::File::create(&stderr).expect("stderr file"))
-            .spawn()
-            .expect("start portcullis");
-        Running {
-            child,
-            public,
-            admin,
-            stdout,
-            stderr,
-            _dir: dir,
-        }
-    }
-
-    fn stdout(&self) -> String {
-        std::fs::read_to_string(&self.stdout).unwrap_or_default()
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.public)
-    }
-
-    /// Polls `/readyz` until 200 (15 s).
-    async fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "portcullis exited with {status}:\n{}{}",
-                    self.stdout(),
-                    self.stderr()
-                );
-            }
-            let response = client()
-                .get(format!("http://127.0.0.1:{}/readyz", self.admin))
-                .timeout(Duration::from_secs(2))
-                .send()
-                .await;
-            if response.is_ok_and(|r| r.status() == 200) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "portcullis never became ready:\n{}{}",
-                self.stdout(),
-                self.stderr()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// Waits (5 s) until stdout has a line containing each of `needles`; returns stdout.
-    async fn wait_for_lines(&self, needles: &[&str]) -> String {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let out = self.stdout();
-            if needles
-                .iter()
-                .all(|n| out.lines().any(|line| line.contains(n)))
-            {
-                return out;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no log line for each of {needles:?} within 5 s:\n{out}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The real binary with `args` before its subcommand and no PORTCULLIS_* variables (the
+/// config's log settings apply).
+fn start(config: &str, args: &[&str]) -> Binary {
+    let mut command = portcullis_command(support::TEST_SECRET);
+    command.args(args);
+    Binary::listening(command, config)
 }
 
 fn config(upstream: &Upstream, redis: &RedisServer, extra: &str) -> String {
@@ -165,7 +56,7 @@ fn line_of<'a>(lines: &'a [Value], target: &str, request_id: &str) -> &'a Value 
 /// Requests through `running` (a session opened, a proxied request with a query, one refused
 /// without a token); checks the JSON lines they leave. Returns the tokens used, which must
 /// appear nowhere in the output.
-async fn exercise_and_check(running: &Running, upstream: &Upstream) {
+async fn exercise_and_check(running: &Binary, upstream: &Upstream) {
     let create_token = token("player-1", None);
     let resp = client()
         .post(running.url("/api/v1/sessions/create"))
@@ -251,7 +142,7 @@ async fn exercise_and_check(running: &Running, upstream: &Upstream) {
     assert_eq!(audit["code"], "TOKEN_INVALID", "{audit}");
 
     // No token, Authorization value, cookie or query value anywhere, in either stream.
-    let everything = format!("{out}{}", running.stderr());
+    let everything = running.output();
     for secret in [
         create_token.as_str(),
         play_token.as_str(),
@@ -273,7 +164,7 @@ async fn exercise_and_check(running: &Running, upstream: &Upstream) {
 async fn log_format_json_flag_writes_access_lines_as_json() {
     let redis = RedisServer::start();
     let upstream = Upstream::echo().await;
-    let mut running = Running::start(&config(&upstream, &redis, ""), &["--log-format", "json"]);
+    let mut running = start(&config(&upstream, &redis, ""), &["--log-format", "json"]);
     running.wait_ready().await;
     exercise_and_check(&running, &upstream).await;
 }
@@ -282,7 +173,7 @@ async fn log_format_json_flag_writes_access_lines_as_json() {
 async fn log_format_json_in_the_config_writes_access_lines_as_json() {
     let redis = RedisServer::start();
     let upstream = Upstream::echo().await;
-    let mut running = Running::start(
+    let mut running = start(
         &config(&upstream, &redis, "[log]\nformat = \"json\"\n"),
         &[],
     );
@@ -296,7 +187,7 @@ async fn the_log_format_flag_overrides_the_config() {
     let upstream = Upstream::echo().await;
 
     // The flag's json over the file's text.
-    let mut running = Running::start(
+    let mut running = start(
         &config(&upstream, &redis, "[log]\nformat = \"text\"\n"),
         &["--log-format", "json"],
     );
@@ -317,7 +208,7 @@ async fn the_log_format_flag_overrides_the_config() {
     drop(running);
 
     // The flag's text over the file's json: the access line is not JSON.
-    let mut running = Running::start(
+    let mut running = start(
         &config(&upstream, &redis, "[log]\nformat = \"json\"\n"),
         &["--log-format", "text"],
     );

@@ -1,188 +1,82 @@
 //! Where portcullis finds its Redis and how it logs in: `REDIS_HOST` / `REDIS_PORT` /
 //! `REDIS_PASSWORD` over `redis.url`, and an ACL user named in `redis.url`. The real binary runs
-//! as a child process with exactly the environment each test gives it (variables are never set
+//! as a child process with the Redis environment each test gives it (variables are never set
 //! on the test process, whose tests run in parallel), against a real redis-server.
 
+mod observe;
 mod support;
 
-use std::path::PathBuf;
-use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
+use observe::{portcullis_command, Binary};
 use serde_json::Value;
-use support::{client, dead_addr, json, pick_free_port, stored_ids, token, RedisServer, Upstream};
+use support::{client, dead_addr, json, stored_ids, token, RedisServer, Upstream};
 
 /// The password a test redis-server is given (never a placeholder portcullis would refuse).
 const PASSWORD: &str = "c3a1f0b29e7d48aa9d1e5b6f7a8c9d0e";
 
-/// The real binary as a child process, killed on drop.
-struct Running {
-    child: Child,
-    public: u16,
-    admin: u16,
-    stdout: PathBuf,
-    stderr: PathBuf,
-    _dir: tempfile::TempDir,
+/// The real binary with only the test's `env` for Redis (no other REDIS_* or PORTCULLIS_*).
+fn start(config: &str, env: &[(&str, &str)]) -> Binary {
+    let mut command = portcullis_command(support::TEST_SECRET);
+    command.envs(env.iter().copied());
+    Binary::listening(command, config)
 }
 
-impl Running {
-    /// Starts `portcullis run` with `config` (listen addresses added) and only `JWT_SECRET` and
-    /// `env` in its environment.
-    fn start(config: &str, env: &[(&str, &str)]) -> Running {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let (public, admin) = (pick_free_port(), pick_free_port());
-        let path = dir.path().join("config.toml");
-        std::fs::write(
-            &path,
-            format!(
-                "[server]\nlisten = \"127.0.0.1:{public}\"\n\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n{config}"
-            ),
-        )
-        .expect("write config");
-        let stdout = dir.path().join("stdout.log");
-        let stderr = dir.path().join("stderr.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
-            .env_clear()
-            .env("JWT_SECRET", support::TEST_SECRET)
-            .envs(env.iter().copied())
-            .arg("--config")
-            .arg(&path)
-            .arg("run")
-            .stdout(std::fs::File::create(&stdout).expect("stdout file"))
-            .stderr(std::fs::File::create(&stderr).expect("stderr file"))
-            .spawn()
-            .expect("start portcullis");
-        Running {
-            child,
-            public,
-            admin,
-            stdout,
-            stderr,
-            _dir: dir,
+/// Polls `/readyz` for `how_long` (after the admin port answers): it must never be 200.
+/// Returns the last body.
+async fn assert_never_ready(running: &mut Binary, how_long: Duration) -> Value {
+    let until = Instant::now() + how_long;
+    loop {
+        let (status, body) = running.readyz().await;
+        assert_eq!(status, 503, "{body}\n{}", running.output());
+        assert_eq!(body["ready"], false, "{body}");
+        if Instant::now() >= until {
+            return body;
         }
-    }
-
-    /// Everything the process wrote so far.
-    fn log(&self) -> String {
-        let mut text = std::fs::read_to_string(&self.stdout).unwrap_or_default();
-        text.push_str(&std::fs::read_to_string(&self.stderr).unwrap_or_default());
-        text
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.public)
-    }
-
-    fn assert_running(&mut self) {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            panic!("portcullis exited with {status}:\n{}", self.log());
-        }
-    }
-
-    /// `/readyz` once the admin port answers: its status and body.
-    async fn readyz(&mut self) -> (u16, Value) {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            self.assert_running();
-            let response = client()
-                .get(format!("http://127.0.0.1:{}/readyz", self.admin))
-                .timeout(Duration::from_secs(2))
-                .send()
-                .await;
-            if let Ok(response) = response {
-                let status = response.status().as_u16();
-                return (status, json(response).await);
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the admin port never answered:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// Polls `/readyz` until 200 (15 s) and returns its body.
-    async fn wait_ready(&mut self) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let (status, body) = self.readyz().await;
-            if status == 200 {
-                return body;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "portcullis never became ready; last /readyz: {body}\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Polls `/readyz` for `how_long` (after the admin port answers): it must never be 200.
-    /// Returns the last body.
-    async fn assert_never_ready(&mut self, how_long: Duration) -> Value {
-        let until = Instant::now() + how_long;
-        loop {
-            let (status, body) = self.readyz().await;
-            assert_eq!(status, 503, "{body}\n{}", self.log());
-            assert_eq!(body["ready"], false, "{body}");
-            if Instant::now() >= until {
-                return body;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Opens a session for `user` through the session API; the response status and body.
-    async fn create_session(&self, user: &str) -> (u16, Value) {
-        let response = client()
-            .post(self.url("/api/v1/sessions/create"))
-            .bearer_auth(token(user, None))
-            .send()
-            .await
-            .expect("create session");
-        let status = response.status().as_u16();
-        (status, json(response).await)
-    }
-
-    /// Opens a session and checks that a request under it reaches the upstream.
-    async fn assert_serves_sessions(&self, user: &str, upstream: &Upstream) -> String {
-        let (status, body) = self.create_session(user).await;
-        assert_eq!(status, 201, "{body}\n{}", self.log());
-        let session = body["data"]["sessionId"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no sessionId in {body}"))
-            .to_string();
-        let before = upstream.count();
-        let response = client()
-            .get(self.url("/play/state"))
-            .bearer_auth(token(user, Some(&session)))
-            .send()
-            .await
-            .expect("proxied request");
-        assert_eq!(response.status(), 200, "{}", self.log());
-        assert_eq!(upstream.count(), before + 1);
-        assert_eq!(
-            upstream
-                .last()
-                .headers
-                .get("x-session-id")
-                .and_then(|v| v.to_str().ok()),
-            Some(session.as_str())
-        );
-        session
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Opens a session for `user` through the session API; the response status and body.
+async fn create_session(running: &Binary, user: &str) -> (u16, Value) {
+    let response = client()
+        .post(running.url("/api/v1/sessions/create"))
+        .bearer_auth(token(user, None))
+        .send()
+        .await
+        .expect("create session");
+    let status = response.status().as_u16();
+    (status, json(response).await)
 }
 
-/// `[upstream]` and `[redis]` sections with this Redis URL.
+/// Opens a session and checks that a request under it reaches the upstream.
+async fn assert_serves_sessions(running: &Binary, user: &str, upstream: &Upstream) -> String {
+    let (status, body) = create_session(running, user).await;
+    assert_eq!(status, 201, "{body}\n{}", running.output());
+    let session = body["data"]["sessionId"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no sessionId in {body}"))
+        .to_string();
+    let before = upstream.count();
+    let response = client()
+        .get(running.url("/play/state"))
+        .bearer_auth(token(user, Some(&session)))
+        .send()
+        .await
+        .expect("proxied request");
+    assert_eq!(response.status(), 200, "{}", running.output());
+    assert_eq!(upstream.count(), before + 1);
+    assert_eq!(
+        upstream
+            .last()
+            .headers
+            .get("x-session-id")
+            .and_then(|v| v.to_str().ok()),
+        Some(session.as_str())
+    );
+    session
+}
+
 fn config(upstream: &Upstream, redis_url: &str) -> String {
     format!(
         "[upstream]\nurl = \"{}\"\n\n[redis]\nurl = \"{redis_url}\"\n",
@@ -227,14 +121,14 @@ async fn redis_host_and_redis_port_replace_the_host_and_port_of_redis_url() {
     // anywhere: only both variables together reach the test redis.
     let elsewhere = format!("redis://redis.invalid:{}", dead_addr().port());
     let port = redis.port.to_string();
-    let mut running = Running::start(
+    let mut running = start(
         &config(&upstream, &elsewhere),
         &[("REDIS_HOST", "127.0.0.1"), ("REDIS_PORT", &port)],
     );
 
     let ready = running.wait_ready().await;
     assert_eq!(ready["checks"]["redis"], "ok", "{ready}");
-    let session = running.assert_serves_sessions("player-1", &upstream).await;
+    let session = assert_serves_sessions(&running, "player-1", &upstream).await;
     assert!(
         stored_ids(&mut redis.conn(), "player-1").contains(&session),
         "the session is not in the Redis named by REDIS_HOST and REDIS_PORT"
@@ -247,10 +141,10 @@ async fn without_the_variables_the_same_config_reaches_no_redis() {
     let _redis = RedisServer::start();
     let upstream = Upstream::echo().await;
     let elsewhere = format!("redis://redis.invalid:{}", dead_addr().port());
-    let mut running = Running::start(&config(&upstream, &elsewhere), &[]);
-    let body = running.assert_never_ready(Duration::from_secs(1)).await;
+    let mut running = start(&config(&upstream, &elsewhere), &[]);
+    let body = assert_never_ready(&mut running, Duration::from_secs(1)).await;
     assert_ne!(body["checks"]["redis"], "ok", "{body}");
-    let (status, body) = running.create_session("player-1").await;
+    let (status, body) = create_session(&running, "player-1").await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["error"]["code"], "SESSION_STORE_UNAVAILABLE", "{body}");
 }
@@ -265,14 +159,14 @@ async fn redis_password_alone_supplies_the_password_redis_requires() {
     require_password(&redis);
     let upstream = Upstream::echo().await;
     // The URL has no password at all.
-    let mut running = Running::start(
+    let mut running = start(
         &config(&upstream, &redis.url()),
         &[("REDIS_PASSWORD", PASSWORD)],
     );
 
     let ready = running.wait_ready().await;
     assert_eq!(ready["checks"]["redis"], "ok", "{ready}");
-    let session = running.assert_serves_sessions("player-1", &upstream).await;
+    let session = assert_serves_sessions(&running, "player-1", &upstream).await;
     assert!(stored_ids(&mut conn_as(&redis, None, PASSWORD), "player-1").contains(&session));
 }
 
@@ -285,11 +179,11 @@ async fn redis_password_wins_over_the_password_in_redis_url() {
         "redis://:stale-password-0123456789@127.0.0.1:{}",
         redis.port
     );
-    let mut running = Running::start(&config(&upstream, &url), &[("REDIS_PASSWORD", PASSWORD)]);
+    let mut running = start(&config(&upstream, &url), &[("REDIS_PASSWORD", PASSWORD)]);
 
     let ready = running.wait_ready().await;
     assert_eq!(ready["checks"]["redis"], "ok", "{ready}");
-    running.assert_serves_sessions("player-1", &upstream).await;
+    assert_serves_sessions(&running, "player-1", &upstream).await;
 }
 
 #[tokio::test]
@@ -297,16 +191,16 @@ async fn without_redis_password_a_redis_that_requires_one_fails_closed() {
     let redis = RedisServer::start();
     require_password(&redis);
     let upstream = Upstream::echo().await;
-    let mut running = Running::start(&config(&upstream, &redis.url()), &[]);
+    let mut running = start(&config(&upstream, &redis.url()), &[]);
 
-    let body = running.assert_never_ready(Duration::from_secs(1)).await;
+    let body = assert_never_ready(&mut running, Duration::from_secs(1)).await;
     assert_ne!(body["checks"]["redis"], "ok", "{body}");
-    let log = running.log();
+    let log = running.output();
     assert!(
         log.contains("cannot connect to Redis") && log.contains("NOAUTH"),
         "the log does not say Redis wants a password:\n{log}"
     );
-    let (status, body) = running.create_session("player-1").await;
+    let (status, body) = create_session(&running, "player-1").await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["error"]["code"], "SESSION_STORE_UNAVAILABLE", "{body}");
     // Nothing was written.
@@ -354,11 +248,11 @@ async fn an_acl_user_in_redis_url_serves_sessions_within_its_permissions() {
     let redis = acl_redis();
     let upstream = Upstream::echo().await;
     let url = format!("redis://{ACL_USER}:{ACL_PASSWORD}@127.0.0.1:{}", redis.port);
-    let mut running = Running::start(&config(&upstream, &url), &[]);
+    let mut running = start(&config(&upstream, &url), &[]);
 
     let ready = running.wait_ready().await;
     assert_eq!(ready["checks"]["redis"], "ok", "{ready}");
-    let session = running.assert_serves_sessions("player-1", &upstream).await;
+    let session = assert_serves_sessions(&running, "player-1", &upstream).await;
     // Ending the session works too (a write through a script).
     let response = client()
         .delete(running.url(&format!("/api/v1/sessions/{session}")))
@@ -387,7 +281,7 @@ async fn an_acl_user_in_redis_url_serves_sessions_within_its_permissions() {
         .expect("ACL LOG");
     assert!(denied.is_empty(), "the ACL denied commands: {denied:?}");
     // Client tracking (the local session cache) works for this user too.
-    let log = running.log();
+    let log = running.output();
     assert!(!log.contains("tracking unavailable"), "{log}");
     assert!(!log.contains("cannot connect to Redis"), "{log}");
 }
@@ -400,11 +294,11 @@ async fn a_wrong_acl_password_fails_closed_and_says_why() {
         "redis://{ACL_USER}:not-the-password-0123456789@127.0.0.1:{}",
         redis.port
     );
-    let mut running = Running::start(&config(&upstream, &url), &[]);
+    let mut running = start(&config(&upstream, &url), &[]);
 
-    let body = running.assert_never_ready(Duration::from_secs(1)).await;
+    let body = assert_never_ready(&mut running, Duration::from_secs(1)).await;
     assert_ne!(body["checks"]["redis"], "ok", "{body}");
-    let (status, body) = running.create_session("player-1").await;
+    let (status, body) = create_session(&running, "player-1").await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["error"]["code"], "SESSION_STORE_UNAVAILABLE", "{body}");
     let response = client()
@@ -419,7 +313,7 @@ async fn a_wrong_acl_password_fails_closed_and_says_why() {
     assert_eq!(response.status(), 503);
     assert_eq!(upstream.count(), 0);
     // The log names the refusal (not just "unavailable"), and never the password.
-    let log = running.log();
+    let log = running.output();
     assert!(
         log.contains("WRONGPASS"),
         "the log does not say the login was refused:\n{log}"

@@ -6,7 +6,6 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use observe::scrape;
@@ -171,76 +170,24 @@ async fn refused_within(url: &str, token: &str, ended: Instant, bound: Duration)
     }
 }
 
-/// A portcullis process on its own ports, sharing `redis`.
-struct Replica {
-    child: Child,
-    public: u16,
-    admin: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Replica {
-    async fn start(redis: &RedisServer, upstream: &Upstream) -> Replica {
-        let dir = tempfile::tempdir().unwrap();
-        let (public, admin) = (pick_free_port(), pick_free_port());
-        let config = format!(
-            "[server]\nlisten = \"127.0.0.1:{public}\"\nshutdown_delay = \"0s\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n[upstream]\nurl = \"{}\"\n[redis]\nurl = \"{}\"\n",
-            upstream.url(),
-            redis.url()
-        );
-        let path = dir.path().join("config.toml");
-        std::fs::write(&path, config).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
-            .arg("--config")
-            .arg(&path)
-            .env("JWT_SECRET", TEST_SECRET)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let replica = Replica {
-            child,
-            public,
-            admin,
-            _dir: dir,
-        };
-        let ready = format!("http://127.0.0.1:{}/readyz", replica.admin);
-        eventually("replica ready", || {
-            let ready = ready.clone();
-            async move {
-                client()
-                    .get(&ready)
-                    .send()
-                    .await
-                    .is_ok_and(|r| r.status() == 200)
-            }
-        })
-        .await;
-        replica
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.public)
-    }
-
-    fn admin_addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.admin))
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A portcullis process of its own in front of `upstream`, on `redis`, ready to serve.
+async fn replica(redis: &RedisServer, upstream: &Upstream) -> observe::Binary {
+    let config = format!(
+        "[server]\nshutdown_delay = \"0s\"\n[upstream]\nurl = \"{}\"\n[redis]\nurl = \"{}\"\n",
+        upstream.url(),
+        redis.url()
+    );
+    let mut replica = observe::Binary::listening(observe::portcullis_command(TEST_SECRET), &config);
+    replica.wait_ready().await;
+    replica
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_destroyed_through_one_replica_is_refused_by_the_other_within_100ms() {
     let redis = RedisServer::start();
     let upstream = Upstream::echo().await;
-    let a = Replica::start(&redis, &upstream).await;
-    let b = Replica::start(&redis, &upstream).await;
+    let a = replica(&redis, &upstream).await;
+    let b = replica(&redis, &upstream).await;
 
     let login = token("carol", None);
     let open = || async {
@@ -265,7 +212,7 @@ async fn a_session_destroyed_through_one_replica_is_refused_by_the_other_within_
     // lastActive empties the other replica's cache of carol, so the session to be destroyed
     // is confirmed from b's cache last: b holds it when it is destroyed through a.
     for (replica, bearer) in [(&a, &t), (&a, &t_kept), (&b, &t_kept), (&b, &t)] {
-        until_cached(&replica.url("/game"), bearer, replica.admin_addr()).await;
+        until_cached(&replica.url("/game"), bearer, replica.admin).await;
     }
     let destroyed = client()
         .delete(a.url(&format!("/api/v1/sessions/{sid}")))

@@ -1,14 +1,14 @@
-//! Helpers for the observability tests (metrics.rs, audit.rs, request_id.rs, cert_rotation.rs,
-//! shutdown_readiness.rs): an OpenMetrics parser, a capturing tracing subscriber, a test PKI
-//! with atomic (Kubernetes-style) file swaps, TLS handshakes that report the served
-//! certificate, and the real binary as a child process; and, for the tests that compare
-//! expiries, a user's sessions key read in Redis at one instant.
+//! Helpers for the observability tests and the tests that run the real binary: an OpenMetrics
+//! parser, a capturing tracing subscriber, a test PKI with atomic (Kubernetes-style) file swaps,
+//! TLS handshakes that report the served certificate, and the real binary as a child process
+//! with its output kept; and, for the tests that compare expiries, a user's sessions key read
+//! in Redis at one instant.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -622,27 +622,53 @@ pub fn portcullis_command(secret: &str) -> Command {
     cmd
 }
 
-/// The binary running with a config file in a temporary directory; killed on drop.
+/// The binary running with a config file in a temporary directory; killed on drop. What it
+/// writes (logs go to stdout) is kept in files there, for [`Binary::output`].
 pub struct Binary {
     child: Option<Child>,
     pub pid: u32,
     pub public: SocketAddr,
     pub admin: SocketAddr,
+    stdout: PathBuf,
+    stderr: PathBuf,
     _dir: tempfile::TempDir,
 }
 
+/// A port free a moment ago, for a child process to listen on.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("pick a free port")
+        .port()
+}
+
 impl Binary {
-    /// Starts the binary. `config` gets `[server] listen` and `[admin] listen` merged in (it
-    /// must not set them) and is written to `config.toml`.
+    /// Starts the binary with the test environment of [`portcullis_command`]. `config` must
+    /// set `[server] listen` and `[admin] listen` to these ports.
     pub fn start(secret: &str, config: &str, public_port: u16, admin_port: u16) -> Binary {
+        Binary::spawn(portcullis_command(secret), config, public_port, admin_port)
+    }
+
+    /// Starts `command` (the binary, with the environment and global flags the test wants) on
+    /// ports picked here, given as `PORTCULLIS_SERVER_LISTEN` and `PORTCULLIS_ADMIN_LISTEN`.
+    pub fn listening(mut command: Command, config: &str) -> Binary {
+        let (public, admin) = (free_port(), free_port());
+        command
+            .env("PORTCULLIS_SERVER_LISTEN", format!("127.0.0.1:{public}"))
+            .env("PORTCULLIS_ADMIN_LISTEN", format!("127.0.0.1:{admin}"));
+        Binary::spawn(command, config, public, admin)
+    }
+
+    fn spawn(mut command: Command, config: &str, public_port: u16, admin_port: u16) -> Binary {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("config.toml");
-        std::fs::write(&path, config).unwrap();
-        let child = portcullis_command(secret)
+        let path = write_file(dir.path(), "config.toml", config);
+        let stdout = dir.path().join("stdout.log");
+        let stderr = dir.path().join("stderr.log");
+        let child = command
             .arg("--config")
             .arg(&path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stdout(std::fs::File::create(&stdout).expect("stdout file"))
+            .stderr(std::fs::File::create(&stderr).expect("stderr file"))
             .spawn()
             .expect("start portcullis");
         Binary {
@@ -650,14 +676,108 @@ impl Binary {
             child: Some(child),
             public: SocketAddr::from(([127, 0, 0, 1], public_port)),
             admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
+            stdout,
+            stderr,
             _dir: dir,
         }
     }
 
-    /// Panics if the process has exited.
+    /// `http://` URL of `path` on the public port.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.public)
+    }
+
+    /// `http://` URL of `path` on the admin port.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
+    /// What the process wrote on stdout (its logs) so far.
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(&self.stdout).unwrap_or_default()
+    }
+
+    /// Everything the process wrote so far, stdout then stderr.
+    pub fn output(&self) -> String {
+        let mut text = self.stdout();
+        text.push_str(&std::fs::read_to_string(&self.stderr).unwrap_or_default());
+        text
+    }
+
+    /// Whether any line the process wrote contains `text`.
+    pub fn logged(&self, text: &str) -> bool {
+        self.output().contains(text)
+    }
+
+    /// Panics, with what it wrote, if the process has exited.
     pub fn assert_running(&mut self) {
         let status = self.child.as_mut().unwrap().try_wait().unwrap();
-        assert!(status.is_none(), "portcullis exited early: {status:?}");
+        assert!(
+            status.is_none(),
+            "portcullis exited early: {status:?}\n{}",
+            self.output()
+        );
+    }
+
+    /// `/readyz` once the admin port answers (15 s): its status and body.
+    pub async fn readyz(&mut self) -> (u16, serde_json::Value) {
+        let client = reqwest::Client::builder().no_proxy().build().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            self.assert_running();
+            let response = client
+                .get(self.admin_url("/readyz"))
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await;
+            if let Ok(response) = response {
+                let status = response.status().as_u16();
+                let body = response.json().await.unwrap_or(serde_json::Value::Null);
+                return (status, body);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the admin port never answered:\n{}",
+                self.output()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Polls `/readyz` until 200 (15 s); returns its body.
+    pub async fn wait_ready(&mut self) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let (status, body) = self.readyz().await;
+            if status == 200 {
+                return body;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "portcullis never became ready; last /readyz: {body}\n{}",
+                self.output()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits (5 s) until the log has a line containing each of `needles`; returns the log.
+    pub async fn wait_for_lines(&self, needles: &[&str]) -> String {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let out = self.stdout();
+            if needles
+                .iter()
+                .all(|n| out.lines().any(|line| line.contains(n)))
+            {
+                return out;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no log line for each of {needles:?} within 5 s:\n{out}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Polls `/healthz` (10 s) until 200.
