@@ -364,6 +364,16 @@ pub fn inject(sources: &[Source], opts: &InjectOptions) -> Result<Injected, Inje
             continue;
         }
         // Skipped rather than refused: the rest of the input can still be injected.
+        if let Some(owner) = controller(&doc.value) {
+            // `kubectl get all -o yaml` lists a Deployment's ReplicaSets and Pods beside it: a
+            // Pod's containers cannot change once created, and the owner would undo an edit
+            // of what it manages.
+            notes.push(format!(
+                "{}: left unchanged: it is managed by {owner}, which would undo the change (and a running Pod's containers cannot change): inject its owner",
+                doc.describe(sources)
+            ));
+            continue;
+        }
         if host_network(&doc.value, &spec_path) {
             notes.push(format!(
                 "{}: left unchanged: its pods use hostNetwork, so a sidecar would listen on the node's own interfaces (ports {} and {}), the game's port would stay reachable at the node's address, and NetworkPolicies do not apply to host-network pods on most network plugins: drop hostNetwork to inject it",
@@ -524,6 +534,19 @@ fn opted_out(doc: &Value, labels_path: &[&str]) -> bool {
         path.extend(["annotations", OPT_OUT_ANNOTATION]);
         get(doc, &path).and_then(Value::as_str) == Some("disabled")
     })
+}
+
+/// The controller that manages this workload (`metadata.ownerReferences` with `controller:
+/// true`), as `Kind name`.
+fn controller(doc: &Value) -> Option<String> {
+    let owners = get(doc, &["metadata", "ownerReferences"])?.as_sequence()?;
+    owners
+        .iter()
+        .find(|owner| owner.get("controller").and_then(Value::as_bool) == Some(true))
+        .map(|owner| {
+            let field = |name| owner.get(name).and_then(Value::as_str).unwrap_or("?");
+            format!("{} {}", field("kind"), field("name"))
+        })
 }
 
 /// True when the pod spec at `spec_path` has `hostNetwork: true`.

@@ -932,3 +932,106 @@ fn the_example_config_map_is_a_valid_config_with_the_sidecar_env() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// What `kubectl get all -o yaml` lists beside a Deployment: its ReplicaSet and Pod, owned by
+/// their controllers.
+const KUBECTL_GET_ALL: &str = "apiVersion: v1
+items:
+- apiVersion: apps/v1
+  kind: Deployment
+  metadata:
+    name: game
+  spec:
+    selector:
+      matchLabels:
+        app: game
+    template:
+      metadata:
+        labels:
+          app: game
+      spec:
+        containers:
+        - image: game:1
+          name: game
+          ports:
+          - containerPort: 8080
+- apiVersion: apps/v1
+  kind: ReplicaSet
+  metadata:
+    name: game-5d4f
+    ownerReferences:
+    - apiVersion: apps/v1
+      controller: true
+      kind: Deployment
+      name: game
+  spec:
+    selector:
+      matchLabels:
+        app: game
+    template:
+      metadata:
+        labels:
+          app: game
+      spec:
+        containers:
+        - image: game:1
+          name: game
+          ports:
+          - containerPort: 8080
+- apiVersion: v1
+  kind: Pod
+  metadata:
+    name: game-5d4f-abc
+    labels:
+      app: game
+    ownerReferences:
+    - apiVersion: apps/v1
+      controller: true
+      kind: ReplicaSet
+      name: game-5d4f
+  spec:
+    containers:
+    - image: game:1
+      name: game
+      ports:
+      - containerPort: 8080
+kind: List
+metadata: {}
+";
+
+#[test]
+fn workloads_managed_by_a_controller_are_left_to_it() {
+    let args = ["--jwt-secret", "portcullis-jwt", "--network-policy"];
+    let once = inject(&args, KUBECTL_GET_ALL);
+    assert!(once.ok, "{}", once.stderr);
+    let out = once.docs();
+    let input = docs(KUBECTL_GET_ALL);
+    let items = out[0]["items"].as_array().expect("items");
+    container(
+        &items[0]["spec"]["template"]["spec"]["initContainers"],
+        "portcullis",
+    );
+    assert_eq!(
+        items[1], input[0]["items"][1],
+        "the ReplicaSet is its Deployment's"
+    );
+    assert_eq!(
+        items[2], input[0]["items"][2],
+        "the Pod is its ReplicaSet's"
+    );
+    assert_eq!(
+        out.len(),
+        2,
+        "one NetworkPolicy, the Deployment's: {}",
+        once.stdout
+    );
+    kind(&out, "NetworkPolicy", "game-portcullis");
+    for (item, owner) in [(2, "Deployment game"), (3, "ReplicaSet game-5d4f")] {
+        assert!(
+            once.stderr.contains(&format!("item {item}"))
+                && once.stderr.contains(&format!("managed by {owner}")),
+            "{}",
+            once.stderr
+        );
+    }
+}
