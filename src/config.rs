@@ -1546,6 +1546,14 @@ impl Validator {
                 format!("does not fit jwt.algorithms ({:?}): the key being rotated out must be {kind}, like the current one", algorithms[0]),
             );
         }
+        // The variable comes from the same Secret whatever the algorithms (deploy/k8s), so it
+        // is not an error here; but a rotation relying on it would refuse the old tokens.
+        if family != AlgorithmFamily::Hmac && previous.env_secret(env).is_some() {
+            self.warnings.push(format!(
+                "JWT_PREVIOUS_SECRET is ignored: jwt.algorithms ({:?}) verify with a public key; name the key being rotated out in jwt.previous_public_key_pem",
+                algorithms[0]
+            ));
+        }
         let previous_key = if previous.is_set(family, env) {
             let previous_key = self.jwt_key(&previous, family, algorithms[0], base, env);
             if let (Some(JwtKey::Secret(a) | JwtKey::PublicPem(a)), Some(k)) = (&key, &previous_key)
@@ -1608,9 +1616,15 @@ impl Validator {
                 match std::fs::read(&path) {
                     Ok(bytes) => (bytes, file_key),
                     Err(e) => {
+                        // The default config's file is the development secret.
+                        let hint = if source.env == "JWT_SECRET" {
+                            " (deploy/dev-setup.sh creates a development secret)"
+                        } else {
+                            ""
+                        };
                         self.fail(
                             file_key,
-                            format!("cannot read {}: {e} (deploy/dev-setup.sh creates a development secret)", path.display()),
+                            format!("cannot read {}: {e}{hint}", path.display()),
                         );
                         return None;
                     }
@@ -2033,6 +2047,36 @@ mod tests {
         assert!(reason.contains("HMAC secret"), "{reason}");
         let (key, _) = only_error("[jwt]\nprevious_secret_file = \"/nonexistent/old\"\n", &[]);
         assert_eq!(key, "jwt.previous_secret_file");
+    }
+
+    #[test]
+    fn a_previous_public_key_is_read_and_jwt_previous_secret_is_not_taken_for_one() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["current.pem", "old.pem"] {
+            let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+            std::fs::write(dir.path().join(name), pair.public_key_pem()).unwrap();
+        }
+        let text = "[jwt]\nalgorithms = [\"EdDSA\"]\npublic_key_pem = \"current.pem\"\n\
+                    previous_public_key_pem = \"old.pem\"\n";
+        let env = |vars: &[(&str, &str)]| -> Vec<(String, String)> {
+            vars.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let c = Config::from_toml(text, dir.path(), &env(&[])).unwrap();
+        let old = std::fs::read(dir.path().join("old.pem")).unwrap();
+        assert!(matches!(c.jwt.previous_key, Some(JwtKey::PublicPem(pem)) if pem == old));
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+
+        let secret = "o".repeat(32);
+        let c =
+            Config::from_toml(text, dir.path(), &env(&[("JWT_PREVIOUS_SECRET", &secret)])).unwrap();
+        assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+        assert!(c.warnings[0].contains("JWT_PREVIOUS_SECRET is ignored"));
+
+        let same = text.replace("old.pem", "current.pem");
+        let err = Config::from_toml(&same, dir.path(), &env(&[])).unwrap_err();
+        assert_eq!(err.0[0].key, "jwt.previous_public_key_pem", "{err}");
     }
 
     #[test]

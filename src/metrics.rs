@@ -195,7 +195,7 @@ impl Metrics {
         let tokens_verified_with_previous_key = Counter::default();
         registry.register(
             "tokens_verified_with_previous_key",
-            "Tokens whose signature only the key being rotated out (jwt.previous_*) verified; remembered tokens count once",
+            "Tokens accepted whose signature only the key being rotated out (jwt.previous_*) verified, counted when verified in full (a remembered token is not verified again)",
             tokens_verified_with_previous_key.clone(),
         );
         let sessions_active = Gauge::default();

@@ -129,12 +129,11 @@ impl Verifier {
         let mut decoded = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation);
         // The signature is checked before the claims, so only a signature that does not match
         // the current key sends a token to the previous one.
+        let mut by_previous_key = false;
         if let (Err(e), Some(previous)) = (&decoded, &self.previous_key) {
             if *e.kind() == ErrorKind::InvalidSignature {
                 decoded = jsonwebtoken::decode::<Claims>(token, previous, &self.validation);
-                if decoded.is_ok() {
-                    self.verified_with_previous_key.inc();
-                }
+                by_previous_key = true;
             }
         }
         let data = decoded.map_err(|e| {
@@ -148,6 +147,9 @@ impl Verifier {
         if !valid_user_id(&sub) {
             tracing::debug!("token rejected: unusable sub");
             return Err(Rejection::TokenInvalid);
+        }
+        if by_previous_key {
+            self.verified_with_previous_key.inc();
         }
         let user_id: Arc<str> = sub.into();
         let sid: Option<Arc<str>> = sid.map(Arc::from);
