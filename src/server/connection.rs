@@ -296,7 +296,8 @@ async fn drive_http1<I: Transport>(
     let mut give_up: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
-            // hyper first: the stop signal is looked at when hyper has nothing to do.
+            // hyper first. A stop already sent is passed to hyper before each of its polls;
+            // the stop branch wakes the task for one sent while hyper waits.
             biased;
             event = std::future::poll_fn(|cx| {
                 // A stop that came with this wake-up (the task may be woken for the upstream's
