@@ -634,12 +634,13 @@ pub struct Binary {
     _dir: tempfile::TempDir,
 }
 
-/// A port free a moment ago, for a child process to listen on.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("pick a free port")
-        .port()
+/// Two distinct ports free a moment ago, for a child process to listen on: both are held
+/// until both are known, so the kernel cannot hand out the same one twice.
+fn two_free_ports() -> (u16, u16) {
+    let bind = || std::net::TcpListener::bind("127.0.0.1:0").expect("pick a free port");
+    let (a, b) = (bind(), bind());
+    let port = |l: &std::net::TcpListener| l.local_addr().expect("bound port").port();
+    (port(&a), port(&b))
 }
 
 impl Binary {
@@ -652,7 +653,7 @@ impl Binary {
     /// Starts `command` (the binary, with the environment and global flags the test wants) on
     /// ports picked here, given as `PORTCULLIS_SERVER_LISTEN` and `PORTCULLIS_ADMIN_LISTEN`.
     pub fn listening(mut command: Command, config: &str) -> Binary {
-        let (public, admin) = (free_port(), free_port());
+        let (public, admin) = two_free_ports();
         command
             .env("PORTCULLIS_SERVER_LISTEN", format!("127.0.0.1:{public}"))
             .env("PORTCULLIS_ADMIN_LISTEN", format!("127.0.0.1:{admin}"));
