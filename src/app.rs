@@ -295,10 +295,13 @@ impl App {
         let admin = self.admin();
         let readiness = admin.readiness.clone();
         let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
+        // The bound addresses, so that a port chosen by the system (`:0`) can be found.
+        let admin_addr = admin_listener.local_addr()?;
         let admin_task = tokio::spawn(admin.serve(admin_listener, admin_stop_rx));
 
         tracing::info!(
             listen = %public.local_addr()?,
+            admin = %admin_addr,
             tls = tls.is_some(),
             workers = self.config.server.workers,
             upstream = %format!("{}://{}", self.config.upstream.scheme, self.config.upstream.authority),

@@ -160,19 +160,16 @@ async fn sighup_reloads_the_pair_in_the_real_binary() {
     let mut volume = SecretVolume::new(&old.cert_pem, &old.key_pem);
     let redis = RedisServer::start();
     let upstream = Upstream::echo().await;
-    let (public, admin) = (pick_free_port(), pick_free_port());
     let config = config_with(
         &upstream.url(),
         &format!(
-            "[server]\nlisten = \"127.0.0.1:{public}\"\nshutdown_delay = \"0s\"\n\
-             [admin]\nlisten = \"127.0.0.1:{admin}\"\n\
-             [redis]\nurl = \"{}\"\n{}",
+            "[server]\nshutdown_delay = \"0s\"\n[redis]\nurl = \"{}\"\n{}",
             redis.url(),
             // Only SIGHUP can reload within the test.
             volume.tls_section("1h"),
         ),
     );
-    let mut binary = Binary::start(TEST_SECRET, &config, public, admin);
+    let mut binary = Binary::listening(portcullis_command(TEST_SECRET), &config).await;
     binary.wait_healthy().await;
     let tls = handshakes(&ca);
     // The public listener serves (and so the SIGHUP handler, registered before, is in place).
@@ -226,23 +223,16 @@ async fn sighup_without_tls_neither_kills_nor_disturbs_the_binary() {
     const HANDLED: &str = "SIGHUP: no TLS certificate to reload";
     let redis = RedisServer::start();
     let upstream = Upstream::echo().await;
-    let (public, admin) = (pick_free_port(), pick_free_port());
     let config = config_with(
         &upstream.url(),
         &format!(
-            "[server]\nlisten = \"127.0.0.1:{public}\"\nshutdown_delay = \"0s\"\n\
-             [admin]\nlisten = \"127.0.0.1:{admin}\"\n\
-             [redis]\nurl = \"{}\"\n",
+            "[server]\nshutdown_delay = \"0s\"\n[redis]\nurl = \"{}\"\n",
             redis.url(),
         ),
     );
-    let mut binary = Binary::start(TEST_SECRET, &config, public, admin);
+    let mut binary = Binary::listening(portcullis_command(TEST_SECRET), &config).await;
     binary.wait_healthy().await;
-    let through = |path: &'static str| {
-        client()
-            .get(format!("http://127.0.0.1:{public}{path}"))
-            .send()
-    };
+    let through = |path: &'static str| client().get(binary.url(path)).send();
     assert_eq!(through("/before").await.unwrap().status(), 200);
     assert!(!binary.logged(HANDLED), "SIGHUP handled before it was sent");
     binary.signal("HUP");

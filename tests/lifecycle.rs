@@ -4,7 +4,6 @@ mod observe;
 mod support;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::*;
@@ -302,90 +301,25 @@ fn check_config_rejects_a_missing_file() {
     assert!(stderr.contains("absent.toml"), "{stderr}");
 }
 
-/// Kills the child if the test fails before it exits.
-struct KillOnDrop(Option<std::process::Child>);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Some(child) = self.0.as_mut() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 #[tokio::test]
 async fn binary_exits_0_after_sigterm() {
     let upstream = Upstream::echo().await;
-    let dir = tempfile::tempdir().unwrap();
-    let public = pick_free_port();
-    let admin = pick_free_port();
-    let path = write_config(
-        dir.path(),
-        &config_with(
-            &upstream.url(),
-            &format!(
-                "[server]\nlisten = \"127.0.0.1:{public}\"\nshutdown_delay = \"0s\"\n\
-                 [admin]\nlisten = \"127.0.0.1:{admin}\"\n[redis]\nurl = \"redis://{}\"\n",
-                dead_addr()
-            ),
+    let config = config_with(
+        &upstream.url(),
+        &format!(
+            "[server]\nshutdown_delay = \"0s\"\n[redis]\nurl = \"redis://{}\"\n",
+            dead_addr()
         ),
     );
-    let child = observe::portcullis_command(TEST_SECRET)
-        .arg("--config")
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start portcullis");
-    let mut child = KillOnDrop(Some(child));
-    let pid = child.0.as_ref().unwrap().id();
-
-    let healthz = format!("http://127.0.0.1:{admin}/healthz");
-    eventually("the binary's /healthz", || {
-        let healthz = healthz.clone();
-        let exited = child.0.as_mut().unwrap().try_wait().unwrap();
-        assert!(exited.is_none(), "portcullis exited early: {exited:?}");
-        async move {
-            client()
-                .get(&healthz)
-                .send()
-                .await
-                .is_ok_and(|r| r.status() == 200)
-        }
-    })
-    .await;
+    let mut binary =
+        observe::Binary::listening(observe::portcullis_command(TEST_SECRET), &config).await;
+    binary.wait_healthy().await;
     // It is really serving: a request goes through to the upstream.
-    let resp = client()
-        .get(format!("http://127.0.0.1:{public}/through"))
-        .send()
-        .await
-        .unwrap();
+    let resp = client().get(binary.url("/through")).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(upstream.last().target, "/through");
 
-    let killed = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let mut process = child.0.take().unwrap();
-    let status = tokio::task::spawn_blocking(move || {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = process.try_wait().unwrap() {
-                return Some(status);
-            }
-            if Instant::now() > deadline {
-                let _ = process.kill();
-                let _ = process.wait();
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    })
-    .await
-    .unwrap()
-    .expect("portcullis exited within 10 s of SIGTERM");
+    binary.signal("TERM");
+    let status = binary.wait_exit(Duration::from_secs(10)).await;
     assert!(status.success(), "{status:?}");
 }

@@ -12,10 +12,10 @@ use support::{client, json, token, RedisServer, Upstream};
 
 /// The real binary with `args` before its subcommand and no PORTCULLIS_* variables (the
 /// config's log settings apply).
-fn start(config: &str, args: &[&str]) -> Binary {
+async fn start(config: &str, args: &[&str]) -> Binary {
     let mut command = portcullis_command(support::TEST_SECRET);
     command.args(args);
-    Binary::listening(command, config)
+    Binary::listening(command, config).await
 }
 
 fn config(upstream: &Upstream, redis: &RedisServer, extra: &str) -> String {
@@ -164,7 +164,7 @@ async fn exercise_and_check(running: &Binary, upstream: &Upstream) {
 async fn log_format_json_flag_writes_access_lines_as_json() {
     let redis = RedisServer::start();
     let upstream = Upstream::echo().await;
-    let mut running = start(&config(&upstream, &redis, ""), &["--log-format", "json"]);
+    let mut running = start(&config(&upstream, &redis, ""), &["--log-format", "json"]).await;
     running.wait_ready().await;
     exercise_and_check(&running, &upstream).await;
 }
@@ -176,7 +176,8 @@ async fn log_format_json_in_the_config_writes_access_lines_as_json() {
     let mut running = start(
         &config(&upstream, &redis, "[log]\nformat = \"json\"\n"),
         &[],
-    );
+    )
+    .await;
     running.wait_ready().await;
     exercise_and_check(&running, &upstream).await;
 }
@@ -190,7 +191,8 @@ async fn the_log_format_flag_overrides_the_config() {
     let mut running = start(
         &config(&upstream, &redis, "[log]\nformat = \"text\"\n"),
         &["--log-format", "json"],
-    );
+    )
+    .await;
     running.wait_ready().await;
     let resp = client()
         .get(running.url("/open"))
@@ -211,7 +213,8 @@ async fn the_log_format_flag_overrides_the_config() {
     let mut running = start(
         &config(&upstream, &redis, "[log]\nformat = \"json\"\n"),
         &["--log-format", "text"],
-    );
+    )
+    .await;
     running.wait_ready().await;
     let resp = client()
         .get(running.url("/open"))

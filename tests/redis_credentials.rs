@@ -16,10 +16,10 @@ use support::{client, dead_addr, json, stored_ids, token, RedisServer, Upstream}
 const PASSWORD: &str = "c3a1f0b29e7d48aa9d1e5b6f7a8c9d0e";
 
 /// The real binary with only the test's `env` for Redis (no other REDIS_* or PORTCULLIS_*).
-fn start(config: &str, env: &[(&str, &str)]) -> Binary {
+async fn start(config: &str, env: &[(&str, &str)]) -> Binary {
     let mut command = portcullis_command(support::TEST_SECRET);
     command.envs(env.iter().copied());
-    Binary::listening(command, config)
+    Binary::listening(command, config).await
 }
 
 /// Polls `/readyz` for `how_long` (after the admin port answers): it must never be 200.
@@ -124,7 +124,8 @@ async fn redis_host_and_redis_port_replace_the_host_and_port_of_redis_url() {
     let mut running = start(
         &config(&upstream, &elsewhere),
         &[("REDIS_HOST", "127.0.0.1"), ("REDIS_PORT", &port)],
-    );
+    )
+    .await;
 
     let ready = running.wait_ready().await;
     assert_eq!(ready["checks"]["redis"], "ok", "{ready}");
@@ -141,7 +142,7 @@ async fn without_the_variables_the_same_config_reaches_no_redis() {
     let _redis = RedisServer::start();
     let upstream = Upstream::echo().await;
     let elsewhere = format!("redis://redis.invalid:{}", dead_addr().port());
-    let mut running = start(&config(&upstream, &elsewhere), &[]);
+    let mut running = start(&config(&upstream, &elsewhere), &[]).await;
     let body = assert_never_ready(&mut running, Duration::from_secs(1)).await;
     assert_ne!(body["checks"]["redis"], "ok", "{body}");
     let (status, body) = create_session(&running, "player-1").await;
@@ -162,7 +163,8 @@ async fn redis_password_alone_supplies_the_password_redis_requires() {
     let mut running = start(
         &config(&upstream, &redis.url()),
         &[("REDIS_PASSWORD", PASSWORD)],
-    );
+    )
+    .await;
 
     let ready = running.wait_ready().await;
     assert_eq!(ready["checks"]["redis"], "ok", "{ready}");
@@ -179,7 +181,7 @@ async fn redis_password_wins_over_the_password_in_redis_url() {
         "redis://:stale-password-0123456789@127.0.0.1:{}",
         redis.port
     );
-    let mut running = start(&config(&upstream, &url), &[("REDIS_PASSWORD", PASSWORD)]);
+    let mut running = start(&config(&upstream, &url), &[("REDIS_PASSWORD", PASSWORD)]).await;
 
     let ready = running.wait_ready().await;
     assert_eq!(ready["checks"]["redis"], "ok", "{ready}");
@@ -191,7 +193,7 @@ async fn without_redis_password_a_redis_that_requires_one_fails_closed() {
     let redis = RedisServer::start();
     require_password(&redis);
     let upstream = Upstream::echo().await;
-    let mut running = start(&config(&upstream, &redis.url()), &[]);
+    let mut running = start(&config(&upstream, &redis.url()), &[]).await;
 
     let body = assert_never_ready(&mut running, Duration::from_secs(1)).await;
     assert_ne!(body["checks"]["redis"], "ok", "{body}");
@@ -248,7 +250,7 @@ async fn an_acl_user_in_redis_url_serves_sessions_within_its_permissions() {
     let redis = acl_redis();
     let upstream = Upstream::echo().await;
     let url = format!("redis://{ACL_USER}:{ACL_PASSWORD}@127.0.0.1:{}", redis.port);
-    let mut running = start(&config(&upstream, &url), &[]);
+    let mut running = start(&config(&upstream, &url), &[]).await;
 
     let ready = running.wait_ready().await;
     assert_eq!(ready["checks"]["redis"], "ok", "{ready}");
@@ -294,7 +296,7 @@ async fn a_wrong_acl_password_fails_closed_and_says_why() {
         "redis://{ACL_USER}:not-the-password-0123456789@127.0.0.1:{}",
         redis.port
     );
-    let mut running = start(&config(&upstream, &url), &[]);
+    let mut running = start(&config(&upstream, &url), &[]).await;
 
     let body = assert_never_ready(&mut running, Duration::from_secs(1)).await;
     assert_ne!(body["checks"]["redis"], "ok", "{body}");

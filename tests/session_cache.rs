@@ -177,7 +177,8 @@ async fn replica(redis: &RedisServer, upstream: &Upstream) -> observe::Binary {
         upstream.url(),
         redis.url()
     );
-    let mut replica = observe::Binary::listening(observe::portcullis_command(TEST_SECRET), &config);
+    let mut replica =
+        observe::Binary::listening(observe::portcullis_command(TEST_SECRET), &config).await;
     replica.wait_ready().await;
     replica
 }

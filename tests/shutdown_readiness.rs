@@ -7,22 +7,14 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use observe::Binary;
+use observe::{portcullis_command, Binary};
 use support::*;
 
-fn config(
-    upstream: &Upstream,
-    redis: &RedisServer,
-    public: u16,
-    admin: u16,
-    shutdown_delay: &str,
-) -> String {
+fn config(upstream: &Upstream, redis: &RedisServer, shutdown_delay: &str) -> String {
     config_with(
         &upstream.url(),
         &format!(
-            "[server]\nlisten = \"127.0.0.1:{public}\"\nshutdown_delay = \"{shutdown_delay}\"\n\
-             [admin]\nlisten = \"127.0.0.1:{admin}\"\n\
-             [redis]\nurl = \"{}\"\n",
+            "[server]\nshutdown_delay = \"{shutdown_delay}\"\n[redis]\nurl = \"{}\"\n",
             redis.url()
         ),
     )
@@ -48,13 +40,11 @@ fn fresh_client() -> reqwest::Client {
 }
 
 async fn start(upstream: &Upstream, redis: &RedisServer, shutdown_delay: &str) -> Binary {
-    let (public, admin) = (pick_free_port(), pick_free_port());
-    let mut binary = Binary::start(
-        TEST_SECRET,
-        &config(upstream, redis, public, admin, shutdown_delay),
-        public,
-        admin,
-    );
+    let mut binary = Binary::listening(
+        portcullis_command(TEST_SECRET),
+        &config(upstream, redis, shutdown_delay),
+    )
+    .await;
     binary.wait_healthy().await;
     // Ready (Redis answers) and serving.
     eventually("/readyz 200", || async {

@@ -634,33 +634,48 @@ pub struct Binary {
     _dir: tempfile::TempDir,
 }
 
-/// Two distinct ports free a moment ago, for a child process to listen on: both are held
-/// until both are known, so the kernel cannot hand out the same one twice.
-fn two_free_ports() -> (u16, u16) {
-    let bind = || std::net::TcpListener::bind("127.0.0.1:0").expect("pick a free port");
-    let (a, b) = (bind(), bind());
-    let port = |l: &std::net::TcpListener| l.local_addr().expect("bound port").port();
-    (port(&a), port(&b))
+/// The public and admin addresses of the binary's `portcullis serving` line, in text or JSON.
+fn serving_addresses(log: &str) -> Option<(SocketAddr, SocketAddr)> {
+    let line = log.lines().find(|l| l.contains("portcullis serving"))?;
+    let field = |name: &str| -> Option<SocketAddr> {
+        [format!("{name}="), format!("\"{name}\":\"")]
+            .iter()
+            .find_map(|pattern| {
+                let rest = &line[line.find(pattern.as_str())? + pattern.len()..];
+                let end = rest.find([' ', '"']).unwrap_or(rest.len());
+                rest[..end].parse().ok()
+            })
+    };
+    Some((field("listen")?, field("admin")?))
 }
 
 impl Binary {
-    /// Starts the binary with the test environment of [`portcullis_command`]. `config` must
-    /// set `[server] listen` and `[admin] listen` to these ports.
-    pub fn start(secret: &str, config: &str, public_port: u16, admin_port: u16) -> Binary {
-        Binary::spawn(portcullis_command(secret), config, public_port, admin_port)
-    }
-
     /// Starts `command` (the binary, with the environment and global flags the test wants) on
-    /// ports picked here, given as `PORTCULLIS_SERVER_LISTEN` and `PORTCULLIS_ADMIN_LISTEN`.
-    pub fn listening(mut command: Command, config: &str) -> Binary {
-        let (public, admin) = two_free_ports();
+    /// ports the system picks (`PORTCULLIS_SERVER_LISTEN` and `PORTCULLIS_ADMIN_LISTEN` set to
+    /// port 0), and learns them from its log: no other process can take them in between.
+    pub async fn listening(mut command: Command, config: &str) -> Binary {
         command
-            .env("PORTCULLIS_SERVER_LISTEN", format!("127.0.0.1:{public}"))
-            .env("PORTCULLIS_ADMIN_LISTEN", format!("127.0.0.1:{admin}"));
-        Binary::spawn(command, config, public, admin)
+            .env("PORTCULLIS_SERVER_LISTEN", "127.0.0.1:0")
+            .env("PORTCULLIS_ADMIN_LISTEN", "127.0.0.1:0");
+        let mut binary = Binary::spawn(command, config);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            binary.assert_running();
+            if let Some((public, admin)) = serving_addresses(&binary.stdout()) {
+                binary.public = public;
+                binary.admin = admin;
+                return binary;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "portcullis never logged where it listens:\n{}",
+                binary.output()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
-    fn spawn(mut command: Command, config: &str, public_port: u16, admin_port: u16) -> Binary {
+    fn spawn(mut command: Command, config: &str) -> Binary {
         let dir = tempfile::tempdir().unwrap();
         let path = write_file(dir.path(), "config.toml", config);
         let stdout = dir.path().join("stdout.log");
@@ -675,8 +690,9 @@ impl Binary {
         Binary {
             pid: child.id(),
             child: Some(child),
-            public: SocketAddr::from(([127, 0, 0, 1], public_port)),
-            admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
+            // Known once it says where it listens.
+            public: SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin: SocketAddr::from(([127, 0, 0, 1], 0)),
             stdout,
             stderr,
             _dir: dir,
