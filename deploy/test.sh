@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite. Tests start their own redis-server on ephemeral ports, so only the
 # binary is needed; it is installed here when missing, with openssl and kill (procps), which a
-# few tests run.
+# few tests run, and Node.js with npm for the Socket.IO test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -9,6 +9,9 @@ missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v openssl >/dev/null || missing+=(openssl)
 [ -x /bin/kill ] || missing+=(procps)
+# tests/socketio.rs runs a real Socket.IO server and client (it installs their locked packages).
+command -v node >/dev/null || missing+=(nodejs)
+command -v npm >/dev/null || missing+=(npm)
 if [ ${#missing[@]} -gt 0 ]; then
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
