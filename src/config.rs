@@ -549,7 +549,7 @@ pub struct IdentityConfig {
 }
 
 /// The key that verifies token signatures.
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum JwtKey {
     Secret(Vec<u8>),
     PublicPem(Vec<u8>),
@@ -1556,18 +1556,15 @@ impl Validator {
         }
         let previous_key = if previous.is_set(family, env) {
             let previous_key = self.jwt_key(&previous, family, algorithms[0], base, env);
-            if let (Some(JwtKey::Secret(a) | JwtKey::PublicPem(a)), Some(k)) = (&key, &previous_key)
-            {
-                if matches!(k, JwtKey::Secret(b) | JwtKey::PublicPem(b) if a == b) {
-                    let name = match family {
-                        AlgorithmFamily::Hmac => "jwt.previous_secret",
-                        _ => "jwt.previous_public_key_pem",
-                    };
-                    self.fail(
-                        name,
-                        "is the current key itself: set it to the key being rotated out, or leave it out",
-                    );
-                }
+            if key.is_some() && previous_key == key {
+                let name = match family {
+                    AlgorithmFamily::Hmac => "jwt.previous_secret",
+                    _ => "jwt.previous_public_key_pem",
+                };
+                self.fail(
+                    name,
+                    "is the current key itself: set it to the key being rotated out, or leave it out",
+                );
             }
             previous_key
         } else {
