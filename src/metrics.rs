@@ -80,7 +80,7 @@ pub struct Metrics {
 
 /// Route classes (see `access_log`), and the results of a session cache lookup.
 const ROUTE_CLASSES: [&str; 5] = ["api", "session", "jwt", "none", "unknown"];
-const CACHE_RESULTS: [&str; 3] = ["hit", "miss", "off"];
+const CACHE_RESULTS: [&str; 4] = ["hit", "miss", "stale", "off"];
 
 #[derive(Default)]
 struct HotSeries {

@@ -238,6 +238,16 @@ async fn a_redis_that_does_not_answer_in_time_gives_503() {
         assert!(Instant::now() < deadline, "the session was never cached");
     }
     let forwarded = s.upstream.count();
+    let not_answered = |m: &observe::Exposition| {
+        let lookups = |result| {
+            m.value(
+                "portcullis_session_cache_lookups_total",
+                &[("result", result)],
+            )
+        };
+        lookups("stale") + lookups("off")
+    };
+    let not_answered_before = not_answered(&observe::scrape(s.proxy.admin).await);
 
     // Redis stops answering (SIGSTOP: connections stay open, nothing comes back) until the test
     // lets it go on; its every reply was sent before `stopped`.
@@ -265,6 +275,12 @@ async fn a_redis_that_does_not_answer_in_time_gives_503() {
                 "stopped: the cached session was admitted {admitted_from_cache} times, then \
                  refused by a probe sent {sent:?} after"
             );
+            // Counted as the cache not answering for want of a heartbeat (or, on a slow
+            // machine, for the connection already given up), not as a missing entry.
+            assert_eq!(
+                not_answered(&observe::scrape(s.proxy.admin).await),
+                not_answered_before + 1.0
+            );
             break;
         }
         assert_eq!(resp.status(), 200);
@@ -286,7 +302,11 @@ async fn a_redis_that_does_not_answer_in_time_gives_503() {
         let (resp, took) = s.proxied(&fresh).await;
         println!("stopped, attempt {attempt}: {} in {took:?}", resp.status());
         assert_error(resp, 503, "SESSION_STORE_UNAVAILABLE").await;
-        assert!(took < FAST, "attempt {attempt} took {took:?}");
+        // The command timeout (250 ms), with room for a loaded machine: not a hang.
+        assert!(
+            took < Duration::from_millis(2250),
+            "attempt {attempt} took {took:?}"
+        );
     }
     assert_eq!(s.upstream.count(), forwarded + admitted_from_cache);
     signal(pid, "CONT");

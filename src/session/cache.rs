@@ -221,6 +221,11 @@ impl SessionCache {
         }
     }
 
+    /// Live, and a ping answered recently enough for the cache to answer now.
+    pub fn is_trustworthy(&self) -> bool {
+        self.trustworthy(Instant::now())
+    }
+
     pub fn is_live(&self) -> bool {
         self.live.load(Ordering::Acquire)
     }

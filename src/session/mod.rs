@@ -294,6 +294,10 @@ impl Sessions {
             .filter(|c| c.is_live())
             .map(|cache| (cache, cache.epoch(user_id)));
         match &cached {
+            // The cache could not answer: no recent heartbeat, or no fresh entry.
+            Some((cache, _)) if !cache.is_trustworthy() => {
+                self.metrics.session_cache_lookup("stale")
+            }
             Some(_) => self.metrics.session_cache_lookup("miss"),
             None if self.cache.is_some() => self.metrics.session_cache_lookup("off"),
             None => {}
