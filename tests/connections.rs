@@ -566,7 +566,7 @@ async fn an_http2_client_reading_a_large_response_slowly_is_not_idle() {
     let upstream = RawUpstream::start(Box::leak(response.into_boxed_slice())).await;
     let proxy = Proxy::start(&config_with(
         &upstream.url(),
-        "[server]\nidle_timeout = \"300ms\"\n",
+        "[server]\nidle_timeout = \"1s\"\n",
     ))
     .await;
     let tcp = TcpStream::connect(proxy.addr).await.unwrap();
@@ -587,10 +587,10 @@ async fn an_http2_client_reading_a_large_response_slowly_is_not_idle() {
     };
     let resp = h2.send_request(get("/big")).await.unwrap();
     assert_eq!(resp.status(), 200);
-    // Read at 640 KiB/s on a fixed schedule: a 64 KiB piece in 100 ms, well within idle_timeout,
-    // while the proxy's reads from the upstream grow to 400 KiB at a time (over 600 ms to drain
-    // whole, long enough to be judged idle).
-    const BYTES_PER_SEC: f64 = 640.0 * 1024.0;
+    // Read at 256 KiB/s on a fixed schedule: a 64 KiB piece in 250 ms, well within idle_timeout,
+    // while the proxy's reads from the upstream grow to 400 KiB at a time (1.6 s to drain whole,
+    // long enough to be judged idle).
+    const BYTES_PER_SEC: f64 = 256.0 * 1024.0;
     let mut body = resp.into_body();
     let mut received = 0;
     let started = Instant::now();

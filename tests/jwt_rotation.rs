@@ -66,6 +66,11 @@ async fn tokens_of_the_key_being_rotated_out_pass_until_it_is_removed() {
         2,
         "the forged token never reached the upstream"
     );
+    assert_eq!(
+        previous_key_count(&rotating).await,
+        1.0,
+        "a token the previous key was only tried on is not counted"
+    );
 
     // The rotation is over: the previous key is removed from the config.
     let rotated = Proxy::start(&session_config(&upstream, &redis, routes)).await;

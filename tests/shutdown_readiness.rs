@@ -98,7 +98,7 @@ async fn sigterm_turns_readyz_503_while_the_listener_still_serves_then_exits_0()
     assert!(status.success(), "{status:?}");
     let took = signalled.elapsed();
     assert!(
-        took >= Duration::from_millis(1900),
+        took >= Duration::from_secs(2),
         "exited after {took:?}, before the 2 s delay"
     );
 }

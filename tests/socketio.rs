@@ -22,19 +22,26 @@ fn app_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/socketio")
 }
 
-/// Installs the locked packages once per test binary (none of the tests runs without them).
+/// Installs the locked packages, once per test binary, unless an install newer than the lock
+/// file is there. Under `flock`, so that two test runs never install into one directory at
+/// once (`npm ci` empties `node_modules` first).
 fn packages() {
     static INSTALLED: OnceLock<()> = OnceLock::new();
     INSTALLED.get_or_init(|| {
-        if app_dir().join("node_modules/socket.io-client").exists() {
-            return;
-        }
-        let status = Command::new("npm")
-            .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+        let status = Command::new("flock")
+            .args([".install.lock", "sh", "-c"])
+            .arg(
+                "[ node_modules/.package-lock.json -nt package-lock.json ] || \
+                 npm ci --no-audit --no-fund --loglevel=error",
+            )
             .current_dir(app_dir())
             .status()
-            .expect("npm must be installed (deploy/test.sh installs nodejs and npm)");
-        assert!(status.success(), "npm ci in tests/socketio failed");
+            .expect("run flock (util-linux)");
+        assert!(
+            status.success(),
+            "npm ci in tests/socketio failed: node and npm must be installed (deploy/test.sh \
+             installs nodejs and npm)"
+        );
     });
 }
 
@@ -65,7 +72,8 @@ async fn next_line(stdout: BufReader<ChildStdout>) -> (Value, BufReader<ChildStd
     let read = tokio::task::spawn_blocking(move || {
         let mut stdout = stdout;
         let mut line = String::new();
-        stdout.read_line(&mut line).expect("read node's output");
+        let read = stdout.read_line(&mut line).expect("read node's output");
+        assert!(read > 0, "node exited without printing the next line");
         (line, stdout)
     });
     let (line, stdout) = tokio::time::timeout(Duration::from_secs(20), read)
@@ -96,6 +104,8 @@ async fn lines_until(
 
 struct Game {
     _server: Node,
+    /// Kept open: a server whose output had no reader would die on its next write.
+    _server_output: BufReader<ChildStdout>,
     proxy: Proxy,
     _redis: RedisServer,
 }
@@ -103,7 +113,7 @@ struct Game {
 /// The Socket.IO server behind portcullis, `/socket.io` a session route.
 async fn game() -> Game {
     let (server, stdout) = node("server.js", &[]);
-    let (listening, _) = next_line(stdout).await;
+    let (listening, server_output) = next_line(stdout).await;
     let port = listening["port"].as_u64().expect("the server's port");
     let redis = RedisServer::start();
     let proxy = Proxy::start(&format!(
@@ -114,6 +124,7 @@ async fn game() -> Game {
     .await;
     Game {
         _server: server,
+        _server_output: server_output,
         proxy,
         _redis: redis,
     }

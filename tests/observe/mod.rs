@@ -634,6 +634,13 @@ pub struct Binary {
     _dir: tempfile::TempDir,
 }
 
+/// The lines written to `path` so far, without one still being written.
+fn whole_lines(path: &Path) -> String {
+    let bytes = std::fs::read(path).expect("read the binary's output");
+    let end = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
+}
+
 /// The public and admin addresses of the binary's `portcullis serving` line, in text or JSON.
 fn serving_addresses(log: &str) -> Option<(SocketAddr, SocketAddr)> {
     let line = log.lines().find(|l| l.contains("portcullis serving"))?;
@@ -711,13 +718,13 @@ impl Binary {
 
     /// What the process wrote on stdout (its logs) so far.
     pub fn stdout(&self) -> String {
-        std::fs::read_to_string(&self.stdout).unwrap_or_default()
+        whole_lines(&self.stdout)
     }
 
     /// Everything the process wrote so far, stdout then stderr.
     pub fn output(&self) -> String {
         let mut text = self.stdout();
-        text.push_str(&std::fs::read_to_string(&self.stderr).unwrap_or_default());
+        text.push_str(&whole_lines(&self.stderr));
         text
     }
 
@@ -814,7 +821,8 @@ impl Binary {
             }
             assert!(
                 Instant::now() < deadline,
-                "the binary's /healthz never answered"
+                "the binary's /healthz never answered:\n{}",
+                self.output()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -844,7 +852,8 @@ impl Binary {
             }
             assert!(
                 Instant::now() < deadline,
-                "portcullis did not exit within {within:?}"
+                "portcullis did not exit within {within:?}:\n{}",
+                self.output()
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
