@@ -8,7 +8,7 @@ mod support;
 
 use observe::{portcullis_command, Binary};
 use serde_json::Value;
-use support::{client, json, token, RedisServer, Upstream};
+use support::{client, json, session_config, token, RedisServer, Upstream};
 
 /// The real binary with `args` before its subcommand and no PORTCULLIS_* variables (the
 /// config's log settings apply).
@@ -16,14 +16,6 @@ async fn start(config: &str, args: &[&str]) -> Binary {
     let mut command = portcullis_command(support::TEST_SECRET);
     command.args(args);
     Binary::listening(command, config).await
-}
-
-fn config(upstream: &Upstream, redis: &RedisServer, extra: &str) -> String {
-    format!(
-        "[upstream]\nurl = \"{}\"\n\n[redis]\nurl = \"{}\"\n\n{extra}\n",
-        upstream.url(),
-        redis.url()
-    )
 }
 
 /// Every non-empty line of `out`, each of which must be one JSON object.
@@ -164,7 +156,11 @@ async fn exercise_and_check(running: &Binary, upstream: &Upstream) {
 async fn log_format_json_flag_writes_access_lines_as_json() {
     let redis = RedisServer::start();
     let upstream = Upstream::echo().await;
-    let mut running = start(&config(&upstream, &redis, ""), &["--log-format", "json"]).await;
+    let mut running = start(
+        &session_config(&upstream, &redis, ""),
+        &["--log-format", "json"],
+    )
+    .await;
     running.wait_ready().await;
     exercise_and_check(&running, &upstream).await;
 }
@@ -174,7 +170,7 @@ async fn log_format_json_in_the_config_writes_access_lines_as_json() {
     let redis = RedisServer::start();
     let upstream = Upstream::echo().await;
     let mut running = start(
-        &config(&upstream, &redis, "[log]\nformat = \"json\"\n"),
+        &session_config(&upstream, &redis, "[log]\nformat = \"json\"\n"),
         &[],
     )
     .await;
@@ -189,7 +185,7 @@ async fn the_log_format_flag_overrides_the_config() {
 
     // The flag's json over the file's text.
     let mut running = start(
-        &config(&upstream, &redis, "[log]\nformat = \"text\"\n"),
+        &session_config(&upstream, &redis, "[log]\nformat = \"text\"\n"),
         &["--log-format", "json"],
     )
     .await;
@@ -211,7 +207,7 @@ async fn the_log_format_flag_overrides_the_config() {
 
     // The flag's text over the file's json: the access line is not JSON.
     let mut running = start(
-        &config(&upstream, &redis, "[log]\nformat = \"json\"\n"),
+        &session_config(&upstream, &redis, "[log]\nformat = \"json\"\n"),
         &["--log-format", "text"],
     )
     .await;

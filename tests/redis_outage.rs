@@ -181,25 +181,6 @@ async fn service_resumes_when_redis_is_back_without_restarting_portcullis() {
 }
 
 /// The pid of the redis-server behind `redis`, from `INFO server`.
-fn redis_pid(redis: &RedisServer) -> u32 {
-    let info: String = redis::cmd("INFO")
-        .arg("server")
-        .query(&mut redis.conn())
-        .expect("INFO server");
-    info.lines()
-        .find_map(|l| l.strip_prefix("process_id:"))
-        .and_then(|pid| pid.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no process_id in {info}"))
-}
-
-fn signal(pid: u32, sig: &str) {
-    let ok = std::process::Command::new("kill")
-        .args([&format!("-{sig}"), &pid.to_string()])
-        .status()
-        .expect("run kill");
-    assert!(ok.success(), "kill -{sig} {pid} failed");
-}
-
 /// The state letter of a process in /proc (`T` once stopped).
 fn process_state(pid: u32) -> char {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc stat");
@@ -251,8 +232,8 @@ async fn a_redis_that_does_not_answer_in_time_gives_503() {
 
     // Redis stops answering (SIGSTOP: connections stay open, nothing comes back) until the test
     // lets it go on; its every reply was sent before `stopped`.
-    let pid = redis_pid(&s.redis);
-    signal(pid, "STOP");
+    let pid = s.redis.pid();
+    s.redis.signal("STOP");
     let deadline = Instant::now() + Duration::from_secs(5);
     while process_state(pid) != 'T' {
         assert!(Instant::now() < deadline, "redis-server did not stop");
@@ -309,7 +290,7 @@ async fn a_redis_that_does_not_answer_in_time_gives_503() {
         );
     }
     assert_eq!(s.upstream.count(), forwarded + admitted_from_cache);
-    signal(pid, "CONT");
+    s.redis.signal("CONT");
 
     // And it recovers by itself.
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -112,6 +112,21 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// Sends the server a signal (`STOP`, `CONT`, ...) with `kill`.
+    pub fn signal(&self, sig: &str) {
+        let pid = self.pid();
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(ok.success(), "kill -{sig} {pid} failed");
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("redis-server is running").id()
+    }
+
     /// A synchronous connection for assertions.
     pub fn conn(&self) -> redis::Connection {
         redis::Client::open(self.url())
