@@ -202,22 +202,12 @@ async fn a_redis_that_does_not_answer_in_time_gives_503() {
     // first: opening a session rewrites the user's key, which empties the cache of the user.)
     let fresh = create_session(&s.proxy, &token("alice", None)).await;
     // The first session is admitted from the local cache (once the cache is live).
-    let hits = |m: &observe::Exposition| {
-        m.value(
-            "portcullis_session_cache_lookups_total",
-            &[("result", "hit")],
-        )
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let before = hits(&observe::scrape(s.proxy.admin).await);
-        let (resp, _) = s.proxied(&sid).await;
-        assert_eq!(resp.status(), 200);
-        if hits(&observe::scrape(s.proxy.admin).await) > before {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the session was never cached");
-    }
+    observe::until_cached(
+        &s.proxy.url("/game"),
+        &token("alice", Some(&sid)),
+        s.proxy.admin,
+    )
+    .await;
     let forwarded = s.upstream.count();
     let not_answered = |m: &observe::Exposition| {
         let lookups = |result| {

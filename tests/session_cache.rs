@@ -5,19 +5,10 @@ mod observe;
 mod support;
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use observe::scrape;
 use support::*;
-
-/// Lookups the session cache answered from memory, by `GET /metrics` on `admin`.
-async fn cache_hits(admin: SocketAddr) -> f64 {
-    scrape(admin).await.value(
-        "portcullis_session_cache_lookups_total",
-        &[("result", "hit")],
-    )
-}
 
 async fn get_status(url: &str, bearer: &str) -> u16 {
     client()
@@ -28,27 +19,6 @@ async fn get_status(url: &str, bearer: &str) -> u16 {
         .unwrap()
         .status()
         .as_u16()
-}
-
-/// Sends `GET url` with `bearer` (each must be admitted) until one is answered from the local
-/// cache of the replica whose admin address is `admin`: the session is then cached there.
-/// Until the cache is live (tracking connection up, heartbeat answered) checks go to Redis.
-/// Returns how many requests that took.
-async fn until_cached(url: &str, bearer: &str, admin: SocketAddr) -> usize {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut sent = 0;
-    loop {
-        let before = cache_hits(admin).await;
-        assert_eq!(get_status(url, bearer).await, 200);
-        sent += 1;
-        if cache_hits(admin).await > before {
-            return sent;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no request admitted from the cache after {sent}"
-        );
-    }
 }
 
 // The in-process proxy shares the test's runtime; a second worker keeps its heartbeat to Redis
@@ -67,7 +37,7 @@ async fn repeated_requests_on_a_cached_session_cost_no_redis_command() {
     let sid = create_session(&proxy, &token("alice", None)).await;
     let t = token("alice", Some(&sid));
     // The first requests check Redis and fill the cache.
-    let warm_up = until_cached(&proxy.url("/game"), &t, proxy.admin).await;
+    let warm_up = observe::until_cached(&proxy.url("/game"), &t, proxy.admin).await;
 
     // A connection held throughout, so that reading the counts adds no command between them.
     let mut conn = redis.conn();
@@ -126,7 +96,7 @@ async fn a_session_deleted_in_redis_by_someone_else_is_refused_at_once() {
     let proxy = Proxy::start(&session_config(&upstream, &redis, "")).await;
     let sid = create_session(&proxy, &token("bob", None)).await;
     let t = token("bob", Some(&sid));
-    until_cached(&proxy.url("/game"), &t, proxy.admin).await;
+    observe::until_cached(&proxy.url("/game"), &t, proxy.admin).await;
     let _: () = redis::cmd("DEL")
         .arg(sessions_key("bob"))
         .query(&mut redis.conn())
@@ -216,7 +186,7 @@ async fn a_session_destroyed_through_one_replica_is_refused_by_the_other_within_
     // lastActive empties the other replica's cache of carol, so the session to be destroyed
     // is confirmed from b's cache last: b holds it when it is destroyed through a.
     for (replica, bearer) in [(&a, &t), (&a, &t_kept), (&b, &t_kept), (&b, &t)] {
-        until_cached(&replica.url("/game"), bearer, replica.admin).await;
+        observe::until_cached(&replica.url("/game"), bearer, replica.admin).await;
     }
     let destroyed = client()
         .delete(a.url(&format!("/api/v1/sessions/{sid}")))

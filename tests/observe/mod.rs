@@ -938,3 +938,44 @@ impl SessionsKey {
         Some(i64::try_from(record.expires_ms).expect("expiry") - self.now_ms)
     }
 }
+
+// ------------------------------------------------------------------------------------------
+// The local session cache
+// ------------------------------------------------------------------------------------------
+
+/// Lookups the session cache answered from memory, by `GET /metrics` on `admin`.
+pub async fn cache_hits(admin: SocketAddr) -> f64 {
+    scrape(admin).await.value(
+        "portcullis_session_cache_lookups_total",
+        &[("result", "hit")],
+    )
+}
+
+/// Sends `GET url` with `bearer` (each must be admitted) until one is answered from the local
+/// cache of the replica whose admin address is `admin`: the session is then cached there.
+/// Until the cache is live (tracking connection up, heartbeat answered) checks go to Redis.
+/// Returns how many requests that took.
+pub async fn until_cached(url: &str, bearer: &str, admin: SocketAddr) -> usize {
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut sent = 0;
+    loop {
+        let before = cache_hits(admin).await;
+        let status = client
+            .get(url)
+            .bearer_auth(bearer)
+            .send()
+            .await
+            .expect("request")
+            .status();
+        assert_eq!(status, 200);
+        sent += 1;
+        if cache_hits(admin).await > before {
+            return sent;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no request admitted from the cache after {sent}"
+        );
+    }
+}
