@@ -1010,3 +1010,56 @@ async fn every_endpoint_but_the_openapi_document_needs_a_token() {
     // The session survived the anonymous DELETE, and nothing else was created.
     assert_eq!(s.stored_ids("alice"), set(&[&id]));
 }
+
+/// A token bound to a session (a `sid` claim) is good for the API only while that session
+/// lives: once it is destroyed, the token can neither open a new session nor see or end the
+/// user's others. A token without `sid` is not affected.
+#[tokio::test]
+async fn a_token_bound_to_a_destroyed_session_can_no_longer_use_the_api() {
+    let s = setup().await;
+    let login = token("mallory", None);
+    let kept = create_session(&s.proxy, &login).await;
+    let bound_to = create_session(&s.proxy, &login).await;
+    let bound = token("mallory", Some(&bound_to));
+    let get = |url: String, bearer: &str| client().get(url).bearer_auth(bearer).send();
+
+    // While its session lives, the bound token manages the user's sessions.
+    let list = get(s.url("/user/sessions"), &bound).await.unwrap();
+    assert_eq!(list.status(), 200);
+    // Destroyed (logged out, or kicked by an operator through Redis).
+    let _: () = redis::cmd("DEL")
+        .arg(sessions_key("mallory"))
+        .query(&mut s.redis.conn())
+        .unwrap();
+    let _ = create_session(&s.proxy, &login).await; // the user logs in again elsewhere
+    let writes = || s.redis.command_calls("set") + s.redis.command_calls("setrange");
+    let (writes_before, commands_before) = (writes(), s.redis.total_calls());
+
+    assert_error(
+        get(s.url("/user/sessions"), &bound).await.unwrap(),
+        401,
+        "SESSION_INVALID",
+    )
+    .await;
+    assert_error(
+        get(s.url(&format!("/{kept}")), &bound).await.unwrap(),
+        401,
+        "SESSION_INVALID",
+    )
+    .await;
+    let create = client().post(s.url("/create")).bearer_auth(&bound).send();
+    assert_error(create.await.unwrap(), 401, "SESSION_INVALID").await;
+    let destroy = client()
+        .delete(s.url(&format!("/{bound_to}")))
+        .bearer_auth(&bound)
+        .send();
+    assert_error(destroy.await.unwrap(), 401, "SESSION_INVALID").await;
+    // Each refusal asked Redis about the session; none wrote anything.
+    assert_eq!(writes(), writes_before);
+    assert!(s.redis.total_calls() > commands_before);
+
+    // The unbound login token still works.
+    let list = get(s.url("/user/sessions"), &login).await.unwrap();
+    assert_eq!(list.status(), 200);
+    assert_eq!(json(list).await["data"].as_array().map(Vec::len), Some(1));
+}

@@ -180,6 +180,20 @@ impl SessionApi {
         let client_ip = facts.client_ip;
         let user = &*who.user_id;
         let sessions = &self.sessions;
+        // A token bound to a session (its `sid` claim) dies with it: once the session is
+        // destroyed or expired, the token can neither manage the user's other sessions nor open
+        // a new one. Checked without sliding it (only `extend` slides).
+        if let Some(bound) = &who.token_session {
+            let id = Uuid::parse_str(bound).map_err(|_| Rejection::SessionInvalid)?;
+            if sessions
+                .get(user, id)
+                .await
+                .map_err(store_failed)?
+                .is_none()
+            {
+                return Err(Rejection::SessionInvalid);
+            }
+        }
 
         match (endpoint, method) {
             (Endpoint::Create, Method::POST) => {
