@@ -34,9 +34,9 @@ pub struct Authenticated {
     pub user_id: Arc<str>,
     /// Shared with the verified-token table: a request's copies cost no allocation.
     pub session_hint: Option<Arc<str>>,
-    /// The token's own `sid` claim: such a token is bound to that session, and is good for
-    /// the session API only while the session lives.
-    pub token_session: Option<Arc<str>>,
+    /// `session_hint` is the token's own `sid` claim: the token is bound to that session, and
+    /// is good for the session API only while the session lives.
+    pub bound_to_session: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -206,7 +206,7 @@ pub fn authenticate(
     match verifier.verify(token) {
         Ok((user_id, sid)) => Ok(Some(Authenticated {
             user_id,
-            token_session: sid.clone(),
+            bound_to_session: sid.is_some(),
             session_hint: sid.or_else(|| session_header.map(Arc::from)),
         })),
         // On open routes a bad token is ignored: the caller is simply anonymous.

@@ -183,7 +183,7 @@ impl SessionApi {
         // A token bound to a session (its `sid` claim) dies with it: once the session is
         // destroyed or expired, the token can neither manage the user's other sessions nor open
         // a new one. Checked without sliding it (only `extend` slides).
-        if let Some(bound) = &who.token_session {
+        if let (true, Some(bound)) = (who.bound_to_session, &who.session_hint) {
             let id = Uuid::parse_str(bound).map_err(|_| Rejection::SessionInvalid)?;
             if sessions
                 .get(user, id)
