@@ -183,6 +183,8 @@ pub struct RateLimitSection {
     /// How often keys idle for a whole window are forgotten.
     #[serde(with = "humantime_serde")]
     pub gc_interval: Duration,
+    /// Anonymous IPv6 callers are counted by this many leading bits of their address.
+    pub ipv6_prefix: u8,
 }
 
 impl Default for RateLimitSection {
@@ -196,6 +198,7 @@ impl Default for RateLimitSection {
             }),
             anonymous: None,
             gc_interval: Duration::from_secs(60),
+            ipv6_prefix: 64,
         }
     }
 }
@@ -651,6 +654,7 @@ pub struct RateLimitConfig {
     pub sessions_api: Option<Quota>,
     pub anonymous: Option<Quota>,
     pub gc_interval: Duration,
+    pub ipv6_prefix: u8,
 }
 
 #[derive(Debug, Clone)]
@@ -924,8 +928,18 @@ impl FileConfig {
                 .as_ref()
                 .and_then(|q| v.quota("rate_limit.anonymous", q)),
             gc_interval: rl.gc_interval,
+            ipv6_prefix: rl.ipv6_prefix,
         };
         v.nonzero_duration("rate_limit.gc_interval", rl.gc_interval);
+        if !(32..=128).contains(&rl.ipv6_prefix) {
+            v.fail(
+                "rate_limit.ipv6_prefix",
+                format!(
+                    "must be between 32 and 128 (bits of an IPv6 address that make one anonymous caller), not {}",
+                    rl.ipv6_prefix
+                ),
+            );
+        }
         v.nonzero_duration(
             "metrics.active_sessions_interval",
             self.metrics.active_sessions_interval,
@@ -1824,6 +1838,7 @@ const OVERRIDABLE: &[(&str, Kind)] = &[
     ("jwt.leeway", Kind::Str),
     ("jwt.verified_tokens", Kind::Int),
     ("rate_limit.gc_interval", Kind::Str),
+    ("rate_limit.ipv6_prefix", Kind::Int),
     ("metrics.active_sessions_interval", Kind::Str),
     ("cors.allowed_origins", Kind::List),
     ("cors.allowed_methods", Kind::List),
@@ -2074,6 +2089,17 @@ mod tests {
         let same = text.replace("old.pem", "current.pem");
         let err = Config::from_toml(&same, dir.path(), &env(&[])).unwrap_err();
         assert_eq!(err.0[0].key, "jwt.previous_public_key_pem", "{err}");
+    }
+
+    #[test]
+    fn the_ipv6_prefix_of_an_anonymous_caller_is_32_to_128_bits() {
+        assert_eq!(parse("").unwrap().rate_limit.ipv6_prefix, 64);
+        let c = parse("[rate_limit]\nipv6_prefix = 56\n").unwrap();
+        assert_eq!(c.rate_limit.ipv6_prefix, 56);
+        for bad in [0, 31, 129] {
+            let err = parse(&format!("[rate_limit]\nipv6_prefix = {bad}\n")).unwrap_err();
+            assert_eq!(err.0[0].key, "rate_limit.ipv6_prefix", "{err}");
+        }
     }
 
     #[test]

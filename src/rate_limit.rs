@@ -42,19 +42,21 @@ pub enum CallerKey {
 }
 
 impl CallerKey {
-    /// An anonymous caller: an IPv4 address on its own, an IPv6 address by its /64 (the smallest
-    /// block a subscriber is given), so that rotating through the block neither escapes the
-    /// limit nor grows the key map. An IPv6 address that carries an IPv4 one (NAT64, Teredo,
-    /// 6to4) counts as that IPv4 address: their /64s hold many unrelated callers, or a whole
-    /// site's worth of /64s, so keying them by /64 would let one caller spend the quota of
-    /// everyone behind the same translator, or a 6to4 site escape the limit.
-    pub fn ip(ip: IpAddr) -> Self {
+    /// An anonymous caller: an IPv4 address on its own, an IPv6 address by its first
+    /// `ipv6_prefix` bits (`rate_limit.ipv6_prefix`; 64 by default, the smallest block a
+    /// subscriber is given), so that rotating through the block neither escapes the limit nor
+    /// grows the key map. An IPv6 address that carries an IPv4 one (NAT64, Teredo, 6to4) counts
+    /// as that IPv4 address: their /64s hold many unrelated callers, or a whole site's worth of
+    /// /64s, so keying them by prefix would let one caller spend the quota of everyone behind
+    /// the same translator, or a 6to4 site escape the limit.
+    pub fn ip(ip: IpAddr, ipv6_prefix: u8) -> Self {
         CallerKey::Ip(match canonical(ip) {
             IpAddr::V6(v6) => match embedded_ipv4(v6) {
                 Some(v4) => IpAddr::V4(v4),
                 None => {
-                    let [a, b, c, d, ..] = v6.segments();
-                    IpAddr::V6(Ipv6Addr::new(a, b, c, d, 0, 0, 0, 0))
+                    let keep = u32::from(ipv6_prefix.min(128));
+                    let mask = u128::MAX.checked_shl(128 - keep).unwrap_or(0);
+                    IpAddr::V6(Ipv6Addr::from(u128::from(v6) & mask))
                 }
             },
             v4 => v4,
@@ -178,6 +180,8 @@ pub struct RateLimits {
     /// Indexed like `config.routes`.
     routes: Vec<RouteLimiter>,
     gc_interval: Duration,
+    /// How much of an anonymous IPv6 caller's address is its key.
+    ipv6_prefix: u8,
 }
 
 impl RateLimits {
@@ -195,6 +199,7 @@ impl RateLimits {
                 })
                 .collect(),
             gc_interval: config.gc_interval,
+            ipv6_prefix: config.ipv6_prefix,
         }
     }
 
@@ -346,7 +351,7 @@ where
         let facts = RequestFacts::of(&req);
         let key = match (&facts.who, facts.client_ip) {
             (Some(who), _) => Some(CallerKey::User(who.user_id.clone())),
-            (None, Some(ip)) => Some(CallerKey::ip(ip)),
+            (None, Some(ip)) => Some(CallerKey::ip(ip, self.limits.ipv6_prefix)),
             (None, None) => None,
         };
         let class = facts.route;
@@ -435,7 +440,7 @@ mod tests {
         let clock = FakeRelativeClock::default();
         let limiter = Limiter::with_clock(quota(10, Duration::from_secs(1), 10), clock.clone());
         for i in 0..10_000u32 {
-            limiter.check(&CallerKey::ip(IpAddr::from(i.to_be_bytes())));
+            limiter.check(&CallerKey::ip(IpAddr::from(i.to_be_bytes()), 64));
         }
         assert_eq!(limiter.tracked_keys(), 10_000);
         limiter.evict_idle();
@@ -452,6 +457,7 @@ mod tests {
                 sessions_api: Some(quota(2, Duration::from_secs(60), 2)),
                 anonymous: Some(quota(3, Duration::from_secs(60), 3)),
                 gc_interval: Duration::from_secs(60),
+                ipv6_prefix: 64,
             },
             &[
                 RouteConfig {
@@ -480,7 +486,7 @@ mod tests {
             auth: AuthMode::None,
             route: Some(0),
         };
-        let ip = CallerKey::ip("192.0.2.1".parse().unwrap());
+        let ip = CallerKey::ip("192.0.2.1".parse().unwrap(), 64);
         assert_eq!(l.decide(api, &user("u")).unwrap().limit, 2);
         assert_eq!(l.decide(game, &user("u")).unwrap().limit, 1000);
         assert_eq!(l.decide(login, &user("u")).unwrap().limit, 1);
@@ -509,7 +515,10 @@ mod tests {
             auth: AuthMode::Session,
             route: None,
         };
-        let decide = |ip: &str| l.decide(game, &CallerKey::ip(ip.parse().unwrap())).unwrap();
+        let decide = |ip: &str| {
+            l.decide(game, &CallerKey::ip(ip.parse().unwrap(), 64))
+                .unwrap()
+        };
         // The anonymous quota is 3, spent across one /64.
         assert_eq!(decide("2001:db8:1:2::1").remaining, 2);
         assert_eq!(decide("2001:db8:1:2::2").remaining, 1);
@@ -529,7 +538,7 @@ mod tests {
 
     #[test]
     fn ipv6_addresses_that_carry_an_ipv4_one_count_as_that_address() {
-        let key = |ip: &str| CallerKey::ip(ip.parse().unwrap());
+        let key = |ip: &str| CallerKey::ip(ip.parse().unwrap(), 64);
         let v4 = |ip: &str| CallerKey::Ip(ip.parse().unwrap());
         // NAT64: two IPv4 callers behind one translator, in the same /64, are two callers.
         assert_eq!(key("64:ff9b::c000:201"), v4("192.0.2.1"));
@@ -548,6 +557,18 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_callers_are_keyed_by_the_configured_prefix() {
+        let key = |ip: &str, prefix| CallerKey::ip(ip.parse().unwrap(), prefix);
+        let net = |ip: &str| CallerKey::Ip(ip.parse().unwrap());
+        assert_eq!(key("2001:db8:1:2ff:1::1", 56), net("2001:db8:1:200::"));
+        assert_eq!(key("2001:db8:1:2ff:1::1", 48), net("2001:db8:1::"));
+        assert_eq!(key("2001:db8:1:2ff:1::1", 128), net("2001:db8:1:2ff:1::1"));
+        assert_eq!(key("2001:db8:1:2ff:1::1", 64), net("2001:db8:1:2ff::"));
+        // IPv4 is always per address, whatever the prefix.
+        assert_eq!(key("192.0.2.7", 48), net("192.0.2.7"));
+    }
+
+    #[test]
     fn no_section_means_no_limit() {
         let l = RateLimits::new(
             &RateLimitConfig {
@@ -555,6 +576,7 @@ mod tests {
                 sessions_api: None,
                 anonymous: None,
                 gc_interval: Duration::from_secs(60),
+                ipv6_prefix: 64,
             },
             &[],
         );
@@ -564,7 +586,7 @@ mod tests {
         };
         assert!(l.decide(game, &user("u")).is_none());
         assert!(l
-            .decide(game, &CallerKey::ip("192.0.2.1".parse().unwrap()))
+            .decide(game, &CallerKey::ip("192.0.2.1".parse().unwrap(), 64))
             .is_none());
     }
 }

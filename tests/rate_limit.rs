@@ -281,3 +281,28 @@ async fn ipv6_callers_are_counted_by_their_64_so_rotating_addresses_does_not_esc
         assert_eq!(status_via(&http, &proxy, Some(ip)).await, 200, "{ip}");
     }
 }
+
+#[tokio::test]
+async fn with_a_shorter_ipv6_prefix_a_whole_delegation_is_one_caller() {
+    let upstream = Upstream::echo().await;
+    let config = behind_a_load_balancer(&upstream.url(), 2).replace(
+        "[rate_limit.anonymous]",
+        "[rate_limit]\nipv6_prefix = 48\n[rate_limit.anonymous]",
+    );
+    let proxy = start(&config).await;
+    let http = client();
+    // Three /64s of one /48: one caller, two requests.
+    for (xff, status) in [
+        ("2001:db8:1:1::1", 200),
+        ("2001:db8:1:2::1", 200),
+        ("2001:db8:1:ffff::1", 429),
+    ] {
+        assert_eq!(status_via(&http, &proxy, Some(xff)).await, status, "{xff}");
+    }
+    assert_eq!(
+        status_via(&http, &proxy, Some("2001:db8:2::1")).await,
+        200,
+        "the next /48"
+    );
+    assert_eq!(proxy.limits.tracked_keys(), 2, "one key per /48");
+}
