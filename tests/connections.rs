@@ -438,20 +438,25 @@ async fn shutdown_ends_a_busy_connection_after_its_in_flight_response() {
 // Idle connections that do not finish
 // ------------------------------------------------------------------------------------------
 
-/// A client that stops reading a large response holds its connection, and an upstream one,
-/// only until idle_timeout plus the few seconds an idle close may take.
-#[tokio::test]
-async fn a_client_that_stops_reading_its_response_is_dropped() {
-    let body = vec![b'x'; 32 << 20];
-    let mut response =
-        format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
-    response.extend_from_slice(&body);
+/// An upstream that answers every request with a `len`-byte body written in one go, behind a
+/// proxy whose `idle_timeout` is 1 s.
+async fn large_response_behind_proxy(len: usize) -> (RawUpstream, Proxy) {
+    let mut response = format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\n\r\n").into_bytes();
+    response.resize(response.len() + len, b'x');
     let upstream = RawUpstream::start(Box::leak(response.into_boxed_slice())).await;
     let proxy = Proxy::start(&config_with(
         &upstream.url(),
         "[server]\nidle_timeout = \"1s\"\n",
     ))
     .await;
+    (upstream, proxy)
+}
+
+/// A client that stops reading a large response holds its connection, and an upstream one,
+/// only until idle_timeout plus the few seconds an idle close may take.
+#[tokio::test]
+async fn a_client_that_stops_reading_its_response_is_dropped() {
+    let (_upstream, proxy) = large_response_behind_proxy(32 << 20).await;
     let mut stalled = RawConn::open(&proxy).await;
     stalled.send(get("/big")).await;
     let open = |n: f64| {
@@ -559,16 +564,7 @@ async fn an_http2_connection_in_use_is_kept_past_the_first_request_limit() {
 async fn an_http2_client_reading_a_large_response_slowly_is_not_idle() {
     use http_body_util::BodyExt;
     const BODY: usize = 2 << 20;
-    let body = vec![b'x'; BODY];
-    let mut response =
-        format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
-    response.extend_from_slice(&body);
-    let upstream = RawUpstream::start(Box::leak(response.into_boxed_slice())).await;
-    let proxy = Proxy::start(&config_with(
-        &upstream.url(),
-        "[server]\nidle_timeout = \"1s\"\n",
-    ))
-    .await;
+    let (_upstream, proxy) = large_response_behind_proxy(BODY).await;
     let tcp = TcpStream::connect(proxy.addr).await.unwrap();
     // A 16 KiB window: the proxy can send no further ahead of the reader than that.
     let (mut h2, conn) =

@@ -62,13 +62,14 @@ async fn check(alg: Algorithm, name: &str, keys: Keys, other: Keys) {
     assert!(stored_ids(&mut redis.conn(), "player-1").contains(&sid));
 
     // ... and so does a session route, which forwards as the token's user.
+    let game_state = |bearer: &str| {
+        client()
+            .get(proxy.url("/game/state"))
+            .bearer_auth(bearer)
+            .send()
+    };
     let good = sign_with(alg, &keys, &claims("player-1", Some(&sid)));
-    let resp = client()
-        .get(proxy.url("/game/state"))
-        .bearer_auth(&good)
-        .send()
-        .await
-        .unwrap();
+    let resp = game_state(&good).await.unwrap();
     assert_eq!(resp.status(), 200, "{alg:?} token of the configured key");
     assert_eq!(upstream.count(), 1);
     let seen = upstream.last();
@@ -85,12 +86,7 @@ async fn check(alg: Algorithm, name: &str, keys: Keys, other: Keys) {
 
     // The same claims signed by another key of the same type: refused, on both.
     let forged = sign_with(alg, &other, &claims("player-1", Some(&sid)));
-    let resp = client()
-        .get(proxy.url("/game/state"))
-        .bearer_auth(&forged)
-        .send()
-        .await
-        .unwrap();
+    let resp = game_state(&forged).await.unwrap();
     assert_error(resp, 401, "TOKEN_INVALID").await;
     let resp = client()
         .post(proxy.url("/api/v1/sessions/create"))
@@ -103,12 +99,7 @@ async fn check(alg: Algorithm, name: &str, keys: Keys, other: Keys) {
     assert!(stored_ids(&mut redis.conn(), "player-2").is_empty());
 
     // A token of the right key still works after the refusals.
-    let resp = client()
-        .get(proxy.url("/game/state"))
-        .bearer_auth(&good)
-        .send()
-        .await
-        .unwrap();
+    let resp = game_state(&good).await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(upstream.count(), 2);
 }

@@ -45,12 +45,8 @@ async fn start(upstream: &Upstream, redis: &RedisServer, shutdown_delay: &str) -
         &config(upstream, redis, shutdown_delay),
     )
     .await;
-    binary.wait_healthy().await;
     // Ready (Redis answers) and serving.
-    eventually("/readyz 200", || async {
-        matches!(readyz(&binary).await, Some((200, _)))
-    })
-    .await;
+    binary.wait_ready().await;
     let resp = fresh_client()
         .get(format!("http://{}/warm-up", binary.public))
         .send()
