@@ -566,12 +566,17 @@ struct JwtKeySource<'a> {
     public_key_pem: (&'static str, &'a str),
 }
 
+/// The value of the environment variable `name`, when set and not empty.
+fn env_var<'e>(env: &'e [(String, String)], name: &str) -> Option<&'e str> {
+    env.iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+        .filter(|v| !v.is_empty())
+}
+
 impl JwtKeySource<'_> {
     fn env_secret<'e>(&self, env: &'e [(String, String)]) -> Option<&'e str> {
-        env.iter()
-            .find(|(k, _)| k == self.env)
-            .map(|(_, v)| v.as_str())
-            .filter(|v| !v.is_empty())
+        env_var(env, self.env)
     }
 
     /// Whether any source of this key is set, for the algorithms' family.
@@ -1426,10 +1431,10 @@ impl Validator {
             }
         };
         let var = |name: &str| {
-            env.iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.trim().to_string())
+            env_var(env, name)
+                .map(str::trim)
                 .filter(|v| !v.is_empty())
+                .map(str::to_string)
         };
         let host = var("REDIS_HOST");
         // Kubernetes sets REDIS_PORT=tcp://10.0.0.5:6379 for a Service named `redis`: that is
