@@ -234,8 +234,8 @@ impl RateLimits {
         }
     }
 
-    /// Checks every limiter that applies; the most restrictive outcome is reported.
-    /// `None` when no limit applies to this request.
+    /// Checks every limiter that applies; the most restrictive outcome is reported (of two
+    /// refusals, the longer wait). `None` when no limit applies to this request.
     pub fn decide(&self, class: RouteClass, key: &CallerKey) -> Option<Decision> {
         let anonymous = matches!(key, CallerKey::Ip(_));
         let scoped = match class {
@@ -259,7 +259,7 @@ impl RateLimits {
             .into_iter()
             .flatten()
             .map(|limiter| limiter.check(key))
-            .min_by_key(|d| (d.allowed, d.remaining))
+            .min_by_key(|d| (d.allowed, d.remaining, std::cmp::Reverse(d.reset_secs)))
     }
 }
 
@@ -506,6 +506,34 @@ mod tests {
             3,
             "anonymous still applies"
         );
+    }
+
+    #[test]
+    fn of_two_refusals_the_longer_wait_is_reported() {
+        let l = RateLimits::new(
+            &RateLimitConfig {
+                proxy: None,
+                sessions_api: None,
+                anonymous: Some(quota(1, Duration::from_secs(60), 1)),
+                gc_interval: Duration::from_secs(60),
+                ipv6_prefix: 64,
+            },
+            &[RouteConfig {
+                path_prefix: "/login".into(),
+                auth: AuthMode::None,
+                rate_limit: RouteLimit::Own(quota(1, Duration::from_secs(1), 1)),
+            }],
+        );
+        let login = RouteClass::Proxy {
+            auth: AuthMode::None,
+            route: Some(0),
+        };
+        let ip = CallerKey::ip("192.0.2.1".parse().unwrap(), 64);
+        assert!(l.decide(login, &ip).unwrap().allowed);
+        // The route's quota is back in a second, the anonymous one in a minute.
+        let d = l.decide(login, &ip).unwrap();
+        assert!(!d.allowed);
+        assert!(d.reset_secs > 1, "{d:?}");
     }
 
     #[test]
