@@ -70,6 +70,7 @@ SCENARIOS = {
     4: "portcullis enforcing (JWT + session + sliding TTL + rate limit), defaults",
     5: "as 4 with `session.local_cache = false` (Redis on every request)",
     6: "hyper floor: the smallest hyper proxy, no checks (bench/hyper_floor.rs)",
+    7: "raw floor: HTTP/1.1 relayed by hand on tokio, no hyper, no checks (hyper_floor --engine raw)",
 }
 
 
@@ -389,7 +390,7 @@ class Bench:
         self.results = {"runs": [], "notes": []}
         self.problems = []
         self.ports = {k: free_port() for k in ("redis", "upstream", "status", "nginx", "portcullis",
-                                               "admin", "portcullis5", "admin5", "floor",
+                                               "admin", "portcullis5", "admin5", "floor", "raw",
                                                "portcullisB", "adminB")}
         self.floor_bin = args.floor
         self.portcullis = None
@@ -476,6 +477,7 @@ class Bench:
         self.start_portcullis()
         self.start_portcullis("5")
         self.start_floor()
+        self.start_raw_floor()
 
     def start_floor(self, stop_signal=signal.SIGTERM):
         self.floor = self.procs.start("hyper_floor", [
@@ -483,6 +485,13 @@ class Bench:
             "--upstream", f"127.0.0.1:{self.ports['upstream']}",
         ], os.path.join(self.dir, "hyper_floor.log"), stop_signal=stop_signal)
         wait_http(self.ports["floor"], "/", what="hyper_floor")
+
+    def start_raw_floor(self):
+        self.raw = self.procs.start("raw_floor", [
+            self.floor_bin, "--listen", f"127.0.0.1:{self.ports['raw']}",
+            "--upstream", f"127.0.0.1:{self.ports['upstream']}", "--engine", "raw",
+        ], os.path.join(self.dir, "raw_floor.log"))
+        wait_http(self.ports["raw"], "/", what="raw floor")
 
     # -- sessions for scenario 4 and the API benches -----------------------------------------
 
@@ -595,6 +604,8 @@ class Bench:
             return self.ports["portcullis"], PASS_THROUGH_LOAD
         if n == 6:
             return self.ports["floor"], ["mode=plain", "path=/game/state"]
+        if n == 7:
+            return self.ports["raw"], ["mode=plain", "path=/game/state"]
         return (self.ports["portcullis" if n == 4 else "portcullis5"],
                 enforcing_load(self.proxy_tokens))
 
@@ -613,18 +624,18 @@ class Bench:
     def run_scenario(self, n, duration, extra=(), record=True, tag="max"):
         port, lua = self.scenario_target(n)
         which = "5" if n == 5 else ""
-        # CPU of the proxy under test; for 6, of hyper_floor.
-        pc = self.floor.pid if n == 6 else getattr(self, "portcullis" + which).pid
+        # CPU of the proxy under test; for 6 and 7, of the floor.
+        pc = {6: self.floor, 7: self.raw}.get(n, getattr(self, "portcullis" + which)).pid
         nginx_pids = self.nginx_pids()
         cpu_pc0 = proc_cpu_split([pc])
         cpu_ng0 = proc_cpu_split(nginx_pids)
         cmd0 = redis_commandstats(self.ports["redis"])
         up0 = self.upstream_requests()
-        rt0 = self.redis_round_trips(which) if n != 6 else {}
+        rt0 = self.redis_round_trips(which) if n < 6 else {}
         r = self.wrk(port, duration, lua + list(extra))
         time.sleep(0.2)  # let the requests still in flight when wrk stopped finish
         up1 = self.upstream_requests()
-        rt1 = self.redis_round_trips(which) if n != 6 else {}
+        rt1 = self.redis_round_trips(which) if n < 6 else {}
         r["round_trips"] = {k: v - rt0.get(k, 0) for k, v in rt1.items() if v - rt0.get(k, 0)}
         cmd1 = redis_commandstats(self.ports["redis"])
         # Requests the upstream answered in this run (the status read itself counts one).
@@ -656,7 +667,8 @@ class Bench:
         log("warm-up")
         for n in SCENARIOS:
             self.run_scenario(n, p["warmup"], record=False, tag="warm-up")
-        orders = [(1, 2, 3, 4, 5, 6), (6, 5, 4, 3, 2, 1), (2, 4, 6, 1, 5, 3), (3, 6, 5, 1, 4, 2)]
+        orders = [(1, 2, 3, 4, 5, 6, 7), (7, 6, 5, 4, 3, 2, 1), (2, 4, 6, 1, 7, 5, 3),
+                  (3, 7, 6, 5, 1, 4, 2)]
         for rnd in range(p["rounds"]):
             order = orders[rnd % len(orders)]
             log(f"round {rnd + 1}/{p['rounds']}: order {order}")
@@ -674,7 +686,7 @@ class Bench:
         for rnd in range(p["paced_rounds"]):
             # Scenarios 2 and 6 too: what nginx and the bare HTTP engine add at this rate on this
             # machine, for reference.
-            for n in ((1, 4, 2, 6) if rnd % 2 == 0 else (6, 2, 4, 1)):
+            for n in ((1, 4, 2, 6, 7) if rnd % 2 == 0 else (7, 6, 2, 4, 1)):
                 r = self.run_scenario(n, p["paced_duration"], [f"rate={rate}"], tag="paced")
                 if abs(r["rps"] - rate) > 0.1 * rate:
                     self.results["notes"].append(
@@ -1186,6 +1198,10 @@ def render(b):
     w(f"Against the hyper floor (6), the smallest proxy on the same HTTP engine (hyper, tokio): "
       f"6/2 = {ratio(6, 2):.2f}, **3/6 = {ratio(3, 6):.2f}**, **4/6 = {ratio(4, 6):.2f}**.")
     w("")
+    w(f"The raw floor (7), HTTP/1.1 relayed by hand with no HTTP engine and no checks, bounds what "
+      f"any proxy on tokio reaches here: **7/2 = {ratio(7, 2):.2f}**, 7/6 = {ratio(7, 6):.2f}, "
+      f"3/7 = {ratio(3, 7):.2f}, 4/7 = {ratio(4, 7):.2f}.")
+    w("")
 
     paced = [r for r in R["runs"] if r["tag"] == "paced"]
     p1 = [r for r in paced if r["scenario"] == 1]
@@ -1196,11 +1212,13 @@ def render(b):
     nginx99 = median([r["p99_us"] for r in p2]) - median([r["p99_us"] for r in p1]) if p1 and p2 else float("nan")
     p6 = [r for r in paced if r["scenario"] == 6]
     floor99 = median([r["p99_us"] for r in p6]) - median([r["p99_us"] for r in p1]) if p1 and p6 else float("nan")
+    p7 = [r for r in paced if r["scenario"] == 7]
+    raw99 = median([r["p99_us"] for r in p7]) - median([r["p99_us"] for r in p1]) if p1 and p7 else float("nan")
     w("## Added latency at a fixed rate")
     w("")
     w(f"Constant rate of {R.get('paced_rate', 0)} requests/s (half of scenario 4's maximum), "
-      f"{p['paced_duration']} s per run, {p['paced_rounds']} round(s) alternating 1,4,2,6 / 6,2,4,1 "
-      "(scenarios 2, nginx, and 6, the hyper floor, as the references for what a proxy adds on "
+      f"{p['paced_duration']} s per run, {p['paced_rounds']} round(s) alternating 1,4,2,6,7 / 7,6,2,4,1 "
+      "(scenarios 2, nginx, and 6 and 7, the floors, as the references for what a proxy adds on "
       "this machine). "
       "Tool: wrk with the pacing `delay()` in bench/wrk/load.lua (wrk2 is not in Debian; "
       "`vegeta` is not packaged for bookworm). Each thread claims send slots on a fixed "
@@ -1215,7 +1233,8 @@ def render(b):
           f"{ms(r['p999_us'])} |")
     w("")
     w(f"**p99 added latency, 4 over 1: {ms(added99)} ms** (p50 added: {ms(added50)} ms); "
-      f"nginx (2 over 1) adds {ms(nginx99)} ms at p99, the hyper floor (6 over 1) {ms(floor99)} ms.")
+      f"nginx (2 over 1) adds {ms(nginx99)} ms at p99, the hyper floor (6 over 1) {ms(floor99)} ms, "
+      f"the raw floor (7 over 1) {ms(raw99)} ms.")
     w("")
 
     s3 = by.get(3, [])
@@ -1267,7 +1286,8 @@ def render(b):
     w(f"| portcullis peak RSS (VmHWM) after the throughput runs | {R.get('peak_rss_kib', 0) / 1024:.1f} MiB | {R.get('peak_rss5_kib', 0) / 1024:.1f} MiB |")
     w("")
     w(f"portcullis pass-through (3): {cpu(s3):.2f} CPU seconds per 100k requests; the hyper "
-      f"floor (6): {cpu(by.get(6, [])):.2f}; the nginx proxy (2, all workers): {ngx_cpu:.2f}.")
+      f"floor (6): {cpu(by.get(6, [])):.2f}; the raw floor (7): {cpu(by.get(7, [])):.2f}; the nginx "
+      f"proxy (2, all workers): {ngx_cpu:.2f}.")
     w("")
 
     def per_request_us(rs, key):
@@ -1279,7 +1299,8 @@ def render(b):
     w("| # | proxy | user µs | kernel µs |")
     w("|---|---|---:|---:|")
     for n, name, who in ((2, "nginx (all workers)", "nginx"), (3, "portcullis", "portcullis"),
-                         (4, "portcullis", "portcullis"), (6, "hyper floor", "portcullis")):
+                         (4, "portcullis", "portcullis"), (6, "hyper floor", "portcullis"),
+                         (7, "raw floor", "portcullis")):
         rs = by.get(n, [])
         if rs:
             w(f"| {n} | {name} | {per_request_us(rs, who + '_user_s'):.1f} | "
