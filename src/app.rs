@@ -105,7 +105,11 @@ impl App {
             metrics.tokens_verified_with_previous_key.clone(),
         )?;
         let routes = RouteTable::new(&config.session.api_prefix, &config.routes);
-        let rate_limits = RateLimits::new(&config.rate_limit, &config.routes);
+        let rate_limits = RateLimits::new(
+            &config.rate_limit,
+            &config.routes,
+            &metrics.rate_limit_table_full,
+        );
         let certs = match &config.server.tls {
             Some(tls) => Some(CertStore::open(&tls.cert, &tls.key)?),
             None => None,

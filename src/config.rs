@@ -185,6 +185,8 @@ pub struct RateLimitSection {
     pub gc_interval: Duration,
     /// Anonymous IPv6 callers are counted by this many leading bits of their address.
     pub ipv6_prefix: u8,
+    /// Callers each limiter tracks at most; new ones past it are refused.
+    pub max_tracked_callers: usize,
 }
 
 impl Default for RateLimitSection {
@@ -199,6 +201,7 @@ impl Default for RateLimitSection {
             anonymous: None,
             gc_interval: Duration::from_secs(60),
             ipv6_prefix: 64,
+            max_tracked_callers: DEFAULT_MAX_TRACKED_CALLERS,
         }
     }
 }
@@ -660,6 +663,8 @@ pub struct RateLimitConfig {
     pub anonymous: Option<Quota>,
     pub gc_interval: Duration,
     pub ipv6_prefix: u8,
+    /// Callers each limiter tracks at most (1 to [`MAX_TRACKED_CALLERS`]).
+    pub max_tracked_callers: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -934,6 +939,7 @@ impl FileConfig {
                 .and_then(|q| v.quota("rate_limit.anonymous", q)),
             gc_interval: rl.gc_interval,
             ipv6_prefix: rl.ipv6_prefix,
+            max_tracked_callers: rl.max_tracked_callers,
         };
         v.nonzero_duration("rate_limit.gc_interval", rl.gc_interval);
         if !(32..=128).contains(&rl.ipv6_prefix) {
@@ -942,6 +948,15 @@ impl FileConfig {
                 format!(
                     "must be between 32 and 128 (bits of an IPv6 address that make one anonymous caller), not {}",
                     rl.ipv6_prefix
+                ),
+            );
+        }
+        if !(1..=MAX_TRACKED_CALLERS).contains(&rl.max_tracked_callers) {
+            v.fail(
+                "rate_limit.max_tracked_callers",
+                format!(
+                    "must be between 1 and {MAX_TRACKED_CALLERS} (callers each rate limiter tracks at once), not {}",
+                    rl.max_tracked_callers
                 ),
             );
         }
@@ -1758,6 +1773,10 @@ enum Kind {
 const MAX_WORKERS: usize = 1024;
 /// A remembered token takes about 500 bytes: at most about 32 MiB of them.
 const MAX_VERIFIED_TOKENS: usize = 1 << 16;
+/// One million callers per limiter: about 70 MB of IPv4 addresses or 145 MB of user ids.
+pub const DEFAULT_MAX_TRACKED_CALLERS: usize = 1_000_000;
+/// A hundred million user ids would take about 15 GB per limiter: more is a typo.
+pub const MAX_TRACKED_CALLERS: usize = 100_000_000;
 /// A user's sessions share one Redis value that every check of theirs reads; this bounds it
 /// (to about 1 MB with the longest metadata).
 const MAX_SESSIONS_PER_USER: usize = 1000;
@@ -1844,6 +1863,7 @@ const OVERRIDABLE: &[(&str, Kind)] = &[
     ("jwt.verified_tokens", Kind::Int),
     ("rate_limit.gc_interval", Kind::Str),
     ("rate_limit.ipv6_prefix", Kind::Int),
+    ("rate_limit.max_tracked_callers", Kind::Int),
     ("metrics.active_sessions_interval", Kind::Str),
     ("cors.allowed_origins", Kind::List),
     ("cors.allowed_methods", Kind::List),
@@ -2105,6 +2125,27 @@ mod tests {
             let err = parse(&format!("[rate_limit]\nipv6_prefix = {bad}\n")).unwrap_err();
             assert_eq!(err.0[0].key, "rate_limit.ipv6_prefix", "{err}");
         }
+    }
+
+    #[test]
+    fn max_tracked_callers_is_1_to_100_million() {
+        assert_eq!(parse("").unwrap().rate_limit.max_tracked_callers, 1_000_000);
+        let c = parse("[rate_limit]\nmax_tracked_callers = 2\n").unwrap();
+        assert_eq!(c.rate_limit.max_tracked_callers, 2);
+        for bad in ["0", "100000001", "-1"] {
+            let err = parse(&format!("[rate_limit]\nmax_tracked_callers = {bad}\n")).unwrap_err();
+            assert_eq!(err.0[0].key, "rate_limit.max_tracked_callers", "{err}");
+        }
+    }
+
+    #[test]
+    fn max_tracked_callers_can_be_set_from_the_environment() {
+        let var = "PORTCULLIS_RATE_LIMIT_MAX_TRACKED_CALLERS";
+        let c = parse_env("", &[(var, "5000")]).unwrap();
+        assert_eq!(c.rate_limit.max_tracked_callers, 5000);
+        let err = parse_env("", &[(var, "0")]).unwrap_err();
+        assert_eq!(err.0[0].key, "rate_limit.max_tracked_callers", "{err}");
+        assert!(err.0[0].reason.contains(var), "{err}");
     }
 
     #[test]

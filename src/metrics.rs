@@ -39,6 +39,12 @@ pub struct RejectionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimiterLabels {
+    /// `proxy`, `sessions_api`, `anonymous`, or `route` (the routes' own quotas).
+    pub class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RedisLabels {
     pub op: &'static str,
 }
@@ -70,6 +76,7 @@ pub struct Metrics {
     pub tunnels_session_ended: Counter,
     pub tokens_verified_with_previous_key: Counter,
     pub rate_limit_keys: Gauge,
+    pub rate_limit_table_full: Family<LimiterLabels, Counter>,
     pub certificate_reloads: Family<ReloadLabels, Counter>,
     pub session_cache_lookups: Family<CacheLabels, Counter>,
     pub session_cache_entries: Gauge,
@@ -229,6 +236,12 @@ impl Metrics {
             "Callers currently tracked by the rate limiters",
             rate_limit_keys.clone(),
         );
+        let rate_limit_table_full = Family::<LimiterLabels, Counter>::default();
+        registry.register(
+            "rate_limit_table_full",
+            "New callers refused because their rate limiter already tracked rate_limit.max_tracked_callers callers, by limiter",
+            rate_limit_table_full.clone(),
+        );
         let certificate_reloads = Family::<ReloadLabels, Counter>::default();
         registry.register(
             "certificate_reloads",
@@ -266,6 +279,7 @@ impl Metrics {
             tunnels_session_ended,
             tokens_verified_with_previous_key,
             rate_limit_keys,
+            rate_limit_table_full,
             certificate_reloads,
             session_cache_lookups,
             session_cache_entries,

@@ -8,26 +8,38 @@
 //! `rate_limit.proxy`; requests without a valid token also `rate_limit.anonymous`. Responses
 //! on a limited route carry `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset`;
 //! a refusal is 429 `RATE_LIMITED` with `Retry-After`. Limits are per process.
+//!
+//! Each limiter tracks at most `rate_limit.max_tracked_callers` callers, so that a flood from
+//! many addresses cannot grow its table without bound between two `gc_interval` evictions: a
+//! caller it does not track yet, arriving while it is full, gets room only if evicting the idle
+//! callers (at most once a second) makes some, and is refused (429, `Retry-After: 1`) otherwise.
 
 use std::future::Ready;
 use std::hash::Hash;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use dashmap::mapref::entry::Entry;
 use foldhash::quality::RandomState;
 use futures_util::future::Either;
-use governor::clock::{Clock, DefaultClock};
+use governor::clock::{Clock, DefaultClock, Reference};
 use governor::middleware::StateInformationMiddleware;
-use governor::state::keyed::DashMapStateStore;
+use governor::nanos::Nanos;
+use governor::state::keyed::{DashMapStateStore, ShrinkableKeyedStateStore};
+use governor::state::{InMemoryState, NotKeyed, StateStore};
 use governor::RateLimiter;
 use http::{HeaderName, HeaderValue, Request, Response};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use tower::{Layer, Service};
 
-use crate::config::{Quota, RateLimitConfig, RouteConfig, RouteLimit};
+use crate::config::{Quota, RateLimitConfig, RouteConfig, RouteLimit, DEFAULT_MAX_TRACKED_CALLERS};
 use crate::error::Rejection;
 use crate::facts::RequestFacts;
+use crate::metrics::LimiterLabels;
 use crate::on_response::OnResponse;
 use crate::peer::canonical;
 use crate::routes::RouteClass;
@@ -99,19 +111,115 @@ fn ceil_secs(d: Duration) -> u64 {
     }
 }
 
-/// One keyed GCRA limiter.
+/// A limiter's callers: governor's DashMap store, shared with the [`Limiter`] so that it can see
+/// whether a caller is tracked, and keeping a count of its keys, since `DashMap::len` locks
+/// every shard in turn and the count is read on every request.
+#[derive(Clone)]
+struct Table(Arc<TableInner>);
+
+struct TableInner {
+    map: DashMapStateStore<CallerKey, RandomState>,
+    /// Keys in `map`. Exact but for inserts that race a recount after an eviction, which may be
+    /// counted twice or not at all until the next one.
+    len: AtomicUsize,
+}
+
+impl Table {
+    fn new() -> Self {
+        Table(Arc::new(TableInner {
+            map: DashMapStateStore::with_hasher(RandomState::default()),
+            len: AtomicUsize::new(0),
+        }))
+    }
+
+    fn approximate_len(&self) -> usize {
+        self.0.len.load(Ordering::Relaxed)
+    }
+
+    fn contains(&self, key: &CallerKey) -> bool {
+        self.0.map.contains_key(key)
+    }
+}
+
+impl StateStore for Table {
+    type Key = CallerKey;
+
+    /// What governor's own DashMap store does, counting the keys it adds.
+    fn measure_and_replace<T, F, E>(&self, key: &CallerKey, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        if let Some(state) = self.0.map.get(key) {
+            return state.measure_and_replace(&NotKeyed::NonKey, f);
+        }
+        let state = match self.0.map.entry(key.clone()) {
+            Entry::Occupied(entry) => entry.into_ref(),
+            Entry::Vacant(entry) => {
+                self.0.len.fetch_add(1, Ordering::Relaxed);
+                entry.insert(InMemoryState::default())
+            }
+        };
+        state.measure_and_replace(&NotKeyed::NonKey, f)
+    }
+}
+
+impl ShrinkableKeyedStateStore<CallerKey> for Table {
+    fn retain_recent(&self, drop_below: Nanos) {
+        ShrinkableKeyedStateStore::retain_recent(&self.0.map, drop_below);
+        self.0.len.store(self.0.map.len(), Ordering::Relaxed);
+    }
+
+    fn shrink_to_fit(&self) {
+        self.0.map.shrink_to_fit();
+    }
+
+    fn len(&self) -> usize {
+        self.0.map.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.map.is_empty()
+    }
+}
+
+/// A full limiter evicts idle callers to make room at most this often: a flood of new callers
+/// must not make every request walk the table.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// A full limiter says so in the log at most this often.
+const WARN_EVERY: Duration = Duration::from_secs(60);
+
+/// Takes the turn recorded in `last` (nanoseconds since the limiter started, plus one; 0 for
+/// never) if `every` has passed since the last one. Of callers racing for a turn, one wins.
+fn take_turn(last: &AtomicU64, now: Nanos, every: Duration) -> bool {
+    let now = now.as_u64().saturating_add(1);
+    let prev = last.load(Ordering::Relaxed);
+    let every = u64::try_from(every.as_nanos()).unwrap_or(u64::MAX);
+    if prev != 0 && now.saturating_sub(prev) < every {
+        return false;
+    }
+    last.compare_exchange(prev, now, Ordering::Relaxed, Ordering::Relaxed)
+        .is_ok()
+}
+
+/// One keyed GCRA limiter, tracking at most `max_tracked` callers.
 pub struct Limiter<C: Clock = DefaultClock> {
-    inner: RateLimiter<
-        CallerKey,
-        DashMapStateStore<CallerKey, RandomState>,
-        C,
-        StateInformationMiddleware,
-    >,
+    inner: RateLimiter<CallerKey, Table, C, StateInformationMiddleware>,
+    table: Table,
     limit: u32,
     per_request: Duration,
+    max_tracked: usize,
+    /// Which limiter this is, for the log.
+    class: &'static str,
+    /// New callers refused because the table was full.
+    refused: Counter,
+    start: C::Instant,
+    /// The last eviction made for want of room, and the last warning (see [`take_turn`]).
+    last_sweep: AtomicU64,
+    last_warning: AtomicU64,
 }
 
 impl Limiter<DefaultClock> {
+    /// A limiter with the default bound, `rate_limit.max_tracked_callers`' default.
     pub fn new(quota: Quota) -> Self {
         Limiter::with_clock(quota, DefaultClock::default())
     }
@@ -123,15 +231,44 @@ impl<C: Clock> Limiter<C> {
         let gov = governor::Quota::with_period(per_request)
             .unwrap_or_else(|| governor::Quota::per_second(quota.requests))
             .allow_burst(quota.burst);
+        let table = Table::new();
+        let start = clock.now();
         Limiter {
-            inner: RateLimiter::dashmap_with_clock_and_hasher(gov, clock, RandomState::default())
-                .with_middleware(),
+            inner: RateLimiter::new(gov, table.clone(), clock),
+            table,
             limit: quota.burst.get(),
             per_request,
+            max_tracked: DEFAULT_MAX_TRACKED_CALLERS,
+            class: "",
+            refused: Counter::default(),
+            start,
+            last_sweep: AtomicU64::new(0),
+            last_warning: AtomicU64::new(0),
+        }
+    }
+
+    /// Tracks at most `max_tracked` callers (at least one); new callers refused for want of room
+    /// are counted in `refused` and logged as limiter `class`.
+    pub fn bounded(self, max_tracked: usize, class: &'static str, refused: Counter) -> Self {
+        Limiter {
+            max_tracked: max_tracked.max(1),
+            class,
+            refused,
+            ..self
         }
     }
 
     pub fn check(&self, key: &CallerKey) -> Decision {
+        // Below the cap this costs one atomic load; at the cap, one lookup more. Looking and
+        // adding are not one step: new callers racing for the last free place may all be added,
+        // so the table can exceed `max_tracked` by about as many keys as threads are adding one
+        // at that moment, and no more, since every later new caller finds it full.
+        if self.table.approximate_len() >= self.max_tracked
+            && !self.table.contains(key)
+            && !self.make_room()
+        {
+            return self.refuse_for_want_of_room();
+        }
         match self.inner.check_key(key) {
             Ok(snapshot) => {
                 let remaining = snapshot.remaining_burst_capacity().min(self.limit);
@@ -161,6 +298,38 @@ impl<C: Clock> Limiter<C> {
         self.inner.shrink_to_fit();
     }
 
+    fn elapsed(&self) -> Nanos {
+        self.inner.clock().now().duration_since(self.start)
+    }
+
+    /// Whether the full table has room after evicting the idle callers, which is done at most
+    /// once per [`SWEEP_EVERY`]. The memory is kept: the table is likely to fill again.
+    fn make_room(&self) -> bool {
+        if take_turn(&self.last_sweep, self.elapsed(), SWEEP_EVERY) {
+            self.inner.retain_recent();
+        }
+        self.table.approximate_len() < self.max_tracked
+    }
+
+    fn refuse_for_want_of_room(&self) -> Decision {
+        self.refused.inc();
+        if take_turn(&self.last_warning, self.elapsed(), WARN_EVERY) {
+            tracing::warn!(
+                limiter = self.class,
+                max_tracked_callers = self.max_tracked,
+                refused_so_far = self.refused.get(),
+                "rate limiter full: callers it does not track yet are refused until tracked ones go idle (rate_limit.max_tracked_callers)"
+            );
+        }
+        Decision {
+            allowed: false,
+            limit: self.limit,
+            remaining: 0,
+            // Room may be made by the next sweep, a second away.
+            reset_secs: 1,
+        }
+    }
+
     pub fn tracked_keys(&self) -> usize {
         self.inner.len()
     }
@@ -185,17 +354,26 @@ pub struct RateLimits {
 }
 
 impl RateLimits {
-    pub fn new(config: &RateLimitConfig, routes: &[RouteConfig]) -> Self {
+    /// `table_full` counts, per limiter, the new callers refused because it was full.
+    pub fn new(
+        config: &RateLimitConfig,
+        routes: &[RouteConfig],
+        table_full: &Family<LimiterLabels, Counter>,
+    ) -> Self {
+        let limiter = |class: &'static str, quota: Quota| {
+            let refused = table_full.get_or_create(&LimiterLabels { class }).clone();
+            Limiter::new(quota).bounded(config.max_tracked_callers, class, refused)
+        };
         RateLimits {
-            proxy: config.proxy.map(Limiter::new),
-            sessions_api: config.sessions_api.map(Limiter::new),
-            anonymous: config.anonymous.map(Limiter::new),
+            proxy: config.proxy.map(|q| limiter("proxy", q)),
+            sessions_api: config.sessions_api.map(|q| limiter("sessions_api", q)),
+            anonymous: config.anonymous.map(|q| limiter("anonymous", q)),
             routes: routes
                 .iter()
                 .map(|r| match r.rate_limit {
                     RouteLimit::Inherit => RouteLimiter::Inherit,
                     RouteLimit::Off => RouteLimiter::Off,
-                    RouteLimit::Own(quota) => RouteLimiter::Own(Limiter::new(quota)),
+                    RouteLimit::Own(quota) => RouteLimiter::Own(limiter("route", quota)),
                 })
                 .collect(),
             gc_interval: config.gc_interval,
@@ -448,30 +626,113 @@ mod tests {
         clock.advance(Duration::from_secs(2));
         limiter.evict_idle();
         assert_eq!(limiter.tracked_keys(), 0);
+        assert_eq!(limiter.table.approximate_len(), 0, "the count follows");
     }
 
-    fn limits() -> RateLimits {
-        RateLimits::new(
+    /// Two requests at once, then one every 100 ms; at most two callers.
+    fn small_table(clock: &FakeRelativeClock) -> (Limiter<FakeRelativeClock>, Counter) {
+        let refused = Counter::default();
+        let limiter = Limiter::with_clock(quota(2, Duration::from_millis(200), 2), clock.clone())
+            .bounded(2, "test", refused.clone());
+        (limiter, refused)
+    }
+
+    #[test]
+    fn a_full_table_refuses_new_callers_and_still_serves_tracked_ones() {
+        let clock = FakeRelativeClock::default();
+        let (limiter, refused) = small_table(&clock);
+        assert!(limiter.check(&user("a")).allowed);
+        assert!(limiter.check(&user("b")).allowed);
+        let d = limiter.check(&user("c"));
+        assert_eq!(
+            d,
+            Decision {
+                allowed: false,
+                limit: 2,
+                remaining: 0,
+                reset_secs: 1,
+            }
+        );
+        assert_eq!(refused.get(), 1);
+        assert_eq!(
+            limiter.tracked_keys(),
+            2,
+            "the refused caller is not tracked"
+        );
+        let a = limiter.check(&user("a"));
+        assert!(a.allowed, "a tracked caller is decided as ever");
+        assert_eq!(a.remaining, 0);
+        assert!(
+            !limiter.check(&user("a")).allowed,
+            "and its quota still counts"
+        );
+        assert_eq!(refused.get(), 1, "that refusal was the quota's");
+    }
+
+    #[test]
+    fn room_is_made_by_evicting_idle_callers_at_most_once_a_second() {
+        let clock = FakeRelativeClock::default();
+        let (limiter, refused) = small_table(&clock);
+        assert!(limiter.check(&user("a")).allowed);
+        assert!(limiter.check(&user("b")).allowed);
+        // The first new caller at the cap sweeps, but a and b have just been seen.
+        assert!(!limiter.check(&user("c")).allowed);
+        // 500 ms on, a and b are idle (their quota refilled after 100 ms), but the last sweep
+        // was less than a second ago: no sweep, and c is refused again.
+        clock.advance(Duration::from_millis(500));
+        assert!(!limiter.check(&user("c")).allowed);
+        assert_eq!(limiter.tracked_keys(), 2, "no sweep");
+        // A second after the first sweep, the next one evicts a and b, and c gets in.
+        clock.advance(Duration::from_millis(500));
+        let c = limiter.check(&user("c"));
+        assert!(c.allowed);
+        assert_eq!(c.remaining, 1, "a new caller's full quota");
+        assert_eq!(limiter.tracked_keys(), 1);
+        assert_eq!(refused.get(), 2);
+        // The next new caller finds room without a sweep.
+        assert!(limiter.check(&user("d")).allowed);
+        assert_eq!(limiter.tracked_keys(), 2);
+    }
+
+    #[test]
+    fn turns_are_taken_at_most_once_per_interval() {
+        let last = AtomicU64::new(0);
+        let second = Duration::from_secs(1);
+        let at = |ms: u64| Nanos::from(Duration::from_millis(ms));
+        assert!(take_turn(&last, at(0), second), "the first");
+        assert!(!take_turn(&last, at(0), second));
+        assert!(!take_turn(&last, at(999), second));
+        assert!(take_turn(&last, at(1000), second));
+        assert!(!take_turn(&last, at(1500), second));
+        assert!(take_turn(&last, at(5000), second));
+    }
+
+    #[test]
+    fn max_tracked_callers_bounds_every_limiter_and_refusals_are_counted_per_limiter() {
+        let table_full = Family::<LimiterLabels, Counter>::default();
+        let l = RateLimits::new(
             &RateLimitConfig {
-                proxy: Some(quota(1000, Duration::from_secs(1), 1000)),
-                sessions_api: Some(quota(2, Duration::from_secs(60), 2)),
-                anonymous: Some(quota(3, Duration::from_secs(60), 3)),
+                proxy: Some(quota(10, Duration::from_secs(60), 10)),
+                sessions_api: None,
+                anonymous: Some(quota(10, Duration::from_secs(60), 10)),
                 gc_interval: Duration::from_secs(60),
                 ipv6_prefix: 64,
+                max_tracked_callers: 1,
             },
-            &[
-                RouteConfig {
-                    path_prefix: "/login".into(),
-                    auth: AuthMode::None,
-                    rate_limit: RouteLimit::Own(quota(1, Duration::from_secs(60), 1)),
-                },
-                RouteConfig {
-                    path_prefix: "/unlimited".into(),
-                    auth: AuthMode::Session,
-                    rate_limit: RouteLimit::Off,
-                },
-            ],
-        )
+            &[],
+            &table_full,
+        );
+        let game = RouteClass::Proxy {
+            auth: AuthMode::Session,
+            route: None,
+        };
+        let ip = |ip: &str| CallerKey::ip(ip.parse().unwrap(), 64);
+        assert!(l.decide(game, &ip("192.0.2.1")).unwrap().allowed);
+        assert!(!l.decide(game, &ip("192.0.2.2")).unwrap().allowed);
+        assert!(l.decide(game, &user("u")).unwrap().allowed);
+        assert!(!l.decide(game, &user("v")).unwrap().allowed);
+        let count = |class| table_full.get_or_create(&LimiterLabels { class }).get();
+        assert_eq!((count("anonymous"), count("proxy")), (1, 1));
     }
 
     #[test]
@@ -517,12 +778,14 @@ mod tests {
                 anonymous: Some(quota(1, Duration::from_secs(60), 1)),
                 gc_interval: Duration::from_secs(60),
                 ipv6_prefix: 64,
+                max_tracked_callers: DEFAULT_MAX_TRACKED_CALLERS,
             },
             &[RouteConfig {
                 path_prefix: "/login".into(),
                 auth: AuthMode::None,
                 rate_limit: RouteLimit::Own(quota(1, Duration::from_secs(1), 1)),
             }],
+            &Family::default(),
         );
         let login = RouteClass::Proxy {
             auth: AuthMode::None,
@@ -534,6 +797,32 @@ mod tests {
         let d = l.decide(login, &ip).unwrap();
         assert!(!d.allowed);
         assert!(d.reset_secs > 1, "{d:?}");
+    }
+
+    fn limits() -> RateLimits {
+        RateLimits::new(
+            &RateLimitConfig {
+                proxy: Some(quota(1000, Duration::from_secs(1), 1000)),
+                sessions_api: Some(quota(2, Duration::from_secs(60), 2)),
+                anonymous: Some(quota(3, Duration::from_secs(60), 3)),
+                gc_interval: Duration::from_secs(60),
+                ipv6_prefix: 64,
+                max_tracked_callers: DEFAULT_MAX_TRACKED_CALLERS,
+            },
+            &[
+                RouteConfig {
+                    path_prefix: "/login".into(),
+                    auth: AuthMode::None,
+                    rate_limit: RouteLimit::Own(quota(1, Duration::from_secs(60), 1)),
+                },
+                RouteConfig {
+                    path_prefix: "/unlimited".into(),
+                    auth: AuthMode::Session,
+                    rate_limit: RouteLimit::Off,
+                },
+            ],
+            &Family::default(),
+        )
     }
 
     #[test]
@@ -605,8 +894,10 @@ mod tests {
                 anonymous: None,
                 gc_interval: Duration::from_secs(60),
                 ipv6_prefix: 64,
+                max_tracked_callers: DEFAULT_MAX_TRACKED_CALLERS,
             },
             &[],
+            &Family::default(),
         );
         let game = RouteClass::Proxy {
             auth: AuthMode::Session,
