@@ -1,8 +1,10 @@
 //! Rate limits with a real Redis and upstream: per-user quotas on the session API and proxy,
 //! per-IP quotas for callers without a valid token, decided before any Redis command.
 
+mod observe;
 mod support;
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +18,7 @@ use tokio::net::TcpListener;
 /// portcullis in-process, keeping a handle on its limiters.
 struct Limited {
     url: String,
+    admin: SocketAddr,
     limits: Arc<RateLimits>,
     _task: tokio::task::JoinHandle<()>,
 }
@@ -27,6 +30,7 @@ async fn start(toml: &str) -> Limited {
     let public = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", public.local_addr().unwrap());
+    let admin_addr = admin.local_addr().unwrap();
     let app = App::build(config).unwrap();
     let limits = app.rate_limits.clone();
     let task = tokio::spawn(async move {
@@ -36,6 +40,7 @@ async fn start(toml: &str) -> Limited {
     });
     Limited {
         url,
+        admin: admin_addr,
         limits,
         _task: task,
     }
@@ -305,4 +310,52 @@ async fn with_a_shorter_ipv6_prefix_a_whole_delegation_is_one_caller() {
         "the next /48"
     );
     assert_eq!(proxy.limits.tracked_keys(), 2, "one key per /48");
+}
+
+#[tokio::test]
+async fn a_new_caller_is_refused_while_the_limiter_tracks_its_maximum() {
+    let upstream = Upstream::echo().await;
+    // Ten requests an hour: nobody goes idle during the test, so no eviction makes room.
+    let proxy = start(&format!(
+        "[upstream]\nurl = \"{}\"\n[server]\ntrusted_proxies = [\"127.0.0.1\"]\n{OPEN_ROUTES}[rate_limit]\nmax_tracked_callers = 2\ngc_interval = \"1h\"\n[rate_limit.anonymous]\nrequests = 10\nper = \"1h\"\n",
+        upstream.url()
+    ))
+    .await;
+    let http = client();
+    let via = |xff: &'static str| {
+        http.get(format!("{}/x", proxy.url))
+            .header("x-forwarded-for", xff)
+            .send()
+    };
+    assert_eq!(via("192.0.2.1").await.unwrap().status(), 200);
+    assert_eq!(via("192.0.2.2").await.unwrap().status(), 200);
+
+    let refused = via("192.0.2.3").await.unwrap();
+    assert_eq!(header(&refused, "retry-after"), 1);
+    assert_eq!(header(&refused, "ratelimit-limit"), 10);
+    assert_eq!(header(&refused, "ratelimit-remaining"), 0);
+    assert_eq!(header(&refused, "ratelimit-reset"), 1);
+    assert_error(refused, 429, "RATE_LIMITED").await;
+    assert_eq!(
+        upstream.count(),
+        2,
+        "the refused caller never reached the upstream"
+    );
+    assert_eq!(proxy.limits.tracked_keys(), 2, "nor the limiter's table");
+
+    // The callers already tracked keep their quotas.
+    let again = via("192.0.2.1").await.unwrap();
+    assert_eq!(again.status(), 200);
+    assert_eq!(header(&again, "ratelimit-remaining"), 8);
+    assert_eq!(via("192.0.2.2").await.unwrap().status(), 200);
+    assert_eq!(upstream.count(), 4);
+
+    let m = observe::scrape(proxy.admin).await;
+    assert_eq!(
+        m.get(
+            "portcullis_rate_limit_table_full_total",
+            &[("class", "anonymous")]
+        ),
+        Some(1.0)
+    );
 }
