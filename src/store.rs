@@ -345,6 +345,7 @@ struct Scripts {
     get: Script,
     replace: Script,
     destroy: Script,
+    destroy_all: Script,
     list: Script,
     count: Script,
 }
@@ -554,6 +555,24 @@ for _, r in ipairs(recs) do
 end
 if #parts <= #recs then save(parts, longest, now) end
 return gone
+"
+);
+
+/// Removes all of a user's sessions (the key goes). Returns the bodies of those that were live.
+const DESTROY_ALL: &str = concat!(
+    session_lib!(),
+    r"
+local v = redis.call('GET', KEYS[1])
+if not v then return {} end
+local recs = records(v)
+if not recs then return corrupt() end
+local now = now_ms()
+local out = {}
+for _, r in ipairs(recs) do
+  if r[4] > now then out[#out + 1] = body_of(v, r) end
+end
+redis.call('DEL', KEYS[1])
+return out
 "
 );
 
@@ -787,6 +806,7 @@ impl Store {
                 get: Script::new(GET),
                 replace: Script::new(REPLACE),
                 destroy: Script::new(DESTROY),
+                destroy_all: Script::new(DESTROY_ALL),
                 list: Script::new(LIST),
                 count: Script::new(COUNT),
             }),
@@ -1113,6 +1133,18 @@ impl Store {
             &self.scripts.destroy,
             &[&key],
             &[session_id.as_bytes()],
+        )
+        .await
+    }
+
+    /// Deletes all of a user's sessions, returning the bodies of those that were live.
+    pub async fn session_destroy_all(&self, user_id: &str) -> Result<Vec<Vec<u8>>, StoreError> {
+        let key = self.sessions_key(user_id);
+        self.invoke(
+            "session_destroy_all",
+            &self.scripts.destroy_all,
+            &[&key],
+            &[] as &[&[u8]],
         )
         .await
     }

@@ -614,6 +614,54 @@ async fn delete_of_an_unknown_or_already_deleted_session_is_404() {
     assert_error(delete().await.unwrap(), 404, "SESSION_NOT_FOUND").await;
 }
 
+#[tokio::test]
+async fn delete_of_user_sessions_ends_every_session_of_the_caller_and_no_other() {
+    let s = setup().await;
+    let mine = [
+        s.create("alice").await,
+        s.create("alice").await,
+        s.create("alice").await,
+    ];
+    let theirs = s.create("bob").await;
+    let proxied = |id: &str| {
+        client()
+            .get(s.proxy.url("/game/state"))
+            .bearer_auth(token("alice", Some(id)))
+            .send()
+    };
+    for id in &mine {
+        assert_eq!(proxied(id).await.unwrap().status(), 200);
+    }
+    // Signed out from one of the sessions, with a token bound to it.
+    let bound = token("alice", Some(&mine[0]));
+    let sign_out = |bearer: String| {
+        client()
+            .delete(s.url("/user/sessions"))
+            .bearer_auth(bearer)
+            .send()
+    };
+    let resp = sign_out(bound.clone()).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        json(resp).await,
+        json!({"success": true, "data": {"destroyed": 3}})
+    );
+
+    assert!(s.stored_ids("alice").is_empty());
+    assert!(s.list("alice").await.is_empty());
+    assert_eq!(s.stored_ids("bob"), set(&[&theirs]));
+    for id in &mine {
+        assert_error(proxied(id).await.unwrap(), 401, "SESSION_INVALID").await;
+    }
+    // The token bound to one of them died with it; a login token finds nothing left to end.
+    assert_error(sign_out(bound).await.unwrap(), 401, "SESSION_INVALID").await;
+    let again = sign_out(token("alice", None)).await.unwrap();
+    assert_eq!(
+        json(again).await,
+        json!({"success": true, "data": {"destroyed": 0}})
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // another user's session
 // ---------------------------------------------------------------------------------------------
@@ -881,7 +929,7 @@ async fn a_wrong_method_on_a_known_endpoint_is_405() {
         (reqwest::Method::PUT, "/create".to_string()),
         (reqwest::Method::DELETE, "/create".to_string()),
         (reqwest::Method::POST, "/user/sessions".to_string()),
-        (reqwest::Method::DELETE, "/user/sessions".to_string()),
+        (reqwest::Method::PUT, "/user/sessions".to_string()),
         (reqwest::Method::POST, format!("/{id}")),
         (reqwest::Method::PUT, format!("/{id}")),
         (reqwest::Method::PATCH, format!("/{id}")),
@@ -911,11 +959,11 @@ async fn a_405_lists_in_allow_exactly_the_methods_the_endpoint_answers() {
     let id = s.create("alice").await;
     let cases = [
         ("/create".to_string(), "POST"),
-        ("/user/sessions".to_string(), "GET, HEAD"),
         (format!("/{id}/extend"), "POST"),
         ("/openapi.json".to_string(), "GET, HEAD"),
-        // Last: its DELETE ends the session the others use.
+        // Last: their DELETEs end the session the others use.
         (format!("/{id}"), "GET, HEAD, DELETE"),
+        ("/user/sessions".to_string(), "GET, HEAD, DELETE"),
     ];
     for (path, allow) in &cases {
         let resp = client()

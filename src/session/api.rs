@@ -76,6 +76,13 @@ fn success<T: Serialize>(status: StatusCode, data: Option<T>) -> Response<Body> 
     }
 }
 
+/// The answer to signing out everywhere.
+#[derive(Serialize)]
+struct DestroyedAll {
+    /// How many live sessions ended.
+    destroyed: usize,
+}
+
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct CreateRequest {
@@ -111,7 +118,7 @@ impl Endpoint {
         match self {
             Endpoint::OpenApi => Some("GET, HEAD"),
             Endpoint::Create | Endpoint::Extend(_) => Some("POST"),
-            Endpoint::List => Some("GET, HEAD"),
+            Endpoint::List => Some("GET, HEAD, DELETE"),
             Endpoint::One(_) => Some("GET, HEAD, DELETE"),
             Endpoint::Unknown => None,
         }
@@ -226,6 +233,26 @@ impl SessionApi {
             (Endpoint::List, Method::GET | Method::HEAD) => {
                 let list = sessions.list(user).await.map_err(store_failed)?;
                 Ok(success(StatusCode::OK, Some(list)))
+            }
+            // Signing out everywhere: every session of the caller's, this one included.
+            (Endpoint::List, Method::DELETE) => {
+                let destroyed = sessions.destroy_all(user).await.map_err(store_failed)?;
+                for session in &destroyed {
+                    self.metrics.sessions_destroyed.inc();
+                    audit(
+                        "session_destroyed",
+                        user,
+                        session.session_id,
+                        session.metadata.platform,
+                        client_ip,
+                    );
+                }
+                Ok(success(
+                    StatusCode::OK,
+                    Some(DestroyedAll {
+                        destroyed: destroyed.len(),
+                    }),
+                ))
             }
             (Endpoint::One(id), Method::GET | Method::HEAD) => {
                 let id = session_id(&id)?;

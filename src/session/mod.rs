@@ -374,6 +374,18 @@ impl Sessions {
         }
     }
 
+    /// Destroys all of the user's sessions, returning those that were live, oldest first.
+    pub async fn destroy_all(&self, user_id: &str) -> Result<Vec<Session>, StoreError> {
+        let destroyed = self.store.session_destroy_all(user_id).await;
+        self.forget(user_id);
+        let mut sessions = destroyed?
+            .iter()
+            .map(|body| Self::session(user_id, body))
+            .collect::<Result<Vec<_>, _>>()?;
+        sessions.sort_by_key(|s| (s.created_at, s.session_id));
+        Ok(sessions)
+    }
+
     /// The user's live sessions, oldest first.
     pub async fn list(&self, user_id: &str) -> Result<Vec<Session>, StoreError> {
         let mut sessions = self
