@@ -11,8 +11,8 @@
 //!
 //! Each limiter tracks at most `rate_limit.max_tracked_callers` callers, so that a flood from
 //! many addresses cannot grow its table without bound between two `gc_interval` evictions: a
-//! caller it does not track yet, arriving while it is full, gets room only if evicting the idle
-//! callers (at most once a second) makes some, and is refused (429, `Retry-After: 1`) otherwise.
+//! caller it does not track yet, arriving while it is full, is refused (429, `Retry-After: 1`)
+//! and has the eviction task make room by evicting idle callers (asked at most once a second).
 
 use std::future::Ready;
 use std::hash::Hash;
@@ -34,6 +34,7 @@ use governor::RateLimiter;
 use http::{HeaderName, HeaderValue, Request, Response};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use tokio::sync::Notify;
 use tower::{Layer, Service};
 
 use crate::config::{Quota, RateLimitConfig, RouteConfig, RouteLimit, DEFAULT_MAX_TRACKED_CALLERS};
@@ -182,8 +183,8 @@ impl ShrinkableKeyedStateStore<CallerKey> for Table {
     }
 }
 
-/// A full limiter evicts idle callers to make room at most this often: a flood of new callers
-/// must not make every request walk the table.
+/// A full limiter asks for room at most this often: a flood of new callers must not keep the
+/// eviction task walking the table.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// A full limiter says so in the log at most this often.
 const WARN_EVERY: Duration = Duration::from_secs(60);
@@ -213,9 +214,11 @@ pub struct Limiter<C: Clock = DefaultClock> {
     /// New callers refused because the table was full.
     refused: Counter,
     start: C::Instant,
-    /// The last eviction made for want of room, and the last warning (see [`take_turn`]).
+    /// The last time room was asked for, and the last warning (see [`take_turn`]).
     last_sweep: AtomicU64,
     last_warning: AtomicU64,
+    /// Wakes the eviction task when the table is full.
+    sweeper: Arc<Notify>,
 }
 
 impl Limiter<DefaultClock> {
@@ -244,16 +247,24 @@ impl<C: Clock> Limiter<C> {
             start,
             last_sweep: AtomicU64::new(0),
             last_warning: AtomicU64::new(0),
+            sweeper: Arc::new(Notify::new()),
         }
     }
 
     /// Tracks at most `max_tracked` callers (at least one); new callers refused for want of room
-    /// are counted in `refused` and logged as limiter `class`.
-    pub fn bounded(self, max_tracked: usize, class: &'static str, refused: Counter) -> Self {
+    /// are counted in `refused` and logged as limiter `class`, and wake `sweeper` to make room.
+    pub fn bounded(
+        self,
+        max_tracked: usize,
+        class: &'static str,
+        refused: Counter,
+        sweeper: Arc<Notify>,
+    ) -> Self {
         Limiter {
             max_tracked: max_tracked.max(1),
             class,
             refused,
+            sweeper,
             ..self
         }
     }
@@ -263,10 +274,7 @@ impl<C: Clock> Limiter<C> {
         // adding are not one step: new callers racing for the last free place may all be added,
         // so the table can exceed `max_tracked` by about as many keys as threads are adding one
         // at that moment, and no more, since every later new caller finds it full.
-        if self.table.approximate_len() >= self.max_tracked
-            && !self.table.contains(key)
-            && !self.make_room()
-        {
+        if self.is_full() && !self.table.contains(key) {
             return self.refuse_for_want_of_room();
         }
         match self.inner.check_key(key) {
@@ -302,17 +310,23 @@ impl<C: Clock> Limiter<C> {
         self.inner.clock().now().duration_since(self.start)
     }
 
-    /// Whether the full table has room after evicting the idle callers, which is done at most
-    /// once per [`SWEEP_EVERY`]. The memory is kept: the table is likely to fill again.
-    fn make_room(&self) -> bool {
-        if take_turn(&self.last_sweep, self.elapsed(), SWEEP_EVERY) {
+    fn is_full(&self) -> bool {
+        self.table.approximate_len() >= self.max_tracked
+    }
+
+    /// When the table is full, evicts its idle callers. The memory is kept: the table is likely
+    /// to fill again. Walks the table, so the eviction task does it, never a request.
+    pub fn make_room(&self) {
+        if self.is_full() {
             self.inner.retain_recent();
         }
-        self.table.approximate_len() < self.max_tracked
     }
 
     fn refuse_for_want_of_room(&self) -> Decision {
         self.refused.inc();
+        if take_turn(&self.last_sweep, self.elapsed(), SWEEP_EVERY) {
+            self.sweeper.notify_one();
+        }
         if take_turn(&self.last_warning, self.elapsed(), WARN_EVERY) {
             tracing::warn!(
                 limiter = self.class,
@@ -325,7 +339,7 @@ impl<C: Clock> Limiter<C> {
             allowed: false,
             limit: self.limit,
             remaining: 0,
-            // Room may be made by the next sweep, a second away.
+            // Room is being made, or asked for again within a second.
             reset_secs: 1,
         }
     }
@@ -351,6 +365,8 @@ pub struct RateLimits {
     gc_interval: Duration,
     /// How much of an anonymous IPv6 caller's address is its key.
     ipv6_prefix: u8,
+    /// Woken by a full limiter: the eviction task then makes room.
+    sweeper: Arc<Notify>,
 }
 
 impl RateLimits {
@@ -360,9 +376,10 @@ impl RateLimits {
         routes: &[RouteConfig],
         table_full: &Family<LimiterLabels, Counter>,
     ) -> Self {
+        let sweeper = Arc::new(Notify::new());
         let limiter = |class: &'static str, quota: Quota| {
             let refused = table_full.get_or_create(&LimiterLabels { class }).clone();
-            Limiter::new(quota).bounded(config.max_tracked_callers, class, refused)
+            Limiter::new(quota).bounded(config.max_tracked_callers, class, refused, sweeper.clone())
         };
         RateLimits {
             proxy: config.proxy.map(|q| limiter("proxy", q)),
@@ -378,6 +395,7 @@ impl RateLimits {
                 .collect(),
             gc_interval: config.gc_interval,
             ipv6_prefix: config.ipv6_prefix,
+            sweeper,
         }
     }
 
@@ -402,13 +420,38 @@ impl RateLimits {
         }
     }
 
-    /// Evicts idle keys every `rate_limit.gc_interval`, forever.
+    /// Evicts idle keys from full limiters.
+    pub fn make_room(&self) {
+        for limiter in self.all() {
+            limiter.make_room();
+        }
+    }
+
+    /// Evicts idle keys every `rate_limit.gc_interval`, and from full limiters when one asks for
+    /// room, forever. A walk holds one shard lock after another for up to tens of milliseconds
+    /// at a million keys, so it runs on the blocking pool: the runtime's own work (accepting,
+    /// Redis) does not wait for it.
     pub async fn run_eviction(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(self.gc_interval);
+        // The tables start empty: the first eviction is one interval away.
+        let first = tokio::time::Instant::now() + self.gc_interval;
+        let mut tick = tokio::time::interval_at(first, self.gc_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
-            self.evict_idle();
+            let asked_for_room = tokio::select! {
+                _ = tick.tick() => false,
+                () = self.sweeper.notified() => true,
+            };
+            let limits = self.clone();
+            let walk = tokio::task::spawn_blocking(move || {
+                if asked_for_room {
+                    limits.make_room();
+                } else {
+                    limits.evict_idle();
+                }
+            });
+            if let Err(e) = walk.await {
+                tracing::warn!(error = %e, "rate limiter eviction failed");
+            }
         }
     }
 
@@ -630,17 +673,25 @@ mod tests {
     }
 
     /// Two requests at once, then one every 100 ms; at most two callers.
-    fn small_table(clock: &FakeRelativeClock) -> (Limiter<FakeRelativeClock>, Counter) {
+    fn small_table(
+        clock: &FakeRelativeClock,
+    ) -> (Limiter<FakeRelativeClock>, Counter, Arc<Notify>) {
         let refused = Counter::default();
+        let sweeper = Arc::new(Notify::new());
         let limiter = Limiter::with_clock(quota(2, Duration::from_millis(200), 2), clock.clone())
-            .bounded(2, "test", refused.clone());
-        (limiter, refused)
+            .bounded(2, "test", refused.clone(), sweeper.clone());
+        (limiter, refused, sweeper)
+    }
+
+    /// Whether room was asked for since the last look.
+    fn asked_for_room(sweeper: &Notify) -> bool {
+        futures_util::FutureExt::now_or_never(sweeper.notified()).is_some()
     }
 
     #[test]
     fn a_full_table_refuses_new_callers_and_still_serves_tracked_ones() {
         let clock = FakeRelativeClock::default();
-        let (limiter, refused) = small_table(&clock);
+        let (limiter, refused, _) = small_table(&clock);
         assert!(limiter.check(&user("a")).allowed);
         assert!(limiter.check(&user("b")).allowed);
         let d = limiter.check(&user("c"));
@@ -670,25 +721,34 @@ mod tests {
     }
 
     #[test]
-    fn room_is_made_by_evicting_idle_callers_at_most_once_a_second() {
+    fn room_is_asked_for_at_most_once_a_second_and_made_by_evicting_idle_callers() {
         let clock = FakeRelativeClock::default();
-        let (limiter, refused) = small_table(&clock);
+        let (limiter, refused, sweeper) = small_table(&clock);
         assert!(limiter.check(&user("a")).allowed);
         assert!(limiter.check(&user("b")).allowed);
-        // The first new caller at the cap sweeps, but a and b have just been seen.
+        assert!(!asked_for_room(&sweeper), "not while there is room");
+        // The first new caller at the cap asks for room; a and b have just been seen, so
+        // making it evicts nobody.
         assert!(!limiter.check(&user("c")).allowed);
-        // 500 ms on, a and b are idle (their quota refilled after 100 ms), but the last sweep
-        // was less than a second ago: no sweep, and c is refused again.
+        assert!(asked_for_room(&sweeper));
+        limiter.make_room();
+        assert_eq!(limiter.tracked_keys(), 2);
+        // 500 ms on, a and b are idle (their quota refilled after 100 ms), but room was asked
+        // for less than a second ago: c is refused without asking again.
         clock.advance(Duration::from_millis(500));
         assert!(!limiter.check(&user("c")).allowed);
-        assert_eq!(limiter.tracked_keys(), 2, "no sweep");
-        // A second after the first sweep, the next one evicts a and b, and c gets in.
+        assert!(!asked_for_room(&sweeper));
+        // A second after the first ask, c asks again, and making room evicts a and b.
         clock.advance(Duration::from_millis(500));
+        assert!(!limiter.check(&user("c")).allowed);
+        assert!(asked_for_room(&sweeper));
+        limiter.make_room();
+        assert_eq!(limiter.tracked_keys(), 0);
         let c = limiter.check(&user("c"));
         assert!(c.allowed);
         assert_eq!(c.remaining, 1, "a new caller's full quota");
         assert_eq!(limiter.tracked_keys(), 1);
-        assert_eq!(refused.get(), 2);
+        assert_eq!(refused.get(), 3);
         // The next new caller finds room without a sweep.
         assert!(limiter.check(&user("d")).allowed);
         assert_eq!(limiter.tracked_keys(), 2);
@@ -733,6 +793,39 @@ mod tests {
         assert!(!l.decide(game, &user("v")).unwrap().allowed);
         let count = |class| table_full.get_or_create(&LimiterLabels { class }).get();
         assert_eq!((count("anonymous"), count("proxy")), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn the_eviction_task_makes_room_when_a_full_limiter_asks() {
+        let l = Arc::new(RateLimits::new(
+            &RateLimitConfig {
+                proxy: None,
+                sessions_api: None,
+                anonymous: Some(quota(1, Duration::from_millis(20), 1)),
+                // No periodic eviction during the test: only asking for room can evict.
+                gc_interval: Duration::from_secs(3600),
+                ipv6_prefix: 64,
+                max_tracked_callers: 1,
+            },
+            &[],
+            &Family::default(),
+        ));
+        let game = RouteClass::Proxy {
+            auth: AuthMode::Session,
+            route: None,
+        };
+        let ip = |ip: &str| CallerKey::ip(ip.parse().unwrap(), 64);
+        assert!(l.decide(game, &ip("192.0.2.1")).unwrap().allowed);
+        let eviction = tokio::spawn(l.clone().run_eviction());
+        // 192.0.2.1 goes idle 20 ms after its request; room is asked for on the first refusal
+        // and again a second later, when it can be made.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !l.decide(game, &ip("192.0.2.2")).unwrap().allowed {
+            assert!(std::time::Instant::now() < deadline, "no room was made");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(l.tracked_keys(), 1, "192.0.2.1 was evicted to make room");
+        eviction.abort();
     }
 
     #[test]
