@@ -141,6 +141,7 @@ impl App {
             self.sessions.clone(),
             self.routes.api_prefix(),
             self.metrics.clone(),
+            self.config.jwt.leeway,
         );
         let stack = ServiceBuilder::new()
             // Keep or make X-Request-Id; every log line of the request carries it.

@@ -46,6 +46,8 @@ pub enum Rejection {
     /// session ids cannot be probed.
     #[error("no live session for this token")]
     SessionInvalid,
+    #[error("the user signed out everywhere after this token was issued; sign in again")]
+    SignedOut,
     #[error("the session store is unavailable; try again shortly")]
     StoreUnavailable,
     #[error("no such session")]
@@ -76,7 +78,8 @@ impl Rejection {
             Rejection::TokenMissing
             | Rejection::TokenInvalid
             | Rejection::TokenExpired
-            | Rejection::SessionInvalid => StatusCode::UNAUTHORIZED,
+            | Rejection::SessionInvalid
+            | Rejection::SignedOut => StatusCode::UNAUTHORIZED,
             Rejection::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Rejection::SessionNotFound => StatusCode::NOT_FOUND,
             Rejection::InvalidSessionId(_) => StatusCode::BAD_REQUEST,
@@ -103,6 +106,7 @@ impl Rejection {
             Rejection::TokenInvalid => "TOKEN_INVALID",
             Rejection::TokenExpired => "TOKEN_EXPIRED",
             Rejection::SessionInvalid => "SESSION_INVALID",
+            Rejection::SignedOut => "SIGNED_OUT",
             Rejection::StoreUnavailable => "SESSION_STORE_UNAVAILABLE",
             Rejection::SessionNotFound => "SESSION_NOT_FOUND",
             Rejection::InvalidSessionId(_) => "INVALID_SESSION_ID",
@@ -117,9 +121,10 @@ impl Rejection {
         let challenge = match self {
             Rejection::TokenMissing => Some("Bearer"),
             // A revoked or unknown session makes the token unusable: invalid_token as well.
-            Rejection::TokenInvalid | Rejection::TokenExpired | Rejection::SessionInvalid => {
-                Some(r#"Bearer error="invalid_token""#)
-            }
+            Rejection::TokenInvalid
+            | Rejection::TokenExpired
+            | Rejection::SessionInvalid
+            | Rejection::SignedOut => Some(r#"Bearer error="invalid_token""#),
             _ => None,
         };
         if let Some(challenge) = challenge {

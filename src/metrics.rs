@@ -366,7 +366,10 @@ impl Metrics {
 /// The coarse reason a rejection is counted under.
 pub fn rejection_reason(rejection: &Rejection) -> &'static str {
     match rejection {
-        Rejection::TokenMissing | Rejection::TokenInvalid | Rejection::TokenExpired => "token",
+        Rejection::TokenMissing
+        | Rejection::TokenInvalid
+        | Rejection::TokenExpired
+        | Rejection::SignedOut => "token",
         Rejection::SessionInvalid | Rejection::SessionNotFound => "session",
         Rejection::RateLimited => "rate_limit",
         Rejection::StoreUnavailable => "redis_unavailable",

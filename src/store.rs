@@ -453,10 +453,16 @@ return ARGV[1] .. times .. string.sub(v, body + 28, body + len - 1)
 
 /// Adds a session (id ARGV[1], ttl ARGV[2], details ARGV[3]), dropping expired ones; when the
 /// user would have more than ARGV[4], the least recently active make room. Returns Redis' time
-/// and the bodies of the sessions that made room.
+/// and the bodies of the sessions that made room; nothing when the user signed out everywhere
+/// (KEYS[2] holds when, in Unix seconds) after ARGV[5], the token's issue time plus the
+/// allowed clock skew (empty for a token without one).
 const CREATE: &str = concat!(
     session_lib!(),
     r"
+if ARGV[5] ~= '' then
+  local signed_out = redis.call('GET', KEYS[2])
+  if signed_out and tonumber(ARGV[5]) < tonumber(signed_out) then return false end
+end
 local now = now_ms()
 local v = redis.call('GET', KEYS[1]) or string.char(1)
 local recs = records(v)
@@ -558,15 +564,18 @@ return gone
 "
 );
 
-/// Removes all of a user's sessions (the key goes). Returns the bodies of those that were live.
+/// Removes all of a user's sessions (the key goes), and notes in KEYS[2] when (Unix seconds),
+/// for ARGV[1] milliseconds: tokens issued before then open no session. Returns the bodies of
+/// the sessions that were live.
 const DESTROY_ALL: &str = concat!(
     session_lib!(),
     r"
+local now = now_ms()
+redis.call('SET', KEYS[2], math.floor(now / 1000), 'PX', ARGV[1])
 local v = redis.call('GET', KEYS[1])
 if not v then return {} end
 local recs = records(v)
 if not recs then return corrupt() end
-local now = now_ms()
 local out = {}
 for _, r in ipairs(recs) do
   if r[4] > now then out[#out + 1] = body_of(v, r) end
@@ -1028,7 +1037,9 @@ impl Store {
 
     /// Adds a session (see `session::record`) and returns Redis' time, in Unix milliseconds,
     /// and the bodies of the least recently active sessions that made room for it when the
-    /// user already had `max_per_user`.
+    /// user already had `max_per_user`. `None`, adding nothing, when the user signed out
+    /// everywhere after `issued_by` (Unix seconds), the latest time the caller's token may
+    /// have been issued.
     pub async fn session_create(
         &self,
         user_id: &str,
@@ -1036,21 +1047,28 @@ impl Store {
         details: &[u8],
         ttl: Duration,
         max_per_user: usize,
-    ) -> Result<(u64, Vec<Vec<u8>>), StoreError> {
+        issued_by: Option<u64>,
+    ) -> Result<Option<(u64, Vec<Vec<u8>>)>, StoreError> {
         let key = self.sessions_key(user_id);
-        let reply: Vec<redis::Value> = self
+        let signed_out = self.signed_out_key(user_id);
+        let issued_by = issued_by.map(|t| t.to_string()).unwrap_or_default();
+        let reply: Option<Vec<redis::Value>> = self
             .invoke(
                 "session_create",
                 &self.scripts.create,
-                &[&key],
+                &[&key, &signed_out],
                 &[
                     session_id.as_bytes(),
                     ms(ttl).to_string().as_bytes(),
                     details,
                     max_per_user.to_string().as_bytes(),
+                    issued_by.as_bytes(),
                 ],
             )
             .await?;
+        let Some(reply) = reply else {
+            return Ok(None);
+        };
         let bad = || StoreError::Corrupt("session create reply".into());
         let (now, evicted) = reply.split_first().ok_or_else(bad)?;
         let now: u64 = redis::from_redis_value_ref(now).map_err(|_| bad())?;
@@ -1058,7 +1076,7 @@ impl Store {
             .iter()
             .map(|body| redis::from_redis_value_ref(body).map_err(|_| bad()))
             .collect::<Result<_, _>>()?;
-        Ok((now, evicted))
+        Ok(Some((now, evicted)))
     }
 
     /// Reads and slides a session in one round trip; its body (see `session::record`), or
@@ -1137,16 +1155,28 @@ impl Store {
         .await
     }
 
-    /// Deletes all of a user's sessions, returning the bodies of those that were live.
-    pub async fn session_destroy_all(&self, user_id: &str) -> Result<Vec<Vec<u8>>, StoreError> {
+    /// Deletes all of a user's sessions, returning the bodies of those that were live, and
+    /// refuses new sessions to tokens issued before now for `remember` (see `session_create`).
+    pub async fn session_destroy_all(
+        &self,
+        user_id: &str,
+        remember: Duration,
+    ) -> Result<Vec<Vec<u8>>, StoreError> {
         let key = self.sessions_key(user_id);
+        let signed_out = self.signed_out_key(user_id);
         self.invoke(
             "session_destroy_all",
             &self.scripts.destroy_all,
-            &[&key],
-            &[] as &[&[u8]],
+            &[&key, &signed_out],
+            &[ms(remember).max(1).to_string().as_bytes()],
         )
         .await
+    }
+
+    /// When the user last signed out everywhere: `{prefix}:signed-out:{userId}`, in the hash
+    /// slot of the user's sessions key.
+    pub fn signed_out_key(&self, user_id: &str) -> String {
+        format!("{}:signed-out:{{{user_id}}}", self.prefix)
     }
 
     /// Counts live sessions: SCAN over the users' keys in batches, each batch counted by one

@@ -149,7 +149,12 @@ async fn update_replaces_metadata_and_keeps_the_expiry() {
         ip_address: Some([198, 51, 100, 7].into()),
         device_id: None,
     };
-    let created = sessions.create("u1", &web).await.unwrap().created;
+    let created = sessions
+        .create("u1", &web, None)
+        .await
+        .unwrap()
+        .expect("no sign-out to refuse it")
+        .created;
     let before = sessions
         .get("u1", created.session_id)
         .await

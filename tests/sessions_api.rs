@@ -662,6 +662,57 @@ async fn delete_of_user_sessions_ends_every_session_of_the_caller_and_no_other()
     );
 }
 
+#[tokio::test]
+async fn after_signing_out_everywhere_a_token_issued_before_opens_no_session() {
+    let s = setup().await;
+    // Issued two minutes ago: older than the sign-out by more than `jwt.leeway` (30 s).
+    let issued = |sub: &str, ago: u64| {
+        sign(&json!({"sub": sub, "iat": now_secs() - ago, "exp": now_secs() + 3600}))
+    };
+    let stolen = issued("alice", 120);
+    let create = |bearer: String| client().post(s.url("/create")).bearer_auth(bearer).send();
+    assert_eq!(create(stolen.clone()).await.unwrap().status(), 201);
+    let bobs = issued("bob", 120);
+
+    let resp = client()
+        .delete(s.url("/user/sessions"))
+        .bearer_auth(token("alice", None))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let key = "aeturnis:signed-out:{alice}";
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(key)
+        .query(&mut s.redis.conn())
+        .unwrap();
+    assert!(
+        (TTL_SECS - 5..=TTL_SECS).contains(&ttl),
+        "remembered for the session ttl, not {ttl}"
+    );
+
+    let refused = create(stolen.clone()).await.unwrap();
+    assert_eq!(
+        refused
+            .headers()
+            .get("www-authenticate")
+            .and_then(|v| v.to_str().ok()),
+        Some(r#"Bearer error="invalid_token""#)
+    );
+    assert_error(refused, 401, "SIGNED_OUT").await;
+    assert!(s.stored_ids("alice").is_empty(), "nothing was opened");
+    // Within the allowed clock skew of the sign-out, a token counts as issued after it.
+    assert_eq!(create(issued("alice", 10)).await.unwrap().status(), 201);
+    // A token without iat cannot be told apart, so it is not refused.
+    let undated = sign(&json!({"sub": "alice", "exp": now_secs() + 3600}));
+    assert_eq!(create(undated).await.unwrap().status(), 201);
+    // Other users are not affected.
+    assert_eq!(create(bobs).await.unwrap().status(), 201);
+    // The stolen token still reads what there is, but cannot open a session.
+    assert_eq!(s.list("alice").await.len(), 2);
+    assert_error(create(stolen).await.unwrap(), 401, "SIGNED_OUT").await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // another user's session
 // ---------------------------------------------------------------------------------------------

@@ -37,6 +37,9 @@ pub struct Authenticated {
     /// `session_hint` is the token's own `sid` claim: the token is bound to that session, and
     /// is good for the session API only while the session lives.
     pub bound_to_session: bool,
+    /// The token's `iat` claim (Unix seconds), if it has one: a user's sign-out everywhere
+    /// refuses to open sessions for tokens issued before it.
+    pub issued_at: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -48,6 +51,8 @@ struct Claims {
     exp: u64,
     #[serde(default)]
     nbf: Option<u64>,
+    #[serde(default)]
+    iat: Option<u64>,
 }
 
 /// Verifies tokens against the configured keys and rules.
@@ -114,14 +119,14 @@ impl Verifier {
 
     /// Verifies a token; the rejection says why it failed without echoing it. A token that
     /// verified before has only its `exp` and `nbf` checked again.
-    pub fn verify(&self, token: &str) -> Result<(Arc<str>, Option<Arc<str>>), Rejection> {
+    pub fn verify(&self, token: &str) -> Result<Verified, Rejection> {
         if let Some(known) = self.verified.get(token) {
             // A clock before 1970 cannot vouch for anything: every remembered token is expired.
             let now = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(u64::MAX, |d| d.as_secs());
             return match known.check_time(now, self.validation.leeway) {
-                Ok(()) => Ok((known.user_id, known.sid)),
+                Ok(()) => Ok(known),
                 Err(rejection) => {
                     tracing::debug!(reason = ?rejection, "token rejected");
                     self.verified.remove(token);
@@ -146,7 +151,13 @@ impl Verifier {
                 _ => Rejection::TokenInvalid,
             }
         })?;
-        let Claims { sub, sid, exp, nbf } = data.claims;
+        let Claims {
+            sub,
+            sid,
+            exp,
+            nbf,
+            iat,
+        } = data.claims;
         if !valid_user_id(&sub) {
             tracing::debug!("token rejected: unusable sub");
             return Err(Rejection::TokenInvalid);
@@ -154,18 +165,15 @@ impl Verifier {
         if by_previous_key {
             self.verified_with_previous_key.inc();
         }
-        let user_id: Arc<str> = sub.into();
-        let sid: Option<Arc<str>> = sid.map(Arc::from);
-        self.verified.insert(
-            token,
-            Verified {
-                user_id: user_id.clone(),
-                sid: sid.clone(),
-                exp,
-                nbf,
-            },
-        );
-        Ok((user_id, sid))
+        let verified = Verified {
+            user_id: sub.into(),
+            sid: sid.map(Arc::from),
+            exp,
+            nbf,
+            iat,
+        };
+        self.verified.insert(token, verified.clone());
+        Ok(verified)
     }
 }
 
@@ -204,10 +212,13 @@ pub fn authenticate(
         };
     };
     match verifier.verify(token) {
-        Ok((user_id, sid)) => Ok(Some(Authenticated {
+        Ok(Verified {
+            user_id, sid, iat, ..
+        }) => Ok(Some(Authenticated {
             user_id,
             bound_to_session: sid.is_some(),
             session_hint: sid.or_else(|| session_header.map(Arc::from)),
+            issued_at: iat,
         })),
         // On open routes a bad token is ignored: the caller is simply anonymous.
         Err(rejection) if required => Err(rejection),
@@ -397,12 +408,13 @@ mod tests {
     fn a_minted_token_verifies_and_carries_its_claims() {
         let c = config();
         let token = dev_token(&c, "player-1", Some("s-1"), Duration::from_secs(60)).unwrap();
-        let (sub, sid) = Verifier::new(&c, Counter::default())
+        let claims = Verifier::new(&c, Counter::default())
             .unwrap()
             .verify(&token)
             .unwrap();
-        assert_eq!(&*sub, "player-1");
-        assert_eq!(sid.as_deref(), Some("s-1"));
+        assert_eq!(&*claims.user_id, "player-1");
+        assert_eq!(claims.sid.as_deref(), Some("s-1"));
+        assert!(claims.iat.is_some(), "dev tokens say when they were issued");
     }
 
     #[test]

@@ -21,12 +21,14 @@ use crate::error::Rejection;
 const WAYS: usize = 4;
 
 /// A verified token's identity and validity window.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Verified {
     pub user_id: Arc<str>,
     pub sid: Option<Arc<str>>,
     pub exp: u64,
     pub nbf: Option<u64>,
+    /// The `iat` claim, when the token has one.
+    pub iat: Option<u64>,
 }
 
 impl Verified {
@@ -167,6 +169,7 @@ mod tests {
             sid: None,
             exp,
             nbf,
+            iat: None,
         }
     }
 

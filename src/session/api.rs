@@ -14,6 +14,7 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
@@ -45,16 +46,25 @@ pub struct SessionApi {
     metrics: Arc<Metrics>,
     prefix: Arc<str>,
     openapi: Bytes,
+    /// `jwt.leeway`, in seconds: how far a token issuer's clock may run behind Redis' when a
+    /// token's issue time is compared with a sign-out.
+    clock_skew: u64,
 }
 
 impl SessionApi {
-    pub fn new(sessions: Arc<Sessions>, prefix: &str, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        sessions: Arc<Sessions>,
+        prefix: &str,
+        metrics: Arc<Metrics>,
+        clock_skew: Duration,
+    ) -> Self {
         let openapi = OPENAPI.replace(DEFAULT_PREFIX, prefix);
         SessionApi {
             sessions,
             metrics,
             prefix: prefix.into(),
             openapi: Bytes::from(openapi),
+            clock_skew: clock_skew.as_secs(),
         }
     }
 }
@@ -205,10 +215,12 @@ impl SessionApi {
         match (endpoint, method) {
             (Endpoint::Create, Method::POST) => {
                 let metadata = create_metadata(req).await?;
+                let issued_by = who.issued_at.map(|t| t.saturating_add(self.clock_skew));
                 let Opened { created, evicted } = sessions
-                    .create(user, &metadata)
+                    .create(user, &metadata, issued_by)
                     .await
-                    .map_err(store_failed)?;
+                    .map_err(store_failed)?
+                    .ok_or(Rejection::SignedOut)?;
                 self.metrics.sessions_created.inc();
                 for old in evicted {
                     self.metrics.sessions_evicted.inc();

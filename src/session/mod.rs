@@ -233,28 +233,44 @@ impl Sessions {
         })
     }
 
-    /// Opens a session for `user_id`; returns its id and expiry.
-    pub async fn create(&self, user_id: &str, metadata: &Metadata) -> Result<Opened, StoreError> {
+    /// Opens a session for `user_id`; returns its id and expiry. `None` when the user signed
+    /// out everywhere after `issued_by` (Unix seconds), the latest time the caller's token may
+    /// have been issued; a token without an issue time (`None`) is not checked.
+    pub async fn create(
+        &self,
+        user_id: &str,
+        metadata: &Metadata,
+        issued_by: Option<u64>,
+    ) -> Result<Option<Opened>, StoreError> {
         let session_id = Uuid::new_v4();
         let details = record::details(metadata)?;
         let created = self
             .store
-            .session_create(user_id, &session_id, &details, self.ttl, self.max_per_user)
+            .session_create(
+                user_id,
+                &session_id,
+                &details,
+                self.ttl,
+                self.max_per_user,
+                issued_by,
+            )
             .await;
         self.forget(user_id);
-        let (now, evicted) = created?;
+        let Some((now, evicted)) = created? else {
+            return Ok(None);
+        };
         let ttl_ms = u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX);
         let evicted = evicted
             .iter()
             .map(|body| Self::session(user_id, body))
             .collect::<Result<_, _>>()?;
-        Ok(Opened {
+        Ok(Some(Opened {
             created: Created {
                 session_id,
                 expires_at: time(now.saturating_add(ttl_ms)),
             },
             evicted,
-        })
+        }))
     }
 
     /// Reads a session without touching it.
@@ -374,9 +390,10 @@ impl Sessions {
         }
     }
 
-    /// Destroys all of the user's sessions, returning those that were live, oldest first.
+    /// Destroys all of the user's sessions, returning those that were live, oldest first. For
+    /// the session TTL from now, tokens issued before now open no new session.
     pub async fn destroy_all(&self, user_id: &str) -> Result<Vec<Session>, StoreError> {
-        let destroyed = self.store.session_destroy_all(user_id).await;
+        let destroyed = self.store.session_destroy_all(user_id, self.ttl).await;
         self.forget(user_id);
         let mut sessions = destroyed?
             .iter()
