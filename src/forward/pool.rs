@@ -164,7 +164,8 @@ impl Pool {
             .oneshot(self.0.target.clone())
             .await
             .map_err(PoolError::Connect)?;
-        let (sender, connection) = http1::Builder::new().handshake(io).await?;
+        // Writes flattened into one buffer, as the server side's (see `http1_builder`).
+        let (sender, connection) = http1::Builder::new().writev(false).handshake(io).await?;
         tokio::spawn(async move {
             if let Err(e) = connection.with_upgrades().await {
                 tracing::debug!(error = %e, "upstream connection closed with an error");

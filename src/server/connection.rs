@@ -224,7 +224,12 @@ fn http1_builder(limits: &ConnLimits) -> hyper::server::conn::http1::Builder {
         // `drive_http1`), as hyper's would cost an allocation and a timer entry per request.
         .header_read_timeout(None::<Duration>)
         .max_buf_size(limits.hard_header_cap())
-        .max_headers(MAX_HEADERS);
+        .max_headers(MAX_HEADERS)
+        // One buffer per write: a small response goes out in one `write` instead of a
+        // `writev` of head and body, which measured 2% fewer instructions per proxied request
+        // and less kernel time (bench/HISTORY.md). A body is copied into the buffer, at most
+        // `max_buf_size` at a time, as it is held in the queue otherwise.
+        .writev(false);
     builder
 }
 
