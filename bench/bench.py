@@ -1198,8 +1198,8 @@ def render(b):
     w(f"Against the hyper floor (6), the smallest proxy on the same HTTP engine (hyper, tokio): "
       f"6/2 = {ratio(6, 2):.2f}, **3/6 = {ratio(3, 6):.2f}**, **4/6 = {ratio(4, 6):.2f}**.")
     w("")
-    w(f"The raw floor (7), HTTP/1.1 relayed by hand with no HTTP engine and no checks, bounds what "
-      f"any proxy on tokio reaches here: **7/2 = {ratio(7, 2):.2f}**, 7/6 = {ratio(7, 6):.2f}, "
+    w(f"The raw floor (7), HTTP/1.1 relayed by hand with no HTTP engine and no checks, is about "
+      f"the most any proxy on tokio reaches here: **7/2 = {ratio(7, 2):.2f}**, 7/6 = {ratio(7, 6):.2f}, "
       f"3/7 = {ratio(3, 7):.2f}, 4/7 = {ratio(4, 7):.2f}.")
     w("")
 

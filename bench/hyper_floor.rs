@@ -12,9 +12,9 @@
 //! With `--engine raw` (scenario 7) it does not use hyper at all: each connection relays
 //! HTTP/1.1 messages by hand, parsing only what framing needs (httparse, `Content-Length`) and
 //! copying the bytes through unchanged, one message at a time. That is about the least any
-//! HTTP-aware proxy on tokio can do per request, so its throughput bounds what a hand-written
-//! HTTP engine under portcullis could ever reach on the machine. It handles the bench's traffic
-//! only: bodyless requests, and responses framed by `Content-Length`.
+//! HTTP-aware proxy on tokio can do per request, so its throughput is about the most a
+//! hand-written HTTP engine under portcullis could reach on the machine. It handles the bench's
+//! traffic only: bodyless requests, and responses framed by `Content-Length`.
 //!
 //!   hyper_floor --listen 127.0.0.1:PORT --upstream 127.0.0.1:PORT [--workers N] [--engine raw]
 //!
