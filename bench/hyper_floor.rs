@@ -5,7 +5,8 @@
 //! connection gets its own upstream connection, driven in the same task), no limits, no logs.
 //! Like portcullis it runs one single-threaded runtime per CPU, deals accepted connections to
 //! them round robin (workers that all accept from one socket get uneven shares, and a busy core
-//! next to an idle one caps throughput) and allocates with mimalloc. So
+//! next to an idle one caps throughput), writes each HTTP/1.1 message from one buffer
+//! (`writev(false)`) and allocates with mimalloc. So
 //! what scenario 6 reaches is what hyper and tokio alone reach on the machine: portcullis can
 //! only approach it, and the gap between the two is what portcullis' own work costs.
 //!
@@ -167,16 +168,19 @@ async fn proxy_connection(
     client.set_nodelay(true)?;
     let up = TcpStream::connect(upstream).await?;
     up.set_nodelay(true)?;
-    let (sender, upstream_conn) =
-        hyper::client::conn::http1::handshake::<_, Incoming>(TokioIo::new(up)).await?;
+    let (sender, upstream_conn) = hyper::client::conn::http1::Builder::new()
+        .writev(false)
+        .handshake::<_, Incoming>(TokioIo::new(up))
+        .await?;
     // HTTP/1.1 serves one request at a time, so the lock is never contended.
     let sender = Arc::new(Mutex::new(sender));
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let sender = sender.clone();
         async move { sender.lock().await.send_request(req).await }
     });
-    let server =
-        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(client), service);
+    let server = hyper::server::conn::http1::Builder::new()
+        .writev(false)
+        .serve_connection(TokioIo::new(client), service);
     tokio::select! {
         served = server => served?,
         ended = upstream_conn => ended?,
