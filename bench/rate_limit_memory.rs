@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use portcullis::config::Quota;
 use portcullis::rate_limit::{CallerKey, Limiter};
+use prometheus_client::metrics::counter::Counter;
+use tokio::sync::Notify;
 
 fn rss_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
@@ -22,11 +24,18 @@ fn rss_bytes() -> u64 {
 }
 
 fn measure(name: &str, keys: u32, key: impl Fn(u32) -> CallerKey) {
+    // No bound on callers: the whole table is what is measured.
     let limiter = Limiter::new(Quota {
         requests: NonZeroU32::new(100).unwrap(),
         per: Duration::from_secs(900),
         burst: NonZeroU32::new(100).unwrap(),
-    });
+    })
+    .bounded(
+        usize::MAX,
+        "bench",
+        Counter::default(),
+        Arc::new(Notify::new()),
+    );
     let before = rss_bytes();
     for i in 0..keys {
         assert!(limiter.check(&key(i)).allowed);

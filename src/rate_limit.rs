@@ -120,15 +120,23 @@ struct Table(Arc<TableInner>);
 
 struct TableInner {
     map: DashMapStateStore<CallerKey, RandomState>,
-    /// Keys in `map`. Exact but for inserts that race a recount after an eviction, which may be
-    /// counted twice or not at all until the next one.
+    /// Keys in `map`. Exact but for inserts that race a recount after an eviction, which may go
+    /// uncounted until the next one: never more than the keys there are.
     len: AtomicUsize,
 }
+
+/// An eviction holds each shard's write lock while it walks that shard, and a request whose
+/// caller hashes there waits for it (on a worker thread that serves other connections too).
+/// Many small shards keep each wait short: about 8,000 keys per shard at a million.
+const TABLE_SHARDS: usize = 128;
 
 impl Table {
     fn new() -> Self {
         Table(Arc::new(TableInner {
-            map: DashMapStateStore::with_hasher(RandomState::default()),
+            map: DashMapStateStore::with_hasher_and_shard_amount(
+                RandomState::default(),
+                TABLE_SHARDS,
+            ),
             len: AtomicUsize::new(0),
         }))
     }
