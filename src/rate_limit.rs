@@ -436,9 +436,9 @@ impl RateLimits {
     }
 
     /// Evicts idle keys every `rate_limit.gc_interval`, and from full limiters when one asks for
-    /// room, forever. A walk holds one shard lock after another for up to tens of milliseconds
-    /// at a million keys, so it runs on the blocking pool: the runtime's own work (accepting,
-    /// Redis) does not wait for it.
+    /// room, forever. A walk takes milliseconds at a million keys (one shard lock after
+    /// another), so it runs on the blocking pool: the runtime's own work (accepting, Redis)
+    /// does not wait for it.
     pub async fn run_eviction(self: Arc<Self>) {
         // The tables start empty: the first eviction is one interval away.
         let first = tokio::time::Instant::now() + self.gc_interval;
