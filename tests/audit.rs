@@ -159,6 +159,51 @@ async fn session_created_extended_and_destroyed_are_audited_once_each() {
 }
 
 #[tokio::test]
+async fn signing_out_everywhere_audits_each_session_it_ended() {
+    capture();
+    let redis = RedisServer::start();
+    let upstream = upstream().await;
+    let proxy = Proxy::start(&config(&upstream, &redis)).await;
+    let user = format!("audit-sign-out-{}", uuid::Uuid::new_v4());
+    let t = token(&user, None);
+    let on = |platform: &str| Some(serde_json::json!({"metadata": {"platform": platform}}));
+    let web = open_session(&proxy, &t, on("web")).await;
+    let ios = open_session(&proxy, &t, on("ios")).await;
+
+    let resp = client()
+        .delete(proxy.url("/api/v1/sessions/user/sessions"))
+        .bearer_auth(&t)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    // Emitted before the answer, so both are there once one is.
+    let destroyed = capture()
+        .wait_for(&format!("session_destroyed of {user}"), |e| {
+            e.target == "audit"
+                && e.field("event") == Some("session_destroyed")
+                && e.field("user_id") == Some(user.as_str())
+        })
+        .await;
+    let mut ended: Vec<(&str, &str)> = destroyed
+        .iter()
+        .map(|e| {
+            assert_eq!(e.field("client_ip"), Some("127.0.0.1"), "{e:#?}");
+            (
+                e.field("session_id").unwrap_or_default(),
+                e.field("platform").unwrap_or_default(),
+            )
+        })
+        .collect();
+    ended.sort_unstable();
+    let mut want = vec![(web.as_str(), "web"), (ios.as_str(), "ios")];
+    want.sort_unstable();
+    assert_eq!(ended, want);
+    let m = observe::scrape(proxy.admin).await;
+    assert_eq!(m.get("portcullis_sessions_destroyed_total", &[]), Some(2.0));
+}
+
+#[tokio::test]
 async fn a_session_ended_to_stay_within_max_per_user_is_audited_as_evicted() {
     capture();
     let redis = RedisServer::start();

@@ -218,3 +218,43 @@ async fn a_session_destroyed_through_one_replica_is_refused_by_the_other_within_
         assert_eq!(resp.status(), 200, "the user's other session still works");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signing_out_everywhere_through_one_replica_is_refused_by_the_other_within_100ms() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::echo().await;
+    let a = replica(&redis, &upstream).await;
+    let b = replica(&redis, &upstream).await;
+
+    let login = token("dave", None);
+    let mut bound = Vec::new();
+    for _ in 0..2 {
+        let created = client()
+            .post(a.url("/api/v1/sessions/create"))
+            .bearer_auth(&login)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(created.status(), 201);
+        let sid = json(created).await["data"]["sessionId"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        bound.push(token("dave", Some(&sid)));
+    }
+    // b holds both sessions in its cache when they end through a.
+    for bearer in &bound {
+        observe::until_cached(&b.url("/game"), bearer, b.admin).await;
+    }
+    let signed_out = client()
+        .delete(a.url("/api/v1/sessions/user/sessions"))
+        .bearer_auth(&login)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(signed_out.status(), 200);
+    let at = Instant::now();
+    for bearer in &bound {
+        refused_within(&b.url("/game"), bearer, at, Duration::from_millis(100)).await;
+    }
+}

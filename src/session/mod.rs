@@ -395,10 +395,18 @@ impl Sessions {
     pub async fn destroy_all(&self, user_id: &str) -> Result<Vec<Session>, StoreError> {
         let destroyed = self.store.session_destroy_all(user_id, self.ttl).await;
         self.forget(user_id);
-        let mut sessions = destroyed?
+        // They are gone whatever follows: one that cannot be read is logged and left out,
+        // rather than failing a sign-out that happened.
+        let mut sessions: Vec<Session> = destroyed?
             .iter()
-            .map(|body| Self::session(user_id, body))
-            .collect::<Result<Vec<_>, _>>()?;
+            .filter_map(|body| match Self::session(user_id, body) {
+                Ok(session) => Some(session),
+                Err(e) => {
+                    tracing::warn!(error = %e, user_id, "a destroyed session could not be read");
+                    None
+                }
+            })
+            .collect();
         sessions.sort_by_key(|s| (s.created_at, s.session_id));
         Ok(sessions)
     }
