@@ -219,6 +219,8 @@ pub struct Limiter<C: Clock = DefaultClock> {
     max_tracked: usize,
     /// Which limiter this is, for the log.
     class: &'static str,
+    /// For a route's own quota, the route's path prefix, for the log.
+    route: Option<Box<str>>,
     /// New callers refused because the table was full.
     refused: Counter,
     start: C::Instant,
@@ -251,6 +253,7 @@ impl<C: Clock> Limiter<C> {
             per_request,
             max_tracked: DEFAULT_MAX_TRACKED_CALLERS,
             class: "",
+            route: None,
             refused: Counter::default(),
             start,
             last_sweep: AtomicU64::new(0),
@@ -338,6 +341,7 @@ impl<C: Clock> Limiter<C> {
         if take_turn(&self.last_warning, self.elapsed(), WARN_EVERY) {
             tracing::warn!(
                 limiter = self.class,
+                route = self.route.as_deref(),
                 max_tracked_callers = self.max_tracked,
                 refused_so_far = self.refused.get(),
                 "rate limiter full: callers it does not track yet are refused until tracked ones go idle (rate_limit.max_tracked_callers)"
@@ -398,7 +402,10 @@ impl RateLimits {
                 .map(|r| match r.rate_limit {
                     RouteLimit::Inherit => RouteLimiter::Inherit,
                     RouteLimit::Off => RouteLimiter::Off,
-                    RouteLimit::Own(quota) => RouteLimiter::Own(limiter("route", quota)),
+                    RouteLimit::Own(quota) => RouteLimiter::Own(Limiter {
+                        route: Some(r.path_prefix.as_str().into()),
+                        ..limiter("route", quota)
+                    }),
                 })
                 .collect(),
             gc_interval: config.gc_interval,

@@ -359,3 +359,28 @@ async fn a_new_caller_is_refused_while_the_limiter_tracks_its_maximum() {
         Some(1.0)
     );
 }
+
+#[tokio::test]
+async fn a_full_route_limiter_names_its_route_in_the_warning() {
+    observe::capture();
+    let upstream = Upstream::echo().await;
+    let proxy = start(&format!(
+        "[upstream]\nurl = \"{}\"\n[server]\ntrusted_proxies = [\"127.0.0.1\"]\n[rate_limit]\nmax_tracked_callers = 1\ngc_interval = \"1h\"\n[[routes]]\npath_prefix = \"/login-full\"\nauth = \"none\"\nrate_limit = {{ requests = 10, per = \"1h\" }}\n",
+        upstream.url()
+    ))
+    .await;
+    let via = |xff: &'static str| {
+        client()
+            .get(format!("{}/login-full", proxy.url))
+            .header("x-forwarded-for", xff)
+            .send()
+    };
+    assert_eq!(via("192.0.2.10").await.unwrap().status(), 200);
+    assert_eq!(via("192.0.2.11").await.unwrap().status(), 429);
+    let warned = observe::capture()
+        .wait_for("the full route limiter's warning", |e| {
+            e.level == tracing::Level::WARN && e.field("route") == Some("/login-full")
+        })
+        .await;
+    assert_eq!(warned[0].field("limiter"), Some("route"), "{warned:#?}");
+}
