@@ -1784,7 +1784,7 @@ const MAX_SESSIONS_PER_USER: usize = 1000;
 /// Session expiry is stored as 48-bit Unix milliseconds (`session::record`), which run out in
 /// the year 10889; a longer ttl would wrap to 1970 and every new session be born expired. A
 /// century (humantime's `100y`) outlasts any session and stays far inside that.
-const MAX_SESSION_TTL: Duration = Duration::from_secs(100 * 31_557_600);
+pub const MAX_SESSION_TTL: Duration = Duration::from_secs(100 * 31_557_600);
 
 /// Header names an identity header may not take, with what each already does.
 const RESERVED_HEADERS: &[(&str, &str)] = &[

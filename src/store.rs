@@ -1179,6 +1179,15 @@ impl Store {
         format!("{}:signed-out:{{{user_id}}}", self.prefix)
     }
 
+    /// When (Unix seconds) the user last signed out everywhere, while that is remembered.
+    pub async fn signed_out_at(&self, user_id: &str) -> Result<Option<u64>, StoreError> {
+        let key = self.signed_out_key(user_id);
+        self.run("session_signed_out", |mut c| async move {
+            redis::cmd("GET").arg(&key).query_async(&mut c).await
+        })
+        .await
+    }
+
     /// Counts live sessions: SCAN over the users' keys in batches, each batch counted by one
     /// script. Costs one pass over the keyspace, whatever the request rate. (A batch spans hash
     /// slots, so on Redis Cluster this would count per key instead; the store speaks to one

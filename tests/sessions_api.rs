@@ -663,35 +663,42 @@ async fn delete_of_user_sessions_ends_every_session_of_the_caller_and_no_other()
 }
 
 #[tokio::test]
-async fn after_signing_out_everywhere_a_token_issued_before_opens_no_session() {
+async fn after_signing_out_everywhere_a_token_issued_before_can_do_nothing_in_the_api() {
     let s = setup().await;
+    let claims = |sub: &str, iat: Value, exp: u64| json!({"sub": sub, "iat": iat, "exp": exp});
     // Issued two minutes ago: older than the sign-out by more than `jwt.leeway` (30 s).
-    let issued = |sub: &str, ago: u64| {
-        sign(&json!({"sub": sub, "iat": now_secs() - ago, "exp": now_secs() + 3600}))
-    };
+    let issued =
+        |sub: &str, ago: u64| sign(&claims(sub, json!(now_secs() - ago), now_secs() + 3600));
     let stolen = issued("alice", 120);
-    let create = |bearer: String| client().post(s.url("/create")).bearer_auth(bearer).send();
-    assert_eq!(create(stolen.clone()).await.unwrap().status(), 201);
+    let create = |bearer: &str| client().post(s.url("/create")).bearer_auth(bearer).send();
+    let list = |bearer: &str| {
+        client()
+            .get(s.url("/user/sessions"))
+            .bearer_auth(bearer)
+            .send()
+    };
+    let sign_out = |bearer: &str| {
+        client()
+            .delete(s.url("/user/sessions"))
+            .bearer_auth(bearer)
+            .send()
+    };
+    assert_eq!(create(&stolen).await.unwrap().status(), 201);
     let bobs = issued("bob", 120);
 
-    let resp = client()
-        .delete(s.url("/user/sessions"))
-        .bearer_auth(token("alice", None))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let key = "aeturnis:signed-out:{alice}";
+    // Signed out with a token good for two hours, longer than the session TTL (1 h).
+    let signing_out = sign(&claims("alice", json!(now_secs()), now_secs() + 7200));
+    assert_eq!(sign_out(&signing_out).await.unwrap().status(), 200);
     let ttl: i64 = redis::cmd("TTL")
-        .arg(key)
+        .arg("aeturnis:signed-out:{alice}")
         .query(&mut s.redis.conn())
         .unwrap();
     assert!(
-        (TTL_SECS - 5..=TTL_SECS).contains(&ttl),
-        "remembered for the session ttl, not {ttl}"
+        (7200 - 5..=7200 + 30).contains(&ttl),
+        "remembered while the signing-out token is good (plus the leeway), not {ttl} s"
     );
 
-    let refused = create(stolen.clone()).await.unwrap();
+    let refused = create(&stolen).await.unwrap();
     assert_eq!(
         refused
             .headers()
@@ -701,16 +708,57 @@ async fn after_signing_out_everywhere_a_token_issued_before_opens_no_session() {
     );
     assert_error(refused, 401, "SIGNED_OUT").await;
     assert!(s.stored_ids("alice").is_empty(), "nothing was opened");
+    // The user signs in again; the old token can neither see nor end what they open.
+    let fresh = s.create("alice").await;
+    assert_error(list(&stolen).await.unwrap(), 401, "SIGNED_OUT").await;
+    let get = client()
+        .get(s.url(&format!("/{fresh}")))
+        .bearer_auth(&stolen)
+        .send();
+    assert_error(get.await.unwrap(), 401, "SIGNED_OUT").await;
+    assert_error(sign_out(&stolen).await.unwrap(), 401, "SIGNED_OUT").await;
+    assert_eq!(s.stored_ids("alice"), set(&[&fresh]));
+    // A fractional iat (RFC 7519 allows one) counts by its whole seconds.
+    let fractional = |ago: f64| {
+        sign(&claims(
+            "alice",
+            json!(now_secs() as f64 - ago),
+            now_secs() + 3600,
+        ))
+    };
+    assert_error(create(&fractional(120.5)).await.unwrap(), 401, "SIGNED_OUT").await;
+    assert_eq!(create(&fractional(0.25)).await.unwrap().status(), 201);
     // Within the allowed clock skew of the sign-out, a token counts as issued after it.
-    assert_eq!(create(issued("alice", 10)).await.unwrap().status(), 201);
-    // A token without iat cannot be told apart, so it is not refused.
-    let undated = sign(&json!({"sub": "alice", "exp": now_secs() + 3600}));
-    assert_eq!(create(undated).await.unwrap().status(), 201);
+    assert_eq!(create(&issued("alice", 10)).await.unwrap().status(), 201);
+    // A token without a usable iat cannot be told apart, so it is not refused.
+    for iat in [Value::Null, json!("yesterday")] {
+        let undated = sign(&claims("alice", iat, now_secs() + 3600));
+        assert_eq!(create(&undated).await.unwrap().status(), 201);
+    }
     // Other users are not affected.
-    assert_eq!(create(bobs).await.unwrap().status(), 201);
-    // The stolen token still reads what there is, but cannot open a session.
-    assert_eq!(s.list("alice").await.len(), 2);
-    assert_error(create(stolen).await.unwrap(), 401, "SIGNED_OUT").await;
+    assert_eq!(create(&bobs).await.unwrap().status(), 201);
+}
+
+#[tokio::test]
+async fn signing_out_with_a_token_good_for_centuries_is_remembered_for_at_most_100_years() {
+    let s = setup().await;
+    let forever =
+        sign(&json!({"sub": "alice", "iat": now_secs(), "exp": now_secs() + 200 * 31_557_600}));
+    let resp = client()
+        .delete(s.url("/user/sessions"))
+        .bearer_auth(&forever)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let ttl: i64 = redis::cmd("TTL")
+        .arg("aeturnis:signed-out:{alice}")
+        .query(&mut s.redis.conn())
+        .unwrap();
+    assert!(
+        (100 * 31_557_600 - 5..=100 * 31_557_600).contains(&ttl),
+        "{ttl}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -37,9 +37,11 @@ pub struct Authenticated {
     /// `session_hint` is the token's own `sid` claim: the token is bound to that session, and
     /// is good for the session API only while the session lives.
     pub bound_to_session: bool,
-    /// The token's `iat` claim (Unix seconds), if it has one: a user's sign-out everywhere
-    /// refuses to open sessions for tokens issued before it.
+    /// The token's `iat` claim (Unix seconds), if it has a usable one: after a user signs out
+    /// everywhere, the session API refuses tokens issued before.
     pub issued_at: Option<u64>,
+    /// The token's `exp` claim (Unix seconds).
+    pub expires_at: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -51,8 +53,23 @@ struct Claims {
     exp: u64,
     #[serde(default)]
     nbf: Option<u64>,
-    #[serde(default)]
+    /// Lenient: RFC 7519 allows a fractional NumericDate, and before the sign-out check used it,
+    /// any `iat` was accepted; one that is not a number counts as absent.
+    #[serde(default, deserialize_with = "numeric_date")]
     iat: Option<u64>,
+}
+
+/// A NumericDate claim as whole seconds: `None` for a value that is not a non-negative number.
+fn numeric_date<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let value = Option::<serde_json::Value>::deserialize(d)?;
+    Ok(match value {
+        Some(serde_json::Value::Number(n)) => n.as_u64().or_else(|| {
+            n.as_f64()
+                .filter(|f| f.is_finite() && *f >= 0.0 && *f < u64::MAX as f64)
+                .map(|f| f as u64)
+        }),
+        _ => None,
+    })
 }
 
 /// Verifies tokens against the configured keys and rules.
@@ -213,12 +230,17 @@ pub fn authenticate(
     };
     match verifier.verify(token) {
         Ok(Verified {
-            user_id, sid, iat, ..
+            user_id,
+            sid,
+            iat,
+            exp,
+            ..
         }) => Ok(Some(Authenticated {
             user_id,
             bound_to_session: sid.is_some(),
             session_hint: sid.or_else(|| session_header.map(Arc::from)),
             issued_at: iat,
+            expires_at: exp,
         })),
         // On open routes a bad token is ignored: the caller is simply anonymous.
         Err(rejection) if required => Err(rejection),

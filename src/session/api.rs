@@ -211,11 +211,20 @@ impl SessionApi {
                 return Err(Rejection::SessionInvalid);
             }
         }
+        // A token issued before the user signed out everywhere can do nothing here: not list
+        // the sessions opened since, nor end them, nor sign the user out again. `create` checks
+        // the same inside its script, so that the check and the write are one step.
+        let issued_by = who.issued_at.map(|t| t.saturating_add(self.clock_skew));
+        if let (Some(issued_by), false) = (issued_by, matches!(endpoint, Endpoint::Create)) {
+            let signed_out = sessions.signed_out_at(user).await.map_err(store_failed)?;
+            if signed_out.is_some_and(|at| issued_by < at) {
+                return Err(Rejection::SignedOut);
+            }
+        }
 
         match (endpoint, method) {
             (Endpoint::Create, Method::POST) => {
                 let metadata = create_metadata(req).await?;
-                let issued_by = who.issued_at.map(|t| t.saturating_add(self.clock_skew));
                 let Opened { created, evicted } = sessions
                     .create(user, &metadata, issued_by)
                     .await
@@ -248,7 +257,19 @@ impl SessionApi {
             }
             // Signing out everywhere: every session of the caller's, this one included.
             (Endpoint::List, Method::DELETE) => {
-                let destroyed = sessions.destroy_all(user).await.map_err(store_failed)?;
+                // Remembered at least as long as the token that signs out is good: a stolen token
+                // issued with it lives about as long.
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                let token_left = who
+                    .expires_at
+                    .saturating_sub(now)
+                    .saturating_add(self.clock_skew);
+                let destroyed = sessions
+                    .destroy_all(user, Duration::from_secs(token_left))
+                    .await
+                    .map_err(store_failed)?;
                 for session in &destroyed {
                     self.metrics.sessions_destroyed.inc();
                     audit(

@@ -391,9 +391,16 @@ impl Sessions {
     }
 
     /// Destroys all of the user's sessions, returning those that were live, oldest first. For
-    /// the session TTL from now, tokens issued before now open no new session.
-    pub async fn destroy_all(&self, user_id: &str) -> Result<Vec<Session>, StoreError> {
-        let destroyed = self.store.session_destroy_all(user_id, self.ttl).await;
+    /// the session TTL or `at_least`, whichever is longer, tokens issued before now open no
+    /// new session (see [`Sessions::signed_out_at`]).
+    pub async fn destroy_all(
+        &self,
+        user_id: &str,
+        at_least: Duration,
+    ) -> Result<Vec<Session>, StoreError> {
+        // Bounded as the TTL is: Redis refuses an expiry past its range.
+        let remember = self.ttl.max(at_least).min(crate::config::MAX_SESSION_TTL);
+        let destroyed = self.store.session_destroy_all(user_id, remember).await;
         self.forget(user_id);
         // They are gone whatever follows: one that cannot be read is logged and left out,
         // rather than failing a sign-out that happened.
@@ -409,6 +416,12 @@ impl Sessions {
             .collect();
         sessions.sort_by_key(|s| (s.created_at, s.session_id));
         Ok(sessions)
+    }
+
+    /// When (Unix seconds, Redis' clock) the user last signed out everywhere, while that is
+    /// remembered.
+    pub async fn signed_out_at(&self, user_id: &str) -> Result<Option<u64>, StoreError> {
+        self.store.signed_out_at(user_id).await
     }
 
     /// The user's live sessions, oldest first.
