@@ -215,7 +215,8 @@ impl SessionApi {
         // the sessions opened since, nor end them, nor sign the user out again. `create` checks
         // the same inside its script, so that the check and the write are one step.
         let issued_by = who.issued_at.map(|t| t.saturating_add(self.clock_skew));
-        if let (Some(issued_by), false) = (issued_by, matches!(endpoint, Endpoint::Create)) {
+        let checked_here = !matches!(endpoint, Endpoint::Create | Endpoint::Unknown);
+        if let (Some(issued_by), true) = (issued_by, checked_here) {
             let signed_out = sessions.signed_out_at(user).await.map_err(store_failed)?;
             if signed_out.is_some_and(|at| issued_by < at) {
                 return Err(Rejection::SignedOut);
