@@ -156,6 +156,21 @@ async fn replica(redis: &RedisServer, upstream: &Upstream) -> observe::Binary {
     replica
 }
 
+/// Opens a session through `replica`'s session API; its id.
+async fn open_on(replica: &observe::Binary, login: &str) -> String {
+    let created = client()
+        .post(replica.url("/api/v1/sessions/create"))
+        .bearer_auth(login)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    json(created).await["data"]["sessionId"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_destroyed_through_one_replica_is_refused_by_the_other_within_100ms() {
     let redis = RedisServer::start();
@@ -164,22 +179,9 @@ async fn a_session_destroyed_through_one_replica_is_refused_by_the_other_within_
     let b = replica(&redis, &upstream).await;
 
     let login = token("carol", None);
-    let open = || async {
-        let created = client()
-            .post(a.url("/api/v1/sessions/create"))
-            .bearer_auth(&login)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(created.status(), 201);
-        json(created).await["data"]["sessionId"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
     // carol's sessions share one Redis key: ending one must not end the other.
-    let sid = open().await;
-    let kept = open().await;
+    let sid = open_on(&a, &login).await;
+    let kept = open_on(&a, &login).await;
     let t = token("carol", Some(&sid));
     let t_kept = token("carol", Some(&kept));
     // Both replicas have confirmed (and cached) both sessions. A check that rewrites
@@ -229,18 +231,7 @@ async fn signing_out_everywhere_through_one_replica_is_refused_by_the_other_with
     let login = token("dave", None);
     let mut bound = Vec::new();
     for _ in 0..2 {
-        let created = client()
-            .post(a.url("/api/v1/sessions/create"))
-            .bearer_auth(&login)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(created.status(), 201);
-        let sid = json(created).await["data"]["sessionId"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        bound.push(token("dave", Some(&sid)));
+        bound.push(token("dave", Some(&open_on(&a, &login).await)));
     }
     // b holds both sessions in its cache when they end through a.
     for bearer in &bound {
