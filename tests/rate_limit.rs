@@ -231,12 +231,22 @@ fn behind_a_load_balancer(upstream: &str, requests: u32) -> String {
     )
 }
 
-async fn status_via(http: &reqwest::Client, proxy: &Limited, xff: Option<&str>) -> u16 {
-    let mut req = http.get(format!("{}/x", proxy.url));
+/// GET `path` as a trusted load balancer forwarding for `xff`, if given.
+async fn get_via(
+    http: &reqwest::Client,
+    proxy: &Limited,
+    path: &str,
+    xff: Option<&str>,
+) -> reqwest::Response {
+    let mut req = http.get(format!("{}{path}", proxy.url));
     if let Some(xff) = xff {
         req = req.header("x-forwarded-for", xff);
     }
-    req.send().await.unwrap().status().as_u16()
+    req.send().await.unwrap()
+}
+
+async fn status_via(http: &reqwest::Client, proxy: &Limited, xff: Option<&str>) -> u16 {
+    get_via(http, proxy, "/x", xff).await.status().as_u16()
 }
 
 #[tokio::test]
@@ -322,15 +332,11 @@ async fn a_new_caller_is_refused_while_the_limiter_tracks_its_maximum() {
     ))
     .await;
     let http = client();
-    let via = |xff: &'static str| {
-        http.get(format!("{}/x", proxy.url))
-            .header("x-forwarded-for", xff)
-            .send()
-    };
-    assert_eq!(via("192.0.2.1").await.unwrap().status(), 200);
-    assert_eq!(via("192.0.2.2").await.unwrap().status(), 200);
+    let via = |xff| get_via(&http, &proxy, "/x", Some(xff));
+    assert_eq!(via("192.0.2.1").await.status(), 200);
+    assert_eq!(via("192.0.2.2").await.status(), 200);
 
-    let refused = via("192.0.2.3").await.unwrap();
+    let refused = via("192.0.2.3").await;
     assert_eq!(header(&refused, "retry-after"), 1);
     assert_eq!(header(&refused, "ratelimit-limit"), 10);
     assert_eq!(header(&refused, "ratelimit-remaining"), 0);
@@ -344,10 +350,10 @@ async fn a_new_caller_is_refused_while_the_limiter_tracks_its_maximum() {
     assert_eq!(proxy.limits.tracked_keys(), 2, "nor the limiter's table");
 
     // The callers already tracked keep their quotas.
-    let again = via("192.0.2.1").await.unwrap();
+    let again = via("192.0.2.1").await;
     assert_eq!(again.status(), 200);
     assert_eq!(header(&again, "ratelimit-remaining"), 8);
-    assert_eq!(via("192.0.2.2").await.unwrap().status(), 200);
+    assert_eq!(via("192.0.2.2").await.status(), 200);
     assert_eq!(upstream.count(), 4);
 
     let m = observe::scrape(proxy.admin).await;
@@ -369,14 +375,10 @@ async fn a_full_route_limiter_names_its_route_in_the_warning() {
         upstream.url()
     ))
     .await;
-    let via = |xff: &'static str| {
-        client()
-            .get(format!("{}/login-full", proxy.url))
-            .header("x-forwarded-for", xff)
-            .send()
-    };
-    assert_eq!(via("192.0.2.10").await.unwrap().status(), 200);
-    assert_eq!(via("192.0.2.11").await.unwrap().status(), 429);
+    let http = client();
+    let via = |xff| get_via(&http, &proxy, "/login-full", Some(xff));
+    assert_eq!(via("192.0.2.10").await.status(), 200);
+    assert_eq!(via("192.0.2.11").await.status(), 429);
     let warned = observe::capture()
         .wait_for("the full route limiter's warning", |e| {
             e.level == tracing::Level::WARN && e.field("route") == Some("/login-full")
