@@ -335,10 +335,11 @@ impl<C: Clock> Limiter<C> {
 
     fn refuse_for_want_of_room(&self) -> Decision {
         self.refused.inc();
-        if take_turn(&self.last_sweep, self.elapsed(), SWEEP_EVERY) {
+        let now = self.elapsed();
+        if take_turn(&self.last_sweep, now, SWEEP_EVERY) {
             self.sweeper.notify_one();
         }
-        if take_turn(&self.last_warning, self.elapsed(), WARN_EVERY) {
+        if take_turn(&self.last_warning, now, WARN_EVERY) {
             tracing::warn!(
                 limiter = self.class,
                 route = self.route.as_deref(),
