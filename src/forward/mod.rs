@@ -13,8 +13,7 @@ use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderName};
 use http::uri::PathAndQuery;
-use http::{Extensions, HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version};
-use hyper_util::rt::TokioIo;
+use http::{Extensions, HeaderMap, HeaderValue, Request, Response, Uri, Version};
 use smallvec::SmallVec;
 
 use crate::config::{IdentityConfig, UpstreamConfig};
@@ -26,9 +25,10 @@ use crate::session::gate::Identity;
 use crate::session::tunnels::{TunnelLease, TunnelSession};
 use crate::{Body, BoxResponse};
 
+mod client;
 mod pool;
 
-pub use pool::{Pool, PoolError, REPLAY_AFTER_IDLE};
+pub use pool::{Pool, PoolError, Upgraded, REPLAY_AFTER_IDLE};
 
 /// Live WebSocket tunnels, shared with whoever wants to count them.
 #[derive(Debug, Default)]
@@ -77,7 +77,7 @@ impl UpgradeHandoff {
 
 /// The upstream's side of an accepted upgrade, counted as an open tunnel while it lives.
 pub struct Tunnel {
-    upstream: hyper::upgrade::OnUpgrade,
+    upstream: Upgraded,
     _guard: TunnelGuard,
     /// The session it was admitted on, if its route needs one: the tunnel ends with it.
     lease: Option<TunnelLease>,
@@ -91,14 +91,7 @@ impl Tunnel {
     where
         C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
-        let upstream = match self.upstream.await {
-            Ok(upgraded) => upgraded,
-            Err(e) => {
-                tracing::debug!(error = %e, "upstream upgrade failed");
-                return;
-            }
-        };
-        let mut upstream = TokioIo::new(upstream);
+        let mut upstream = self.upstream;
         let (mut client_read, mut client_write) = tokio::io::split(&mut client);
         let (mut upstream_read, mut upstream_write) = tokio::io::split(&mut upstream);
         let session_ended = async {
@@ -263,17 +256,17 @@ impl Upstream {
             },
         };
         let elapsed = started.elapsed();
-        let mut response = match result {
+        let (response, switched) = match result {
             Err(_) => return Err(Rejection::UpstreamTimeout(self.config.request_timeout)),
             Ok(Err(e)) => return Err(self.classify(e)),
-            Ok(Ok(response)) => response,
+            Ok(Ok(answer)) => answer,
         };
 
-        let upgraded = response.status() == StatusCode::SWITCHING_PROTOCOLS;
-        if upgraded {
+        let upgraded = switched.is_some();
+        if let Some(upstream) = switched {
             match handoff {
                 Some(handoff) => handoff.give(Tunnel {
-                    upstream: hyper::upgrade::on(&mut response),
+                    upstream,
                     _guard: TunnelGuard::new(self.tunnels.clone()),
                     lease: extensions
                         .remove::<TunnelSession>()
@@ -322,9 +315,9 @@ impl Upstream {
 
         // The request id is portcullis' own: a Connection header naming it does not drop it.
         strip_hop_by_hop(&mut parts.headers, false, &[&X_REQUEST_ID]);
-        // hyper's client sends a GET, HEAD or CONNECT no body unless the head says one
-        // follows: a body that came chunked (HTTP/1.1, its Transfer-Encoding just removed) or
-        // in DATA frames without a length (HTTP/2) says so here, chunked.
+        // The upstream client frames a body as the head says: one that came chunked
+        // (HTTP/1.1, its Transfer-Encoding just removed) or in DATA frames without a length
+        // (HTTP/2) goes up chunked.
         if !http_body::Body::is_end_stream(&body)
             && !parts.headers.contains_key(header::CONTENT_LENGTH)
         {

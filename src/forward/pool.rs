@@ -1,25 +1,25 @@
 //! One worker's keep-alive pool of HTTP/1.1 connections to the upstream.
 //!
-//! hyper's connection API driven directly. A connection goes back into the pool the moment its
-//! response body has been read to the end, from inside that body, so returning it costs no task
-//! and no wakeup. The most recently returned connection is taken first: steady traffic keeps a
-//! small hot set busy, and the rest reach `pool_idle_timeout`, when the reaper closes them.
+//! The connections speak portcullis' own client ([`super::client`]), in the request's task. A
+//! connection goes back into the pool the moment its answer has been read to the end, from
+//! inside the answer's body, so returning it costs no task and no wakeup. The most recently
+//! returned connection is taken first: steady traffic keeps a small hot set busy, and the rest
+//! reach `pool_idle_timeout`, when the reaper closes them.
 
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
-use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode, Uri};
-use http_body::{Body as _, Frame, SizeHint};
-use hyper::body::Incoming;
-use hyper::client::conn::http1::{self, SendRequest};
+use http::{Request, Response, Uri};
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioIo;
 use tower::ServiceExt;
 
+use super::client::{self, Answer, Conn, Home};
 use crate::config::UpstreamConfig;
 use crate::{Body, BoxError};
+
+pub use super::client::Upgraded;
 
 type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 
@@ -33,10 +33,10 @@ pub enum PoolError {
     #[error("cannot connect to the upstream")]
     Connect(#[source] BoxError),
     #[error(transparent)]
-    Http(#[from] hyper::Error),
+    Exchange(#[from] client::Error),
 }
 
-/// A worker's pool; clones share it. Its connections are driven by tasks on the runtime that
+/// A worker's pool; clones share it. Its connections are used by the tasks of the runtime that
 /// opened them, so a pool belongs to one worker.
 #[derive(Clone)]
 pub struct Pool(Arc<Shared>);
@@ -59,7 +59,7 @@ struct Idle {
 }
 
 struct IdleConn {
-    sender: SendRequest<Body>,
+    conn: Conn,
     since: Instant,
 }
 
@@ -95,37 +95,33 @@ impl Pool {
     }
 
     /// Sends `req` (origin-form target, Host set) on a pooled connection, or on a new one when
-    /// none is ready.
+    /// none is ready. A 101 comes back with the connection, handed over to the new protocol.
     ///
     /// A pooled connection can be closed by the upstream (its keep-alive timeout, a reload) just
-    /// as a request goes out on it. A request it never sent moves on to the next connection.
-    /// One it sent goes again on a new connection when the connection had been idle for
-    /// [`REPLAY_AFTER_IDLE`] (the case of keep-alive timeouts) and repeating it is harmless: an
-    /// idempotent method without a body, and no byte of a response received.
-    pub async fn send(&self, mut req: Request<Body>) -> Result<Response<Body>, PoolError> {
-        while let Some((mut sender, idle)) = self.checkout() {
+    /// as a request goes out on it. The request goes again on a new connection when the
+    /// connection had been idle for [`REPLAY_AFTER_IDLE`] (the case of keep-alive timeouts)
+    /// and repeating it is harmless: an idempotent method without a body, and no byte of an
+    /// answer received.
+    pub async fn send(
+        &self,
+        mut req: Request<Body>,
+    ) -> Result<(Response<Body>, Option<Upgraded>), PoolError> {
+        if let Some((conn, idle)) = self.checkout() {
             // Kept only for connections at risk: copying the head costs 4% of a request.
             let replay = (idle >= REPLAY_AFTER_IDLE)
                 .then(|| Replay::of(&req))
                 .flatten();
-            match sender.try_send_request(req).await {
-                Ok(response) => return Ok(self.attach(sender, response)),
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) => req = unsent,
-                    None => {
-                        let error = e.into_error();
-                        match &replay {
-                            Some(replay) if closed_under_request(&error) => {
-                                tracing::debug!(
-                                    %error,
-                                    "pooled connection was closed; sending again on a new one"
-                                );
-                                req = replay.request();
-                                break;
-                            }
-                            _ => return Err(error.into()),
-                        }
+            match client::exchange(conn, req, self.0.clone()).await {
+                Ok(answer) => return Ok(answer.into()),
+                Err(error) => match replay {
+                    Some(replay) if error.closed_before_answer() => {
+                        tracing::debug!(
+                            %error,
+                            "pooled connection was closed; sending again on a new one"
+                        );
+                        req = replay.request();
                     }
+                    _ => return Err(error.into()),
                 },
             }
         }
@@ -137,26 +133,25 @@ impl Pool {
     async fn send_on_new_connection(
         &self,
         req: Request<Body>,
-    ) -> Result<Response<Body>, PoolError> {
-        let mut sender = self.connect().await?;
-        let response = sender.send_request(req).await?;
-        Ok(self.attach(sender, response))
+    ) -> Result<(Response<Body>, Option<Upgraded>), PoolError> {
+        let conn = self.connect().await?;
+        Ok(client::exchange(conn, req, self.0.clone()).await?.into())
     }
 
     /// The most recently returned connection that is still open and not past its idle time,
     /// with how long it was idle.
-    fn checkout(&self) -> Option<(SendRequest<Body>, Duration)> {
+    fn checkout(&self) -> Option<(Conn, Duration)> {
         let mut idle = self.0.idle.lock().ok()?;
-        while let Some(conn) = idle.conns.pop() {
-            let idle_for = conn.since.elapsed();
-            if conn.sender.is_ready() && idle_for < self.0.idle_timeout {
-                return Some((conn.sender, idle_for));
+        while let Some(mut parked) = idle.conns.pop() {
+            let idle_for = parked.since.elapsed();
+            if idle_for < self.0.idle_timeout && parked.conn.is_open() {
+                return Some((parked.conn, idle_for));
             }
         }
         None
     }
 
-    async fn connect(&self) -> Result<SendRequest<Body>, PoolError> {
+    async fn connect(&self) -> Result<Conn, PoolError> {
         let io = self
             .0
             .connector
@@ -164,33 +159,26 @@ impl Pool {
             .oneshot(self.0.target.clone())
             .await
             .map_err(PoolError::Connect)?;
-        // Writes flattened into one buffer, as the server side's (see `http1_builder`).
-        let (sender, connection) = http1::Builder::new().writev(false).handshake(io).await?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.with_upgrades().await {
-                tracing::debug!(error = %e, "upstream connection closed with an error");
-            }
-        });
-        Ok(sender)
-    }
-
-    /// The response with a body that returns `sender` to the pool once read to the end. A 101
-    /// hands the connection to the upgrade, so it never comes back.
-    fn attach(&self, sender: SendRequest<Body>, response: Response<Incoming>) -> Response<Body> {
-        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-            return response.map(Body::new);
-        }
-        let home = Some((sender, self.0.clone()));
-        response.map(|body| Body::new(PooledBody { body, home }))
+        Ok(Conn::new(TokioIo::new(io)))
     }
 }
 
-impl Shared {
-    /// Takes back a connection whose exchange is complete. One that is not ready for another
-    /// request (closed, or still sending a request body the upstream did not wait for) is let
-    /// go, and hyper closes it when it is done.
-    fn put_back(self: &Arc<Self>, sender: SendRequest<Body>) {
-        if !sender.is_ready() || self.max_idle == 0 {
+impl From<Answer<Arc<Shared>>> for (Response<Body>, Option<Upgraded>) {
+    fn from(answer: Answer<Arc<Shared>>) -> Self {
+        match answer {
+            Answer::Response(response) => (response.map(Body::new), None),
+            Answer::Switched(response, upgraded) => (
+                response.map(|()| Body::new(http_body_util::Empty::<Bytes>::new())),
+                Some(upgraded),
+            ),
+        }
+    }
+}
+
+impl Home for Arc<Shared> {
+    /// Takes back a connection whose exchange is complete.
+    fn take_back(&self, conn: Conn) {
+        if self.max_idle == 0 {
             return;
         }
         let Ok(mut idle) = self.idle.lock() else {
@@ -200,7 +188,7 @@ impl Shared {
             idle.conns.remove(0);
         }
         idle.conns.push(IdleConn {
-            sender,
+            conn,
             since: Instant::now(),
         });
         if !idle.reaping {
@@ -248,26 +236,7 @@ impl Replay {
     }
 }
 
-/// The upstream closed or reset the connection before any of a response arrived.
-fn closed_under_request(error: &hyper::Error) -> bool {
-    use std::io::ErrorKind;
-    if error.is_incomplete_message() {
-        return true;
-    }
-    let mut source = std::error::Error::source(error);
-    while let Some(e) = source {
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            return matches!(
-                io.kind(),
-                ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::ConnectionAborted
-            );
-        }
-        source = e.source();
-    }
-    false
-}
-
-/// Closes idle connections as they pass `timeout` (and forgets those the upstream closed);
+/// Closes idle connections as they pass `timeout` (and those the upstream closed);
 /// ends when none is left, until the next one comes back.
 async fn reap(pool: Weak<Shared>, timeout: Duration) {
     loop {
@@ -278,7 +247,7 @@ async fn reap(pool: Weak<Shared>, timeout: Duration) {
             };
             let now = Instant::now();
             idle.conns
-                .retain(|c| now.duration_since(c.since) < timeout && !c.sender.is_closed());
+                .retain_mut(|c| now.duration_since(c.since) < timeout && c.conn.is_open());
             match idle.conns.first() {
                 Some(oldest) => oldest.since + timeout,
                 None => {
@@ -288,57 +257,5 @@ async fn reap(pool: Weak<Shared>, timeout: Duration) {
             }
         };
         tokio::time::sleep_until(next_due.into()).await;
-    }
-}
-
-/// An upstream response body that returns its connection to the pool when read to the end.
-/// Dropped before that, it takes the connection with it: hyper cannot reuse a connection
-/// with an unread response on it.
-struct PooledBody {
-    body: Incoming,
-    home: Option<(SendRequest<Body>, Arc<Shared>)>,
-}
-
-impl PooledBody {
-    fn release(&mut self) {
-        if let Some((sender, pool)) = self.home.take() {
-            pool.put_back(sender);
-        }
-    }
-}
-
-impl http_body::Body for PooledBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = self.get_mut();
-        let frame = ready!(Pin::new(&mut this.body).poll_frame(cx));
-        match &frame {
-            Some(Err(_)) => this.home = None,
-            Some(Ok(_)) if !this.body.is_end_stream() => {}
-            _ => this.release(),
-        }
-        Poll::Ready(frame)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
-    }
-}
-
-impl Drop for PooledBody {
-    fn drop(&mut self) {
-        // Bodiless responses (HEAD, 204, 304) are never polled: they end here.
-        if self.body.is_end_stream() {
-            self.release();
-        }
     }
 }

@@ -1,0 +1,1433 @@
+//! The HTTP/1.1 client side of an upstream connection.
+//!
+//! An exchange runs in the request's own task: it writes the request, reads the answer's head,
+//! and the answer's body then reads the rest from the socket as the client connection asks for
+//! it. No task sits between a request and its upstream socket, so an answer wakes one task, not
+//! two (hyper's client drives each connection from a task of its own, which cost a third of a
+//! proxied request's instructions).
+//!
+//! Framing follows RFC 9112 section 6. A connection goes back to the pool only when its answer
+//! ended exactly where its framing said, its request went out whole, and the upstream left
+//! nothing more on it: a byte out of place would be read as the next request's answer.
+
+use std::io;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body::{Body as _, Frame, SizeHint};
+use hyper_util::rt::TokioIo;
+use smallvec::SmallVec;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::{Body, BoxError};
+
+/// A connected upstream socket, plain or TLS.
+pub(super) type Io = TokioIo<hyper_rustls::MaybeHttpsStream<TokioIo<tokio::net::TcpStream>>>;
+
+/// Most header lines an answer's head (or trailer section) may have, as hyper allows.
+const MAX_HEADERS: usize = 100;
+/// Largest answer head (or trailer section), as hyper's client allows.
+const MAX_HEAD_BYTES: usize = 8192 + 4096 * 100;
+/// Longest chunk-size line, extensions included.
+const MAX_CHUNK_LINE: usize = 4096;
+/// Room each read asks for.
+const READ_CHUNK: usize = 8 * 1024;
+/// The request body is read from the client only while less than this waits to be written.
+const WRITE_HIGH_WATER: usize = 64 * 1024;
+
+/// Why an exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Nothing of an answer arrived before the connection closed: the upstream closed it under
+    /// the request (a keep-alive timeout, a restart).
+    #[error("the upstream closed the connection before answering")]
+    ClosedBeforeAnswer(#[source] Option<io::Error>),
+    #[error("writing to the upstream failed")]
+    Write(#[source] io::Error),
+    #[error("reading from the upstream failed")]
+    Read(#[source] io::Error),
+    #[error("the upstream closed the connection in the middle of an answer")]
+    Truncated,
+    #[error("the upstream's answer is malformed: {0}")]
+    Malformed(&'static str),
+    #[error("the upstream's answer head is malformed")]
+    MalformedHead(#[source] httparse::Error),
+    #[error("the request body failed")]
+    Upload(#[source] BoxError),
+    #[error("the request body does not match its framing: {0}")]
+    UploadLength(&'static str),
+}
+
+impl Error {
+    /// The request may not have reached the upstream in a state it could act on.
+    pub fn closed_before_answer(&self) -> bool {
+        matches!(self, Error::ClosedBeforeAnswer(_))
+    }
+}
+
+/// Where a connection goes when its exchange is complete and it can carry another.
+pub(super) trait Home: Send + Sync + Unpin + 'static {
+    fn take_back(&self, conn: Conn);
+}
+
+/// An upstream connection between exchanges.
+pub struct Conn {
+    /// Boxed: a TLS session is large, and a connection moves in and out of the pool and through
+    /// every request's future.
+    io: Box<Io>,
+    /// Read from the upstream and not yet consumed.
+    read: BytesMut,
+    /// Waiting to be written to the upstream.
+    write: BytesMut,
+}
+
+impl Conn {
+    pub(super) fn new(io: Io) -> Conn {
+        Conn {
+            io: Box::new(io),
+            read: BytesMut::new(),
+            write: BytesMut::new(),
+        }
+    }
+
+    /// Still open, with nothing on it that no request asked for. Looks without waiting: the
+    /// socket is polled with a waker that does nothing.
+    pub(super) fn is_open(&mut self) -> bool {
+        if !self.read.is_empty() || !self.write.is_empty() {
+            return false;
+        }
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        // Ready means an end of stream, an error, or bytes no request asked for.
+        self.poll_fill(&mut cx).is_pending()
+    }
+
+    /// Reads what the upstream has sent into `read`; `Ok(0)` at the end of the stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.read.capacity() - self.read.len() < READ_CHUNK / 2 {
+            self.read.reserve(READ_CHUNK);
+        }
+        tokio_util::io::poll_read_buf(Pin::new(&mut *self.io), cx, &mut self.read)
+    }
+
+    /// Writes all of `write`, then flushes (TLS keeps records back until then).
+    fn poll_write_all(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.write.is_empty() {
+            let n = ready!(Pin::new(&mut *self.io).poll_write(cx, &self.write))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.write.advance(n);
+        }
+        Pin::new(&mut *self.io).poll_flush(cx)
+    }
+}
+
+/// What an exchange produced: an answer whose body reads the rest of it, or, for a 101, the
+/// connection handed to the new protocol.
+pub(super) enum Answer<H: Home> {
+    Response(Response<ResponseBody<H>>),
+    Switched(Response<()>, Upgraded),
+}
+
+/// Sends `req` (origin-form target, Host set, HTTP/1.1 framing headers as they are to be
+/// written) on `conn` and reads the answer's head. A request body goes on being sent while
+/// the answer is read: an upstream may answer early, and one that streams its answer as the
+/// body arrives gets the rest of the body as its answer is read.
+pub(super) async fn exchange<H: Home>(
+    mut conn: Conn,
+    req: Request<Body>,
+    home: H,
+) -> Result<Answer<H>, Error> {
+    let (parts, body) = req.into_parts();
+    let mut upload = Some(Upload::start(&parts, body, &mut conn.write)?);
+    let mut write_error = None;
+    let mut received = false;
+    let head = std::future::poll_fn(|cx| {
+        if let Some(sending) = &mut upload {
+            match sending.poll_send(&mut conn, cx) {
+                Poll::Ready(Ok(())) => upload = None,
+                // The upstream may have answered and closed: read what it said.
+                Poll::Ready(Err(Error::Write(e))) => {
+                    upload = None;
+                    write_error = Some(e);
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {}
+            }
+        }
+        match ready!(poll_head(&mut conn, cx, &parts.method, &mut received)) {
+            Err(Error::ClosedBeforeAnswer(None)) if write_error.is_some() => {
+                Poll::Ready(Err(Error::ClosedBeforeAnswer(write_error.take())))
+            }
+            other => Poll::Ready(other),
+        }
+    })
+    .await?;
+    // An answer after a failed write comes on a connection that cannot carry another.
+    let keep_alive = head.keep_alive && write_error.is_none();
+
+    if head.status == StatusCode::SWITCHING_PROTOCOLS {
+        // The request went out whole before the upstream could agree to switch; what is
+        // left is at most a flush.
+        if let Some(mut sending) = upload {
+            std::future::poll_fn(|cx| sending.poll_send(&mut conn, cx)).await?;
+        }
+        let response = head.into_response(());
+        let upgraded = Upgraded {
+            io: conn.io,
+            read: conn.read,
+        };
+        return Ok(Answer::Switched(response, upgraded));
+    }
+
+    let decode = head.framing;
+    let mut body = ResponseBody {
+        conn: Some(conn),
+        upload,
+        decode,
+        keep_alive,
+        home,
+    };
+    if decode == Decode::Done {
+        body.finish();
+    }
+    Ok(Answer::Response(head.into_response(body)))
+}
+
+/// The request body on its way up, framed as its head says.
+struct Upload {
+    body: Body,
+    framing: UploadFraming,
+    /// All of the body is in the write buffer, or has gone.
+    ended: bool,
+}
+
+#[derive(Clone, Copy)]
+enum UploadFraming {
+    /// Neither Content-Length nor Transfer-Encoding: no body may follow.
+    None,
+    /// Content-Length; the bytes still owed.
+    Length(u64),
+    Chunked,
+}
+
+impl Upload {
+    /// Writes the request head into `out` and sets the body up to follow it.
+    fn start(
+        parts: &http::request::Parts,
+        body: Body,
+        out: &mut BytesMut,
+    ) -> Result<Upload, Error> {
+        let framing = if parts.headers.contains_key(header::TRANSFER_ENCODING) {
+            UploadFraming::Chunked
+        } else if let Some(length) = parts.headers.get(header::CONTENT_LENGTH) {
+            let length = std::str::from_utf8(length.as_bytes())
+                .ok()
+                .and_then(|l| l.trim().parse::<u64>().ok())
+                .ok_or(Error::UploadLength("Content-Length is not a number"))?;
+            UploadFraming::Length(length)
+        } else {
+            UploadFraming::None
+        };
+        encode_head(parts, out);
+        let mut upload = Upload {
+            ended: false,
+            framing,
+            body,
+        };
+        if upload.body.is_end_stream() {
+            upload.end(out)?;
+        }
+        Ok(upload)
+    }
+
+    /// Moves the body into `conn`'s write buffer and the buffer to the upstream; ready once all
+    /// of the request has been written.
+    fn poll_send(&mut self, conn: &mut Conn, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        loop {
+            while !self.ended && conn.write.len() < WRITE_HIGH_WATER {
+                match Pin::new(&mut self.body).poll_frame(cx) {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        self.encode(frame, &mut conn.write)?;
+                        if !self.ended && self.body.is_end_stream() {
+                            self.end(&mut conn.write)?;
+                        }
+                    }
+                    Poll::Ready(None) => self.end(&mut conn.write)?,
+                    Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(Error::Upload(e))),
+                    Poll::Pending => break,
+                }
+            }
+            if conn.write.is_empty() && !self.ended {
+                // Waiting for the client's next piece of the body.
+                return Poll::Pending;
+            }
+            ready!(conn.poll_write_all(cx)).map_err(Error::Write)?;
+            if self.ended {
+                return Poll::Ready(Ok(()));
+            }
+        }
+    }
+
+    fn encode(&mut self, frame: Frame<Bytes>, out: &mut BytesMut) -> Result<(), Error> {
+        let frame = match frame.into_data() {
+            Ok(data) => {
+                if data.is_empty() {
+                    return Ok(());
+                }
+                match &mut self.framing {
+                    UploadFraming::None => {
+                        return Err(Error::UploadLength("a body without a length or chunking"))
+                    }
+                    UploadFraming::Length(owed) => {
+                        *owed = owed
+                            .checked_sub(data.len() as u64)
+                            .ok_or(Error::UploadLength("longer than its Content-Length"))?;
+                        out.extend_from_slice(&data);
+                    }
+                    UploadFraming::Chunked => {
+                        put_hex(out, data.len());
+                        out.extend_from_slice(b"\r\n");
+                        out.extend_from_slice(&data);
+                        out.extend_from_slice(b"\r\n");
+                    }
+                }
+                return Ok(());
+            }
+            Err(frame) => frame,
+        };
+        // Trailers travel only in a chunked body; a body framed otherwise has nowhere for them.
+        if let (Ok(trailers), UploadFraming::Chunked) = (frame.into_trailers(), self.framing) {
+            out.extend_from_slice(b"0\r\n");
+            put_headers(out, &trailers);
+            out.extend_from_slice(b"\r\n");
+            self.ended = true;
+        }
+        Ok(())
+    }
+
+    fn end(&mut self, out: &mut BytesMut) -> Result<(), Error> {
+        if self.ended {
+            return Ok(());
+        }
+        self.ended = true;
+        match self.framing {
+            UploadFraming::None | UploadFraming::Length(0) => Ok(()),
+            UploadFraming::Length(_) => Err(Error::UploadLength("shorter than its Content-Length")),
+            UploadFraming::Chunked => {
+                out.extend_from_slice(b"0\r\n\r\n");
+                Ok(())
+            }
+        }
+    }
+}
+
+/// `METHOD target HTTP/1.1`, then each header as it is.
+fn encode_head(parts: &http::request::Parts, out: &mut BytesMut) {
+    let target = parts
+        .uri
+        .path_and_query()
+        .map_or("/", http::uri::PathAndQuery::as_str);
+    let headers_len: usize = parts
+        .headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    out.reserve(parts.method.as_str().len() + target.len() + 13 + headers_len);
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.put_u8(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    put_headers(out, &parts.headers);
+    out.extend_from_slice(b"\r\n");
+}
+
+fn put_headers(out: &mut BytesMut, headers: &HeaderMap) {
+    for (name, value) in headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+fn put_hex(out: &mut BytesMut, n: usize) {
+    let digits = (usize::BITS - n.leading_zeros()).div_ceil(4).max(1);
+    for i in (0..digits).rev() {
+        out.put_u8(b"0123456789abcdef"[(n >> (i * 4)) & 0xf]);
+    }
+}
+
+/// An answer's head, parsed.
+#[derive(Debug)]
+struct Head {
+    status: StatusCode,
+    version: Version,
+    headers: HeaderMap,
+    /// A reason phrase other than the status code's usual one, kept for the client.
+    reason: Option<hyper::ext::ReasonPhrase>,
+    framing: Decode,
+    keep_alive: bool,
+}
+
+impl Head {
+    fn into_response<B>(self, body: B) -> Response<B> {
+        let mut response = Response::new(body);
+        *response.status_mut() = self.status;
+        *response.version_mut() = self.version;
+        *response.headers_mut() = self.headers;
+        if let Some(reason) = self.reason {
+            response.extensions_mut().insert(reason);
+        }
+        response
+    }
+}
+
+/// Reads until a final answer's head is complete; informational answers (100, 103) are read
+/// and dropped. `received` records whether any byte of an answer arrived.
+fn poll_head(
+    conn: &mut Conn,
+    cx: &mut Context<'_>,
+    method: &Method,
+    received: &mut bool,
+) -> Poll<Result<Head, Error>> {
+    loop {
+        if !conn.read.is_empty() {
+            *received = true;
+            match parse_head(&mut conn.read, method)? {
+                Parsed::Final(head) => return Poll::Ready(Ok(head)),
+                Parsed::Informational => continue,
+                Parsed::Partial if conn.read.len() > MAX_HEAD_BYTES => {
+                    return Poll::Ready(Err(Error::Malformed("the head is too large")))
+                }
+                Parsed::Partial => {}
+            }
+        }
+        match ready!(conn.poll_fill(cx)) {
+            Ok(0) if *received => return Poll::Ready(Err(Error::Truncated)),
+            Ok(0) => return Poll::Ready(Err(Error::ClosedBeforeAnswer(None))),
+            Ok(_) => {}
+            Err(e) if !*received && closed_under_us(&e) => {
+                return Poll::Ready(Err(Error::ClosedBeforeAnswer(Some(e))))
+            }
+            Err(e) => return Poll::Ready(Err(Error::Read(e))),
+        }
+    }
+}
+
+fn closed_under_us(e: &io::Error) -> bool {
+    use io::ErrorKind;
+    matches!(
+        e.kind(),
+        ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::ConnectionAborted
+    )
+}
+
+#[derive(Debug)]
+enum Parsed {
+    Partial,
+    Informational,
+    Final(Head),
+}
+
+/// Parses the head at the start of `buf`, taking it off `buf` when complete. Header values
+/// share the head's bytes rather than copying them.
+fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Parsed, Error> {
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut parsed,
+        buf,
+        &mut slots,
+    ) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
+        Err(e) => return Err(Error::MalformedHead(e)),
+    };
+    let status = parsed
+        .code
+        .and_then(|code| StatusCode::from_u16(code).ok())
+        .ok_or(Error::Malformed("the status code is out of range"))?;
+    if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
+        buf.advance(len);
+        return Ok(Parsed::Informational);
+    }
+    let version = match parsed.version {
+        Some(1) => Version::HTTP_11,
+        _ => Version::HTTP_10,
+    };
+    let reason = parsed
+        .reason
+        .filter(|r| !r.is_empty() && Some(*r) != status.canonical_reason())
+        .and_then(|r| hyper::ext::ReasonPhrase::try_from(r.as_bytes()).ok());
+
+    // Where each name and value lies in the head, so that the head can be frozen and shared.
+    let base = buf.as_ptr() as usize;
+    let span = |s: &[u8]| {
+        let start = (s.as_ptr() as usize).wrapping_sub(base);
+        if s.is_empty() || start + s.len() > len {
+            0..0
+        } else {
+            start..start + s.len()
+        }
+    };
+    let spans: SmallVec<[(std::ops::Range<usize>, std::ops::Range<usize>); 24]> = parsed
+        .headers
+        .iter()
+        .map(|h| (span(h.name.as_bytes()), span(h.value)))
+        .collect();
+    let head = buf.split_to(len).freeze();
+
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    for (name, value) in spans {
+        let name = HeaderName::from_bytes(&head[name])
+            .map_err(|_| Error::Malformed("a header name is invalid"))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(value))
+            .map_err(|_| Error::Malformed("a header value is invalid"))?;
+        headers.append(name, value);
+    }
+    let (framing, keep_alive) = framing(status, version, method, &mut headers)?;
+    Ok(Parsed::Final(Head {
+        status,
+        version,
+        headers,
+        reason,
+        framing,
+        keep_alive,
+    }))
+}
+
+/// How the answer's body is delimited (RFC 9112 6.3), and whether the connection can carry
+/// another exchange after it. A Content-Length beside a Transfer-Encoding is removed: the
+/// latter decides, and the client must not be told otherwise.
+fn framing(
+    status: StatusCode,
+    version: Version,
+    method: &Method,
+    headers: &mut HeaderMap,
+) -> Result<(Decode, bool), Error> {
+    let mut close = false;
+    let mut keep_alive_token = false;
+    for value in headers.get_all(header::CONNECTION) {
+        for token in value.as_bytes().split(|b| *b == b',') {
+            let token = token.trim_ascii();
+            close |= token.eq_ignore_ascii_case(b"close");
+            keep_alive_token |= token.eq_ignore_ascii_case(b"keep-alive");
+        }
+    }
+    let keep_alive = !close && (version == Version::HTTP_11 || keep_alive_token);
+
+    if status == StatusCode::SWITCHING_PROTOCOLS
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+        || method == Method::HEAD
+    {
+        return Ok((Decode::Done, keep_alive));
+    }
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        if version == Version::HTTP_10 {
+            return Err(Error::Malformed("Transfer-Encoding in an HTTP/1.0 answer"));
+        }
+        headers.remove(header::CONTENT_LENGTH);
+        let chunked = headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .next_back()
+            .and_then(|v| v.as_bytes().rsplit(|b| *b == b',').next())
+            .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        return Ok(if chunked {
+            (Decode::ChunkSize, keep_alive)
+        } else {
+            (Decode::UntilClose, false)
+        });
+    }
+    let mut length = None;
+    for value in headers.get_all(header::CONTENT_LENGTH) {
+        for item in value.as_bytes().split(|b| *b == b',') {
+            let item = item.trim_ascii();
+            let n = std::str::from_utf8(item)
+                .ok()
+                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|s| s.parse::<u64>().ok())
+                .ok_or(Error::Malformed("Content-Length is not a number"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(Error::Malformed("Content-Length values differ"));
+            }
+            length = Some(n);
+        }
+    }
+    Ok(match length {
+        Some(0) => (Decode::Done, keep_alive),
+        Some(n) => (Decode::Length(n), keep_alive),
+        None => (Decode::UntilClose, false),
+    })
+}
+
+/// Where the reading of an answer's body stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Decode {
+    /// Bytes still to come of a Content-Length body.
+    Length(u64),
+    /// A chunk-size line is next.
+    ChunkSize,
+    /// Bytes still to come of the current chunk.
+    ChunkData(u64),
+    /// The CRLF after a chunk's data is next.
+    ChunkEnd,
+    /// The trailer section after the last chunk is next.
+    Trailers,
+    /// Everything until the upstream closes.
+    UntilClose,
+    Done,
+}
+
+/// An answer's body, read from the connection as it is polled. Read to its end, it sends the
+/// connection home; dropped before that, it closes it.
+pub(super) struct ResponseBody<H: Home> {
+    conn: Option<Conn>,
+    /// The request body, if the upstream answered before all of it went up.
+    upload: Option<Upload>,
+    decode: Decode,
+    keep_alive: bool,
+    home: H,
+}
+
+impl<H: Home> ResponseBody<H> {
+    /// The body has ended: the connection goes home if it can carry another exchange.
+    fn finish(&mut self) {
+        self.decode = Decode::Done;
+        if let Some(conn) = self.conn.take() {
+            if self.keep_alive && self.upload.is_none() && conn.read.is_empty() {
+                self.home.take_back(conn);
+            }
+        }
+    }
+
+    fn fail(&mut self, error: Error) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        self.decode = Decode::Done;
+        self.conn = None;
+        Poll::Ready(Some(Err(error)))
+    }
+
+    /// The next frame of the body; `Ready(None)` at its end.
+    fn poll_decode(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        loop {
+            let Some(conn) = self.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            let need_more = match self.decode {
+                Decode::Done => return Poll::Ready(None),
+                Decode::Length(owed) | Decode::ChunkData(owed) if !conn.read.is_empty() => {
+                    let n = owed.min(conn.read.len() as u64);
+                    let data = conn.read.split_to(n as usize).freeze();
+                    match (self.decode, owed - n) {
+                        (Decode::Length(_), 0) => self.finish(),
+                        (Decode::Length(_), left) => self.decode = Decode::Length(left),
+                        (_, 0) => self.decode = Decode::ChunkEnd,
+                        (_, left) => self.decode = Decode::ChunkData(left),
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Decode::Length(_) | Decode::ChunkData(_) => true,
+                Decode::UntilClose if !conn.read.is_empty() => {
+                    let data = conn.read.split().freeze();
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Decode::UntilClose => true,
+                Decode::ChunkSize => match httparse::parse_chunk_size(&conn.read) {
+                    Ok(httparse::Status::Complete((used, size))) => {
+                        conn.read.advance(used);
+                        self.decode = if size == 0 {
+                            Decode::Trailers
+                        } else {
+                            Decode::ChunkData(size)
+                        };
+                        false
+                    }
+                    Ok(httparse::Status::Partial) if conn.read.len() > MAX_CHUNK_LINE => {
+                        return self.fail(Error::Malformed("a chunk-size line is too long"))
+                    }
+                    Ok(httparse::Status::Partial) => true,
+                    Err(_) => return self.fail(Error::Malformed("a chunk size is invalid")),
+                },
+                Decode::ChunkEnd => match conn.read.get(..2) {
+                    Some(b"\r\n") => {
+                        conn.read.advance(2);
+                        self.decode = Decode::ChunkSize;
+                        false
+                    }
+                    Some(_) => return self.fail(Error::Malformed("a chunk overruns its size")),
+                    None if conn.read.first().is_some_and(|b| *b != b'\r') => {
+                        return self.fail(Error::Malformed("a chunk overruns its size"))
+                    }
+                    None => true,
+                },
+                Decode::Trailers => match parse_trailers(&mut conn.read) {
+                    Ok(None) if conn.read.len() > MAX_HEAD_BYTES => {
+                        return self.fail(Error::Malformed("the trailer section is too large"))
+                    }
+                    Ok(None) => true,
+                    Ok(Some(trailers)) => {
+                        self.finish();
+                        return Poll::Ready(
+                            (!trailers.is_empty()).then(|| Ok(Frame::trailers(trailers))),
+                        );
+                    }
+                    Err(e) => return self.fail(e),
+                },
+            };
+            if need_more {
+                match ready!(conn.poll_fill(cx)) {
+                    Ok(0) if self.decode == Decode::UntilClose => {
+                        // The end of the stream is this body's end; the connection ends too.
+                        self.decode = Decode::Done;
+                        self.conn = None;
+                        return Poll::Ready(None);
+                    }
+                    Ok(0) => return self.fail(Error::Truncated),
+                    Ok(_) => {}
+                    Err(e) => return self.fail(Error::Read(e)),
+                }
+            }
+        }
+    }
+}
+
+/// The trailer section after a chunked body's last chunk, taken off `buf` when complete.
+fn parse_trailers(buf: &mut BytesMut) -> Result<Option<HeaderMap>, Error> {
+    if buf.starts_with(b"\r\n") {
+        buf.advance(2);
+        return Ok(Some(HeaderMap::new()));
+    }
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let (len, fields) = match httparse::parse_headers(buf, &mut slots) {
+        Ok(httparse::Status::Complete(done)) => done,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(Error::MalformedHead(e)),
+    };
+    let mut trailers = HeaderMap::with_capacity(fields.len());
+    for field in fields {
+        let name = HeaderName::from_bytes(field.name.as_bytes())
+            .map_err(|_| Error::Malformed("a trailer name is invalid"))?;
+        let value = HeaderValue::from_bytes(field.value)
+            .map_err(|_| Error::Malformed("a trailer value is invalid"))?;
+        trailers.append(name, value);
+    }
+    buf.advance(len);
+    Ok(Some(trailers))
+}
+
+impl<H: Home> http_body::Body for ResponseBody<H> {
+    type Data = Bytes;
+    type Error = Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        let this = self.get_mut();
+        // An upstream that answered before the whole request body arrived gets the rest while
+        // its answer is read; one that streams its answer as the body comes needs it.
+        if let (Some(upload), Some(conn)) = (&mut this.upload, &mut this.conn) {
+            match upload.poll_send(conn, cx) {
+                Poll::Ready(Ok(())) => this.upload = None,
+                Poll::Ready(Err(e)) => {
+                    tracing::debug!(error = %e, "request body cut short after the answer began");
+                    // Cut short, the request leaves the connection unable to carry another.
+                    this.upload = None;
+                    this.keep_alive = false;
+                }
+                Poll::Pending => {}
+            }
+        }
+        this.poll_decode(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.decode == Decode::Done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.decode {
+            Decode::Length(n) => SizeHint::with_exact(n),
+            Decode::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+/// The upstream's side of a switched connection: what it sent after its 101, then the socket.
+pub struct Upgraded {
+    io: Box<Io>,
+    read: BytesMut,
+}
+
+impl AsyncRead for Upgraded {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.read.is_empty() {
+            let n = this.read.len().min(buf.remaining());
+            buf.put_slice(&this.read[..n]);
+            this.read.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut *this.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Upgraded {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Each exchange runs against a real socket whose other end the test scripts byte by byte.
+
+    use std::sync::{Arc, Mutex};
+
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    /// Where the tests' connections go home: they can be counted and used again.
+    #[derive(Clone, Default)]
+    struct Kennel(Arc<Mutex<Vec<Conn>>>);
+
+    impl Home for Kennel {
+        fn take_back(&self, conn: Conn) {
+            self.0.lock().unwrap().push(conn);
+        }
+    }
+
+    impl Kennel {
+        fn take(&self) -> Option<Conn> {
+            self.0.lock().unwrap().pop()
+        }
+    }
+
+    /// A client connection and the upstream's end of it.
+    async fn connected() -> (Conn, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (upstream, _) = listener.accept().await.unwrap();
+        let io = hyper_rustls::MaybeHttpsStream::Http(TokioIo::new(client));
+        (Conn::new(TokioIo::new(io)), upstream)
+    }
+
+    fn request(method: Method, target: &str) -> Request<Body> {
+        Request::builder()
+            .method(method)
+            .uri(target)
+            .header(header::HOST, "game.internal")
+            .body(Body::new(http_body_util::Empty::<Bytes>::new()))
+            .unwrap()
+    }
+
+    fn get(target: &str) -> Request<Body> {
+        request(Method::GET, target)
+    }
+
+    /// Reads one request head off `upstream` and returns it.
+    async fn read_request_head(upstream: &mut TcpStream) -> String {
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8; 1];
+            assert_eq!(upstream.read(&mut byte).await.unwrap(), 1, "request head");
+            head.push(byte[0]);
+        }
+        String::from_utf8(head).unwrap()
+    }
+
+    /// Sends `req` on `conn`; the upstream answers `answer` once it has the request's head.
+    async fn exchange_with(
+        conn: Conn,
+        upstream: &mut TcpStream,
+        req: Request<Body>,
+        answer: &[u8],
+        home: &Kennel,
+    ) -> Result<Answer<Kennel>, Error> {
+        let sent = exchange(conn, req, home.clone());
+        let upstream_side = async {
+            read_request_head(upstream).await;
+            upstream.write_all(answer).await.unwrap();
+        };
+        let (result, ()) = tokio::join!(sent, upstream_side);
+        result
+    }
+
+    fn response(answer: Answer<Kennel>) -> Response<ResponseBody<Kennel>> {
+        match answer {
+            Answer::Response(response) => response,
+            Answer::Switched(..) => panic!("an ordinary answer was taken for a 101"),
+        }
+    }
+
+    /// One GET answered with `answer`: the response, its body read to the end, and whether
+    /// the connection went home.
+    async fn get_answered(answer: &[u8]) -> (http::response::Parts, Result<Bytes, Error>, bool) {
+        let (conn, mut upstream) = connected().await;
+        let home = Kennel::default();
+        let answer = exchange_with(conn, &mut upstream, get("/"), answer, &home).await;
+        let (parts, body) = response(answer.unwrap()).into_parts();
+        let body = body.collect().await.map(|c| c.to_bytes());
+        let went_home = home.take().is_some();
+        (parts, body, went_home)
+    }
+
+    #[tokio::test]
+    async fn a_request_is_written_as_its_head_says() {
+        let (conn, mut upstream) = connected().await;
+        let mut req = get("/shop/items?page=2&sort=a%20b");
+        req.headers_mut()
+            .append("x-user-id", HeaderValue::from_static("u-1"));
+        req.headers_mut()
+            .append("cookie", HeaderValue::from_static("a=1; b=2"));
+        let sent = exchange(conn, req, Kennel::default());
+        let seen = async {
+            let head = read_request_head(&mut upstream).await;
+            upstream
+                .write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+                .await
+                .unwrap();
+            head
+        };
+        let (answer, head) = tokio::join!(sent, seen);
+        assert_eq!(
+            head,
+            "GET /shop/items?page=2&sort=a%20b HTTP/1.1\r\nhost: game.internal\r\n\
+             x-user-id: u-1\r\ncookie: a=1; b=2\r\n\r\n"
+        );
+        assert_eq!(response(answer.unwrap()).status(), StatusCode::NO_CONTENT);
+    }
+
+    #[tokio::test]
+    async fn a_content_length_answer_is_read_whole_and_its_connection_reused() {
+        let (conn, mut upstream) = connected().await;
+        let home = Kennel::default();
+        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-a: 1\r\n\r\nhello";
+        let first = exchange_with(conn, &mut upstream, get("/1"), answer, &home).await;
+        let (parts, body) = response(first.unwrap()).into_parts();
+        assert_eq!(parts.headers["x-a"], "1");
+        assert_eq!(parts.headers[header::CONTENT_LENGTH], "5");
+        assert_eq!(body.size_hint().exact(), Some(5));
+        assert_eq!(body.collect().await.unwrap().to_bytes(), "hello");
+
+        let conn = home.take().expect("the connection went home");
+        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nsecond";
+        let second = exchange_with(conn, &mut upstream, get("/2"), answer, &home).await;
+        let body = response(second.unwrap()).into_body();
+        assert_eq!(body.collect().await.unwrap().to_bytes(), "second");
+        assert!(home.take().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_chunked_answer_is_decoded_with_its_extensions_and_trailers() {
+        let (conn, mut upstream) = connected().await;
+        let home = Kennel::default();
+        let answer = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n\
+            5;name=value\r\nhello\r\nA \r\n, world!!!\r\n0\r\nx-checksum: 42\r\n\r\n";
+        let answer = exchange_with(conn, &mut upstream, get("/"), answer, &home).await;
+        let body = response(answer.unwrap()).into_body();
+        let collected = body.collect().await.unwrap();
+        assert_eq!(collected.trailers().unwrap()["x-checksum"], "42");
+        assert_eq!(collected.to_bytes(), "hello, world!!!");
+        assert!(
+            home.take().is_some(),
+            "a complete chunked answer frees its connection"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_answer_arriving_a_byte_at_a_time_is_read_the_same() {
+        let (conn, mut upstream) = connected().await;
+        upstream.set_nodelay(true).unwrap();
+        let home = Kennel::default();
+        let answer: &[u8] = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nx-b: 2\r\n\r\n\
+            3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
+        let sent = async {
+            let response = response(exchange(conn, get("/"), home.clone()).await.unwrap());
+            response.into_body().collect().await.unwrap().to_bytes()
+        };
+        let dribble = async {
+            read_request_head(&mut upstream).await;
+            for byte in answer {
+                upstream.write_all(&[*byte]).await.unwrap();
+                upstream.flush().await.unwrap();
+                tokio::task::yield_now().await;
+            }
+        };
+        let (body, ()) = tokio::join!(sent, dribble);
+        assert_eq!(body, "abcde");
+        assert!(home.take().is_some());
+    }
+
+    #[tokio::test]
+    async fn transfer_encoding_overrides_content_length_which_is_removed() {
+        let (parts, body, home) = get_answered(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\ntransfer-encoding: chunked\r\n\r\n\
+              2\r\nok\r\n0\r\n\r\n",
+        )
+        .await;
+        assert!(!parts.headers.contains_key(header::CONTENT_LENGTH));
+        assert_eq!(body.unwrap(), "ok");
+        assert!(home);
+    }
+
+    #[tokio::test]
+    async fn an_answer_without_length_runs_until_close_and_ends_its_connection() {
+        let (conn, mut upstream) = connected().await;
+        let home = Kennel::default();
+        let answer = b"HTTP/1.1 200 OK\r\n\r\nall of this";
+        let answer = exchange_with(conn, &mut upstream, get("/"), answer, &home).await;
+        let body = response(answer.unwrap()).into_body();
+        upstream.write_all(b", and this").await.unwrap();
+        drop(upstream);
+        assert_eq!(
+            body.collect().await.unwrap().to_bytes(),
+            "all of this, and this"
+        );
+        assert!(home.take().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_transfer_encoding_other_than_chunked_runs_until_close() {
+        let (conn, mut upstream) = connected().await;
+        let home = Kennel::default();
+        let answer = b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\nzipped";
+        let answer = exchange_with(conn, &mut upstream, get("/"), answer, &home).await;
+        drop(upstream);
+        let body = response(answer.unwrap()).into_body();
+        assert_eq!(body.collect().await.unwrap().to_bytes(), "zipped");
+        assert!(home.take().is_none());
+    }
+
+    #[tokio::test]
+    async fn connection_close_and_http_1_0_decide_reuse() {
+        let cases: [(&[u8], bool); 5] = [
+            (b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", true),
+            (
+                b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
+                false,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nconnection: keep-alive, Close\r\ncontent-length: 0\r\n\r\n",
+                false,
+            ),
+            (b"HTTP/1.0 200 OK\r\ncontent-length: 0\r\n\r\n", false),
+            (
+                b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 0\r\n\r\n",
+                true,
+            ),
+        ];
+        for (answer, reused) in cases {
+            let (_, body, home) = get_answered(answer).await;
+            assert_eq!(body.unwrap(), "");
+            assert_eq!(home, reused, "{}", String::from_utf8_lossy(answer));
+        }
+    }
+
+    #[tokio::test]
+    async fn bodiless_answers_free_their_connection_at_once() {
+        for (method, answer) in [
+            (
+                Method::HEAD,
+                &b"HTTP/1.1 200 OK\r\ncontent-length: 1234\r\n\r\n"[..],
+            ),
+            (Method::GET, b"HTTP/1.1 204 No Content\r\n\r\n"),
+            (
+                Method::GET,
+                b"HTTP/1.1 304 Not Modified\r\ncontent-length: 50\r\n\r\n",
+            ),
+        ] {
+            let (conn, mut upstream) = connected().await;
+            let home = Kennel::default();
+            let req = request(method.clone(), "/");
+            let answer = exchange_with(conn, &mut upstream, req, answer, &home).await;
+            let response = response(answer.unwrap());
+            assert!(response.body().is_end_stream(), "{method}");
+            assert!(
+                home.take().is_some(),
+                "{method}: home before the body is read"
+            );
+            // The length of what a GET would get is the client's to see.
+            if method == Method::HEAD {
+                assert_eq!(response.headers()[header::CONTENT_LENGTH], "1234");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn informational_answers_are_passed_over() {
+        let (parts, body, home) = get_answered(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a.css>\r\n\r\n\
+              HTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\nok",
+        )
+        .await;
+        assert_eq!(parts.status, StatusCode::CREATED);
+        assert!(!parts.headers.contains_key("link"));
+        assert_eq!(body.unwrap(), "ok");
+        assert!(home);
+    }
+
+    #[tokio::test]
+    async fn an_unusual_reason_phrase_is_kept_and_a_usual_one_is_not() {
+        let (parts, _, _) =
+            get_answered(b"HTTP/1.1 200 Fine Thanks\r\ncontent-length: 0\r\n\r\n").await;
+        let reason = parts.extensions.get::<hyper::ext::ReasonPhrase>().unwrap();
+        assert_eq!(reason.as_bytes(), b"Fine Thanks");
+        let (parts, _, _) = get_answered(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await;
+        assert!(parts.extensions.get::<hyper::ext::ReasonPhrase>().is_none());
+    }
+
+    #[tokio::test]
+    async fn repeated_content_length_must_agree() {
+        let (_, body, home) =
+            get_answered(b"HTTP/1.1 200 OK\r\ncontent-length: 2, 2\r\ncontent-length: 2\r\n\r\nok")
+                .await;
+        assert_eq!(body.unwrap(), "ok");
+        assert!(home);
+
+        for answer in [
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nok"[..],
+            b"HTTP/1.1 200 OK\r\ncontent-length: +2\r\n\r\nok",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 0x2\r\n\r\nok",
+        ] {
+            let (conn, mut upstream) = connected().await;
+            let home = Kennel::default();
+            let result = exchange_with(conn, &mut upstream, get("/"), answer, &home);
+            assert!(
+                matches!(result.await, Err(Error::Malformed(_))),
+                "{}",
+                String::from_utf8_lossy(answer)
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn malformed_heads_and_chunks_are_errors() {
+        for answer in [
+            &b"HTTP/1.1 2000 OK\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nbad header\r\n\r\n",
+            b"SMTP ready\r\n\r\n",
+            b"HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+        ] {
+            let (conn, mut upstream) = connected().await;
+            let home = Kennel::default();
+            let result = exchange_with(conn, &mut upstream, get("/"), answer, &home);
+            let error = result.await.err();
+            assert!(
+                matches!(error, Some(Error::Malformed(_) | Error::MalformedHead(_))),
+                "{}: {error:?}",
+                String::from_utf8_lossy(answer)
+            );
+        }
+        for answer in [
+            &b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n"[..],
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nabc\r\n0\r\n\r\n",
+        ] {
+            let (_, body, home) = get_answered(answer).await;
+            assert!(matches!(body, Err(Error::Malformed(_))), "{body:?}");
+            assert!(!home);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_head_larger_than_the_limit_is_refused() {
+        let (conn, mut upstream) = connected().await;
+        let sent = exchange(conn, get("/"), Kennel::default());
+        let flood = async {
+            read_request_head(&mut upstream).await;
+            upstream.write_all(b"HTTP/1.1 200 OK\r\n").await.unwrap();
+            let line = format!("x-filler: {}\r\n", "f".repeat(10_000));
+            // Stops when the client gives up and closes.
+            for _ in 0..MAX_HEAD_BYTES / line.len() + 2 {
+                if upstream.write_all(line.as_bytes()).await.is_err() {
+                    break;
+                }
+            }
+        };
+        let (result, ()) = tokio::join!(sent, flood);
+        assert!(matches!(result, Err(Error::Malformed(_))));
+    }
+
+    #[tokio::test]
+    async fn bytes_after_the_answer_keep_the_connection_from_going_home() {
+        let (_, body, home) =
+            get_answered(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n")
+                .await;
+        assert_eq!(body.unwrap(), "ok");
+        assert!(!home);
+    }
+
+    #[tokio::test]
+    async fn a_body_cut_short_is_an_error() {
+        let (conn, mut upstream) = connected().await;
+        let home = Kennel::default();
+        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhalf";
+        let answer = exchange_with(conn, &mut upstream, get("/"), answer, &home).await;
+        drop(upstream);
+        let body = response(answer.unwrap()).into_body();
+        assert!(matches!(body.collect().await, Err(Error::Truncated)));
+        assert!(home.take().is_none());
+    }
+
+    #[tokio::test]
+    async fn closing_before_any_byte_of_an_answer_is_told_apart() {
+        let (conn, mut upstream) = connected().await;
+        let sent = exchange(conn, get("/"), Kennel::default());
+        let close = async {
+            read_request_head(&mut upstream).await;
+            drop(upstream);
+        };
+        let (result, ()) = tokio::join!(sent, close);
+        assert!(result.err().unwrap().closed_before_answer());
+
+        let (conn, mut upstream) = connected().await;
+        let answer = b"HTTP/1.1 200 OK\r\ncontent-";
+        let sent = exchange(conn, get("/"), Kennel::default());
+        let close = async {
+            read_request_head(&mut upstream).await;
+            upstream.write_all(answer).await.unwrap();
+            drop(upstream);
+        };
+        let (result, ()) = tokio::join!(sent, close);
+        let error = result.err().unwrap();
+        assert!(matches!(error, Error::Truncated), "{error:?}");
+        assert!(!error.closed_before_answer());
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_is_open_until_the_upstream_closes_it_or_speaks() {
+        let (mut conn, upstream) = connected().await;
+        assert!(conn.is_open());
+        drop(upstream);
+        // The end of the stream is seen once it arrives; no waker is left to tell us when.
+        let mut closed = false;
+        for _ in 0..100 {
+            if !conn.is_open() {
+                closed = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(closed, "a closed connection was still taken for open");
+
+        let (mut conn, mut upstream) = connected().await;
+        upstream
+            .write_all(b"HTTP/1.1 408 Request Timeout\r\n\r\n")
+            .await
+            .unwrap();
+        let mut spoke = false;
+        for _ in 0..100 {
+            if !conn.is_open() {
+                spoke = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(spoke, "bytes no request asked for were not noticed");
+    }
+
+    fn streamed(chunks: Vec<&'static str>) -> Body {
+        let frames = chunks.into_iter().map(|c| {
+            Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(c.as_bytes())))
+        });
+        Body::new(http_body_util::StreamBody::new(futures_util::stream::iter(
+            frames,
+        )))
+    }
+
+    /// Sends `req` and returns every byte the upstream received before it answered 200.
+    async fn upload(
+        req: Request<Body>,
+        expect_len: usize,
+    ) -> (Vec<u8>, Result<Answer<Kennel>, Error>) {
+        let (conn, mut upstream) = connected().await;
+        let sent = exchange(conn, req, Kennel::default());
+        let receive = async {
+            let mut seen = Vec::new();
+            while seen.len() < expect_len {
+                let mut buf = [0u8; 1024];
+                let n = upstream.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                seen.extend_from_slice(&buf[..n]);
+            }
+            upstream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                .await
+                .unwrap();
+            seen
+        };
+        let (result, seen) = tokio::join!(sent, receive);
+        (seen, result)
+    }
+
+    #[tokio::test]
+    async fn a_body_without_length_goes_up_chunked_and_one_with_length_as_is() {
+        let mut req = Request::post("/chunked")
+            .header(header::HOST, "h")
+            .header(header::TRANSFER_ENCODING, "chunked")
+            .body(streamed(vec!["hello", "", "0123456789abcdef!"]))
+            .unwrap();
+        *req.version_mut() = Version::HTTP_11;
+        let expected = "POST /chunked HTTP/1.1\r\nhost: h\r\ntransfer-encoding: chunked\r\n\r\n\
+                        5\r\nhello\r\n11\r\n0123456789abcdef!\r\n0\r\n\r\n";
+        let (seen, result) = upload(req, expected.len()).await;
+        assert_eq!(String::from_utf8(seen).unwrap(), expected);
+        assert!(result.is_ok());
+
+        let req = Request::put("/sized")
+            .header(header::HOST, "h")
+            .header(header::CONTENT_LENGTH, "8")
+            .body(streamed(vec!["abcd", "efgh"]))
+            .unwrap();
+        let expected = "PUT /sized HTTP/1.1\r\nhost: h\r\ncontent-length: 8\r\n\r\nabcdefgh";
+        let (seen, result) = upload(req, expected.len()).await;
+        assert_eq!(String::from_utf8(seen).unwrap(), expected);
+        assert!(result.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_chunked_body_carries_its_trailers() {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-digest", HeaderValue::from_static("abc"));
+        let frames = vec![
+            Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(b"data"))),
+            Ok(Frame::trailers(trailers)),
+        ];
+        let req = Request::post("/t")
+            .header(header::HOST, "h")
+            .header(header::TRANSFER_ENCODING, "chunked")
+            .body(Body::new(http_body_util::StreamBody::new(
+                futures_util::stream::iter(frames),
+            )))
+            .unwrap();
+        let expected = "POST /t HTTP/1.1\r\nhost: h\r\ntransfer-encoding: chunked\r\n\r\n\
+                        4\r\ndata\r\n0\r\nx-digest: abc\r\n\r\n";
+        let (seen, result) = upload(req, expected.len()).await;
+        assert_eq!(String::from_utf8(seen).unwrap(), expected);
+        assert!(result.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_body_that_breaks_its_content_length_is_refused() {
+        for (length, chunks) in [("3", vec!["abcd"]), ("10", vec!["abcd"])] {
+            let (conn, _upstream) = connected().await;
+            let req = Request::post("/")
+                .header(header::HOST, "h")
+                .header(header::CONTENT_LENGTH, length)
+                .body(streamed(chunks))
+                .unwrap();
+            let result = exchange(conn, req, Kennel::default()).await;
+            assert!(matches!(result, Err(Error::UploadLength(_))), "{length}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_early_answer_arrives_while_the_body_is_still_going_up() {
+        let (conn, mut upstream) = connected().await;
+        let home = Kennel::default();
+        // A body the client has not finished sending.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+        let body =
+            http_body_util::StreamBody::new(futures_util::stream::unfold(rx, |mut rx| async {
+                let data = rx.recv().await?;
+                Some((Ok::<_, std::convert::Infallible>(Frame::data(data)), rx))
+            }));
+        let req = Request::post("/upload")
+            .header(header::HOST, "h")
+            .header(header::CONTENT_LENGTH, "1000000")
+            .body(Body::new(body))
+            .unwrap();
+        let sent = exchange(conn, req, home.clone());
+        let refuse = async {
+            read_request_head(&mut upstream).await;
+            upstream
+                .write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 4\r\n\r\nnope")
+                .await
+                .unwrap();
+        };
+        let feed = async {
+            tx.send(Bytes::from_static(b"first part")).await.unwrap();
+        };
+        let (answer, (), ()) = tokio::join!(sent, refuse, feed);
+        // The sender stays open: the body never ends.
+        let response = response(answer.unwrap());
+        assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(
+            response.into_body().collect().await.unwrap().to_bytes(),
+            "nope"
+        );
+        assert!(
+            home.take().is_none(),
+            "a connection whose request went up in part cannot carry another"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_switch_hands_over_the_connection_with_what_followed_the_101() {
+        let (conn, mut upstream) = connected().await;
+        let mut req = get("/ws");
+        req.headers_mut()
+            .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        let answer = b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\nframe-1";
+        let home = Kennel::default();
+        let answer = exchange_with(conn, &mut upstream, req, answer, &home).await;
+        let Ok(Answer::Switched(response, mut upgraded)) = answer else {
+            panic!("a 101 was not taken for a switch");
+        };
+        assert_eq!(response.headers()[header::UPGRADE], "websocket");
+        upstream.write_all(b"+frame-2").await.unwrap();
+        let mut got = vec![0u8; "frame-1+frame-2".len()];
+        upgraded.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, b"frame-1+frame-2");
+        upgraded.write_all(b"reply").await.unwrap();
+        let mut reply = [0u8; 5];
+        upstream.read_exact(&mut reply).await.unwrap();
+        assert_eq!(&reply, b"reply");
+        assert!(home.take().is_none());
+    }
+
+    #[test]
+    fn chunk_sizes_are_written_in_lowercase_hex_without_padding() {
+        for (n, text) in [
+            (1, "1"),
+            (15, "f"),
+            (16, "10"),
+            (0xabc, "abc"),
+            (65536, "10000"),
+        ] {
+            let mut out = BytesMut::new();
+            put_hex(&mut out, n);
+            assert_eq!(&out[..], text.as_bytes());
+        }
+    }
+}
