@@ -10,6 +10,7 @@
 //! ended exactly where its framing said, its request went out whole, and the upstream left
 //! nothing more on it: a byte out of place would be read as the next request's answer.
 
+use std::future::Future;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
@@ -34,6 +35,8 @@ const MAX_HEADERS: usize = 100;
 const MAX_HEAD_BYTES: usize = 8192 + 4096 * 100;
 /// Longest chunk-size line, extensions included.
 const MAX_CHUNK_LINE: usize = 4096;
+/// Most bytes of chunk extensions in one body (hyper's limit too).
+const MAX_CHUNK_EXTENSIONS: usize = 16 * 1024;
 /// Room each read asks for.
 const READ_CHUNK: usize = 8 * 1024;
 /// The request body is read from the client only while less than this waits to be written.
@@ -95,14 +98,21 @@ impl Conn {
     }
 
     /// Still open, with nothing on it that no request asked for. Looks without waiting: the
-    /// socket is polled with a waker that does nothing.
+    /// socket is polled with a waker that does nothing, outside tokio's budget (which would
+    /// otherwise answer "not yet" for a socket with news on it).
     pub(super) fn is_open(&mut self) -> bool {
         if !self.read.is_empty() || !self.write.is_empty() {
             return false;
         }
         let mut cx = Context::from_waker(std::task::Waker::noop());
+        // A byte is as telling as a buffer full, and needs no room reserved.
+        let mut byte = [0u8; 1];
+        let io = &mut *self.io;
+        let probe = tokio::task::unconstrained(std::future::poll_fn(|cx| {
+            Pin::new(&mut *io).poll_read(cx, &mut ReadBuf::new(&mut byte))
+        }));
         // Ready means an end of stream, an error, or bytes no request asked for.
-        self.poll_fill(&mut cx).is_pending()
+        std::pin::pin!(probe).poll(&mut cx).is_pending()
     }
 
     /// Reads what the upstream has sent into `read`; `Ok(0)` at the end of the stream.
@@ -189,6 +199,7 @@ pub(super) async fn exchange<H: Home>(
         conn: Some(conn),
         upload,
         decode,
+        extension_bytes: 0,
         keep_alive,
         home,
     };
@@ -224,14 +235,12 @@ impl Upload {
     ) -> Result<Upload, Error> {
         let framing = if parts.headers.contains_key(header::TRANSFER_ENCODING) {
             UploadFraming::Chunked
-        } else if let Some(length) = parts.headers.get(header::CONTENT_LENGTH) {
-            let length = std::str::from_utf8(length.as_bytes())
-                .ok()
-                .and_then(|l| l.trim().parse::<u64>().ok())
-                .ok_or(Error::UploadLength("Content-Length is not a number"))?;
-            UploadFraming::Length(length)
         } else {
-            UploadFraming::None
+            match content_length(&parts.headers) {
+                Ok(Some(length)) => UploadFraming::Length(length),
+                Ok(None) => UploadFraming::None,
+                Err(why) => return Err(Error::UploadLength(why)),
+            }
         };
         encode_head(parts, out);
         let mut upload = Upload {
@@ -263,7 +272,9 @@ impl Upload {
                 }
             }
             if conn.write.is_empty() && !self.ended {
-                // Waiting for the client's next piece of the body.
+                // Waiting for the client's next piece of the body; what went before must not
+                // wait with it (TLS holds records back until flushed).
+                ready!(Pin::new(&mut *conn.io).poll_flush(cx)).map_err(Error::Write)?;
                 return Poll::Pending;
             }
             ready!(conn.poll_write_all(cx)).map_err(Error::Write)?;
@@ -300,13 +311,10 @@ impl Upload {
             }
             Err(frame) => frame,
         };
-        // Trailers travel only in a chunked body; a body framed otherwise has nowhere for them.
-        if let (Ok(trailers), UploadFraming::Chunked) = (frame.into_trailers(), self.framing) {
-            out.extend_from_slice(b"0\r\n");
-            put_headers(out, &trailers);
-            out.extend_from_slice(b"\r\n");
-            self.ended = true;
-        }
+        // A client's trailers are not passed on: no check reads them, so one named like an
+        // identity header would reach the upstream as though portcullis had set it. The body
+        // ends as though they were not there.
+        drop(frame);
         Ok(())
     }
 
@@ -532,7 +540,9 @@ fn framing(
         if version == Version::HTTP_10 {
             return Err(Error::Malformed("Transfer-Encoding in an HTTP/1.0 answer"));
         }
-        headers.remove(header::CONTENT_LENGTH);
+        // Both at once is how request smuggling starts (RFC 9112 6.3): read this answer by its
+        // Transfer-Encoding, then trust the connection no further.
+        let keep_alive = keep_alive && headers.remove(header::CONTENT_LENGTH).is_none();
         let chunked = headers
             .get_all(header::TRANSFER_ENCODING)
             .iter()
@@ -545,6 +555,16 @@ fn framing(
             (Decode::UntilClose, false)
         });
     }
+    Ok(match content_length(headers).map_err(Error::Malformed)? {
+        Some(0) => (Decode::Done, keep_alive),
+        Some(n) => (Decode::Length(n), keep_alive),
+        None => (Decode::UntilClose, false),
+    })
+}
+
+/// The Content-Length, if there is one: every value, and every item of a comma-separated list,
+/// must be the same run of digits.
+fn content_length(headers: &HeaderMap) -> Result<Option<u64>, &'static str> {
     let mut length = None;
     for value in headers.get_all(header::CONTENT_LENGTH) {
         for item in value.as_bytes().split(|b| *b == b',') {
@@ -553,18 +573,14 @@ fn framing(
                 .ok()
                 .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
                 .and_then(|s| s.parse::<u64>().ok())
-                .ok_or(Error::Malformed("Content-Length is not a number"))?;
+                .ok_or("Content-Length is not a number")?;
             if length.is_some_and(|l| l != n) {
-                return Err(Error::Malformed("Content-Length values differ"));
+                return Err("Content-Length values differ");
             }
             length = Some(n);
         }
     }
-    Ok(match length {
-        Some(0) => (Decode::Done, keep_alive),
-        Some(n) => (Decode::Length(n), keep_alive),
-        None => (Decode::UntilClose, false),
-    })
+    Ok(length)
 }
 
 /// Where the reading of an answer's body stands.
@@ -592,6 +608,8 @@ pub(super) struct ResponseBody<H: Home> {
     /// The request body, if the upstream answered before all of it went up.
     upload: Option<Upload>,
     decode: Decode,
+    /// Chunk extensions read so far: ignored, but bounded.
+    extension_bytes: usize,
     keep_alive: bool,
     home: H,
 }
@@ -638,21 +656,25 @@ impl<H: Home> ResponseBody<H> {
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 Decode::UntilClose => true,
-                Decode::ChunkSize => match httparse::parse_chunk_size(&conn.read) {
-                    Ok(httparse::Status::Complete((used, size))) => {
-                        conn.read.advance(used);
-                        self.decode = if size == 0 {
+                Decode::ChunkSize => match parse_chunk_size(&conn.read) {
+                    Ok(Some(line)) => {
+                        conn.read.advance(line.len);
+                        self.extension_bytes += line.extension_bytes;
+                        if self.extension_bytes > MAX_CHUNK_EXTENSIONS {
+                            return self.fail(Error::Malformed("too many chunk extensions"));
+                        }
+                        self.decode = if line.size == 0 {
                             Decode::Trailers
                         } else {
-                            Decode::ChunkData(size)
+                            Decode::ChunkData(line.size)
                         };
                         false
                     }
-                    Ok(httparse::Status::Partial) if conn.read.len() > MAX_CHUNK_LINE => {
+                    Ok(None) if conn.read.len() > MAX_CHUNK_LINE => {
                         return self.fail(Error::Malformed("a chunk-size line is too long"))
                     }
-                    Ok(httparse::Status::Partial) => true,
-                    Err(_) => return self.fail(Error::Malformed("a chunk size is invalid")),
+                    Ok(None) => true,
+                    Err(e) => return self.fail(e),
                 },
                 Decode::ChunkEnd => match conn.read.get(..2) {
                     Some(b"\r\n") => {
@@ -697,6 +719,64 @@ impl<H: Home> ResponseBody<H> {
     }
 }
 
+/// A chunk-size line (RFC 9112 7.1).
+#[derive(Debug, PartialEq, Eq)]
+struct ChunkSizeLine {
+    /// Its length, CRLF included.
+    len: usize,
+    size: u64,
+    extension_bytes: usize,
+}
+
+/// Parses the chunk-size line at the start of `buf`: at least one hex digit, optional
+/// whitespace, optional extensions (no control bytes), CRLF. `None` while incomplete. As
+/// strict as this because a lenient reading that differs from the upstream's is how two
+/// parties come to disagree on where a body ends.
+fn parse_chunk_size(buf: &[u8]) -> Result<Option<ChunkSizeLine>, Error> {
+    let invalid = Error::Malformed("a chunk-size line is invalid");
+    let digits = buf.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits > 16 {
+        return Err(Error::Malformed("a chunk size is too large"));
+    }
+    if digits == buf.len() {
+        return Ok(None);
+    }
+    if digits == 0 {
+        return Err(invalid);
+    }
+    let size = buf[..digits].iter().fold(0u64, |size, b| {
+        // Hex digits only, as counted above.
+        let value = (*b as char).to_digit(16).unwrap_or(0);
+        size << 4 | u64::from(value)
+    });
+    let mut i = digits;
+    while buf.get(i).is_some_and(|b| *b == b' ' || *b == b'\t') {
+        i += 1;
+    }
+    let extensions_start = i;
+    if buf.get(i) == Some(&b';') {
+        while let Some(&b) = buf.get(i) {
+            if b == b'\r' {
+                break;
+            }
+            if (b < 0x20 && b != b'\t') || b == 0x7f {
+                return Err(Error::Malformed("a chunk extension is invalid"));
+            }
+            i += 1;
+        }
+    }
+    let extension_bytes = i - extensions_start;
+    match (buf.get(i), buf.get(i + 1)) {
+        (None, _) | (Some(b'\r'), None) => Ok(None),
+        (Some(b'\r'), Some(b'\n')) => Ok(Some(ChunkSizeLine {
+            len: i + 2,
+            size,
+            extension_bytes,
+        })),
+        _ => Err(invalid),
+    }
+}
+
 /// The trailer section after a chunked body's last chunk, taken off `buf` when complete.
 fn parse_trailers(buf: &mut BytesMut) -> Result<Option<HeaderMap>, Error> {
     if buf.starts_with(b"\r\n") {
@@ -735,11 +815,18 @@ impl<H: Home> http_body::Body for ResponseBody<H> {
         if let (Some(upload), Some(conn)) = (&mut this.upload, &mut this.conn) {
             match upload.poll_send(conn, cx) {
                 Poll::Ready(Ok(())) => this.upload = None,
-                Poll::Ready(Err(e)) => {
+                // The upstream stopped reading; what it says may still be whole. Cut short,
+                // the request leaves the connection unable to carry another.
+                Poll::Ready(Err(Error::Write(e))) => {
                     tracing::debug!(error = %e, "request body cut short after the answer began");
-                    // Cut short, the request leaves the connection unable to carry another.
                     this.upload = None;
                     this.keep_alive = false;
+                }
+                // The client's body failed (too large, broken off): the upstream would wait for
+                // the rest forever, so the exchange ends here.
+                Poll::Ready(Err(e)) => {
+                    this.upload = None;
+                    return this.fail(e);
                 }
                 Poll::Pending => {}
             }
@@ -989,6 +1076,7 @@ mod tests {
 
     #[tokio::test]
     async fn transfer_encoding_overrides_content_length_which_is_removed() {
+        // The body is read by its chunks; the connection is trusted no further.
         let (parts, body, home) = get_answered(
             b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\ntransfer-encoding: chunked\r\n\r\n\
               2\r\nok\r\n0\r\n\r\n",
@@ -996,7 +1084,7 @@ mod tests {
         .await;
         assert!(!parts.headers.contains_key(header::CONTENT_LENGTH));
         assert_eq!(body.unwrap(), "ok");
-        assert!(home);
+        assert!(!home);
     }
 
     #[tokio::test]
@@ -1304,21 +1392,22 @@ mod tests {
         assert_eq!(String::from_utf8(seen).unwrap(), expected);
         assert!(result.is_ok());
 
+        // A length repeated in a list, as HTTP allows, is still the one length.
         let req = Request::put("/sized")
             .header(header::HOST, "h")
-            .header(header::CONTENT_LENGTH, "8")
+            .header(header::CONTENT_LENGTH, "8, 8")
             .body(streamed(vec!["abcd", "efgh"]))
             .unwrap();
-        let expected = "PUT /sized HTTP/1.1\r\nhost: h\r\ncontent-length: 8\r\n\r\nabcdefgh";
+        let expected = "PUT /sized HTTP/1.1\r\nhost: h\r\ncontent-length: 8, 8\r\n\r\nabcdefgh";
         let (seen, result) = upload(req, expected.len()).await;
         assert_eq!(String::from_utf8(seen).unwrap(), expected);
         assert!(result.is_ok());
     }
 
     #[tokio::test]
-    async fn a_chunked_body_carries_its_trailers() {
+    async fn a_clients_trailers_are_not_passed_on() {
         let mut trailers = HeaderMap::new();
-        trailers.insert("x-digest", HeaderValue::from_static("abc"));
+        trailers.insert("x-user-id", HeaderValue::from_static("admin"));
         let frames = vec![
             Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(b"data"))),
             Ok(Frame::trailers(trailers)),
@@ -1331,7 +1420,7 @@ mod tests {
             )))
             .unwrap();
         let expected = "POST /t HTTP/1.1\r\nhost: h\r\ntransfer-encoding: chunked\r\n\r\n\
-                        4\r\ndata\r\n0\r\nx-digest: abc\r\n\r\n";
+                        4\r\ndata\r\n0\r\n\r\n";
         let (seen, result) = upload(req, expected.len()).await;
         assert_eq!(String::from_utf8(seen).unwrap(), expected);
         assert!(result.is_ok());
@@ -1414,6 +1503,94 @@ mod tests {
         upstream.read_exact(&mut reply).await.unwrap();
         assert_eq!(&reply, b"reply");
         assert!(home.take().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_body_that_fails_after_the_answer_began_ends_the_exchange() {
+        let (conn, mut upstream) = connected().await;
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, BoxError>>(1);
+        let body =
+            http_body_util::StreamBody::new(futures_util::stream::unfold(rx, |mut rx| async {
+                let item = rx.recv().await?;
+                Some((item.map(Frame::data), rx))
+            }));
+        let req = Request::post("/stream")
+            .header(header::HOST, "h")
+            .header(header::TRANSFER_ENCODING, "chunked")
+            .body(Body::new(body))
+            .unwrap();
+        let home = Kennel::default();
+        // A streaming upstream: it answers at once and goes on reading.
+        let answer = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n";
+        let sent = exchange_with(conn, &mut upstream, req, answer, &home);
+        let (answer, ()) = tokio::join!(sent, async {
+            tx.send(Ok(Bytes::from_static(b"part"))).await.unwrap();
+        });
+        let mut body = response(answer.unwrap()).into_body();
+        let first = body.frame().await.unwrap().unwrap();
+        assert_eq!(first.into_data().unwrap(), "ok");
+        tx.send(Err("the client went away".into())).await.unwrap();
+        let next = tokio::time::timeout(std::time::Duration::from_secs(5), body.frame())
+            .await
+            .expect("the exchange ended rather than waiting for the upstream");
+        assert!(matches!(next, Some(Err(Error::Upload(_)))), "{next:?}");
+        assert!(home.take().is_none());
+    }
+
+    #[test]
+    fn chunk_size_lines_are_read_strictly() {
+        let line = |len, size, extension_bytes| {
+            Some(ChunkSizeLine {
+                len,
+                size,
+                extension_bytes,
+            })
+        };
+        // Each parses (`None`: incomplete, needs more).
+        let cases: [(&[u8], Option<ChunkSizeLine>); 9] = [
+            (b"5\r\n", line(3, 5, 0)),
+            (b"aB\r\nrest", line(4, 0xab, 0)),
+            (b"5 \t\r\n", line(5, 5, 0)),
+            (b"5;name=\"v a\"\r\n", line(14, 5, 11)),
+            (b"ffffffffffffffff\r\n", line(18, u64::MAX, 0)),
+            (b"0\r\n", line(3, 0, 0)),
+            (b"5", None),
+            (b"5;abc", None),
+            (b"5\r", None),
+        ];
+        for (input, expected) in cases {
+            let got = parse_chunk_size(input).ok();
+            assert_eq!(got, Some(expected), "{}", String::from_utf8_lossy(input));
+        }
+        for input in [
+            &b"\r\n"[..],
+            b"  5\r\n",
+            b";x\r\n",
+            b"5;a\nX\r\n",
+            b"5\n",
+            b"5 x\r\n",
+            b"5\rX",
+            b"10000000000000000\r\n",
+        ] {
+            assert!(
+                parse_chunk_size(input).is_err(),
+                "{}",
+                String::from_utf8_lossy(input)
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn chunk_extensions_are_bounded_per_body() {
+        let extension = format!(";{}", "e".repeat(1000));
+        let mut answer = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+        for _ in 0..MAX_CHUNK_EXTENSIONS / 1000 + 1 {
+            answer.extend_from_slice(format!("1{extension}\r\nx\r\n").as_bytes());
+        }
+        answer.extend_from_slice(b"0\r\n\r\n");
+        let (_, body, home) = get_answered(&answer).await;
+        assert!(matches!(body, Err(Error::Malformed(_))), "{body:?}");
+        assert!(!home);
     }
 
     #[test]
