@@ -519,6 +519,16 @@ static HOP_BY_HOP: [HeaderName; 9] = [
     header::UPGRADE,
 ];
 
+/// Bit `n` set when a name in [`HOP_BY_HOP`] is `n` bytes long (te; trailer, upgrade;
+/// connection, keep-alive; proxy-connection; transfer-encoding; proxy-authenticate;
+/// proxy-authorization): most names are passed over on their length alone.
+const HOP_BY_HOP_LENGTHS: u64 = 1 << 2 | 1 << 7 | 1 << 10 | 1 << 16 | 1 << 17 | 1 << 18 | 1 << 19;
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    let len = name.as_str().len();
+    len < 64 && HOP_BY_HOP_LENGTHS & (1 << len) != 0 && HOP_BY_HOP.contains(name)
+}
+
 /// Removes hop-by-hop headers and every header the Connection header names, except `spared`
 /// (headers portcullis itself vouches for). On a 101 response the Upgrade and Connection headers
 /// are the answer itself and stay.
@@ -535,7 +545,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool, spared: &[&
     let mut has_connection = false;
     for name in headers.keys() {
         has_connection |= name == header::CONNECTION;
-        if HOP_BY_HOP.contains(name) && !kept(name) {
+        if is_hop_by_hop(name) && !kept(name) {
             doomed.push(name.clone());
         }
     }
@@ -685,6 +695,17 @@ impl tower::Service<Request<Body>> for Forward {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_length_filter_lets_every_hop_by_hop_name_through() {
+        for name in &HOP_BY_HOP {
+            assert!(is_hop_by_hop(name), "{name}");
+        }
+        let bits = HOP_BY_HOP
+            .iter()
+            .fold(0u64, |bits, name| bits | 1 << name.as_str().len());
+        assert_eq!(bits, HOP_BY_HOP_LENGTHS);
+    }
 
     #[test]
     fn strips_fixed_and_connection_named_headers() {
