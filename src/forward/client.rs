@@ -37,8 +37,14 @@ const MAX_HEAD_BYTES: usize = 8192 + 4096 * 100;
 const MAX_CHUNK_LINE: usize = 4096;
 /// Most bytes of chunk extensions in one body (hyper's limit too).
 const MAX_CHUNK_EXTENSIONS: usize = 16 * 1024;
-/// Room each read asks for.
+/// Room a read asks for at first, and again once the connection is back in the pool.
 const READ_CHUNK: usize = 8 * 1024;
+/// Most room a read asks for: reads that fill their room double it, so a large answer is read
+/// in few system calls and forwarded in few pieces.
+const MAX_READ_CHUNK: usize = 256 * 1024;
+/// Buffers larger than this are let go when their connection goes back to the pool: an idle
+/// connection should not keep what one large exchange needed.
+const IDLE_BUFFER_LIMIT: usize = 16 * 1024;
 /// The request body is read from the client only while less than this waits to be written.
 const WRITE_HIGH_WATER: usize = 64 * 1024;
 
@@ -86,6 +92,8 @@ pub struct Conn {
     read: BytesMut,
     /// Waiting to be written to the upstream.
     write: BytesMut,
+    /// Room the next read asks for.
+    read_size: usize,
 }
 
 impl Conn {
@@ -94,6 +102,19 @@ impl Conn {
             io: Box::new(io),
             read: BytesMut::new(),
             write: BytesMut::new(),
+            read_size: READ_CHUNK,
+        }
+    }
+
+    /// Ready to wait in the pool: reads start small again, and buffers a large exchange grew
+    /// are let go.
+    pub(super) fn rest(&mut self) {
+        self.read_size = READ_CHUNK;
+        if self.read.capacity() > IDLE_BUFFER_LIMIT {
+            self.read = BytesMut::new();
+        }
+        if self.write.capacity() > IDLE_BUFFER_LIMIT {
+            self.write = BytesMut::new();
         }
     }
 
@@ -117,10 +138,19 @@ impl Conn {
 
     /// Reads what the upstream has sent into `read`; `Ok(0)` at the end of the stream.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.read.capacity() - self.read.len() < READ_CHUNK / 2 {
-            self.read.reserve(READ_CHUNK);
+        if self.read.capacity() - self.read.len() < self.read_size / 2 {
+            self.read.reserve(self.read_size);
         }
-        tokio_util::io::poll_read_buf(Pin::new(&mut *self.io), cx, &mut self.read)
+        let room = self.read.capacity() - self.read.len();
+        let n = ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut *self.io),
+            cx,
+            &mut self.read
+        ))?;
+        if n == room && self.read_size < MAX_READ_CHUNK {
+            self.read_size *= 2;
+        }
+        Poll::Ready(Ok(n))
     }
 
     /// Writes all of `write`, then flushes (TLS keeps records back until then).
@@ -1591,6 +1621,42 @@ mod tests {
         let (_, body, home) = get_answered(&answer).await;
         assert!(matches!(body, Err(Error::Malformed(_))), "{body:?}");
         assert!(!home);
+    }
+
+    #[tokio::test]
+    async fn a_large_answer_is_read_in_growing_pieces_and_its_buffers_let_go_at_rest() {
+        const LEN: usize = 4 * 1024 * 1024;
+        let (conn, mut upstream) = connected().await;
+        let home = Kennel::default();
+        let sent = exchange(conn, get("/big"), home.clone());
+        let serve = async {
+            read_request_head(&mut upstream).await;
+            let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {LEN}\r\n\r\n");
+            upstream.write_all(head.as_bytes()).await.unwrap();
+            upstream
+        };
+        let (answer, mut upstream) = tokio::join!(sent, serve);
+        let mut body = response(answer.unwrap()).into_body();
+        let write_body = tokio::spawn(async move {
+            upstream.write_all(&vec![b'x'; LEN]).await.unwrap();
+            upstream
+        });
+        let (mut pieces, mut received) = (0, 0);
+        while let Some(frame) = body.frame().await {
+            received += frame.unwrap().into_data().unwrap().len();
+            pieces += 1;
+        }
+        let _upstream = write_body.await.unwrap();
+        assert_eq!(received, LEN);
+        // In fixed 8 KiB reads this would be 512 pieces.
+        assert!(pieces < 200, "{pieces} pieces");
+
+        let mut conn = home.take().expect("the connection went home");
+        assert!(conn.read_size > READ_CHUNK);
+        conn.rest();
+        assert_eq!(conn.read_size, READ_CHUNK);
+        assert!(conn.read.capacity() <= IDLE_BUFFER_LIMIT);
+        assert!(conn.write.capacity() <= IDLE_BUFFER_LIMIT);
     }
 
     #[test]

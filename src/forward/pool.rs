@@ -177,10 +177,11 @@ impl From<Answer<Arc<Shared>>> for (Response<Body>, Option<Upgraded>) {
 
 impl Home for Arc<Shared> {
     /// Takes back a connection whose exchange is complete.
-    fn take_back(&self, conn: Conn) {
+    fn take_back(&self, mut conn: Conn) {
         if self.max_idle == 0 {
             return;
         }
+        conn.rest();
         let Ok(mut idle) = self.idle.lock() else {
             return;
         };
