@@ -40,7 +40,8 @@ pub struct RejectionLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LimiterLabels {
-    /// `proxy`, `sessions_api`, `anonymous`, or `route` (the routes' own quotas).
+    /// `proxy`, `sessions_api`, `anonymous`, `route` (the routes' own quotas, for users) or
+    /// `route_anonymous` (the same, for addresses).
     pub class: &'static str,
 }
 

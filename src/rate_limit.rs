@@ -365,7 +365,14 @@ impl<C: Clock> Limiter<C> {
 enum RouteLimiter {
     Inherit,
     Off,
-    Own(Limiter),
+    Own(Box<RouteQuota>),
+}
+
+/// A route's own quota, kept in two tables: a flood of new addresses can fill the one for
+/// addresses, never the one for users.
+struct RouteQuota {
+    users: Limiter,
+    addresses: Limiter,
 }
 
 /// Every limiter of the process.
@@ -403,10 +410,16 @@ impl RateLimits {
                 .map(|r| match r.rate_limit {
                     RouteLimit::Inherit => RouteLimiter::Inherit,
                     RouteLimit::Off => RouteLimiter::Off,
-                    RouteLimit::Own(quota) => RouteLimiter::Own(Limiter {
-                        route: Some(r.path_prefix.as_str().into()),
-                        ..limiter("route", quota)
-                    }),
+                    RouteLimit::Own(quota) => {
+                        let own = |class| Limiter {
+                            route: Some(r.path_prefix.as_str().into()),
+                            ..limiter(class, quota)
+                        };
+                        RouteLimiter::Own(Box::new(RouteQuota {
+                            users: own("route"),
+                            addresses: own("route_anonymous"),
+                        }))
+                    }
                 })
                 .collect(),
             gc_interval: config.gc_interval,
@@ -419,10 +432,15 @@ impl RateLimits {
         [&self.proxy, &self.sessions_api, &self.anonymous]
             .into_iter()
             .flatten()
-            .chain(self.routes.iter().filter_map(|r| match r {
-                RouteLimiter::Own(limiter) => Some(limiter),
-                _ => None,
-            }))
+            .chain(
+                self.routes
+                    .iter()
+                    .flat_map(|r| match r {
+                        RouteLimiter::Own(own) => [Some(&own.users), Some(&own.addresses)],
+                        _ => [None, None],
+                    })
+                    .flatten(),
+            )
     }
 
     /// Keys tracked across all limiters.
@@ -481,7 +499,8 @@ impl RateLimits {
             // Refused before the rate limit, by `limits`.
             RouteClass::Invalid(_) => None,
             RouteClass::Proxy { route, .. } => match route.and_then(|i| self.routes.get(i)) {
-                Some(RouteLimiter::Own(limiter)) => Some(limiter),
+                Some(RouteLimiter::Own(own)) if anonymous => Some(&own.addresses),
+                Some(RouteLimiter::Own(own)) => Some(&own.users),
                 Some(RouteLimiter::Off) => None,
                 Some(RouteLimiter::Inherit) | None if !anonymous => self.proxy.as_ref(),
                 Some(RouteLimiter::Inherit) | None => None,
@@ -809,6 +828,41 @@ mod tests {
         assert!(!l.decide(game, &user("v")).unwrap().allowed);
         let count = |class| table_full.get_or_create(&LimiterLabels { class }).get();
         assert_eq!((count("anonymous"), count("proxy")), (1, 1));
+    }
+
+    #[test]
+    fn an_address_flood_on_a_routes_own_quota_leaves_room_for_users() {
+        let table_full = Family::<LimiterLabels, Counter>::default();
+        let l = RateLimits::new(
+            &RateLimitConfig {
+                proxy: None,
+                sessions_api: None,
+                anonymous: None,
+                gc_interval: Duration::from_secs(60),
+                ipv6_prefix: 64,
+                max_tracked_callers: 2,
+            },
+            &[RouteConfig {
+                path_prefix: "/login".into(),
+                auth: AuthMode::None,
+                rate_limit: RouteLimit::Own(quota(10, Duration::from_secs(60), 10)),
+            }],
+            &table_full,
+        );
+        let login = RouteClass::Proxy {
+            auth: AuthMode::None,
+            route: Some(0),
+        };
+        for i in 1..=3 {
+            let ip = CallerKey::ip(format!("192.0.2.{i}").parse().unwrap(), 64);
+            let allowed = l.decide(login, &ip).unwrap().allowed;
+            assert_eq!(allowed, i <= 2, "address {i}");
+        }
+        assert!(l.decide(login, &user("u")).unwrap().allowed);
+        assert!(l.decide(login, &user("v")).unwrap().allowed);
+        let count = |class| table_full.get_or_create(&LimiterLabels { class }).get();
+        assert_eq!((count("route_anonymous"), count("route")), (1, 0));
+        assert_eq!(l.tracked_keys(), 4);
     }
 
     #[tokio::test]

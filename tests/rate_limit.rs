@@ -384,5 +384,10 @@ async fn a_full_route_limiter_names_its_route_in_the_warning() {
             e.level == tracing::Level::WARN && e.field("route") == Some("/login-full")
         })
         .await;
-    assert_eq!(warned[0].field("limiter"), Some("route"), "{warned:#?}");
+    // The route's table for addresses: its users have one of their own.
+    assert_eq!(
+        warned[0].field("limiter"),
+        Some("route_anonymous"),
+        "{warned:#?}"
+    );
 }
