@@ -33,6 +33,9 @@ pub(super) type Io = TokioIo<hyper_rustls::MaybeHttpsStream<TokioIo<tokio::net::
 const MAX_HEADERS: usize = 100;
 /// Largest answer head (or trailer section), as hyper's client allows.
 const MAX_HEAD_BYTES: usize = 8192 + 4096 * 100;
+/// Headers the stack may add to an answer: rate limits (four with Retry-After), the request
+/// id, CORS (three).
+const ANSWER_HEADERS_ADDED: usize = 8;
 /// Longest chunk-size line, extensions included.
 const MAX_CHUNK_LINE: usize = 4096;
 /// Most bytes of chunk extensions in one body (hyper's limit too).
@@ -520,7 +523,9 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Parsed, Error> {
         .collect();
     let head = buf.split_to(len).freeze();
 
-    let mut headers = HeaderMap::with_capacity(spans.len());
+    // Room for what the stack adds on the way back (rate-limit headers, the request id), so
+    // that the map does not grow, rehashing, as they go in.
+    let mut headers = HeaderMap::with_capacity(spans.len() + ANSWER_HEADERS_ADDED);
     for (name, value) in spans {
         let name = HeaderName::from_bytes(&head[name])
             .map_err(|_| Error::Malformed("a header name is invalid"))?;
