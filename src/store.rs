@@ -46,7 +46,14 @@ pub enum StoreError {
     Corrupt(String),
     #[error("the store was closed")]
     Closed,
+    /// The caller's token was issued before the user last signed out everywhere: an answer,
+    /// not a failure.
+    #[error("the user signed out everywhere after this token was issued")]
+    SignedOut,
 }
+
+/// The error code a session script answers a token issued before the user signed out with.
+const SIGNED_OUT_CODE: &str = "SIGNED_OUT";
 
 /// Receives Redis client-side-caching invalidations (see `session::cache`).
 pub trait Tracking: Send + Sync + 'static {
@@ -364,6 +371,16 @@ local function be48(n)
   for i = 6, 1, -1 do b[i] = n % 256; n = (n - b[i]) / 256 end
   return string.char(b[1], b[2], b[3], b[4], b[5], b[6])
 end
+-- With the user's sign-out key as KEYS[2]: true when the caller's token was issued (ARGV[n],
+-- Unix seconds plus the allowed clock skew) before the user last signed out everywhere.
+local function signed_out(n)
+  if not KEYS[2] or not ARGV[n] then return false end
+  local at = redis.call('GET', KEYS[2])
+  return at ~= false and tonumber(ARGV[n]) < tonumber(at)
+end
+local function refuse_signed_out()
+  return redis.error_reply('SIGNED_OUT the user signed out everywhere after this token was issued')
+end
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -423,10 +440,12 @@ end
 /// Finds the session and slides it in place: lastActive moves to now when it is older than
 /// the resolution (ARGV[3]), and the expiry back to now + ttl (ARGV[2]) unless it was slid less
 /// than `slide` (ARGV[4]) ago. Both are one SETRANGE, and nothing is written when neither is
-/// due, so other replicas' caches are not invalidated. Returns the (updated) body, or nil.
+/// due, so other replicas' caches are not invalidated. Returns the (updated) body, or nil. With
+/// KEYS[2] and ARGV[5], a token issued before the user signed out is refused (`SIGNED_OUT`).
 const TOUCH: &str = concat!(
     session_lib!(),
     r"
+if signed_out(5) then return refuse_signed_out() end
 local v = redis.call('GET', KEYS[1])
 if not v then return false end
 local body, len = find(v, ARGV[1])
@@ -497,10 +516,12 @@ return reply
 "
 );
 
-/// The body of a live session, without touching it.
+/// The body of a live session, without touching it. With KEYS[2] and ARGV[2], a token issued
+/// before the user signed out is refused (`SIGNED_OUT`).
 const GET: &str = concat!(
     session_lib!(),
     r"
+if signed_out(2) then return refuse_signed_out() end
 local v = redis.call('GET', KEYS[1])
 if not v then return false end
 local body, len = find(v, ARGV[1])
@@ -539,10 +560,12 @@ return 1
 );
 
 /// Removes a session (and any expired one); the key then expires with the longest-lived
-/// remaining session, or goes. Returns the removed body.
+/// remaining session, or goes. Returns the removed body. With KEYS[2] and ARGV[2], a token
+/// issued before the user signed out is refused (`SIGNED_OUT`).
 const DESTROY: &str = concat!(
     session_lib!(),
     r"
+if signed_out(2) then return refuse_signed_out() end
 local v = redis.call('GET', KEYS[1])
 if not v then return false end
 local recs = records(v)
@@ -566,10 +589,12 @@ return gone
 
 /// Removes all of a user's sessions (the key goes), and notes in KEYS[2] when (Unix seconds),
 /// for ARGV[1] milliseconds: tokens issued before then open no session. Returns the bodies of
-/// the sessions that were live.
+/// the sessions that were live. A token issued (ARGV[2], when given) before an earlier
+/// sign-out is refused (`SIGNED_OUT`).
 const DESTROY_ALL: &str = concat!(
     session_lib!(),
     r"
+if signed_out(2) then return refuse_signed_out() end
 local now = now_ms()
 redis.call('SET', KEYS[2], math.floor(now / 1000), 'PX', ARGV[1])
 local v = redis.call('GET', KEYS[1])
@@ -585,10 +610,12 @@ return out
 "
 );
 
-/// The bodies of a user's live sessions; expired ones are dropped on the way.
+/// The bodies of a user's live sessions; expired ones are dropped on the way. With KEYS[2] and
+/// ARGV[1], a token issued before the user signed out is refused (`SIGNED_OUT`).
 const LIST: &str = concat!(
     session_lib!(),
     r"
+if signed_out(1) then return refuse_signed_out() end
 local v = redis.call('GET', KEYS[1])
 if not v then return {} end
 local recs = records(v)
@@ -839,6 +866,8 @@ impl Store {
                 StoreError::NotWritable(_) => "not_writable",
                 StoreError::Timeout(_) => "timeout",
                 StoreError::Redis(_) | StoreError::Corrupt(_) => "error",
+                // Redis answered; the caller is refused.
+                StoreError::SignedOut => return result,
             };
             self.metrics.redis_error(name, kind);
         }
@@ -871,6 +900,7 @@ impl Store {
                     self.link.mark_not_writable(generation, &reply);
                     Err(StoreError::NotWritable(reply))
                 }
+                Failure::Command if e.code() == Some(SIGNED_OUT_CODE) => Err(StoreError::SignedOut),
                 Failure::Command => Err(StoreError::Redis(e.to_string())),
             },
             Err(_) => {
@@ -1080,7 +1110,7 @@ impl Store {
     }
 
     /// Reads and slides a session in one round trip; its body (see `session::record`), or
-    /// `None` when it does not exist.
+    /// `None` when it does not exist. With `signed_out`, see [`SignOutCheck`].
     pub async fn session_touch(
         &self,
         user_id: &str,
@@ -1088,36 +1118,50 @@ impl Store {
         ttl: Duration,
         resolution: Duration,
         slide: Duration,
+        signed_out: SignOutCheck,
     ) -> Result<Option<Vec<u8>>, StoreError> {
         let key = self.sessions_key(user_id);
-        self.invoke(
-            "session_touch",
-            &self.scripts.touch,
-            &[&key],
-            &[
-                session_id.as_bytes(),
-                ms(ttl).to_string().as_bytes(),
-                ms(resolution).to_string().as_bytes(),
-                ms(slide).to_string().as_bytes(),
-            ],
-        )
-        .await
+        let check = self.sign_out_check(user_id, signed_out);
+        let (ttl, resolution, slide) = (
+            ms(ttl).to_string(),
+            ms(resolution).to_string(),
+            ms(slide).to_string(),
+        );
+        let mut args: Args = smallvec::smallvec![
+            &session_id.as_bytes()[..],
+            ttl.as_bytes(),
+            resolution.as_bytes(),
+            slide.as_bytes(),
+        ];
+        let keys = check.extend(&key, &mut args);
+        self.invoke("session_touch", &self.scripts.touch, &keys, &args)
+            .await
     }
 
-    /// A live session's body, without touching it.
+    /// A live session's body, without touching it. With `signed_out`, see [`SignOutCheck`].
     pub async fn session_get(
         &self,
         user_id: &str,
         session_id: &Uuid,
+        signed_out: SignOutCheck,
     ) -> Result<Option<Vec<u8>>, StoreError> {
         let key = self.sessions_key(user_id);
-        self.invoke(
-            "session_get",
-            &self.scripts.get,
-            &[&key],
-            &[session_id.as_bytes()],
-        )
-        .await
+        let check = self.sign_out_check(user_id, signed_out);
+        let mut args: Args = smallvec::smallvec![&session_id.as_bytes()[..]];
+        let keys = check.extend(&key, &mut args);
+        self.invoke("session_get", &self.scripts.get, &keys, &args)
+            .await
+    }
+
+    /// The sign-out key and issue time a script needs to refuse a token issued before the
+    /// user last signed out everywhere; nothing when no check is asked for.
+    fn sign_out_check(&self, user_id: &str, check: SignOutCheck) -> ScriptSignOutCheck {
+        match check {
+            SignOutCheck::IssuedBy(at) => {
+                ScriptSignOutCheck(Some((self.signed_out_key(user_id), at.to_string())))
+            }
+            SignOutCheck::None => ScriptSignOutCheck(None),
+        }
     }
 
     /// Replaces a session's details, keeping its expiry; false when it does not exist.
@@ -1139,36 +1183,45 @@ impl Store {
         Ok(replaced == 1)
     }
 
-    /// Deletes a session, returning its body when it existed.
+    /// Deletes a session, returning its body when it existed. With `signed_out`, see
+    /// [`SignOutCheck`].
     pub async fn session_destroy(
         &self,
         user_id: &str,
         session_id: &Uuid,
+        signed_out: SignOutCheck,
     ) -> Result<Option<Vec<u8>>, StoreError> {
         let key = self.sessions_key(user_id);
-        self.invoke(
-            "session_destroy",
-            &self.scripts.destroy,
-            &[&key],
-            &[session_id.as_bytes()],
-        )
-        .await
+        let check = self.sign_out_check(user_id, signed_out);
+        let mut args: Args = smallvec::smallvec![&session_id.as_bytes()[..]];
+        let keys = check.extend(&key, &mut args);
+        self.invoke("session_destroy", &self.scripts.destroy, &keys, &args)
+            .await
     }
 
     /// Deletes all of a user's sessions, returning the bodies of those that were live, and
     /// refuses new sessions to tokens issued before now for `remember` (see `session_create`).
+    /// With `signed_out`, a token issued before an earlier sign-out is refused.
     pub async fn session_destroy_all(
         &self,
         user_id: &str,
         remember: Duration,
+        signed_out: SignOutCheck,
     ) -> Result<Vec<Vec<u8>>, StoreError> {
         let key = self.sessions_key(user_id);
-        let signed_out = self.signed_out_key(user_id);
+        let marker = self.signed_out_key(user_id);
+        let remember = ms(remember).max(1).to_string();
+        let issued_by = match signed_out {
+            SignOutCheck::IssuedBy(at) => Some(at.to_string()),
+            SignOutCheck::None => None,
+        };
+        let mut args: Args = smallvec::smallvec![remember.as_bytes()];
+        args.extend(issued_by.as_ref().map(String::as_bytes));
         self.invoke(
             "session_destroy_all",
             &self.scripts.destroy_all,
-            &[&key, &signed_out],
-            &[ms(remember).max(1).to_string().as_bytes()],
+            &[&key, &marker],
+            &args,
         )
         .await
     }
@@ -1177,15 +1230,6 @@ impl Store {
     /// slot of the user's sessions key.
     pub fn signed_out_key(&self, user_id: &str) -> String {
         format!("{}:signed-out:{{{user_id}}}", self.prefix)
-    }
-
-    /// When (Unix seconds) the user last signed out everywhere, while that is remembered.
-    pub async fn signed_out_at(&self, user_id: &str) -> Result<Option<u64>, StoreError> {
-        let key = self.signed_out_key(user_id);
-        self.run("session_signed_out", |mut c| async move {
-            redis::cmd("GET").arg(&key).query_async(&mut c).await
-        })
-        .await
     }
 
     /// Counts live sessions: SCAN over the users' keys in batches, each batch counted by one
@@ -1224,11 +1268,56 @@ impl Store {
         }
     }
 
-    /// The bodies of every live session of a user.
-    pub async fn session_list(&self, user_id: &str) -> Result<Vec<Vec<u8>>, StoreError> {
+    /// The bodies of every live session of a user. With `signed_out`, see [`SignOutCheck`].
+    pub async fn session_list(
+        &self,
+        user_id: &str,
+        signed_out: SignOutCheck,
+    ) -> Result<Vec<Vec<u8>>, StoreError> {
         let key = self.sessions_key(user_id);
-        self.invoke("session_list", &self.scripts.list, &[&key], &[])
+        let check = self.sign_out_check(user_id, signed_out);
+        let mut args = Args::new();
+        let keys = check.extend(&key, &mut args);
+        self.invoke("session_list", &self.scripts.list, &keys, &args)
             .await
+    }
+}
+
+/// Whether a session script refuses the caller when the user signed out everywhere after its
+/// token was issued: the check is in the script, so that it costs no round trip of its own and
+/// is one step with what the script does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SignOutCheck {
+    /// Refused (`StoreError::SignedOut`) when the user signed out after this time (Unix
+    /// seconds: the token's issue time plus the allowed clock skew).
+    IssuedBy(u64),
+    /// No check: the proxied path, and tokens that do not say when they were issued.
+    None,
+}
+
+impl From<Option<u64>> for SignOutCheck {
+    fn from(issued_by: Option<u64>) -> Self {
+        issued_by.map_or(SignOutCheck::None, SignOutCheck::IssuedBy)
+    }
+}
+
+/// A script's arguments, on the stack: the per-request check passes five at most.
+type Args<'a> = smallvec::SmallVec<[&'a [u8]; 5]>;
+
+/// A [`SignOutCheck`] as a script's extra key (the user's sign-out key) and last argument.
+struct ScriptSignOutCheck(Option<(String, String)>);
+
+impl ScriptSignOutCheck {
+    /// The script's keys (the sessions key, then the sign-out key when checking), with the issue
+    /// time appended to `args`.
+    fn extend<'a>(&'a self, key: &'a str, args: &mut Args<'a>) -> smallvec::SmallVec<[&'a str; 2]> {
+        match &self.0 {
+            Some((marker, issued_by)) => {
+                args.push(issued_by.as_bytes());
+                smallvec::smallvec![key, marker.as_str()]
+            }
+            None => smallvec::smallvec![key],
+        }
     }
 }
 

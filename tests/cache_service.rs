@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use portcullis::config::Config;
 use portcullis::metrics::Metrics;
-use portcullis::session::{Metadata, Platform, Sessions};
+use portcullis::session::{Metadata, Platform, Sessions, SignOutCheck};
 use portcullis::store::{KeyTtl, Store, StoreError};
 use serde::{Deserialize, Serialize};
 use support::*;
@@ -156,7 +156,7 @@ async fn update_replaces_metadata_and_keeps_the_expiry() {
         .expect("no sign-out to refuse it")
         .created;
     let before = sessions
-        .get("u1", created.session_id)
+        .get("u1", created.session_id, SignOutCheck::None)
         .await
         .unwrap()
         .unwrap();
@@ -172,7 +172,7 @@ async fn update_replaces_metadata_and_keeps_the_expiry() {
         .await
         .unwrap());
     let after = sessions
-        .get("u1", created.session_id)
+        .get("u1", created.session_id, SignOutCheck::None)
         .await
         .unwrap()
         .unwrap();

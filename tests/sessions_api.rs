@@ -717,6 +717,16 @@ async fn after_signing_out_everywhere_a_token_issued_before_can_do_nothing_in_th
         .send();
     assert_error(get.await.unwrap(), 401, "SIGNED_OUT").await;
     assert_error(sign_out(&stolen).await.unwrap(), 401, "SIGNED_OUT").await;
+    let extend = client()
+        .post(s.url(&format!("/{fresh}/extend")))
+        .bearer_auth(&stolen)
+        .send();
+    assert_error(extend.await.unwrap(), 401, "SIGNED_OUT").await;
+    let destroy = client()
+        .delete(s.url(&format!("/{fresh}")))
+        .bearer_auth(&stolen)
+        .send();
+    assert_error(destroy.await.unwrap(), 401, "SIGNED_OUT").await;
     assert_eq!(s.stored_ids("alice"), set(&[&fresh]));
     // A fractional iat (RFC 7519 allows one) counts by its whole seconds.
     let fractional = |ago: f64| {
@@ -737,6 +747,59 @@ async fn after_signing_out_everywhere_a_token_issued_before_can_do_nothing_in_th
     }
     // Other users are not affected.
     assert_eq!(create(&bobs).await.unwrap().status(), 201);
+}
+
+#[tokio::test]
+async fn the_sign_out_check_is_made_in_each_calls_own_round_trip() {
+    let s = setup().await;
+    let token = sign(&json!({"sub": "alice", "iat": now_secs(), "exp": now_secs() + 3600}));
+    let id = s.create("alice").await;
+    let ops = |m: &observe::Exposition| {
+        [
+            "session_list",
+            "session_get",
+            "session_touch",
+            "session_destroy",
+        ]
+        .map(|op| {
+            m.sum(
+                "portcullis_redis_command_duration_seconds_count",
+                &[("op", op)],
+            )
+        })
+    };
+    let total =
+        |m: &observe::Exposition| m.sum("portcullis_redis_command_duration_seconds_count", &[]);
+    let m = observe::scrape(s.proxy.admin).await;
+    let (before, all_before) = (ops(&m), total(&m));
+    let list = client().get(s.url("/user/sessions")).bearer_auth(&token);
+    assert_eq!(list.send().await.unwrap().status(), 200);
+    let get = client().get(s.url(&format!("/{id}"))).bearer_auth(&token);
+    assert_eq!(get.send().await.unwrap().status(), 200);
+    let extend = client()
+        .post(s.url(&format!("/{id}/extend")))
+        .bearer_auth(&token);
+    assert_eq!(extend.send().await.unwrap().status(), 200);
+    let destroy = client()
+        .delete(s.url(&format!("/{id}")))
+        .bearer_auth(&token);
+    assert_eq!(destroy.send().await.unwrap().status(), 200);
+    let m = observe::scrape(s.proxy.admin).await;
+    let after = ops(&m);
+    let calls: Vec<f64> = after.iter().zip(before).map(|(a, b)| a - b).collect();
+    assert_eq!(calls, [1.0, 1.0, 1.0, 1.0], "one round trip each");
+    let all = total(&m);
+    assert_eq!(all - all_before, 4.0, "and no other");
+
+    // Refused for signing out: an answer from Redis, not a Redis error.
+    let stolen = sign(&json!({"sub": "alice", "iat": now_secs() - 120, "exp": now_secs() + 3600}));
+    let sign_out = client().delete(s.url("/user/sessions")).bearer_auth(&token);
+    assert_eq!(sign_out.send().await.unwrap().status(), 200);
+    let list = client().get(s.url("/user/sessions")).bearer_auth(&stolen);
+    assert_error(list.send().await.unwrap(), 401, "SIGNED_OUT").await;
+    let m = observe::scrape(s.proxy.admin).await;
+    assert_eq!(total(&m) - all, 2.0, "the sign-out and the refused list");
+    assert_eq!(m.sum("portcullis_redis_errors_total", &[]), 0.0);
 }
 
 #[tokio::test]

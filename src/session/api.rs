@@ -151,7 +151,11 @@ fn session_id(raw: &str) -> Result<Uuid, Rejection> {
     Uuid::parse_str(raw).map_err(|_| Rejection::InvalidSessionId(raw.chars().take(64).collect()))
 }
 
+/// What the caller hears when the store answered a call with an error.
 fn store_failed(e: StoreError) -> Rejection {
+    if let StoreError::SignedOut = e {
+        return Rejection::SignedOut;
+    }
     tracing::warn!(error = %e, "session API: store failed");
     Rejection::StoreUnavailable
 }
@@ -197,13 +201,19 @@ impl SessionApi {
         let client_ip = facts.client_ip;
         let user = &*who.user_id;
         let sessions = &self.sessions;
+        // A token issued before the user signed out everywhere can do nothing here: not list
+        // the sessions opened since, nor end them, nor sign the user out again, nor open one.
+        // Every store call below checks it in its own script, so that the check costs no round
+        // trip and is one step with what the call does.
+        let issued_by = who.issued_at.map(|t| t.saturating_add(self.clock_skew));
+        let check = super::SignOutCheck::from(issued_by);
         // A token bound to a session (its `sid` claim) dies with it: once the session is
         // destroyed or expired, the token can neither manage the user's other sessions nor open
         // a new one. Checked without sliding it (only `extend` slides).
         if let (true, Some(bound)) = (who.bound_to_session, &who.session_hint) {
             let id = Uuid::parse_str(bound).map_err(|_| Rejection::SessionInvalid)?;
             if sessions
-                .get(user, id)
+                .get(user, id, check)
                 .await
                 .map_err(store_failed)?
                 .is_none()
@@ -211,18 +221,6 @@ impl SessionApi {
                 return Err(Rejection::SessionInvalid);
             }
         }
-        // A token issued before the user signed out everywhere can do nothing here: not list
-        // the sessions opened since, nor end them, nor sign the user out again. `create` checks
-        // the same inside its script, so that the check and the write are one step.
-        let issued_by = who.issued_at.map(|t| t.saturating_add(self.clock_skew));
-        let checked_here = !matches!(endpoint, Endpoint::Create | Endpoint::Unknown);
-        if let (Some(issued_by), true) = (issued_by, checked_here) {
-            let signed_out = sessions.signed_out_at(user).await.map_err(store_failed)?;
-            if signed_out.is_some_and(|at| issued_by < at) {
-                return Err(Rejection::SignedOut);
-            }
-        }
-
         match (endpoint, method) {
             (Endpoint::Create, Method::POST) => {
                 let metadata = create_metadata(req).await?;
@@ -253,7 +251,7 @@ impl SessionApi {
             }
             // HEAD as GET (RFC 9110 9.1); hyper sends no body with the answer.
             (Endpoint::List, Method::GET | Method::HEAD) => {
-                let list = sessions.list(user).await.map_err(store_failed)?;
+                let list = sessions.list(user, check).await.map_err(store_failed)?;
                 Ok(success(StatusCode::OK, Some(list)))
             }
             // Signing out everywhere: every session of the caller's, this one included.
@@ -268,7 +266,7 @@ impl SessionApi {
                     .saturating_sub(now)
                     .saturating_add(self.clock_skew);
                 let destroyed = sessions
-                    .destroy_all(user, Duration::from_secs(token_left))
+                    .destroy_all(user, Duration::from_secs(token_left), check)
                     .await
                     .map_err(store_failed)?;
                 for session in &destroyed {
@@ -290,14 +288,18 @@ impl SessionApi {
             }
             (Endpoint::One(id), Method::GET | Method::HEAD) => {
                 let id = session_id(&id)?;
-                match sessions.get(user, id).await.map_err(store_failed)? {
+                match sessions.get(user, id, check).await.map_err(store_failed)? {
                     Some(session) => Ok(success(StatusCode::OK, Some(session))),
                     None => Err(Rejection::SessionNotFound),
                 }
             }
             (Endpoint::Extend(id), Method::POST) => {
                 let id = session_id(&id)?;
-                match sessions.extend(user, id).await.map_err(store_failed)? {
+                match sessions
+                    .extend(user, id, check)
+                    .await
+                    .map_err(store_failed)?
+                {
                     Some(session) => {
                         self.metrics.sessions_extended.inc();
                         audit(
@@ -320,7 +322,11 @@ impl SessionApi {
             }
             (Endpoint::One(id), Method::DELETE) => {
                 let id = session_id(&id)?;
-                match sessions.destroy(user, id).await.map_err(store_failed)? {
+                match sessions
+                    .destroy(user, id, check)
+                    .await
+                    .map_err(store_failed)?
+                {
                     Some(metadata) => {
                         self.metrics.sessions_destroyed.inc();
                         audit("session_destroyed", user, id, metadata.platform, client_ip);

@@ -21,6 +21,7 @@ use crate::config::SessionConfig;
 use crate::metrics::Metrics;
 use crate::session::cache::SessionCache;
 use crate::session::tunnels::TunnelWatch;
+pub use crate::store::SignOutCheck;
 use crate::store::{Store, StoreError, Tracking};
 
 /// The client platform a session was opened from.
@@ -273,13 +274,20 @@ impl Sessions {
         }))
     }
 
-    /// Reads a session without touching it.
+    /// Reads a session without touching it. A caller whose token was issued before the user
+    /// signed out everywhere (see [`SignOutCheck`]) gets `StoreError::SignedOut`, here and in
+    /// every method that takes one.
     pub async fn get(
         &self,
         user_id: &str,
         session_id: Uuid,
+        signed_out: SignOutCheck,
     ) -> Result<Option<Session>, StoreError> {
-        match self.store.session_get(user_id, &session_id).await? {
+        match self
+            .store
+            .session_get(user_id, &session_id, signed_out)
+            .await?
+        {
             Some(body) => Ok(Some(Self::session(user_id, &body)?)),
             None => Ok(None),
         }
@@ -326,6 +334,7 @@ impl Sessions {
                 self.ttl,
                 self.last_active_resolution,
                 self.slide_interval,
+                SignOutCheck::None,
             )
             .await?
         else {
@@ -343,6 +352,7 @@ impl Sessions {
         &self,
         user_id: &str,
         session_id: Uuid,
+        signed_out: SignOutCheck,
     ) -> Result<Option<Session>, StoreError> {
         match self
             .store
@@ -352,6 +362,7 @@ impl Sessions {
                 self.ttl,
                 Duration::ZERO,
                 Duration::ZERO,
+                signed_out,
             )
             .await?
         {
@@ -381,8 +392,12 @@ impl Sessions {
         &self,
         user_id: &str,
         session_id: Uuid,
+        signed_out: SignOutCheck,
     ) -> Result<Option<Metadata>, StoreError> {
-        let destroyed = self.store.session_destroy(user_id, &session_id).await;
+        let destroyed = self
+            .store
+            .session_destroy(user_id, &session_id, signed_out)
+            .await;
         self.forget(user_id);
         match destroyed? {
             Some(body) => Ok(Some(record::decode(&body)?.metadata)),
@@ -391,16 +406,20 @@ impl Sessions {
     }
 
     /// Destroys all of the user's sessions, returning those that were live, oldest first. For
-    /// the session TTL or `at_least`, whichever is longer, tokens issued before now open no
-    /// new session (see [`Sessions::signed_out_at`]).
+    /// the session TTL or `at_least`, whichever is longer, tokens issued before now are
+    /// refused by every method that takes a [`SignOutCheck`], and open no new session.
     pub async fn destroy_all(
         &self,
         user_id: &str,
         at_least: Duration,
+        signed_out: SignOutCheck,
     ) -> Result<Vec<Session>, StoreError> {
         // Bounded as the TTL is: Redis refuses an expiry past its range.
         let remember = self.ttl.max(at_least).min(crate::config::MAX_SESSION_TTL);
-        let destroyed = self.store.session_destroy_all(user_id, remember).await;
+        let destroyed = self
+            .store
+            .session_destroy_all(user_id, remember, signed_out)
+            .await;
         self.forget(user_id);
         // They are gone whatever follows: one that cannot be read is logged and left out,
         // rather than failing a sign-out that happened.
@@ -418,17 +437,15 @@ impl Sessions {
         Ok(sessions)
     }
 
-    /// When (Unix seconds, Redis' clock) the user last signed out everywhere, while that is
-    /// remembered.
-    pub async fn signed_out_at(&self, user_id: &str) -> Result<Option<u64>, StoreError> {
-        self.store.signed_out_at(user_id).await
-    }
-
     /// The user's live sessions, oldest first.
-    pub async fn list(&self, user_id: &str) -> Result<Vec<Session>, StoreError> {
+    pub async fn list(
+        &self,
+        user_id: &str,
+        signed_out: SignOutCheck,
+    ) -> Result<Vec<Session>, StoreError> {
         let mut sessions = self
             .store
-            .session_list(user_id)
+            .session_list(user_id, signed_out)
             .await?
             .iter()
             .map(|body| Self::session(user_id, body))
