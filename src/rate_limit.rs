@@ -830,18 +830,23 @@ mod tests {
         assert_eq!((count("anonymous"), count("proxy")), (1, 1));
     }
 
+    /// A config with no process-wide quota, tracking at most `max_tracked_callers` callers.
+    fn without_quotas(max_tracked_callers: usize) -> RateLimitConfig {
+        RateLimitConfig {
+            proxy: None,
+            sessions_api: None,
+            anonymous: None,
+            gc_interval: Duration::from_secs(60),
+            ipv6_prefix: 64,
+            max_tracked_callers,
+        }
+    }
+
     #[test]
     fn an_address_flood_on_a_routes_own_quota_leaves_room_for_users() {
         let table_full = Family::<LimiterLabels, Counter>::default();
         let l = RateLimits::new(
-            &RateLimitConfig {
-                proxy: None,
-                sessions_api: None,
-                anonymous: None,
-                gc_interval: Duration::from_secs(60),
-                ipv6_prefix: 64,
-                max_tracked_callers: 2,
-            },
+            &without_quotas(2),
             &[RouteConfig {
                 path_prefix: "/login".into(),
                 auth: AuthMode::None,
@@ -1051,14 +1056,7 @@ mod tests {
     #[test]
     fn no_section_means_no_limit() {
         let l = RateLimits::new(
-            &RateLimitConfig {
-                proxy: None,
-                sessions_api: None,
-                anonymous: None,
-                gc_interval: Duration::from_secs(60),
-                ipv6_prefix: 64,
-                max_tracked_callers: DEFAULT_MAX_TRACKED_CALLERS,
-            },
+            &without_quotas(DEFAULT_MAX_TRACKED_CALLERS),
             &[],
             &Family::default(),
         );

@@ -1022,6 +1022,19 @@ mod tests {
         (parts, body, went_home)
     }
 
+    /// As [`get_answered`], with the upstream closing the connection once its head has been
+    /// read and `more` sent after it: the body, and whether the connection went home.
+    async fn get_answered_then_closed(answer: &[u8], more: &[u8]) -> (Result<Bytes, Error>, bool) {
+        let (conn, mut upstream) = connected().await;
+        let home = Kennel::default();
+        let answer = exchange_with(conn, &mut upstream, get("/"), answer, &home).await;
+        let body = response(answer.unwrap()).into_body();
+        upstream.write_all(more).await.unwrap();
+        drop(upstream);
+        let body = body.collect().await.map(|c| c.to_bytes());
+        (body, home.take().is_some())
+    }
+
     #[tokio::test]
     async fn a_request_is_written_as_its_head_says() {
         let (conn, mut upstream) = connected().await;
@@ -1124,30 +1137,18 @@ mod tests {
 
     #[tokio::test]
     async fn an_answer_without_length_runs_until_close_and_ends_its_connection() {
-        let (conn, mut upstream) = connected().await;
-        let home = Kennel::default();
-        let answer = b"HTTP/1.1 200 OK\r\n\r\nall of this";
-        let answer = exchange_with(conn, &mut upstream, get("/"), answer, &home).await;
-        let body = response(answer.unwrap()).into_body();
-        upstream.write_all(b", and this").await.unwrap();
-        drop(upstream);
-        assert_eq!(
-            body.collect().await.unwrap().to_bytes(),
-            "all of this, and this"
-        );
-        assert!(home.take().is_none());
+        let (body, home) =
+            get_answered_then_closed(b"HTTP/1.1 200 OK\r\n\r\nall of this", b", and this").await;
+        assert_eq!(body.unwrap(), "all of this, and this");
+        assert!(!home);
     }
 
     #[tokio::test]
     async fn a_transfer_encoding_other_than_chunked_runs_until_close() {
-        let (conn, mut upstream) = connected().await;
-        let home = Kennel::default();
         let answer = b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\nzipped";
-        let answer = exchange_with(conn, &mut upstream, get("/"), answer, &home).await;
-        drop(upstream);
-        let body = response(answer.unwrap()).into_body();
-        assert_eq!(body.collect().await.unwrap().to_bytes(), "zipped");
-        assert!(home.take().is_none());
+        let (body, home) = get_answered_then_closed(answer, b"").await;
+        assert_eq!(body.unwrap(), "zipped");
+        assert!(!home);
     }
 
     #[tokio::test]
@@ -1310,14 +1311,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_cut_short_is_an_error() {
-        let (conn, mut upstream) = connected().await;
-        let home = Kennel::default();
         let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhalf";
-        let answer = exchange_with(conn, &mut upstream, get("/"), answer, &home).await;
-        drop(upstream);
-        let body = response(answer.unwrap()).into_body();
-        assert!(matches!(body.collect().await, Err(Error::Truncated)));
-        assert!(home.take().is_none());
+        let (body, home) = get_answered_then_closed(answer, b"").await;
+        assert!(matches!(body, Err(Error::Truncated)), "{body:?}");
+        assert!(!home);
     }
 
     #[tokio::test]
