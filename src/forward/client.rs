@@ -97,6 +97,10 @@ pub struct Conn {
     write: BytesMut,
     /// Room the next read asks for.
     read_size: usize,
+    /// The read buffer's allocation passed [`IDLE_BUFFER_LIMIT`]. Kept as a flag: pieces of
+    /// the allocation may still be on their way to the client when the connection rests, and
+    /// a shared allocation does not tell its size.
+    read_grew: bool,
 }
 
 impl Conn {
@@ -106,6 +110,7 @@ impl Conn {
             read: BytesMut::new(),
             write: BytesMut::new(),
             read_size: READ_CHUNK,
+            read_grew: false,
         }
     }
 
@@ -113,10 +118,12 @@ impl Conn {
     /// are let go.
     pub(super) fn rest(&mut self) {
         self.read_size = READ_CHUNK;
-        if self.read.capacity() > IDLE_BUFFER_LIMIT {
+        if std::mem::take(&mut self.read_grew) {
             self.read = BytesMut::new();
         }
-        if self.write.capacity() > IDLE_BUFFER_LIMIT {
+        // Empty at rest and never shared, the write buffer can say how large its allocation
+        // is: `capacity` alone cannot, as it counts only the room after what was written.
+        if self.write.try_reclaim(IDLE_BUFFER_LIMIT + 1) {
             self.write = BytesMut::new();
         }
     }
@@ -143,6 +150,7 @@ impl Conn {
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         if self.read.capacity() - self.read.len() < self.read_size / 2 {
             self.read.reserve(self.read_size);
+            self.read_grew |= self.read.capacity() > IDLE_BUFFER_LIMIT;
         }
         let room = self.read.capacity() - self.read.len();
         let n = ready!(tokio_util::io::poll_read_buf(
@@ -1655,10 +1663,45 @@ mod tests {
 
         let mut conn = home.take().expect("the connection went home");
         assert!(conn.read_size > READ_CHUNK);
+        assert!(conn.read_grew);
         conn.rest();
         assert_eq!(conn.read_size, READ_CHUNK);
-        assert!(conn.read.capacity() <= IDLE_BUFFER_LIMIT);
-        assert!(conn.write.capacity() <= IDLE_BUFFER_LIMIT);
+        assert_eq!(conn.read.capacity(), 0, "the large read buffer was let go");
+    }
+
+    #[tokio::test]
+    async fn a_large_upload_leaves_no_large_write_buffer_at_rest() {
+        const LEN: usize = 200 * 1024;
+        let (conn, mut upstream) = connected().await;
+        let home = Kennel::default();
+        let req = Request::post("/upload")
+            .header(header::HOST, "h")
+            .header(header::CONTENT_LENGTH, LEN.to_string())
+            .body(Body::new(http_body_util::Full::new(Bytes::from(vec![
+                b'u';
+                LEN
+            ]))))
+            .unwrap();
+        let sent = exchange(conn, req, home.clone());
+        let receive = async {
+            let head = read_request_head(&mut upstream).await;
+            let mut body = vec![0u8; LEN];
+            upstream.read_exact(&mut body).await.unwrap();
+            upstream
+                .write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+                .await
+                .unwrap();
+            head
+        };
+        let (answer, head) = tokio::join!(sent, receive);
+        assert!(head.starts_with("POST /upload HTTP/1.1\r\n"));
+        assert_eq!(response(answer.unwrap()).status(), StatusCode::NO_CONTENT);
+        let mut conn = home.take().expect("the connection went home");
+        // What the test checks: the upload left a large allocation behind...
+        assert!(conn.write.is_empty() && conn.write.capacity() < IDLE_BUFFER_LIMIT);
+        conn.rest();
+        // ...which rest lets go of.
+        assert!(!conn.write.try_reclaim(1), "the write buffer was let go");
     }
 
     #[test]
