@@ -249,3 +249,38 @@ async fn signing_out_everywhere_through_one_replica_is_refused_by_the_other_with
         refused_within(&b.url("/game"), bearer, at, Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_refused_to_a_signed_out_token_leave_the_users_cache_alone() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::echo().await;
+    let proxy = Proxy::start(&session_config(&upstream, &redis, "")).await;
+    let api = |path: &str| proxy.url(&format!("/api/v1/sessions{path}"));
+    // Stolen two minutes before the user signed out everywhere.
+    let stolen = sign(&serde_json::json!({
+        "sub": "alice", "iat": now_secs() - 120, "exp": now_secs() + 3600,
+    }));
+    let signed_out = client()
+        .delete(api("/user/sessions"))
+        .bearer_auth(token("alice", None))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(signed_out.status(), 200);
+    let sid = create_session(&proxy, &token("alice", None)).await;
+    let t = token("alice", Some(&sid));
+    observe::until_cached(&proxy.url("/game"), &t, proxy.admin).await;
+
+    let name = "portcullis_session_cache_lookups_total";
+    let misses_before = scrape(proxy.admin).await.value(name, &[("result", "miss")]);
+    for refused in [
+        client().delete(api(&format!("/{sid}"))),
+        client().delete(api("/user/sessions")),
+    ] {
+        let resp = refused.bearer_auth(&stolen).send().await.unwrap();
+        assert_error(resp, 401, "SIGNED_OUT").await;
+    }
+    assert_eq!(get_status(&proxy.url("/game"), &t).await, 200);
+    let misses = scrape(proxy.admin).await.value(name, &[("result", "miss")]) - misses_before;
+    assert_eq!(misses, 0.0, "a refused call emptied the user's cache");
+}

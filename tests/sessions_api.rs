@@ -683,7 +683,11 @@ async fn after_signing_out_everywhere_a_token_issued_before_can_do_nothing_in_th
             .bearer_auth(bearer)
             .send()
     };
-    assert_eq!(create(&stolen).await.unwrap().status(), 201);
+    let opened = json(create(&stolen).await.unwrap()).await;
+    let stolen_sid = opened["data"]["sessionId"].as_str().unwrap().to_string();
+    let bound_stolen = sign(&json!({
+        "sub": "alice", "sid": stolen_sid, "iat": now_secs() - 120, "exp": now_secs() + 3600,
+    }));
     let bobs = issued("bob", 120);
 
     // Signed out with a token good for two hours, longer than the session TTL (1 h).
@@ -728,6 +732,9 @@ async fn after_signing_out_everywhere_a_token_issued_before_can_do_nothing_in_th
         .send();
     assert_error(destroy.await.unwrap(), 401, "SIGNED_OUT").await;
     assert_eq!(s.stored_ids("alice"), set(&[&fresh]));
+    // A token bound to a session the sign-out ended hears that its session is gone, as it
+    // would whatever ended it.
+    assert_error(list(&bound_stolen).await.unwrap(), 401, "SESSION_INVALID").await;
     // A fractional iat (RFC 7519 allows one) counts by its whole seconds.
     let fractional = |ago: f64| {
         sign(&claims(

@@ -209,11 +209,12 @@ impl SessionApi {
         let check = super::SignOutCheck::from(issued_by);
         // A token bound to a session (its `sid` claim) dies with it: once the session is
         // destroyed or expired, the token can neither manage the user's other sessions nor open
-        // a new one. Checked without sliding it (only `extend` slides).
+        // a new one. Checked without sliding it (only `extend` slides), and before the sign-out
+        // check, so that such a token hears `SESSION_INVALID` whatever else holds.
         if let (true, Some(bound)) = (who.bound_to_session, &who.session_hint) {
             let id = Uuid::parse_str(bound).map_err(|_| Rejection::SessionInvalid)?;
             if sessions
-                .get(user, id, check)
+                .get(user, id, super::SignOutCheck::None)
                 .await
                 .map_err(store_failed)?
                 .is_none()

@@ -214,6 +214,14 @@ impl Sessions {
         self.tunnels.check_user(user_id.as_bytes());
     }
 
+    /// [`Sessions::forget`] after a write, unless the caller was refused for signing out, which
+    /// wrote nothing: a stolen token's refused calls must not cost its victim their cache.
+    fn forget_unless_refused<T>(&self, user_id: &str, result: &Result<T, StoreError>) {
+        if !matches!(result, Err(StoreError::SignedOut)) {
+            self.forget(user_id);
+        }
+    }
+
     pub fn store(&self) -> &Store {
         &self.store
     }
@@ -398,7 +406,7 @@ impl Sessions {
             .store
             .session_destroy(user_id, &session_id, signed_out)
             .await;
-        self.forget(user_id);
+        self.forget_unless_refused(user_id, &destroyed);
         match destroyed? {
             Some(body) => Ok(Some(record::decode(&body)?.metadata)),
             None => Ok(None),
@@ -420,7 +428,7 @@ impl Sessions {
             .store
             .session_destroy_all(user_id, remember, signed_out)
             .await;
-        self.forget(user_id);
+        self.forget_unless_refused(user_id, &destroyed);
         // They are gone whatever follows: one that cannot be read is logged and left out,
         // rather than failing a sign-out that happened.
         let mut sessions: Vec<Session> = destroyed?
