@@ -80,6 +80,7 @@ impl App {
             config.server.max_body_bytes,
             trusted.clone(),
             config.identity.clone(),
+            metrics.upstream_pool.clone(),
         );
         let cache = config
             .session

@@ -76,6 +76,8 @@ pub struct Metrics {
     pub open_tunnels: Gauge,
     pub tunnels_session_ended: Counter,
     pub tokens_verified_with_previous_key: Counter,
+    /// What the upstream pools count, shared by every worker's pool.
+    pub upstream_pool: crate::forward::PoolCounters,
     pub rate_limit_keys: Gauge,
     pub rate_limit_table_full: Family<LimiterLabels, Counter>,
     pub certificate_reloads: Family<ReloadLabels, Counter>,
@@ -206,6 +208,17 @@ impl Metrics {
             "Tokens accepted whose signature only the key being rotated out (jwt.previous_*) verified, counted when verified in full (a remembered token is not verified again)",
             tokens_verified_with_previous_key.clone(),
         );
+        let upstream_pool = crate::forward::PoolCounters::default();
+        registry.register(
+            "upstream_connections_opened",
+            "Connections opened to the upstream. Under steady load it levels off once the pools are warm; a steady rise means the upstream closes kept-alive connections (Connection: close, a keep-alive timeout below upstream.pool_idle_timeout)",
+            upstream_pool.opened.clone(),
+        );
+        registry.register(
+            "upstream_requests_replayed",
+            "Bodiless idempotent requests sent again on a new connection because the upstream closed their pooled one under them",
+            upstream_pool.replayed.clone(),
+        );
         let sessions_active = Gauge::default();
         registry.register(
             "sessions_active",
@@ -279,6 +292,7 @@ impl Metrics {
             open_tunnels,
             tunnels_session_ended,
             tokens_verified_with_previous_key,
+            upstream_pool,
             rate_limit_keys,
             rate_limit_table_full,
             certificate_reloads,

@@ -13,6 +13,14 @@ use support::*;
 
 const BIG: usize = 8 * 1024 * 1024;
 
+/// The value of a counter the proxy exports (0 when it has not been counted yet).
+async fn counter(proxy: &Proxy, name: &str) -> f64 {
+    let text = proxy.metrics_text().await;
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// Answers by path: `/empty` 204, `/big` 8 MiB, anything else echoes the body.
 async fn upstream() -> Upstream {
     Upstream::start(|seen| async move {
@@ -66,6 +74,8 @@ async fn one_upstream_connection_carries_every_kind_of_exchange() {
         1,
         "every request reused the first connection"
     );
+    let opened = counter(&proxy, "portcullis_upstream_connections_opened_total").await;
+    assert_eq!(opened, 1.0);
 }
 
 #[tokio::test]
@@ -243,6 +253,10 @@ async fn an_idempotent_request_is_sent_again_when_its_pooled_connection_closes_u
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.text().await.unwrap(), "first");
     assert_eq!(heads.load(Ordering::SeqCst), 3);
+    let replayed = counter(&proxy, "portcullis_upstream_requests_replayed_total").await;
+    assert_eq!(replayed, 1.0);
+    let opened = counter(&proxy, "portcullis_upstream_connections_opened_total").await;
+    assert_eq!(opened, 2.0);
 }
 
 #[tokio::test]
@@ -261,4 +275,6 @@ async fn a_request_with_a_body_is_never_sent_twice() {
         2,
         "the POST reached the upstream once"
     );
+    let replayed = counter(&proxy, "portcullis_upstream_requests_replayed_total").await;
+    assert_eq!(replayed, 0.0);
 }

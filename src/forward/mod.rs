@@ -28,7 +28,7 @@ use crate::{Body, BoxResponse};
 mod client;
 mod pool;
 
-pub use pool::{Pool, PoolError, Upgraded, REPLAY_AFTER_IDLE};
+pub use pool::{Pool, PoolCounters, PoolError, Upgraded, REPLAY_AFTER_IDLE};
 
 /// Live WebSocket tunnels, shared with whoever wants to count them.
 #[derive(Debug, Default)]
@@ -134,6 +134,8 @@ pub struct Upstream {
     tunnels: Arc<TunnelCount>,
     /// The headers portcullis sets, whose underscore spellings are removed.
     aliased: Aliased,
+    /// Counted by every worker's pool.
+    pool_counters: PoolCounters,
 }
 
 /// Names some backends would confuse with these (see `Upstream::remove_aliases`); the bit of
@@ -176,6 +178,7 @@ impl Upstream {
         max_body_bytes: u64,
         trusted: TrustedProxies,
         identity: IdentityConfig,
+        pool_counters: PoolCounters,
     ) -> Self {
         let aliased = Aliased::new(vec![
             identity.user_id.clone(),
@@ -193,6 +196,7 @@ impl Upstream {
             identity,
             tunnels: Arc::new(TunnelCount::default()),
             aliased,
+            pool_counters,
         }
     }
 
@@ -678,7 +682,7 @@ pub struct Forward {
 
 impl Forward {
     pub fn new(upstream: Arc<Upstream>) -> Self {
-        let pool = Pool::new(&upstream.config);
+        let pool = Pool::new(&upstream.config, upstream.pool_counters.clone());
         Forward { upstream, pool }
     }
 }

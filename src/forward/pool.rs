@@ -27,6 +27,15 @@ type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 /// connection under it: a keep-alive timeout closes connections that have been idle.
 pub const REPLAY_AFTER_IDLE: Duration = Duration::from_secs(1);
 
+/// What the pools count (exported as `portcullis_upstream_*`); clones count together.
+#[derive(Clone, Debug, Default)]
+pub struct PoolCounters {
+    /// Connections opened to the upstream.
+    pub opened: prometheus_client::metrics::counter::Counter,
+    /// Requests sent again after their pooled connection closed under them.
+    pub replayed: prometheus_client::metrics::counter::Counter,
+}
+
 /// Why a request got no response from the upstream.
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
@@ -48,6 +57,7 @@ struct Shared {
     idle_timeout: Duration,
     max_idle: usize,
     idle: Mutex<Idle>,
+    counters: PoolCounters,
 }
 
 #[derive(Default)]
@@ -64,7 +74,7 @@ struct IdleConn {
 }
 
 impl Pool {
-    pub fn new(config: &UpstreamConfig) -> Pool {
+    pub fn new(config: &UpstreamConfig, counters: PoolCounters) -> Pool {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -91,6 +101,7 @@ impl Pool {
             idle_timeout: config.pool_idle_timeout,
             max_idle: config.pool_max_idle,
             idle: Mutex::new(Idle::default()),
+            counters,
         }))
     }
 
@@ -115,6 +126,7 @@ impl Pool {
                 Ok(answer) => return Ok(answer.into()),
                 Err(error) => match replay {
                     Some(replay) if error.closed_before_answer() => {
+                        self.0.counters.replayed.inc();
                         tracing::debug!(
                             %error,
                             "pooled connection was closed; sending again on a new one"
@@ -159,6 +171,7 @@ impl Pool {
             .oneshot(self.0.target.clone())
             .await
             .map_err(PoolError::Connect)?;
+        self.0.counters.opened.inc();
         Ok(Conn::new(TokioIo::new(io)))
     }
 }
