@@ -215,6 +215,11 @@ impl Metrics {
             upstream_pool.opened.clone(),
         );
         registry.register(
+            "upstream_connections_idle",
+            "Kept-alive connections to the upstream waiting in the pools for a request",
+            upstream_pool.idle.clone(),
+        );
+        registry.register(
             "upstream_requests_replayed",
             "Bodiless idempotent requests sent again on a new connection because the upstream closed their pooled one under them",
             upstream_pool.replayed.clone(),

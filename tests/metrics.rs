@@ -170,6 +170,7 @@ async fn metrics_after_a_known_sequence_have_the_expected_counts() {
         ("portcullis_open_tunnels", "gauge"),
         ("portcullis_tunnels_session_ended", "counter"),
         ("portcullis_upstream_connections_opened", "counter"),
+        ("portcullis_upstream_connections_idle", "gauge"),
         ("portcullis_upstream_requests_replayed", "counter"),
         ("portcullis_rate_limit_tracked_keys", "gauge"),
     ] {

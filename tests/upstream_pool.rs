@@ -13,8 +13,8 @@ use support::*;
 
 const BIG: usize = 8 * 1024 * 1024;
 
-/// The value of a counter the proxy exports (0 when it has not been counted yet).
-async fn counter(proxy: &Proxy, name: &str) -> f64 {
+/// The value of a metric without labels the proxy exports (0 when it has none yet).
+async fn metric(proxy: &Proxy, name: &str) -> f64 {
     let text = proxy.metrics_text().await;
     text.lines()
         .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
@@ -74,8 +74,10 @@ async fn one_upstream_connection_carries_every_kind_of_exchange() {
         1,
         "every request reused the first connection"
     );
-    let opened = counter(&proxy, "portcullis_upstream_connections_opened_total").await;
+    let opened = metric(&proxy, "portcullis_upstream_connections_opened_total").await;
     assert_eq!(opened, 1.0);
+    let waiting = metric(&proxy, "portcullis_upstream_connections_idle").await;
+    assert_eq!(waiting, 1.0, "the one connection waits in the pool");
 }
 
 #[tokio::test]
@@ -185,6 +187,24 @@ async fn a_connection_the_upstream_closes_is_not_reused() {
     assert_eq!(upstream.connections(), 4);
 }
 
+#[tokio::test]
+async fn a_pooled_connection_the_upstream_closes_is_let_go_long_before_its_idle_timeout() {
+    // Answers without `Connection: close`, then closes anyway (a keep-alive timeout of zero).
+    let upstream = RawUpstream::start(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+    let proxy = Proxy::start(&config_with(
+        &upstream.url(),
+        "[server]\nworkers = 1\n[upstream]\npool_idle_timeout = \"60s\"\n",
+    ))
+    .await;
+    let resp = client().get(proxy.url("/once")).send().await.unwrap();
+    assert_eq!(resp.text().await.unwrap(), "ok");
+    // Within the reaper's look (a second), not at pool_idle_timeout.
+    eventually("the closed connection to leave the pool", || async {
+        metric(&proxy, "portcullis_upstream_connections_idle").await == 0.0
+    })
+    .await;
+}
+
 /// Longer than a pooled connection must have been idle for its requests to be sent again.
 const IDLE_AT_RISK: std::time::Duration =
     portcullis::forward::REPLAY_AFTER_IDLE.saturating_add(std::time::Duration::from_millis(50));
@@ -253,9 +273,9 @@ async fn an_idempotent_request_is_sent_again_when_its_pooled_connection_closes_u
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.text().await.unwrap(), "first");
     assert_eq!(heads.load(Ordering::SeqCst), 3);
-    let replayed = counter(&proxy, "portcullis_upstream_requests_replayed_total").await;
+    let replayed = metric(&proxy, "portcullis_upstream_requests_replayed_total").await;
     assert_eq!(replayed, 1.0);
-    let opened = counter(&proxy, "portcullis_upstream_connections_opened_total").await;
+    let opened = metric(&proxy, "portcullis_upstream_connections_opened_total").await;
     assert_eq!(opened, 2.0);
 }
 
@@ -275,6 +295,6 @@ async fn a_request_with_a_body_is_never_sent_twice() {
         2,
         "the POST reached the upstream once"
     );
-    let replayed = counter(&proxy, "portcullis_upstream_requests_replayed_total").await;
+    let replayed = metric(&proxy, "portcullis_upstream_requests_replayed_total").await;
     assert_eq!(replayed, 0.0);
 }

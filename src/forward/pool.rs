@@ -23,6 +23,10 @@ pub use super::client::Upgraded;
 
 type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 
+/// How often the reaper looks at idle connections for ones the upstream closed: their sockets
+/// are let go within this, not at `pool_idle_timeout`. A look is one non-blocking read each.
+const LOOK_AT_IDLE_EVERY: Duration = Duration::from_secs(1);
+
 /// A request sent on a connection idle this long may be sent again if the upstream closes the
 /// connection under it: a keep-alive timeout closes connections that have been idle.
 pub const REPLAY_AFTER_IDLE: Duration = Duration::from_secs(1);
@@ -34,6 +38,8 @@ pub struct PoolCounters {
     pub opened: prometheus_client::metrics::counter::Counter,
     /// Requests sent again after their pooled connection closed under them.
     pub replayed: prometheus_client::metrics::counter::Counter,
+    /// Connections waiting in the pools.
+    pub idle: prometheus_client::metrics::gauge::Gauge,
 }
 
 /// Why a request got no response from the upstream.
@@ -68,9 +74,34 @@ struct Idle {
     reaping: bool,
 }
 
+/// A connection waiting in the pool, counted in the idle gauge while it waits.
 struct IdleConn {
-    conn: Conn,
+    /// Taken when the connection leaves the pool for an exchange.
+    conn: Option<Conn>,
     since: Instant,
+    gauge: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl IdleConn {
+    fn new(conn: Conn, gauge: &prometheus_client::metrics::gauge::Gauge) -> Self {
+        gauge.inc();
+        IdleConn {
+            conn: Some(conn),
+            since: Instant::now(),
+            gauge: gauge.clone(),
+        }
+    }
+
+    /// Still open, with nothing on it that no request asked for.
+    fn is_open(&mut self) -> bool {
+        self.conn.as_mut().is_some_and(Conn::is_open)
+    }
+}
+
+impl Drop for IdleConn {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
 }
 
 impl Pool {
@@ -156,8 +187,8 @@ impl Pool {
         let mut idle = self.0.idle.lock().ok()?;
         while let Some(mut parked) = idle.conns.pop() {
             let idle_for = parked.since.elapsed();
-            if idle_for < self.0.idle_timeout && parked.conn.is_open() {
-                return Some((parked.conn, idle_for));
+            if idle_for < self.0.idle_timeout && parked.is_open() {
+                return parked.conn.take().map(|conn| (conn, idle_for));
             }
         }
         None
@@ -201,10 +232,7 @@ impl Home for Arc<Shared> {
         if idle.conns.len() >= self.max_idle {
             idle.conns.remove(0);
         }
-        idle.conns.push(IdleConn {
-            conn,
-            since: Instant::now(),
-        });
+        idle.conns.push(IdleConn::new(conn, &self.counters.idle));
         if !idle.reaping {
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                 idle.reaping = true;
@@ -250,8 +278,9 @@ impl Replay {
     }
 }
 
-/// Closes idle connections as they pass `timeout` (and those the upstream closed);
-/// ends when none is left, until the next one comes back.
+/// Closes idle connections as they pass `timeout`, and, looking every
+/// [`LOOK_AT_IDLE_EVERY`], those the upstream closed; ends when none is left, until the next
+/// one comes back.
 async fn reap(pool: Weak<Shared>, timeout: Duration) {
     loop {
         let next_due = {
@@ -261,9 +290,9 @@ async fn reap(pool: Weak<Shared>, timeout: Duration) {
             };
             let now = Instant::now();
             idle.conns
-                .retain_mut(|c| now.duration_since(c.since) < timeout && c.conn.is_open());
+                .retain_mut(|c| now.duration_since(c.since) < timeout && c.is_open());
             match idle.conns.first() {
-                Some(oldest) => oldest.since + timeout,
+                Some(oldest) => (oldest.since + timeout).min(now + LOOK_AT_IDLE_EVERY),
                 None => {
                     idle.reaping = false;
                     return;
