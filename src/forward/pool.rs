@@ -13,6 +13,7 @@ use bytes::Bytes;
 use http::{Request, Response, Uri};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
+use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 use tower::ServiceExt;
 
 use super::client::{self, Answer, Conn, Home};
@@ -35,11 +36,11 @@ pub const REPLAY_AFTER_IDLE: Duration = Duration::from_secs(1);
 #[derive(Clone, Debug, Default)]
 pub struct PoolCounters {
     /// Connections opened to the upstream.
-    pub opened: prometheus_client::metrics::counter::Counter,
+    pub opened: Counter,
     /// Requests sent again after their pooled connection closed under them.
-    pub replayed: prometheus_client::metrics::counter::Counter,
+    pub replayed: Counter,
     /// Connections waiting in the pools.
-    pub idle: prometheus_client::metrics::gauge::Gauge,
+    pub idle: Gauge,
 }
 
 /// Why a request got no response from the upstream.
@@ -79,11 +80,11 @@ struct IdleConn {
     /// Taken when the connection leaves the pool for an exchange.
     conn: Option<Conn>,
     since: Instant,
-    gauge: prometheus_client::metrics::gauge::Gauge,
+    gauge: Gauge,
 }
 
 impl IdleConn {
-    fn new(conn: Conn, gauge: &prometheus_client::metrics::gauge::Gauge) -> Self {
+    fn new(conn: Conn, gauge: &Gauge) -> Self {
         gauge.inc();
         IdleConn {
             conn: Some(conn),
