@@ -472,16 +472,12 @@ return ARGV[1] .. times .. string.sub(v, body + 28, body + len - 1)
 
 /// Adds a session (id ARGV[1], ttl ARGV[2], details ARGV[3]), dropping expired ones; when the
 /// user would have more than ARGV[4], the least recently active make room. Returns Redis' time
-/// and the bodies of the sessions that made room; nothing when the user signed out everywhere
-/// (KEYS[2] holds when, in Unix seconds) after ARGV[5], the token's issue time plus the
-/// allowed clock skew (empty for a token without one).
+/// and the bodies of the sessions that made room. With KEYS[2] and ARGV[5], a token issued
+/// before the user signed out is refused (`SIGNED_OUT`), and nothing is added.
 const CREATE: &str = concat!(
     session_lib!(),
     r"
-if ARGV[5] ~= '' then
-  local signed_out = redis.call('GET', KEYS[2])
-  if signed_out and tonumber(ARGV[5]) < tonumber(signed_out) then return false end
-end
+if signed_out(5) then return refuse_signed_out() end
 local now = now_ms()
 local v = redis.call('GET', KEYS[1]) or string.char(1)
 local recs = records(v)
@@ -1067,9 +1063,7 @@ impl Store {
 
     /// Adds a session (see `session::record`) and returns Redis' time, in Unix milliseconds,
     /// and the bodies of the least recently active sessions that made room for it when the
-    /// user already had `max_per_user`. `None`, adding nothing, when the user signed out
-    /// everywhere after `issued_by` (Unix seconds), the latest time the caller's token may
-    /// have been issued.
+    /// user already had `max_per_user`. With `signed_out`, see [`SignOutCheck`].
     pub async fn session_create(
         &self,
         user_id: &str,
@@ -1077,28 +1071,21 @@ impl Store {
         details: &[u8],
         ttl: Duration,
         max_per_user: usize,
-        issued_by: Option<u64>,
-    ) -> Result<Option<(u64, Vec<Vec<u8>>)>, StoreError> {
+        signed_out: SignOutCheck,
+    ) -> Result<(u64, Vec<Vec<u8>>), StoreError> {
         let key = self.sessions_key(user_id);
-        let signed_out = self.signed_out_key(user_id);
-        let issued_by = issued_by.map(|t| t.to_string()).unwrap_or_default();
-        let reply: Option<Vec<redis::Value>> = self
-            .invoke(
-                "session_create",
-                &self.scripts.create,
-                &[&key, &signed_out],
-                &[
-                    session_id.as_bytes(),
-                    ms(ttl).to_string().as_bytes(),
-                    details,
-                    max_per_user.to_string().as_bytes(),
-                    issued_by.as_bytes(),
-                ],
-            )
+        let check = self.sign_out_check(user_id, signed_out);
+        let (ttl, max_per_user) = (ms(ttl).to_string(), max_per_user.to_string());
+        let mut args: Args = smallvec::smallvec![
+            &session_id.as_bytes()[..],
+            ttl.as_bytes(),
+            details,
+            max_per_user.as_bytes(),
+        ];
+        let keys = check.extend(&key, &mut args);
+        let reply: Vec<redis::Value> = self
+            .invoke("session_create", &self.scripts.create, &keys, &args)
             .await?;
-        let Some(reply) = reply else {
-            return Ok(None);
-        };
         let bad = || StoreError::Corrupt("session create reply".into());
         let (now, evicted) = reply.split_first().ok_or_else(bad)?;
         let now: u64 = redis::from_redis_value_ref(now).map_err(|_| bad())?;
@@ -1106,7 +1093,7 @@ impl Store {
             .iter()
             .map(|body| redis::from_redis_value_ref(body).map_err(|_| bad()))
             .collect::<Result<_, _>>()?;
-        Ok(Some((now, evicted)))
+        Ok((now, evicted))
     }
 
     /// Reads and slides a session in one round trip; its body (see `session::record`), or

@@ -226,10 +226,9 @@ impl SessionApi {
             (Endpoint::Create, Method::POST) => {
                 let metadata = create_metadata(req).await?;
                 let Opened { created, evicted } = sessions
-                    .create(user, &metadata, issued_by)
+                    .create(user, &metadata, check)
                     .await
-                    .map_err(store_failed)?
-                    .ok_or(Rejection::SignedOut)?;
+                    .map_err(store_failed)?;
                 self.metrics.sessions_created.inc();
                 for old in evicted {
                     self.metrics.sessions_evicted.inc();

@@ -242,15 +242,14 @@ impl Sessions {
         })
     }
 
-    /// Opens a session for `user_id`; returns its id and expiry. `None` when the user signed
-    /// out everywhere after `issued_by` (Unix seconds), the latest time the caller's token may
-    /// have been issued; a token without an issue time (`None`) is not checked.
+    /// Opens a session for `user_id`; returns its id and expiry. With `signed_out`, see
+    /// [`SignOutCheck`].
     pub async fn create(
         &self,
         user_id: &str,
         metadata: &Metadata,
-        issued_by: Option<u64>,
-    ) -> Result<Option<Opened>, StoreError> {
+        signed_out: SignOutCheck,
+    ) -> Result<Opened, StoreError> {
         let session_id = Uuid::new_v4();
         let details = record::details(metadata)?;
         let created = self
@@ -261,25 +260,23 @@ impl Sessions {
                 &details,
                 self.ttl,
                 self.max_per_user,
-                issued_by,
+                signed_out,
             )
             .await;
-        self.forget(user_id);
-        let Some((now, evicted)) = created? else {
-            return Ok(None);
-        };
+        self.forget_unless_refused(user_id, &created);
+        let (now, evicted) = created?;
         let ttl_ms = u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX);
         let evicted = evicted
             .iter()
             .map(|body| Self::session(user_id, body))
             .collect::<Result<_, _>>()?;
-        Ok(Some(Opened {
+        Ok(Opened {
             created: Created {
                 session_id,
                 expires_at: time(now.saturating_add(ttl_ms)),
             },
             evicted,
-        }))
+        })
     }
 
     /// Reads a session without touching it. A caller whose token was issued before the user
