@@ -25,6 +25,7 @@ pub mod echo;
 pub mod error;
 pub mod facts;
 pub mod forward;
+mod h1;
 pub mod inject;
 pub mod limits;
 pub mod metrics;

@@ -24,6 +24,10 @@ use hyper_util::rt::TokioIo;
 use smallvec::SmallVec;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::h1::{
+    connection_tokens, content_length, headers_len, is_chunked, put_headers, BodyDecoder,
+    BodyEncoder, Decode, Encode, FramingError, Step,
+};
 use crate::{Body, BoxError};
 
 /// A connected upstream socket, plain or TLS.
@@ -36,10 +40,6 @@ const MAX_HEAD_BYTES: usize = 8192 + 4096 * 100;
 /// Headers the stack may add to an answer: rate limits (four with Retry-After), the request
 /// id, CORS (three).
 const ANSWER_HEADERS_ADDED: usize = 8;
-/// Longest chunk-size line, extensions included.
-const MAX_CHUNK_LINE: usize = 4096;
-/// Most bytes of chunk extensions in one body (hyper's limit too).
-const MAX_CHUNK_EXTENSIONS: usize = 16 * 1024;
 /// Room a read asks for at first, and again once the connection is back in the pool.
 const READ_CHUNK: usize = 8 * 1024;
 /// Most room a read asks for: reads that fill their room double it, so a large answer is read
@@ -72,6 +72,15 @@ pub enum Error {
     Upload(#[source] BoxError),
     #[error("the request body does not match its framing: {0}")]
     UploadLength(&'static str),
+}
+
+impl From<FramingError> for Error {
+    fn from(e: FramingError) -> Self {
+        match e {
+            FramingError::Malformed(why) => Error::Malformed(why),
+            FramingError::Head(e) => Error::MalformedHead(e),
+        }
+    }
 }
 
 impl Error {
@@ -235,16 +244,14 @@ pub(super) async fn exchange<H: Home>(
         return Ok(Answer::Switched(response, upgraded));
     }
 
-    let decode = head.framing;
     let mut body = ResponseBody {
         conn: Some(conn),
         upload,
-        decode,
-        extension_bytes: 0,
+        decoder: BodyDecoder::new(head.framing),
         keep_alive,
         home,
     };
-    if decode == Decode::Done {
+    if body.decoder.is_done() {
         body.finish();
     }
     Ok(Answer::Response(head.into_response(body)))
@@ -253,18 +260,7 @@ pub(super) async fn exchange<H: Home>(
 /// The request body on its way up, framed as its head says.
 struct Upload {
     body: Body,
-    framing: UploadFraming,
-    /// All of the body is in the write buffer, or has gone.
-    ended: bool,
-}
-
-#[derive(Clone, Copy)]
-enum UploadFraming {
-    /// Neither Content-Length nor Transfer-Encoding: no body may follow.
-    None,
-    /// Content-Length; the bytes still owed.
-    Length(u64),
-    Chunked,
+    encoder: BodyEncoder,
 }
 
 impl Upload {
@@ -275,18 +271,17 @@ impl Upload {
         out: &mut BytesMut,
     ) -> Result<Upload, Error> {
         let framing = if parts.headers.contains_key(header::TRANSFER_ENCODING) {
-            UploadFraming::Chunked
+            Encode::Chunked
         } else {
             match content_length(&parts.headers) {
-                Ok(Some(length)) => UploadFraming::Length(length),
-                Ok(None) => UploadFraming::None,
+                Ok(Some(length)) => Encode::Length(length),
+                Ok(None) => Encode::None,
                 Err(why) => return Err(Error::UploadLength(why)),
             }
         };
         encode_head(parts, out);
         let mut upload = Upload {
-            ended: false,
-            framing,
+            encoder: BodyEncoder::new(framing),
             body,
         };
         if upload.body.is_end_stream() {
@@ -299,11 +294,16 @@ impl Upload {
     /// of the request has been written.
     fn poll_send(&mut self, conn: &mut Conn, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         loop {
-            while !self.ended && conn.write.len() < WRITE_HIGH_WATER {
+            while !self.encoder.is_ended() && conn.write.len() < WRITE_HIGH_WATER {
                 match Pin::new(&mut self.body).poll_frame(cx) {
                     Poll::Ready(Some(Ok(frame))) => {
-                        self.encode(frame, &mut conn.write)?;
-                        if !self.ended && self.body.is_end_stream() {
+                        // A client's trailers are not passed on (the encoder drops them): no
+                        // check reads them, so one named like an identity header would reach
+                        // the upstream as though portcullis had set it.
+                        self.encoder
+                            .encode(frame, &mut conn.write)
+                            .map_err(Error::UploadLength)?;
+                        if self.body.is_end_stream() {
                             self.end(&mut conn.write)?;
                         }
                     }
@@ -312,66 +312,21 @@ impl Upload {
                     Poll::Pending => break,
                 }
             }
-            if conn.write.is_empty() && !self.ended {
+            if conn.write.is_empty() && !self.encoder.is_ended() {
                 // Waiting for the client's next piece of the body; what went before must not
                 // wait with it (TLS holds records back until flushed).
                 ready!(Pin::new(&mut *conn.io).poll_flush(cx)).map_err(Error::Write)?;
                 return Poll::Pending;
             }
             ready!(conn.poll_write_all(cx)).map_err(Error::Write)?;
-            if self.ended {
+            if self.encoder.is_ended() {
                 return Poll::Ready(Ok(()));
             }
         }
     }
 
-    fn encode(&mut self, frame: Frame<Bytes>, out: &mut BytesMut) -> Result<(), Error> {
-        let frame = match frame.into_data() {
-            Ok(data) => {
-                if data.is_empty() {
-                    return Ok(());
-                }
-                match &mut self.framing {
-                    UploadFraming::None => {
-                        return Err(Error::UploadLength("a body without a length or chunking"))
-                    }
-                    UploadFraming::Length(owed) => {
-                        *owed = owed
-                            .checked_sub(data.len() as u64)
-                            .ok_or(Error::UploadLength("longer than its Content-Length"))?;
-                        out.extend_from_slice(&data);
-                    }
-                    UploadFraming::Chunked => {
-                        put_hex(out, data.len());
-                        out.extend_from_slice(b"\r\n");
-                        out.extend_from_slice(&data);
-                        out.extend_from_slice(b"\r\n");
-                    }
-                }
-                return Ok(());
-            }
-            Err(frame) => frame,
-        };
-        // A client's trailers are not passed on: no check reads them, so one named like an
-        // identity header would reach the upstream as though portcullis had set it. The body
-        // ends as though they were not there.
-        drop(frame);
-        Ok(())
-    }
-
     fn end(&mut self, out: &mut BytesMut) -> Result<(), Error> {
-        if self.ended {
-            return Ok(());
-        }
-        self.ended = true;
-        match self.framing {
-            UploadFraming::None | UploadFraming::Length(0) => Ok(()),
-            UploadFraming::Length(_) => Err(Error::UploadLength("shorter than its Content-Length")),
-            UploadFraming::Chunked => {
-                out.extend_from_slice(b"0\r\n\r\n");
-                Ok(())
-            }
-        }
+        self.encoder.end(out).map_err(Error::UploadLength)
     }
 }
 
@@ -381,11 +336,7 @@ fn encode_head(parts: &http::request::Parts, out: &mut BytesMut) {
         .uri
         .path_and_query()
         .map_or("/", http::uri::PathAndQuery::as_str);
-    let headers_len: usize = parts
-        .headers
-        .iter()
-        .map(|(name, value)| name.as_str().len() + value.len() + 4)
-        .sum();
+    let headers_len = headers_len(&parts.headers);
     out.reserve(parts.method.as_str().len() + target.len() + 13 + headers_len);
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.put_u8(b' ');
@@ -393,22 +344,6 @@ fn encode_head(parts: &http::request::Parts, out: &mut BytesMut) {
     out.extend_from_slice(b" HTTP/1.1\r\n");
     put_headers(out, &parts.headers);
     out.extend_from_slice(b"\r\n");
-}
-
-fn put_headers(out: &mut BytesMut, headers: &HeaderMap) {
-    for (name, value) in headers {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-}
-
-fn put_hex(out: &mut BytesMut, n: usize) {
-    let digits = (usize::BITS - n.leading_zeros()).div_ceil(4).max(1);
-    for i in (0..digits).rev() {
-        out.put_u8(b"0123456789abcdef"[(n >> (i * 4)) & 0xf]);
-    }
 }
 
 /// An answer's head, parsed.
@@ -561,15 +496,7 @@ fn framing(
     method: &Method,
     headers: &mut HeaderMap,
 ) -> Result<(Decode, bool), Error> {
-    let mut close = false;
-    let mut keep_alive_token = false;
-    for value in headers.get_all(header::CONNECTION) {
-        for token in value.as_bytes().split(|b| *b == b',') {
-            let token = token.trim_ascii();
-            close |= token.eq_ignore_ascii_case(b"close");
-            keep_alive_token |= token.eq_ignore_ascii_case(b"keep-alive");
-        }
-    }
+    let (close, keep_alive_token) = connection_tokens(headers);
     let keep_alive = !close && (version == Version::HTTP_11 || keep_alive_token);
 
     if status == StatusCode::SWITCHING_PROTOCOLS
@@ -586,13 +513,7 @@ fn framing(
         // Both at once is how request smuggling starts (RFC 9112 6.3): read this answer by its
         // Transfer-Encoding, then trust the connection no further.
         let keep_alive = keep_alive && headers.remove(header::CONTENT_LENGTH).is_none();
-        let chunked = headers
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .next_back()
-            .and_then(|v| v.as_bytes().rsplit(|b| *b == b',').next())
-            .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-        return Ok(if chunked {
+        return Ok(if is_chunked(headers) {
             (Decode::ChunkSize, keep_alive)
         } else {
             (Decode::UntilClose, false)
@@ -605,54 +526,13 @@ fn framing(
     })
 }
 
-/// The Content-Length, if there is one: every value, and every item of a comma-separated list,
-/// must be the same run of digits.
-fn content_length(headers: &HeaderMap) -> Result<Option<u64>, &'static str> {
-    let mut length = None;
-    for value in headers.get_all(header::CONTENT_LENGTH) {
-        for item in value.as_bytes().split(|b| *b == b',') {
-            let item = item.trim_ascii();
-            let n = std::str::from_utf8(item)
-                .ok()
-                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|s| s.parse::<u64>().ok())
-                .ok_or("Content-Length is not a number")?;
-            if length.is_some_and(|l| l != n) {
-                return Err("Content-Length values differ");
-            }
-            length = Some(n);
-        }
-    }
-    Ok(length)
-}
-
-/// Where the reading of an answer's body stands.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Decode {
-    /// Bytes still to come of a Content-Length body.
-    Length(u64),
-    /// A chunk-size line is next.
-    ChunkSize,
-    /// Bytes still to come of the current chunk.
-    ChunkData(u64),
-    /// The CRLF after a chunk's data is next.
-    ChunkEnd,
-    /// The trailer section after the last chunk is next.
-    Trailers,
-    /// Everything until the upstream closes.
-    UntilClose,
-    Done,
-}
-
 /// An answer's body, read from the connection as it is polled. Read to its end, it sends the
 /// connection home; dropped before that, it closes it.
 pub(super) struct ResponseBody<H: Home> {
     conn: Option<Conn>,
     /// The request body, if the upstream answered before all of it went up.
     upload: Option<Upload>,
-    decode: Decode,
-    /// Chunk extensions read so far: ignored, but bounded.
-    extension_bytes: usize,
+    decoder: BodyDecoder,
     keep_alive: bool,
     home: H,
 }
@@ -660,7 +540,7 @@ pub(super) struct ResponseBody<H: Home> {
 impl<H: Home> ResponseBody<H> {
     /// The body has ended: the connection goes home if it can carry another exchange.
     fn finish(&mut self) {
-        self.decode = Decode::Done;
+        self.decoder = BodyDecoder::new(Decode::Done);
         if let Some(conn) = self.conn.take() {
             if self.keep_alive && self.upload.is_none() && conn.read.is_empty() {
                 self.home.take_back(conn);
@@ -669,7 +549,7 @@ impl<H: Home> ResponseBody<H> {
     }
 
     fn fail(&mut self, error: Error) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
-        self.decode = Decode::Done;
+        self.decoder = BodyDecoder::new(Decode::Done);
         self.conn = None;
         Poll::Ready(Some(Err(error)))
     }
@@ -680,168 +560,42 @@ impl<H: Home> ResponseBody<H> {
             let Some(conn) = self.conn.as_mut() else {
                 return Poll::Ready(None);
             };
-            let need_more = match self.decode {
-                Decode::Done => return Poll::Ready(None),
-                Decode::Length(owed) | Decode::ChunkData(owed) if !conn.read.is_empty() => {
-                    let n = owed.min(conn.read.len() as u64);
-                    let data = conn.read.split_to(n as usize).freeze();
-                    match (self.decode, owed - n) {
-                        (Decode::Length(_), 0) => self.finish(),
-                        (Decode::Length(_), left) => self.decode = Decode::Length(left),
-                        (_, 0) => self.decode = Decode::ChunkEnd,
-                        (_, left) => self.decode = Decode::ChunkData(left),
-                    }
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Decode::Length(_) | Decode::ChunkData(_) => true,
-                Decode::UntilClose if !conn.read.is_empty() => {
-                    let data = conn.read.split().freeze();
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Decode::UntilClose => true,
-                Decode::ChunkSize => match parse_chunk_size(&conn.read) {
-                    Ok(Some(line)) => {
-                        conn.read.advance(line.len);
-                        self.extension_bytes += line.extension_bytes;
-                        if self.extension_bytes > MAX_CHUNK_EXTENSIONS {
-                            return self.fail(Error::Malformed("too many chunk extensions"));
-                        }
-                        self.decode = if line.size == 0 {
-                            Decode::Trailers
-                        } else {
-                            Decode::ChunkData(line.size)
-                        };
-                        false
-                    }
-                    Ok(None) if conn.read.len() > MAX_CHUNK_LINE => {
-                        return self.fail(Error::Malformed("a chunk-size line is too long"))
-                    }
-                    Ok(None) => true,
-                    Err(e) => return self.fail(e),
-                },
-                Decode::ChunkEnd => match conn.read.get(..2) {
-                    Some(b"\r\n") => {
-                        conn.read.advance(2);
-                        self.decode = Decode::ChunkSize;
-                        false
-                    }
-                    Some(_) => return self.fail(Error::Malformed("a chunk overruns its size")),
-                    None if conn.read.first().is_some_and(|b| *b != b'\r') => {
-                        return self.fail(Error::Malformed("a chunk overruns its size"))
-                    }
-                    None => true,
-                },
-                Decode::Trailers => match parse_trailers(&mut conn.read) {
-                    Ok(None) if conn.read.len() > MAX_HEAD_BYTES => {
-                        return self.fail(Error::Malformed("the trailer section is too large"))
-                    }
-                    Ok(None) => true,
-                    Ok(Some(trailers)) => {
-                        self.finish();
-                        return Poll::Ready(
-                            (!trailers.is_empty()).then(|| Ok(Frame::trailers(trailers))),
-                        );
-                    }
-                    Err(e) => return self.fail(e),
-                },
+            let step = match self.decoder.step(&mut conn.read) {
+                Ok(step) => step,
+                Err(e) => return self.fail(e.into()),
             };
-            if need_more {
-                match ready!(conn.poll_fill(cx)) {
-                    Ok(0) if self.decode == Decode::UntilClose => {
-                        // The end of the stream is this body's end; the connection ends too.
-                        self.decode = Decode::Done;
+            match step {
+                Step::Data(data) => {
+                    if self.decoder.is_done() {
+                        self.finish();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Step::Trailers(trailers) => {
+                    self.finish();
+                    return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                }
+                Step::End => {
+                    self.finish();
+                    return Poll::Ready(None);
+                }
+                Step::NeedMore => {}
+            }
+            match ready!(conn.poll_fill(cx)) {
+                // The end of the stream is the end of a body that runs until it, and the
+                // connection's end too.
+                Ok(0) => match self.decoder.peer_closed() {
+                    Ok(_) => {
                         self.conn = None;
                         return Poll::Ready(None);
                     }
-                    Ok(0) => return self.fail(Error::Truncated),
-                    Ok(_) => {}
-                    Err(e) => return self.fail(Error::Read(e)),
-                }
+                    Err(_) => return self.fail(Error::Truncated),
+                },
+                Ok(_) => {}
+                Err(e) => return self.fail(Error::Read(e)),
             }
         }
     }
-}
-
-/// A chunk-size line (RFC 9112 7.1).
-#[derive(Debug, PartialEq, Eq)]
-struct ChunkSizeLine {
-    /// Its length, CRLF included.
-    len: usize,
-    size: u64,
-    extension_bytes: usize,
-}
-
-/// Parses the chunk-size line at the start of `buf`: at least one hex digit, optional
-/// whitespace, optional extensions (no control bytes), CRLF. `None` while incomplete. As
-/// strict as this because a lenient reading that differs from the upstream's is how two
-/// parties come to disagree on where a body ends.
-fn parse_chunk_size(buf: &[u8]) -> Result<Option<ChunkSizeLine>, Error> {
-    let invalid = Error::Malformed("a chunk-size line is invalid");
-    let digits = buf.iter().take_while(|b| b.is_ascii_hexdigit()).count();
-    if digits > 16 {
-        return Err(Error::Malformed("a chunk size is too large"));
-    }
-    if digits == buf.len() {
-        return Ok(None);
-    }
-    if digits == 0 {
-        return Err(invalid);
-    }
-    let size = buf[..digits].iter().fold(0u64, |size, b| {
-        // Hex digits only, as counted above.
-        let value = (*b as char).to_digit(16).unwrap_or(0);
-        size << 4 | u64::from(value)
-    });
-    let mut i = digits;
-    while buf.get(i).is_some_and(|b| *b == b' ' || *b == b'\t') {
-        i += 1;
-    }
-    let extensions_start = i;
-    if buf.get(i) == Some(&b';') {
-        while let Some(&b) = buf.get(i) {
-            if b == b'\r' {
-                break;
-            }
-            if (b < 0x20 && b != b'\t') || b == 0x7f {
-                return Err(Error::Malformed("a chunk extension is invalid"));
-            }
-            i += 1;
-        }
-    }
-    let extension_bytes = i - extensions_start;
-    match (buf.get(i), buf.get(i + 1)) {
-        (None, _) | (Some(b'\r'), None) => Ok(None),
-        (Some(b'\r'), Some(b'\n')) => Ok(Some(ChunkSizeLine {
-            len: i + 2,
-            size,
-            extension_bytes,
-        })),
-        _ => Err(invalid),
-    }
-}
-
-/// The trailer section after a chunked body's last chunk, taken off `buf` when complete.
-fn parse_trailers(buf: &mut BytesMut) -> Result<Option<HeaderMap>, Error> {
-    if buf.starts_with(b"\r\n") {
-        buf.advance(2);
-        return Ok(Some(HeaderMap::new()));
-    }
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let (len, fields) = match httparse::parse_headers(buf, &mut slots) {
-        Ok(httparse::Status::Complete(done)) => done,
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(e) => return Err(Error::MalformedHead(e)),
-    };
-    let mut trailers = HeaderMap::with_capacity(fields.len());
-    for field in fields {
-        let name = HeaderName::from_bytes(field.name.as_bytes())
-            .map_err(|_| Error::Malformed("a trailer name is invalid"))?;
-        let value = HeaderValue::from_bytes(field.value)
-            .map_err(|_| Error::Malformed("a trailer value is invalid"))?;
-        trailers.append(name, value);
-    }
-    buf.advance(len);
-    Ok(Some(trailers))
 }
 
 impl<H: Home> http_body::Body for ResponseBody<H> {
@@ -878,11 +632,11 @@ impl<H: Home> http_body::Body for ResponseBody<H> {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.decode == Decode::Done
+        self.decoder.is_done()
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self.decode {
+        match self.decoder.state() {
             Decode::Length(n) => SizeHint::with_exact(n),
             Decode::Done => SizeHint::with_exact(0),
             _ => SizeHint::default(),
@@ -1577,54 +1331,11 @@ mod tests {
         assert!(home.take().is_none());
     }
 
-    #[test]
-    fn chunk_size_lines_are_read_strictly() {
-        let line = |len, size, extension_bytes| {
-            Some(ChunkSizeLine {
-                len,
-                size,
-                extension_bytes,
-            })
-        };
-        // Each parses (`None`: incomplete, needs more).
-        let cases: [(&[u8], Option<ChunkSizeLine>); 9] = [
-            (b"5\r\n", line(3, 5, 0)),
-            (b"aB\r\nrest", line(4, 0xab, 0)),
-            (b"5 \t\r\n", line(5, 5, 0)),
-            (b"5;name=\"v a\"\r\n", line(14, 5, 11)),
-            (b"ffffffffffffffff\r\n", line(18, u64::MAX, 0)),
-            (b"0\r\n", line(3, 0, 0)),
-            (b"5", None),
-            (b"5;abc", None),
-            (b"5\r", None),
-        ];
-        for (input, expected) in cases {
-            let got = parse_chunk_size(input).ok();
-            assert_eq!(got, Some(expected), "{}", String::from_utf8_lossy(input));
-        }
-        for input in [
-            &b"\r\n"[..],
-            b"  5\r\n",
-            b";x\r\n",
-            b"5;a\nX\r\n",
-            b"5\n",
-            b"5 x\r\n",
-            b"5\rX",
-            b"10000000000000000\r\n",
-        ] {
-            assert!(
-                parse_chunk_size(input).is_err(),
-                "{}",
-                String::from_utf8_lossy(input)
-            );
-        }
-    }
-
     #[tokio::test]
     async fn chunk_extensions_are_bounded_per_body() {
         let extension = format!(";{}", "e".repeat(1000));
         let mut answer = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
-        for _ in 0..MAX_CHUNK_EXTENSIONS / 1000 + 1 {
+        for _ in 0..crate::h1::MAX_CHUNK_EXTENSIONS / 1000 + 1 {
             answer.extend_from_slice(format!("1{extension}\r\nx\r\n").as_bytes());
         }
         answer.extend_from_slice(b"0\r\n\r\n");
@@ -1702,20 +1413,5 @@ mod tests {
         conn.rest();
         // ...which rest lets go of.
         assert!(!conn.write.try_reclaim(1), "the write buffer was let go");
-    }
-
-    #[test]
-    fn chunk_sizes_are_written_in_lowercase_hex_without_padding() {
-        for (n, text) in [
-            (1, "1"),
-            (15, "f"),
-            (16, "10"),
-            (0xabc, "abc"),
-            (65536, "10000"),
-        ] {
-            let mut out = BytesMut::new();
-            put_hex(&mut out, n);
-            assert_eq!(&out[..], text.as_bytes());
-        }
     }
 }

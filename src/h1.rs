@@ -1,0 +1,591 @@
+//! HTTP/1.1 message framing (RFC 9112 sections 6 and 7), shared by the public listener's
+//! server side and the upstream pool's client side: reading a body as its framing says, and
+//! writing one framed as its head says.
+//!
+//! Both sides read untrusted bytes, so both read them alike and strictly: a lenient reading
+//! that differs from the other party's is how two parties come to disagree on where a message
+//! ends.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http_body::Frame;
+
+/// Most header lines a trailer section may have.
+const MAX_TRAILERS: usize = 100;
+/// Largest trailer section.
+pub(crate) const MAX_TRAILER_BYTES: usize = 8192 + 4096 * 100;
+/// Longest chunk-size line, extensions included.
+pub(crate) const MAX_CHUNK_LINE: usize = 4096;
+/// Most bytes of chunk extensions in one body (hyper's limit too).
+pub(crate) const MAX_CHUNK_EXTENSIONS: usize = 16 * 1024;
+
+/// Why a message's framing cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum FramingError {
+    #[error("{0}")]
+    Malformed(&'static str),
+    #[error("a head or trailer section is malformed")]
+    Head(#[source] httparse::Error),
+}
+
+/// Where the reading of a body stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Decode {
+    /// Bytes still to come of a Content-Length body.
+    Length(u64),
+    /// A chunk-size line is next.
+    ChunkSize,
+    /// Bytes still to come of the current chunk.
+    ChunkData(u64),
+    /// The CRLF after a chunk's data is next.
+    ChunkEnd,
+    /// The trailer section after the last chunk is next.
+    Trailers,
+    /// Everything until the peer closes.
+    UntilClose,
+    Done,
+}
+
+/// What the next step of reading a body found.
+#[derive(Debug)]
+pub(crate) enum Step {
+    Data(Bytes),
+    /// The trailer section, which ends the body.
+    Trailers(HeaderMap),
+    /// The body ended (without trailers).
+    End,
+    /// More bytes must be read first.
+    NeedMore,
+}
+
+/// Reads a body out of a connection's read buffer, one step at a time.
+#[derive(Debug)]
+pub(crate) struct BodyDecoder {
+    state: Decode,
+    /// Chunk extensions read so far: ignored, but bounded.
+    extension_bytes: usize,
+}
+
+impl BodyDecoder {
+    pub(crate) fn new(state: Decode) -> Self {
+        BodyDecoder {
+            state,
+            extension_bytes: 0,
+        }
+    }
+
+    pub(crate) fn state(&self) -> Decode {
+        self.state
+    }
+
+    pub(crate) fn is_done(&self) -> bool {
+        self.state == Decode::Done
+    }
+
+    /// Takes the next piece of the body off `read`. Data is handed out as it arrives, never
+    /// more than the framing allows; what follows the body stays in `read`.
+    pub(crate) fn step(&mut self, read: &mut BytesMut) -> Result<Step, FramingError> {
+        loop {
+            match self.state {
+                Decode::Done => return Ok(Step::End),
+                Decode::Length(_) | Decode::ChunkData(_) | Decode::UntilClose
+                    if read.is_empty() =>
+                {
+                    return Ok(Step::NeedMore)
+                }
+                Decode::UntilClose => return Ok(Step::Data(read.split().freeze())),
+                Decode::Length(owed) | Decode::ChunkData(owed) => {
+                    let n = owed.min(read.len() as u64);
+                    let data = read.split_to(n as usize).freeze();
+                    self.state = match (self.state, owed - n) {
+                        (Decode::Length(_), 0) => Decode::Done,
+                        (Decode::Length(_), left) => Decode::Length(left),
+                        (_, 0) => Decode::ChunkEnd,
+                        (_, left) => Decode::ChunkData(left),
+                    };
+                    return Ok(Step::Data(data));
+                }
+                Decode::ChunkSize => match parse_chunk_size(read)? {
+                    Some(line) => {
+                        read.advance(line.len);
+                        self.extension_bytes += line.extension_bytes;
+                        if self.extension_bytes > MAX_CHUNK_EXTENSIONS {
+                            return Err(FramingError::Malformed("too many chunk extensions"));
+                        }
+                        self.state = if line.size == 0 {
+                            Decode::Trailers
+                        } else {
+                            Decode::ChunkData(line.size)
+                        };
+                    }
+                    None if read.len() > MAX_CHUNK_LINE => {
+                        return Err(FramingError::Malformed("a chunk-size line is too long"))
+                    }
+                    None => return Ok(Step::NeedMore),
+                },
+                Decode::ChunkEnd => match read.get(..2) {
+                    Some(b"\r\n") => {
+                        read.advance(2);
+                        self.state = Decode::ChunkSize;
+                    }
+                    None if read.first().is_none_or(|b| *b == b'\r') => return Ok(Step::NeedMore),
+                    _ => return Err(FramingError::Malformed("a chunk overruns its size")),
+                },
+                Decode::Trailers => match parse_trailers(read)? {
+                    None if read.len() > MAX_TRAILER_BYTES => {
+                        return Err(FramingError::Malformed("the trailer section is too large"))
+                    }
+                    None => return Ok(Step::NeedMore),
+                    Some(trailers) => {
+                        self.state = Decode::Done;
+                        return Ok(if trailers.is_empty() {
+                            Step::End
+                        } else {
+                            Step::Trailers(trailers)
+                        });
+                    }
+                },
+            }
+        }
+    }
+
+    /// The peer closed while the body was being read: the end of a close-delimited body, and
+    /// a truncation of any other.
+    pub(crate) fn peer_closed(&mut self) -> Result<Step, FramingError> {
+        match self.state {
+            Decode::UntilClose | Decode::Done => {
+                self.state = Decode::Done;
+                Ok(Step::End)
+            }
+            _ => Err(FramingError::Malformed("the body was cut short")),
+        }
+    }
+}
+
+/// A chunk-size line (RFC 9112 7.1).
+#[derive(Debug, PartialEq, Eq)]
+struct ChunkSizeLine {
+    /// Its length, CRLF included.
+    len: usize,
+    size: u64,
+    extension_bytes: usize,
+}
+
+/// Parses the chunk-size line at the start of `buf`: at least one hex digit, optional
+/// whitespace, optional extensions (no control bytes), CRLF. `None` while incomplete.
+fn parse_chunk_size(buf: &[u8]) -> Result<Option<ChunkSizeLine>, FramingError> {
+    let invalid = FramingError::Malformed("a chunk-size line is invalid");
+    let digits = buf.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits > 16 {
+        return Err(FramingError::Malformed("a chunk size is too large"));
+    }
+    if digits == buf.len() {
+        return Ok(None);
+    }
+    if digits == 0 {
+        return Err(invalid);
+    }
+    let size = buf[..digits].iter().fold(0u64, |size, b| {
+        // Hex digits only, as counted above.
+        let value = (*b as char).to_digit(16).unwrap_or(0);
+        size << 4 | u64::from(value)
+    });
+    let mut i = digits;
+    while buf.get(i).is_some_and(|b| *b == b' ' || *b == b'\t') {
+        i += 1;
+    }
+    let extensions_start = i;
+    if buf.get(i) == Some(&b';') {
+        while let Some(&b) = buf.get(i) {
+            if b == b'\r' {
+                break;
+            }
+            if (b < 0x20 && b != b'\t') || b == 0x7f {
+                return Err(FramingError::Malformed("a chunk extension is invalid"));
+            }
+            i += 1;
+        }
+    }
+    let extension_bytes = i - extensions_start;
+    match (buf.get(i), buf.get(i + 1)) {
+        (None, _) | (Some(b'\r'), None) => Ok(None),
+        (Some(b'\r'), Some(b'\n')) => Ok(Some(ChunkSizeLine {
+            len: i + 2,
+            size,
+            extension_bytes,
+        })),
+        _ => Err(invalid),
+    }
+}
+
+/// The trailer section after a chunked body's last chunk, taken off `buf` when complete.
+fn parse_trailers(buf: &mut BytesMut) -> Result<Option<HeaderMap>, FramingError> {
+    if buf.starts_with(b"\r\n") {
+        buf.advance(2);
+        return Ok(Some(HeaderMap::new()));
+    }
+    let mut slots = [httparse::EMPTY_HEADER; MAX_TRAILERS];
+    let (len, fields) = match httparse::parse_headers(buf, &mut slots) {
+        Ok(httparse::Status::Complete(done)) => done,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(FramingError::Head(e)),
+    };
+    let mut trailers = HeaderMap::with_capacity(fields.len());
+    for field in fields {
+        let name = HeaderName::from_bytes(field.name.as_bytes())
+            .map_err(|_| FramingError::Malformed("a trailer name is invalid"))?;
+        let value = HeaderValue::from_bytes(field.value)
+            .map_err(|_| FramingError::Malformed("a trailer value is invalid"))?;
+        trailers.append(name, value);
+    }
+    buf.advance(len);
+    Ok(Some(trailers))
+}
+
+/// The Content-Length, if there is one: every value, and every item of a comma-separated list,
+/// must be the same run of digits.
+pub(crate) fn content_length(headers: &HeaderMap) -> Result<Option<u64>, &'static str> {
+    let mut length = None;
+    for value in headers.get_all(header::CONTENT_LENGTH) {
+        for item in value.as_bytes().split(|b| *b == b',') {
+            let item = item.trim_ascii();
+            let n = std::str::from_utf8(item)
+                .ok()
+                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|s| s.parse::<u64>().ok())
+                .ok_or("Content-Length is not a number")?;
+            if length.is_some_and(|l| l != n) {
+                return Err("Content-Length values differ");
+            }
+            length = Some(n);
+        }
+    }
+    Ok(length)
+}
+
+/// Whether the last coding a Transfer-Encoding lists is `chunked`.
+pub(crate) fn is_chunked(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .next_back()
+        .and_then(|v| v.as_bytes().rsplit(|b| *b == b',').next())
+        .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+}
+
+/// The `close` and `keep-alive` tokens of a message's Connection headers.
+pub(crate) fn connection_tokens(headers: &HeaderMap) -> (bool, bool) {
+    let (mut close, mut keep_alive) = (false, false);
+    for value in headers.get_all(header::CONNECTION) {
+        for token in value.as_bytes().split(|b| *b == b',') {
+            let token = token.trim_ascii();
+            close |= token.eq_ignore_ascii_case(b"close");
+            keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+        }
+    }
+    (close, keep_alive)
+}
+
+/// How a body goes out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Encode {
+    /// No body may follow the head.
+    None,
+    /// Content-Length; the bytes still owed.
+    Length(u64),
+    Chunked,
+    /// The body runs until the connection closes (an HTTP/1.0 client, no length known).
+    UntilClose,
+}
+
+/// Writes a body's frames into a write buffer, framed as its head said.
+#[derive(Debug)]
+pub(crate) struct BodyEncoder {
+    framing: Encode,
+    /// All of the body is in the write buffer.
+    ended: bool,
+}
+
+impl BodyEncoder {
+    pub(crate) fn new(framing: Encode) -> Self {
+        BodyEncoder {
+            framing,
+            ended: false,
+        }
+    }
+
+    pub(crate) fn is_ended(&self) -> bool {
+        self.ended
+    }
+
+    /// Appends a data frame; trailers are dropped (see the callers for why that is right).
+    pub(crate) fn encode(
+        &mut self,
+        frame: Frame<Bytes>,
+        out: &mut BytesMut,
+    ) -> Result<(), &'static str> {
+        let Ok(data) = frame.into_data() else {
+            return Ok(());
+        };
+        if data.is_empty() {
+            return Ok(());
+        }
+        match &mut self.framing {
+            Encode::None => return Err("a body where none may be"),
+            Encode::Length(owed) => {
+                *owed = owed
+                    .checked_sub(data.len() as u64)
+                    .ok_or("longer than its Content-Length")?;
+                out.extend_from_slice(&data);
+            }
+            Encode::Chunked => {
+                put_hex(out, data.len());
+                out.extend_from_slice(b"\r\n");
+                out.extend_from_slice(&data);
+                out.extend_from_slice(b"\r\n");
+            }
+            Encode::UntilClose => out.extend_from_slice(&data),
+        }
+        Ok(())
+    }
+
+    /// The body has no more frames: its end goes into `out`.
+    pub(crate) fn end(&mut self, out: &mut BytesMut) -> Result<(), &'static str> {
+        if self.ended {
+            return Ok(());
+        }
+        self.ended = true;
+        match self.framing {
+            Encode::None | Encode::Length(0) | Encode::UntilClose => Ok(()),
+            Encode::Length(_) => Err("shorter than its Content-Length"),
+            Encode::Chunked => {
+                out.extend_from_slice(b"0\r\n\r\n");
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Each header as `name: value` CRLF.
+pub(crate) fn put_headers(out: &mut BytesMut, headers: &HeaderMap) {
+    for (name, value) in headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// The bytes `put_headers` writes for `headers`.
+pub(crate) fn headers_len(headers: &HeaderMap) -> usize {
+    headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum()
+}
+
+pub(crate) fn put_hex(out: &mut BytesMut, n: usize) {
+    let digits = (usize::BITS - n.leading_zeros()).div_ceil(4).max(1);
+    for i in (0..digits).rev() {
+        out.put_u8(b"0123456789abcdef"[(n >> (i * 4)) & 0xf]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_size_lines_are_read_strictly() {
+        let line = |len, size, extension_bytes| {
+            Some(ChunkSizeLine {
+                len,
+                size,
+                extension_bytes,
+            })
+        };
+        // Each parses (`None`: incomplete, needs more).
+        let cases: [(&[u8], Option<ChunkSizeLine>); 9] = [
+            (b"5\r\n", line(3, 5, 0)),
+            (b"aB\r\nrest", line(4, 0xab, 0)),
+            (b"5 \t\r\n", line(5, 5, 0)),
+            (b"5;name=\"v a\"\r\n", line(14, 5, 11)),
+            (b"ffffffffffffffff\r\n", line(18, u64::MAX, 0)),
+            (b"0\r\n", line(3, 0, 0)),
+            (b"5", None),
+            (b"5;abc", None),
+            (b"5\r", None),
+        ];
+        for (input, expected) in cases {
+            let got = parse_chunk_size(input).ok();
+            assert_eq!(got, Some(expected), "{}", String::from_utf8_lossy(input));
+        }
+        for input in [
+            &b"\r\n"[..],
+            b"  5\r\n",
+            b";x\r\n",
+            b"5;a\nX\r\n",
+            b"5\n",
+            b"5 x\r\n",
+            b"5\rX",
+            b"10000000000000000\r\n",
+        ] {
+            assert!(
+                parse_chunk_size(input).is_err(),
+                "{}",
+                String::from_utf8_lossy(input)
+            );
+        }
+    }
+
+    #[test]
+    fn chunk_sizes_are_written_in_lowercase_hex_without_padding() {
+        for (n, text) in [
+            (1, "1"),
+            (15, "f"),
+            (16, "10"),
+            (0xabc, "abc"),
+            (65536, "10000"),
+        ] {
+            let mut out = BytesMut::new();
+            put_hex(&mut out, n);
+            assert_eq!(&out[..], text.as_bytes());
+        }
+    }
+
+    /// Decodes `input` fed one byte at a time; the data, the trailers, and what was left.
+    fn decode_bytewise(
+        state: Decode,
+        input: &[u8],
+    ) -> Result<(Vec<u8>, HeaderMap, Vec<u8>), FramingError> {
+        let mut decoder = BodyDecoder::new(state);
+        let (mut data, mut trailers, mut read) = (Vec::new(), HeaderMap::new(), BytesMut::new());
+        let mut input = input.iter();
+        loop {
+            match decoder.step(&mut read)? {
+                Step::Data(d) => data.extend_from_slice(&d),
+                Step::Trailers(t) => {
+                    trailers = t;
+                    break;
+                }
+                Step::End => break,
+                Step::NeedMore => match input.next() {
+                    Some(b) => read.put_u8(*b),
+                    None => {
+                        decoder.peer_closed()?;
+                        break;
+                    }
+                },
+            }
+        }
+        read.extend(input.copied());
+        Ok((data, trailers, read.to_vec()))
+    }
+
+    #[test]
+    fn bodies_end_where_their_framing_says_and_leave_the_rest() {
+        let (data, _, rest) = decode_bytewise(Decode::Length(5), b"hello, next").unwrap();
+        assert_eq!((&data[..], &rest[..]), (&b"hello"[..], &b", next"[..]));
+
+        let (data, trailers, rest) = decode_bytewise(
+            Decode::ChunkSize,
+            b"3;x=y\r\nabc\r\n2\r\nde\r\n0\r\ntrailer-one: 1\r\n\r\nGET",
+        )
+        .unwrap();
+        assert_eq!(&data[..], b"abcde");
+        assert_eq!(trailers["trailer-one"], "1");
+        assert_eq!(&rest[..], b"GET");
+
+        let (data, trailers, rest) =
+            decode_bytewise(Decode::ChunkSize, b"1\r\na\r\n0\r\n\r\nnext").unwrap();
+        assert_eq!(
+            (&data[..], trailers.len(), &rest[..]),
+            (&b"a"[..], 0, &b"next"[..])
+        );
+
+        let (data, _, _) = decode_bytewise(Decode::UntilClose, b"all of it").unwrap();
+        assert_eq!(&data[..], b"all of it");
+    }
+
+    #[test]
+    fn bodies_cut_short_or_overrunning_are_errors() {
+        for (state, input) in [
+            (Decode::Length(10), &b"short"[..]),
+            (Decode::ChunkSize, b"5\r\nabc"),
+            (Decode::ChunkSize, b"3\r\nabcdef\r\n0\r\n\r\n"),
+            (
+                Decode::ChunkSize,
+                b"3\r\nabc\r\n0\r\nbroken trailer\r\n\r\n",
+            ),
+        ] {
+            assert!(
+                decode_bytewise(state, input).is_err(),
+                "{}",
+                String::from_utf8_lossy(input)
+            );
+        }
+    }
+
+    #[test]
+    fn framing_headers_are_read_as_lists() {
+        let headers = |pairs: &[(&'static str, &'static str)]| {
+            let mut map = HeaderMap::new();
+            for (name, value) in pairs {
+                map.append(*name, HeaderValue::from_static(value));
+            }
+            map
+        };
+        assert_eq!(
+            content_length(&headers(&[
+                ("content-length", "7, 7"),
+                ("content-length", "7")
+            ])),
+            Ok(Some(7))
+        );
+        assert!(content_length(&headers(&[("content-length", "7, 8")])).is_err());
+        assert!(content_length(&headers(&[("content-length", "+7")])).is_err());
+        assert!(is_chunked(&headers(&[(
+            "transfer-encoding",
+            "gzip, chunked"
+        )])));
+        assert!(!is_chunked(&headers(&[(
+            "transfer-encoding",
+            "chunked, gzip"
+        )])));
+        assert_eq!(
+            connection_tokens(&headers(&[("connection", "Upgrade, Close")])),
+            (true, false)
+        );
+        assert_eq!(
+            connection_tokens(&headers(&[("connection", "keep-alive")])),
+            (false, true)
+        );
+    }
+
+    #[test]
+    fn bodies_are_written_as_framed() {
+        let mut out = BytesMut::new();
+        let mut chunked = BodyEncoder::new(Encode::Chunked);
+        chunked
+            .encode(Frame::data(Bytes::from_static(b"hello")), &mut out)
+            .unwrap();
+        chunked.end(&mut out).unwrap();
+        assert_eq!(&out[..], b"5\r\nhello\r\n0\r\n\r\n");
+
+        let mut length = BodyEncoder::new(Encode::Length(3));
+        let mut out = BytesMut::new();
+        assert!(length
+            .encode(Frame::data(Bytes::from_static(b"four")), &mut out)
+            .is_err());
+        let mut length = BodyEncoder::new(Encode::Length(3));
+        length
+            .encode(Frame::data(Bytes::from_static(b"ab")), &mut out)
+            .unwrap();
+        assert!(length.end(&mut out).is_err(), "shorter than its length");
+
+        let mut none = BodyEncoder::new(Encode::None);
+        assert!(none
+            .encode(Frame::data(Bytes::from_static(b"x")), &mut out)
+            .is_err());
+    }
+}
