@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -30,13 +30,12 @@ use tokio::time::error::Elapsed;
 use tokio_rustls::TlsAcceptor;
 use tower::Service;
 
-use super::io::{Activity, AwaitingHead, OpenBody, OpenRequestBody, Rewind, Tracked, Transport};
-use super::{
-    ConnCounts, ConnLimits, RestingGuard, IDLE_CLOSE_GRACE, MAX_HEADERS, REST_AFTER, REST_FALLBACK,
-};
+use super::http1::{Engine, Outcome};
+use super::io::{Activity, AwaitingHead, Rewind, Transport};
+use super::{ConnCounts, ConnLimits, RestingGuard, IDLE_CLOSE_GRACE};
 use crate::app::AppService;
 use crate::facts::RequestFacts;
-use crate::forward::{wants_upgrade, UpgradeHandoff};
+use crate::forward::{wants_upgrade, Tunnel, UpgradeHandoff};
 use crate::peer::ConnInfo;
 use crate::Body;
 
@@ -116,10 +115,6 @@ impl Connection {
 
     async fn serve<I: Transport>(&mut self, io: I, protocol: Protocol, tls: bool) {
         let activity = Arc::new(Activity::new());
-        let io = Tracked {
-            inner: io,
-            activity: activity.clone(),
-        };
         let service = ConnService {
             app: self.app.clone(),
             conn: ConnInfo {
@@ -148,45 +143,30 @@ impl Connection {
 
     /// Serves HTTP/1.1 requests, resting between them when the client goes quiet, until the
     /// connection closes or upgrades.
-    async fn serve_http1<I: Transport>(&mut self, io: Tracked<I>, service: &ConnService) {
-        let activity = &service.activity;
-        let mut io = Rewind::new(Bytes::new(), io);
+    async fn serve_http1<I: Transport>(&mut self, mut io: I, service: &ConnService) {
         loop {
-            activity.new_parser(io.has_unread());
-            // Boxed, so that a resting connection's task holds only a pointer's worth of it.
-            let conn = Box::new(
-                http1_builder(&self.limits).serve_connection(TokioIo::new(io), service.clone()),
-            );
-            // The driving future, timers included, lives only while hyper does.
-            let drive = drive_http1(conn, activity, &self.limits, &self.stop);
-            let (conn, end) = Box::pin(drive).await;
-            let rest = match end {
-                Http1End::Failed(e) => {
-                    tracing::debug!(error = %e, "connection ended with an error");
+            let engine = Engine::new(io, service, &self.limits, &self.stop);
+            // Boxed, so that a resting connection's task holds none of it.
+            match Box::pin(engine.run()).await {
+                Outcome::Rest(rested, quiet_since) => {
+                    if !self.wait_for_client(&rested, quiet_since).await {
+                        let mut rested = rested;
+                        close(&mut rested).await;
+                        return;
+                    }
+                    io = rested;
+                }
+                Outcome::Upgrade(upgraded, unread, tunnel) => {
+                    let client = Rewind::new(unread, upgraded);
+                    Box::pin(tunnel.run(client, stopped(self.stop.clone()))).await;
                     return;
                 }
-                Http1End::HeadTimedOut => {
-                    tracing::debug!("request head not complete within header_read_timeout");
+                Outcome::Close(mut closing) => {
+                    close(&mut closing).await;
                     return;
                 }
-                Http1End::IdleTimedOut => {
-                    tracing::debug!("idle connection did not finish its exchange; dropped");
-                    return;
-                }
-                Http1End::Closed => false,
-                Http1End::Resting => true,
-            };
-            let (unread, mut tracked) = take_socket(*conn);
-            if let Some(tunnel) = service.upgrades.take() {
-                let client = Rewind::new(unread, tracked);
-                Box::pin(tunnel.run(client, stopped(self.stop.clone()))).await;
-                return;
+                Outcome::Drop => return,
             }
-            if !rest || (unread.is_empty() && !self.wait_for_client(&tracked, activity).await) {
-                close(&mut tracked).await;
-                return;
-            }
-            io = Rewind::new(unread, tracked);
         }
     }
 
@@ -194,11 +174,11 @@ impl Connection {
     /// instead: quiet past the keep-alive limit, shutting down, or a broken socket.
     async fn wait_for_client<I: Transport>(
         &mut self,
-        io: &Tracked<I>,
-        activity: &Activity,
+        io: &I,
+        quiet_since: tokio::time::Instant,
     ) -> bool {
-        // hyper closes a kept-alive connection whose next request head does not arrive within
-        // header_read_timeout; a resting one keeps the same limit (and idle_timeout).
+        // A kept-alive connection whose next request head does not arrive within
+        // header_read_timeout (or idle_timeout, if shorter) is closed, resting or not.
         let limit = self
             .limits
             .header_read_timeout
@@ -208,30 +188,11 @@ impl Connection {
         }
         let _resting = RestingGuard::new(&self.counts);
         tokio::select! {
-            ready = std::future::poll_fn(|cx| io.inner.poll_client_ready(cx)) => ready.is_ok(),
-            _ = tokio::time::sleep(activity.until_quiet(limit)) => false,
+            ready = std::future::poll_fn(|cx| io.poll_client_ready(cx)) => ready.is_ok(),
+            _ = tokio::time::sleep_until(quiet_since + limit) => false,
             _ = self.stop.changed() => false,
         }
     }
-}
-
-/// A new HTTP/1.1 parser's settings. Built for each parser rather than kept, so that a resting
-/// connection does not hold them.
-fn http1_builder(limits: &ConnLimits) -> hyper::server::conn::http1::Builder {
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        // No timer: the connection's own check enforces header_read_timeout (see
-        // `drive_http1`), as hyper's would cost an allocation and a timer entry per request.
-        .header_read_timeout(None::<Duration>)
-        .max_buf_size(limits.hard_header_cap())
-        .max_headers(MAX_HEADERS)
-        // One buffer per write: a small response goes out in one `write` instead of a
-        // `writev` of head and body, which measured 2% fewer instructions per proxied request
-        // and less kernel time (bench/HISTORY.md). A body is copied into the buffer, which
-        // takes chunks while it holds less than `max_buf_size`, about what the queue of
-        // chunks would otherwise hold by reference.
-        .writev(false);
-    builder
 }
 
 fn http2_builder(limits: &ConnLimits) -> hyper::server::conn::http2::Builder<TokioExecutor> {
@@ -241,266 +202,6 @@ fn http2_builder(limits: &ConnLimits) -> hyper::server::conn::http2::Builder<Tok
         .max_header_list_size(limits.hard_header_cap().try_into().unwrap_or(u32::MAX))
         .max_concurrent_streams(256);
     builder
-}
-
-/// Takes the socket back from a finished hyper connection, with the bytes hyper read from it
-/// but did not use. Everything else of hyper's goes, its read buffer included: an empty `Bytes`
-/// that still pointed into that buffer would keep all of it alive while the connection rests.
-fn take_socket<I: Transport>(conn: Http1Conn<I>) -> (Bytes, Tracked<I>) {
-    let hyper::server::conn::http1::Parts { io, read_buf, .. } = conn.into_parts();
-    let (prefix, tracked) = io.into_inner().into_parts();
-    // hyper read `prefix` (if it read anything) before what it returns as unread.
-    let unread = match (read_buf.is_empty(), prefix.is_empty()) {
-        (true, true) => Bytes::new(),
-        (true, false) => prefix,
-        (false, true) => read_buf,
-        (false, false) => {
-            let mut joined = BytesMut::from(read_buf);
-            joined.extend_from_slice(&prefix);
-            joined.freeze()
-        }
-    };
-    (unread, tracked)
-}
-
-/// How a run of hyper's HTTP/1.1 connection ended.
-enum Http1End {
-    /// At a message boundary, at our request: the socket can rest and carry on.
-    Resting,
-    /// hyper is done with the socket (the client closed, `Connection: close`, an upgrade, or we
-    /// asked it to stop after the current exchange).
-    Closed,
-    Failed(hyper::Error),
-    /// A request head took longer than `header_read_timeout`: the connection is dropped, as
-    /// hyper's own header timer would.
-    HeadTimedOut,
-    /// Asked to close for idleness, it did not finish within [`IDLE_CLOSE_GRACE`] (a client
-    /// that reads no more of its response): the connection is dropped.
-    IdleTimedOut,
-}
-
-type Http1Conn<I> =
-    hyper::server::conn::http1::Connection<TokioIo<Rewind<Tracked<I>>>, ConnService>;
-
-/// Runs hyper on the connection until it is done with the socket, asking it to stop when the
-/// server shuts down, when the connection has been idle for `idle_timeout`, or, to let the
-/// connection rest, once nothing has been in flight for [`REST_AFTER`]. A request head still
-/// incomplete `header_read_timeout` after its first byte ends the connection.
-async fn drive_http1<I: Transport>(
-    mut conn: Box<Http1Conn<I>>,
-    activity: &Activity,
-    limits: &ConnLimits,
-    stop: &watch::Receiver<bool>,
-) -> (Box<Http1Conn<I>>, Http1End) {
-    let mut closing = *stop.borrow();
-    if closing {
-        Pin::new(&mut *conn).graceful_shutdown();
-    }
-    let mut check = CheckTimer::new(next_check(activity, limits));
-    let mut stopping = StopSignal::new(stop);
-    // Set when idleness asked hyper to close: past it, the connection is dropped.
-    let mut give_up: Option<tokio::time::Instant> = None;
-    loop {
-        tokio::select! {
-            // hyper first. A stop already sent is passed to hyper before each of its polls;
-            // the stop branch wakes the task for one sent while hyper waits.
-            biased;
-            event = std::future::poll_fn(|cx| {
-                // A stop that came with this wake-up (the task may be woken for the upstream's
-                // answer before it looks at the signal) is passed on before hyper writes the
-                // response, so that the response says the connection ends.
-                if !closing && !matches!(stop.has_changed(), Ok(false)) {
-                    closing = true;
-                    Pin::new(&mut *conn).graceful_shutdown();
-                }
-                if let Poll::Ready(result) = conn.poll_without_shutdown(cx) {
-                    return Poll::Ready(Some(result));
-                }
-                if closing {
-                    return Poll::Pending;
-                }
-                // hyper's reads may just have shown it idle: bring the check forward, so the
-                // connection rests REST_AFTER after its last exchange, not a second later.
-                let due = next_check(activity, limits);
-                if due + Duration::from_millis(1) < check.deadline() {
-                    check.reset(due);
-                }
-                check.poll(cx).map(|()| None)
-            }) => {
-                let Some(result) = event else {
-                    let now = std::time::Instant::now();
-                    let head_left = activity.head_time_left(now, limits.header_read_timeout);
-                    if head_left == Some(Duration::ZERO) {
-                        return (conn, Http1End::HeadTimedOut);
-                    }
-                    if activity.is_idle(limits.idle_timeout) {
-                        closing = true;
-                        give_up = Some(tokio::time::Instant::now() + IDLE_CLOSE_GRACE);
-                        Pin::new(&mut *conn).graceful_shutdown();
-                    } else if activity.is_at_rest(REST_AFTER)
-                        && (activity.between_messages() || activity.is_at_rest(REST_FALLBACK))
-                    {
-                        // Without the reads showing hyper idle (after a request body it had
-                        // to drain, say), only after the longer fallback, and it may then close.
-                        match rest(&mut conn).await {
-                            Some(end) => return (conn, end),
-                            None => closing = true,
-                        }
-                    }
-                    check.reset(next_check(activity, limits));
-                    continue;
-                };
-                let end = match result {
-                    Ok(()) => Http1End::Closed,
-                    Err(e) => Http1End::Failed(e),
-                };
-                return (conn, end);
-            }
-            () = std::future::poll_fn(|cx| stopping.poll_stopped(cx)), if !closing => {
-                closing = true;
-                Pin::new(&mut *conn).graceful_shutdown();
-            }
-            // hyper's graceful close waits for the response in flight, which a client that
-            // reads nothing more never lets finish.
-            () = sleep_until_some(give_up) => return (conn, Http1End::IdleTimedOut),
-        }
-    }
-}
-
-/// Sleeps until `deadline`; never resolves without one.
-async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
-    }
-}
-
-/// The waker a future was last polled with. A future polled again with the same waker (the same
-/// task) and told of nothing new need not be polled: it will wake the task itself.
-#[derive(Default)]
-struct LastWaker(Option<std::task::Waker>);
-
-impl LastWaker {
-    /// The last poll was by this task.
-    fn is_this_task(&self, cx: &Context<'_>) -> bool {
-        self.0.as_ref().is_some_and(|w| w.will_wake(cx.waker()))
-    }
-
-    /// Polls `future`, remembering the waker it now holds.
-    fn poll<F: Future + ?Sized>(
-        &mut self,
-        future: Pin<&mut F>,
-        cx: &mut Context<'_>,
-    ) -> Poll<F::Output> {
-        self.0 = Some(cx.waker().clone());
-        future.poll(cx)
-    }
-
-    fn forget(&mut self) {
-        self.0 = None;
-    }
-}
-
-/// The timer of a connection's next check, polled each time the connection's task wakes.
-/// Polling tokio's timer registers the waker again every time; this skips the poll while the
-/// timer is set, has not fired, and already holds this task's waker.
-struct CheckTimer {
-    sleep: Pin<Box<tokio::time::Sleep>>,
-    /// Since the timer was last set.
-    last_waker: LastWaker,
-}
-
-impl CheckTimer {
-    fn new(deadline: tokio::time::Instant) -> Self {
-        CheckTimer {
-            sleep: Box::pin(tokio::time::sleep_until(deadline)),
-            last_waker: LastWaker::default(),
-        }
-    }
-
-    fn deadline(&self) -> tokio::time::Instant {
-        self.sleep.deadline()
-    }
-
-    fn reset(&mut self, deadline: tokio::time::Instant) {
-        self.sleep.as_mut().reset(deadline);
-        // A timer that had fired gave its waker away: the next poll must register one.
-        self.last_waker.forget();
-    }
-
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        if self.last_waker.is_this_task(cx) && !self.sleep.is_elapsed() {
-            return Poll::Pending;
-        }
-        self.last_waker.poll(self.sleep.as_mut(), cx)
-    }
-}
-
-/// The server's stop signal, looked at each time a connection's task wakes. Polling tokio's
-/// watch takes a lock to register the waker again every time; this registers it only when the
-/// task's waker changed, and otherwise reads the signal's version.
-struct StopSignal {
-    probe: watch::Receiver<bool>,
-    stopped: Pin<Box<dyn Future<Output = ()> + Send>>,
-    last_waker: LastWaker,
-}
-
-impl StopSignal {
-    fn new(stop: &watch::Receiver<bool>) -> Self {
-        StopSignal {
-            probe: stop.clone(),
-            stopped: Box::pin(stopped(stop.clone())),
-            last_waker: LastWaker::default(),
-        }
-    }
-
-    /// Ready once the server stops (or its signal is gone); keeps being ready after.
-    fn poll_stopped(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let unchanged = matches!(self.probe.has_changed(), Ok(false));
-        if unchanged && self.last_waker.is_this_task(cx) {
-            // The waker `stopped` holds is this task's: a stop will wake it.
-            return Poll::Pending;
-        }
-        self.probe.mark_unchanged();
-        self.last_waker.poll(self.stopped.as_mut(), cx)
-    }
-}
-
-/// When a connection should next be looked at: to rest, to close for idleness, or when the
-/// request head being read runs out of time. With something in flight, in a second: a
-/// long-poll request must not wake its connection every few milliseconds.
-///
-/// Called on every poll that leaves hyper waiting, so it reads the clock once.
-fn next_check(activity: &Activity, limits: &ConnLimits) -> tokio::time::Instant {
-    let now = std::time::Instant::now();
-    let quiet = activity.quiet_at(now);
-    let rest_in = if activity.busy() {
-        Duration::from_secs(1)
-    } else if activity.between_messages() {
-        REST_AFTER.saturating_sub(quiet)
-    } else {
-        REST_FALLBACK.saturating_sub(quiet)
-    };
-    let head_left = activity
-        .head_time_left(now, limits.header_read_timeout)
-        .unwrap_or(Duration::MAX);
-    let wait = rest_in
-        .min(limits.idle_timeout.saturating_sub(quiet))
-        .min(head_left)
-        .max(Duration::from_millis(10));
-    tokio::time::Instant::from_std(now + wait)
-}
-
-/// Asks hyper to stop at the message boundary it is at. Idle, it closes its side at once and is
-/// done on the next poll. If it is still reading or writing something (a request body it
-/// drains, say), it finishes that and then closes, and so do we: `None`.
-async fn rest<I: Transport>(conn: &mut Http1Conn<I>) -> Option<Http1End> {
-    Pin::new(&mut *conn).graceful_shutdown();
-    match std::future::poll_fn(|cx| Poll::Ready(conn.poll_without_shutdown(cx))).await {
-        Poll::Ready(Ok(())) => Some(Http1End::Resting),
-        Poll::Ready(Err(e)) => Some(Http1End::Failed(e)),
-        Poll::Pending => None,
-    }
 }
 
 /// Runs an HTTP/2 connection to completion, starting a graceful shutdown of it when the server
@@ -586,7 +287,7 @@ async fn unless_stopped<F: Future>(
 }
 
 /// Resolves once the server stops.
-async fn stopped(mut stop: watch::Receiver<bool>) {
+pub(super) async fn stopped(mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|stopping| *stopping).await;
 }
 
@@ -596,11 +297,12 @@ async fn close<I: tokio::io::AsyncWrite + Unpin>(io: &mut I) {
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, io.shutdown()).await;
 }
 
-/// Adapts the app's tower stack to one hyper connection: marks each request with its
-/// connection's facts, counts it as in flight until its response head is ready and its body
-/// until sent, and gives upgrade requests the connection's [`UpgradeHandoff`].
+/// Adapts the app's tower stack to one connection: marks each request with its connection's
+/// facts and gives upgrade requests the connection's [`UpgradeHandoff`]. For HTTP/2 (through
+/// hyper) it also counts each request as in flight until its response head is ready and its
+/// body until sent.
 #[derive(Clone)]
-struct ConnService {
+pub(super) struct ConnService {
     /// The connection's copy of the stack, called in place: cloning the whole stack for each
     /// request cost more than this lock, which is only ever held for the synchronous `call`.
     app: Arc<std::sync::Mutex<AppService>>,
@@ -609,14 +311,12 @@ struct ConnService {
     upgrades: UpgradeHandoff,
 }
 
-impl hyper::service::Service<Request<Incoming>> for ConnService {
-    type Response = Response<ConnBody>;
-    type Error = Infallible;
-    type Future = Respond;
+/// The stack's response to come.
+pub(super) type Responding = <AppService as Service<Request<Body>>>::Future;
 
-    fn call(&self, req: Request<Incoming>) -> Respond {
-        let awaiting = AwaitingHead::new(self.activity.clone());
-        let open = OpenBody::new(self.activity.clone());
+impl ConnService {
+    /// Calls the stack with `req`.
+    pub(super) fn respond(&self, req: Request<Body>) -> Responding {
         let upgrade = wants_upgrade(&req);
         let (mut parts, body) = req.into_parts();
         parts.extensions.insert(RequestFacts {
@@ -626,36 +326,61 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
         if upgrade {
             parts.extensions.insert(self.upgrades.clone());
         }
+        // Every layer of the stack is always ready (none applies backpressure through
+        // poll_ready), so the stack is called directly rather than through `oneshot`.
+        self.app
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .call(Request::from_parts(parts, body))
+    }
+
+    #[cfg(test)]
+    pub(super) fn for_tests(app: AppService, peer: SocketAddr) -> Self {
+        ConnService {
+            app: Arc::new(std::sync::Mutex::new(app)),
+            conn: ConnInfo { peer, tls: false },
+            activity: Arc::new(Activity::new()),
+            upgrades: UpgradeHandoff::default(),
+        }
+    }
+
+    /// The upstream's side of an upgrade the stack accepted, if it did.
+    pub(super) fn take_tunnel(&self) -> Option<Tunnel> {
+        self.upgrades.take()
+    }
+}
+
+impl hyper::service::Service<Request<Incoming>> for ConnService {
+    type Response = Response<ConnBody>;
+    type Error = Infallible;
+    type Future = Respond;
+
+    fn call(&self, req: Request<Incoming>) -> Respond {
+        let awaiting = AwaitingHead::new(self.activity.clone());
+        let (parts, body) = req.into_parts();
         let body = if hyper::body::Body::is_end_stream(&body) {
             // Nothing to read (a GET, say): an empty body is boxed without an allocation.
             Body::new(http_body_util::Empty::new())
         } else {
             Body::new(RequestBody {
                 body,
-                open: OpenRequestBody::new(self.activity.clone()),
+                activity: self.activity.clone(),
             })
         };
-        // Every layer of the stack is always ready (none applies backpressure through
-        // poll_ready), so the stack is called directly rather than through `oneshot`.
-        let response = self
-            .app
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .call(Request::from_parts(parts, body));
         Respond {
-            response,
+            response: self.respond(Request::from_parts(parts, body)),
             awaiting: Some(awaiting),
-            open: Some(open),
+            activity: self.activity.clone(),
         }
     }
 }
 
 /// The stack's response on its way to hyper: the request counts as awaiting its head until
-/// the head is ready, then the body as open until hyper drops it.
-struct Respond {
-    response: <AppService as Service<Request<Body>>>::Future,
+/// the head is ready.
+pub(super) struct Respond {
+    response: Responding,
     awaiting: Option<AwaitingHead>,
-    open: Option<OpenBody>,
+    activity: Arc<Activity>,
 }
 
 impl Future for Respond {
@@ -667,19 +392,19 @@ impl Future for Respond {
             Err(never) => match never {},
         };
         self.awaiting = None;
-        let open = self.open.take();
+        let activity = Some(self.activity.clone());
         Poll::Ready(Ok(response.map(|body| ConnBody {
             body,
-            open,
+            activity,
             rest: Bytes::new(),
         })))
     }
 }
 
-/// A request body that counts as open on its connection until read to its end.
+/// An HTTP/2 request body whose frames count as progress on its connection.
 struct RequestBody {
     body: Incoming,
-    open: OpenRequestBody,
+    activity: Arc<Activity>,
 }
 
 impl hyper::body::Body for RequestBody {
@@ -692,10 +417,7 @@ impl hyper::body::Body for RequestBody {
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let frame = Pin::new(&mut self.body).poll_frame(cx);
         if matches!(frame, Poll::Ready(Some(Ok(_)))) {
-            self.open.activity.progressed();
-        }
-        if matches!(frame, Poll::Ready(None)) || self.body.is_end_stream() {
-            self.open.finish();
+            self.activity.progressed();
         }
         frame
     }
@@ -709,15 +431,15 @@ impl hyper::body::Body for RequestBody {
     }
 }
 
-/// A response body that counts as open on its connection until hyper drops it.
+/// A response body on its way to hyper, whose frames count as progress on its connection.
 ///
 /// Data comes out in pieces of at most [`BODY_PIECE`]: hyper's HTTP/2 side takes the next piece
 /// only once the client's window has let the last one through, and each piece taken counts as
 /// progress (`Activity::progressed`). A slow client reading a large upstream chunk then shows
 /// progress as it reads, rather than none until the whole chunk is through.
-struct ConnBody {
+pub(super) struct ConnBody {
     body: Body,
-    open: Option<OpenBody>,
+    activity: Option<Arc<Activity>>,
     /// What is left of a data frame larger than a piece.
     rest: Bytes,
 }
@@ -730,8 +452,8 @@ impl ConnBody {
         if data.len() > BODY_PIECE {
             self.rest = data.split_off(BODY_PIECE);
         }
-        if let Some(open) = &self.open {
-            open.0.progressed();
+        if let Some(activity) = &self.activity {
+            activity.progressed();
         }
         Frame::data(data)
     }
@@ -821,7 +543,7 @@ mod tests {
         let data = bytes::Bytes::from(vec![7u8; 3 * super::BODY_PIECE + 100]);
         let mut body = super::ConnBody {
             body: crate::Body::new(http_body_util::Full::new(data.clone())),
-            open: None,
+            activity: None,
             rest: bytes::Bytes::new(),
         };
         assert_eq!(

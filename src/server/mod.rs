@@ -3,6 +3,7 @@
 //! their in-flight requests.
 
 mod connection;
+mod http1;
 mod io;
 
 use std::future::Future;
@@ -59,10 +60,6 @@ const REST_AFTER: Duration = Duration::from_millis(20);
 /// (hyper's graceful close waits for it) before it is dropped: a client that stopped reading a
 /// response would otherwise hold its connection, and an upstream one, for ever.
 const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(5);
-
-/// When the reads have not shown hyper idle (after a request body it had to drain), the
-/// connection tries to rest after this long instead, and closes if hyper was not idle after all.
-const REST_FALLBACK: Duration = Duration::from_secs(1);
 
 impl ConnLimits {
     /// The HTTP layer's own hard cap on a request head: well above `max_header_bytes`, so that

@@ -1,0 +1,957 @@
+//! The HTTP/1.1 server side of a client connection, run in the connection's own task: read a
+//! request head, call the stack, write the response, and again (pipelined requests wait their
+//! turn in the read buffer).
+//!
+//! The request body is read from the socket as the stack polls it, through the same
+//! [`Wire`] the connection writes the response with. Framing follows RFC 9112 section 6 and is
+//! strict where a lenient reading could make portcullis and the upstream disagree on where a
+//! request ends: `Transfer-Encoding` together with `Content-Length`, a `Transfer-Encoding` not
+//! ending in `chunked`, or `Content-Length` values that differ are refused with 400 and the
+//! connection closed.
+//!
+//! A connection whose client goes quiet between requests stops after [`REST_AFTER`] and hands
+//! its socket back, holding no buffers, to wait for the next byte (see `connection.rs`).
+
+use std::future::Future;
+use std::io;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, StatusCode, Uri, Version};
+use http_body::{Body as _, Frame, SizeHint};
+use smallvec::SmallVec;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+use tokio::time::{Instant, Sleep};
+
+use super::connection::{stopped, ConnService};
+use super::{ConnLimits, MAX_HEADERS, REST_AFTER};
+use crate::forward::Tunnel;
+use crate::h1::{
+    connection_tokens, content_length, headers_len, is_chunked, put_headers, BodyDecoder,
+    BodyEncoder, Decode, Encode, FramingError, Step,
+};
+use crate::{Body, BoxError};
+
+/// Room a read asks for.
+const READ_CHUNK: usize = 8 * 1024;
+/// A response body is polled for more only while less than this waits to be written.
+const WRITE_HIGH_WATER: usize = 64 * 1024;
+/// Headers the stack adds to a request on its way (identity, forwarding, Host, framing): the
+/// map gets room for them at once.
+const REQUEST_HEADERS_ADDED: usize = 10;
+/// After a refusal, what the client still sends is read and dropped for this long at most
+/// before the socket closes: closing with unread bytes would reset the connection, and the
+/// client could lose the response.
+const LINGER: Duration = Duration::from_secs(1);
+/// ...and at most this much.
+const LINGER_BYTES: usize = 1024 * 1024;
+
+/// The socket and its buffers, shared by the connection's task (heads, responses) and the
+/// request body (which the stack reads as it needs).
+struct Wire<I> {
+    io: I,
+    read: BytesMut,
+    write: BytesMut,
+    /// The request body being read; `Done` when there is none or all of it was read.
+    body: BodyDecoder,
+    /// The request body could not be read to its end (malformed, cut short).
+    body_failed: bool,
+    /// The client asked to be told to go on with its body (`Expect: 100-continue`) and has
+    /// been told neither that nor its response yet.
+    continue_owed: bool,
+    /// A 100 Continue went out for this request.
+    continue_sent: bool,
+    /// Bytes moved either way: the idle check compares it between looks.
+    progress: u64,
+}
+
+impl<I: AsyncRead + AsyncWrite + Unpin> Wire<I> {
+    /// Reads what the client has sent into `read`; `Ok(0)` at the end of its stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.read.capacity() - self.read.len() < READ_CHUNK / 2 {
+            self.read.reserve(READ_CHUNK);
+        }
+        let n = ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut self.io),
+            cx,
+            &mut self.read
+        ))?;
+        self.progress += n as u64;
+        Poll::Ready(Ok(n))
+    }
+
+    /// Writes all of `write`, then flushes (TLS keeps records back until then).
+    fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.write.is_empty() {
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.write))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.write.advance(n);
+            self.progress += n as u64;
+        }
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    /// The request body's next frame.
+    fn poll_body(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.body_failed {
+            return Poll::Ready(Some(Err("the request body could not be read".into())));
+        }
+        if std::mem::take(&mut self.continue_owed) {
+            // The stack wants the body: the client may send it now.
+            self.write
+                .extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+            self.continue_sent = true;
+        }
+        if !self.write.is_empty() {
+            if let Err(e) = ready!(self.poll_write_out(cx)) {
+                self.body_failed = true;
+                return Poll::Ready(Some(Err(e.into())));
+            }
+        }
+        loop {
+            let step = match self.body.step(&mut self.read) {
+                Ok(step) => step,
+                Err(e) => return Poll::Ready(Some(Err(self.fail_body(e)))),
+            };
+            match step {
+                Step::Data(data) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                Step::Trailers(trailers) => {
+                    return Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+                }
+                Step::End => return Poll::Ready(None),
+                Step::NeedMore => {}
+            }
+            match ready!(self.poll_fill(cx)) {
+                Ok(0) => {
+                    let cut = FramingError::Malformed("the client closed the connection mid-body");
+                    return Poll::Ready(Some(Err(self.fail_body(cut))));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.body_failed = true;
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+            }
+        }
+    }
+
+    fn fail_body(&mut self, e: FramingError) -> BoxError {
+        self.body_failed = true;
+        format!("the request body is malformed: {e}").into()
+    }
+}
+
+type SharedWire<I> = Arc<Mutex<Wire<I>>>;
+
+fn lock<I>(wire: &SharedWire<I>) -> MutexGuard<'_, Wire<I>> {
+    // A panic while the lock was held can only have come from the stack polling the body; the
+    // wire's state is still whole.
+    wire.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A request body, read from the connection as it is polled.
+struct RequestBody<I> {
+    wire: SharedWire<I>,
+    hint: SizeHint,
+    ended: bool,
+}
+
+impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> http_body::Body for RequestBody<I> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        let mut wire = lock(&self.wire);
+        let frame = ready!(wire.poll_body(cx));
+        let ended = wire.body.is_done() || !matches!(frame, Some(Ok(_)));
+        drop(wire);
+        self.ended = ended;
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.hint
+    }
+}
+
+/// A request head, read and checked.
+struct Head {
+    request: Request<()>,
+    framing: Decode,
+    keep_alive: bool,
+    expects_continue: bool,
+}
+
+/// Why a head was refused, before any of portcullis saw it.
+#[derive(Debug)]
+struct Refusal {
+    status: StatusCode,
+    why: &'static str,
+}
+
+fn too_large(why: &'static str) -> Refusal {
+    Refusal {
+        status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        why,
+    }
+}
+
+fn bad(why: &'static str) -> Refusal {
+    Refusal {
+        status: StatusCode::BAD_REQUEST,
+        why,
+    }
+}
+
+/// Parses the request head at the start of `read`, taking it off when complete; `None` while
+/// incomplete. Header values and the target share the head's bytes rather than copying them.
+fn parse_head(read: &mut BytesMut, cap: usize) -> Result<Option<Head>, Refusal> {
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_request_with_uninit_headers(
+        &mut parsed,
+        read,
+        &mut slots,
+    ) {
+        Ok(httparse::Status::Complete(len)) if len <= cap => len,
+        Ok(httparse::Status::Partial) if read.len() <= cap => return Ok(None),
+        Ok(_) => return Err(too_large("the request head is too large")),
+        Err(httparse::Error::TooManyHeaders) => return Err(too_large("too many header lines")),
+        Err(_) => return Err(bad("the request head is malformed")),
+    };
+    let method = parsed
+        .method
+        .and_then(|m| Method::from_bytes(m.as_bytes()).ok())
+        .ok_or(bad("the method is invalid"))?;
+    let version = match parsed.version {
+        Some(1) => Version::HTTP_11,
+        _ => Version::HTTP_10,
+    };
+    let target_len = parsed.path.map_or(0, str::len);
+
+    // Where the target and each name and value lie in the head, so that the head can be
+    // frozen and shared.
+    let base = read.as_ptr() as usize;
+    let span = |s: &[u8]| {
+        let start = (s.as_ptr() as usize).wrapping_sub(base);
+        if s.is_empty() || start + s.len() > len {
+            0..0
+        } else {
+            start..start + s.len()
+        }
+    };
+    let target = span(parsed.path.unwrap_or("").as_bytes());
+    let spans: SmallVec<[(std::ops::Range<usize>, std::ops::Range<usize>); 24]> = parsed
+        .headers
+        .iter()
+        .map(|h| (span(h.name.as_bytes()), span(h.value)))
+        .collect();
+    let head = read.split_to(len).freeze();
+
+    let uri = Uri::from_maybe_shared(head.slice(target)).map_err(|_| {
+        if target_len > u16::MAX as usize - 1 {
+            Refusal {
+                status: StatusCode::URI_TOO_LONG,
+                why: "the request target is too long",
+            }
+        } else {
+            bad("the request target is invalid")
+        }
+    })?;
+    let mut headers = HeaderMap::with_capacity(spans.len() + REQUEST_HEADERS_ADDED);
+    for (name, value) in spans {
+        let name =
+            HeaderName::from_bytes(&head[name]).map_err(|_| bad("a header name is invalid"))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(value))
+            .map_err(|_| bad("a header value is invalid"))?;
+        headers.append(name, value);
+    }
+
+    let framing = request_framing(version, &headers)?;
+    let (close, keep_alive_token) = connection_tokens(&headers);
+    let keep_alive = !close && (version == Version::HTTP_11 || keep_alive_token);
+    let expects_continue = version == Version::HTTP_11
+        && framing != Decode::Done
+        && headers
+            .get(header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+
+    let mut request = Request::new(());
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = version;
+    *request.headers_mut() = headers;
+    Ok(Some(Head {
+        request,
+        framing,
+        keep_alive,
+        expects_continue,
+    }))
+}
+
+/// How a request's body is delimited (RFC 9112 6.3). Anything two readers could take two ways
+/// is refused.
+fn request_framing(version: Version, headers: &HeaderMap) -> Result<Decode, Refusal> {
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        if version == Version::HTTP_10 {
+            return Err(bad("Transfer-Encoding in an HTTP/1.0 request"));
+        }
+        if headers.contains_key(header::CONTENT_LENGTH) {
+            return Err(bad("both Transfer-Encoding and Content-Length"));
+        }
+        if !is_chunked(headers) {
+            return Err(bad("a Transfer-Encoding that does not end in chunked"));
+        }
+        return Ok(Decode::ChunkSize);
+    }
+    match content_length(headers) {
+        Ok(Some(0) | None) => Ok(Decode::Done),
+        Ok(Some(n)) => Ok(Decode::Length(n)),
+        Err(why) => Err(bad(why)),
+    }
+}
+
+/// How a response is framed on the wire, the headers that says added to `headers`.
+fn response_framing(
+    status: StatusCode,
+    method: &Method,
+    request_version: Version,
+    headers: &mut HeaderMap,
+    body: &Body,
+) -> Encode {
+    // The stack's own framing headers are not trusted blindly: a Transfer-Encoding is hop-by-
+    // hop (and removed on the way from the upstream), and a Content-Length must be a number.
+    headers.remove(header::TRANSFER_ENCODING);
+    if status.is_informational() || status == StatusCode::NO_CONTENT {
+        headers.remove(header::CONTENT_LENGTH);
+        return Encode::None;
+    }
+    let declared = match content_length(headers) {
+        Ok(length) => length,
+        Err(_) => {
+            headers.remove(header::CONTENT_LENGTH);
+            None
+        }
+    };
+    let exact = body.size_hint().exact();
+    if *method == Method::HEAD || status == StatusCode::NOT_MODIFIED {
+        // The length a GET would have had, when known; no body either way.
+        if declared.is_none() {
+            if let Some(n) = exact.filter(|n| *n > 0) {
+                headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+            }
+        }
+        return Encode::None;
+    }
+    if let Some(n) = declared {
+        return Encode::Length(n);
+    }
+    if let Some(n) = exact {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        return Encode::Length(n);
+    }
+    if request_version == Version::HTTP_11 {
+        headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        Encode::Chunked
+    } else {
+        Encode::UntilClose
+    }
+}
+
+/// `HTTP/1.1 status reason`, the headers, `Date` when the stack set none, and what the
+/// connection does next.
+fn encode_response_head(
+    parts: &http::response::Parts,
+    close: bool,
+    keep_alive_token: bool,
+    out: &mut BytesMut,
+) {
+    let status = parts.status;
+    let reason = parts
+        .extensions
+        .get::<hyper::ext::ReasonPhrase>()
+        .map(|r| r.as_bytes())
+        .or_else(|| status.canonical_reason().map(str::as_bytes))
+        .unwrap_or(b"");
+    out.reserve(headers_len(&parts.headers) + reason.len() + 96);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.extend_from_slice(b" ");
+    out.extend_from_slice(reason);
+    out.extend_from_slice(b"\r\n");
+    put_headers(out, &parts.headers);
+    if !parts.headers.contains_key(header::DATE) {
+        out.extend_from_slice(b"date: ");
+        date::put_now(out);
+        out.extend_from_slice(b"\r\n");
+    }
+    if close {
+        if !parts.headers.contains_key(header::CONNECTION) {
+            out.extend_from_slice(b"connection: close\r\n");
+        }
+    } else if keep_alive_token {
+        out.extend_from_slice(b"connection: keep-alive\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The bare response to a head refused before the stack saw it.
+fn encode_refusal(status: StatusCode, out: &mut BytesMut) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.extend_from_slice(b" ");
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\ncontent-length: 0\r\nconnection: close\r\ndate: ");
+    date::put_now(out);
+    out.extend_from_slice(b"\r\n\r\n");
+}
+
+/// How a run of the engine ended.
+pub(super) enum Outcome<I> {
+    /// Between requests, quiet since the instant given: the socket, with nothing unread.
+    Rest(I, Instant),
+    /// A 101 went out: the socket, what the client sent after its request, and the tunnel.
+    Upgrade(I, Bytes, Tunnel),
+    /// Done with the socket, which is to be closed cleanly.
+    Close(I),
+    /// Done with the socket, which is to be dropped (timed out, broken, or still in use by a
+    /// request body the stack kept).
+    Drop,
+}
+
+/// What the next head wait found. Returned once per request and taken apart at once: boxing
+/// the head would cost an allocation per request for nothing.
+#[allow(clippy::large_enum_variant)]
+enum Next {
+    Head(Head),
+    Rest,
+    /// The client closed between requests, or the server stops, or the keep-alive limit.
+    Close,
+    Refuse(Refusal),
+    Drop(&'static str),
+}
+
+/// What an exchange left the connection fit for.
+enum After {
+    Again,
+    Close,
+    Linger,
+    Upgrade(Tunnel),
+    Drop(&'static str),
+}
+
+/// One connection's HTTP/1.1 server, from a fresh start or a rest to the next rest or its end.
+pub(super) struct Engine<'a, I> {
+    wire: SharedWire<I>,
+    service: &'a ConnService,
+    limits: &'a ConnLimits,
+    stop: StopSignal,
+    stopping: bool,
+    timer: Pin<Box<Sleep>>,
+}
+
+impl<'a, I> Engine<'a, I>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    pub(super) fn new(
+        io: I,
+        service: &'a ConnService,
+        limits: &'a ConnLimits,
+        stop: &watch::Receiver<bool>,
+    ) -> Self {
+        Engine {
+            wire: Arc::new(Mutex::new(Wire {
+                io,
+                read: BytesMut::new(),
+                write: BytesMut::new(),
+                body: BodyDecoder::new(Decode::Done),
+                body_failed: false,
+                continue_owed: false,
+                continue_sent: false,
+                progress: 0,
+            })),
+            service,
+            limits,
+            stop: StopSignal::new(stop),
+            stopping: *stop.borrow(),
+            timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+        }
+    }
+
+    /// Serves requests until the connection rests, upgrades or ends.
+    pub(super) async fn run(mut self) -> Outcome<I> {
+        let mut quiet_since = Instant::now();
+        loop {
+            let head = match self.next_head(quiet_since).await {
+                Next::Head(head) => head,
+                Next::Rest => {
+                    return match self.take_io() {
+                        Some((io, unread)) if unread.is_empty() => Outcome::Rest(io, quiet_since),
+                        _ => Outcome::Drop,
+                    }
+                }
+                Next::Close => return self.into_close(),
+                Next::Refuse(refusal) => {
+                    tracing::debug!(status = %refusal.status, why = refusal.why, "request head refused");
+                    encode_refusal(refusal.status, &mut lock(&self.wire).write);
+                    return self.linger().await;
+                }
+                Next::Drop(why) => {
+                    tracing::debug!(why, "connection dropped");
+                    return Outcome::Drop;
+                }
+            };
+            match self.exchange(head).await {
+                After::Again => quiet_since = Instant::now(),
+                After::Close => return self.into_close(),
+                After::Linger => return self.linger().await,
+                After::Upgrade(tunnel) => {
+                    return match self.take_io() {
+                        Some((io, unread)) => Outcome::Upgrade(io, unread, tunnel),
+                        None => Outcome::Drop,
+                    }
+                }
+                After::Drop(why) => {
+                    tracing::debug!(why, "connection dropped");
+                    return Outcome::Drop;
+                }
+            }
+        }
+    }
+
+    /// The socket and what was read past the last request, if nothing else holds them.
+    fn take_io(self) -> Option<(I, Bytes)> {
+        let wire = Arc::into_inner(self.wire)?;
+        let wire = wire
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Some((wire.io, wire.read.freeze()))
+    }
+
+    fn into_close(self) -> Outcome<I> {
+        match self.take_io() {
+            Some((io, _)) => Outcome::Close(io),
+            None => Outcome::Drop,
+        }
+    }
+
+    /// Sends what is left to write, closes our side, and reads what the client still sends
+    /// for a moment, so that closing does not reset the connection under the response.
+    async fn linger(self) -> Outcome<I> {
+        let Some(wire) = Arc::into_inner(self.wire) else {
+            return Outcome::Drop;
+        };
+        let mut wire = wire
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let closed = async {
+            std::future::poll_fn(|cx| wire.poll_write_out(cx)).await?;
+            wire.io.shutdown().await?;
+            let mut drained = 0;
+            while drained < LINGER_BYTES {
+                wire.read.clear();
+                match std::future::poll_fn(|cx| wire.poll_fill(cx)).await? {
+                    0 => break,
+                    n => drained += n,
+                }
+            }
+            io::Result::Ok(())
+        };
+        let _ = tokio::time::timeout(LINGER, closed).await;
+        Outcome::Drop
+    }
+
+    /// The next request head: already read (pipelined) or on its way. Between requests, the
+    /// connection rests after [`REST_AFTER`] of quiet, and closes at the keep-alive limit
+    /// (`header_read_timeout`, or `idle_timeout` if shorter) when that comes first; a head
+    /// must be complete `header_read_timeout` after its first byte.
+    async fn next_head(&mut self, quiet_since: Instant) -> Next {
+        let keep_alive_limit = self
+            .limits
+            .header_read_timeout
+            .min(self.limits.idle_timeout);
+        let rest_at = quiet_since + REST_AFTER;
+        let close_at = quiet_since + keep_alive_limit;
+        let mut head_started: Option<Instant> = None;
+        let mut timer_set = false;
+        let cap = self.limits.hard_header_cap();
+        if self.stopping {
+            return Next::Close;
+        }
+        std::future::poll_fn(|cx| {
+            let mut wire = lock(&self.wire);
+            loop {
+                if !wire.read.is_empty() {
+                    match parse_head(&mut wire.read, cap) {
+                        Ok(Some(head)) => return Poll::Ready(Next::Head(head)),
+                        Ok(None) => {}
+                        Err(refusal) => return Poll::Ready(Next::Refuse(refusal)),
+                    }
+                    if head_started.is_none() {
+                        let now = Instant::now();
+                        head_started = Some(now);
+                        self.timer
+                            .as_mut()
+                            .reset(now + self.limits.header_read_timeout);
+                        timer_set = true;
+                    }
+                }
+                match wire.poll_fill(cx) {
+                    Poll::Ready(Ok(0)) if wire.read.is_empty() => {
+                        return Poll::Ready(Next::Close);
+                    }
+                    Poll::Ready(Ok(0)) => {
+                        return Poll::Ready(Next::Drop("the client closed mid-head"))
+                    }
+                    Poll::Ready(Ok(_)) => {}
+                    Poll::Ready(Err(_)) => {
+                        return Poll::Ready(Next::Drop("reading the request head failed"))
+                    }
+                    Poll::Pending => break,
+                }
+            }
+            drop(wire);
+            if head_started.is_none() {
+                if self.stopping || self.stop.poll_stopped(cx).is_ready() {
+                    // Nothing of a request has come: the client is not waited for.
+                    return Poll::Ready(Next::Close);
+                }
+                if !timer_set {
+                    self.timer.as_mut().reset(rest_at.min(close_at));
+                    timer_set = true;
+                }
+            }
+            ready!(self.timer.as_mut().poll(cx));
+            Poll::Ready(match head_started {
+                Some(_) => Next::Drop("request head not complete within header_read_timeout"),
+                None if close_at <= rest_at => Next::Close,
+                None => Next::Rest,
+            })
+        })
+        .await
+    }
+
+    /// Runs one exchange: calls the stack, writes its response, and says what the connection
+    /// can do next.
+    async fn exchange(&mut self, head: Head) -> After {
+        let Head {
+            request,
+            framing,
+            keep_alive,
+            expects_continue,
+        } = head;
+        let method = request.method().clone();
+        let version = request.version();
+        let (_, keep_alive_token) = connection_tokens(request.headers());
+        let body = {
+            let mut wire = lock(&self.wire);
+            wire.body = BodyDecoder::new(framing);
+            wire.body_failed = false;
+            wire.continue_owed = expects_continue;
+            wire.continue_sent = false;
+            match framing {
+                Decode::Done => Body::new(http_body_util::Empty::new()),
+                _ => Body::new(RequestBody {
+                    wire: self.wire.clone(),
+                    hint: match framing {
+                        Decode::Length(n) => SizeHint::with_exact(n),
+                        _ => SizeHint::default(),
+                    },
+                    ended: false,
+                }),
+            }
+        };
+        let (parts, ()) = request.into_parts();
+        let mut responding = self.service.respond(Request::from_parts(parts, body));
+
+        // The response head; meanwhile, a stop makes this the connection's last exchange, and
+        // a request body that moves nothing for idle_timeout ends it.
+        let response = {
+            let mut idle = IdleCheck::new(&self.wire, self.limits.idle_timeout);
+            let response = std::future::poll_fn(|cx| {
+                if let Poll::Ready(response) = responding.as_mut().poll(cx) {
+                    return Poll::Ready(Some(response));
+                }
+                if !self.stopping && self.stop.poll_stopped(cx).is_ready() {
+                    self.stopping = true;
+                }
+                let uploading = !lock(&self.wire).body.is_done();
+                if uploading && idle.poll_idle(&mut self.timer, cx).is_ready() {
+                    return Poll::Ready(None);
+                }
+                Poll::Pending
+            })
+            .await;
+            match response {
+                Some(Ok(response)) => response,
+                Some(Err(never)) => match never {},
+                None => return After::Drop("the request body stalled past idle_timeout"),
+            }
+        };
+        drop(responding);
+
+        let (mut parts, mut body) = response.into_parts();
+        let upgrade = parts.status == StatusCode::SWITCHING_PROTOCOLS;
+        let framing = response_framing(parts.status, &method, version, &mut parts.headers, &body);
+        let (response_close, _) = connection_tokens(&parts.headers);
+        let close = self.stopping
+            || !keep_alive
+            || response_close
+            || framing == Encode::UntilClose
+            || upgrade;
+        {
+            let mut wire = lock(&self.wire);
+            // Too late for a 100 Continue: the client has its answer.
+            wire.continue_owed = false;
+            let keep_alive_token = keep_alive_token && version == Version::HTTP_10;
+            encode_response_head(&parts, close && !upgrade, keep_alive_token, &mut wire.write);
+        }
+        drop(parts);
+
+        // The body; a client that takes none of it for idle_timeout is dropped.
+        let mut encoder = BodyEncoder::new(framing);
+        if framing == Encode::None {
+            drop(body);
+            body = Body::new(http_body_util::Empty::new());
+            let _ = encoder.end(&mut lock(&self.wire).write);
+        }
+        let mut idle = IdleCheck::new(&self.wire, self.limits.idle_timeout);
+        let sent = std::future::poll_fn(|cx| {
+            if !self.stopping && self.stop.poll_stopped(cx).is_ready() {
+                self.stopping = true;
+            }
+            loop {
+                // The body is polled without the wire locked: an upstream's answer may still
+                // be sending the request body, which reads from the wire.
+                let mut waiting = lock(&self.wire).write.len();
+                let mut body_pending = false;
+                while !encoder.is_ended() && waiting < WRITE_HIGH_WATER {
+                    let frame = match Pin::new(&mut body).poll_frame(cx) {
+                        Poll::Ready(frame) => frame,
+                        Poll::Pending => {
+                            body_pending = true;
+                            break;
+                        }
+                    };
+                    let ended = body.is_end_stream();
+                    let mut wire = lock(&self.wire);
+                    let framed = match frame {
+                        Some(Ok(frame)) => encoder.encode(frame, &mut wire.write).and_then(|()| {
+                            if ended {
+                                encoder.end(&mut wire.write)
+                            } else {
+                                Ok(())
+                            }
+                        }),
+                        None => encoder.end(&mut wire.write),
+                        Some(Err(e)) => {
+                            tracing::debug!(error = %e, "response body failed; connection aborted");
+                            return Poll::Ready(Err("the response body failed"));
+                        }
+                    };
+                    if let Err(why) = framed {
+                        tracing::debug!(why, "response body does not match its framing");
+                        return Poll::Ready(Err("the response body does not match its framing"));
+                    }
+                    waiting = wire.write.len();
+                }
+                match lock(&self.wire).poll_write_out(cx) {
+                    Poll::Ready(Ok(())) if encoder.is_ended() => return Poll::Ready(Ok(())),
+                    // All written; the body will wake the task when it has more.
+                    Poll::Ready(Ok(())) if body_pending => break,
+                    // All written after the buffer filled up: on with the body.
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(_)) => return Poll::Ready(Err("writing the response failed")),
+                    // The client's socket is full: writable again wakes the task.
+                    Poll::Pending => break,
+                }
+            }
+            if idle.poll_idle(&mut self.timer, cx).is_ready() {
+                return Poll::Ready(Err("the client took none of its response for idle_timeout"));
+            }
+            Poll::Pending
+        })
+        .await;
+        drop(body);
+        if let Err(why) = sent {
+            return After::Drop(why);
+        }
+
+        if upgrade {
+            return match self.service.take_tunnel() {
+                Some(tunnel) => After::Upgrade(tunnel),
+                None => After::Close,
+            };
+        }
+        if Arc::strong_count(&self.wire) > 1 {
+            // Something kept the request body: it could read the next request's bytes.
+            return After::Linger;
+        }
+        let mut wire = lock(&self.wire);
+        if !wire.body_failed && !wire.body.is_done() {
+            // The stack answered without reading all of the body. What of it has arrived is
+            // passed over; if that is all of it, the connection carries on.
+            let wire = &mut *wire;
+            while let Ok(Step::Data(_) | Step::Trailers(_)) = wire.body.step(&mut wire.read) {}
+        }
+        if wire.body_failed || !wire.body.is_done() {
+            // The rest of the body is still to come: the connection cannot tell it from the
+            // next request without reading it, so it closes, once the client has had a moment
+            // to take the response.
+            return After::Linger;
+        }
+        if close {
+            After::Close
+        } else {
+            After::Again
+        }
+    }
+}
+
+/// Watches an exchange for `idle_timeout` without bytes moving, looking every quarter of it
+/// (at most every second) rather than reading the clock on every poll.
+struct IdleCheck<'w, I> {
+    wire: &'w SharedWire<I>,
+    idle_timeout: Duration,
+    seen: u64,
+    quiet_since: Instant,
+    armed: bool,
+}
+
+impl<'w, I> IdleCheck<'w, I> {
+    fn new(wire: &'w SharedWire<I>, idle_timeout: Duration) -> Self {
+        IdleCheck {
+            seen: lock(wire).progress,
+            wire,
+            idle_timeout,
+            quiet_since: Instant::now(),
+            armed: false,
+        }
+    }
+
+    fn look_every(&self) -> Duration {
+        (self.idle_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1))
+    }
+
+    /// Ready once nothing moved for `idle_timeout`.
+    fn poll_idle(&mut self, timer: &mut Pin<Box<Sleep>>, cx: &mut Context<'_>) -> Poll<()> {
+        if !self.armed {
+            self.armed = true;
+            timer.as_mut().reset(Instant::now() + self.look_every());
+        }
+        loop {
+            ready!(timer.as_mut().poll(cx));
+            let now = Instant::now();
+            let progress = lock(self.wire).progress;
+            if progress != self.seen {
+                self.seen = progress;
+                self.quiet_since = now;
+            } else if now.duration_since(self.quiet_since) >= self.idle_timeout {
+                return Poll::Ready(());
+            }
+            timer.as_mut().reset(now + self.look_every());
+        }
+    }
+}
+
+/// The waker a future was last polled with. A future polled again with the same waker (the same
+/// task) and told of nothing new need not be polled: it will wake the task itself.
+#[derive(Default)]
+struct LastWaker(Option<std::task::Waker>);
+
+impl LastWaker {
+    /// The last poll was by this task.
+    fn is_this_task(&self, cx: &Context<'_>) -> bool {
+        self.0.as_ref().is_some_and(|w| w.will_wake(cx.waker()))
+    }
+
+    /// Polls `future`, remembering the waker it now holds.
+    fn poll<F: Future + ?Sized>(
+        &mut self,
+        future: Pin<&mut F>,
+        cx: &mut Context<'_>,
+    ) -> Poll<F::Output> {
+        self.0 = Some(cx.waker().clone());
+        future.poll(cx)
+    }
+}
+
+/// The server's stop signal, looked at each time a connection's task wakes. Polling tokio's
+/// watch takes a lock to register the waker again every time; this registers it only when the
+/// task's waker changed, and otherwise reads the signal's version.
+pub(super) struct StopSignal {
+    probe: watch::Receiver<bool>,
+    stopped: Pin<Box<dyn Future<Output = ()> + Send>>,
+    last_waker: LastWaker,
+}
+
+impl StopSignal {
+    pub(super) fn new(stop: &watch::Receiver<bool>) -> Self {
+        StopSignal {
+            probe: stop.clone(),
+            stopped: Box::pin(stopped(stop.clone())),
+            last_waker: LastWaker::default(),
+        }
+    }
+
+    /// Ready once the server stops (or its signal is gone); keeps being ready after.
+    pub(super) fn poll_stopped(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let unchanged = matches!(self.probe.has_changed(), Ok(false));
+        if unchanged && self.last_waker.is_this_task(cx) {
+            // The waker `stopped` holds is this task's: a stop will wake it.
+            return Poll::Pending;
+        }
+        self.probe.mark_unchanged();
+        self.last_waker.poll(self.stopped.as_mut(), cx)
+    }
+}
+
+/// The `Date` header's value, formatted once a second per thread.
+mod date {
+    use std::cell::RefCell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    use bytes::BytesMut;
+
+    thread_local! {
+        static CACHED: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+    }
+
+    pub(super) fn put_now(out: &mut BytesMut) {
+        let now = SystemTime::now();
+        let second = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        CACHED.with_borrow_mut(|(at, text)| {
+            if *at != second {
+                *at = second;
+                *text = httpdate::fmt_http_date(now);
+            }
+            out.extend_from_slice(text.as_bytes());
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,412 @@
+//! The engine against a real socket whose client end the test scripts byte by byte, serving a
+//! stack the test writes.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use http::Response;
+use http_body_util::BodyExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tower::util::BoxCloneService;
+
+use super::*;
+use crate::app::AppService;
+
+fn limits() -> ConnLimits {
+    ConnLimits {
+        header_read_timeout: Duration::from_secs(5),
+        idle_timeout: Duration::from_secs(5),
+        shutdown_grace: Duration::from_secs(1),
+        max_header_bytes: 16 * 1024,
+        max_connections: 10,
+    }
+}
+
+/// What a run of the engine ended with.
+fn outcome_name<I>(outcome: &Outcome<I>) -> &'static str {
+    match outcome {
+        Outcome::Rest(..) => "rest",
+        Outcome::Upgrade(..) => "upgrade",
+        Outcome::Close(_) => "close",
+        Outcome::Drop => "drop",
+    }
+}
+
+/// A connection served by an engine whose stack is `handler`; the client's end, how many
+/// requests reached the stack, and how the engine's run ended.
+async fn serve<F, Fut>(
+    handler: F,
+) -> (
+    TcpStream,
+    Arc<AtomicUsize>,
+    tokio::task::JoinHandle<&'static str>,
+)
+where
+    F: Fn(Request<Body>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let client = TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (server, peer) = listener.accept().await.unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let app: AppService = BoxCloneService::new(tower::service_fn(move |req| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        let response = handler(req);
+        async move { Ok::<_, Infallible>(response.await) }
+    }));
+    let service = ConnService::for_tests(app, peer);
+    let run = tokio::spawn(async move {
+        let limits = limits();
+        let (_stop, stopping) = watch::channel(false);
+        let outcome = Engine::new(server, &service, &limits, &stopping)
+            .run()
+            .await;
+        outcome_name(&outcome)
+    });
+    (client, calls, run)
+}
+
+fn text(body: &'static str) -> Response<Body> {
+    Response::new(Body::new(http_body_util::Full::new(Bytes::from_static(
+        body.as_bytes(),
+    ))))
+}
+
+/// A body of `pieces` whose length is not known in advance.
+fn streamed(pieces: &[&'static str]) -> Body {
+    let frames: Vec<Result<Frame<Bytes>, Infallible>> = pieces
+        .iter()
+        .map(|p| Ok(Frame::data(Bytes::from_static(p.as_bytes()))))
+        .collect();
+    Body::new(http_body_util::StreamBody::new(futures_util::stream::iter(
+        frames,
+    )))
+}
+
+/// Echoes the request body back, with the request's method and target.
+async fn echo(req: Request<Body>) -> Response<Body> {
+    let line = format!("{} {} ", req.method(), req.uri());
+    let body = req.into_body().collect().await;
+    let body = match body {
+        Ok(body) => format!("{line}{}", String::from_utf8_lossy(&body.to_bytes())),
+        Err(e) => format!("{line}error: {e}"),
+    };
+    Response::new(Body::new(http_body_util::Full::new(Bytes::from(body))))
+}
+
+/// Everything the server sends until it closes.
+async fn read_to_end(client: &mut TcpStream) -> String {
+    let mut all = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut all))
+        .await
+        .expect("the server closed within 5 s")
+        .unwrap();
+    String::from_utf8(all).unwrap()
+}
+
+/// Reads until `count` copies of `marker` have arrived.
+async fn read_until(client: &mut TcpStream, marker: &str, count: usize) -> String {
+    let mut all = Vec::new();
+    let read = async {
+        while String::from_utf8_lossy(&all).matches(marker).count() < count {
+            let mut buf = [0u8; 4096];
+            let n = client.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed early: {:?}", String::from_utf8_lossy(&all));
+            all.extend_from_slice(&buf[..n]);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .expect("the response within 5 s");
+    String::from_utf8(all).unwrap()
+}
+
+#[tokio::test]
+async fn ambiguous_framing_is_refused_before_the_stack_sees_it() {
+    for head in [
+        "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: -5\r\n\r\n",
+        "POST / HTTP/1.0\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: h\r\nBad Name: x\r\n\r\n",
+        "GET /a b HTTP/1.1\r\nHost: h\r\n\r\n",
+    ] {
+        let (mut client, calls, run) = serve(echo).await;
+        client.write_all(head.as_bytes()).await.unwrap();
+        client.write_all(b"hello").await.unwrap();
+        let answer = read_to_end(&mut client).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+            "{head:?}: {answer:?}"
+        );
+        assert!(answer.contains("\r\nconnection: close\r\n"), "{answer:?}");
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            0,
+            "{head:?} reached the stack"
+        );
+        drop(client);
+        assert_eq!(run.await.unwrap(), "drop");
+    }
+}
+
+#[tokio::test]
+async fn a_head_past_the_hard_cap_is_refused_with_431() {
+    let (mut client, calls, _run) = serve(echo).await;
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: h\r\nx-big: {}\r\n\r\n",
+        "a".repeat(limits().hard_header_cap() + 1)
+    );
+    client.write_all(big.as_bytes()).await.unwrap();
+    let answer = read_to_end(&mut client).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"),
+        "{answer:?}"
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn chunked_and_length_bodies_reach_the_stack_and_the_connection_carries_on() {
+    let (mut client, calls, run) = serve(echo).await;
+    client
+        .write_all(
+            b"POST /one HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n\
+              3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\nx-trailer: t\r\n\r\n\
+              POST /two HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nConnection: close\r\n\r\nxyz",
+        )
+        .await
+        .unwrap();
+    let answer = read_to_end(&mut client).await;
+    assert!(answer.contains("POST /one abcde"), "{answer:?}");
+    assert!(answer.ends_with("POST /two xyz"), "{answer:?}");
+    assert_eq!(answer.matches("HTTP/1.1 200 OK\r\n").count(), 2);
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert_eq!(run.await.unwrap(), "close");
+}
+
+#[tokio::test]
+async fn a_body_arriving_a_byte_at_a_time_is_read_whole() {
+    let (mut client, _, _run) = serve(echo).await;
+    let request = b"POST /slow HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
+                    5\r\nhello\r\n0\r\n\r\n";
+    for byte in request {
+        client.write_all(&[*byte]).await.unwrap();
+        tokio::task::yield_now().await;
+    }
+    let answer = read_to_end(&mut client).await;
+    assert!(answer.ends_with("POST /slow hello"), "{answer:?}");
+}
+
+#[tokio::test]
+async fn a_body_cut_short_fails_in_the_stack_and_ends_the_connection() {
+    let (mut client, _, run) = serve(echo).await;
+    client
+        .write_all(b"POST /cut HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\nshort")
+        .await
+        .unwrap();
+    client.shutdown().await.unwrap();
+    let answer = read_to_end(&mut client).await;
+    assert!(answer.contains("POST /cut error: "), "{answer:?}");
+    assert_ne!(run.await.unwrap(), "rest");
+}
+
+#[tokio::test]
+async fn continue_is_sent_only_when_the_stack_reads_the_body() {
+    // The stack reads the body: the client hears 100 Continue first.
+    let (mut client, _, _run) = serve(echo).await;
+    client
+        .write_all(
+            b"POST /read HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let interim = read_until(&mut client, "\r\n\r\n", 1).await;
+    assert_eq!(interim, "HTTP/1.1 100 Continue\r\n\r\n");
+    client.write_all(b"ok").await.unwrap();
+    let answer = read_until(&mut client, "POST /read ok", 1).await;
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer:?}");
+
+    // The stack answers without reading: no 100, and the body never sent is not waited for.
+    let (mut client, _, run) = serve(|_| async { text("no") }).await;
+    client
+        .write_all(b"POST /refused HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_to_end(&mut client).await;
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer:?}");
+    assert!(!answer.contains("100 Continue"), "{answer:?}");
+    assert_eq!(run.await.unwrap(), "drop");
+}
+
+#[tokio::test]
+async fn an_unread_body_already_received_does_not_cost_the_connection() {
+    let (mut client, calls, run) = serve(|_| async { text("refused") }).await;
+    let body = "GET /smuggled HTTP/1.1\r\nHost: h\r\n\r\nxxxx";
+    let requests = format!(
+        "POST /a HTTP/1.1\r\nHost: h\r\nContent-Length: {}\r\n\r\n{body}\
+         GET /b HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    client.write_all(requests.as_bytes()).await.unwrap();
+    let answer = read_to_end(&mut client).await;
+    assert_eq!(answer.matches("refused").count(), 2, "{answer:?}");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "the body was not read as a request"
+    );
+    assert_eq!(run.await.unwrap(), "close");
+}
+
+#[tokio::test]
+async fn an_unread_body_still_to_come_closes_the_connection_after_the_response() {
+    let (mut client, calls, run) = serve(|_| async { text("refused") }).await;
+    client
+        .write_all(
+            b"POST /a HTTP/1.1\r\nHost: h\r\nContent-Length: 100000\r\n\r\nGET /x HTTP/1.1\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let answer = read_to_end(&mut client).await;
+    assert!(answer.ends_with("refused"), "{answer:?}");
+    assert!(answer.contains("\r\ncontent-length: 7\r\n"), "{answer:?}");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(run.await.unwrap(), "drop");
+}
+
+#[tokio::test]
+async fn responses_are_framed_for_the_client_that_asked() {
+    let streaming = |_| async { Response::new(streamed(&["hel", "lo"])) };
+    // HTTP/1.1: chunked.
+    let (mut client, _, _) = serve(streaming).await;
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_to_end(&mut client).await;
+    assert!(
+        answer.contains("\r\ntransfer-encoding: chunked\r\n"),
+        "{answer:?}"
+    );
+    assert!(
+        answer.ends_with("\r\n\r\n3\r\nhel\r\n2\r\nlo\r\n0\r\n\r\n"),
+        "{answer:?}"
+    );
+    assert!(answer.contains("\r\ndate: "), "{answer:?}");
+
+    // HTTP/1.0: the body runs to the close.
+    let (mut client, _, run) = serve(streaming).await;
+    client.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+    let answer = read_to_end(&mut client).await;
+    assert!(answer.ends_with("\r\n\r\nhello"), "{answer:?}");
+    assert!(!answer.contains("transfer-encoding"), "{answer:?}");
+    assert_eq!(run.await.unwrap(), "close");
+
+    // HEAD: the length a GET would have, no body.
+    let (mut client, _, _) = serve(|_| async { text("twelve bytes") }).await;
+    client
+        .write_all(b"HEAD / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_to_end(&mut client).await;
+    assert!(answer.contains("\r\ncontent-length: 12\r\n"), "{answer:?}");
+    assert!(answer.ends_with("\r\n\r\n"), "{answer:?}");
+
+    // 204: neither length nor body, whatever the stack said.
+    let (mut client, _, _) = serve(|_| async {
+        let mut response = text("");
+        *response.status_mut() = StatusCode::NO_CONTENT;
+        response
+            .headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+        response
+    })
+    .await;
+    client
+        .write_all(b"DELETE / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_to_end(&mut client).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 204 No Content\r\n"),
+        "{answer:?}"
+    );
+    assert!(!answer.contains("content-length"), "{answer:?}");
+}
+
+#[tokio::test]
+async fn keep_alive_follows_the_clients_version_and_wishes() {
+    // HTTP/1.0 asking to keep the connection: it is kept, and told so.
+    let (mut client, calls, run) = serve(|_| async { text("ok") }).await;
+    client
+        .write_all(b"GET /1 HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET /2 HTTP/1.0\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_to_end(&mut client).await;
+    assert_eq!(
+        answer.matches("HTTP/1.1 200 OK\r\n").count(),
+        2,
+        "{answer:?}"
+    );
+    assert_eq!(
+        answer.matches("connection: keep-alive").count(),
+        1,
+        "{answer:?}"
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert_eq!(run.await.unwrap(), "close");
+
+    // HTTP/1.1 asking to close: told so, and nothing after is read.
+    let (mut client, calls, _) = serve(|_| async { text("ok") }).await;
+    client
+        .write_all(b"GET /1 HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\nGET /2 HTTP/1.1\r\nHost: h\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_to_end(&mut client).await;
+    assert_eq!(
+        answer.matches("HTTP/1.1 200 OK\r\n").count(),
+        1,
+        "{answer:?}"
+    );
+    assert!(answer.contains("\r\nconnection: close\r\n"), "{answer:?}");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_quiet_connection_rests_with_nothing_unread() {
+    let (mut client, _, run) = serve(|_| async { text("ok") }).await;
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        .await
+        .unwrap();
+    read_until(&mut client, "ok", 1).await;
+    assert_eq!(run.await.unwrap(), "rest");
+}
+
+#[tokio::test]
+async fn the_reason_phrase_the_stack_gives_is_kept() {
+    let (mut client, _, _) = serve(|_| async {
+        let mut response = text("");
+        *response.status_mut() = StatusCode::from_u16(299).unwrap();
+        response
+            .extensions_mut()
+            .insert(hyper::ext::ReasonPhrase::from_static(b"Custom Words"));
+        response
+    })
+    .await;
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_to_end(&mut client).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 299 Custom Words\r\n"),
+        "{answer:?}"
+    );
+}
