@@ -247,43 +247,98 @@ fn parse_trailers(buf: &mut BytesMut) -> Result<Option<HeaderMap>, FramingError>
 pub(crate) fn content_length(headers: &HeaderMap) -> Result<Option<u64>, &'static str> {
     let mut length = None;
     for value in headers.get_all(header::CONTENT_LENGTH) {
-        for item in value.as_bytes().split(|b| *b == b',') {
-            let item = item.trim_ascii();
-            let n = std::str::from_utf8(item)
-                .ok()
-                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|s| s.parse::<u64>().ok())
-                .ok_or("Content-Length is not a number")?;
-            if length.is_some_and(|l| l != n) {
-                return Err("Content-Length values differ");
-            }
-            length = Some(n);
-        }
+        length = merge_content_length(length, value)?;
     }
     Ok(length)
 }
 
-/// Whether the last coding a Transfer-Encoding lists is `chunked`.
-pub(crate) fn is_chunked(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .next_back()
-        .and_then(|v| v.as_bytes().rsplit(|b| *b == b',').next())
-        .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+/// What a head's headers say about its framing and its connection, gathered in one pass as
+/// the headers are read (a lookup per header name would hash each name again).
+#[derive(Debug, Default)]
+pub(crate) struct HeadFacts {
+    /// The Content-Length, once every value agreed.
+    pub(crate) content_length: Option<u64>,
+    /// Why the Content-Length cannot be trusted, if it cannot.
+    pub(crate) bad_content_length: Option<&'static str>,
+    pub(crate) transfer_encoding: bool,
+    /// The last coding of the last Transfer-Encoding is `chunked`.
+    pub(crate) chunked: bool,
+    /// `Connection: close`.
+    pub(crate) close: bool,
+    /// `Connection: keep-alive`.
+    pub(crate) keep_alive: bool,
+    /// `Expect: 100-continue`.
+    pub(crate) expects_continue: bool,
+    pub(crate) date: bool,
 }
 
-/// The `close` and `keep-alive` tokens of a message's Connection headers.
-pub(crate) fn connection_tokens(headers: &HeaderMap) -> (bool, bool) {
-    let (mut close, mut keep_alive) = (false, false);
-    for value in headers.get_all(header::CONNECTION) {
-        for token in value.as_bytes().split(|b| *b == b',') {
-            let token = token.trim_ascii();
-            close |= token.eq_ignore_ascii_case(b"close");
-            keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+impl HeadFacts {
+    /// Takes note of one header.
+    pub(crate) fn note(&mut self, name: &HeaderName, value: &HeaderValue) {
+        if name == header::CONTENT_LENGTH {
+            if self.bad_content_length.is_none() {
+                match merge_content_length(self.content_length, value) {
+                    Ok(length) => self.content_length = length,
+                    Err(why) => self.bad_content_length = Some(why),
+                }
+            }
+        } else if name == header::TRANSFER_ENCODING {
+            self.transfer_encoding = true;
+            self.chunked = value
+                .as_bytes()
+                .rsplit(|b| *b == b',')
+                .next()
+                .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if name == header::CONNECTION {
+            for token in value.as_bytes().split(|b| *b == b',') {
+                let token = token.trim_ascii();
+                self.close |= token.eq_ignore_ascii_case(b"close");
+                self.keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+            }
+        } else if name == header::EXPECT {
+            self.expects_continue |= value.as_bytes().eq_ignore_ascii_case(b"100-continue");
+        } else if name == header::DATE {
+            self.date = true;
         }
     }
-    (close, keep_alive)
+
+    /// Notes every header of `headers`.
+    pub(crate) fn of(headers: &HeaderMap) -> Self {
+        let mut facts = HeadFacts::default();
+        for (name, value) in headers {
+            facts.note(name, value);
+        }
+        facts
+    }
+
+    /// The Content-Length, if there is one: every value, and every item of a comma-separated
+    /// list, must be the same run of digits.
+    pub(crate) fn content_length(&self) -> Result<Option<u64>, &'static str> {
+        match self.bad_content_length {
+            Some(why) => Err(why),
+            None => Ok(self.content_length),
+        }
+    }
+}
+
+/// `length` so far, with the items of one more Content-Length value.
+fn merge_content_length(
+    mut length: Option<u64>,
+    value: &HeaderValue,
+) -> Result<Option<u64>, &'static str> {
+    for item in value.as_bytes().split(|b| *b == b',') {
+        let item = item.trim_ascii();
+        let n = std::str::from_utf8(item)
+            .ok()
+            .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|s| s.parse::<u64>().ok())
+            .ok_or("Content-Length is not a number")?;
+        if length.is_some_and(|l| l != n) {
+            return Err("Content-Length values differ");
+        }
+        length = Some(n);
+    }
+    Ok(length)
 }
 
 /// How a body goes out.
@@ -544,22 +599,17 @@ mod tests {
         );
         assert!(content_length(&headers(&[("content-length", "7, 8")])).is_err());
         assert!(content_length(&headers(&[("content-length", "+7")])).is_err());
-        assert!(is_chunked(&headers(&[(
-            "transfer-encoding",
-            "gzip, chunked"
-        )])));
-        assert!(!is_chunked(&headers(&[(
-            "transfer-encoding",
-            "chunked, gzip"
-        )])));
-        assert_eq!(
-            connection_tokens(&headers(&[("connection", "Upgrade, Close")])),
-            (true, false)
-        );
-        assert_eq!(
-            connection_tokens(&headers(&[("connection", "keep-alive")])),
-            (false, true)
-        );
+        let facts = |pairs: &[(&'static str, &'static str)]| HeadFacts::of(&headers(pairs));
+        assert!(facts(&[("transfer-encoding", "gzip, chunked")]).chunked);
+        assert!(!facts(&[("transfer-encoding", "chunked, gzip")]).chunked);
+        let upgrade = facts(&[("connection", "Upgrade, Close"), ("date", "x")]);
+        assert!(upgrade.close && !upgrade.keep_alive && upgrade.date);
+        assert!(facts(&[("connection", "keep-alive")]).keep_alive);
+        assert!(facts(&[("expect", "100-Continue")]).expects_continue);
+        let lengths = facts(&[("content-length", "7, 7"), ("content-length", "7")]);
+        assert_eq!(lengths.content_length(), Ok(Some(7)));
+        let differing = facts(&[("content-length", "7"), ("content-length", "8")]);
+        assert!(differing.content_length().is_err());
     }
 
     #[test]

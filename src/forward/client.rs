@@ -25,8 +25,8 @@ use smallvec::SmallVec;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::h1::{
-    connection_tokens, content_length, headers_len, is_chunked, put_headers, BodyDecoder,
-    BodyEncoder, Decode, Encode, FramingError, Step,
+    content_length, headers_len, put_headers, BodyDecoder, BodyEncoder, Decode, Encode,
+    FramingError, HeadFacts, Step,
 };
 use crate::{Body, BoxError};
 
@@ -469,14 +469,16 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Parsed, Error> {
     // Room for what the stack adds on the way back (rate-limit headers, the request id), so
     // that the map does not grow, rehashing, as they go in.
     let mut headers = HeaderMap::with_capacity(spans.len() + ANSWER_HEADERS_ADDED);
+    let mut facts = HeadFacts::default();
     for (name, value) in spans {
         let name = HeaderName::from_bytes(&head[name])
             .map_err(|_| Error::Malformed("a header name is invalid"))?;
         let value = HeaderValue::from_maybe_shared(head.slice(value))
             .map_err(|_| Error::Malformed("a header value is invalid"))?;
+        facts.note(&name, &value);
         headers.append(name, value);
     }
-    let (framing, keep_alive) = framing(status, version, method, &mut headers)?;
+    let (framing, keep_alive) = framing(status, version, method, &mut headers, &facts)?;
     Ok(Parsed::Final(Head {
         status,
         version,
@@ -495,9 +497,9 @@ fn framing(
     version: Version,
     method: &Method,
     headers: &mut HeaderMap,
+    facts: &HeadFacts,
 ) -> Result<(Decode, bool), Error> {
-    let (close, keep_alive_token) = connection_tokens(headers);
-    let keep_alive = !close && (version == Version::HTTP_11 || keep_alive_token);
+    let keep_alive = !facts.close && (version == Version::HTTP_11 || facts.keep_alive);
 
     if status == StatusCode::SWITCHING_PROTOCOLS
         || status == StatusCode::NO_CONTENT
@@ -506,20 +508,20 @@ fn framing(
     {
         return Ok((Decode::Done, keep_alive));
     }
-    if headers.contains_key(header::TRANSFER_ENCODING) {
+    if facts.transfer_encoding {
         if version == Version::HTTP_10 {
             return Err(Error::Malformed("Transfer-Encoding in an HTTP/1.0 answer"));
         }
         // Both at once is how request smuggling starts (RFC 9112 6.3): read this answer by its
         // Transfer-Encoding, then trust the connection no further.
         let keep_alive = keep_alive && headers.remove(header::CONTENT_LENGTH).is_none();
-        return Ok(if is_chunked(headers) {
+        return Ok(if facts.chunked {
             (Decode::ChunkSize, keep_alive)
         } else {
             (Decode::UntilClose, false)
         });
     }
-    Ok(match content_length(headers).map_err(Error::Malformed)? {
+    Ok(match facts.content_length().map_err(Error::Malformed)? {
         Some(0) => (Decode::Done, keep_alive),
         Some(n) => (Decode::Length(n), keep_alive),
         None => (Decode::UntilClose, false),

@@ -33,8 +33,8 @@ use super::connection::{stopped, ConnService};
 use super::{ConnLimits, MAX_HEADERS, REST_AFTER};
 use crate::forward::Tunnel;
 use crate::h1::{
-    connection_tokens, content_length, headers_len, is_chunked, put_headers, BodyDecoder,
-    BodyEncoder, Decode, Encode, FramingError, Step,
+    headers_len, put_headers, BodyDecoder, BodyEncoder, Decode, Encode, FramingError, HeadFacts,
+    Step,
 };
 use crate::{Body, BoxError};
 
@@ -65,8 +65,6 @@ struct Wire<I> {
     /// The client asked to be told to go on with its body (`Expect: 100-continue`) and has
     /// been told neither that nor its response yet.
     continue_owed: bool,
-    /// A 100 Continue went out for this request.
-    continue_sent: bool,
     /// Bytes moved either way: the idle check compares it between looks.
     progress: u64,
 }
@@ -108,7 +106,6 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Wire<I> {
             // The stack wants the body: the client may send it now.
             self.write
                 .extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
-            self.continue_sent = true;
         }
         if !self.write.is_empty() {
             if let Err(e) = ready!(self.poll_write_out(cx)) {
@@ -198,6 +195,8 @@ struct Head {
     request: Request<()>,
     framing: Decode,
     keep_alive: bool,
+    /// The client asked to keep the connection (what an HTTP/1.0 client must do to keep it).
+    keep_alive_token: bool,
     expects_continue: bool,
 }
 
@@ -278,22 +277,20 @@ fn parse_head(read: &mut BytesMut, cap: usize) -> Result<Option<Head>, Refusal> 
         }
     })?;
     let mut headers = HeaderMap::with_capacity(spans.len() + REQUEST_HEADERS_ADDED);
+    let mut facts = HeadFacts::default();
     for (name, value) in spans {
         let name =
             HeaderName::from_bytes(&head[name]).map_err(|_| bad("a header name is invalid"))?;
         let value = HeaderValue::from_maybe_shared(head.slice(value))
             .map_err(|_| bad("a header value is invalid"))?;
+        facts.note(&name, &value);
         headers.append(name, value);
     }
 
-    let framing = request_framing(version, &headers)?;
-    let (close, keep_alive_token) = connection_tokens(&headers);
-    let keep_alive = !close && (version == Version::HTTP_11 || keep_alive_token);
-    let expects_continue = version == Version::HTTP_11
-        && framing != Decode::Done
-        && headers
-            .get(header::EXPECT)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let framing = request_framing(version, &facts)?;
+    let keep_alive = !facts.close && (version == Version::HTTP_11 || facts.keep_alive);
+    let expects_continue =
+        version == Version::HTTP_11 && framing != Decode::Done && facts.expects_continue;
 
     let mut request = Request::new(());
     *request.method_mut() = method;
@@ -304,26 +301,27 @@ fn parse_head(read: &mut BytesMut, cap: usize) -> Result<Option<Head>, Refusal> 
         request,
         framing,
         keep_alive,
+        keep_alive_token: facts.keep_alive,
         expects_continue,
     }))
 }
 
 /// How a request's body is delimited (RFC 9112 6.3). Anything two readers could take two ways
 /// is refused.
-fn request_framing(version: Version, headers: &HeaderMap) -> Result<Decode, Refusal> {
-    if headers.contains_key(header::TRANSFER_ENCODING) {
+fn request_framing(version: Version, facts: &HeadFacts) -> Result<Decode, Refusal> {
+    if facts.transfer_encoding {
         if version == Version::HTTP_10 {
             return Err(bad("Transfer-Encoding in an HTTP/1.0 request"));
         }
-        if headers.contains_key(header::CONTENT_LENGTH) {
+        if facts.content_length.is_some() || facts.bad_content_length.is_some() {
             return Err(bad("both Transfer-Encoding and Content-Length"));
         }
-        if !is_chunked(headers) {
+        if !facts.chunked {
             return Err(bad("a Transfer-Encoding that does not end in chunked"));
         }
         return Ok(Decode::ChunkSize);
     }
-    match content_length(headers) {
+    match facts.content_length() {
         Ok(Some(0) | None) => Ok(Decode::Done),
         Ok(Some(n)) => Ok(Decode::Length(n)),
         Err(why) => Err(bad(why)),
@@ -336,16 +334,22 @@ fn response_framing(
     method: &Method,
     request_version: Version,
     headers: &mut HeaderMap,
+    facts: &HeadFacts,
     body: &Body,
 ) -> Encode {
     // The stack's own framing headers are not trusted blindly: a Transfer-Encoding is hop-by-
     // hop (and removed on the way from the upstream), and a Content-Length must be a number.
-    headers.remove(header::TRANSFER_ENCODING);
+    if facts.transfer_encoding {
+        headers.remove(header::TRANSFER_ENCODING);
+    }
+    let has_length = facts.content_length.is_some() || facts.bad_content_length.is_some();
     if status.is_informational() || status == StatusCode::NO_CONTENT {
-        headers.remove(header::CONTENT_LENGTH);
+        if has_length {
+            headers.remove(header::CONTENT_LENGTH);
+        }
         return Encode::None;
     }
-    let declared = match content_length(headers) {
+    let declared = match facts.content_length() {
         Ok(length) => length,
         Err(_) => {
             headers.remove(header::CONTENT_LENGTH);
@@ -384,6 +388,7 @@ fn response_framing(
 /// connection does next.
 fn encode_response_head(
     parts: &http::response::Parts,
+    facts: &HeadFacts,
     close: bool,
     keep_alive_token: bool,
     out: &mut BytesMut,
@@ -402,13 +407,13 @@ fn encode_response_head(
     out.extend_from_slice(reason);
     out.extend_from_slice(b"\r\n");
     put_headers(out, &parts.headers);
-    if !parts.headers.contains_key(header::DATE) {
+    if !facts.date {
         out.extend_from_slice(b"date: ");
         date::put_now(out);
         out.extend_from_slice(b"\r\n");
     }
     if close {
-        if !parts.headers.contains_key(header::CONNECTION) {
+        if !facts.close {
             out.extend_from_slice(b"connection: close\r\n");
         }
     } else if keep_alive_token {
@@ -490,7 +495,6 @@ where
                 body: BodyDecoder::new(Decode::Done),
                 body_failed: false,
                 continue_owed: false,
-                continue_sent: false,
                 progress: 0,
             })),
             service,
@@ -661,17 +665,16 @@ where
             request,
             framing,
             keep_alive,
+            keep_alive_token,
             expects_continue,
         } = head;
         let method = request.method().clone();
         let version = request.version();
-        let (_, keep_alive_token) = connection_tokens(request.headers());
         let body = {
             let mut wire = lock(&self.wire);
             wire.body = BodyDecoder::new(framing);
             wire.body_failed = false;
             wire.continue_owed = expects_continue;
-            wire.continue_sent = false;
             match framing {
                 Decode::Done => Body::new(http_body_util::Empty::new()),
                 _ => Body::new(RequestBody {
@@ -715,19 +718,29 @@ where
 
         let (mut parts, mut body) = response.into_parts();
         let upgrade = parts.status == StatusCode::SWITCHING_PROTOCOLS;
-        let framing = response_framing(parts.status, &method, version, &mut parts.headers, &body);
-        let (response_close, _) = connection_tokens(&parts.headers);
-        let close = self.stopping
-            || !keep_alive
-            || response_close
-            || framing == Encode::UntilClose
-            || upgrade;
+        let facts = HeadFacts::of(&parts.headers);
+        let framing = response_framing(
+            parts.status,
+            &method,
+            version,
+            &mut parts.headers,
+            &facts,
+            &body,
+        );
+        let close =
+            self.stopping || !keep_alive || facts.close || framing == Encode::UntilClose || upgrade;
         {
             let mut wire = lock(&self.wire);
             // Too late for a 100 Continue: the client has its answer.
             wire.continue_owed = false;
             let keep_alive_token = keep_alive_token && version == Version::HTTP_10;
-            encode_response_head(&parts, close && !upgrade, keep_alive_token, &mut wire.write);
+            encode_response_head(
+                &parts,
+                &facts,
+                close && !upgrade,
+                keep_alive_token,
+                &mut wire.write,
+            );
         }
         drop(parts);
 
@@ -833,22 +846,21 @@ where
 
 /// Watches an exchange for `idle_timeout` without bytes moving, looking every quarter of it
 /// (at most every second) rather than reading the clock on every poll.
+/// Costs nothing until the exchange first has to wait.
 struct IdleCheck<'w, I> {
     wire: &'w SharedWire<I>,
     idle_timeout: Duration,
-    seen: u64,
-    quiet_since: Instant,
-    armed: bool,
+    /// The progress count at the last look, and since when it has not changed; `None` until
+    /// the first wait.
+    seen: Option<(u64, Instant)>,
 }
 
 impl<'w, I> IdleCheck<'w, I> {
     fn new(wire: &'w SharedWire<I>, idle_timeout: Duration) -> Self {
         IdleCheck {
-            seen: lock(wire).progress,
             wire,
             idle_timeout,
-            quiet_since: Instant::now(),
-            armed: false,
+            seen: None,
         }
     }
 
@@ -858,19 +870,21 @@ impl<'w, I> IdleCheck<'w, I> {
 
     /// Ready once nothing moved for `idle_timeout`.
     fn poll_idle(&mut self, timer: &mut Pin<Box<Sleep>>, cx: &mut Context<'_>) -> Poll<()> {
-        if !self.armed {
-            self.armed = true;
-            timer.as_mut().reset(Instant::now() + self.look_every());
+        if self.seen.is_none() {
+            let now = Instant::now();
+            self.seen = Some((lock(self.wire).progress, now));
+            timer.as_mut().reset(now + self.look_every());
         }
         loop {
             ready!(timer.as_mut().poll(cx));
             let now = Instant::now();
             let progress = lock(self.wire).progress;
-            if progress != self.seen {
-                self.seen = progress;
-                self.quiet_since = now;
-            } else if now.duration_since(self.quiet_since) >= self.idle_timeout {
-                return Poll::Ready(());
+            match self.seen {
+                Some((seen, _)) if seen != progress => self.seen = Some((progress, now)),
+                Some((_, since)) if now.duration_since(since) >= self.idle_timeout => {
+                    return Poll::Ready(())
+                }
+                _ => {}
             }
             timer.as_mut().reset(now + self.look_every());
         }
