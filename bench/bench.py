@@ -1195,7 +1195,9 @@ def render(b):
     w(f"Ratios of requests/s: **4/2 = {r42:.2f}**, **3/2 = {r32:.2f}**, 4/1 = {r41:.2f}; "
       f"without the local session cache 5/2 = {ratio(5, 2):.2f}.")
     w("")
-    w(f"Against the hyper floor (6), the smallest proxy on the same HTTP engine (hyper, tokio): "
+    w(f"Against the hyper floor (6), the smallest proxy on hyper and tokio (portcullis serves "
+      f"HTTP/1.1 with its own engine on tokio, and builds the same `http` request and response "
+      f"types hyper does): "
       f"6/2 = {ratio(6, 2):.2f}, **3/6 = {ratio(3, 6):.2f}**, **4/6 = {ratio(4, 6):.2f}**.")
     w("")
     w(f"The raw floor (7), HTTP/1.1 relayed by hand with no HTTP engine and no checks, is about "
