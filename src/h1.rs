@@ -64,6 +64,8 @@ pub(crate) struct BodyDecoder {
     state: Decode,
     /// Chunk extensions read so far: ignored, but bounded.
     extension_bytes: usize,
+    /// Largest trailer section taken.
+    max_trailer_bytes: usize,
 }
 
 impl BodyDecoder {
@@ -71,7 +73,14 @@ impl BodyDecoder {
         BodyDecoder {
             state,
             extension_bytes: 0,
+            max_trailer_bytes: MAX_TRAILER_BYTES,
         }
+    }
+
+    /// Takes trailer sections of at most `bytes`.
+    pub(crate) fn trailer_limit(mut self, bytes: usize) -> Self {
+        self.max_trailer_bytes = bytes;
+        self
     }
 
     pub(crate) fn state(&self) -> Decode {
@@ -132,7 +141,7 @@ impl BodyDecoder {
                     _ => return Err(FramingError::Malformed("a chunk overruns its size")),
                 },
                 Decode::Trailers => match parse_trailers(read)? {
-                    None if read.len() > MAX_TRAILER_BYTES => {
+                    None if read.len() > self.max_trailer_bytes => {
                         return Err(FramingError::Malformed("the trailer section is too large"))
                     }
                     None => return Ok(Step::NeedMore),
@@ -270,6 +279,8 @@ pub(crate) struct HeadFacts {
     /// `Expect: 100-continue`.
     pub(crate) expects_continue: bool,
     pub(crate) date: bool,
+    /// How many Host header lines.
+    pub(crate) hosts: usize,
 }
 
 impl HeadFacts {
@@ -303,6 +314,8 @@ impl HeadFacts {
             self.expects_continue |= value.as_bytes().eq_ignore_ascii_case(b"100-continue");
         } else if name == header::DATE {
             self.date = true;
+        } else if name == header::HOST {
+            self.hosts += 1;
         }
     }
 
@@ -610,6 +623,7 @@ mod tests {
         assert!(upgrade.close && !upgrade.keep_alive && upgrade.date);
         assert!(facts(&[("connection", "keep-alive")]).keep_alive);
         assert!(facts(&[("expect", "100-Continue")]).expects_continue);
+        assert_eq!(facts(&[("host", "a"), ("host", "b")]).hosts, 2);
         let lengths = facts(&[("content-length", "7, 7"), ("content-length", "7")]);
         assert_eq!(lengths.content_length(), Ok(Some(7)));
         let differing = facts(&[("content-length", "7"), ("content-length", "8")]);

@@ -154,15 +154,12 @@ async fn plain_text_serves_http1() {
     assert_eq!(upstream.last().target, "/h1");
 }
 
-#[tokio::test]
-async fn a_tls_connection_keeps_serving_across_rests() {
+/// An HTTP/1.1 client's TLS session with the proxy, trusting only the test CA.
+async fn tls_http1(
+    pki: &TestPki,
+    proxy: &Proxy,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     use rustls::pki_types::pem::PemObject;
-    use tokio::io::AsyncWriteExt;
-
-    let pki = TestPki::new();
-    let upstream = Upstream::echo().await;
-    let proxy = Proxy::start(&config_with(&upstream.url(), &pki.tls_section())).await;
-
     let mut roots = rustls::RootCertStore::empty();
     roots
         .add(rustls::pki_types::CertificateDer::from_pem_slice(pki.ca_pem.as_bytes()).unwrap())
@@ -174,7 +171,17 @@ async fn a_tls_connection_keeps_serving_across_rests() {
     let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
     let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let mut tls = connector.connect(name, tcp).await.unwrap();
+    connector.connect(name, tcp).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_tls_connection_keeps_serving_across_rests() {
+    use tokio::io::AsyncWriteExt;
+
+    let pki = TestPki::new();
+    let upstream = Upstream::echo().await;
+    let proxy = Proxy::start(&config_with(&upstream.url(), &pki.tls_section())).await;
+    let mut tls = tls_http1(&pki, &proxy).await;
 
     // One TLS session, several requests, each after the connection has rested (20 ms quiet):
     // the resting socket waits under TLS, and the next hyper reads the decrypted request.
@@ -215,4 +222,52 @@ async fn read_tls_head<S: tokio::io::AsyncRead + Unpin>(tls: &mut S, buf: &mut V
     tokio::time::timeout(std::time::Duration::from_secs(5), read)
         .await
         .expect("a response within 5 s")
+}
+
+/// Bytes that wake a resting TLS connection without making a request (here, the start of a TLS
+/// record dripped a byte at a time) do not hold it past the keep-alive limit.
+#[tokio::test]
+async fn tls_bytes_that_are_no_request_do_not_hold_a_resting_connection() {
+    use std::time::{Duration, Instant};
+    use tokio::io::AsyncWriteExt;
+
+    let pki = TestPki::new();
+    let upstream = Upstream::echo().await;
+    let config = format!(
+        "[server]\nheader_read_timeout = \"600ms\"\n{}",
+        pki.tls_section()
+    );
+    let proxy = Proxy::start(&config_with(&upstream.url(), &config)).await;
+    let mut tls = tls_http1(&pki, &proxy).await;
+    tls.write_all(b"GET /once HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_tls_head(&mut tls, &mut Vec::new()).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+
+    // The header of an application-data record, then its body, a byte every 150 ms: each
+    // wakes the connection, none decrypts to anything.
+    let answered = Instant::now();
+    let (tcp, _) = tls.get_mut();
+    let mut record = vec![0x17u8, 0x03, 0x03, 0x40, 0x00];
+    record.resize(64, 0x41);
+    let mut closed_after = None;
+    for byte in record {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let mut probe = [0u8; 64];
+        let closed = match tcp.try_read(&mut probe) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+        };
+        if closed || tcp.write_all(&[byte]).await.is_err() {
+            closed_after = Some(answered.elapsed());
+            break;
+        }
+    }
+    let closed_after = closed_after.expect("the connection was held past its keep-alive limit");
+    assert!(
+        closed_after < Duration::from_millis(1500),
+        "closed only after {closed_after:?}"
+    );
 }

@@ -1,14 +1,15 @@
 //! One client connection on a worker: TLS handshake (ALPN picks h2 or http/1.1) or plain-text
-//! protocol detection (HTTP/2 prior knowledge or HTTP/1.1), then hyper serving the app's tower
-//! stack. Every stage before the request head is bounded by `server.header_read_timeout`; idle
-//! connections are closed after `server.idle_timeout`.
+//! protocol detection (HTTP/2 prior knowledge or HTTP/1.1), then the app's tower stack served
+//! by portcullis' own HTTP/1.1 engine (`http1.rs`) or by hyper's HTTP/2. Every stage before the
+//! request head is bounded by `server.header_read_timeout`; idle connections are closed after
+//! `server.idle_timeout`.
 //!
-//! An HTTP/1.1 connection at rest gives its hyper state back: after [`REST_AFTER`] with
-//! nothing in flight, hyper stops at the message boundary and returns the socket, which then
-//! waits for the client's next byte holding no buffers. A new hyper connection takes over when
-//! it comes. Ten thousand idle game clients so cost their sockets and a small task each, not ten
-//! thousand sets of read and write buffers. The same hand-back is how upgrades work: hyper
-//! writes the 101 and returns the socket, and the tunnel runs on it in this task.
+//! An HTTP/1.1 connection at rest holds no engine: after [`REST_AFTER`] with nothing in
+//! flight, the engine stops at the message boundary and returns the socket, which then waits
+//! for the client's next byte holding no buffers. A new engine takes over when it comes. Ten
+//! thousand idle game clients so cost their sockets and a small task each, not ten thousand
+//! sets of read and write buffers. The same hand-back is how upgrades work: the engine writes
+//! the 101 and returns the socket, and the tunnel runs on it in this task.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -144,11 +145,13 @@ impl Connection {
     /// Serves HTTP/1.1 requests, resting between them when the client goes quiet, until the
     /// connection closes or upgrades.
     async fn serve_http1<I: Transport>(&mut self, mut io: I, service: &ConnService) {
+        let mut rested_since = None;
         loop {
             let engine = Engine::new(io, service, &self.limits, &self.stop);
             // Boxed, so that a resting connection's task holds none of it.
-            match Box::pin(engine.run()).await {
+            match Box::pin(engine.run(rested_since)).await {
                 Outcome::Rest(rested, quiet_since) => {
+                    rested_since = Some(quiet_since);
                     if !self.wait_for_client(&rested, quiet_since).await {
                         let mut rested = rested;
                         close(&mut rested).await;

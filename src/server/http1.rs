@@ -287,6 +287,10 @@ fn parse_head(read: &mut BytesMut, cap: usize) -> Result<Option<Head>, Refusal> 
         headers.append(name, value);
     }
 
+    // Which authority a request is for must be as clear as where it ends (RFC 9112 3.2).
+    if facts.hosts > 1 || (version == Version::HTTP_11 && facts.hosts == 0) {
+        return Err(bad("an HTTP/1.1 request needs exactly one Host"));
+    }
     let framing = request_framing(version, &facts)?;
     let keep_alive = !facts.close && (version == Version::HTTP_11 || facts.keep_alive);
     let expects_continue =
@@ -505,9 +509,11 @@ where
         }
     }
 
-    /// Serves requests until the connection rests, upgrades or ends.
-    pub(super) async fn run(mut self) -> Outcome<I> {
-        let mut quiet_since = Instant::now();
+    /// Serves requests until the connection rests, upgrades or ends. `quiet_since`: when the
+    /// connection last rested, when it did: a client that wakes it without a byte of a request
+    /// (over TLS, a record that decrypts to nothing) does not move the keep-alive limit on.
+    pub(super) async fn run(mut self, quiet_since: Option<Instant>) -> Outcome<I> {
+        let mut quiet_since = quiet_since.unwrap_or_else(Instant::now);
         loop {
             let head = match self.next_head(quiet_since).await {
                 Next::Head(head) => head,
@@ -658,6 +664,18 @@ where
         .await
     }
 
+    /// Whether the request body has been read whole, once what of it has arrived and the stack
+    /// did not read is passed over. Only for a body nothing else can read any more.
+    fn pass_over_body(&self) -> bool {
+        let mut wire = lock(&self.wire);
+        let wire = &mut *wire;
+        if wire.body_failed {
+            return false;
+        }
+        while let Ok(Step::Data(_) | Step::Trailers(_)) = wire.body.step(&mut wire.read) {}
+        wire.body.is_done()
+    }
+
     /// Runs one exchange: calls the stack, writes its response, and says what the connection
     /// can do next.
     async fn exchange(&mut self, head: Head) -> After {
@@ -672,7 +690,8 @@ where
         let version = request.version();
         let body = {
             let mut wire = lock(&self.wire);
-            wire.body = BodyDecoder::new(framing);
+            // A trailer section is held whole until it ends: no larger than a head may be.
+            wire.body = BodyDecoder::new(framing).trailer_limit(self.limits.max_header_bytes);
             wire.body_failed = false;
             wire.continue_owed = expects_continue;
             match framing {
@@ -718,6 +737,9 @@ where
 
         let (mut parts, mut body) = response.into_parts();
         let upgrade = parts.status == StatusCode::SWITCHING_PROTOCOLS;
+        // A request body the stack no longer holds and that has not all arrived: the connection
+        // ends after this response, and the response says so.
+        let body_left = Arc::strong_count(&self.wire) == 1 && !self.pass_over_body();
         let facts = HeadFacts::of(&parts.headers);
         let framing = response_framing(
             parts.status,
@@ -727,8 +749,12 @@ where
             &facts,
             &body,
         );
-        let close =
-            self.stopping || !keep_alive || facts.close || framing == Encode::UntilClose || upgrade;
+        let close = self.stopping
+            || !keep_alive
+            || body_left
+            || facts.close
+            || framing == Encode::UntilClose
+            || upgrade;
         {
             let mut wire = lock(&self.wire);
             // Too late for a 100 Continue: the client has its answer.
@@ -814,6 +840,10 @@ where
         }
 
         if upgrade {
+            if body_left {
+                // The client's side would start with the rest of its request body.
+                return After::Linger;
+            }
             return match self.service.take_tunnel() {
                 Some(tunnel) => After::Upgrade(tunnel),
                 None => After::Close,
@@ -823,14 +853,7 @@ where
             // Something kept the request body: it could read the next request's bytes.
             return After::Linger;
         }
-        let mut wire = lock(&self.wire);
-        if !wire.body_failed && !wire.body.is_done() {
-            // The stack answered without reading all of the body. What of it has arrived is
-            // passed over; if that is all of it, the connection carries on.
-            let wire = &mut *wire;
-            while let Ok(Step::Data(_) | Step::Trailers(_)) = wire.body.step(&mut wire.read) {}
-        }
-        if wire.body_failed || !wire.body.is_done() {
+        if !self.pass_over_body() {
             // The rest of the body is still to come: the connection cannot tell it from the
             // next request without reading it, so it closes, once the client has had a moment
             // to take the response.
@@ -920,6 +943,8 @@ pub(super) struct StopSignal {
     probe: watch::Receiver<bool>,
     stopped: Pin<Box<dyn Future<Output = ()> + Send>>,
     last_waker: LastWaker,
+    /// `stopped` has finished: it may not be polled again.
+    done: bool,
 }
 
 impl StopSignal {
@@ -928,18 +953,24 @@ impl StopSignal {
             probe: stop.clone(),
             stopped: Box::pin(stopped(stop.clone())),
             last_waker: LastWaker::default(),
+            done: false,
         }
     }
 
     /// Ready once the server stops (or its signal is gone); keeps being ready after.
     pub(super) fn poll_stopped(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.done {
+            return Poll::Ready(());
+        }
         let unchanged = matches!(self.probe.has_changed(), Ok(false));
         if unchanged && self.last_waker.is_this_task(cx) {
             // The waker `stopped` holds is this task's: a stop will wake it.
             return Poll::Pending;
         }
         self.probe.mark_unchanged();
-        self.last_waker.poll(self.stopped.as_mut(), cx)
+        ready!(self.last_waker.poll(self.stopped.as_mut(), cx));
+        self.done = true;
+        Poll::Ready(())
     }
 }
 

@@ -44,27 +44,26 @@ impl From<&ServerConfig> for ConnLimits {
     }
 }
 
-/// Most header lines hyper parses in one request; more is a bare 431 from hyper itself.
+/// Most header lines the HTTP layer parses in one request; more is a bare 431 from it.
 const MAX_HEADERS: usize = 512;
 
-/// An HTTP/1.1 connection with nothing in flight for this long, hyper idle between messages,
-/// lets go of its parser and buffers and waits for the client's next byte on the bare socket.
+/// An HTTP/1.1 connection with nothing in flight for this long, between messages, lets go of
+/// its engine and buffers and waits for the client's next byte on the bare socket.
 /// Short enough that idle game clients spend nearly all their life this way, and that a burst
 /// of new connections never has many holding buffers at once (the allocator keeps a peak's
 /// memory long after); long enough that a connection under load, its next request a
-/// millisecond away, does not pay to rebuild hyper each time (about a tenth of the CPU of a
-/// proxied request, measured).
+/// millisecond away, does not pay to rebuild its engine each time.
 const REST_AFTER: Duration = Duration::from_millis(20);
 
-/// How long a connection asked to close for idleness may take to finish what it has in flight
-/// (hyper's graceful close waits for it) before it is dropped: a client that stopped reading a
-/// response would otherwise hold its connection, and an upstream one, for ever.
+/// How long an HTTP/2 connection asked to close for idleness may take to finish what it has in
+/// flight (hyper's graceful close waits for it) before it is dropped: a client that stopped
+/// reading a response would otherwise hold its connection, and an upstream one, for ever.
 const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 impl ConnLimits {
     /// The HTTP layer's own hard cap on a request head: well above `max_header_bytes`, so that
-    /// the limits layer decides (with a JSON 431) every case up to it; past it hyper and h2
-    /// refuse with a bare 431 before any of portcullis sees the request.
+    /// the limits layer decides (with a JSON 431) every case up to it; past it the HTTP/1.1
+    /// engine and h2 refuse with a bare 431 before the stack sees the request.
     pub fn hard_header_cap(&self) -> usize {
         (self.max_header_bytes * 4).max(64 * 1024)
     }

@@ -63,7 +63,7 @@ where
         let limits = limits();
         let (_stop, stopping) = watch::channel(false);
         let outcome = Engine::new(server, &service, &limits, &stopping)
-            .run()
+            .run(None)
             .await;
         outcome_name(&outcome)
     });
@@ -135,6 +135,8 @@ async fn ambiguous_framing_is_refused_before_the_stack_sees_it() {
         "POST / HTTP/1.0\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n",
         "GET / HTTP/1.1\r\nHost: h\r\nBad Name: x\r\n\r\n",
         "GET /a b HTTP/1.1\r\nHost: h\r\n\r\n",
+        "GET / HTTP/1.1\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
     ] {
         let (mut client, calls, run) = serve(echo).await;
         client.write_all(head.as_bytes()).await.unwrap();
@@ -276,6 +278,10 @@ async fn an_unread_body_still_to_come_closes_the_connection_after_the_response()
     let answer = read_to_end(&mut client).await;
     assert!(answer.ends_with("refused"), "{answer:?}");
     assert!(answer.contains("\r\ncontent-length: 7\r\n"), "{answer:?}");
+    assert!(
+        answer.contains("\r\nconnection: close\r\n"),
+        "the response says the connection ends: {answer:?}"
+    );
     assert_eq!(calls.load(Ordering::SeqCst), 1);
     assert_eq!(run.await.unwrap(), "drop");
 }
@@ -409,4 +415,21 @@ async fn the_reason_phrase_the_stack_gives_is_kept() {
         answer.starts_with("HTTP/1.1 299 Custom Words\r\n"),
         "{answer:?}"
     );
+}
+
+#[tokio::test]
+async fn a_trailer_section_larger_than_a_head_may_be_fails_the_body() {
+    let (mut client, _, run) = serve(echo).await;
+    let mut request =
+        b"POST /t HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n"
+            .to_vec();
+    for i in 0..limits().max_header_bytes / 100 + 1 {
+        request.extend_from_slice(format!("x-t{i}: {}\r\n", "t".repeat(90)).as_bytes());
+    }
+    request.extend_from_slice(b"\r\n");
+    client.write_all(&request).await.unwrap();
+    let answer = read_to_end(&mut client).await;
+    assert!(answer.contains("POST /t error: "), "{answer:?}");
+    drop(client);
+    assert_eq!(run.await.unwrap(), "drop");
 }
