@@ -6,9 +6,12 @@
 //! that differs from the other party's is how two parties come to disagree on where a message
 //! ends.
 
+use std::ops::Range;
+
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http_body::Frame;
+use smallvec::SmallVec;
 
 /// Most header lines a trailer section may have.
 const MAX_TRAILERS: usize = 100;
@@ -356,6 +359,56 @@ fn merge_content_length(
         length = Some(n);
     }
     Ok(length)
+}
+
+/// Where each header's name and value lie in a parsed head.
+pub(crate) type HeaderSpans = SmallVec<[(Range<usize>, Range<usize>); 24]>;
+
+/// Where `piece` lies in `buf`, whose first `len` bytes are a head: so that the head can be
+/// frozen and its pieces shared rather than copied. Empty for an empty piece or one outside.
+pub(crate) fn span_in(buf: &[u8], len: usize, piece: &[u8]) -> Range<usize> {
+    let start = (piece.as_ptr() as usize).wrapping_sub(buf.as_ptr() as usize);
+    if piece.is_empty() || start.saturating_add(piece.len()) > len {
+        0..0
+    } else {
+        start..start + piece.len()
+    }
+}
+
+/// Where each of `headers`, parsed from the head at the start of `buf`, lies in it.
+pub(crate) fn header_spans(
+    buf: &[u8],
+    len: usize,
+    headers: &[httparse::Header<'_>],
+) -> HeaderSpans {
+    headers
+        .iter()
+        .map(|h| {
+            (
+                span_in(buf, len, h.name.as_bytes()),
+                span_in(buf, len, h.value),
+            )
+        })
+        .collect()
+}
+
+/// The header map of a head frozen into `head`, its values sharing the head's bytes, with room
+/// for `room` more; and what its framing and connection headers say.
+pub(crate) fn header_map(
+    head: &Bytes,
+    spans: HeaderSpans,
+    room: usize,
+) -> Result<(HeaderMap, HeadFacts), &'static str> {
+    let mut headers = HeaderMap::with_capacity(spans.len() + room);
+    let mut facts = HeadFacts::default();
+    for (name, value) in spans {
+        let name = HeaderName::from_bytes(&head[name]).map_err(|_| "a header name is invalid")?;
+        let value = HeaderValue::from_maybe_shared(head.slice(value))
+            .map_err(|_| "a header value is invalid")?;
+        facts.note(&name, &value);
+        headers.append(name, value);
+    }
+    Ok((headers, facts))
 }
 
 /// How a body goes out.

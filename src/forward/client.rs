@@ -17,16 +17,15 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body as _, Frame, SizeHint};
 use hyper_util::rt::TokioIo;
-use smallvec::SmallVec;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::h1::{
-    content_length, headers_len, put_headers, BodyDecoder, BodyEncoder, Decode, Encode,
-    FramingError, HeadFacts, Step,
+    content_length, header_map, header_spans, headers_len, put_headers, BodyDecoder, BodyEncoder,
+    Decode, Encode, FramingError, HeadFacts, Step,
 };
 use crate::{Body, BoxError};
 
@@ -450,34 +449,13 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Parsed, Error> {
         .and_then(|r| hyper::ext::ReasonPhrase::try_from(r.as_bytes()).ok());
 
     // Where each name and value lies in the head, so that the head can be frozen and shared.
-    let base = buf.as_ptr() as usize;
-    let span = |s: &[u8]| {
-        let start = (s.as_ptr() as usize).wrapping_sub(base);
-        if s.is_empty() || start + s.len() > len {
-            0..0
-        } else {
-            start..start + s.len()
-        }
-    };
-    let spans: SmallVec<[(std::ops::Range<usize>, std::ops::Range<usize>); 24]> = parsed
-        .headers
-        .iter()
-        .map(|h| (span(h.name.as_bytes()), span(h.value)))
-        .collect();
+    let spans = header_spans(buf, len, parsed.headers);
     let head = buf.split_to(len).freeze();
 
     // Room for what the stack adds on the way back (rate-limit headers, the request id), so
     // that the map does not grow, rehashing, as they go in.
-    let mut headers = HeaderMap::with_capacity(spans.len() + ANSWER_HEADERS_ADDED);
-    let mut facts = HeadFacts::default();
-    for (name, value) in spans {
-        let name = HeaderName::from_bytes(&head[name])
-            .map_err(|_| Error::Malformed("a header name is invalid"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(value))
-            .map_err(|_| Error::Malformed("a header value is invalid"))?;
-        facts.note(&name, &value);
-        headers.append(name, value);
-    }
+    let (mut headers, facts) =
+        header_map(&head, spans, ANSWER_HEADERS_ADDED).map_err(Error::Malformed)?;
     let (framing, keep_alive) = framing(status, version, method, &mut headers, &facts)?;
     Ok(Parsed::Final(Head {
         status,
@@ -698,6 +676,7 @@ mod tests {
     use tokio::net::{TcpListener, TcpStream};
 
     use super::*;
+    use http::header::HeaderValue;
 
     /// Where the tests' connections go home: they can be counted and used again.
     #[derive(Clone, Default)]

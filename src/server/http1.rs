@@ -21,10 +21,9 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, StatusCode, Uri, Version};
 use http_body::{Body as _, Frame, SizeHint};
-use smallvec::SmallVec;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
@@ -33,8 +32,8 @@ use super::connection::{stopped, ConnService};
 use super::{ConnLimits, MAX_HEADERS, REST_AFTER};
 use crate::forward::Tunnel;
 use crate::h1::{
-    headers_len, put_headers, BodyDecoder, BodyEncoder, Decode, Encode, FramingError, HeadFacts,
-    Step,
+    header_map, header_spans, headers_len, put_headers, span_in, BodyDecoder, BodyEncoder, Decode,
+    Encode, FramingError, HeadFacts, Step,
 };
 use crate::{Body, BoxError};
 
@@ -249,21 +248,8 @@ fn parse_head(read: &mut BytesMut, cap: usize) -> Result<Option<Head>, Refusal> 
 
     // Where the target and each name and value lie in the head, so that the head can be
     // frozen and shared.
-    let base = read.as_ptr() as usize;
-    let span = |s: &[u8]| {
-        let start = (s.as_ptr() as usize).wrapping_sub(base);
-        if s.is_empty() || start + s.len() > len {
-            0..0
-        } else {
-            start..start + s.len()
-        }
-    };
-    let target = span(parsed.path.unwrap_or("").as_bytes());
-    let spans: SmallVec<[(std::ops::Range<usize>, std::ops::Range<usize>); 24]> = parsed
-        .headers
-        .iter()
-        .map(|h| (span(h.name.as_bytes()), span(h.value)))
-        .collect();
+    let target = span_in(read, len, parsed.path.unwrap_or("").as_bytes());
+    let spans = header_spans(read, len, parsed.headers);
     let head = read.split_to(len).freeze();
 
     let uri = Uri::from_maybe_shared(head.slice(target)).map_err(|_| {
@@ -276,16 +262,7 @@ fn parse_head(read: &mut BytesMut, cap: usize) -> Result<Option<Head>, Refusal> 
             bad("the request target is invalid")
         }
     })?;
-    let mut headers = HeaderMap::with_capacity(spans.len() + REQUEST_HEADERS_ADDED);
-    let mut facts = HeadFacts::default();
-    for (name, value) in spans {
-        let name =
-            HeaderName::from_bytes(&head[name]).map_err(|_| bad("a header name is invalid"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(value))
-            .map_err(|_| bad("a header value is invalid"))?;
-        facts.note(&name, &value);
-        headers.append(name, value);
-    }
+    let (headers, facts) = header_map(&head, spans, REQUEST_HEADERS_ADDED).map_err(bad)?;
 
     // Which authority a request is for must be as clear as where it ends (RFC 9112 3.2).
     if facts.hosts > 1 || (version == Version::HTTP_11 && facts.hosts == 0) {
