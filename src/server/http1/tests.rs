@@ -70,6 +70,25 @@ where
     (client, calls, run)
 }
 
+/// Sends `request` on a connection served by `handler` and reads until the server closes; the
+/// answer, how many requests reached the stack, and how the engine's run ended.
+async fn answer_to<F, Fut>(
+    handler: F,
+    request: &[u8],
+) -> (
+    String,
+    Arc<AtomicUsize>,
+    tokio::task::JoinHandle<&'static str>,
+)
+where
+    F: Fn(Request<Body>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
+    let (mut client, calls, run) = serve(handler).await;
+    client.write_all(request).await.unwrap();
+    (read_to_end(&mut client).await, calls, run)
+}
+
 fn text(body: &'static str) -> Response<Body> {
     Response::new(Body::new(http_body_util::Full::new(Bytes::from_static(
         body.as_bytes(),
@@ -235,12 +254,11 @@ async fn continue_is_sent_only_when_the_stack_reads_the_body() {
     assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer:?}");
 
     // The stack answers without reading: no 100, and the body never sent is not waited for.
-    let (mut client, _, run) = serve(|_| async { text("no") }).await;
-    client
-        .write_all(b"POST /refused HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n")
-        .await
-        .unwrap();
-    let answer = read_to_end(&mut client).await;
+    let (answer, _, run) = answer_to(
+        |_| async { text("no") },
+        b"POST /refused HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .await;
     assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer:?}");
     assert!(!answer.contains("100 Continue"), "{answer:?}");
     assert_eq!(run.await.unwrap(), "drop");
@@ -290,12 +308,11 @@ async fn an_unread_body_still_to_come_closes_the_connection_after_the_response()
 async fn responses_are_framed_for_the_client_that_asked() {
     let streaming = |_| async { Response::new(streamed(&["hel", "lo"])) };
     // HTTP/1.1: chunked.
-    let (mut client, _, _) = serve(streaming).await;
-    client
-        .write_all(b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let answer = read_to_end(&mut client).await;
+    let (answer, _, _) = answer_to(
+        streaming,
+        b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+    )
+    .await;
     assert!(
         answer.contains("\r\ntransfer-encoding: chunked\r\n"),
         "{answer:?}"
@@ -315,12 +332,11 @@ async fn responses_are_framed_for_the_client_that_asked() {
     assert_eq!(run.await.unwrap(), "close");
 
     // HEAD: the length a GET would have, no body.
-    let (mut client, _, _) = serve(|_| async { text("twelve bytes") }).await;
-    client
-        .write_all(b"HEAD / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let answer = read_to_end(&mut client).await;
+    let (answer, _, _) = answer_to(
+        |_| async { text("twelve bytes") },
+        b"HEAD / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+    )
+    .await;
     assert!(answer.contains("\r\ncontent-length: 12\r\n"), "{answer:?}");
     assert!(answer.ends_with("\r\n\r\n"), "{answer:?}");
 
@@ -349,12 +365,11 @@ async fn responses_are_framed_for_the_client_that_asked() {
 #[tokio::test]
 async fn keep_alive_follows_the_clients_version_and_wishes() {
     // HTTP/1.0 asking to keep the connection: it is kept, and told so.
-    let (mut client, calls, run) = serve(|_| async { text("ok") }).await;
-    client
-        .write_all(b"GET /1 HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET /2 HTTP/1.0\r\n\r\n")
-        .await
-        .unwrap();
-    let answer = read_to_end(&mut client).await;
+    let (answer, calls, run) = answer_to(
+        |_| async { text("ok") },
+        b"GET /1 HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET /2 HTTP/1.0\r\n\r\n",
+    )
+    .await;
     assert_eq!(
         answer.matches("HTTP/1.1 200 OK\r\n").count(),
         2,
@@ -369,12 +384,7 @@ async fn keep_alive_follows_the_clients_version_and_wishes() {
     assert_eq!(run.await.unwrap(), "close");
 
     // HTTP/1.1 asking to close: told so, and nothing after is read.
-    let (mut client, calls, _) = serve(|_| async { text("ok") }).await;
-    client
-        .write_all(b"GET /1 HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\nGET /2 HTTP/1.1\r\nHost: h\r\n\r\n")
-        .await
-        .unwrap();
-    let answer = read_to_end(&mut client).await;
+    let (answer, calls, _) = answer_to(|_| async { text("ok") }, b"GET /1 HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\nGET /2 HTTP/1.1\r\nHost: h\r\n\r\n").await;
     assert_eq!(
         answer.matches("HTTP/1.1 200 OK\r\n").count(),
         1,
