@@ -7,7 +7,7 @@
 //! strict where a lenient reading could make portcullis and the upstream disagree on where a
 //! request ends: `Transfer-Encoding` together with `Content-Length`, a `Transfer-Encoding` not
 //! ending in `chunked`, or `Content-Length` values that differ are refused with 400 and the
-//! connection closed.
+//! connection closed; so is a request without exactly one `Host` (HTTP/1.1) or with two.
 //!
 //! A connection whose client goes quiet between requests stops after [`REST_AFTER`] and hands
 //! its socket back, holding no buffers, to wait for the next byte (see `connection.rs`).
