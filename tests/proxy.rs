@@ -761,6 +761,20 @@ async fn headers_past_the_hard_cap_are_refused_before_reaching_portcullis() {
 }
 
 #[tokio::test]
+async fn a_request_body_breaking_its_chunked_framing_is_the_clients_400() {
+    let upstream = Upstream::echo().await;
+    let proxy = Proxy::start(&open_config(&upstream.url())).await;
+    // A chunk-size line with no digits: the body cannot be read on.
+    let resp = send_raw(
+        proxy.addr,
+        b"POST /upload HTTP/1.1\r\nHost: game.example\r\nTransfer-Encoding: chunked\r\n\r\n\
+          3\r\nabc\r\nzz\r\n",
+    )
+    .await;
+    resp.assert_error(400, "MALFORMED_REQUEST");
+}
+
+#[tokio::test]
 async fn too_many_headers_give_431_json() {
     let upstream = Upstream::echo().await;
     let proxy = Proxy::start(&open_config(&upstream.url())).await;

@@ -454,6 +454,12 @@ impl Upstream {
         if source_chain_has::<http_body_util::LengthLimitError>(&error) {
             return Rejection::PayloadTooLarge(self.max_body_bytes);
         }
+        // The client's body broke its own framing (the upstream's answers are not read with
+        // this error type): the client's fault, not the upstream's.
+        if source_chain_has::<crate::h1::FramingError>(&error) {
+            tracing::debug!(error = %error_chain(&error), "request body malformed");
+            return Rejection::Malformed("the request body is malformed");
+        }
         tracing::debug!(error = %error_chain(&error), "upstream request failed");
         Rejection::UpstreamUnavailable
     }

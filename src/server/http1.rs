@@ -139,9 +139,10 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Wire<I> {
         }
     }
 
+    /// The error the stack sees: a [`FramingError`], which the forwarder answers with 400.
     fn fail_body(&mut self, e: FramingError) -> BoxError {
         self.body_failed = true;
-        format!("the request body is malformed: {e}").into()
+        Box::new(e)
     }
 }
 
