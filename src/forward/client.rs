@@ -24,8 +24,8 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::h1::{
-    content_length, header_map, header_spans, headers_len, put_headers, BodyDecoder, BodyEncoder,
-    Decode, Encode, FramingError, HeadFacts, Step,
+    self, header_map, header_spans, headers_len, put_headers, BodyDecoder, BodyEncoder, Decode,
+    Encode, FramingError, HeadFacts, Step,
 };
 use crate::{Body, BoxError};
 
@@ -174,14 +174,7 @@ impl Conn {
 
     /// Writes all of `write`, then flushes (TLS keeps records back until then).
     fn poll_write_all(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while !self.write.is_empty() {
-            let n = ready!(Pin::new(&mut *self.io).poll_write(cx, &self.write))?;
-            if n == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-            }
-            self.write.advance(n);
-        }
-        Pin::new(&mut *self.io).poll_flush(cx)
+        h1::poll_write_all(&mut *self.io, &mut self.write, cx)
     }
 }
 
@@ -269,10 +262,11 @@ impl Upload {
         body: Body,
         out: &mut BytesMut,
     ) -> Result<Upload, Error> {
-        let framing = if parts.headers.contains_key(header::TRANSFER_ENCODING) {
+        let facts = HeadFacts::of(&parts.headers);
+        let framing = if facts.transfer_encoding {
             Encode::Chunked
         } else {
-            match content_length(&parts.headers) {
+            match facts.content_length() {
                 Ok(Some(length)) => Encode::Length(length),
                 Ok(None) => Encode::None,
                 Err(why) => return Err(Error::UploadLength(why)),

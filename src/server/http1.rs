@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, StatusCode, Uri, Version};
 use http_body::{Body as _, Frame, SizeHint};
@@ -32,8 +32,8 @@ use super::connection::{stopped, ConnService};
 use super::{ConnLimits, MAX_HEADERS, REST_AFTER};
 use crate::forward::Tunnel;
 use crate::h1::{
-    header_map, header_spans, headers_len, put_headers, span_in, BodyDecoder, BodyEncoder, Decode,
-    Encode, FramingError, HeadFacts, Step,
+    header_map, header_spans, headers_len, poll_write_all, put_headers, span_in, BodyDecoder,
+    BodyEncoder, Decode, Encode, FramingError, HeadFacts, Step,
 };
 use crate::{Body, BoxError};
 
@@ -85,15 +85,10 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Wire<I> {
 
     /// Writes all of `write`, then flushes (TLS keeps records back until then).
     fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while !self.write.is_empty() {
-            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.write))?;
-            if n == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-            }
-            self.write.advance(n);
-            self.progress += n as u64;
-        }
-        Pin::new(&mut self.io).poll_flush(cx)
+        let waiting = self.write.len();
+        let written = poll_write_all(&mut self.io, &mut self.write, cx);
+        self.progress += (waiting - self.write.len()) as u64;
+        written
     }
 
     /// The request body's next frame.
