@@ -115,20 +115,22 @@ impl Connection {
     }
 
     async fn serve<I: Transport>(&mut self, io: I, protocol: Protocol, tls: bool) {
-        let activity = Arc::new(Activity::new());
         let service = ConnService {
             app: self.app.clone(),
             conn: ConnInfo {
                 peer: self.peer,
                 tls,
             },
-            activity,
             upgrades: UpgradeHandoff::default(),
         };
         match protocol {
             Protocol::Http1 => self.serve_http1(io, &service).await,
             Protocol::Http2 => {
-                let activity = service.activity.clone();
+                let activity = Arc::new(Activity::new());
+                let service = Http2Service {
+                    service,
+                    activity: activity.clone(),
+                };
                 let conn = http2_builder(&self.limits).serve_connection(TokioIo::new(io), service);
                 let drive = drive_http2(
                     conn,
@@ -301,16 +303,13 @@ async fn close<I: tokio::io::AsyncWrite + Unpin>(io: &mut I) {
 }
 
 /// Adapts the app's tower stack to one connection: marks each request with its connection's
-/// facts and gives upgrade requests the connection's [`UpgradeHandoff`]. For HTTP/2 (through
-/// hyper) it also counts each request as in flight until its response head is ready and its
-/// body until sent.
+/// facts and gives upgrade requests the connection's [`UpgradeHandoff`].
 #[derive(Clone)]
 pub(super) struct ConnService {
     /// The connection's copy of the stack, called in place: cloning the whole stack for each
     /// request cost more than this lock, which is only ever held for the synchronous `call`.
     app: Arc<std::sync::Mutex<AppService>>,
     conn: ConnInfo,
-    activity: Arc<Activity>,
     upgrades: UpgradeHandoff,
 }
 
@@ -342,7 +341,6 @@ impl ConnService {
         ConnService {
             app: Arc::new(std::sync::Mutex::new(app)),
             conn: ConnInfo { peer, tls: false },
-            activity: Arc::new(Activity::new()),
             upgrades: UpgradeHandoff::default(),
         }
     }
@@ -353,7 +351,16 @@ impl ConnService {
     }
 }
 
-impl hyper::service::Service<Request<Incoming>> for ConnService {
+/// [`ConnService`] for hyper's HTTP/2, which cannot say when a connection is idle: it counts
+/// each request as in flight until its response head is ready, and each body frame as progress
+/// (see [`drive_http2`]).
+#[derive(Clone)]
+struct Http2Service {
+    service: ConnService,
+    activity: Arc<Activity>,
+}
+
+impl hyper::service::Service<Request<Incoming>> for Http2Service {
     type Response = Response<ConnBody>;
     type Error = Infallible;
     type Future = Respond;
@@ -371,7 +378,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
             })
         };
         Respond {
-            response: self.respond(Request::from_parts(parts, body)),
+            response: self.service.respond(Request::from_parts(parts, body)),
             awaiting: Some(awaiting),
             activity: self.activity.clone(),
         }
@@ -380,7 +387,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
 
 /// The stack's response on its way to hyper: the request counts as awaiting its head until
 /// the head is ready.
-pub(super) struct Respond {
+struct Respond {
     response: Responding,
     awaiting: Option<AwaitingHead>,
     activity: Arc<Activity>,
@@ -440,7 +447,7 @@ impl hyper::body::Body for RequestBody {
 /// only once the client's window has let the last one through, and each piece taken counts as
 /// progress (`Activity::progressed`). A slow client reading a large upstream chunk then shows
 /// progress as it reads, rather than none until the whole chunk is through.
-pub(super) struct ConnBody {
+struct ConnBody {
     body: Body,
     activity: Option<Arc<Activity>>,
     /// What is left of a data frame larger than a piece.
