@@ -66,7 +66,7 @@ pub(crate) enum Step {
 }
 
 /// Reads a body out of a connection's read buffer, one step at a time.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct BodyDecoder {
     state: Decode,
     /// Chunk extensions read so far: ignored, but bounded.

@@ -649,6 +649,22 @@ where
         wire.body.is_done()
     }
 
+    /// Whether all of a request body the stack still holds has arrived, judged on a copy of
+    /// what is unread: the stack's own reading is left as it is.
+    fn body_has_arrived(&self) -> bool {
+        let wire = lock(&self.wire);
+        if wire.body_failed {
+            return false;
+        }
+        if wire.body.is_done() {
+            return true;
+        }
+        let mut decoder = wire.body.clone();
+        let mut unread = BytesMut::from(&wire.read[..]);
+        while let Ok(Step::Data(_) | Step::Trailers(_)) = decoder.step(&mut unread) {}
+        decoder.is_done()
+    }
+
     /// Runs one exchange: calls the stack, writes its response, and says what the connection
     /// can do next.
     async fn exchange(&mut self, head: Head) -> After {
@@ -710,9 +726,14 @@ where
 
         let (mut parts, mut body) = response.into_parts();
         let upgrade = parts.status == StatusCode::SWITCHING_PROTOCOLS;
-        // A request body the stack no longer holds and that has not all arrived: the connection
-        // ends after this response, and the response says so.
-        let body_left = Arc::strong_count(&self.wire) == 1 && !self.pass_over_body();
+        // A request body that has not all arrived: the connection ends after this response, and
+        // the response says so. One the stack still holds (an upstream that answered before
+        // taking all of the upload) may never be read to its end.
+        let body_left = if Arc::strong_count(&self.wire) == 1 {
+            !self.pass_over_body()
+        } else {
+            !self.body_has_arrived()
+        };
         let facts = HeadFacts::of(&parts.headers);
         let framing = response_framing(
             parts.status,

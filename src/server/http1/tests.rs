@@ -546,3 +546,57 @@ async fn mangled_requests_are_refused_or_read_whole_never_half() {
             .expect("the engine did not panic");
     }
 }
+
+/// Answers without reading the request body, which the response body holds until it is sent,
+/// as a proxy does whose upstream answered before taking all of the upload.
+async fn answer_holding_the_body(req: Request<Body>) -> Response<Body> {
+    let held = req.into_body();
+    let frame = async move {
+        drop(held);
+        Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"early")))
+    };
+    Response::new(Body::new(http_body_util::StreamBody::new(
+        futures_util::stream::once(frame),
+    )))
+}
+
+#[tokio::test]
+async fn an_answer_given_while_the_body_is_still_to_come_says_the_connection_ends() {
+    let (mut client, calls, run) = serve(answer_holding_the_body).await;
+    client
+        .write_all(b"POST /a HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\nabcd")
+        .await
+        .unwrap();
+    let answer = read_until(&mut client, "early", 1).await;
+    assert!(
+        answer.contains("\r\nconnection: close\r\n"),
+        "the response says the connection ends: {answer:?}"
+    );
+    client.write_all(b"efghij").await.unwrap();
+    let rest = read_to_end(&mut client).await;
+    assert!(!rest.contains("HTTP/1.1"), "{rest:?}");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(run.await.unwrap(), "drop");
+}
+
+#[tokio::test]
+async fn an_answer_given_while_a_body_all_arrived_is_held_keeps_the_connection() {
+    let (mut client, calls, run) = serve(answer_holding_the_body).await;
+    client
+        .write_all(
+            b"POST /a HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n\
+              4\r\nabcd\r\n0\r\n\r\n\
+              GET /b HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let answer = read_to_end(&mut client).await;
+    assert_eq!(answer.matches("early").count(), 2, "{answer:?}");
+    assert_eq!(
+        answer.matches("connection: close").count(),
+        1,
+        "only the second response closes: {answer:?}"
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert_eq!(run.await.unwrap(), "close");
+}
