@@ -8,8 +8,12 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use std::future::Future;
+use std::time::Duration;
+
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use support::*;
@@ -25,7 +29,21 @@ struct TlsUpstream {
 }
 
 impl TlsUpstream {
+    /// Answers every request with "over tls".
     async fn start() -> TlsUpstream {
+        TlsUpstream::start_with(None, |_req| async {
+            http::Response::new(Full::new(Bytes::from("over tls")))
+        })
+        .await
+    }
+
+    /// Answers every request with `handler`; its sockets' receive buffers hold `recv_buffer`
+    /// bytes when given (the kernel's own sizing otherwise).
+    async fn start_with<F, Fut>(recv_buffer: Option<u32>, handler: F) -> TlsUpstream
+    where
+        F: Fn(http::Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = http::Response<Full<Bytes>>> + Send + 'static,
+    {
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let certs = test_certs("portcullis upstream test CA", "127.0.0.1");
         let ca_file = tempfile::NamedTempFile::new().unwrap();
@@ -39,7 +57,13 @@ impl TlsUpstream {
             .unwrap();
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
 
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        if let Some(bytes) = recv_buffer {
+            // Set before listening, so that accepted sockets start with it.
+            socket.set_recv_buffer_size(bytes).unwrap();
+        }
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(64).unwrap();
         let addr = listener.local_addr().unwrap();
         let answered = Arc::new(AtomicUsize::new(0));
         let connections = Arc::new(AtomicUsize::new(0));
@@ -47,18 +71,15 @@ impl TlsUpstream {
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 accepted.fetch_add(1, Ordering::SeqCst);
-                let (acceptor, count) = (acceptor.clone(), count.clone());
+                let (acceptor, count, handler) = (acceptor.clone(), count.clone(), handler.clone());
                 tokio::spawn(async move {
                     let Ok(tls) = acceptor.accept(stream).await else {
                         return;
                     };
-                    let service = hyper::service::service_fn(move |_req| {
+                    let service = hyper::service::service_fn(move |req| {
                         count.fetch_add(1, Ordering::SeqCst);
-                        async {
-                            Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from(
-                                "over tls",
-                            ))))
-                        }
+                        let answer = handler(req);
+                        async move { Ok::<_, Infallible>(answer.await) }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(tls), service)
@@ -109,4 +130,80 @@ async fn an_https_upstream_outside_the_trusted_roots_is_never_sent_a_request() {
     assert_error(resp, 502, "UPSTREAM_UNAVAILABLE").await;
     assert!(upstream.connections.load(Ordering::SeqCst) >= 1);
     assert_eq!(upstream.answered.load(Ordering::SeqCst), 0);
+}
+
+/// A large upload to an https upstream that reads slowly arrives whole, and what was sent before
+/// the client pauses reaches the upstream while the client waits (the client sends its last
+/// byte only once the upstream has all the rest): TLS holds records back until flushed.
+#[tokio::test]
+async fn an_upload_to_a_slow_https_upstream_arrives_whole_across_a_client_pause() {
+    // More than the socket buffers between portcullis and the upstream hold: portcullis waits
+    // for its socket again and again.
+    const FIRST: usize = 8 * 1024 * 1024;
+    let (got_first, first_arrived) = tokio::sync::oneshot::channel::<()>();
+    let got_first = Arc::new(std::sync::Mutex::new(Some(got_first)));
+    let upstream = TlsUpstream::start_with(Some(4096), move |req: http::Request<Incoming>| {
+        let got_first = got_first.clone();
+        async move {
+            let mut body = req.into_body();
+            let mut received = 0;
+            while let Some(frame) = body.frame().await {
+                let Ok(data) = frame.map(|f| f.into_data().unwrap_or_default()) else {
+                    break;
+                };
+                received += data.len();
+                if received >= FIRST {
+                    if let Some(tell) = got_first.lock().unwrap().take() {
+                        let _ = tell.send(());
+                    }
+                }
+                // A few KiB (what the small buffer holds) a millisecond, far slower than
+                // portcullis sends.
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            http::Response::new(Full::new(Bytes::from(received.to_string())))
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&config_with(
+        &upstream.url(),
+        &format!(
+            "[server]\nworkers = 1\n[upstream]\nca_file = \"{}\"\n",
+            upstream.ca_file.path().display()
+        ),
+    ))
+    .await;
+
+    let exchange = async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        let (mut from_proxy, mut to_proxy) = stream.into_split();
+        let send = tokio::spawn(async move {
+            let head = format!(
+                "POST /upload HTTP/1.1\r\nHost: game\r\nContent-Length: {}\r\n\r\n",
+                FIRST + 1
+            );
+            to_proxy.write_all(head.as_bytes()).await.unwrap();
+            to_proxy.write_all(&vec![b'x'; FIRST]).await.unwrap();
+            // The last byte only once the upstream has all the rest.
+            first_arrived.await.unwrap();
+            to_proxy.write_all(b"y").await.unwrap();
+            to_proxy
+        });
+        let mut answer = Vec::new();
+        let expected = (FIRST + 1).to_string();
+        while !String::from_utf8_lossy(&answer).ends_with(&expected) {
+            let mut buf = [0u8; 4096];
+            let n = from_proxy.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed: {:?}", String::from_utf8_lossy(&answer));
+            answer.extend_from_slice(&buf[..n]);
+        }
+        let _ = send.await.unwrap();
+        String::from_utf8(answer).unwrap()
+    };
+    let answer = tokio::time::timeout(Duration::from_secs(20), exchange)
+        .await
+        .expect("the upload went through within 20 s");
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+    assert_eq!(upstream.answered.load(Ordering::SeqCst), 1);
 }
