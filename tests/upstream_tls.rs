@@ -98,19 +98,24 @@ impl TlsUpstream {
     fn url(&self) -> String {
         format!("https://{}", self.addr)
     }
+
+    /// portcullis, on one worker (one pool), trusting the test CA.
+    async fn proxy_trusting_it(&self) -> Proxy {
+        Proxy::start(&config_with(
+            &self.url(),
+            &format!(
+                "[server]\nworkers = 1\n[upstream]\nca_file = \"{}\"\n",
+                self.ca_file.path().display()
+            ),
+        ))
+        .await
+    }
 }
 
 #[tokio::test]
 async fn an_https_upstream_signed_by_ca_file_is_trusted_and_its_connection_reused() {
     let upstream = TlsUpstream::start().await;
-    let proxy = Proxy::start(&config_with(
-        &upstream.url(),
-        &format!(
-            "[server]\nworkers = 1\n[upstream]\nca_file = \"{}\"\n",
-            upstream.ca_file.path().display()
-        ),
-    ))
-    .await;
+    let proxy = upstream.proxy_trusting_it().await;
     let client = client();
     for _ in 0..3 {
         let resp = client.get(proxy.url("/state")).send().await.unwrap();
@@ -165,14 +170,7 @@ async fn an_upload_to_a_slow_https_upstream_arrives_whole_across_a_client_pause(
         }
     })
     .await;
-    let proxy = Proxy::start(&config_with(
-        &upstream.url(),
-        &format!(
-            "[server]\nworkers = 1\n[upstream]\nca_file = \"{}\"\n",
-            upstream.ca_file.path().display()
-        ),
-    ))
-    .await;
+    let proxy = upstream.proxy_trusting_it().await;
 
     let exchange = async {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
