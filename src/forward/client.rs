@@ -1250,6 +1250,119 @@ mod tests {
         );
     }
 
+    /// A TLS connection whose client socket has a small send buffer (the kernel then does not
+    /// grow it), and the upstream's end, whose receive buffer is small too, with TLS served on
+    /// it. Between them they hold a few KiB: far less than the records TLS keeps back (up to
+    /// 64 KiB) when the socket will take no more.
+    async fn connected_over_tls_with_small_buffers(
+    ) -> (Conn, tokio_rustls::server::TlsStream<TcpStream>) {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+        crate::tls::install_crypto_provider();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+        let leaf_key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(vec!["upstream.test".to_string()])
+            .unwrap()
+            .signed_by(&leaf_key, &ca)
+            .unwrap();
+        let server = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![leaf.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+            )
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.der().clone()).unwrap();
+        let client = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+
+        let listening = tokio::net::TcpSocket::new_v4().unwrap();
+        listening.set_recv_buffer_size(4096).unwrap();
+        listening.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = listening.listen(1).unwrap();
+        let connecting = tokio::net::TcpSocket::new_v4().unwrap();
+        connecting.set_send_buffer_size(4096).unwrap();
+        let (client_tcp, accepted) = tokio::join!(
+            connecting.connect(listener.local_addr().unwrap()),
+            listener.accept()
+        );
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+        let name = rustls::pki_types::ServerName::try_from("upstream.test").unwrap();
+        let (client_tls, upstream) = tokio::join!(
+            connector.connect(name, TokioIo::new(TokioIo::new(client_tcp.unwrap()))),
+            acceptor.accept(accepted.unwrap().0)
+        );
+        let io = hyper_rustls::MaybeHttpsStream::Https(TokioIo::new(client_tls.unwrap()));
+        (Conn::new(TokioIo::new(io)), upstream.unwrap())
+    }
+
+    #[tokio::test]
+    async fn what_an_upload_wrote_over_tls_goes_out_while_it_waits_for_the_client() {
+        // Much more than the sockets hold: the upload waits for its socket again and again,
+        // and TLS still holds records back when the client's first part has all been written.
+        const FIRST: usize = 512 * 1024;
+        let (conn, mut upstream) = connected_over_tls_with_small_buffers().await;
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+        let body =
+            http_body_util::StreamBody::new(futures_util::stream::unfold(rx, |mut rx| async {
+                let data = rx.recv().await?;
+                Some((Ok::<_, std::convert::Infallible>(Frame::data(data)), rx))
+            }));
+        let req = Request::post("/upload")
+            .header(header::HOST, "h")
+            .header(header::CONTENT_LENGTH, (FIRST + 1).to_string())
+            .body(Body::new(body))
+            .unwrap();
+        let sent = exchange(conn, req, Kennel::default());
+        // The upstream answers once it has the whole body; the client sends its last byte only
+        // once the upstream has all the rest. If what went out before the client's pause stayed
+        // in TLS, each would wait for the other for ever.
+        let (got_first, first_arrived) = tokio::sync::oneshot::channel::<()>();
+        let upstream_side = async {
+            let mut all = Vec::new();
+            let mut got_first = Some(got_first);
+            let mut buf = vec![0u8; 4096];
+            loop {
+                let n = upstream.read(&mut buf).await.unwrap();
+                assert!(n > 0, "the upload ended early");
+                all.extend_from_slice(&buf[..n]);
+                let Some(head_end) = all.windows(4).position(|w| w == b"\r\n\r\n") else {
+                    continue;
+                };
+                let body = all.len() - (head_end + 4);
+                if body >= FIRST {
+                    if let Some(tell) = got_first.take() {
+                        tell.send(()).unwrap();
+                    }
+                }
+                if body == FIRST + 1 {
+                    break;
+                }
+            }
+            upstream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await
+                .unwrap();
+            upstream.flush().await.unwrap();
+        };
+        let client_side = async {
+            tx.send(Bytes::from(vec![b'x'; FIRST])).await.unwrap();
+            first_arrived.await.unwrap();
+            tx.send(Bytes::from_static(b"y")).await.unwrap();
+        };
+        let (answer, (), ()) = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            tokio::join!(sent, upstream_side, client_side)
+        })
+        .await
+        .expect("the upload went through");
+        let response = response(answer.unwrap());
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+
     #[tokio::test]
     async fn a_switch_hands_over_the_connection_with_what_followed_the_101() {
         let (conn, mut upstream) = connected().await;
