@@ -209,3 +209,99 @@ pub fn server_config(store: Arc<CertStore>) -> Result<Arc<ServerConfig>, TlsErro
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
+
+/// TLS over loopback for unit tests: configs that trust each other, and socket pairs whose
+/// buffers are small enough for TLS to hold records back.
+#[cfg(test)]
+pub(crate) mod for_tests {
+    use std::sync::Arc;
+
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    use rustls::pki_types::{PrivateKeyDer, ServerName};
+    use tokio::net::{TcpSocket, TcpStream};
+
+    /// The name the server's certificate is for.
+    pub(crate) const NAME: &str = "upstream.test";
+
+    /// A server config with a certificate for [`NAME`] from a fresh test CA, and a client config
+    /// that trusts that CA alone.
+    pub(crate) fn configs() -> (rustls::ServerConfig, rustls::ClientConfig) {
+        super::install_crypto_provider();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+        let leaf_key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(vec![NAME.to_string()])
+            .unwrap()
+            .signed_by(&leaf_key, &ca)
+            .unwrap();
+        let server = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![leaf.der().clone()],
+                PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+            )
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.der().clone()).unwrap();
+        let client = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        (server, client)
+    }
+
+    pub(crate) fn server_name() -> ServerName<'static> {
+        ServerName::try_from(NAME).unwrap()
+    }
+
+    /// A connected pair `(sender, receiver)`, the sender's send buffer and the receiver's
+    /// receive buffer set small (the kernel then does not grow them). Between them they hold a
+    /// few KiB, far less than the records TLS keeps back (up to 64 KiB) when the socket will
+    /// take no more. The sender is the connecting end (as an upstream client is) when
+    /// `sender_connects`, else the accepting end (as a server is).
+    pub(crate) async fn small_buffered_pair(sender_connects: bool) -> (TcpStream, TcpStream) {
+        const SMALL: u32 = 4096;
+        let listening = TcpSocket::new_v4().unwrap();
+        let connecting = TcpSocket::new_v4().unwrap();
+        if sender_connects {
+            connecting.set_send_buffer_size(SMALL).unwrap();
+            listening.set_recv_buffer_size(SMALL).unwrap();
+        } else {
+            listening.set_send_buffer_size(SMALL).unwrap();
+            connecting.set_recv_buffer_size(SMALL).unwrap();
+        }
+        listening.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = listening.listen(1).unwrap();
+        let (connected, accepted) = tokio::join!(
+            connecting.connect(listener.local_addr().unwrap()),
+            listener.accept()
+        );
+        let (connected, accepted) = (connected.unwrap(), accepted.unwrap().0);
+        if sender_connects {
+            (connected, accepted)
+        } else {
+            (accepted, connected)
+        }
+    }
+
+    /// The TLS handshake over a connected pair, `client_io` the client's end.
+    pub(crate) async fn handshake<C>(
+        client_io: C,
+        server_io: TcpStream,
+    ) -> (
+        tokio_rustls::client::TlsStream<C>,
+        tokio_rustls::server::TlsStream<TcpStream>,
+    )
+    where
+        C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let (server, client) = configs();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+        let (client, server) = tokio::join!(
+            connector.connect(server_name(), client_io),
+            acceptor.accept(server_io)
+        );
+        (client.unwrap(), server.unwrap())
+    }
+}

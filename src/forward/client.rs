@@ -1250,54 +1250,15 @@ mod tests {
         );
     }
 
-    /// A TLS connection whose client socket has a small send buffer (the kernel then does not
-    /// grow it), and the upstream's end, whose receive buffer is small too, with TLS served on
-    /// it. Between them they hold a few KiB: far less than the records TLS keeps back (up to
-    /// 64 KiB) when the socket will take no more.
+    /// A TLS connection whose socket holds only a few KiB between the client and the
+    /// upstream's end (`crate::tls::for_tests::small_buffered_pair`), with TLS served on it.
     async fn connected_over_tls_with_small_buffers(
     ) -> (Conn, tokio_rustls::server::TlsStream<TcpStream>) {
-        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-        crate::tls::install_crypto_provider();
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-        let leaf_key = KeyPair::generate().unwrap();
-        let leaf = CertificateParams::new(vec!["upstream.test".to_string()])
-            .unwrap()
-            .signed_by(&leaf_key, &ca)
-            .unwrap();
-        let server = rustls::ServerConfig::builder()
-            .with_no_client_auth()
-            .with_single_cert(
-                vec![leaf.der().clone()],
-                rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
-            )
-            .unwrap();
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(ca.der().clone()).unwrap();
-        let client = rustls::ClientConfig::builder()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-
-        let listening = tokio::net::TcpSocket::new_v4().unwrap();
-        listening.set_recv_buffer_size(4096).unwrap();
-        listening.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let listener = listening.listen(1).unwrap();
-        let connecting = tokio::net::TcpSocket::new_v4().unwrap();
-        connecting.set_send_buffer_size(4096).unwrap();
-        let (client_tcp, accepted) = tokio::join!(
-            connecting.connect(listener.local_addr().unwrap()),
-            listener.accept()
-        );
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
-        let name = rustls::pki_types::ServerName::try_from("upstream.test").unwrap();
-        let (client_tls, upstream) = tokio::join!(
-            connector.connect(name, TokioIo::new(TokioIo::new(client_tcp.unwrap()))),
-            acceptor.accept(accepted.unwrap().0)
-        );
-        let io = hyper_rustls::MaybeHttpsStream::Https(TokioIo::new(client_tls.unwrap()));
-        (Conn::new(TokioIo::new(io)), upstream.unwrap())
+        use crate::tls::for_tests::{handshake, small_buffered_pair};
+        let (client, upstream) = small_buffered_pair(true).await;
+        let (client, upstream) = handshake(TokioIo::new(TokioIo::new(client)), upstream).await;
+        let io = hyper_rustls::MaybeHttpsStream::Https(TokioIo::new(client));
+        (Conn::new(TokioIo::new(io)), upstream)
     }
 
     #[tokio::test]

@@ -600,3 +600,82 @@ async fn an_answer_given_while_a_body_all_arrived_is_held_keeps_the_connection()
     assert_eq!(calls.load(Ordering::SeqCst), 2);
     assert_eq!(run.await.unwrap(), "close");
 }
+
+#[tokio::test]
+async fn what_a_response_wrote_over_tls_goes_out_while_it_waits_for_the_upstream() {
+    // Much more than the sockets hold: the response waits for its socket again and again, and
+    // TLS still holds records back when the first part has all been written.
+    const FIRST: usize = 512 * 1024;
+    use crate::tls::for_tests::{handshake, small_buffered_pair};
+    let (server, client) = small_buffered_pair(false).await;
+    let (mut client, server) = handshake(client, server).await;
+
+    // The response body: what the test feeds it, as an upstream's streamed answer.
+    let (feed, fed) = tokio::sync::mpsc::channel::<Bytes>(1);
+    let fed = Arc::new(std::sync::Mutex::new(Some(fed)));
+    let app: AppService = BoxCloneService::new(tower::service_fn(move |_req| {
+        let fed = fed.lock().unwrap().take().expect("one request");
+        let body =
+            http_body_util::StreamBody::new(futures_util::stream::unfold(fed, |mut fed| async {
+                let data = fed.recv().await?;
+                Some((Ok::<_, Infallible>(Frame::data(data)), fed))
+            }));
+        let mut response = Response::new(Body::new(body));
+        response
+            .headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(FIRST as u64 + 1));
+        async move { Ok::<_, Infallible>(response) }
+    }));
+    let service = ConnService::for_tests(app, "127.0.0.1:1".parse().unwrap());
+    let engine = async {
+        let limits = limits();
+        let (_stop, stopping) = watch::channel(false);
+        let outcome = Engine::new(server, &service, &limits, &stopping)
+            .run(None)
+            .await;
+        outcome_name(&outcome)
+    };
+
+    // The client has the first part before the rest is fed; if what went out before the
+    // response waited for its body stayed in TLS, each side would wait for the other for ever.
+    let (got_first, first_arrived) = tokio::sync::oneshot::channel::<()>();
+    let client_side = async {
+        client
+            .write_all(b"GET /stream HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut all = Vec::new();
+        let mut got_first = Some(got_first);
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let n = client.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the response ended early");
+            all.extend_from_slice(&buf[..n]);
+            let Some(head_end) = all.windows(4).position(|w| w == b"\r\n\r\n") else {
+                continue;
+            };
+            let body = all.len() - (head_end + 4);
+            if body >= FIRST {
+                if let Some(tell) = got_first.take() {
+                    tell.send(()).unwrap();
+                }
+            }
+            if body == FIRST + 1 {
+                return String::from_utf8_lossy(&all[..head_end]).into_owned();
+            }
+        }
+    };
+    // Moves the feed in: the body ends when it is dropped.
+    let upstream_side = async move {
+        feed.send(Bytes::from(vec![b'x'; FIRST])).await.unwrap();
+        first_arrived.await.unwrap();
+        feed.send(Bytes::from_static(b"y")).await.unwrap();
+    };
+    let (head, outcome, ()) = tokio::time::timeout(Duration::from_secs(10), async {
+        tokio::join!(client_side, engine, upstream_side)
+    })
+    .await
+    .expect("the response went through");
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    assert_eq!(outcome, "close");
+}
