@@ -147,20 +147,27 @@ impl BodyDecoder {
                     None if read.first().is_none_or(|b| *b == b'\r') => return Ok(Step::NeedMore),
                     _ => return Err(FramingError::Malformed("a chunk overruns its size")),
                 },
-                Decode::Trailers => match parse_trailers(read)? {
-                    None if read.len() > self.max_trailer_bytes => {
-                        return Err(FramingError::Malformed("the trailer section is too large"))
+                Decode::Trailers => {
+                    let unread = read.len();
+                    let parsed = parse_trailers(read)?;
+                    // Whole or not yet, a section past the limit is refused alike.
+                    let taken = match &parsed {
+                        Some(_) => unread - read.len(),
+                        None => read.len(),
+                    };
+                    if taken > self.max_trailer_bytes {
+                        return Err(FramingError::Malformed("the trailer section is too large"));
                     }
-                    None => return Ok(Step::NeedMore),
-                    Some(trailers) => {
-                        self.state = Decode::Done;
-                        return Ok(if trailers.is_empty() {
-                            Step::End
-                        } else {
-                            Step::Trailers(trailers)
-                        });
-                    }
-                },
+                    let Some(trailers) = parsed else {
+                        return Ok(Step::NeedMore);
+                    };
+                    self.state = Decode::Done;
+                    return Ok(if trailers.is_empty() {
+                        Step::End
+                    } else {
+                        Step::Trailers(trailers)
+                    });
+                }
             }
         }
     }
@@ -570,6 +577,39 @@ mod tests {
                 "{}",
                 String::from_utf8_lossy(input)
             );
+        }
+    }
+
+    #[test]
+    fn a_trailer_section_past_the_limit_is_refused_whole_or_in_pieces() {
+        let body = b"0\r\nx-a: 0123456789\r\nx-b: 0123456789\r\n\r\n";
+        let section = body.len() - 3;
+        for limit in [section - 1, section] {
+            // All of it in one read.
+            let mut decoder = BodyDecoder::new(Decode::ChunkSize).trailer_limit(limit);
+            let mut read = BytesMut::from(&body[..]);
+            let step = decoder.step(&mut read);
+            // A byte at a time.
+            let mut decoder = BodyDecoder::new(Decode::ChunkSize).trailer_limit(limit);
+            let mut pieces = BytesMut::new();
+            let mut bytewise = Ok(Step::NeedMore);
+            for byte in body {
+                pieces.extend_from_slice(&[*byte]);
+                bytewise = decoder.step(&mut pieces);
+                if !matches!(bytewise, Ok(Step::NeedMore)) {
+                    break;
+                }
+            }
+            for got in [step, bytewise] {
+                if limit < section {
+                    assert!(got.is_err(), "limit {limit}: {got:?}");
+                } else {
+                    assert!(
+                        matches!(got, Ok(Step::Trailers(_))),
+                        "limit {limit}: {got:?}"
+                    );
+                }
+            }
         }
     }
 

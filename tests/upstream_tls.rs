@@ -144,7 +144,7 @@ async fn an_https_upstream_outside_the_trusted_roots_is_never_sent_a_request() {
 async fn an_upload_to_a_slow_https_upstream_arrives_whole_across_a_client_pause() {
     // More than the socket buffers between portcullis and the upstream hold: portcullis waits
     // for its socket again and again.
-    const FIRST: usize = 8 * 1024 * 1024;
+    const FIRST: usize = 2 * 1024 * 1024;
     let (got_first, first_arrived) = tokio::sync::oneshot::channel::<()>();
     let got_first = Arc::new(std::sync::Mutex::new(Some(got_first)));
     let upstream = TlsUpstream::start_with(Some(4096), move |req: http::Request<Incoming>| {

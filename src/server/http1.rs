@@ -649,15 +649,17 @@ where
         wire.body.is_done()
     }
 
-    /// Whether all of a request body the stack still holds has arrived, judged on a copy of
-    /// what is unread: the stack's own reading is left as it is.
+    /// Whether the rest of a request body the stack still holds is all in the read buffer.
+    /// Judged on a copy of the decoder and of the unread bytes: the stack may still read it.
     fn body_has_arrived(&self) -> bool {
         let wire = lock(&self.wire);
         if wire.body_failed {
             return false;
         }
-        if wire.body.is_done() {
-            return true;
+        match wire.body.state() {
+            Decode::Done => return true,
+            Decode::Length(owed) => return wire.read.len() as u64 >= owed,
+            _ => {}
         }
         let mut decoder = wire.body.clone();
         let mut unread = BytesMut::from(&wire.read[..]);
@@ -728,7 +730,8 @@ where
         let upgrade = parts.status == StatusCode::SWITCHING_PROTOCOLS;
         // A request body that has not all arrived: the connection ends after this response, and
         // the response says so. One the stack still holds (an upstream that answered before
-        // taking all of the upload) may never be read to its end.
+        // taking all of the upload) is judged as it stands; should the stack still hold it once
+        // the response is out, the connection ends without having said so (below).
         let body_left = if Arc::strong_count(&self.wire) == 1 {
             !self.pass_over_body()
         } else {

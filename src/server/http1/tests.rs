@@ -547,8 +547,9 @@ async fn mangled_requests_are_refused_or_read_whole_never_half() {
     }
 }
 
-/// Answers without reading the request body, which the response body holds until it is sent,
-/// as a proxy does whose upstream answered before taking all of the upload.
+/// Answers without reading the request body, which the response body holds until it is first
+/// polled (after the head is written), as a proxy does whose upstream answered before taking
+/// all of the upload.
 async fn answer_holding_the_body(req: Request<Body>) -> Response<Body> {
     let held = req.into_body();
     let frame = async move {
@@ -563,16 +564,19 @@ async fn answer_holding_the_body(req: Request<Body>) -> Response<Body> {
 #[tokio::test]
 async fn an_answer_given_while_the_body_is_still_to_come_says_the_connection_ends() {
     let (mut client, calls, run) = serve(answer_holding_the_body).await;
-    client
-        .write_all(b"POST /a HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\nabcd")
-        .await
-        .unwrap();
+    // The rest of the body reads as a request: it must not be taken for one.
+    let rest = "GET /smuggled HTTP/1.1\r\nHost: h\r\n\r\n";
+    let head = format!(
+        "POST /a HTTP/1.1\r\nHost: h\r\nContent-Length: {}\r\n\r\nabcd",
+        4 + rest.len()
+    );
+    client.write_all(head.as_bytes()).await.unwrap();
     let answer = read_until(&mut client, "early", 1).await;
     assert!(
         answer.contains("\r\nconnection: close\r\n"),
         "the response says the connection ends: {answer:?}"
     );
-    client.write_all(b"efghij").await.unwrap();
+    client.write_all(rest.as_bytes()).await.unwrap();
     let rest = read_to_end(&mut client).await;
     assert!(!rest.contains("HTTP/1.1"), "{rest:?}");
     assert_eq!(calls.load(Ordering::SeqCst), 1);
@@ -582,22 +586,24 @@ async fn an_answer_given_while_the_body_is_still_to_come_says_the_connection_end
 #[tokio::test]
 async fn an_answer_given_while_a_body_all_arrived_is_held_keeps_the_connection() {
     let (mut client, calls, run) = serve(answer_holding_the_body).await;
+    // Chunked (the copy of the decoder reads it), then a length, then the last request.
     client
         .write_all(
             b"POST /a HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n\
-              4\r\nabcd\r\n0\r\n\r\n\
-              GET /b HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+              4\r\nabcd\r\n0\r\nx-t: 1\r\n\r\n\
+              POST /b HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\n\r\nabcd\
+              GET /c HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
         )
         .await
         .unwrap();
     let answer = read_to_end(&mut client).await;
-    assert_eq!(answer.matches("early").count(), 2, "{answer:?}");
+    assert_eq!(answer.matches("early").count(), 3, "{answer:?}");
     assert_eq!(
         answer.matches("connection: close").count(),
         1,
-        "only the second response closes: {answer:?}"
+        "only the last response closes: {answer:?}"
     );
-    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
     assert_eq!(run.await.unwrap(), "close");
 }
 
