@@ -210,8 +210,9 @@ pub fn server_config(store: Arc<CertStore>) -> Result<Arc<ServerConfig>, TlsErro
     Ok(Arc::new(config))
 }
 
-/// TLS over loopback for unit tests: configs that trust each other, and socket pairs whose
-/// buffers are small enough for TLS to hold records back.
+/// TLS over loopback for unit tests: configs that trust each other, socket pairs whose buffers
+/// are small enough for TLS to hold records back, and the paused message the flush tests send
+/// across them.
 #[cfg(test)]
 pub(crate) mod for_tests {
     use std::sync::Arc;
@@ -281,6 +282,52 @@ pub(crate) mod for_tests {
             (connected, accepted)
         } else {
             (accepted, connected)
+        }
+    }
+
+    /// A body that yields what is sent on the returned sender, and ends when it is dropped.
+    pub(crate) fn fed_body() -> (tokio::sync::mpsc::Sender<bytes::Bytes>, crate::Body) {
+        let (feed, fed) = tokio::sync::mpsc::channel::<bytes::Bytes>(1);
+        let body =
+            http_body_util::StreamBody::new(futures_util::stream::unfold(fed, |mut fed| async {
+                let data = fed.recv().await?;
+                let frame = hyper::body::Frame::data(data);
+                Some((Ok::<_, std::convert::Infallible>(frame), fed))
+            }));
+        (feed, crate::Body::new(body))
+    }
+
+    /// Reads one message off `io`: a head, then a body of `first + 1` bytes, saying on
+    /// `first_arrived` once `first` of them have come (the sender holds back the last byte
+    /// until then). Returns the head.
+    pub(crate) async fn read_paused_message<R>(
+        io: &mut R,
+        first: usize,
+        first_arrived: tokio::sync::oneshot::Sender<()>,
+    ) -> String
+    where
+        R: tokio::io::AsyncRead + Unpin,
+    {
+        use tokio::io::AsyncReadExt;
+        let mut all = Vec::new();
+        let mut first_arrived = Some(first_arrived);
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let n = io.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the message ended early");
+            all.extend_from_slice(&buf[..n]);
+            let Some(head_end) = all.windows(4).position(|w| w == b"\r\n\r\n") else {
+                continue;
+            };
+            let body = all.len() - (head_end + 4);
+            if body >= first {
+                if let Some(tell) = first_arrived.take() {
+                    tell.send(()).unwrap();
+                }
+            }
+            if body == first + 1 {
+                return String::from_utf8_lossy(&all[..head_end]).into_owned();
+            }
         }
     }
 

@@ -1214,16 +1214,11 @@ mod tests {
         let (conn, mut upstream) = connected().await;
         let home = Kennel::default();
         // A body the client has not finished sending.
-        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
-        let body =
-            http_body_util::StreamBody::new(futures_util::stream::unfold(rx, |mut rx| async {
-                let data = rx.recv().await?;
-                Some((Ok::<_, std::convert::Infallible>(Frame::data(data)), rx))
-            }));
+        let (tx, body) = crate::tls::for_tests::fed_body();
         let req = Request::post("/upload")
             .header(header::HOST, "h")
             .header(header::CONTENT_LENGTH, "1000000")
-            .body(Body::new(body))
+            .body(body)
             .unwrap();
         let sent = exchange(conn, req, home.clone());
         let refuse = async {
@@ -1267,16 +1262,11 @@ mod tests {
         // and TLS still holds records back when the client's first part has all been written.
         const FIRST: usize = 512 * 1024;
         let (conn, mut upstream) = connected_over_tls_with_small_buffers().await;
-        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
-        let body =
-            http_body_util::StreamBody::new(futures_util::stream::unfold(rx, |mut rx| async {
-                let data = rx.recv().await?;
-                Some((Ok::<_, std::convert::Infallible>(Frame::data(data)), rx))
-            }));
+        let (tx, body) = crate::tls::for_tests::fed_body();
         let req = Request::post("/upload")
             .header(header::HOST, "h")
             .header(header::CONTENT_LENGTH, (FIRST + 1).to_string())
-            .body(Body::new(body))
+            .body(body)
             .unwrap();
         let sent = exchange(conn, req, Kennel::default());
         // The upstream answers once it has the whole body; the client sends its last byte only
@@ -1284,26 +1274,7 @@ mod tests {
         // in TLS, each would wait for the other for ever.
         let (got_first, first_arrived) = tokio::sync::oneshot::channel::<()>();
         let upstream_side = async {
-            let mut all = Vec::new();
-            let mut got_first = Some(got_first);
-            let mut buf = vec![0u8; 4096];
-            loop {
-                let n = upstream.read(&mut buf).await.unwrap();
-                assert!(n > 0, "the upload ended early");
-                all.extend_from_slice(&buf[..n]);
-                let Some(head_end) = all.windows(4).position(|w| w == b"\r\n\r\n") else {
-                    continue;
-                };
-                let body = all.len() - (head_end + 4);
-                if body >= FIRST {
-                    if let Some(tell) = got_first.take() {
-                        tell.send(()).unwrap();
-                    }
-                }
-                if body == FIRST + 1 {
-                    break;
-                }
-            }
+            crate::tls::for_tests::read_paused_message(&mut upstream, FIRST, got_first).await;
             upstream
                 .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
                 .await

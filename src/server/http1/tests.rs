@@ -617,16 +617,11 @@ async fn what_a_response_wrote_over_tls_goes_out_while_it_waits_for_the_upstream
     let (mut client, server) = handshake(client, server).await;
 
     // The response body: what the test feeds it, as an upstream's streamed answer.
-    let (feed, fed) = tokio::sync::mpsc::channel::<Bytes>(1);
-    let fed = Arc::new(std::sync::Mutex::new(Some(fed)));
+    let (feed, body) = crate::tls::for_tests::fed_body();
+    let body = Arc::new(std::sync::Mutex::new(Some(body)));
     let app: AppService = BoxCloneService::new(tower::service_fn(move |_req| {
-        let fed = fed.lock().unwrap().take().expect("one request");
-        let body =
-            http_body_util::StreamBody::new(futures_util::stream::unfold(fed, |mut fed| async {
-                let data = fed.recv().await?;
-                Some((Ok::<_, Infallible>(Frame::data(data)), fed))
-            }));
-        let mut response = Response::new(Body::new(body));
+        let body = body.lock().unwrap().take().expect("one request");
+        let mut response = Response::new(body);
         response
             .headers_mut()
             .insert(header::CONTENT_LENGTH, HeaderValue::from(FIRST as u64 + 1));
@@ -650,26 +645,7 @@ async fn what_a_response_wrote_over_tls_goes_out_while_it_waits_for_the_upstream
             .write_all(b"GET /stream HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
             .await
             .unwrap();
-        let mut all = Vec::new();
-        let mut got_first = Some(got_first);
-        let mut buf = vec![0u8; 4096];
-        loop {
-            let n = client.read(&mut buf).await.unwrap();
-            assert!(n > 0, "the response ended early");
-            all.extend_from_slice(&buf[..n]);
-            let Some(head_end) = all.windows(4).position(|w| w == b"\r\n\r\n") else {
-                continue;
-            };
-            let body = all.len() - (head_end + 4);
-            if body >= FIRST {
-                if let Some(tell) = got_first.take() {
-                    tell.send(()).unwrap();
-                }
-            }
-            if body == FIRST + 1 {
-                return String::from_utf8_lossy(&all[..head_end]).into_owned();
-            }
-        }
+        crate::tls::for_tests::read_paused_message(&mut client, FIRST, got_first).await
     };
     // Moves the feed in: the body ends when it is dropped.
     let upstream_side = async move {
