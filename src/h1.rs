@@ -172,6 +172,13 @@ impl BodyDecoder {
         }
     }
 
+    /// Steps over the body bytes already in `read`, dropping them; whether the body has ended.
+    /// A framing error stops it short, leaving the body not ended.
+    pub(crate) fn pass_over(&mut self, read: &mut BytesMut) -> bool {
+        while let Ok(Step::Data(_) | Step::Trailers(_)) = self.step(read) {}
+        self.is_done()
+    }
+
     /// The peer closed while the body was being read: the end of a close-delimited body, and
     /// a truncation of any other.
     pub(crate) fn peer_closed(&mut self) -> Result<Step, FramingError> {

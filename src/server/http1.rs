@@ -645,8 +645,7 @@ where
         if wire.body_failed {
             return false;
         }
-        while let Ok(Step::Data(_) | Step::Trailers(_)) = wire.body.step(&mut wire.read) {}
-        wire.body.is_done()
+        wire.body.pass_over(&mut wire.read)
     }
 
     /// Whether the rest of a request body the stack still holds is all in the read buffer.
@@ -661,10 +660,9 @@ where
             Decode::Length(owed) => return wire.read.len() as u64 >= owed,
             _ => {}
         }
-        let mut decoder = wire.body.clone();
-        let mut unread = BytesMut::from(&wire.read[..]);
-        while let Ok(Step::Data(_) | Step::Trailers(_)) = decoder.step(&mut unread) {}
-        decoder.is_done()
+        wire.body
+            .clone()
+            .pass_over(&mut BytesMut::from(&wire.read[..]))
     }
 
     /// Runs one exchange: calls the stack, writes its response, and says what the connection
