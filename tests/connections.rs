@@ -557,6 +557,50 @@ async fn an_http2_connection_in_use_is_kept_past_the_first_request_limit() {
     assert_eq!(upstream.count(), 12);
 }
 
+/// An HTTP/2 upload that stops partway leaves its connection idle: the connection is closed
+/// after idle_timeout (and the grace an idle close may take), and the upstream connection the
+/// upload held with it, rather than both being held for ever.
+#[tokio::test]
+async fn an_http2_upload_that_stalls_is_cut_off() {
+    let upstream = Upstream::echo().await;
+    let proxy = Proxy::start(&h2_idle_config(&upstream)).await;
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let conn = tokio::spawn(conn);
+    let (part, mut parts) = tokio::sync::mpsc::channel::<bytes::Bytes>(1);
+    let body = http_body_util::StreamBody::new(futures_util::stream::poll_fn(move |cx| {
+        parts.poll_recv(cx).map(|data| {
+            data.map(|data| Ok::<_, std::convert::Infallible>(http_body::Frame::data(data)))
+        })
+    }));
+    let req = http::Request::post(format!("http://{}/upload", proxy.addr))
+        .header(http::header::CONTENT_LENGTH, "100000")
+        .body(body)
+        .unwrap();
+    part.send(bytes::Bytes::from_static(b"first bytes"))
+        .await
+        .unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(15), h2.send_request(req))
+        .await
+        .expect("a stalled upload held its connection for 15 s");
+    assert!(answer.is_err(), "the stalled upload got an answer");
+    tokio::time::timeout(Duration::from_secs(5), conn)
+        .await
+        .expect("the connection ended")
+        .unwrap()
+        .ok();
+    eventually("the upstream connection is let go", || async {
+        upstream.connections() > 0 && upstream.closed() == upstream.connections()
+    })
+    .await;
+    drop(part);
+}
+
 /// An HTTP/2 client reading a large response slowly is making progress, even while the
 /// upstream hands over the body in chunks far larger than the client reads between two
 /// idle checks: the connection is not closed for idleness under it.

@@ -32,7 +32,7 @@ use tokio_rustls::TlsAcceptor;
 use tower::Service;
 
 use super::http1::{Engine, Outcome};
-use super::io::{Activity, AwaitingHead, Rewind, Transport};
+use super::io::{Activity, Exchange, Rewind, Transport};
 use super::{ConnCounts, ConnLimits, RestingGuard, IDLE_CLOSE_GRACE};
 use crate::app::AppService;
 use crate::facts::RequestFacts;
@@ -215,8 +215,9 @@ fn http2_builder(limits: &ConnLimits) -> hyper::server::conn::http2::Builder<Tok
 ///
 /// Idle is judged by streams, not bytes: PINGs, or a HEADERS frame sent a byte at a time, move
 /// bytes without making any request, and would otherwise hold a connection (and its slot under
-/// `server.max_connections`) for ever. A request waiting for its response head is not idle;
-/// a response (or request) body that moves no frame for `idle_timeout` is.
+/// `server.max_connections`) for ever. A request that has all arrived and waits for its response
+/// head is not idle (`upstream.request_timeout` bounds it); a request or response body that
+/// moves no frame for `idle_timeout` is.
 async fn drive_http2<C>(
     conn: C,
     graceful_shutdown: impl Fn(Pin<&mut C>),
@@ -352,8 +353,8 @@ impl ConnService {
 }
 
 /// [`ConnService`] for hyper's HTTP/2, which cannot say when a connection is idle: it counts
-/// each request as in flight until its response head is ready, and each body frame as progress
-/// (see [`drive_http2`]).
+/// each request as in flight from when its body has all arrived until its response head is
+/// ready, and each body frame as progress (see [`drive_http2`]).
 #[derive(Clone)]
 struct Http2Service {
     service: ConnService,
@@ -366,31 +367,29 @@ impl hyper::service::Service<Request<Incoming>> for Http2Service {
     type Future = Respond;
 
     fn call(&self, req: Request<Incoming>) -> Respond {
-        let awaiting = AwaitingHead::new(self.activity.clone());
         let (parts, body) = req.into_parts();
-        let body = if hyper::body::Body::is_end_stream(&body) {
+        let no_body = hyper::body::Body::is_end_stream(&body);
+        let exchange = Arc::new(Exchange::start(self.activity.clone(), no_body));
+        let body = if no_body {
             // Nothing to read (a GET, say): an empty body is boxed without an allocation.
             Body::new(http_body_util::Empty::new())
         } else {
             Body::new(RequestBody {
                 body,
-                activity: self.activity.clone(),
+                exchange: exchange.clone(),
             })
         };
         Respond {
             response: self.service.respond(Request::from_parts(parts, body)),
-            awaiting: Some(awaiting),
-            activity: self.activity.clone(),
+            exchange,
         }
     }
 }
 
-/// The stack's response on its way to hyper: the request counts as awaiting its head until
-/// the head is ready.
+/// The stack's response on its way to hyper: see [`Exchange`].
 struct Respond {
     response: Responding,
-    awaiting: Option<AwaitingHead>,
-    activity: Arc<Activity>,
+    exchange: Arc<Exchange>,
 }
 
 impl Future for Respond {
@@ -401,8 +400,8 @@ impl Future for Respond {
             Ok(response) => response,
             Err(never) => match never {},
         };
-        self.awaiting = None;
-        let activity = Some(self.activity.clone());
+        self.exchange.head_out();
+        let activity = Some(self.exchange.activity().clone());
         Poll::Ready(Ok(response.map(|body| ConnBody {
             body,
             activity,
@@ -411,10 +410,18 @@ impl Future for Respond {
     }
 }
 
-/// An HTTP/2 request body whose frames count as progress on its connection.
+impl Drop for Respond {
+    fn drop(&mut self) {
+        // The stream was reset before its head was ready.
+        self.exchange.head_out();
+    }
+}
+
+/// An HTTP/2 request body whose frames count as progress on its connection, and whose end
+/// (or being let go) starts the wait for the response head: see [`Exchange`].
 struct RequestBody {
     body: Incoming,
-    activity: Arc<Activity>,
+    exchange: Arc<Exchange>,
 }
 
 impl hyper::body::Body for RequestBody {
@@ -426,8 +433,16 @@ impl hyper::body::Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let frame = Pin::new(&mut self.body).poll_frame(cx);
-        if matches!(frame, Poll::Ready(Some(Ok(_)))) {
-            self.activity.progressed();
+        let ended = match &frame {
+            Poll::Ready(Some(Ok(_))) => {
+                self.exchange.activity().progressed();
+                self.body.is_end_stream()
+            }
+            Poll::Ready(_) => true,
+            Poll::Pending => false,
+        };
+        if ended {
+            self.exchange.body_in();
         }
         frame
     }
@@ -438,6 +453,12 @@ impl hyper::body::Body for RequestBody {
 
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
+    }
+}
+
+impl Drop for RequestBody {
+    fn drop(&mut self) {
+        self.exchange.body_in();
     }
 }
 

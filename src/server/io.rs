@@ -3,7 +3,7 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -32,9 +32,10 @@ impl Transport for TlsStream<TcpStream> {
     }
 }
 
-/// What an HTTP/2 connection's idle check reads: how many of its requests still wait for a
-/// response head, and a count of requests started and body frames moved (what HTTP/2 counts as
-/// use, where bytes alone, such as PINGs or a HEADERS frame sent a byte at a time, are not).
+/// What an HTTP/2 connection's idle check reads: how many of its requests wait for a response
+/// head with their body all arrived (the upstream is working on them), and a count of requests
+/// started and body frames moved (what HTTP/2 counts as use, where bytes alone, such as PINGs or
+/// a HEADERS frame sent a byte at a time, are not).
 pub(super) struct Activity {
     awaiting_head: AtomicUsize,
     progress: AtomicU64,
@@ -58,26 +59,57 @@ impl Activity {
         self.progress.load(Ordering::Relaxed)
     }
 
-    /// A request waits for its response head (the upstream is working on it).
+    /// A request has all arrived and waits for its response head: the upstream is working on
+    /// it, under `upstream.request_timeout`. A request whose body is still arriving is not
+    /// counted: its body frames are its progress, so an upload that stalls leaves the
+    /// connection idle.
     pub(super) fn awaiting_head(&self) -> bool {
         self.awaiting_head.load(Ordering::Relaxed) != 0
     }
 }
 
-/// Counts a request from its arrival until its response head is ready.
-pub(super) struct AwaitingHead(Arc<Activity>);
-
-impl AwaitingHead {
-    pub(super) fn new(activity: Arc<Activity>) -> Self {
-        activity.awaiting_head.fetch_add(1, Ordering::Relaxed);
-        activity.progressed();
-        AwaitingHead(activity)
-    }
+/// One request's place in [`Activity::awaiting_head`]: counted from when its body has all
+/// arrived (or been let go) until its response head is ready (or the response is dropped),
+/// whichever order the two come in. Shared by the request's body and its response.
+pub(super) struct Exchange {
+    activity: Arc<Activity>,
+    state: AtomicU8,
 }
 
-impl Drop for AwaitingHead {
-    fn drop(&mut self) {
-        self.0.awaiting_head.fetch_sub(1, Ordering::Relaxed);
+const BODY_IN: u8 = 1;
+const HEAD_OUT: u8 = 2;
+
+impl Exchange {
+    /// A request started; `body_in` when it has no body to wait for.
+    pub(super) fn start(activity: Arc<Activity>, body_in: bool) -> Self {
+        activity.progressed();
+        if body_in {
+            activity.awaiting_head.fetch_add(1, Ordering::Relaxed);
+        }
+        Exchange {
+            activity,
+            state: AtomicU8::new(if body_in { BODY_IN } else { 0 }),
+        }
+    }
+
+    /// The request's body has all arrived, or is no longer read. Idempotent.
+    pub(super) fn body_in(&self) {
+        let before = self.state.fetch_or(BODY_IN, Ordering::Relaxed);
+        if before == 0 {
+            self.activity.awaiting_head.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The response head is ready, or the response was dropped. Idempotent.
+    pub(super) fn head_out(&self) {
+        let before = self.state.fetch_or(HEAD_OUT, Ordering::Relaxed);
+        if before == BODY_IN {
+            self.activity.awaiting_head.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    pub(super) fn activity(&self) -> &Arc<Activity> {
+        &self.activity
     }
 }
 
@@ -162,13 +194,37 @@ mod tests {
     }
 
     #[test]
-    fn a_request_awaits_its_head_until_the_head_is_ready() {
+    fn a_request_without_a_body_awaits_its_head_until_the_head_is_ready() {
         let activity = Arc::new(Activity::new());
         let before = activity.progress();
-        let head = AwaitingHead::new(activity.clone());
+        let exchange = Exchange::start(activity.clone(), true);
         assert!(activity.awaiting_head());
         assert_ne!(activity.progress(), before, "a request started is progress");
-        drop(head);
+        exchange.head_out();
+        assert!(!activity.awaiting_head());
+        exchange.head_out();
+        exchange.body_in();
+        assert!(!activity.awaiting_head(), "each step counts once");
+    }
+
+    #[test]
+    fn a_request_with_a_body_awaits_its_head_only_once_the_body_is_in() {
+        let activity = Arc::new(Activity::new());
+        let uploading = Exchange::start(activity.clone(), false);
+        assert!(
+            !activity.awaiting_head(),
+            "an upload is judged by its frames"
+        );
+        uploading.body_in();
+        assert!(activity.awaiting_head());
+        uploading.body_in();
+        uploading.head_out();
+        assert!(!activity.awaiting_head());
+
+        // An early answer: the head goes out while the body is still arriving.
+        let early = Exchange::start(activity.clone(), false);
+        early.head_out();
+        early.body_in();
         assert!(!activity.awaiting_head());
     }
 }
