@@ -584,19 +584,28 @@ return gone
 );
 
 /// Removes all of a user's sessions (the key goes), and notes in KEYS[2] when (Unix seconds),
-/// for ARGV[1] milliseconds: tokens issued before then open no session. Returns the bodies of
-/// the sessions that were live. A token issued (ARGV[2], when given) before an earlier
-/// sign-out is refused (`SIGNED_OUT`).
+/// for ARGV[1] milliseconds or what an earlier sign-out's note had left, whichever is longer
+/// (a later sign-out never shortens how long an earlier one shuts out older tokens): tokens
+/// issued before then open no session. Returns the bodies of the sessions that were live. A
+/// token issued (ARGV[2], when given) before an earlier sign-out is refused (`SIGNED_OUT`).
+/// Nothing is written when the sessions cannot be read, so a sign-out that failed can be made
+/// again with the same token.
 const DESTROY_ALL: &str = concat!(
     session_lib!(),
     r"
 if signed_out(2) then return refuse_signed_out() end
 local now = now_ms()
-redis.call('SET', KEYS[2], math.floor(now / 1000), 'PX', ARGV[1])
 local v = redis.call('GET', KEYS[1])
+local recs = {}
+if v then
+  recs = records(v)
+  if not recs then return corrupt() end
+end
+local hold = tonumber(ARGV[1])
+local left = redis.call('PTTL', KEYS[2])
+if left > hold then hold = left end
+redis.call('SET', KEYS[2], math.floor(now / 1000), 'PX', hold)
 if not v then return {} end
-local recs = records(v)
-if not recs then return corrupt() end
 local out = {}
 for _, r in ipairs(recs) do
   if r[4] > now then out[#out + 1] = body_of(v, r) end

@@ -831,6 +831,65 @@ async fn signing_out_with_a_token_good_for_centuries_is_remembered_for_at_most_1
     );
 }
 
+#[tokio::test]
+async fn a_later_sign_out_never_shortens_how_long_an_earlier_one_is_remembered() {
+    let s = setup().await;
+    let sign_out_with = |good_for: u64| {
+        let token = sign(&json!({"sub": "alice", "iat": now_secs(), "exp": now_secs() + good_for}));
+        client()
+            .delete(s.url("/user/sessions"))
+            .bearer_auth(token)
+            .send()
+    };
+    let remembered = || -> i64 {
+        redis::cmd("TTL")
+            .arg("aeturnis:signed-out:{alice}")
+            .query(&mut s.redis.conn())
+            .unwrap()
+    };
+    assert_eq!(sign_out_with(7200).await.unwrap().status(), 200);
+    let first = remembered();
+    assert!((7200 - 5..=7200 + 30).contains(&first), "{first}");
+    // Signed out again with a token good for a minute: the session TTL (1 h) would be its own
+    // hold, but a token stolen before the first sign-out stays shut out for its two hours.
+    assert_eq!(sign_out_with(60).await.unwrap().status(), 200);
+    let second = remembered();
+    assert!(
+        (first - 5..=first).contains(&second),
+        "the second sign-out cut the hold from {first} s to {second} s"
+    );
+}
+
+#[tokio::test]
+async fn a_sign_out_that_cannot_read_the_sessions_writes_nothing_and_can_be_made_again() {
+    let s = setup().await;
+    // Issued two minutes ago: a sign-out noted by a failed attempt would refuse it.
+    let token = sign(&json!({"sub": "alice", "iat": now_secs() - 120, "exp": now_secs() + 3600}));
+    let sign_out = || {
+        client()
+            .delete(s.url("/user/sessions"))
+            .bearer_auth(&token)
+            .send()
+    };
+    let _: () = redis::cmd("SET")
+        .arg("aeturnis:sessions:{alice}")
+        .arg("not the session layout")
+        .query(&mut s.redis.conn())
+        .unwrap();
+    let failed = sign_out().await.unwrap();
+    assert!(failed.status().is_server_error(), "{}", failed.status());
+    let noted: bool = redis::cmd("EXISTS")
+        .arg("aeturnis:signed-out:{alice}")
+        .query(&mut s.redis.conn())
+        .unwrap();
+    assert!(!noted, "a sign-out that failed was noted");
+    let _: () = redis::cmd("DEL")
+        .arg("aeturnis:sessions:{alice}")
+        .query(&mut s.redis.conn())
+        .unwrap();
+    assert_eq!(sign_out().await.unwrap().status(), 200);
+}
+
 // ---------------------------------------------------------------------------------------------
 // another user's session
 // ---------------------------------------------------------------------------------------------
