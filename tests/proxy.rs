@@ -107,20 +107,53 @@ async fn streamed_10_mib_post_arrives_byte_exact_and_streams_back() {
 // X-Forwarded-*
 // ------------------------------------------------------------------------------------------
 
+/// What a proxy says of the client besides `X-Forwarded-*`, in the headers backends believe.
+const PROXY_SAID: &[(&str, &str)] = &[
+    ("forwarded", "for=6.6.6.6;proto=https;host=evil.example"),
+    ("forwarded-for", "6.6.6.6"),
+    ("x-forwarded", "for=6.6.6.6"),
+    ("x-real-ip", "6.6.6.6"),
+    ("true-client-ip", "6.6.6.6"),
+    ("x-client-ip", "6.6.6.6"),
+    ("x-cluster-client-ip", "6.6.6.6"),
+    ("cf-connecting-ip", "6.6.6.6"),
+    ("fastly-client-ip", "6.6.6.6"),
+    ("x-forwarded-port", "443"),
+    ("x-forwarded-prefix", "/admin"),
+    ("x-forwarded-server", "evil.example"),
+    ("x-forwarded-scheme", "https"),
+    ("x-forwarded-ssl", "on"),
+    ("front-end-https", "on"),
+];
+
+fn with_proxy_said(mut req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+    for (name, value) in PROXY_SAID {
+        req = req.header(*name, *value);
+    }
+    req
+}
+
 #[tokio::test]
 async fn forwarded_headers_from_an_untrusted_peer_are_replaced() {
     let upstream = Upstream::echo().await;
     let proxy = Proxy::start(&open_config(&upstream.url())).await;
-    let resp = client()
-        .get(proxy.url("/"))
+    let resp = with_proxy_said(client().get(proxy.url("/")))
         .header("x-forwarded-for", "6.6.6.6")
         .header("x-forwarded-proto", "https")
         .header("x-forwarded-host", "evil.example")
+        .header("x-other", "kept")
         .send()
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
     let seen = upstream.last();
+    for (name, _) in PROXY_SAID {
+        assert!(
+            !seen.headers.contains_key(*name),
+            "{name} from an untrusted peer reached the upstream"
+        );
+    }
+    assert_eq!(seen.headers["x-other"], "kept");
     let xff: Vec<_> = seen.headers.get_all("x-forwarded-for").iter().collect();
     assert_eq!(xff, ["127.0.0.1"]);
     assert_eq!(seen.headers["x-forwarded-proto"], "http");
@@ -151,15 +184,14 @@ async fn forwarded_for_from_a_trusted_peer_is_appended_to() {
 }
 
 #[tokio::test]
-async fn forwarded_proto_and_host_from_a_trusted_peer_are_kept() {
+async fn forwarded_headers_from_a_trusted_peer_are_kept() {
     let upstream = Upstream::echo().await;
     let config = config_with(
         &upstream.url(),
         "[server]\ntrusted_proxies = [\"127.0.0.0/8\"]\n",
     );
     let proxy = Proxy::start(&config).await;
-    let resp = client()
-        .get(proxy.url("/"))
+    let resp = with_proxy_said(client().get(proxy.url("/")))
         .header("x-forwarded-proto", "https")
         .header("x-forwarded-host", "game.example")
         .send()
@@ -170,6 +202,9 @@ async fn forwarded_proto_and_host_from_a_trusted_peer_are_kept() {
     assert_eq!(seen.headers["x-forwarded-for"], "127.0.0.1");
     assert_eq!(seen.headers["x-forwarded-proto"], "https");
     assert_eq!(seen.headers["x-forwarded-host"], "game.example");
+    for (name, value) in PROXY_SAID {
+        assert_eq!(seen.headers[*name], *value, "{name} from a trusted proxy");
+    }
 }
 
 // ------------------------------------------------------------------------------------------

@@ -394,6 +394,9 @@ impl Upstream {
             None => headers.remove(&X_FORWARDED_FOR),
         };
 
+        if !trusted {
+            remove_proxy_said(headers);
+        }
         if !(trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
             let proto = if conn.tls { "https" } else { "http" };
             headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
@@ -609,6 +612,45 @@ fn join_cookies(headers: &mut HeaderMap) {
 }
 
 /// Removes each of `names` that is present, hashing none of them when none is (the usual case).
+/// Headers that backends and their frameworks believe as a proxy's word on the client (its
+/// address, or the scheme, host, port or path prefix it used), besides the three `X-Forwarded-*`
+/// headers portcullis sets itself: RFC 7239 `Forwarded`, nginx's `X-Real-IP`, CDN headers that
+/// Go's chi and Node's request-ip read before `X-Forwarded-For`, and the `X-Forwarded-*`
+/// variants of Spring, Tomcat and Rack.
+fn proxy_said(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "forwarded"
+            | "forwarded-for"
+            | "x-forwarded"
+            | "x-real-ip"
+            | "true-client-ip"
+            | "x-client-ip"
+            | "x-cluster-client-ip"
+            | "cf-connecting-ip"
+            | "fastly-client-ip"
+            | "x-forwarded-port"
+            | "x-forwarded-prefix"
+            | "x-forwarded-server"
+            | "x-forwarded-scheme"
+            | "x-forwarded-ssl"
+            | "front-end-https"
+    )
+}
+
+/// Removes every [`proxy_said`] header: a peer that is not a trusted proxy could otherwise
+/// choose the address or scheme a backend believes.
+fn remove_proxy_said(headers: &mut HeaderMap) {
+    if !headers.keys().any(proxy_said) {
+        return;
+    }
+    let doomed: SmallVec<[HeaderName; 2]> =
+        headers.keys().filter(|k| proxy_said(k)).cloned().collect();
+    for name in &doomed {
+        headers.remove(name);
+    }
+}
+
 pub fn remove_present(headers: &mut HeaderMap, names: &[&HeaderName]) {
     let present = |key: &HeaderName| names.contains(&key);
     if headers.keys().any(present) {
