@@ -137,6 +137,39 @@ async fn an_https_upstream_outside_the_trusted_roots_is_never_sent_a_request() {
     assert_eq!(upstream.answered.load(Ordering::SeqCst), 0);
 }
 
+/// `upstream.connect_timeout` covers the TLS handshake: an upstream that accepts the TCP
+/// connection and never answers the handshake is a 502 once it has passed, not a wait for
+/// `request_timeout` (nor, for a request with a body, for ever).
+#[tokio::test]
+async fn an_https_upstream_that_never_finishes_the_handshake_is_a_502_after_connect_timeout() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = silent.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            held.push(socket);
+        }
+    });
+    let proxy = Proxy::start(&config_with(
+        &format!("https://{addr}"),
+        "[upstream]\nconnect_timeout = \"300ms\"\nrequest_timeout = \"20s\"\n",
+    ))
+    .await;
+    for req in [
+        client().get(proxy.url("/state")),
+        client().post(proxy.url("/upload")).body("a body"),
+    ] {
+        let started = std::time::Instant::now();
+        let resp = tokio::time::timeout(Duration::from_secs(10), req.send())
+            .await
+            .expect("no answer within 10 s")
+            .unwrap();
+        assert_error(resp, 502, "UPSTREAM_UNAVAILABLE").await;
+        assert!(started.elapsed() >= Duration::from_millis(300));
+    }
+    held.abort();
+}
+
 /// A large upload to an https upstream that reads slowly arrives whole, and what was sent before
 /// the client pauses reaches the upstream while the client waits (the client sends its last
 /// byte only once the upstream has all the rest): TLS holds records back until flushed.

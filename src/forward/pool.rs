@@ -61,6 +61,8 @@ struct Shared {
     connector: Connector,
     /// `scheme://authority`: what the connector dials.
     target: Uri,
+    /// Bounds the whole of connecting: name lookup, TCP, and the TLS handshake.
+    connect_timeout: Duration,
     idle_timeout: Duration,
     max_idle: usize,
     idle: Mutex<Idle>,
@@ -130,6 +132,7 @@ impl Pool {
         Pool(Arc::new(Shared {
             connector,
             target: Uri::from_parts(target).unwrap_or_default(),
+            connect_timeout: config.connect_timeout,
             idle_timeout: config.pool_idle_timeout,
             max_idle: config.pool_max_idle,
             idle: Mutex::new(Idle::default()),
@@ -196,12 +199,12 @@ impl Pool {
     }
 
     async fn connect(&self) -> Result<Conn, PoolError> {
-        let io = self
-            .0
-            .connector
-            .clone()
-            .oneshot(self.0.target.clone())
+        // The connector's own timeout covers TCP only: an upstream that accepts and then never
+        // finishes the TLS handshake would otherwise hold the request until request_timeout.
+        let connecting = self.0.connector.clone().oneshot(self.0.target.clone());
+        let io = tokio::time::timeout(self.0.connect_timeout, connecting)
             .await
+            .map_err(|_| PoolError::Connect("timed out connecting".into()))?
             .map_err(PoolError::Connect)?;
         self.0.counters.opened.inc();
         Ok(Conn::new(TokioIo::new(io)))
