@@ -148,7 +148,10 @@ impl RouteTable {
     }
 
     /// The strictest route among the readings a backend may make of `path`: as it is,
-    /// percent-decoded, without `;parameters`, and each of those ignoring case.
+    /// percent-decoded, without `;parameters`, and each of those ignoring case. Among readings
+    /// that need the same auth, the most specific route (a route over none, then the longer
+    /// prefix) decides, and so supplies the rate limits: `/game;x` or `/GAME` counts against
+    /// `/game`'s quota as surely as `/game` does.
     fn strictest_reading(&self, path: &str) -> Matched {
         let mut strictest = self.route_for(path, false);
         let mut consider = |reading: &str, exact_done: bool| {
@@ -162,7 +165,8 @@ impl RouteTable {
                     continue;
                 }
                 let matched = self.route_for(reading, ignore_case);
-                if strictness(matched.0) > strictness(strictest.0) {
+                let rank = |(auth, route): Matched| (strictness(auth), self.prefix_len(route));
+                if rank(matched) > rank(strictest) {
                     strictest = matched;
                 }
             }
@@ -180,6 +184,16 @@ impl RouteTable {
             }
         }
         strictest
+    }
+
+    /// The length of the prefix of the route at `index` (configuration order); `None` for no
+    /// route, which is less specific than any.
+    fn prefix_len(&self, index: Option<usize>) -> Option<usize> {
+        let index = index?;
+        self.routes
+            .iter()
+            .find(|(i, _)| *i == index)
+            .map(|(_, r)| r.path_prefix.len())
     }
 
     /// The longest `[[routes]]` prefix covering `path`, else the default (`session`).
@@ -594,6 +608,47 @@ mod tests {
                 route: Some(1)
             }
         );
+    }
+
+    #[test]
+    fn among_readings_that_need_the_same_auth_the_most_specific_route_decides() {
+        let t = RouteTable::new(
+            "/api/v1/sessions",
+            &[
+                route("", AuthMode::None),
+                route("/login", AuthMode::None),
+                route("/game", AuthMode::Session),
+                route("/game/shop", AuthMode::Session),
+            ],
+        );
+        let decided = |path| match t.classify(path) {
+            RouteClass::Proxy { route, .. } => route,
+            other => panic!("{path}: {other:?}"),
+        };
+        for path in ["/login", "/login;a", "/LOGIN", "/Login/x", "/log%69n"] {
+            assert_eq!(decided(path), Some(1), "{path}");
+        }
+        // `/game;x/buy` and `/GAME/buy` match no route as they are (the default, `session`),
+        // and `/game` under the servlet and case-insensitive readings.
+        for path in ["/game;x/buy", "/GAME/buy", "/game/x"] {
+            assert_eq!(decided(path), Some(2), "{path}");
+        }
+        for path in ["/game/shop;x", "/game/SHOP", "/GAME/shop/1"] {
+            assert_eq!(decided(path), Some(3), "{path}");
+        }
+        // With no root route, a path that matches none as it is falls to the default
+        // (`session`, no route): a reading that matches `/game` beats it.
+        let t = RouteTable::new("/api/v1/sessions", &[route("/game", AuthMode::Session)]);
+        for path in ["/game;x/buy", "/GAME/buy"] {
+            assert_eq!(
+                t.classify(path),
+                RouteClass::Proxy {
+                    auth: AuthMode::Session,
+                    route: Some(0)
+                },
+                "{path}"
+            );
+        }
     }
 
     #[test]
