@@ -143,6 +143,47 @@ async fn refused_within(url: &str, token: &str, ended: Instant, bound: Duration)
     }
 }
 
+/// Requests on one session spread over two replicas: with the cache on, `lastActive` is
+/// rewritten at most once per `slide_interval`, so one replica's check does not empty the
+/// other's cache for the other's next check to do the same, request after request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_taking_turns_on_a_session_do_not_empty_each_others_cache_on_every_request() {
+    const SLIDE: Duration = Duration::from_millis(200);
+    let redis = RedisServer::start();
+    let upstream = Upstream::echo().await;
+    let config = session_config(
+        &upstream,
+        &redis,
+        "[session]\nlast_active_resolution = \"10ms\"\nslide_interval = \"200ms\"\n\
+         [metrics]\nactive_sessions_interval = \"1h\"\n",
+    );
+    let a = Proxy::start(&config).await;
+    let b = Proxy::start(&config).await;
+    let sid = create_session(&a, &token("dave", None)).await;
+    let t = token("dave", Some(&sid));
+
+    let mut conn = redis.conn();
+    let writes = |conn: &mut redis::Connection| commandstats(conn).get("setrange").copied();
+    let before = writes(&mut conn).unwrap_or(0);
+    let started = Instant::now();
+    // Each request more than last_active_resolution after the one before, on the other
+    // replica, over several slide intervals.
+    for _ in 0..20 {
+        for replica in [&a, &b] {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            assert_eq!(get_status(&replica.url("/game"), &t).await, 200);
+        }
+    }
+    let rewrites = writes(&mut conn).unwrap_or(0) - before;
+    // At most one rewrite per slide interval (and one for a slide straddling each end).
+    let bound = (started.elapsed().as_millis() / SLIDE.as_millis()) as u64 + 2;
+    assert!(
+        rewrites <= bound,
+        "{rewrites} rewrites of the session for 40 requests in {:?} (at most {bound})",
+        started.elapsed()
+    );
+}
+
 /// A portcullis process of its own in front of `upstream`, on `redis`, ready to serve.
 async fn replica(redis: &RedisServer, upstream: &Upstream) -> observe::Binary {
     let config = format!(

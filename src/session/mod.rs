@@ -181,7 +181,14 @@ impl Sessions {
         Sessions {
             store,
             ttl: config.ttl,
-            last_active_resolution: config.last_active_resolution,
+            // With the cache on, each rewrite empties every other replica's cache of the user,
+            // whose next check in Redis would rewrite it again when it is a second old, and so
+            // on: replicas taking turns would each go to Redis on every request. No more often
+            // than the slide, the replicas settle after one check each.
+            last_active_resolution: match cache {
+                Some(_) => config.last_active_resolution.max(config.slide_interval),
+                None => config.last_active_resolution,
+            },
             slide_interval: config.slide_interval,
             max_per_user: config.max_per_user,
             cache,
