@@ -571,3 +571,38 @@ fn the_parser_reads_labels_escapes_and_histograms() {
     assert_eq!(e.get("h_count", &[]), Some(2.0));
     assert_eq!(e.get("g", &[]), Some(-1.0));
 }
+
+/// A client whose connection is reset in the middle of its upload is counted as the request's
+/// fault (400 `MALFORMED_REQUEST`, reason `request`), as a clean close there is, not as the
+/// upstream failing.
+#[tokio::test]
+async fn a_client_reset_mid_upload_is_counted_against_the_request_not_the_upstream() {
+    let upstream = Upstream::echo().await;
+    let proxy = Proxy::start(&open_config(&upstream.url())).await;
+    let mut conn = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    conn.write_all(
+        b"POST /upload HTTP/1.1\r\nHost: game.example\r\nContent-Length: 1000000\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    conn.write_all(&[b'x'; 64 * 1024]).await.unwrap();
+    // The forwarder has the request once it has connected upstream; then the client goes,
+    // with a reset rather than a close.
+    eventually("the upload goes upstream", || async {
+        upstream.connections() > 0
+    })
+    .await;
+    conn.set_linger(Some(Duration::ZERO)).unwrap();
+    drop(conn);
+    let m = scrape_until(proxy.admin, "the broken upload counted", |e| {
+        !e.matching("portcullis_rejections_total", &[]).is_empty()
+    })
+    .await;
+    assert_eq!(
+        rejections(&m),
+        BTreeMap::from([(
+            ("request".to_string(), "MALFORMED_REQUEST".to_string()),
+            1.0
+        )])
+    );
+}

@@ -2,7 +2,8 @@
 //!
 //! Header hygiene happens here, strip before set: hop-by-hop headers (RFC 9110 7.6.1, and every
 //! header the Connection header names) are removed in both directions, and X-Forwarded-For /
-//! -Proto / -Host are rewritten. The path goes upstream as the router made it canonical, the
+//! -Proto / -Host are rewritten (and the other headers that speak for a proxy removed unless a
+//! trusted one sent them). The path goes upstream as the router made it canonical, the
 //! query byte for byte. A WebSocket upgrade (Socket.IO's included) that the upstream accepts
 //! with 101 becomes a bidirectional tunnel.
 
@@ -462,6 +463,12 @@ impl Upstream {
         if source_chain_has::<crate::h1::FramingError>(&error) {
             tracing::debug!(error = %error_chain(&error), "request body malformed");
             return Rejection::Malformed("the request body is malformed");
+        }
+        // Reading the client's body failed otherwise: its connection was reset or broke, or
+        // (HTTP/2) it reset the stream. Also the client's doing, not the upstream's.
+        if matches!(error, PoolError::Exchange(client::Error::Upload(_))) {
+            tracing::debug!(error = %error_chain(&error), "request body broke off");
+            return Rejection::Malformed("the request body broke off before its end");
         }
         tracing::debug!(error = %error_chain(&error), "upstream request failed");
         Rejection::UpstreamUnavailable
