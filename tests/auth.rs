@@ -304,6 +304,24 @@ async fn a_token_that_is_not_yet_valid_is_401_token_invalid() {
     s.assert_accepted(&sign(&claims)).await;
 }
 
+/// RFC 7519 allows a NumericDate with a fraction (`Date.now() / 1000` in JavaScript).
+#[tokio::test]
+async fn fractional_exp_and_nbf_are_read_as_numeric_dates() {
+    let s = setup().await;
+    let mut claims = s.claims();
+    claims["exp"] = json!(now_secs() as f64 + 600.25);
+    claims["nbf"] = json!(now_secs() as f64 - 60.5);
+    s.assert_accepted(&sign(&claims)).await;
+    claims["exp"] = json!(now_secs() as f64 - 5.5);
+    s.assert_refused(&sign(&claims), "TOKEN_EXPIRED").await;
+    claims["exp"] = json!(now_secs() as f64 + 600.25);
+    claims["nbf"] = json!(now_secs() as f64 + 60.5);
+    s.assert_refused(&sign(&claims), "TOKEN_INVALID").await;
+    // Not a number is not a NumericDate.
+    claims["nbf"] = json!("yesterday");
+    s.assert_refused(&sign(&claims), "TOKEN_INVALID").await;
+}
+
 #[tokio::test]
 async fn the_configured_leeway_allows_a_slightly_expired_token() {
     let s = setup_with("[jwt]\nleeway = \"60s\"\n", None).await;

@@ -50,8 +50,9 @@ struct Claims {
     #[serde(default)]
     sid: Option<String>,
     /// Required and checked by the validation; kept so a remembered token can be checked again.
+    #[serde(deserialize_with = "rounded_date")]
     exp: u64,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "optional_rounded_date")]
     nbf: Option<u64>,
     /// Lenient: RFC 7519 allows a fractional NumericDate, and before the sign-out check used it,
     /// any `iat` was accepted; one that is not a number counts as absent.
@@ -70,6 +71,24 @@ fn numeric_date<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D
         }),
         _ => None,
     })
+}
+
+/// `exp` or `nbf` as jsonwebtoken's validation reads it: whole seconds, a fraction (RFC 7519
+/// allows one) rounded to the nearest, so that a remembered token is judged again as it was
+/// first. Anything else is not a NumericDate, and the token is invalid.
+fn rounded_date<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let n = serde_json::Number::deserialize(d)?;
+    n.as_u64()
+        .or_else(|| {
+            n.as_f64()
+                .filter(|f| f.is_finite() && *f >= 0.0 && *f < u64::MAX as f64)
+                .map(|f| f.round() as u64)
+        })
+        .ok_or_else(|| serde::de::Error::custom("not a NumericDate"))
+}
+
+fn optional_rounded_date<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    rounded_date(d).map(Some)
 }
 
 /// Verifies tokens against the configured keys and rules.
