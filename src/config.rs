@@ -1229,6 +1229,19 @@ impl Validator {
                 }
             },
         };
+        // The limiter counts in u64 nanoseconds: a full burst's span (per / requests x burst)
+        // must fit, about 584 years.
+        let span = u64::try_from((q.per / requests.get()).as_nanos())
+            .ok()
+            .and_then(|t| t.checked_mul(u64::from(burst.get())));
+        if span.is_none() {
+            let field = if q.burst.is_some() { "burst" } else { "per" };
+            self.fail(
+                &format!("{key}.{field}"),
+                "makes a full burst span more than 584 years (per / requests x burst)",
+            );
+            return None;
+        }
         Some(Quota {
             requests,
             per: q.per,
@@ -2601,6 +2614,23 @@ mod tests {
         assert!(matches!(c.routes[0].rate_limit, RouteLimit::Own(q) if q.requests.get() == 5));
         let err = parse("[rate_limit.anonymous]\nrequests = 5\nper = \"0s\"\n").unwrap_err();
         assert_eq!(err.0[0].key, "rate_limit.anonymous.per");
+    }
+
+    #[test]
+    fn a_quota_whose_burst_would_span_more_than_the_limiter_counts_is_refused() {
+        let quota = |per: &str, burst: &str| {
+            parse(&format!(
+                "[rate_limit.proxy]\nrequests = 1\nper = \"{per}\"\n{burst}"
+            ))
+        };
+        let err = quota("600y", "").unwrap_err();
+        assert_eq!(err.0[0].key, "rate_limit.proxy.per");
+        assert!(err.0[0].reason.contains("584 years"), "{}", err.0[0].reason);
+        let err = quota("30d", "burst = 10000\n").unwrap_err();
+        assert_eq!(err.0[0].key, "rate_limit.proxy.burst");
+        let c = quota("30d", "burst = 100\n").unwrap();
+        assert_eq!(c.rate_limit.proxy.unwrap().burst.get(), 100);
+        assert!(quota("500y", "").is_ok());
     }
 
     #[test]

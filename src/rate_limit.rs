@@ -677,6 +677,24 @@ mod tests {
     }
 
     #[test]
+    fn the_longest_quotas_the_config_accepts_count_without_overflow() {
+        const YEAR: u64 = 31_557_600;
+        // 500 years for one request; 30 days a request with a burst of 100 (8 years).
+        for (per, burst) in [(500 * YEAR, 1), (30 * 86_400, 100)] {
+            let limiter = Limiter::with_clock(
+                quota(1, Duration::from_secs(per), burst),
+                FakeRelativeClock::default(),
+            );
+            for _ in 0..burst {
+                assert!(limiter.check(&user("a")).allowed);
+            }
+            let refused = limiter.check(&user("a"));
+            assert!(!refused.allowed);
+            assert_eq!(refused.reset_secs, per, "{per}");
+        }
+    }
+
+    #[test]
     fn reset_is_the_time_until_the_quota_is_full_again() {
         let limiter = Limiter::with_clock(
             quota(10, Duration::from_secs(10), 10),
