@@ -592,7 +592,7 @@ async fn a_client_reset_mid_upload_is_counted_against_the_request_not_the_upstre
         upstream.connections() > 0
     })
     .await;
-    conn.set_linger(Some(Duration::ZERO)).unwrap();
+    conn.set_zero_linger().unwrap();
     drop(conn);
     let m = scrape_until(proxy.admin, "the broken upload counted", |e| {
         !e.matching("portcullis_rejections_total", &[]).is_empty()
