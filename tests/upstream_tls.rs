@@ -17,6 +17,9 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
 
 /// An upstream serving HTTP/1.1 over TLS with a certificate for 127.0.0.1 from a test CA.
 struct TlsUpstream {
@@ -43,6 +46,29 @@ impl TlsUpstream {
     where
         F: Fn(http::Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
         Fut: Future<Output = http::Response<Full<Bytes>>> + Send + 'static,
+    {
+        TlsUpstream::serving(recv_buffer, move |tls, answered| {
+            let handler = handler.clone();
+            async move {
+                let service = hyper::service::service_fn(move |req| {
+                    answered.fetch_add(1, Ordering::SeqCst);
+                    let answer = handler(req);
+                    async move { Ok::<_, Infallible>(answer.await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            }
+        })
+        .await
+    }
+
+    /// Runs `serve` on each connection once its TLS handshake is done, with the count of
+    /// requests answered.
+    async fn serving<F, Fut>(recv_buffer: Option<u32>, serve: F) -> TlsUpstream
+    where
+        F: Fn(TlsStream<TcpStream>, Arc<AtomicUsize>) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
     {
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let certs = test_certs("portcullis upstream test CA", "127.0.0.1");
@@ -71,19 +97,11 @@ impl TlsUpstream {
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 accepted.fetch_add(1, Ordering::SeqCst);
-                let (acceptor, count, handler) = (acceptor.clone(), count.clone(), handler.clone());
+                let (acceptor, count, serve) = (acceptor.clone(), count.clone(), serve.clone());
                 tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(stream).await else {
-                        return;
-                    };
-                    let service = hyper::service::service_fn(move |req| {
-                        count.fetch_add(1, Ordering::SeqCst);
-                        let answer = handler(req);
-                        async move { Ok::<_, Infallible>(answer.await) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tls), service)
-                        .await;
+                    if let Ok(tls) = acceptor.accept(stream).await {
+                        serve(tls, count).await;
+                    }
                 });
             }
         });
@@ -135,6 +153,55 @@ async fn an_https_upstream_outside_the_trusted_roots_is_never_sent_a_request() {
     assert_error(resp, 502, "UPSTREAM_UNAVAILABLE").await;
     assert!(upstream.connections.load(Ordering::SeqCst) >= 1);
     assert_eq!(upstream.answered.load(Ordering::SeqCst), 0);
+}
+
+/// Reads one request head (the requests here have no body).
+async fn read_head(tls: &mut TlsStream<TcpStream>) -> bool {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match tls.read(&mut byte).await {
+            Ok(1) => head.push(byte[0]),
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// Many https servers close a kept-alive connection with a bare TCP close, no TLS
+/// `close_notify`. When that close meets a request sent on a connection that had been idle,
+/// the request is sent again on a new connection, as it is after a plain TCP close.
+#[tokio::test]
+async fn a_pooled_https_connection_closed_without_close_notify_under_a_request_is_retried() {
+    let upstream = TlsUpstream::serving(None, |mut tls, answered| async move {
+        if !read_head(&mut tls).await {
+            return;
+        }
+        let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nanswered";
+        if tls.write_all(answer).await.is_err() || tls.flush().await.is_err() {
+            return;
+        }
+        answered.fetch_add(1, Ordering::SeqCst);
+        // The next request on this connection: read whole, then a TCP close without
+        // close_notify (the stream is dropped, not shut down).
+        read_head(&mut tls).await;
+    })
+    .await;
+    let proxy = upstream.proxy_trusting_it().await;
+    let get = || async {
+        let resp = client().get(proxy.url("/state")).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.text().await.unwrap(), "answered");
+    };
+    get().await;
+    // Idle long enough that a close under the next request may be a keep-alive timeout.
+    tokio::time::sleep(
+        portcullis::forward::REPLAY_AFTER_IDLE.saturating_add(Duration::from_millis(50)),
+    )
+    .await;
+    get().await;
+    assert_eq!(upstream.connections.load(Ordering::SeqCst), 2);
+    assert_eq!(upstream.answered.load(Ordering::SeqCst), 2);
 }
 
 /// `upstream.connect_timeout` covers the TLS handshake: an upstream that accepts the TCP

@@ -396,11 +396,18 @@ fn poll_head(
     }
 }
 
+/// The upstream closed the connection. `UnexpectedEof` is TLS's word for a TCP close without
+/// `close_notify`, which many https servers end kept-alive connections with. (In a body that
+/// runs until the close, it stays an error: RFC 9112 9.8 counts only a length or a last chunk
+/// as complete then.)
 fn closed_under_us(e: &io::Error) -> bool {
     use io::ErrorKind;
     matches!(
         e.kind(),
-        ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::ConnectionAborted
+        ErrorKind::ConnectionReset
+            | ErrorKind::BrokenPipe
+            | ErrorKind::ConnectionAborted
+            | ErrorKind::UnexpectedEof
     )
 }
 
