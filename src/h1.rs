@@ -349,6 +349,15 @@ impl HeadFacts {
     }
 }
 
+/// The Content-Length of `headers`, read as [`HeadFacts::content_length`] reads it: every value,
+/// and every item of a comma-separated list, the same run of digits.
+pub(crate) fn content_length(headers: &HeaderMap) -> Result<Option<u64>, &'static str> {
+    headers
+        .get_all(header::CONTENT_LENGTH)
+        .iter()
+        .try_fold(None, merge_content_length)
+}
+
 /// `length` so far, with the items of one more Content-Length value.
 fn merge_content_length(
     mut length: Option<u64>,

@@ -62,11 +62,8 @@ pub fn check(req: &Request<Body>, limits: &RequestLimitsLayer) -> Result<(), Rej
         return Err(Rejection::HeadersTooLarge(limits.max_header_bytes));
     }
     check_unambiguous(req)?;
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    // Every value, and every item of a list (`Content-Length: 8, 8`), as the body will be read.
+    let declared = crate::h1::content_length(req.headers()).ok().flatten();
     if declared.is_some_and(|len| len > limits.max_body_bytes) {
         return Err(Rejection::PayloadTooLarge(limits.max_body_bytes));
     }

@@ -708,6 +708,33 @@ async fn declared_content_length_over_the_limit_gives_413_without_reaching_upstr
     .await;
     resp.assert_error(413, "PAYLOAD_TOO_LARGE");
     assert_eq!(upstream.count(), 0, "the upstream was contacted");
+    // The same length repeated, in a list or on two lines, is the same length.
+    for repeated in [
+        "Content-Length: 1025, 1025\r\n",
+        "Content-Length: 1025\r\nContent-Length: 1025\r\n",
+    ] {
+        let head = format!("POST /upload HTTP/1.1\r\nHost: game.example\r\n{repeated}\r\n");
+        let resp = send_raw(proxy.addr, head.as_bytes()).await;
+        resp.assert_error(413, "PAYLOAD_TOO_LARGE");
+    }
+    assert_eq!(upstream.count(), 0, "the upstream was contacted");
+}
+
+#[tokio::test]
+async fn a_repeated_content_length_goes_upstream_as_one_value() {
+    let upstream = Upstream::echo().await;
+    let proxy = Proxy::start(&open_config(&upstream.url())).await;
+    let resp = send_raw(
+        proxy.addr,
+        b"POST /upload HTTP/1.1\r\nHost: game.example\r\nContent-Length: 5, 5\r\n\
+          Connection: close\r\n\r\nhello",
+    )
+    .await;
+    assert_eq!(resp.status, 200);
+    let seen = upstream.last();
+    let lengths: Vec<_> = seen.headers.get_all("content-length").iter().collect();
+    assert_eq!(lengths, ["5"]);
+    assert_eq!(seen.body, "hello");
 }
 
 #[tokio::test]

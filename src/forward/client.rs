@@ -194,8 +194,8 @@ pub(super) async fn exchange<H: Home>(
     req: Request<Body>,
     home: H,
 ) -> Result<Answer<H>, Error> {
-    let (parts, body) = req.into_parts();
-    let mut upload = Some(Upload::start(&parts, body, &mut conn.write)?);
+    let (mut parts, body) = req.into_parts();
+    let mut upload = Some(Upload::start(&mut parts, body, &mut conn.write)?);
     let mut write_error = None;
     let mut received = false;
     let head = std::future::poll_fn(|cx| {
@@ -258,7 +258,7 @@ struct Upload {
 impl Upload {
     /// Writes the request head into `out` and sets the body up to follow it.
     fn start(
-        parts: &http::request::Parts,
+        parts: &mut http::request::Parts,
         body: Body,
         out: &mut BytesMut,
     ) -> Result<Upload, Error> {
@@ -267,7 +267,10 @@ impl Upload {
             Encode::Chunked
         } else {
             match facts.content_length() {
-                Ok(Some(length)) => Encode::Length(length),
+                Ok(Some(length)) => {
+                    one_content_length(&mut parts.headers, length);
+                    Encode::Length(length)
+                }
                 Ok(None) => Encode::None,
                 Err(why) => return Err(Error::UploadLength(why)),
             }
@@ -400,6 +403,19 @@ fn poll_head(
 /// `close_notify`, which many https servers end kept-alive connections with. (In a body that
 /// runs until the close, it stays an error: RFC 9112 9.8 counts only a length or a last chunk
 /// as complete then.)
+/// Writes a Content-Length the client repeated (`8, 8`, or two lines; HTTP allows either) as
+/// one value (RFC 9110 8.6), which every upstream reads: Node's parser refuses a list.
+fn one_content_length(headers: &mut HeaderMap, length: u64) {
+    let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
+    let plain = values
+        .next()
+        .is_some_and(|v| v.as_bytes().iter().all(u8::is_ascii_digit))
+        && values.next().is_none();
+    if !plain {
+        headers.insert(header::CONTENT_LENGTH, http::HeaderValue::from(length));
+    }
+}
+
 fn closed_under_us(e: &io::Error) -> bool {
     use io::ErrorKind;
     matches!(
@@ -1168,16 +1184,27 @@ mod tests {
         assert_eq!(String::from_utf8(seen).unwrap(), expected);
         assert!(result.is_ok());
 
-        // A length repeated in a list, as HTTP allows, is still the one length.
-        let req = Request::put("/sized")
-            .header(header::HOST, "h")
-            .header(header::CONTENT_LENGTH, "8, 8")
-            .body(streamed(vec!["abcd", "efgh"]))
-            .unwrap();
-        let expected = "PUT /sized HTTP/1.1\r\nhost: h\r\ncontent-length: 8, 8\r\n\r\nabcdefgh";
-        let (seen, result) = upload(req, expected.len()).await;
-        assert_eq!(String::from_utf8(seen).unwrap(), expected);
-        assert!(result.is_ok());
+        // A length repeated in a list or on two lines, as HTTP allows, is still the one length,
+        // and goes up as one value.
+        // A plain one is written as it came.
+        let cases: [(&[&'static str], &str); 3] =
+            [(&["8, 8"], "8"), (&["8", "8"], "8"), (&["08"], "08")];
+        for (values, written) in cases {
+            let mut req = Request::put("/sized")
+                .header(header::HOST, "h")
+                .body(streamed(vec!["abcd", "efgh"]))
+                .unwrap();
+            for value in values {
+                req.headers_mut()
+                    .append(header::CONTENT_LENGTH, HeaderValue::from_static(value));
+            }
+            let expected = format!(
+                "PUT /sized HTTP/1.1\r\nhost: h\r\ncontent-length: {written}\r\n\r\nabcdefgh"
+            );
+            let (seen, result) = upload(req, expected.len()).await;
+            assert_eq!(String::from_utf8(seen).unwrap(), expected, "{values:?}");
+            assert!(result.is_ok());
+        }
     }
 
     #[tokio::test]
