@@ -349,6 +349,15 @@ impl HeadFacts {
     }
 }
 
+/// True when a Transfer-Encoding value names `chunked` and nothing else: the only coding
+/// decoded here.
+pub(crate) fn only_chunked(value: &HeaderValue) -> bool {
+    value.to_str().is_ok_and(|v| {
+        v.split(',')
+            .all(|coding| coding.trim().eq_ignore_ascii_case("chunked"))
+    })
+}
+
 /// The Content-Length of `headers`, read as [`HeadFacts::content_length`] reads it: every value,
 /// and every item of a comma-separated list, the same run of digits.
 pub(crate) fn content_length(headers: &HeaderMap) -> Result<Option<u64>, &'static str> {

@@ -86,7 +86,7 @@ fn check_unambiguous(req: &Request<Body>) -> Result<(), Rejection> {
             if authorizations > 1 {
                 return Err(Rejection::Malformed("more than one Authorization header"));
             }
-        } else if name == header::TRANSFER_ENCODING && !only_chunked(value) {
+        } else if name == header::TRANSFER_ENCODING && !crate::h1::only_chunked(value) {
             // HTTP/1.1 decodes `chunked` only: another coding would reach the upstream as if
             // the body were plain (RFC 9112 6.1 answers 501).
             return Err(Rejection::TransferCodingUnsupported);
@@ -109,13 +109,6 @@ fn check_unambiguous(req: &Request<Body>) -> Result<(), Rejection> {
         }
     }
     Ok(())
-}
-
-fn only_chunked(value: &http::HeaderValue) -> bool {
-    value.to_str().is_ok_and(|v| {
-        v.split(',')
-            .all(|coding| coding.trim().eq_ignore_ascii_case("chunked"))
-    })
 }
 
 impl<S> Service<Request<Body>> for RequestLimits<S>
