@@ -69,7 +69,7 @@ pub(crate) enum Step {
 #[derive(Clone, Debug)]
 pub(crate) struct BodyDecoder {
     state: Decode,
-    /// Chunk extensions read so far: ignored, but bounded.
+    /// Chunk extensions (and whitespace before them) read so far: ignored, but bounded.
     extension_bytes: usize,
     /// Largest trailer section taken.
     max_trailer_bytes: usize,
@@ -224,7 +224,6 @@ fn parse_chunk_size(buf: &[u8]) -> Result<Option<ChunkSizeLine>, FramingError> {
     while buf.get(i).is_some_and(|b| *b == b' ' || *b == b'\t') {
         i += 1;
     }
-    let extensions_start = i;
     if buf.get(i) == Some(&b';') {
         while let Some(&b) = buf.get(i) {
             if b == b'\r' {
@@ -236,7 +235,9 @@ fn parse_chunk_size(buf: &[u8]) -> Result<Option<ChunkSizeLine>, FramingError> {
             i += 1;
         }
     }
-    let extension_bytes = i - extensions_start;
+    // Whitespace counts with the extensions: spaces alone after a size would otherwise carry
+    // up to a line's length of overhead per body byte, unbounded.
+    let extension_bytes = i - digits;
     match (buf.get(i), buf.get(i + 1)) {
         (None, _) | (Some(b'\r'), None) => Ok(None),
         (Some(b'\r'), Some(b'\n')) => Ok(Some(ChunkSizeLine {
@@ -572,11 +573,12 @@ mod tests {
             })
         };
         // Each parses (`None`: incomplete, needs more).
-        let cases: [(&[u8], Option<ChunkSizeLine>); 9] = [
+        let cases: [(&[u8], Option<ChunkSizeLine>); 10] = [
             (b"5\r\n", line(3, 5, 0)),
             (b"aB\r\nrest", line(4, 0xab, 0)),
-            (b"5 \t\r\n", line(5, 5, 0)),
+            (b"5 \t\r\n", line(5, 5, 2)),
             (b"5;name=\"v a\"\r\n", line(14, 5, 11)),
+            (b"5 ;x\r\n", line(6, 5, 3)),
             (b"ffffffffffffffff\r\n", line(18, u64::MAX, 0)),
             (b"0\r\n", line(3, 0, 0)),
             (b"5", None),
