@@ -350,6 +350,15 @@ impl HeadFacts {
     }
 }
 
+/// Whether `buf` holds the blank line that ends a head (CRLF CRLF, or LF LF, which httparse
+/// accepts too), looking only at the bytes from `from` on (and the three before, where one
+/// may have begun). A head that arrives in many small pieces is then scanned once, rather than
+/// parsed again from its start on every piece.
+pub(crate) fn blank_line_after(buf: &[u8], from: usize) -> bool {
+    let tail = buf.get(from.saturating_sub(3)..).unwrap_or_default();
+    tail.windows(2).any(|w| w == b"\n\n") || tail.windows(3).any(|w| w == b"\n\r\n")
+}
+
 /// True when a Transfer-Encoding value names `chunked` and nothing else: the only coding
 /// decoded here.
 pub(crate) fn only_chunked(value: &HeaderValue) -> bool {
@@ -562,6 +571,22 @@ pub(crate) fn put_hex(out: &mut BytesMut, n: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_blank_line_is_found_in_what_is_new_or_across_its_edge() {
+        let head = b"GET / HTTP/1.1\r\nHost: h\r\n\r\n";
+        assert!(blank_line_after(head, 0));
+        // The blank line straddles the old and the new bytes.
+        for from in head.len() - 3..=head.len() - 1 {
+            assert!(blank_line_after(head, from), "{from}");
+        }
+        // One wholly among bytes looked at before is not looked for again.
+        let with_body = b"GET / HTTP/1.1\r\n\r\nbody";
+        assert!(!blank_line_after(with_body, with_body.len() - 1));
+        assert!(blank_line_after(b"GET / HTTP/1.1\nHost: h\n\n", 10));
+        assert!(!blank_line_after(b"GET / HTTP/1.1\r\nHost: h\r\n", 0));
+        assert!(!blank_line_after(b"", 5));
+    }
 
     #[test]
     fn chunk_size_lines_are_read_strictly() {

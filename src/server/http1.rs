@@ -32,8 +32,8 @@ use super::connection::{stopped, ConnService};
 use super::{ConnLimits, MAX_HEADERS, REST_AFTER};
 use crate::forward::Tunnel;
 use crate::h1::{
-    header_map, header_spans, headers_len, poll_write_all, put_headers, span_in, BodyDecoder,
-    BodyEncoder, Decode, Encode, FramingError, HeadFacts, Step,
+    blank_line_after, header_map, header_spans, headers_len, poll_write_all, put_headers, span_in,
+    BodyDecoder, BodyEncoder, Decode, Encode, FramingError, HeadFacts, Step,
 };
 use crate::{Body, BoxError};
 
@@ -581,6 +581,9 @@ where
         let mut head_started: Option<Instant> = None;
         let mut timer_set = false;
         let cap = self.limits.hard_header_cap();
+        // How much of a partial head has been looked at: after the first look, the head is
+        // parsed again only once a blank line has come (or the cap is passed).
+        let mut looked_at = 0;
         if self.stopping {
             return Next::Close;
         }
@@ -588,10 +591,16 @@ where
             let mut wire = lock(&self.wire);
             loop {
                 if !wire.read.is_empty() {
-                    match parse_head(&mut wire.read, cap) {
-                        Ok(Some(head)) => return Poll::Ready(Next::Head(head)),
-                        Ok(None) => {}
-                        Err(refusal) => return Poll::Ready(Next::Refuse(refusal)),
+                    let may_be_whole = looked_at == 0
+                        || wire.read.len() > cap
+                        || blank_line_after(&wire.read, looked_at);
+                    looked_at = wire.read.len();
+                    if may_be_whole {
+                        match parse_head(&mut wire.read, cap) {
+                            Ok(Some(head)) => return Poll::Ready(Next::Head(head)),
+                            Ok(None) => {}
+                            Err(refusal) => return Poll::Ready(Next::Refuse(refusal)),
+                        }
                     }
                     if head_started.is_none() {
                         let now = Instant::now();
