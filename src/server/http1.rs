@@ -833,7 +833,7 @@ where
                 }
             }
             if idle.poll_idle(&mut self.timer, cx).is_ready() {
-                return Poll::Ready(Err("the client took none of its response for idle_timeout"));
+                return Poll::Ready(Err("no byte of the response moved for idle_timeout"));
             }
             Poll::Pending
         })
