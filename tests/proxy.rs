@@ -181,6 +181,27 @@ async fn forwarded_for_from_a_trusted_peer_is_appended_to() {
     let seen = upstream.last();
     let xff: Vec<_> = seen.headers.get_all("x-forwarded-for").iter().collect();
     assert_eq!(xff, ["203.0.113.7, 10.0.0.1, 127.0.0.1"]);
+
+    // A line that is not UTF-8 (a client's junk in front of the address its proxy appended)
+    // is passed on as it came, with the line after it.
+    let resp = send_raw(
+        proxy.addr,
+        b"GET / HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: \xff\xfe, 203.0.113.9\r\n\
+          X-Forwarded-For: 10.0.0.1\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(resp.status, 200);
+    let seen = upstream.last();
+    let xff: Vec<_> = seen
+        .headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .map(|v| v.as_bytes().to_vec())
+        .collect();
+    assert_eq!(
+        xff,
+        [b"\xff\xfe, 203.0.113.9, 10.0.0.1, 127.0.0.1".to_vec()]
+    );
 }
 
 #[tokio::test]

@@ -374,20 +374,21 @@ impl Upstream {
     fn set_forwarded(&self, headers: &mut HeaderMap, conn: ConnInfo, host: Option<&HeaderValue>) {
         let peer = crate::peer::canonical(conn.peer.ip());
         let trusted = self.trusted.contains(peer);
-        let prior: Vec<String> = if trusted {
-            headers
-                .get_all(&X_FORWARDED_FOR)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .map(str::to_owned)
-                .collect()
-        } else {
-            Vec::new()
-        };
+        // A trusted proxy's lines, as bytes: a line with bytes that are not UTF-8 (which a client
+        // may have put in front of its own address) still carries the address the proxy
+        // appended, which the upstream needs to see as portcullis did (see `peer`).
+        let mut prior: Vec<u8> = Vec::new();
+        if trusted {
+            for line in headers.get_all(&X_FORWARDED_FOR) {
+                prior.extend_from_slice(line.as_bytes());
+                prior.extend_from_slice(b", ");
+            }
+        }
         let chain = if prior.is_empty() {
             ip_value(peer)
         } else {
-            HeaderValue::from_str(&format!("{}, {peer}", prior.join(", "))).ok()
+            prior.extend_from_slice(peer.to_string().as_bytes());
+            HeaderValue::from_bytes(&prior).ok()
         };
         // `insert` replaces every value the client sent.
         match chain {
