@@ -1565,7 +1565,7 @@ impl Validator {
                 public_key_pem: ("jwt.public_key_pem", &section.public_key_pem),
             },
             family,
-            algorithms[0],
+            &algorithms,
             base,
             env,
         );
@@ -1602,7 +1602,7 @@ impl Validator {
             ));
         }
         let previous_key = if previous.is_set(family, env) {
-            let previous_key = self.jwt_key(&previous, family, algorithms[0], base, env);
+            let previous_key = self.jwt_key(&previous, family, &algorithms, base, env);
             if key.is_some() && previous_key == key {
                 let name = match family {
                     AlgorithmFamily::Hmac => "jwt.previous_secret",
@@ -1642,11 +1642,12 @@ impl Validator {
         &mut self,
         source: &JwtKeySource<'_>,
         family: jsonwebtoken::AlgorithmFamily,
-        first: jsonwebtoken::Algorithm,
+        algorithms: &[jsonwebtoken::Algorithm],
         base: &Path,
         env: &[(String, String)],
     ) -> Option<JwtKey> {
         use jsonwebtoken::AlgorithmFamily;
+        let first = *algorithms.first()?;
         let (secret_key, secret_value) = source.secret;
         let (file_key, file_value) = source.secret_file;
         let (pem_key, pem_value) = source.public_key_pem;
@@ -1734,6 +1735,38 @@ impl Validator {
                 ),
             );
             return None;
+        }
+        if family == AlgorithmFamily::Ec {
+            // An EC key verifies one algorithm only, that of its curve: a key on another curve
+            // would refuse every token, as TOKEN_INVALID, with nothing to say why.
+            let curve = jsonwebtoken::DecodingKey::from_ec_pem(&pem)
+                .ok()
+                .and_then(|key| key.try_get_as_bytes().ok().map(<[u8]>::len))
+                .and_then(|point| match point {
+                    33 | 65 => Some((jsonwebtoken::Algorithm::ES256, "P-256")),
+                    49 | 97 => Some((jsonwebtoken::Algorithm::ES384, "P-384")),
+                    _ => None,
+                });
+            let Some((verifies, curve)) = curve else {
+                self.fail(
+                    pem_key,
+                    format!(
+                        "{} is on a curve neither ES256 nor ES384 uses",
+                        path.display()
+                    ),
+                );
+                return None;
+            };
+            if let Some(other) = algorithms.iter().find(|alg| **alg != verifies) {
+                self.fail(
+                    pem_key,
+                    format!(
+                        "{} is a {curve} key, which verifies {verifies:?} tokens only, not {other:?}",
+                        path.display()
+                    ),
+                );
+                return None;
+            }
         }
         Some(JwtKey::PublicPem(pem))
     }
@@ -2097,6 +2130,33 @@ mod tests {
         assert!(reason.contains("HMAC secret"), "{reason}");
         let (key, _) = only_error("[jwt]\nprevious_secret_file = \"/nonexistent/old\"\n", &[]);
         assert_eq!(key, "jwt.previous_secret_file");
+    }
+
+    #[test]
+    fn an_ec_key_must_be_on_the_curve_of_every_algorithm_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, alg) in [
+            ("p256.pem", &rcgen::PKCS_ECDSA_P256_SHA256),
+            ("p384.pem", &rcgen::PKCS_ECDSA_P384_SHA384),
+        ] {
+            let pair = rcgen::KeyPair::generate_for(alg).unwrap();
+            std::fs::write(dir.path().join(name), pair.public_key_pem()).unwrap();
+        }
+        let config = |algorithms: &str, pem: &str| {
+            let text = format!("[jwt]\nalgorithms = [{algorithms}]\npublic_key_pem = \"{pem}\"\n");
+            Config::from_toml(&text, dir.path(), &[])
+        };
+        assert!(config("\"ES256\"", "p256.pem").is_ok());
+        assert!(config("\"ES384\"", "p384.pem").is_ok());
+        for (algorithms, pem, named) in [
+            ("\"ES384\"", "p256.pem", "ES384"),
+            ("\"ES256\"", "p384.pem", "ES256"),
+            ("\"ES256\", \"ES384\"", "p256.pem", "ES384"),
+        ] {
+            let err = config(algorithms, pem).unwrap_err();
+            assert_eq!(err.0[0].key, "jwt.public_key_pem", "{err}");
+            assert!(err.0[0].reason.contains(named), "{err}");
+        }
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! `jwt.public_key_pem` with the elliptic-curve algorithms: ES256 (P-256) and EdDSA (Ed25519).
+//! `jwt.public_key_pem` with the elliptic-curve algorithms: ES256 (P-256), ES384 (P-384) and
+//! EdDSA (Ed25519).
 //! The key pairs are made in the test (rcgen); tokens are signed with jsonwebtoken from the
 //! private key's PEM, and portcullis verifies them with the public key's PEM file. A token
 //! signed by another key of the same type is refused.
@@ -26,7 +27,7 @@ fn keys(alg: &'static rcgen::SignatureAlgorithm) -> Keys {
 fn sign_with(alg: Algorithm, keys: &Keys, claims: &Value) -> String {
     let pem = keys.private_pem.as_bytes();
     let key = match alg {
-        Algorithm::ES256 => EncodingKey::from_ec_pem(pem),
+        Algorithm::ES256 | Algorithm::ES384 => EncodingKey::from_ec_pem(pem),
         Algorithm::EdDSA => EncodingKey::from_ed_pem(pem),
         other => panic!("no key type for {other:?}"),
     }
@@ -108,6 +109,12 @@ async fn check(alg: Algorithm, name: &str, keys: Keys, other: Keys) {
 async fn es256_tokens_of_the_configured_p256_key_are_accepted_and_others_refused() {
     let alg = &rcgen::PKCS_ECDSA_P256_SHA256;
     check(Algorithm::ES256, "ES256", keys(alg), keys(alg)).await;
+}
+
+#[tokio::test]
+async fn es384_tokens_of_the_configured_p384_key_are_accepted_and_others_refused() {
+    let alg = &rcgen::PKCS_ECDSA_P384_SHA384;
+    check(Algorithm::ES384, "ES384", keys(alg), keys(alg)).await;
 }
 
 #[tokio::test]
