@@ -452,6 +452,34 @@ async fn large_response_behind_proxy(len: usize) -> (RawUpstream, Proxy) {
     (upstream, proxy)
 }
 
+/// A connection that closes after its response (`Connection: close`) lingers: the client's
+/// bytes it has no use for (a next request, the rest of a body) are read and dropped while the
+/// response drains. Closed with them unread, the socket would be reset, and the kernel would
+/// throw away what of the response it had not sent yet.
+#[tokio::test]
+async fn a_connection_closed_after_its_response_lets_the_response_drain() {
+    const BODY: usize = 4 << 20;
+    let (_upstream, proxy) = large_response_behind_proxy(BODY).await;
+    let mut conn = RawConn::open(&proxy).await;
+    conn.send("GET /big HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        .await;
+    conn.send(vec![b'x'; 64 * 1024]).await;
+    // Slow to start reading (well within idle_timeout): the proxy has written the whole
+    // response to its socket and closed before the client takes most of it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut all = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), conn.stream.read_to_end(&mut all))
+        .await
+        .expect("the connection closed");
+    assert!(read.is_ok(), "after {} bytes: {read:?}", all.len());
+    let head_end = all
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a response head")
+        + 4;
+    assert_eq!(all.len() - head_end, BODY, "the whole body arrived");
+}
+
 /// A client that stops reading a large response holds its connection, and an upstream one,
 /// only until idle_timeout plus the few seconds an idle close may take.
 #[tokio::test]

@@ -58,8 +58,11 @@ enum Protocol {
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// Longest wait for a client to take our FIN or TLS close_notify.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Longest a closing connection lingers: for its client to take our FIN (or TLS close_notify)
+/// and to close in turn...
+const LINGER: Duration = Duration::from_secs(1);
+/// ...reading and dropping at most this much of what the client still sends.
+const LINGER_BYTES: u64 = 1024 * 1024;
 
 impl Connection {
     /// Serves the connection to its end.
@@ -297,10 +300,19 @@ pub(super) async fn stopped(mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|stopping| *stopping).await;
 }
 
-/// Closes our side of the connection cleanly (TCP FIN, or TLS close_notify then FIN), giving a
-/// client that does not read at most [`CLOSE_TIMEOUT`].
-async fn close<I: tokio::io::AsyncWrite + Unpin>(io: &mut I) {
-    let _ = tokio::time::timeout(CLOSE_TIMEOUT, io.shutdown()).await;
+/// Closes our side of the connection cleanly (TCP FIN, or TLS close_notify then FIN), then reads
+/// and drops what the client still sends until it closes too, for [`LINGER`] and
+/// [`LINGER_BYTES`] at most. Bytes left unread when a socket closes make the kernel reset the
+/// connection, and a reset can make the client drop a response it has not read yet: a next
+/// request already on its way, the rest of a body, or a refused head's body would cost it the
+/// answer it was sent.
+async fn close<I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(io: &mut I) {
+    use tokio::io::AsyncReadExt;
+    let lingering = async {
+        io.shutdown().await?;
+        tokio::io::copy(&mut (&mut *io).take(LINGER_BYTES), &mut tokio::io::sink()).await
+    };
+    let _ = tokio::time::timeout(LINGER, lingering).await;
 }
 
 /// Adapts the app's tower stack to one connection: marks each request with its connection's

@@ -24,7 +24,7 @@ use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, StatusCode, Uri, Version};
 use http_body::{Body as _, Frame, SizeHint};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
@@ -44,12 +44,9 @@ const WRITE_HIGH_WATER: usize = 64 * 1024;
 /// Headers the stack adds to a request on its way (identity, forwarding, Host, framing): the
 /// map gets room for them at once.
 const REQUEST_HEADERS_ADDED: usize = 10;
-/// After a refusal, what the client still sends is read and dropped for this long at most
-/// before the socket closes: closing with unread bytes would reset the connection, and the
-/// client could lose the response.
-const LINGER: Duration = Duration::from_secs(1);
-/// ...and at most this much.
-const LINGER_BYTES: usize = 1024 * 1024;
+/// Longest wait for the client to take the last of what was written before the connection
+/// closes (see [`super::connection`]'s `close`, which then takes as long again at most).
+const LAST_WRITE: Duration = Duration::from_secs(1);
 
 /// The socket and its buffers, shared by the connection's task (heads, responses) and the
 /// request body (which the stack reads as it needs).
@@ -438,8 +435,9 @@ enum Next {
 /// What an exchange left the connection fit for.
 enum After {
     Again,
+    /// The connection carries no other request: the response said it closes, or what is left
+    /// of the request body cannot be told from a next request.
     Close,
-    Linger,
     Upgrade(Tunnel),
     Drop(&'static str),
 }
@@ -500,7 +498,7 @@ where
                 Next::Refuse(refusal) => {
                     tracing::debug!(status = %refusal.status, why = refusal.why, "request head refused");
                     encode_refusal(refusal.status, &mut lock(&self.wire).write);
-                    return self.linger().await;
+                    return self.close().await;
                 }
                 Next::Drop(why) => {
                     tracing::debug!(why, "connection dropped");
@@ -509,8 +507,7 @@ where
             };
             match self.exchange(head).await {
                 After::Again => quiet_since = Instant::now(),
-                After::Close => return self.into_close(),
-                After::Linger => return self.linger().await,
+                After::Close => return self.close().await,
                 After::Upgrade(tunnel) => {
                     return match self.take_io() {
                         Some((io, unread)) => Outcome::Upgrade(io, unread, tunnel),
@@ -541,30 +538,13 @@ where
         }
     }
 
-    /// Sends what is left to write, closes our side, and reads what the client still sends
-    /// for a moment, so that closing does not reset the connection under the response.
-    async fn linger(self) -> Outcome<I> {
-        let Some(wire) = Arc::into_inner(self.wire) else {
-            return Outcome::Drop;
-        };
-        let mut wire = wire
-            .into_inner()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let closed = async {
-            std::future::poll_fn(|cx| wire.poll_write_out(cx)).await?;
-            wire.io.shutdown().await?;
-            let mut drained = 0;
-            while drained < LINGER_BYTES {
-                wire.read.clear();
-                match std::future::poll_fn(|cx| wire.poll_fill(cx)).await? {
-                    0 => break,
-                    n => drained += n,
-                }
-            }
-            io::Result::Ok(())
-        };
-        let _ = tokio::time::timeout(LINGER, closed).await;
-        Outcome::Drop
+    /// Sends what is left to write (a refusal), and hands the socket over to be closed.
+    async fn close(self) -> Outcome<I> {
+        let flushed = std::future::poll_fn(|cx| lock(&self.wire).poll_write_out(cx));
+        match tokio::time::timeout(LAST_WRITE, flushed).await {
+            Ok(Ok(())) => self.into_close(),
+            _ => Outcome::Drop,
+        }
     }
 
     /// The next request head: already read (pipelined) or on its way. Between requests, the
@@ -846,7 +826,7 @@ where
         if upgrade {
             if body_left {
                 // The client's side would start with the rest of its request body.
-                return After::Linger;
+                return After::Close;
             }
             return match self.service.take_tunnel() {
                 Some(tunnel) => After::Upgrade(tunnel),
@@ -855,13 +835,13 @@ where
         }
         if Arc::strong_count(&self.wire) > 1 {
             // Something kept the request body: it could read the next request's bytes.
-            return After::Linger;
+            return After::Close;
         }
         if !self.pass_over_body() {
             // The rest of the body is still to come: the connection cannot tell it from the
             // next request without reading it, so it closes, once the client has had a moment
             // to take the response.
-            return After::Linger;
+            return After::Close;
         }
         if close {
             After::Close

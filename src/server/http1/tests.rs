@@ -172,7 +172,7 @@ async fn ambiguous_framing_is_refused_before_the_stack_sees_it() {
             "{head:?} reached the stack"
         );
         drop(client);
-        assert_eq!(run.await.unwrap(), "drop");
+        assert_eq!(run.await.unwrap(), "close");
     }
 }
 
@@ -261,7 +261,7 @@ async fn continue_is_sent_only_when_the_stack_reads_the_body() {
     .await;
     assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer:?}");
     assert!(!answer.contains("100 Continue"), "{answer:?}");
-    assert_eq!(run.await.unwrap(), "drop");
+    assert_eq!(run.await.unwrap(), "close");
 }
 
 #[tokio::test]
@@ -301,7 +301,7 @@ async fn an_unread_body_still_to_come_closes_the_connection_after_the_response()
         "the response says the connection ends: {answer:?}"
     );
     assert_eq!(calls.load(Ordering::SeqCst), 1);
-    assert_eq!(run.await.unwrap(), "drop");
+    assert_eq!(run.await.unwrap(), "close");
 }
 
 #[tokio::test]
@@ -441,7 +441,7 @@ async fn a_trailer_section_larger_than_a_head_may_be_fails_the_body() {
     let answer = read_to_end(&mut client).await;
     assert!(answer.contains("POST /t error: "), "{answer:?}");
     drop(client);
-    assert_eq!(run.await.unwrap(), "drop");
+    assert_eq!(run.await.unwrap(), "close");
 }
 
 /// A small deterministic generator (xorshift), so that a failing case can be run again.
@@ -580,7 +580,7 @@ async fn an_answer_given_while_the_body_is_still_to_come_says_the_connection_end
     let rest = read_to_end(&mut client).await;
     assert!(!rest.contains("HTTP/1.1"), "{rest:?}");
     assert_eq!(calls.load(Ordering::SeqCst), 1);
-    assert_eq!(run.await.unwrap(), "drop");
+    assert_eq!(run.await.unwrap(), "close");
 }
 
 #[tokio::test]
