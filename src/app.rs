@@ -112,7 +112,17 @@ impl App {
             &metrics.rate_limit_table_full,
         );
         let certs = match &config.server.tls {
-            Some(tls) => Some(CertStore::open(&tls.cert, &tls.key)?),
+            Some(tls) => {
+                // Both outcomes are exported from the start, at 0: a series that first appears
+                // at 1 shows no increase to Prometheus, and the alert on failed reloads would
+                // never fire for the first one.
+                for outcome in ["ok", "error"] {
+                    metrics
+                        .certificate_reloads
+                        .get_or_create(&crate::metrics::ReloadLabels { outcome });
+                }
+                Some(CertStore::open(&tls.cert, &tls.key)?)
+            }
             None => None,
         };
         Ok(App {

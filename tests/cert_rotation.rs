@@ -83,6 +83,18 @@ async fn a_broken_pair_leaves_the_old_certificate_serving_and_counts_an_error() 
     let tls = handshakes(&ca);
     let mut before = H1Conn::open(proxy.addr, &ca.pem()).await;
     assert_eq!(before.get("/before").await.0, 200);
+    // Exported at 0 before any reload: Prometheus sees the first failure as an increase.
+    let m = scrape(proxy.admin).await;
+    for outcome in ["ok", "error"] {
+        assert_eq!(
+            m.get(
+                "portcullis_certificate_reloads_total",
+                &[("outcome", outcome)]
+            ),
+            Some(0.0),
+            "{outcome}"
+        );
+    }
 
     let errors = |n: f64| {
         move |m: &Exposition| {
