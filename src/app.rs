@@ -117,7 +117,7 @@ impl App {
                 // at 1 shows no increase to Prometheus, and the alert on failed reloads would
                 // never fire for the first one.
                 for outcome in ["ok", "error"] {
-                    metrics
+                    let _created = metrics
                         .certificate_reloads
                         .get_or_create(&crate::metrics::ReloadLabels { outcome });
                 }
