@@ -183,7 +183,28 @@ fn main() -> ExitCode {
     }
 }
 
+/// Raises the soft open-file limit to the hard one, as Go's runtime does: container runtimes may
+/// start a process at a soft limit of 1024, and each proxied connection holds two descriptors
+/// (the client's and the upstream's), so `server.max_connections` would otherwise be out of
+/// reach. Warns when even the hard limit cannot hold that many.
+fn raise_open_file_limit(max_connections: usize) {
+    // Two per connection, and room for the listeners, Redis, idle pooled connections and files.
+    let wanted = (max_connections as u64)
+        .saturating_mul(2)
+        .saturating_add(1024);
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) if limit < wanted => tracing::warn!(
+            open_file_limit = limit,
+            wanted,
+            "the open-file limit cannot hold server.max_connections proxied connections; raise the hard limit (ulimit -Hn) or lower server.max_connections"
+        ),
+        Ok(limit) => tracing::debug!(open_file_limit = limit, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
+}
+
 async fn run(config: Config) -> ExitCode {
+    raise_open_file_limit(config.server.max_connections);
     let public_addr = config.server.listen;
     let admin_addr = config.admin.listen;
     let app = match App::build(config) {

@@ -301,6 +301,54 @@ fn check_config_rejects_a_missing_file() {
     assert!(stderr.contains("absent.toml"), "{stderr}");
 }
 
+/// The soft and hard open-file limits of process `pid`.
+fn open_file_limits(pid: u32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("a Max open files line");
+    let mut fields = line["Max open files".len()..].split_whitespace();
+    let soft = fields.next().unwrap().to_string();
+    let hard = fields.next().unwrap().to_string();
+    (soft, hard)
+}
+
+/// Started at a soft open-file limit of 256 (as some container runtimes start processes at
+/// 1024), portcullis raises it to the hard limit; and warns when even that cannot hold
+/// `server.max_connections` proxied connections (two descriptors each).
+#[tokio::test]
+async fn the_binary_raises_its_open_file_limit_and_warns_when_the_hard_one_is_too_low() {
+    let upstream = Upstream::echo().await;
+    let config = config_with(
+        &upstream.url(),
+        &format!(
+            "[server]\nmax_connections = 1000\nshutdown_delay = \"0s\"\n[redis]\nurl = \"redis://{}\"\n",
+            dead_addr()
+        ),
+    );
+    const TOO_LOW: &str = "the open-file limit cannot hold server.max_connections";
+    for (limits, warned) in [("--nofile=256:", false), ("--nofile=256:1500", true)] {
+        let command = observe::portcullis_command_under(&["prlimit", limits, "--"], TEST_SECRET);
+        let mut binary = observe::Binary::listening(command, &config).await;
+        binary.wait_healthy().await;
+        let (soft, hard) = open_file_limits(binary.pid);
+        assert_eq!(
+            soft, hard,
+            "{limits}: the soft limit was raised to the hard one"
+        );
+        assert_ne!(soft, "256", "{limits}");
+        assert_eq!(
+            binary.logged(TOO_LOW),
+            warned,
+            "{limits}:\n{}",
+            binary.output()
+        );
+        binary.signal("TERM");
+        binary.wait_exit(Duration::from_secs(10)).await;
+    }
+}
+
 #[tokio::test]
 async fn binary_exits_0_after_sigterm() {
     let upstream = Upstream::echo().await;

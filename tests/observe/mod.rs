@@ -612,7 +612,20 @@ impl Drop for H1Conn {
 
 /// The portcullis binary with a clean environment and the test JWT secret.
 pub fn portcullis_command(secret: &str) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_portcullis"));
+    portcullis_command_under(&[], secret)
+}
+
+/// [`portcullis_command`] run by `wrapper` (a program and its arguments, such as `prlimit`).
+pub fn portcullis_command_under(wrapper: &[&str], secret: &str) -> Command {
+    let binary = env!("CARGO_BIN_EXE_portcullis");
+    let mut cmd = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut cmd = Command::new(program);
+            cmd.args(args).arg(binary);
+            cmd
+        }
+        None => Command::new(binary),
+    };
     for (name, _) in std::env::vars() {
         if name.starts_with("PORTCULLIS_") || name.starts_with("REDIS_") {
             cmd.env_remove(name);
