@@ -24,6 +24,11 @@ pub enum TlsError {
     },
     #[error("{path} holds no PEM certificate")]
     NoCertificate { path: PathBuf },
+    #[error("{path} holds a damaged PEM certificate: {source}")]
+    BadCertificate {
+        path: PathBuf,
+        source: rustls::pki_types::pem::Error,
+    },
     #[error("{path} holds no PEM private key")]
     NoKey { path: PathBuf },
     #[error("the key in {path} is not usable: {source}")]
@@ -63,9 +68,14 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsEr
     };
     let cert_pem = read(cert)?;
     let key_pem = read(key)?;
+    // A damaged block fails the load rather than being left out: a chain without its
+    // intermediate still matches the key, and would fail only the clients that need it.
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
-        .filter_map(Result::ok)
-        .collect();
+        .collect::<Result<_, _>>()
+        .map_err(|source| TlsError::BadCertificate {
+            path: cert.to_path_buf(),
+            source,
+        })?;
     if chain.is_empty() {
         return Err(TlsError::NoCertificate {
             path: cert.to_path_buf(),
@@ -162,14 +172,15 @@ impl CertStore {
         }
     }
 
-    /// True when the files differ from what was last tried.
+    /// True when the files differ from what was last tried; files that cannot be read count
+    /// as one more state, so that losing them is reported once.
     fn changed(&self) -> bool {
         let now = fingerprint(&self.cert_path, &self.key_path);
         let tried = match self.tried.lock() {
             Ok(tried) => tried.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
         };
-        now.is_some() && now != tried
+        now != tried
     }
 
     /// Checks the files every `interval` and reloads when their contents change (Kubernetes

@@ -131,6 +131,26 @@ async fn a_broken_pair_leaves_the_old_certificate_serving_and_counts_an_error() 
         served_leaf(proxy.addr, &tls).await == old.der,
         "old pair still served"
     );
+
+    // A chain whose intermediate is damaged: served as the leaf alone, it would fail clients
+    // that do not fetch intermediates themselves.
+    let second = new.cert_pem.rfind("-----BEGIN CERTIFICATE-----").unwrap();
+    let damaged = format!(
+        "{}{}",
+        &new.cert_pem[..second],
+        new.cert_pem[second..].replacen('\n', "\n!!!!", 1)
+    );
+    volume.swap(&damaged, &new.key_pem);
+    scrape_until(proxy.admin, "four failed reloads", errors(4.0)).await;
+    assert!(
+        served_leaf(proxy.addr, &tls).await == old.der,
+        "old pair still served"
+    );
+
+    // The certificate file gone: logged and counted once, not passed over.
+    volume.swap(&new.cert_pem, &new.key_pem);
+    std::fs::remove_file(volume.dir.path().join("..data").join("cert.pem")).unwrap();
+    scrape_until(proxy.admin, "five failed reloads", errors(5.0)).await;
     assert_eq!(before.get("/during").await.0, 200);
 
     let m = scrape(proxy.admin).await;
@@ -144,7 +164,7 @@ async fn a_broken_pair_leaves_the_old_certificate_serving_and_counts_an_error() 
             e.level == tracing::Level::ERROR && e.target.starts_with("portcullis::tls")
         })
         .await;
-    assert!(logged.len() >= 3, "{logged:#?}");
+    assert!(logged.len() >= 5, "{logged:#?}");
 
     // A good pair afterwards is picked up.
     volume.swap(&new.cert_pem, &new.key_pem);
@@ -160,7 +180,7 @@ async fn a_broken_pair_leaves_the_old_certificate_serving_and_counts_an_error() 
             "portcullis_certificate_reloads_total",
             &[("outcome", "error")]
         ),
-        Some(3.0)
+        Some(5.0)
     );
 }
 
