@@ -497,6 +497,28 @@ async fn a_client_that_stops_reading_its_response_is_dropped() {
     drop(stalled);
 }
 
+/// Client sockets carry TCP keepalive, so that a client that vanished without closing (a phone
+/// that lost its network, holding a WebSocket) is noticed. `ss` shows the proxy's side of the
+/// connection with its keepalive timer running, a minute at first.
+#[tokio::test]
+async fn client_sockets_carry_tcp_keepalive() {
+    let upstream = Upstream::echo().await;
+    let proxy = Proxy::start(&open_config(&upstream.url())).await;
+    let mut conn = RawConn::open(&proxy).await;
+    conn.get_ok("/").await;
+    let filter = format!("( sport = :{} )", proxy.addr.port());
+    let out = std::process::Command::new("ss")
+        .args(["-tnoH", "state", "established", &filter])
+        .output()
+        .expect("run ss (iproute2)");
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(listed.contains("timer:(keepalive,"), "{listed}");
+    assert!(
+        listed.contains("sec,0)") || listed.contains("min,0)"),
+        "a minute or less to the first probe: {listed}"
+    );
+}
+
 /// The raw bytes of an HTTP/2 client that never makes a request.
 const H2_PREFACE_AND_SETTINGS: &[u8] =
     b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";

@@ -5,6 +5,7 @@ mod observe;
 mod support;
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use http::Version;
 use support::*;
@@ -270,4 +271,88 @@ async fn tls_bytes_that_are_no_request_do_not_hold_a_resting_connection() {
         closed_after < Duration::from_millis(1500),
         "closed only after {closed_after:?}"
     );
+}
+
+/// An upstream that accepts an upgrade with a bare 101 and then writes to the tunnel without
+/// end; the bytes it got written so far.
+async fn flooding_upgrade_upstream() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>)
+{
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let written = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = written.clone();
+    tokio::spawn(async move {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            return;
+        };
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+                return;
+            }
+            head.push(byte[0]);
+        }
+        let switched = b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n";
+        if stream.write_all(switched).await.is_err() {
+            return;
+        }
+        let chunk = [b'f'; 64 * 1024];
+        while let Ok(n) = stream.write(&chunk).await {
+            count.fetch_add(n, Ordering::SeqCst);
+        }
+    });
+    (addr, written)
+}
+
+/// At shutdown, a WebSocket tunnel over TLS to a client that stopped reading is closed within
+/// moments: its TLS close cannot be written to the full socket, and is given up on, rather than
+/// holding the process for the whole `shutdown_grace`.
+#[tokio::test]
+async fn a_tunnel_to_a_client_that_stopped_reading_does_not_hold_up_shutdown() {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = TestPki::new();
+    let (upstream, written) = flooding_upgrade_upstream().await;
+    let mut proxy = Proxy::start(&config_with(
+        &format!("http://{upstream}"),
+        &format!("{}[server]\nshutdown_grace = \"30s\"\n", pki.tls_section()),
+    ))
+    .await;
+    let config = observe::tls_client_config(&pki.ca_pem, &[b"http/1.1"]);
+    let mut tls = observe::tls_connect(proxy.addr, config).await;
+    tls.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut first = [0u8; 12];
+    tls.read_exact(&mut first).await.unwrap();
+    assert_eq!(&first, b"HTTP/1.1 101");
+    // The client reads no more: the flood fills every buffer on the way, until the upstream's
+    // writes stop moving.
+    let mut last = usize::MAX;
+    eventually("the tunnel's buffers to fill", || {
+        let now = written.load(Ordering::SeqCst);
+        let settled = now > 0 && now == last;
+        last = now;
+        async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            settled
+        }
+    })
+    .await;
+    let stopping = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(20), proxy.shutdown())
+        .await
+        .expect("shutdown within 20 s")
+        .unwrap();
+    assert!(
+        stopping.elapsed() < Duration::from_secs(5),
+        "shutdown took {:?}",
+        stopping.elapsed()
+    );
+    drop(tls);
 }

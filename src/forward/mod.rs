@@ -110,10 +110,20 @@ impl Tunnel {
         if let Err(e) = result {
             tracing::debug!(error = %e, "tunnel closed with an error");
         }
-        let _ = tokio::io::AsyncWriteExt::shutdown(&mut client_write).await;
-        let _ = tokio::io::AsyncWriteExt::shutdown(&mut upstream_write).await;
+        // Both sides at once, and bounded: a client that stops reading would otherwise hold a
+        // TLS close (its close_notify cannot be written) and the upstream's close behind it.
+        let closing = async {
+            tokio::join!(
+                tokio::io::AsyncWriteExt::shutdown(&mut client_write),
+                tokio::io::AsyncWriteExt::shutdown(&mut upstream_write),
+            )
+        };
+        let _ = tokio::time::timeout(TUNNEL_CLOSE, closing).await;
     }
 }
+
+/// Longest a tunnel's two closes may take together.
+const TUNNEL_CLOSE: Duration = Duration::from_secs(1);
 
 /// Headers [`Upstream::upstream_request`] may add to a request.
 const UPSTREAM_HEADERS_ADDED: usize = 8;

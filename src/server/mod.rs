@@ -60,6 +60,25 @@ const REST_AFTER: Duration = Duration::from_millis(20);
 /// reading a response would otherwise hold its connection, and an upstream one, for ever.
 const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(5);
 
+/// TCP keepalive on client sockets: a client that vanished without closing (a phone that lost
+/// its network) is noticed after about two minutes of silence, rather than holding its
+/// connection, its slot under `server.max_connections` and a WebSocket tunnel's upstream
+/// connection until something is written to it, or for ever. Idle HTTP connections close long
+/// before it matters; tunnels are what it is for.
+const CLIENT_KEEPALIVE: socket2::TcpKeepalive = socket2::TcpKeepalive::new()
+    .with_time(Duration::from_secs(60))
+    .with_interval(Duration::from_secs(10))
+    .with_retries(5);
+
+/// An accept error that concerns only the connection being accepted, not the listener.
+fn per_connection(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind;
+    matches!(
+        e.kind(),
+        ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset | ErrorKind::ConnectionRefused
+    )
+}
+
 impl ConnLimits {
     /// The HTTP layer's own hard cap on a request head: well above `max_header_bytes`, so that
     /// the limits layer decides (with a JSON 431) every case up to it; past it the HTTP/1.1
@@ -167,6 +186,11 @@ pub async fn serve(
             _ = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
+                // One connection's trouble (reset before it was taken): on with the next.
+                Err(e) if per_connection(&e) => {
+                    tracing::debug!(error = %e, "accept failed for one connection");
+                    continue;
+                }
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
@@ -176,6 +200,7 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
+        let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&CLIENT_KEEPALIVE);
         // Leave this runtime's poller, to join the worker's.
         let stream = match stream.into_std() {
             Ok(s) => s,
