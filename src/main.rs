@@ -203,6 +203,31 @@ fn raise_open_file_limit(max_connections: usize) {
     }
 }
 
+/// After the first SIGTERM or SIGINT, a second one ends the process at once (exit code 1),
+/// without waiting out `server.shutdown_delay` or the drain: whoever sent it asked twice. The
+/// handlers are in place before this returns, so a signal sent once the shutdown shows (on
+/// `/readyz`) is seen.
+fn exit_on_second_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return;
+        };
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            tracing::warn!("second signal: exiting at once, without finishing the shutdown");
+            std::process::exit(1);
+        });
+    }
+}
+
 async fn run(config: Config) -> ExitCode {
     raise_open_file_limit(config.server.max_connections);
     let public_addr = config.server.listen;
@@ -228,7 +253,12 @@ async fn run(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match app.run(public, admin, shutdown_signal()).await {
+    let signalled = async {
+        let how = shutdown_signal().await;
+        exit_on_second_signal();
+        how
+    };
+    match app.run(public, admin, signalled).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "portcullis failed");

@@ -349,6 +349,36 @@ async fn the_binary_raises_its_open_file_limit_and_warns_when_the_hard_one_is_to
     }
 }
 
+/// A second SIGTERM or SIGINT, once the shutdown has begun, ends the process at once rather
+/// than after `server.shutdown_delay` (30 s here) and the drain.
+#[tokio::test]
+async fn a_second_signal_ends_the_binary_at_once() {
+    let upstream = Upstream::echo().await;
+    let config = config_with(
+        &upstream.url(),
+        &format!(
+            "[server]\nshutdown_delay = \"30s\"\n[redis]\nurl = \"redis://{}\"\n",
+            dead_addr()
+        ),
+    );
+    for (first, second) in [("TERM", "TERM"), ("TERM", "INT")] {
+        let mut binary =
+            observe::Binary::listening(observe::portcullis_command(TEST_SECRET), &config).await;
+        binary.wait_healthy().await;
+        binary.signal(first);
+        // The shutdown has begun once /readyz says so.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while binary.readyz().await.1["checks"]["shutdown"] != "shutting down" {
+            assert!(std::time::Instant::now() < deadline, "{}", binary.output());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        binary.signal(second);
+        let status = binary.wait_exit(Duration::from_secs(5)).await;
+        assert_eq!(status.code(), Some(1), "{first} then {second}");
+        assert!(binary.logged("second signal"), "{}", binary.output());
+    }
+}
+
 #[tokio::test]
 async fn binary_exits_0_after_sigterm() {
     let upstream = Upstream::echo().await;
