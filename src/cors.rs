@@ -153,7 +153,13 @@ where
             let response = if allowed {
                 self.policy.preflight(origin)
             } else {
-                Rejection::OriginNotAllowed.into_response()
+                // Varies like the allowed answer: a cache must not serve this refusal to an
+                // allowed origin, nor the other way round.
+                let mut refused = Rejection::OriginNotAllowed.into_response();
+                refused
+                    .headers_mut()
+                    .insert(header::VARY, PREFLIGHT_VARY.clone());
+                refused
             };
             return Either::Left(std::future::ready(Ok(response)));
         }
