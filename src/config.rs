@@ -219,7 +219,7 @@ pub struct ServerSection {
     pub tls: Option<TlsSection>,
     /// Largest request body forwarded, in bytes.
     pub max_body_bytes: u64,
-    /// Largest request head (all header names and values), in bytes.
+    /// Largest request head (the request line, header names and values), in bytes.
     pub max_header_bytes: usize,
     /// Time a client has to finish its TLS handshake and send a complete request head.
     #[serde(with = "humantime_serde")]
@@ -397,7 +397,7 @@ pub struct SessionSection {
     pub slide_interval: Option<Duration>,
     /// Admit recently confirmed sessions from memory, kept exact by Redis invalidations.
     pub local_cache: bool,
-    /// Most sessions held in the local cache.
+    /// Most users with sessions held in the local cache.
     pub local_cache_max_entries: usize,
     /// Most live sessions a user may have; opening one more ends the least recently active.
     pub max_per_user: usize,

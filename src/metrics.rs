@@ -20,7 +20,7 @@ use crate::error::Rejection;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    /// `api`, `session`, `jwt` or `none`.
+    /// `api`, `session`, `jwt`, `none` or `invalid`.
     pub route_class: &'static str,
     pub status: u16,
 }
@@ -53,7 +53,7 @@ pub struct RedisLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RedisErrorLabels {
     pub op: &'static str,
-    /// `unavailable`, `timeout` or `error`.
+    /// `unavailable`, `timeout`, `not_writable` or `error`.
     pub kind: &'static str,
 }
 
@@ -101,8 +101,9 @@ struct HotSeries {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CacheLabels {
-    /// `hit` (admitted from memory), `miss` (checked in Redis: not cached, stale, or the
-    /// heartbeat is late), or `off` (the tracking connection is down: checked in Redis).
+    /// `hit` (admitted from memory), `miss` (checked in Redis: not cached, or older than the
+    /// slide interval), `stale` (checked in Redis: the heartbeat is late), or `off` (the
+    /// tracking connection is down: checked in Redis).
     pub result: &'static str,
 }
 
@@ -270,13 +271,13 @@ impl Metrics {
         let session_cache_lookups = Family::<CacheLabels, Counter>::default();
         registry.register(
             "session_cache_lookups",
-            "Session checks on proxied requests, by how the local cache answered",
+            "Session checks on proxied requests and open tunnels, by how the local cache answered",
             session_cache_lookups.clone(),
         );
         let session_cache_entries = Gauge::default();
         registry.register(
             "session_cache_entries",
-            "Sessions held in the local cache",
+            "Users with sessions held in the local cache",
             session_cache_entries.clone(),
         );
         Metrics {

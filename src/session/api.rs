@@ -9,6 +9,7 @@
 //! | GET | `/{sessionId}` | 200 `Session`, 404 |
 //! | POST | `/{sessionId}/extend` | 200 `{sessionId, expiresAt}`, 404 |
 //! | DELETE | `/{sessionId}` | 200, 404 |
+//! | DELETE | `/user/sessions` | 200, every session of the caller's ended (sign out everywhere) |
 //! | GET | `/openapi.json` | 200, the OpenAPI 3 document |
 
 use std::convert::Infallible;
