@@ -79,6 +79,11 @@ pub struct InjectOptions {
     /// the sidecar's public and admin ports and the pods' other declared ports.
     #[arg(long)]
     pub network_policy: bool,
+    /// Change the workloads only, and leave Services (and NetworkPolicies) for a second run once
+    /// the new pods are up: pods still without the sidecar would refuse a Service already
+    /// retargeted to its port.
+    #[arg(long, conflicts_with = "network_policy")]
+    pub workloads_only: bool,
 }
 
 impl Default for InjectOptions {
@@ -93,6 +98,7 @@ impl Default for InjectOptions {
             tls_secret: None,
             redis_secret: None,
             network_policy: false,
+            workloads_only: false,
         }
     }
 }
@@ -424,7 +430,7 @@ pub fn inject(sources: &[Source], opts: &InjectOptions) -> Result<Injected, Inje
     }
 
     for i in 0..docs.len() {
-        if docs[i].kind() == "Service" {
+        if docs[i].kind() == "Service" && !opts.workloads_only {
             let (edits, service_notes) = plan_service(&docs[i], &mut workloads, &docs, opts);
             let described = docs[i].describe(sources);
             notes.extend(
@@ -434,6 +440,12 @@ pub fn inject(sources: &[Source], opts: &InjectOptions) -> Result<Injected, Inje
             );
             docs[i].edits.extend(edits);
         }
+    }
+
+    if opts.workloads_only && !injected.is_empty() && docs.iter().any(|d| d.kind() == "Service") {
+        notes.push(
+            "Services left as they are (--workloads-only): once `kubectl rollout status` says the new pods are up, run inject again without it (the workloads come out unchanged) to retarget them".to_string(),
+        );
     }
 
     let mut policies = Vec::new();

@@ -450,6 +450,57 @@ fn services_selecting_an_injected_workload_are_retargeted() {
     assert_eq!(target("udp"), 7777);
 }
 
+/// On a live workload, in two steps: the workloads first, then (once the new pods are up)
+/// the Services, so that no Service points at a port that old pods do not serve.
+#[test]
+fn workloads_only_leaves_services_for_a_second_run() {
+    let input = [
+        deployment("game", "{app: game}", ONE_PORT),
+        "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: game\nspec:\n  selector: {app: game}\n  ports:\n    - port: 80\n      targetPort: 8080\n".to_string(),
+    ]
+    .concat();
+    let first = inject(&["--workloads-only"], &input);
+    let out = first.docs();
+    let sidecars = &kind(&out, "Deployment", "game")["spec"]["template"]["spec"]["initContainers"];
+    assert_eq!(
+        container(sidecars, "portcullis")["ports"][0]["containerPort"],
+        8443
+    );
+    assert_eq!(
+        kind(&out, "Service", "game")["spec"]["ports"][0]["targetPort"],
+        8080
+    );
+    assert!(
+        first.stderr.contains("--workloads-only"),
+        "{}",
+        first.stderr
+    );
+    let service_before = input.split("---\n").nth(1).unwrap();
+    assert!(
+        first.stdout.contains(service_before),
+        "the Service changed:\n{}",
+        first.stdout
+    );
+
+    // The second run retargets the Service and leaves the injected workload as it was.
+    let second = inject(&[], &first.stdout);
+    let out = second.docs();
+    assert_eq!(
+        kind(&out, "Service", "game")["spec"]["ports"][0]["targetPort"],
+        8443
+    );
+    let deployment_after_first = first.stdout.split("---\n").next().unwrap();
+    assert!(
+        second.stdout.starts_with(deployment_after_first),
+        "{}",
+        second.stdout
+    );
+
+    // A NetworkPolicy closes the game's port, which old pods still serve through: not with it.
+    let both = inject(&["--workloads-only", "--network-policy"], &input);
+    assert!(!both.ok);
+}
+
 #[test]
 fn a_plain_http_service_port_retargeted_to_tls_is_reported() {
     let service = |name: &str, port: &str| {
