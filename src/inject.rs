@@ -327,6 +327,19 @@ fn pod_paths(kind: &str) -> Option<(Vec<&'static str>, Vec<&'static str>)> {
     }
 }
 
+/// Why a kind that runs pods gets no sidecar, so that it is not passed over in silence.
+fn not_injected_kind(kind: &str) -> Option<&'static str> {
+    match kind {
+        "Job" | "CronJob" => Some(
+            "a Job's pods end when their work does, and a sidecar serving requests is not what they need (inject takes Deployments, StatefulSets, DaemonSets, ReplicaSets and Pods)",
+        ),
+        "ReplicationController" | "Fleet" | "GameServer" | "GameServerSet" | "Rollout" => Some(
+            "inject does not know where this kind keeps its pod template (it takes Deployments, StatefulSets, DaemonSets, ReplicaSets and Pods): add the sidecar as game.yaml shows",
+        ),
+        _ => None,
+    }
+}
+
 /// Adds the sidecar to every workload of `sources`, retargets the Services that select them, and
 /// optionally appends NetworkPolicies.
 pub fn inject(sources: &[Source], opts: &InjectOptions) -> Result<Injected, InjectError> {
@@ -364,6 +377,9 @@ pub fn inject(sources: &[Source], opts: &InjectOptions) -> Result<Injected, Inje
     let mut injected = Vec::new();
     for (i, doc) in docs.iter_mut().enumerate() {
         let Some((spec_path, labels_path)) = pod_paths(doc.kind()) else {
+            if let Some(why) = not_injected_kind(doc.kind()) {
+                notes.push(format!("{}: left unchanged: {why}", doc.describe(sources)));
+            }
             continue;
         };
         if opted_out(&doc.value, &labels_path) {
@@ -405,6 +421,13 @@ pub fn inject(sources: &[Source], opts: &InjectOptions) -> Result<Injected, Inje
             ));
         }
         if let Some(upstream) = workload.upstream {
+            if let Some(host_port) = host_port_of(&doc.value, &spec_path, upstream) {
+                notes.push(format!(
+                    "{}: port {upstream} is also published on each node as hostPort {host_port}: clients that reach <node>:{host_port} bypass portcullis (NetworkPolicies rarely cover host ports): remove the hostPort, or publish the sidecar's port {} instead",
+                    doc.describe(sources),
+                    opts.port
+                ));
+            }
             for probe in probes_of_port(&doc.value, &spec_path, upstream) {
                 notes.push(format!(
                     "{}: {probe} checks port {upstream}, which portcullis fronts: the kubelet probes the pod's IP, so the probe fails once the game listens on 127.0.0.1 only (restarts, or never Ready): keep the game on 0.0.0.0 and close its port with --network-policy (which does not stop the kubelet), or make it an exec probe",
@@ -414,6 +437,14 @@ pub fn inject(sources: &[Source], opts: &InjectOptions) -> Result<Injected, Inje
         }
         if !edits.is_empty() {
             injected.push(doc.describe(sources));
+        } else if let Some(image) =
+            sidecar_image(&doc.value, &spec_path).filter(|image| *image != opts.image)
+        {
+            notes.push(format!(
+                "{}: already has a sidecar, running {image}, not {}: inject does not update a sidecar (its image, ports or Secrets): edit it, or remove it and inject again",
+                doc.describe(sources),
+                opts.image
+            ));
         }
         doc.edits.extend(edits);
         workloads.push(workload);
@@ -888,6 +919,30 @@ fn protocol_of(port: &Value) -> &str {
 
 /// The ports of the pod's containers that are not TCP (UDP or SCTP), which portcullis cannot
 /// front.
+/// The image of the pod's sidecar, if it has one.
+fn sidecar_image(doc: &Value, spec_path: &[&str]) -> Option<String> {
+    let spec = get(doc, spec_path).and_then(Value::as_mapping)?;
+    ["initContainers", "containers"]
+        .into_iter()
+        .flat_map(|key| seq_of(spec, key))
+        .find(|c| c.get("name").and_then(Value::as_str) == Some(SIDECAR_NAME))?
+        .get("image")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+}
+
+/// The `hostPort` under which the pod's containers publish TCP `port` on the node, if any.
+fn host_port_of(doc: &Value, spec_path: &[&str], port: u16) -> Option<u64> {
+    let spec = get(doc, spec_path).and_then(Value::as_mapping)?;
+    seq_of(spec, "containers")
+        .iter()
+        .filter_map(|c| c.get("ports").and_then(Value::as_sequence))
+        .flatten()
+        .filter(|p| protocol_of(p) == "TCP")
+        .filter(|p| p.get("containerPort").and_then(Value::as_u64) == Some(u64::from(port)))
+        .find_map(|p| p.get("hostPort").and_then(Value::as_u64))
+}
+
 fn non_tcp_ports(doc: &Value, spec_path: &[&str]) -> Vec<ContainerPort> {
     let Some(spec) = get(doc, spec_path).and_then(Value::as_mapping) else {
         return Vec::new();

@@ -502,6 +502,56 @@ fn workloads_only_leaves_services_for_a_second_run() {
 }
 
 #[test]
+fn a_sidecar_is_not_updated_and_a_different_image_is_reported() {
+    let input = deployment("game", "{app: game}", ONE_PORT);
+    let first = inject(&["--image", "registry.example/portcullis:1"], &input);
+    assert!(first.ok, "{}", first.stderr);
+    let same = inject(&["--image", "registry.example/portcullis:1"], &first.stdout);
+    assert_eq!(same.stdout, first.stdout);
+    assert!(
+        !same.stderr.contains("already has a sidecar"),
+        "{}",
+        same.stderr
+    );
+    let newer = inject(&["--image", "registry.example/portcullis:2"], &first.stdout);
+    assert_eq!(newer.stdout, first.stdout, "the sidecar is left as it is");
+    assert!(
+        newer
+            .stderr
+            .contains("running registry.example/portcullis:1, not registry.example/portcullis:2"),
+        "{}",
+        newer.stderr
+    );
+}
+
+#[test]
+fn a_host_port_and_kinds_that_are_not_injected_are_reported() {
+    let host_port =
+        "          ports:\n            - containerPort: 8080\n              hostPort: 7080\n";
+    let job = "---\napiVersion: batch/v1\nkind: Job\nmetadata:\n  name: migrate\nspec:\n  template:\n    spec:\n      restartPolicy: Never\n      containers:\n        - name: m\n          image: m:1\n";
+    let input = [
+        deployment("game", "{app: game}", host_port),
+        job.to_string(),
+    ]
+    .concat();
+    let run = inject(&[], &input);
+    let out = run.docs();
+    assert!(
+        run.stderr.contains("hostPort 7080") && run.stderr.contains("bypass portcullis"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("(Job migrate): left unchanged"),
+        "{}",
+        run.stderr
+    );
+    assert!(kind(&out, "Job", "migrate")["spec"]["template"]["spec"]
+        .get("initContainers")
+        .is_none());
+}
+
+#[test]
 fn a_plain_http_service_port_retargeted_to_tls_is_reported() {
     let service = |name: &str, port: &str| {
         format!("---\napiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\nspec:\n  selector: {{app: d}}\n  ports:\n{port}")
