@@ -449,15 +449,27 @@ pub fn inject(sources: &[Source], opts: &InjectOptions) -> Result<Injected, Inje
         doc.edits.extend(edits);
         workloads.push(workload);
     }
-    if let (None, Some(first)) = (&opts.jwt_secret, injected.first()) {
+    if let Some(first) = injected.first() {
         let others = match injected.len() - 1 {
             0 => String::new(),
             1 => " and 1 other workload".to_string(),
             n => format!(" and {n} other workloads"),
         };
-        notes.push(format!(
-            "{first}{others}: no --jwt-secret, so the sidecar gets no JWT_SECRET: portcullis refuses to start without a JWT key, and the example ConfigMap (deploy/k8s/portcullis-config.yaml, HS256) takes its HMAC secret only from JWT_SECRET: pass --jwt-secret NAME, a Secret whose key `secret` holds it (portcullis-jwt in deploy/k8s/secrets.yaml), unless the ConfigMap's [jwt] names a key file under {CONFIG_DIR} (public_key_pem)"
-        ));
+        if opts.jwt_secret.is_none() {
+            notes.push(format!(
+                "{first}{others}: no --jwt-secret, so the sidecar gets no JWT_SECRET: portcullis refuses to start without a JWT key, and the example ConfigMap (deploy/k8s/portcullis-config.yaml, HS256) takes its HMAC secret only from JWT_SECRET: pass --jwt-secret NAME, a Secret whose key `secret` holds it (portcullis-jwt in deploy/k8s/secrets.yaml), unless the ConfigMap's [jwt] names a key file under {CONFIG_DIR} (public_key_pem)"
+            ));
+        }
+        if opts.tls_secret.is_none() {
+            notes.push(format!(
+                "{first}{others}: no --tls-secret, so the sidecar mounts no certificate: with a ConfigMap whose [server.tls] reads files under {TLS_DIR}, as the example's does, it cannot start: pass --tls-secret NAME (a kubernetes.io/tls Secret; portcullis-tls in deploy/k8s/secrets.yaml), or leave [server.tls] out where TLS ends before portcullis"
+            ));
+        }
+        if opts.redis_secret.is_none() {
+            notes.push(format!(
+                "{first}{others}: no --redis-secret, so the sidecar gets no REDIS_PASSWORD: a Redis that needs one (the example's does) refuses it, and the pod never becomes ready: pass --redis-secret NAME (a Secret whose key `password` holds it; redis-auth in deploy/k8s/secrets.yaml), unless redis.url carries the password"
+            ));
+        }
     }
 
     for i in 0..docs.len() {

@@ -320,7 +320,7 @@ fn comments_and_key_order_are_kept() {
     let input = deployment("d", "{app: d}", ONE_PORT)
         .replace("kind: Deployment", "kind: Deployment # the game")
         .replace("    spec:\n", "    spec:\n      # pod spec\n");
-    let out = inject(&["--jwt-secret", "jwt"], &input);
+    let out = inject(SECRETS, &input);
     assert!(out.ok, "{}", out.stderr);
     assert!(
         out.stdout.contains("kind: Deployment # the game"),
@@ -582,7 +582,11 @@ fn a_plain_http_service_port_retargeted_to_tls_is_reported() {
     // Without a certificate the sidecar speaks plain HTTP, as the game did: nothing to say.
     let out = inject(&[], &input);
     assert!(out.ok, "{}", out.stderr);
-    assert!(!out.stderr.contains("TLS"), "{}", out.stderr);
+    assert!(
+        !out.stderr.contains("must now connect with TLS"),
+        "{}",
+        out.stderr
+    );
 }
 
 #[test]
@@ -696,7 +700,7 @@ fn network_policy_closes_only_the_fronted_port() {
 #[test]
 fn json_documents_are_injected_too() {
     let input = r#"{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "j"}, "spec": {"containers": [{"name": "g", "image": "g", "ports": [{"containerPort": 80}]}]}}"#;
-    let out = inject(&["--jwt-secret", "jwt"], input);
+    let out = inject(SECRETS, input);
     let docs = out.docs();
     assert_eq!(docs[0]["spec"]["initContainers"][0]["name"], "portcullis");
     assert_eq!(docs[0]["spec"]["containers"][0]["name"], "g");
@@ -796,7 +800,7 @@ fn a_host_network_workload_is_left_alone_with_a_note() {
 }
 
 #[test]
-fn without_a_jwt_secret_a_note_says_what_to_pass() {
+fn without_the_secrets_notes_say_what_to_pass() {
     let input = format!(
         "{}---\n{}",
         deployment("a", "{app: a}", ONE_PORT),
@@ -820,6 +824,11 @@ fn without_a_jwt_secret_a_note_says_what_to_pass() {
     );
     assert!(note.contains("--jwt-secret NAME"), "{note}");
     assert!(note.contains("public_key_pem"), "{note}");
+    // And one each for the certificate and the Redis password.
+    for flag in ["--tls-secret NAME", "--redis-secret NAME"] {
+        let notes = out.stderr.lines().filter(|l| l.contains(flag)).count();
+        assert_eq!(notes, 1, "{flag}: {}", out.stderr);
+    }
     // Both are still injected, without the variable.
     for d in out.docs() {
         let sidecar = container(
@@ -831,8 +840,8 @@ fn without_a_jwt_secret_a_note_says_what_to_pass() {
             .is_some_and(|e| e.iter().all(|v| v["name"] != "JWT_SECRET")));
     }
 
-    // With the Secret, or with nothing newly injected, there is nothing to say.
-    let out = inject(&["--jwt-secret", "portcullis-jwt"], &input);
+    // With the Secrets, or with nothing newly injected, there is nothing to say.
+    let out = inject(SECRETS, &input);
     assert!(out.ok, "{}", out.stderr);
     assert!(out.stderr.is_empty(), "{}", out.stderr);
     let out = inject(&[], &read("deploy/k8s/game.yaml"));
