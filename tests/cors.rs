@@ -100,7 +100,9 @@ async fn a_preflight_from_another_origin_is_refused() {
     ] {
         let resp = preflight(&s.proxy, "/game", origin).send().await.unwrap();
         assert!(header(&resp, "access-control-allow-origin").is_none());
-        let vary = header(&resp, "vary").unwrap_or_default().to_ascii_lowercase();
+        let vary = header(&resp, "vary")
+            .unwrap_or_default()
+            .to_ascii_lowercase();
         assert!(vary.contains("origin"), "Vary: {vary}");
         assert_error(resp, 403, "ORIGIN_NOT_ALLOWED").await;
     }
