@@ -1510,28 +1510,30 @@ spec:
             - containerPort: 8080
 ";
 
-    /// With a JWT Secret, so that no note is expected.
-    fn with_jwt() -> InjectOptions {
+    /// With the Secrets, so that no note is expected.
+    fn with_secrets() -> InjectOptions {
         InjectOptions {
             jwt_secret: Some("portcullis-jwt".into()),
+            tls_secret: Some("portcullis-tls".into()),
+            redis_secret: Some("redis-auth".into()),
             ..InjectOptions::default()
         }
     }
 
     #[test]
     fn comments_survive_and_a_second_run_changes_nothing() {
-        let once = run(DEPLOYMENT, &with_jwt()).unwrap();
+        let once = run(DEPLOYMENT, &with_secrets()).unwrap();
         assert!(once.notes.is_empty(), "{:?}", once.notes);
         assert!(once.text.starts_with("# the game\n"), "{}", once.text);
         assert!(once.text.contains("name: game # its name"), "{}", once.text);
-        let twice = run(&once.text, &with_jwt()).unwrap();
+        let twice = run(&once.text, &with_secrets()).unwrap();
         assert_eq!(twice.text, once.text);
     }
 
     #[test]
     fn a_layout_the_editor_cannot_change_is_rewritten_from_values() {
         let tagged = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p # gone\nspec: !!map\n  containers:\n    - name: g\n      ports:\n        - containerPort: 80\n";
-        let out = run(tagged, &with_jwt()).unwrap();
+        let out = run(tagged, &with_secrets()).unwrap();
         assert_eq!(out.notes.len(), 1, "{:?}", out.notes);
         assert!(out.notes[0].contains("comments and layout lost"));
         let values = parse_all(&out.text).unwrap();
@@ -1545,7 +1547,7 @@ spec:
     #[test]
     fn flow_documents_are_edited_in_place() {
         let json = r#"{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": {"containers": [{"name": "g", "image": "g", "ports": [{"containerPort": 80}]}]}}"#;
-        let out = run(json, &with_jwt()).unwrap();
+        let out = run(json, &with_secrets()).unwrap();
         assert!(out.notes.is_empty(), "{:?}", out.notes);
         assert!(
             out.text.starts_with(r#"{"apiVersion": "v1""#),
