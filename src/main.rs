@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand};
 /// less readily (idle RSS after many connections closed).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use portcullis::app::{shutdown_signal, App};
+use portcullis::app::{shutdown_signal, App, Shutdown};
 use portcullis::config::{Config, LogFormat};
 
 #[derive(Parser)]
@@ -203,23 +203,33 @@ fn raise_open_file_limit(max_connections: usize) {
     }
 }
 
-/// After the first SIGTERM or SIGINT, a second one ends the process at once (exit code 1),
-/// without waiting out `server.shutdown_delay` or the drain: whoever sent it asked twice. The
-/// handlers are in place before this returns, so a signal sent once the shutdown shows (on
-/// `/readyz`) is seen.
-fn exit_on_second_signal() {
+/// Once the shutdown has begun, a signal asking for more haste ends the process at once (exit
+/// code 1), without waiting out `server.shutdown_delay` or the drain: after SIGTERM, a second
+/// SIGTERM or a SIGINT; after SIGINT, a second SIGINT (Ctrl-C twice). A SIGTERM after a SIGINT
+/// asks for nothing the prompt shutdown is not already doing, and is ignored: a script that
+/// passes Ctrl-C on as SIGTERM to a process the terminal already interrupted should not cut
+/// its drain short. The handlers are in place before this returns, so a signal sent once the
+/// shutdown shows (on `/readyz`) is seen.
+fn exit_on_hastier_signal(first: Shutdown) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) else {
+        let Ok(mut int) = signal(SignalKind::interrupt()) else {
             return;
         };
+        let term = match first {
+            Shutdown::Graceful => signal(SignalKind::terminate()).ok(),
+            Shutdown::Prompt => None,
+        };
         tokio::spawn(async move {
+            let term_received = async {
+                match term {
+                    Some(mut term) => term.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
-                _ = term.recv() => {}
+                _ = term_received => {}
                 _ = int.recv() => {}
             }
             tracing::warn!("second signal: exiting at once, without finishing the shutdown");
@@ -255,7 +265,7 @@ async fn run(config: Config) -> ExitCode {
     };
     let signalled = async {
         let how = shutdown_signal().await;
-        exit_on_second_signal();
+        exit_on_hastier_signal(how);
         how
     };
     match app.run(public, admin, signalled).await {

@@ -349,11 +349,12 @@ async fn the_binary_raises_its_open_file_limit_and_warns_when_the_hard_one_is_to
     }
 }
 
-/// A second SIGTERM or SIGINT, once the shutdown has begun, ends the process at once rather
-/// than after `server.shutdown_delay` (30 s here) and the drain.
+/// Once the shutdown has begun, a signal asking for more haste ends the process at once,
+/// rather than after `server.shutdown_delay` (30 s here) and the drain of a request held at the
+/// upstream: after SIGTERM a second SIGTERM or a SIGINT, after SIGINT a second SIGINT.
 #[tokio::test]
 async fn a_second_signal_ends_the_binary_at_once() {
-    let upstream = Upstream::echo().await;
+    let (upstream, mut arrived, _gate) = gated_upstream().await;
     let config = config_with(
         &upstream.url(),
         &format!(
@@ -361,10 +362,14 @@ async fn a_second_signal_ends_the_binary_at_once() {
             dead_addr()
         ),
     );
-    for (first, second) in [("TERM", "TERM"), ("TERM", "INT")] {
+    for (first, second) in [("TERM", "TERM"), ("TERM", "INT"), ("INT", "INT")] {
         let mut binary =
             observe::Binary::listening(observe::portcullis_command(TEST_SECRET), &config).await;
         binary.wait_healthy().await;
+        let _held = tokio::spawn(client().get(binary.url("/held")).send());
+        tokio::time::timeout(Duration::from_secs(5), arrived.recv())
+            .await
+            .expect("the request reached the upstream");
         binary.signal(first);
         // The shutdown has begun once /readyz says so.
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -377,6 +382,41 @@ async fn a_second_signal_ends_the_binary_at_once() {
         assert_eq!(status.code(), Some(1), "{first} then {second}");
         assert!(binary.logged("second signal"), "{}", binary.output());
     }
+}
+
+/// A SIGTERM after a SIGINT asks for nothing the prompt shutdown is not doing already (a script
+/// passing Ctrl-C on to a process the terminal interrupted too): the drain runs to its end.
+#[tokio::test]
+async fn sigterm_after_sigint_lets_the_prompt_shutdown_finish() {
+    let (upstream, mut arrived, gate) = gated_upstream().await;
+    let config = config_with(
+        &upstream.url(),
+        &format!("[redis]\nurl = \"redis://{}\"\n", dead_addr()),
+    );
+    let mut binary =
+        observe::Binary::listening(observe::portcullis_command(TEST_SECRET), &config).await;
+    binary.wait_healthy().await;
+    let in_flight = tokio::spawn(client().get(binary.url("/held")).send());
+    tokio::time::timeout(Duration::from_secs(5), arrived.recv())
+        .await
+        .expect("the request reached the upstream");
+    binary.signal("INT");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while binary.readyz().await.1["checks"]["shutdown"] != "shutting down" {
+        assert!(std::time::Instant::now() < deadline, "{}", binary.output());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    binary.signal("TERM");
+    // The held request still gets its answer, and the process exits cleanly after it.
+    gate.send(true).unwrap();
+    let resp = in_flight
+        .await
+        .unwrap()
+        .expect("the held request was answered");
+    assert_eq!(resp.status(), 200);
+    let status = binary.wait_exit(Duration::from_secs(10)).await;
+    assert!(status.success(), "{status:?}\n{}", binary.output());
+    assert!(!binary.logged("second signal"), "{}", binary.output());
 }
 
 #[tokio::test]
