@@ -62,7 +62,7 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// and to close in turn...
 const LINGER: Duration = Duration::from_secs(1);
 /// ...reading and dropping at most this much of what the client still sends.
-const LINGER_BYTES: u64 = 1024 * 1024;
+const LINGER_BYTES: usize = 1024 * 1024;
 
 impl Connection {
     /// Serves the connection to its end.
@@ -170,7 +170,8 @@ impl Connection {
                     return;
                 }
                 Outcome::Close(mut closing) => {
-                    close(&mut closing).await;
+                    // Boxed, so that the task a resting connection keeps does not carry it.
+                    Box::pin(linger(&mut closing)).await;
                     return;
                 }
                 Outcome::Drop => return,
@@ -300,17 +301,31 @@ pub(super) async fn stopped(mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|stopping| *stopping).await;
 }
 
-/// Closes our side of the connection cleanly (TCP FIN, or TLS close_notify then FIN), then reads
-/// and drops what the client still sends until it closes too, for [`LINGER`] and
-/// [`LINGER_BYTES`] at most. Bytes left unread when a socket closes make the kernel reset the
-/// connection, and a reset can make the client drop a response it has not read yet: a next
-/// request already on its way, the rest of a body, or a refused head's body would cost it the
-/// answer it was sent.
-async fn close<I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(io: &mut I) {
+/// Closes our side of a resting connection cleanly (TCP FIN, or TLS close_notify then FIN),
+/// giving a client that does not read at most [`LINGER`]. Nothing is in flight either way, so
+/// nothing is waited for after it.
+async fn close<I: tokio::io::AsyncWrite + Unpin>(io: &mut I) {
+    let _ = tokio::time::timeout(LINGER, io.shutdown()).await;
+}
+
+/// Closes our side after a response (see [`close`]), then reads and drops what the client still
+/// sends until it closes too, for [`LINGER`] and [`LINGER_BYTES`] at most. Bytes left unread when
+/// a socket closes make the kernel reset the connection, and a reset throws away what of the
+/// response the kernel has not sent yet: a next request already on its way, the rest of a body,
+/// or a refused head's body would cost the client the answer it was sent.
+async fn linger<I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(io: &mut I) {
     use tokio::io::AsyncReadExt;
     let lingering = async {
         io.shutdown().await?;
-        tokio::io::copy(&mut (&mut *io).take(LINGER_BYTES), &mut tokio::io::sink()).await
+        let mut sink = [0u8; 1024];
+        let mut drained = 0;
+        while drained < LINGER_BYTES {
+            match io.read(&mut sink).await? {
+                0 => break,
+                n => drained += n,
+            }
+        }
+        std::io::Result::Ok(())
     };
     let _ = tokio::time::timeout(LINGER, lingering).await;
 }
