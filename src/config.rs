@@ -1231,11 +1231,15 @@ impl Validator {
         };
         // The limiter counts in u64 nanoseconds: a full burst's span (per / requests x burst)
         // must fit, about 584 years.
-        let span = u64::try_from((q.per / requests.get()).as_nanos())
-            .ok()
-            .and_then(|t| t.checked_mul(u64::from(burst.get())));
+        let per_request = u64::try_from((q.per / requests.get()).as_nanos()).ok();
+        let span = per_request.and_then(|t| t.checked_mul(u64::from(burst.get())));
         if span.is_none() {
-            let field = if q.burst.is_some() { "burst" } else { "per" };
+            // `burst` is to blame only when `per` ÷ `requests` alone fits.
+            let field = if per_request.is_some() && q.burst.is_some() {
+                "burst"
+            } else {
+                "per"
+            };
             self.fail(
                 &format!("{key}.{field}"),
                 "makes a full burst span more than 584 years (per / requests x burst)",
@@ -2688,6 +2692,8 @@ mod tests {
         assert!(err.0[0].reason.contains("584 years"), "{}", err.0[0].reason);
         let err = quota("30d", "burst = 10000\n").unwrap_err();
         assert_eq!(err.0[0].key, "rate_limit.proxy.burst");
+        let err = quota("600y", "burst = 1\n").unwrap_err();
+        assert_eq!(err.0[0].key, "rate_limit.proxy.per");
         let c = quota("30d", "burst = 100\n").unwrap();
         assert_eq!(c.rate_limit.proxy.unwrap().burst.get(), 100);
         assert!(quota("500y", "").is_ok());

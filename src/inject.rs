@@ -929,8 +929,6 @@ fn protocol_of(port: &Value) -> &str {
         .unwrap_or("TCP")
 }
 
-/// The ports of the pod's containers that are not TCP (UDP or SCTP), which portcullis cannot
-/// front.
 /// The image of the pod's sidecar, if it has one.
 fn sidecar_image(doc: &Value, spec_path: &[&str]) -> Option<String> {
     let spec = get(doc, spec_path).and_then(Value::as_mapping)?;
@@ -955,6 +953,8 @@ fn host_port_of(doc: &Value, spec_path: &[&str], port: u16) -> Option<u64> {
         .find_map(|p| p.get("hostPort").and_then(Value::as_u64))
 }
 
+/// The ports of the pod's containers that are not TCP (UDP or SCTP), which portcullis cannot
+/// front.
 fn non_tcp_ports(doc: &Value, spec_path: &[&str]) -> Vec<ContainerPort> {
     let Some(spec) = get(doc, spec_path).and_then(Value::as_mapping) else {
         return Vec::new();

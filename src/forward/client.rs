@@ -399,10 +399,6 @@ fn poll_head(
     }
 }
 
-/// The upstream closed the connection. `UnexpectedEof` is TLS's word for a TCP close without
-/// `close_notify`, which many https servers end kept-alive connections with. (In a body that
-/// runs until the close, it stays an error: RFC 9112 9.8 counts only a length or a last chunk
-/// as complete then.)
 /// Writes a Content-Length the client repeated (`8, 8`, or two lines; HTTP allows either) as
 /// one value (RFC 9110 8.6), which every upstream reads: Node's parser refuses a list.
 fn one_content_length(headers: &mut HeaderMap, length: u64) {
@@ -416,6 +412,10 @@ fn one_content_length(headers: &mut HeaderMap, length: u64) {
     }
 }
 
+/// The upstream closed the connection. `UnexpectedEof` is TLS's word for a TCP close without
+/// `close_notify`, which many https servers end kept-alive connections with. (In a body that
+/// runs until the close, it stays an error: RFC 9112 9.8 counts only a length or a last chunk
+/// as complete then.)
 fn closed_under_us(e: &io::Error) -> bool {
     use io::ErrorKind;
     matches!(

@@ -629,7 +629,6 @@ fn join_cookies(headers: &mut HeaderMap) {
     }
 }
 
-/// Removes each of `names` that is present, hashing none of them when none is (the usual case).
 /// Headers that backends and their frameworks believe as a proxy's word on the client (its
 /// address, or the scheme, host, port or path prefix it used), besides the three `X-Forwarded-*`
 /// headers portcullis sets itself: RFC 7239 `Forwarded`, nginx's `X-Real-IP`, CDN headers that
@@ -669,6 +668,7 @@ fn remove_proxy_said(headers: &mut HeaderMap) {
     }
 }
 
+/// Removes each of `names` that is present, hashing none of them when none is (the usual case).
 pub fn remove_present(headers: &mut HeaderMap, names: &[&HeaderName]) {
     let present = |key: &HeaderName| names.contains(&key);
     if headers.keys().any(present) {
