@@ -359,13 +359,31 @@ pub(crate) fn blank_line_after(buf: &[u8], from: usize) -> bool {
     tail.windows(2).any(|w| w == b"\n\n") || tail.windows(3).any(|w| w == b"\n\r\n")
 }
 
-/// True when a Transfer-Encoding value names `chunked` and nothing else: the only coding
-/// decoded here.
-pub(crate) fn only_chunked(value: &HeaderValue) -> bool {
-    value.to_str().is_ok_and(|v| {
-        v.split(',')
-            .all(|coding| coding.trim().eq_ignore_ascii_case("chunked"))
-    })
+/// Why the transfer codings of `headers` (every Transfer-Encoding line, in order) are not just
+/// `chunked`, once: the only coding decoded here, and one a sender may apply only once
+/// (RFC 9112 7.1).
+pub(crate) enum NotChunkedOnce {
+    /// A coding other than `chunked` (`gzip`, or one that cannot be read).
+    OtherCoding,
+    /// `chunked` more than once.
+    Repeated,
+}
+
+/// `Ok` when the Transfer-Encoding lines of `headers` name `chunked` once and nothing else.
+pub(crate) fn chunked_once(headers: &HeaderMap) -> Result<(), NotChunkedOnce> {
+    let mut chunked = 0;
+    for value in headers.get_all(header::TRANSFER_ENCODING) {
+        for coding in value.as_bytes().split(|b| *b == b',') {
+            if !coding.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+                return Err(NotChunkedOnce::OtherCoding);
+            }
+            chunked += 1;
+        }
+    }
+    if chunked > 1 {
+        return Err(NotChunkedOnce::Repeated);
+    }
+    Ok(())
 }
 
 /// The Content-Length of `headers`, read as [`HeadFacts::content_length`] reads it: every value,

@@ -15,6 +15,7 @@ use tower::{Layer, Service};
 
 use crate::error::Rejection;
 use crate::facts::RequestFacts;
+use crate::h1::NotChunkedOnce;
 use crate::routes::RouteClass;
 use crate::Body;
 
@@ -79,17 +80,28 @@ fn check_unambiguous(req: &Request<Body>) -> Result<(), Rejection> {
         return Err(Rejection::ConnectUnsupported);
     }
     let mut authorizations = 0;
-    for (name, value) in req.headers() {
+    let mut transfer_encoded = false;
+    for name in req.headers().keys() {
         if name == header::AUTHORIZATION {
             // Only the first is verified; a backend may read another.
             authorizations += 1;
             if authorizations > 1 {
                 return Err(Rejection::Malformed("more than one Authorization header"));
             }
-        } else if name == header::TRANSFER_ENCODING && !crate::h1::only_chunked(value) {
+        } else if name == header::TRANSFER_ENCODING {
+            transfer_encoded = true;
+        }
+    }
+    if transfer_encoded {
+        match crate::h1::chunked_once(req.headers()) {
+            Ok(()) => {}
             // HTTP/1.1 decodes `chunked` only: another coding would reach the upstream as if
             // the body were plain (RFC 9112 6.1 answers 501).
-            return Err(Rejection::TransferCodingUnsupported);
+            Err(NotChunkedOnce::OtherCoding) => return Err(Rejection::TransferCodingUnsupported),
+            // Decoded once, the rest of the framing would go upstream as body bytes.
+            Err(NotChunkedOnce::Repeated) => {
+                return Err(Rejection::Malformed("chunked applied more than once"))
+            }
         }
     }
     // RFC 9113 8.3.1: over HTTP/2 a Host that names another authority than :authority makes

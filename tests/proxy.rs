@@ -450,6 +450,21 @@ async fn a_transfer_coding_other_than_chunked_gives_501() {
     resp.assert_error(501, "TRANSFER_CODING_UNSUPPORTED");
     assert_eq!(upstream.count(), 0);
 
+    // chunked applied twice (in one line or two) is malformed: decoded once, the rest of its
+    // framing would go upstream as body bytes.
+    for codings in [
+        "Transfer-Encoding: chunked, chunked\r\n",
+        "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+    ] {
+        let request = format!(
+            "POST /upload HTTP/1.1\r\nHost: game.example\r\nConnection: close\r\n{codings}\r\n\
+             8\r\n3\r\nabc\r\n\r\n0\r\n\r\n"
+        );
+        let resp = send_raw(proxy.addr, request.as_bytes()).await;
+        resp.assert_error(400, "MALFORMED_REQUEST");
+    }
+    assert_eq!(upstream.count(), 0);
+
     // Plain chunked is forwarded as ever.
     let resp = send_raw(
         proxy.addr,

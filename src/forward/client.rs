@@ -25,7 +25,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::h1::{
     self, header_map, header_spans, headers_len, put_headers, BodyDecoder, BodyEncoder, Decode,
-    Encode, FramingError, HeadFacts, Step,
+    Encode, FramingError, HeadFacts, NotChunkedOnce, Step,
 };
 use crate::{Body, BoxError};
 
@@ -507,14 +507,17 @@ fn framing(
         if version == Version::HTTP_10 {
             return Err(Error::Malformed("Transfer-Encoding in an HTTP/1.0 answer"));
         }
-        // Only `chunked` is decoded: a body under another coding (gzip) would reach the client
-        // as if it were plain, its Transfer-Encoding removed as hop-by-hop.
-        if !headers
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .all(crate::h1::only_chunked)
-        {
-            return Err(Error::Malformed("a transfer coding other than chunked"));
+        // Only `chunked` is decoded, once: a body under another coding (gzip), or chunked twice,
+        // would reach the client as if it were plain, its Transfer-Encoding removed as
+        // hop-by-hop.
+        match h1::chunked_once(headers) {
+            Ok(()) => {}
+            Err(NotChunkedOnce::OtherCoding) => {
+                return Err(Error::Malformed("a transfer coding other than chunked"))
+            }
+            Err(NotChunkedOnce::Repeated) => {
+                return Err(Error::Malformed("chunked applied more than once"))
+            }
         }
         // Both at once is how request smuggling starts (RFC 9112 6.3): read this answer by its
         // Transfer-Encoding, then trust the connection no further.
@@ -1021,6 +1024,9 @@ mod tests {
             b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
             b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\nzipped",
             b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+            // Nor is chunked applied twice: decoded once, its inner framing would be body.
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, chunked\r\n\r\n0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
         ] {
             let (conn, mut upstream) = connected().await;
             let home = Kennel::default();
