@@ -70,6 +70,19 @@ const CLIENT_KEEPALIVE: socket2::TcpKeepalive = socket2::TcpKeepalive::new()
     .with_interval(Duration::from_secs(10))
     .with_retries(5);
 
+/// Keepalive probes are not sent while data waits to be acknowledged, so a tunnel that keeps
+/// writing to a vanished client would be held by retransmissions (about 15 minutes): written
+/// data unacknowledged this long ends the connection too (`TCP_USER_TIMEOUT`, Linux).
+const CLIENT_USER_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Sets [`CLIENT_KEEPALIVE`] and [`CLIENT_USER_TIMEOUT`] on an accepted client socket.
+fn watch_for_vanished_client(stream: &tokio::net::TcpStream) {
+    let socket = socket2::SockRef::from(stream);
+    let _ = socket.set_tcp_keepalive(&CLIENT_KEEPALIVE);
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let _ = socket.set_tcp_user_timeout(Some(CLIENT_USER_TIMEOUT));
+}
+
 /// An accept error that concerns only the connection being accepted, not the listener.
 fn per_connection(e: &std::io::Error) -> bool {
     use std::io::ErrorKind;
@@ -200,7 +213,7 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
-        let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&CLIENT_KEEPALIVE);
+        watch_for_vanished_client(&stream);
         // Leave this runtime's poller, to join the worker's.
         let stream = match stream.into_std() {
             Ok(s) => s,
