@@ -81,7 +81,8 @@ fn check_unambiguous(req: &Request<Body>) -> Result<(), Rejection> {
     }
     let mut authorizations = 0;
     let mut transfer_encoded = false;
-    for name in req.headers().keys() {
+    // Every field line (`keys()` would name a repeated header once).
+    for (name, _) in req.headers() {
         if name == header::AUTHORIZATION {
             // Only the first is verified; a backend may read another.
             authorizations += 1;
