@@ -58,7 +58,15 @@ pub enum Rejection {
     RateLimited,
     #[error("this origin may not make cross-origin requests here (cors.allowed_origins)")]
     OriginNotAllowed,
+    #[error("no byte of the request body came for server.idle_timeout")]
+    BodyStalled,
 }
+
+/// The error a request body gives when it moved no byte for `server.idle_timeout` while it was
+/// being read: the client's doing, answered with 408 [`Rejection::BodyStalled`].
+#[derive(Debug, thiserror::Error)]
+#[error("no byte of the request body came for {0:?} (server.idle_timeout)")]
+pub struct BodyStalled(pub std::time::Duration);
 
 impl Rejection {
     pub fn status(&self) -> StatusCode {
@@ -85,6 +93,7 @@ impl Rejection {
             Rejection::InvalidSessionId(_) => StatusCode::BAD_REQUEST,
             Rejection::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Rejection::OriginNotAllowed => StatusCode::FORBIDDEN,
+            Rejection::BodyStalled => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -112,6 +121,7 @@ impl Rejection {
             Rejection::InvalidSessionId(_) => "INVALID_SESSION_ID",
             Rejection::RateLimited => "RATE_LIMITED",
             Rejection::OriginNotAllowed => "ORIGIN_NOT_ALLOWED",
+            Rejection::BodyStalled => "REQUEST_TIMEOUT",
         }
     }
 

@@ -405,7 +405,8 @@ pub fn rejection_reason(rejection: &Rejection) -> &'static str {
         | Rejection::NotFound
         | Rejection::MethodNotAllowed
         | Rejection::InvalidSessionId(_)
-        | Rejection::OriginNotAllowed => "request",
+        | Rejection::OriginNotAllowed
+        | Rejection::BodyStalled => "request",
     }
 }
 

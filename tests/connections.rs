@@ -612,13 +612,29 @@ async fn an_http2_connection_in_use_is_kept_past_the_first_request_limit() {
     assert_eq!(upstream.count(), 12);
 }
 
-/// An HTTP/2 upload that stops partway leaves its connection idle: the connection is closed
-/// after idle_timeout (and the grace an idle close may take), and the upstream connection the
-/// upload held with it, rather than both being held for ever.
+/// An HTTP/2 upload held up by an upstream that stops reading leaves its connection idle: no
+/// body frame moves (the client is held by flow control, and the stalled body itself is not
+/// being read, so its own timer never runs), and the request has not all arrived, so it does
+/// not count as waiting for its answer. The connection is closed after idle_timeout (and the
+/// grace an idle close may take) rather than held for ever.
 #[tokio::test]
-async fn an_http2_upload_that_stalls_is_cut_off() {
-    let upstream = Upstream::echo().await;
-    let proxy = Proxy::start(&h2_idle_config(&upstream)).await;
+async fn an_http2_upload_held_up_by_its_upstream_is_cut_off() {
+    // An upstream that takes connections and never reads from them.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_addr = silent.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            held.push(socket);
+        }
+    });
+    let proxy = Proxy::start(&config_with(
+        &format!("http://{upstream_addr}"),
+        // More than the socket buffers on the way can take, and allowed.
+        "[server]\nheader_read_timeout = \"1s\"\nidle_timeout = \"2s\"\n\
+         max_body_bytes = 268435456\n",
+    ))
+    .await;
     let tcp = TcpStream::connect(proxy.addr).await.unwrap();
     let (mut h2, conn) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
@@ -627,6 +643,60 @@ async fn an_http2_upload_that_stalls_is_cut_off() {
     .await
     .unwrap();
     let conn = tokio::spawn(conn);
+    const LEN: usize = 64 << 20;
+    let (part, mut parts) = tokio::sync::mpsc::channel::<bytes::Bytes>(1);
+    let body = http_body_util::StreamBody::new(futures_util::stream::poll_fn(move |cx| {
+        parts.poll_recv(cx).map(|data| {
+            data.map(|data| Ok::<_, std::convert::Infallible>(http_body::Frame::data(data)))
+        })
+    }));
+    let req = http::Request::post(format!("http://{}/upload", proxy.addr))
+        .header(http::header::CONTENT_LENGTH, LEN.to_string())
+        .body(body)
+        .unwrap();
+    // Sends as fast as the proxy takes it, which stops once the buffers to the upstream fill.
+    let sender = tokio::spawn(async move {
+        let chunk = bytes::Bytes::from(vec![b'u'; 64 * 1024]);
+        for _ in 0..LEN / chunk.len() {
+            if part.send(chunk.clone()).await.is_err() {
+                return;
+            }
+        }
+    });
+    let answer = tokio::time::timeout(Duration::from_secs(15), h2.send_request(req))
+        .await
+        .expect("an upload held up by its upstream held its connection for 15 s");
+    assert!(
+        answer.is_err(),
+        "the held-up upload got an answer: {:?}",
+        answer.map(|r| r.status())
+    );
+    tokio::time::timeout(Duration::from_secs(5), conn)
+        .await
+        .expect("the connection ended")
+        .unwrap()
+        .ok();
+    sender.abort();
+    held.abort();
+}
+
+/// One stalled upload on an HTTP/2 connection whose other streams stay busy: the connection is
+/// not idle, so its own idle check cannot end it; the stalled body does, after idle_timeout,
+/// with a 408, and lets go of the upstream connection it held.
+#[tokio::test]
+async fn a_stalled_http2_upload_beside_busy_streams_gets_408() {
+    let upstream = Upstream::echo().await;
+    let proxy = Proxy::start(&h2_idle_config(&upstream)).await;
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    use http_body_util::BodyExt;
+    type Boxed = http_body_util::combinators::BoxBody<bytes::Bytes, std::convert::Infallible>;
+    let (h2, conn) = hyper::client::conn::http2::handshake::<_, _, Boxed>(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
     let (part, mut parts) = tokio::sync::mpsc::channel::<bytes::Bytes>(1);
     let body = http_body_util::StreamBody::new(futures_util::stream::poll_fn(move |cx| {
         parts.poll_recv(cx).map(|data| {
@@ -635,23 +705,41 @@ async fn an_http2_upload_that_stalls_is_cut_off() {
     }));
     let req = http::Request::post(format!("http://{}/upload", proxy.addr))
         .header(http::header::CONTENT_LENGTH, "100000")
-        .body(body)
+        .body(body.boxed())
         .unwrap();
     part.send(bytes::Bytes::from_static(b"first bytes"))
         .await
         .unwrap();
-    let answer = tokio::time::timeout(Duration::from_secs(15), h2.send_request(req))
-        .await
-        .expect("a stalled upload held its connection for 15 s");
-    assert!(answer.is_err(), "the stalled upload got an answer");
-    tokio::time::timeout(Duration::from_secs(5), conn)
-        .await
-        .expect("the connection ended")
-        .unwrap()
-        .ok();
-    eventually("the upstream connection is let go", || async {
-        upstream.connections() > 0 && upstream.closed() == upstream.connections()
-    })
+    let mut stalled_sender = h2.clone();
+    let started = Instant::now();
+    let stalled = tokio::spawn(async move { stalled_sender.send_request(req).await });
+    // Another stream every 250 ms keeps the connection busy throughout.
+    let mut busy = h2.clone();
+    let answer = loop {
+        if stalled.is_finished() {
+            break stalled
+                .await
+                .unwrap()
+                .expect("the stalled upload got an answer");
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the stalled upload was held for 10 s"
+        );
+        let get = http::Request::get(format!("http://{}/busy", proxy.addr))
+            .body(http_body_util::Empty::<bytes::Bytes>::new().boxed())
+            .unwrap();
+        let resp = busy.send_request(get).await.expect("the connection serves");
+        assert_eq!(resp.status(), 200);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_eq!(answer.status(), 408);
+    // Not before idle_timeout (2 s) of quiet, though.
+    assert!(started.elapsed() >= Duration::from_millis(1900));
+    eventually(
+        "the stalled upload's upstream connection is let go",
+        || async { upstream.closed() >= 1 },
+    )
     .await;
     drop(part);
 }

@@ -475,6 +475,10 @@ impl Upstream {
             tracing::debug!(error = %error_chain(&error), "request body malformed");
             return Rejection::Malformed("the request body is malformed");
         }
+        if source_chain_has::<crate::error::BodyStalled>(&error) {
+            tracing::debug!(error = %error_chain(&error), "request body stalled");
+            return Rejection::BodyStalled;
+        }
         // Reading the client's body failed otherwise: its connection was reset or broke, or
         // (HTTP/2) it reset the stream. Also the client's doing, not the upstream's.
         if matches!(error, PoolError::Exchange(client::Error::Upload(_))) {

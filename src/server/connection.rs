@@ -133,6 +133,7 @@ impl Connection {
                 let service = Http2Service {
                     service,
                     activity: activity.clone(),
+                    idle_timeout: self.limits.idle_timeout,
                 };
                 let conn = http2_builder(&self.limits).serve_connection(TokioIo::new(io), service);
                 let drive = drive_http2(
@@ -386,6 +387,8 @@ impl ConnService {
 struct Http2Service {
     service: ConnService,
     activity: Arc<Activity>,
+    /// How long a request body may move no frame while it is read (`server.idle_timeout`).
+    idle_timeout: Duration,
 }
 
 impl hyper::service::Service<Request<Incoming>> for Http2Service {
@@ -404,6 +407,9 @@ impl hyper::service::Service<Request<Incoming>> for Http2Service {
             Body::new(RequestBody {
                 body,
                 exchange: exchange.clone(),
+                idle_timeout: self.idle_timeout,
+                quiet: None,
+                moved: false,
             })
         };
         Respond {
@@ -446,32 +452,63 @@ impl Drop for Respond {
 
 /// An HTTP/2 request body whose frames count as progress on its connection, and whose end
 /// (or being let go) starts the wait for the response head: see [`Exchange`].
+///
+/// A body that moves no frame for `idle_timeout` while it is read fails with
+/// [`BodyStalled`](crate::error::BodyStalled) (a 408): the connection's own idle check cannot
+/// end one stalled stream while its other streams are busy, and each stalled upload holds an
+/// upstream connection.
 struct RequestBody {
     body: Incoming,
     exchange: Arc<Exchange>,
+    idle_timeout: Duration,
+    /// Runs while the body waits for its next frame.
+    quiet: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A frame came since the timer was last set.
+    moved: bool,
 }
 
 impl hyper::body::Body for RequestBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = crate::BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let frame = Pin::new(&mut self.body).poll_frame(cx);
+        let this = &mut *self;
+        let frame = Pin::new(&mut this.body).poll_frame(cx);
         let ended = match &frame {
             Poll::Ready(Some(Ok(_))) => {
-                self.exchange.activity().progressed();
-                self.body.is_end_stream()
+                this.exchange.activity().progressed();
+                this.moved = true;
+                this.body.is_end_stream()
             }
             Poll::Ready(_) => true,
-            Poll::Pending => false,
+            Poll::Pending => {
+                let deadline = tokio::time::Instant::now() + this.idle_timeout;
+                let quiet = match &mut this.quiet {
+                    Some(quiet) if this.moved => {
+                        quiet.as_mut().reset(deadline);
+                        quiet
+                    }
+                    Some(quiet) => quiet,
+                    None => this
+                        .quiet
+                        .insert(Box::pin(tokio::time::sleep_until(deadline))),
+                };
+                this.moved = false;
+                if quiet.as_mut().poll(cx).is_ready() {
+                    this.exchange.body_in();
+                    let stalled = crate::error::BodyStalled(this.idle_timeout);
+                    return Poll::Ready(Some(Err(stalled.into())));
+                }
+                false
+            }
         };
         if ended {
-            self.exchange.body_in();
+            this.exchange.body_in();
         }
-        frame
+        frame.map(|f| f.map(|r| r.map_err(Into::into)))
     }
 
     fn is_end_stream(&self) -> bool {
