@@ -560,6 +560,45 @@ async fn kept_busy_without_a_request(proxy: &Proxy, first: &[u8], each: &'static
     started.elapsed()
 }
 
+/// A request body the body type of the HTTP/2 tests: boxed, so that one connection can send
+/// different kinds.
+type H2Body = http_body_util::combinators::BoxBody<bytes::Bytes, std::convert::Infallible>;
+
+/// An HTTP/2 connection to the proxy (prior knowledge), its driver spawned.
+async fn h2_connection(
+    proxy: &Proxy,
+) -> (
+    hyper::client::conn::http2::SendRequest<H2Body>,
+    tokio::task::JoinHandle<Result<(), hyper::Error>>,
+) {
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let (h2, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    (h2, tokio::spawn(conn))
+}
+
+/// A request body the test feeds a piece at a time; it ends when the sender is dropped.
+fn fed_body() -> (tokio::sync::mpsc::Sender<bytes::Bytes>, H2Body) {
+    use http_body_util::BodyExt;
+    let (part, mut parts) = tokio::sync::mpsc::channel::<bytes::Bytes>(1);
+    let body = http_body_util::StreamBody::new(futures_util::stream::poll_fn(move |cx| {
+        parts.poll_recv(cx).map(|data| {
+            data.map(|data| Ok::<_, std::convert::Infallible>(http_body::Frame::data(data)))
+        })
+    }));
+    (part, body.boxed())
+}
+
+/// An empty request body of [`H2Body`]'s type.
+fn no_body() -> H2Body {
+    use http_body_util::BodyExt;
+    http_body_util::Empty::new().boxed()
+}
+
 fn h2_idle_config(upstream: &Upstream) -> String {
     config_with(
         &upstream.url(),
@@ -587,20 +626,13 @@ async fn an_http2_request_head_trickling_in_is_cut_off() {
 async fn an_http2_connection_in_use_is_kept_past_the_first_request_limit() {
     let upstream = Upstream::echo().await;
     let proxy = Proxy::start(&h2_idle_config(&upstream)).await;
-    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut h2, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let (mut h2, _conn) = h2_connection(&proxy).await;
     // Requests 250 ms apart for 3 s: past header_read_timeout (1 s) and idle_timeout (2 s)
     // counted from the start, never idle that long (a slow request under load still leaves
     // the gap well under the 1 s limit).
     for i in 0..12 {
         let req = http::Request::get(format!("http://{}/r{i}", proxy.addr))
-            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .body(no_body())
             .unwrap();
         let resp = h2
             .send_request(req)
@@ -635,21 +667,9 @@ async fn an_http2_upload_held_up_by_its_upstream_is_cut_off() {
          max_body_bytes = 268435456\n",
     ))
     .await;
-    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut h2, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    let conn = tokio::spawn(conn);
+    let (mut h2, conn) = h2_connection(&proxy).await;
     const LEN: usize = 64 << 20;
-    let (part, mut parts) = tokio::sync::mpsc::channel::<bytes::Bytes>(1);
-    let body = http_body_util::StreamBody::new(futures_util::stream::poll_fn(move |cx| {
-        parts.poll_recv(cx).map(|data| {
-            data.map(|data| Ok::<_, std::convert::Infallible>(http_body::Frame::data(data)))
-        })
-    }));
+    let (part, body) = fed_body();
     let req = http::Request::post(format!("http://{}/upload", proxy.addr))
         .header(http::header::CONTENT_LENGTH, LEN.to_string())
         .body(body)
@@ -687,25 +707,11 @@ async fn an_http2_upload_held_up_by_its_upstream_is_cut_off() {
 async fn a_stalled_http2_upload_beside_busy_streams_gets_408() {
     let upstream = Upstream::echo().await;
     let proxy = Proxy::start(&h2_idle_config(&upstream)).await;
-    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
-    use http_body_util::BodyExt;
-    type Boxed = http_body_util::combinators::BoxBody<bytes::Bytes, std::convert::Infallible>;
-    let (h2, conn) = hyper::client::conn::http2::handshake::<_, _, Boxed>(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
-    let (part, mut parts) = tokio::sync::mpsc::channel::<bytes::Bytes>(1);
-    let body = http_body_util::StreamBody::new(futures_util::stream::poll_fn(move |cx| {
-        parts.poll_recv(cx).map(|data| {
-            data.map(|data| Ok::<_, std::convert::Infallible>(http_body::Frame::data(data)))
-        })
-    }));
+    let (h2, _conn) = h2_connection(&proxy).await;
+    let (part, body) = fed_body();
     let req = http::Request::post(format!("http://{}/upload", proxy.addr))
         .header(http::header::CONTENT_LENGTH, "100000")
-        .body(body.boxed())
+        .body(body)
         .unwrap();
     part.send(bytes::Bytes::from_static(b"first bytes"))
         .await
@@ -727,7 +733,7 @@ async fn a_stalled_http2_upload_beside_busy_streams_gets_408() {
             "the stalled upload was held for 10 s"
         );
         let get = http::Request::get(format!("http://{}/busy", proxy.addr))
-            .body(http_body_util::Empty::<bytes::Bytes>::new().boxed())
+            .body(no_body())
             .unwrap();
         let resp = busy.send_request(get).await.expect("the connection serves");
         assert_eq!(resp.status(), 200);

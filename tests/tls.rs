@@ -278,7 +278,7 @@ async fn tls_bytes_that_are_no_request_do_not_hold_a_resting_connection() {
 async fn flooding_upgrade_upstream() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>)
 {
     use std::sync::atomic::Ordering;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let written = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -287,16 +287,7 @@ async fn flooding_upgrade_upstream() -> (SocketAddr, std::sync::Arc<std::sync::a
         let Ok((mut stream, _)) = listener.accept().await else {
             return;
         };
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            if stream.read(&mut byte).await.unwrap_or(0) == 0 {
-                return;
-            }
-            head.push(byte[0]);
-        }
-        let switched = b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n";
-        if stream.write_all(switched).await.is_err() {
+        if !accept_upgrade(&mut stream).await {
             return;
         }
         let chunk = [b'f'; 64 * 1024];

@@ -17,7 +17,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
@@ -153,19 +153,6 @@ async fn an_https_upstream_outside_the_trusted_roots_is_never_sent_a_request() {
     assert_error(resp, 502, "UPSTREAM_UNAVAILABLE").await;
     assert!(upstream.connections.load(Ordering::SeqCst) >= 1);
     assert_eq!(upstream.answered.load(Ordering::SeqCst), 0);
-}
-
-/// Reads one request head (the requests here have no body).
-async fn read_head(tls: &mut TlsStream<TcpStream>) -> bool {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        match tls.read(&mut byte).await {
-            Ok(1) => head.push(byte[0]),
-            _ => return false,
-        }
-    }
-    true
 }
 
 /// Many https servers close a kept-alive connection with a bare TCP close, no TLS

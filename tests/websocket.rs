@@ -261,16 +261,7 @@ async fn raw_echo_upgrade_upstream() -> (SocketAddr, tokio::task::JoinHandle<()>
     let task = tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if stream.read(&mut byte).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                    head.push(byte[0]);
-                }
-                let answer = b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n";
-                if stream.write_all(answer).await.is_err() {
+                if !accept_upgrade(&mut stream).await {
                     return;
                 }
                 let (mut read, mut write) = stream.split();

@@ -785,6 +785,27 @@ where
     }
 }
 
+/// An upstream's side of a WebSocket upgrade: reads the request head a byte at a time (so that
+/// what the client sends right behind it stays unread) and answers a bare 101. False when the
+/// connection ended first.
+pub async fn accept_upgrade<S>(stream: &mut S) -> bool
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+            return false;
+        }
+        head.push(byte[0]);
+    }
+    let switched =
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n";
+    stream.write_all(switched).await.is_ok()
+}
+
 /// Reads from `stream` until a whole request head (up to its blank line) has arrived; false if
 /// the peer closed first. Bytes past the head in the same read are consumed too.
 pub async fn read_head<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> bool {
