@@ -378,12 +378,7 @@ async fn a_second_signal_ends_the_binary_at_once() {
             .await
             .expect("the request reached the upstream");
         binary.signal(first);
-        // The shutdown has begun once /readyz says so.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while binary.readyz().await.1["checks"]["shutdown"] != "shutting down" {
-            assert!(std::time::Instant::now() < deadline, "{}", binary.output());
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        binary.wait_shutting_down().await;
         binary.signal(second);
         let status = binary.wait_exit(Duration::from_secs(5)).await;
         assert_eq!(status.code(), Some(1), "{first} then {second}");
@@ -408,11 +403,7 @@ async fn sigterm_after_sigint_lets_the_prompt_shutdown_finish() {
         .await
         .expect("the request reached the upstream");
     binary.signal("INT");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while binary.readyz().await.1["checks"]["shutdown"] != "shutting down" {
-        assert!(std::time::Instant::now() < deadline, "{}", binary.output());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    binary.wait_shutting_down().await;
     binary.signal("TERM");
     // The held request still gets its answer, and the process exits cleanly after it.
     gate.send(true).unwrap();

@@ -798,6 +798,19 @@ impl Binary {
         }
     }
 
+    /// Polls `/readyz` until it says the shutdown has begun (10 s).
+    pub async fn wait_shutting_down(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.readyz().await.1["checks"]["shutdown"] != "shutting down" {
+            assert!(
+                Instant::now() < deadline,
+                "the shutdown never showed on /readyz\n{}",
+                self.output()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Waits (5 s) until the log has a line containing each of `needles`; returns the log.
     pub async fn wait_for_lines(&self, needles: &[&str]) -> String {
         let deadline = Instant::now() + Duration::from_secs(5);
