@@ -485,16 +485,16 @@ impl hyper::body::Body for RequestBody {
             }
             Poll::Ready(_) => true,
             Poll::Pending => {
-                let deadline = tokio::time::Instant::now() + this.idle_timeout;
+                let deadline = || tokio::time::Instant::now() + this.idle_timeout;
                 let quiet = match &mut this.quiet {
                     Some(quiet) if this.moved => {
-                        quiet.as_mut().reset(deadline);
+                        quiet.as_mut().reset(deadline());
                         quiet
                     }
                     Some(quiet) => quiet,
                     None => this
                         .quiet
-                        .insert(Box::pin(tokio::time::sleep_until(deadline))),
+                        .insert(Box::pin(tokio::time::sleep_until(deadline()))),
                 };
                 this.moved = false;
                 if quiet.as_mut().poll(cx).is_ready() {
