@@ -261,6 +261,13 @@ fn parse_trailers(buf: &mut BytesMut) -> Result<Option<HeaderMap>, FramingError>
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(e) => return Err(FramingError::Head(e)),
     };
+    // httparse also ends lines at a bare LF; chunk-size lines here do not, and neither may the
+    // section that ends the body: where it ends must not depend on who reads it.
+    if has_bare_lf(&buf[..len]) {
+        return Err(FramingError::Malformed(
+            "a trailer line does not end in CRLF",
+        ));
+    }
     let mut trailers = HeaderMap::with_capacity(fields.len());
     for field in fields {
         let name = HeaderName::from_bytes(field.name.as_bytes())
@@ -271,6 +278,14 @@ fn parse_trailers(buf: &mut BytesMut) -> Result<Option<HeaderMap>, FramingError>
     }
     buf.advance(len);
     Ok(Some(trailers))
+}
+
+/// A line feed not preceded by a carriage return.
+fn has_bare_lf(bytes: &[u8]) -> bool {
+    bytes
+        .iter()
+        .enumerate()
+        .any(|(i, b)| *b == b'\n' && (i == 0 || bytes[i - 1] != b'\r'))
 }
 
 /// What a head's headers say about its framing and its connection, gathered in one pass as
@@ -750,6 +765,38 @@ mod tests {
 
         let (data, _, _) = decode_bytewise(Decode::UntilClose, b"all of it").unwrap();
         assert_eq!(&data[..], b"all of it");
+    }
+
+    #[test]
+    fn a_trailer_section_must_end_its_lines_in_crlf() {
+        for body in [
+            &b"1\r\na\r\n0\r\n\nnext"[..],
+            b"1\r\na\r\n0\r\nx-t: 1\n\r\n",
+            b"1\r\na\r\n0\r\nx-t: 1\r\n\n",
+        ] {
+            // All of it in one read, then a byte at a time.
+            let mut decoder = BodyDecoder::new(Decode::ChunkSize);
+            let mut read = BytesMut::from(body);
+            let at_once = loop {
+                match decoder.step(&mut read) {
+                    Ok(Step::Data(_)) => {}
+                    other => break other,
+                }
+            };
+            assert!(
+                at_once.is_err(),
+                "{}: {at_once:?}",
+                String::from_utf8_lossy(body)
+            );
+            assert!(
+                decode_bytewise(Decode::ChunkSize, body).is_err(),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        let (_, trailers, _) =
+            decode_bytewise(Decode::ChunkSize, b"1\r\na\r\n0\r\nx-t: 1\r\n\r\n").unwrap();
+        assert_eq!(trailers["x-t"], "1");
     }
 
     #[test]
