@@ -480,6 +480,31 @@ async fn a_connection_closed_after_its_response_lets_the_response_drain() {
     assert_eq!(all.len() - head_end, BODY, "the whole body arrived");
 }
 
+/// An HTTP/1.0 client gets a response without a length, which ends where the connection does.
+/// When the upstream's answer breaks off, the connection is reset rather than closed, so that
+/// the client cannot take the part it got for the whole response.
+#[tokio::test]
+async fn a_response_that_breaks_off_resets_the_connection() {
+    // Chunked, cut off after its first chunk.
+    let upstream =
+        RawUpstream::start(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+            .await;
+    let proxy = Proxy::start(&open_config(&upstream.url())).await;
+    let mut conn = RawConn::open(&proxy).await;
+    conn.send("GET /cut HTTP/1.0\r\nHost: test\r\n\r\n").await;
+    let mut got = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(5), conn.stream.read_to_end(&mut got))
+        .await
+        .expect("the connection ended");
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    assert!(
+        end.as_ref()
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "the broken-off response ended like a whole one: {end:?}, {got:?}"
+    );
+}
+
 /// A client that stops reading a large response holds its connection, and an upstream one,
 /// only until idle_timeout plus the few seconds an idle close may take.
 #[tokio::test]

@@ -175,6 +175,10 @@ impl Connection {
                     Box::pin(linger(&mut closing)).await;
                     return;
                 }
+                Outcome::Abort(broken) => {
+                    broken.reset_on_drop();
+                    return;
+                }
                 Outcome::Drop => return,
             }
         }

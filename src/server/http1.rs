@@ -415,6 +415,10 @@ pub(super) enum Outcome<I> {
     Upgrade(I, Bytes, Tunnel),
     /// Done with the socket, which is to be closed cleanly.
     Close(I),
+    /// The response broke off: the socket is to be reset, so that the client cannot take what
+    /// it got for a whole response (one that runs until the close, as to an HTTP/1.0 client,
+    /// has no other end to miss).
+    Abort(I),
     /// Done with the socket, which is to be dropped (timed out, broken, or still in use by a
     /// request body the stack kept).
     Drop,
@@ -439,6 +443,8 @@ enum After {
     /// of the request body cannot be told from a next request.
     Close,
     Upgrade(Tunnel),
+    /// The response did not go out whole.
+    Abort(&'static str),
     Drop(&'static str),
 }
 
@@ -513,6 +519,13 @@ where
                         Some((io, unread)) => Outcome::Upgrade(io, unread, tunnel),
                         None => Outcome::Drop,
                     }
+                }
+                After::Abort(why) => {
+                    tracing::debug!(why, "response broke off; connection reset");
+                    return match self.take_io() {
+                        Some((io, _)) => Outcome::Abort(io),
+                        None => Outcome::Drop,
+                    };
                 }
                 After::Drop(why) => {
                     tracing::debug!(why, "connection dropped");
@@ -820,7 +833,7 @@ where
         .await;
         drop(body);
         if let Err(why) = sent {
-            return After::Drop(why);
+            return After::Abort(why);
         }
 
         if upgrade {

@@ -16,11 +16,18 @@ use tokio_rustls::server::TlsStream;
 pub(super) trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// Ready when the client has sent something (or closed): the socket is readable.
     fn poll_client_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+
+    /// Makes dropping the socket reset the connection rather than close it.
+    fn reset_on_drop(&self);
 }
 
 impl Transport for TcpStream {
     fn poll_client_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.poll_read_ready(cx)
+    }
+
+    fn reset_on_drop(&self) {
+        let _ = self.set_zero_linger();
     }
 }
 
@@ -29,6 +36,10 @@ impl Transport for TlsStream<TcpStream> {
         // Nothing decrypted waits inside: a connection only rests after the reader has drained
         // everything the socket had.
         self.get_ref().0.poll_read_ready(cx)
+    }
+
+    fn reset_on_drop(&self) {
+        let _ = self.get_ref().0.set_zero_linger();
     }
 }
 

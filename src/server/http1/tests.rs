@@ -29,6 +29,7 @@ fn outcome_name<I>(outcome: &Outcome<I>) -> &'static str {
         Outcome::Rest(..) => "rest",
         Outcome::Upgrade(..) => "upgrade",
         Outcome::Close(_) => "close",
+        Outcome::Abort(_) => "abort",
         Outcome::Drop => "drop",
     }
 }
