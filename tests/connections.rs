@@ -497,7 +497,9 @@ async fn a_response_that_breaks_off_resets_the_connection() {
         .await
         .expect("the connection ended");
     let got = String::from_utf8_lossy(&got);
-    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    // What of the response arrives before the reset depends on timing (a reset can overtake
+    // it); that it ends in one does not.
+    assert!(got.is_empty() || got.starts_with("HTTP/1.1 200"), "{got}");
     assert!(
         end.as_ref()
             .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
