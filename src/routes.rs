@@ -153,6 +153,11 @@ impl RouteTable {
     /// prefix) decides, and so supplies the rate limits: `/game;x` or `/GAME` counts against
     /// `/game`'s quota as surely as `/game` does.
     fn strictest_reading(&self, path: &str) -> Matched {
+        // What decides between two readings: the auth each needs, then how specific its route
+        // is (the length of its prefix; no route at all is less specific than any).
+        let rank = |(auth, _, prefix_len): (AuthMode, Option<usize>, Option<usize>)| {
+            (strictness(auth), prefix_len)
+        };
         let mut strictest = self.route_for(path, false);
         let mut consider = |reading: &str, exact_done: bool| {
             for ignore_case in [false, true] {
@@ -165,7 +170,6 @@ impl RouteTable {
                     continue;
                 }
                 let matched = self.route_for(reading, ignore_case);
-                let rank = |(auth, route): Matched| (strictness(auth), self.prefix_len(route));
                 if rank(matched) > rank(strictest) {
                     strictest = matched;
                 }
@@ -183,21 +187,13 @@ impl RouteTable {
                 }
             }
         }
-        strictest
+        let (auth, route, _) = strictest;
+        (auth, route)
     }
 
-    /// The length of the prefix of the route at `index` (configuration order); `None` for no
-    /// route, which is less specific than any.
-    fn prefix_len(&self, index: Option<usize>) -> Option<usize> {
-        let index = index?;
-        self.routes
-            .iter()
-            .find(|(i, _)| *i == index)
-            .map(|(_, r)| r.path_prefix.len())
-    }
-
-    /// The longest `[[routes]]` prefix covering `path`, else the default (`session`).
-    fn route_for(&self, path: &str, ignore_case: bool) -> Matched {
+    /// The longest `[[routes]]` prefix covering `path`, with its length, else the default
+    /// (`session`, no route).
+    fn route_for(&self, path: &str, ignore_case: bool) -> (AuthMode, Option<usize>, Option<usize>) {
         self.routes
             .iter()
             .find(|(_, r)| {
@@ -207,8 +203,8 @@ impl RouteTable {
                     matches_prefix(&r.path_prefix, path)
                 }
             })
-            .map_or((AuthMode::Session, None), |(index, r)| {
-                (r.auth, Some(*index))
+            .map_or((AuthMode::Session, None, None), |(index, r)| {
+                (r.auth, Some(*index), Some(r.path_prefix.len()))
             })
     }
 }
