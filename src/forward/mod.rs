@@ -407,7 +407,9 @@ impl Upstream {
         };
 
         if !trusted {
-            remove_proxy_said(headers);
+            // A peer that is not a trusted proxy could otherwise choose the address or scheme a
+            // backend believes.
+            remove_named(headers, proxy_said);
         }
         if !(trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
             let proto = if conn.tls { "https" } else { "http" };
@@ -425,17 +427,7 @@ impl Upstream {
     /// (WSGI, Rack, PHP) map `X_User_Id` and `X-User-Id` alike to `HTTP_X_USER_ID`, so a client's
     /// `X_User_Id` would reach them next to, or instead of, the verified one.
     fn remove_aliases(&self, headers: &mut HeaderMap) {
-        if !headers.keys().any(|k| self.aliased.aliases(k)) {
-            return;
-        }
-        let doomed: SmallVec<[HeaderName; 2]> = headers
-            .keys()
-            .filter(|k| self.aliased.aliases(k))
-            .cloned()
-            .collect();
-        for name in &doomed {
-            headers.remove(name);
-        }
+        remove_named(headers, |k| self.aliased.aliases(k));
     }
 
     /// Identity headers carry only what the gate verified. The client's copies were stripped on
@@ -659,15 +651,14 @@ fn proxy_said(name: &HeaderName) -> bool {
     )
 }
 
-/// Removes every [`proxy_said`] header: a peer that is not a trusted proxy could otherwise
-/// choose the address or scheme a backend believes.
-fn remove_proxy_said(headers: &mut HeaderMap) {
-    if !headers.keys().any(proxy_said) {
+/// Removes every header whose name `doomed` picks, allocating nothing when none is there (the
+/// usual case).
+fn remove_named(headers: &mut HeaderMap, doomed: impl Fn(&HeaderName) -> bool) {
+    if !headers.keys().any(&doomed) {
         return;
     }
-    let doomed: SmallVec<[HeaderName; 2]> =
-        headers.keys().filter(|k| proxy_said(k)).cloned().collect();
-    for name in &doomed {
+    let names: SmallVec<[HeaderName; 2]> = headers.keys().filter(|k| doomed(k)).cloned().collect();
+    for name in &names {
         headers.remove(name);
     }
 }
