@@ -45,7 +45,7 @@ const WRITE_HIGH_WATER: usize = 64 * 1024;
 /// map gets room for them at once.
 const REQUEST_HEADERS_ADDED: usize = 10;
 /// Longest wait for the client to take the last of what was written before the connection
-/// closes (see [`super::connection`]'s `close`, which then takes as long again at most).
+/// closes (see [`super::connection`]'s `linger`, which then takes as long again at most).
 const LAST_WRITE: Duration = Duration::from_secs(1);
 
 /// The socket and its buffers, shared by the connection's task (heads, responses) and the

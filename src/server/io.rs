@@ -94,13 +94,14 @@ impl Exchange {
     /// A request started; `body_in` when it has no body to wait for.
     pub(super) fn start(activity: Arc<Activity>, body_in: bool) -> Self {
         activity.progressed();
-        if body_in {
-            activity.awaiting_head.fetch_add(1, Ordering::Relaxed);
-        }
-        Exchange {
+        let exchange = Exchange {
             activity,
-            state: AtomicU8::new(if body_in { BODY_IN } else { 0 }),
+            state: AtomicU8::new(0),
+        };
+        if body_in {
+            exchange.body_in();
         }
+        exchange
     }
 
     /// The request's body has all arrived, or is no longer read. Idempotent.
