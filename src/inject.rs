@@ -313,6 +313,8 @@ struct Workload {
     open: Vec<(String, u16)>,
     port: u16,
     admin_port: u16,
+    /// The image of a sidecar it had before (`None` when injected now).
+    sidecar_image: Option<String>,
 }
 
 /// Where a kind keeps its pod spec and pod labels.
@@ -437,8 +439,10 @@ pub fn inject(sources: &[Source], opts: &InjectOptions) -> Result<Injected, Inje
         }
         if !edits.is_empty() {
             injected.push(doc.describe(sources));
-        } else if let Some(image) =
-            sidecar_image(&doc.value, &spec_path).filter(|image| *image != opts.image)
+        } else if let Some(image) = workload
+            .sidecar_image
+            .as_ref()
+            .filter(|image| **image != opts.image)
         {
             notes.push(format!(
                 "{}: already has a sidecar, running {image}, not {}: inject does not update a sidecar (its image, ports or Secrets): edit it, or remove it and inject again",
@@ -651,6 +655,7 @@ fn plan_workload(
         open: Vec::new(),
         port: opts.port,
         admin_port: opts.admin_port,
+        sidecar_image: None,
     };
 
     // Already injected: describe what is there so that Services and policies still line up.
@@ -676,6 +681,10 @@ fn plan_workload(
         workload.port = named(PORT_NAME).map_or(opts.port, |p| p.port);
         workload.admin_port = named(ADMIN_PORT_NAME).map_or(opts.admin_port, |p| p.port);
         workload.upstream = sidecar_upstream_port(sidecar);
+        workload.sidecar_image = sidecar
+            .get("image")
+            .and_then(Value::as_str)
+            .map(str::to_string);
         set_upstream_names(&mut workload, &game_ports);
         set_open(&mut workload, &declared);
         return Ok((workload, Vec::new()));
@@ -818,6 +827,8 @@ struct ContainerPort {
     port: u16,
     /// TCP, UDP or SCTP.
     protocol: String,
+    /// The node port it is also published on, if any.
+    host_port: Option<u64>,
 }
 
 impl ContainerPort {
@@ -848,6 +859,7 @@ fn container_ports(container: &Value) -> Vec<ContainerPort> {
                         name: p.get("name").and_then(Value::as_str).map(str::to_string),
                         port,
                         protocol: protocol_of(p).to_string(),
+                        host_port: p.get("hostPort").and_then(Value::as_u64),
                     })
                 })
                 .collect()
@@ -929,28 +941,14 @@ fn protocol_of(port: &Value) -> &str {
         .unwrap_or("TCP")
 }
 
-/// The image of the pod's sidecar, if it has one.
-fn sidecar_image(doc: &Value, spec_path: &[&str]) -> Option<String> {
-    let spec = get(doc, spec_path).and_then(Value::as_mapping)?;
-    ["initContainers", "containers"]
-        .into_iter()
-        .flat_map(|key| seq_of(spec, key))
-        .find(|c| c.get("name").and_then(Value::as_str) == Some(SIDECAR_NAME))?
-        .get("image")
-        .and_then(Value::as_str)
-        .map(str::to_string)
-}
-
 /// The `hostPort` under which the pod's containers publish TCP `port` on the node, if any.
 fn host_port_of(doc: &Value, spec_path: &[&str], port: u16) -> Option<u64> {
     let spec = get(doc, spec_path).and_then(Value::as_mapping)?;
     seq_of(spec, "containers")
         .iter()
-        .filter_map(|c| c.get("ports").and_then(Value::as_sequence))
-        .flatten()
-        .filter(|p| protocol_of(p) == "TCP")
-        .filter(|p| p.get("containerPort").and_then(Value::as_u64) == Some(u64::from(port)))
-        .find_map(|p| p.get("hostPort").and_then(Value::as_u64))
+        .flat_map(container_ports)
+        .filter(|p| p.protocol == "TCP" && p.port == port)
+        .find_map(|p| p.host_port)
 }
 
 /// The ports of the pod's containers that are not TCP (UDP or SCTP), which portcullis cannot
