@@ -64,12 +64,18 @@ struct Claims {
 fn numeric_date<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
     let value = Option::<serde_json::Value>::deserialize(d)?;
     Ok(match value {
-        Some(serde_json::Value::Number(n)) => n.as_u64().or_else(|| {
-            n.as_f64()
-                .filter(|f| f.is_finite() && *f >= 0.0 && *f < u64::MAX as f64)
-                .map(|f| f as u64)
-        }),
+        Some(serde_json::Value::Number(n)) => whole_seconds(&n, f64::trunc),
         _ => None,
+    })
+}
+
+/// A NumericDate as whole seconds, a fraction taken by `whole`; `None` for a number that is
+/// negative or out of range.
+fn whole_seconds(n: &serde_json::Number, whole: fn(f64) -> f64) -> Option<u64> {
+    n.as_u64().or_else(|| {
+        n.as_f64()
+            .filter(|f| f.is_finite() && *f >= 0.0 && *f < u64::MAX as f64)
+            .map(|f| whole(f) as u64)
     })
 }
 
@@ -78,13 +84,7 @@ fn numeric_date<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D
 /// first. Anything else is not a NumericDate, and the token is invalid.
 fn rounded_date<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     let n = serde_json::Number::deserialize(d)?;
-    n.as_u64()
-        .or_else(|| {
-            n.as_f64()
-                .filter(|f| f.is_finite() && *f >= 0.0 && *f < u64::MAX as f64)
-                .map(|f| f.round() as u64)
-        })
-        .ok_or_else(|| serde::de::Error::custom("not a NumericDate"))
+    whole_seconds(&n, f64::round).ok_or_else(|| serde::de::Error::custom("not a NumericDate"))
 }
 
 fn optional_rounded_date<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
