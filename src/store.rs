@@ -50,10 +50,21 @@ pub enum StoreError {
     /// not a failure.
     #[error("the user signed out everywhere after this token was issued")]
     SignedOut,
+    /// The session the caller's token is bound to has ended: an answer, not a failure.
+    #[error("the session this token is bound to has ended")]
+    SessionEnded,
 }
 
-/// The error code a session script answers a token issued before the user signed out with.
+impl StoreError {
+    /// Redis answered, and the caller's token was refused (see [`TokenCheck`]).
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, StoreError::SignedOut | StoreError::SessionEnded)
+    }
+}
+
+/// The error codes a session script refuses a caller's token with (see [`TokenCheck`]).
 const SIGNED_OUT_CODE: &str = "SIGNED_OUT";
+const SESSION_ENDED_CODE: &str = "SESSION_ENDED";
 
 /// Receives Redis client-side-caching invalidations (see `session::cache`).
 pub trait Tracking: Send + Sync + 'static {
@@ -371,16 +382,6 @@ local function be48(n)
   for i = 6, 1, -1 do b[i] = n % 256; n = (n - b[i]) / 256 end
   return string.char(b[1], b[2], b[3], b[4], b[5], b[6])
 end
--- With the user's sign-out key as KEYS[2]: true when the caller's token was issued (ARGV[n],
--- Unix seconds plus the allowed clock skew) before the user last signed out everywhere.
-local function signed_out(n)
-  if not KEYS[2] or not ARGV[n] then return false end
-  local at = redis.call('GET', KEYS[2])
-  return at ~= false and tonumber(ARGV[n]) < tonumber(at)
-end
-local function refuse_signed_out()
-  return redis.error_reply('SIGNED_OUT the user signed out everywhere after this token was issued')
-end
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -420,6 +421,32 @@ end
 local function corrupt()
   return redis.error_reply('ERR ' .. KEYS[1] .. ' does not hold sessions in the known layout')
 end
+-- What the caller's token must pass before a script acts, from ARGV[n] and ARGV[n + 1] (absent
+-- or empty when not asked): the session it is bound to (its `sid`, ARGV[n + 1]) is live, else
+-- SESSION_ENDED; it was not issued (ARGV[n], Unix seconds plus the allowed clock skew) before
+-- the user last signed out everywhere (KEYS[2]), else SIGNED_OUT. The refusal, or nil.
+local function refusal(n)
+  local bound = ARGV[n + 1]
+  if bound and bound ~= '' then
+    local v = redis.call('GET', KEYS[1])
+    local body = nil
+    if v then
+      body = find(v, bound)
+      if body == false then return corrupt() end
+    end
+    if not body or u48(v, body + 16) <= now_ms() then
+      return redis.error_reply('SESSION_ENDED the session this token is bound to has ended')
+    end
+  end
+  local issued = ARGV[n]
+  if issued and issued ~= '' then
+    local at = redis.call('GET', KEYS[2])
+    if at and tonumber(issued) < tonumber(at) then
+      return redis.error_reply('SIGNED_OUT the user signed out everywhere after this token was issued')
+    end
+  end
+  return nil
+end
 local function body_of(v, r) return string.sub(v, r[1], r[1] + r[2] - 1) end
 -- The record with its length, as stored.
 local function record_of(v, r) return string.sub(v, r[1] - 2, r[1] + r[2] - 1) end
@@ -440,12 +467,13 @@ end
 /// Finds the session and slides it in place: lastActive moves to now when it is older than
 /// the resolution (ARGV[3]), and the expiry back to now + ttl (ARGV[2]) unless it was slid less
 /// than `slide` (ARGV[4]) ago. Both are one SETRANGE, and nothing is written when neither is
-/// due, so other replicas' caches are not invalidated. Returns the (updated) body, or nil. With
-/// KEYS[2] and ARGV[5], a token issued before the user signed out is refused (`SIGNED_OUT`).
+/// due, so other replicas' caches are not invalidated. Returns the (updated) body, or nil. The
+/// caller's token is checked first, from ARGV[5] and ARGV[6] (see `refusal`).
 const TOUCH: &str = concat!(
     session_lib!(),
     r"
-if signed_out(5) then return refuse_signed_out() end
+local refused = refusal(5)
+if refused then return refused end
 local v = redis.call('GET', KEYS[1])
 if not v then return false end
 local body, len = find(v, ARGV[1])
@@ -472,12 +500,13 @@ return ARGV[1] .. times .. string.sub(v, body + 28, body + len - 1)
 
 /// Adds a session (id ARGV[1], ttl ARGV[2], details ARGV[3]), dropping expired ones; when the
 /// user would have more than ARGV[4], the least recently active make room. Returns Redis' time
-/// and the bodies of the sessions that made room. With KEYS[2] and ARGV[5], a token issued
-/// before the user signed out is refused (`SIGNED_OUT`), and nothing is added.
+/// and the bodies of the sessions that made room. The caller's token is checked first, from
+/// ARGV[5] and ARGV[6] (see `refusal`); refused, nothing is added.
 const CREATE: &str = concat!(
     session_lib!(),
     r"
-if signed_out(5) then return refuse_signed_out() end
+local refused = refusal(5)
+if refused then return refused end
 local now = now_ms()
 local v = redis.call('GET', KEYS[1]) or string.char(1)
 local recs = records(v)
@@ -512,12 +541,13 @@ return reply
 "
 );
 
-/// The body of a live session, without touching it. With KEYS[2] and ARGV[2], a token issued
-/// before the user signed out is refused (`SIGNED_OUT`).
+/// The body of a live session, without touching it. The caller's token is checked first, from
+/// ARGV[2] and ARGV[3] (see `refusal`).
 const GET: &str = concat!(
     session_lib!(),
     r"
-if signed_out(2) then return refuse_signed_out() end
+local refused = refusal(2)
+if refused then return refused end
 local v = redis.call('GET', KEYS[1])
 if not v then return false end
 local body, len = find(v, ARGV[1])
@@ -556,12 +586,13 @@ return 1
 );
 
 /// Removes a session (and any expired one); the key then expires with the longest-lived
-/// remaining session, or goes. Returns the removed body. With KEYS[2] and ARGV[2], a token
-/// issued before the user signed out is refused (`SIGNED_OUT`).
+/// remaining session, or goes. Returns the removed body. The caller's token is checked first,
+/// from ARGV[2] and ARGV[3] (see `refusal`).
 const DESTROY: &str = concat!(
     session_lib!(),
     r"
-if signed_out(2) then return refuse_signed_out() end
+local refused = refusal(2)
+if refused then return refused end
 local v = redis.call('GET', KEYS[1])
 if not v then return false end
 local recs = records(v)
@@ -586,14 +617,15 @@ return gone
 /// Removes all of a user's sessions (the key goes), and notes in KEYS[2] when (Unix seconds),
 /// for ARGV[1] milliseconds or what an earlier sign-out's note had left, whichever is longer
 /// (a later sign-out never shortens how long an earlier one shuts out older tokens): tokens
-/// issued before then open no session. Returns the bodies of the sessions that were live. A
-/// token issued (ARGV[2], when given) before an earlier sign-out is refused (`SIGNED_OUT`).
+/// issued before then open no session. Returns the bodies of the sessions that were live. The
+/// caller's token is checked first, from ARGV[2] and ARGV[3] (see `refusal`).
 /// Nothing is written when the sessions cannot be read, so a sign-out that failed can be made
 /// again with the same token.
 const DESTROY_ALL: &str = concat!(
     session_lib!(),
     r"
-if signed_out(2) then return refuse_signed_out() end
+local refused = refusal(2)
+if refused then return refused end
 local now = now_ms()
 local v = redis.call('GET', KEYS[1])
 local recs = {}
@@ -615,12 +647,13 @@ return out
 "
 );
 
-/// The bodies of a user's live sessions; expired ones are dropped on the way. With KEYS[2] and
-/// ARGV[1], a token issued before the user signed out is refused (`SIGNED_OUT`).
+/// The bodies of a user's live sessions; expired ones are dropped on the way. The caller's
+/// token is checked first, from ARGV[1] and ARGV[2] (see `refusal`).
 const LIST: &str = concat!(
     session_lib!(),
     r"
-if signed_out(1) then return refuse_signed_out() end
+local refused = refusal(1)
+if refused then return refused end
 local v = redis.call('GET', KEYS[1])
 if not v then return {} end
 local recs = records(v)
@@ -872,7 +905,7 @@ impl Store {
                 StoreError::Timeout(_) => "timeout",
                 StoreError::Redis(_) | StoreError::Corrupt(_) => "error",
                 // Redis answered; the caller is refused.
-                StoreError::SignedOut => return result,
+                StoreError::SignedOut | StoreError::SessionEnded => return result,
             };
             self.metrics.redis_error(name, kind);
         }
@@ -906,6 +939,9 @@ impl Store {
                     Err(StoreError::NotWritable(reply))
                 }
                 Failure::Command if e.code() == Some(SIGNED_OUT_CODE) => Err(StoreError::SignedOut),
+                Failure::Command if e.code() == Some(SESSION_ENDED_CODE) => {
+                    Err(StoreError::SessionEnded)
+                }
                 Failure::Command => Err(StoreError::Redis(e.to_string())),
             },
             Err(_) => {
@@ -1072,7 +1108,7 @@ impl Store {
 
     /// Adds a session (see `session::record`) and returns Redis' time, in Unix milliseconds,
     /// and the bodies of the least recently active sessions that made room for it when the
-    /// user already had `max_per_user`. With `signed_out`, see [`SignOutCheck`].
+    /// user already had `max_per_user`. The caller's `token` is checked first (see [`TokenCheck`]).
     pub async fn session_create(
         &self,
         user_id: &str,
@@ -1080,10 +1116,10 @@ impl Store {
         details: &[u8],
         ttl: Duration,
         max_per_user: usize,
-        signed_out: SignOutCheck,
+        token: TokenCheck,
     ) -> Result<(u64, Vec<Vec<u8>>), StoreError> {
         let key = self.sessions_key(user_id);
-        let check = self.sign_out_check(user_id, signed_out);
+        let check = self.token_check(user_id, token);
         let (ttl, max_per_user) = (ms(ttl).to_string(), max_per_user.to_string());
         let mut args: Args = smallvec::smallvec![
             &session_id.as_bytes()[..],
@@ -1106,7 +1142,7 @@ impl Store {
     }
 
     /// Reads and slides a session in one round trip; its body (see `session::record`), or
-    /// `None` when it does not exist. With `signed_out`, see [`SignOutCheck`].
+    /// `None` when it does not exist. The caller's `token` is checked first (see [`TokenCheck`]).
     pub async fn session_touch(
         &self,
         user_id: &str,
@@ -1114,10 +1150,10 @@ impl Store {
         ttl: Duration,
         resolution: Duration,
         slide: Duration,
-        signed_out: SignOutCheck,
+        token: TokenCheck,
     ) -> Result<Option<Vec<u8>>, StoreError> {
         let key = self.sessions_key(user_id);
-        let check = self.sign_out_check(user_id, signed_out);
+        let check = self.token_check(user_id, token);
         let (ttl, resolution, slide) = (
             ms(ttl).to_string(),
             ms(resolution).to_string(),
@@ -1134,29 +1170,27 @@ impl Store {
             .await
     }
 
-    /// A live session's body, without touching it. With `signed_out`, see [`SignOutCheck`].
+    /// A live session's body, without touching it. The caller's `token` is checked first (see [`TokenCheck`]).
     pub async fn session_get(
         &self,
         user_id: &str,
         session_id: &Uuid,
-        signed_out: SignOutCheck,
+        token: TokenCheck,
     ) -> Result<Option<Vec<u8>>, StoreError> {
         let key = self.sessions_key(user_id);
-        let check = self.sign_out_check(user_id, signed_out);
+        let check = self.token_check(user_id, token);
         let mut args: Args = smallvec::smallvec![&session_id.as_bytes()[..]];
         let keys = check.extend(&key, &mut args);
         self.invoke("session_get", &self.scripts.get, &keys, &args)
             .await
     }
 
-    /// The sign-out key and issue time a script needs to refuse a token issued before the
-    /// user last signed out everywhere; nothing when no check is asked for.
-    fn sign_out_check(&self, user_id: &str, check: SignOutCheck) -> ScriptSignOutCheck {
-        match check {
-            SignOutCheck::IssuedBy(at) => {
-                ScriptSignOutCheck(Some((self.signed_out_key(user_id), at.to_string())))
-            }
-            SignOutCheck::None => ScriptSignOutCheck(None),
+    /// What a script needs to make `check`: the sign-out key and issue time, the bound session.
+    fn token_check(&self, user_id: &str, check: TokenCheck) -> ScriptTokenCheck {
+        ScriptTokenCheck {
+            signed_out_key: check.issued_by.map(|_| self.signed_out_key(user_id)),
+            issued_by: check.issued_by.map(|at| at.to_string()).unwrap_or_default(),
+            bound_to: check.bound_to,
         }
     }
 
@@ -1179,16 +1213,16 @@ impl Store {
         Ok(replaced == 1)
     }
 
-    /// Deletes a session, returning its body when it existed. With `signed_out`, see
-    /// [`SignOutCheck`].
+    /// Deletes a session, returning its body when it existed. The caller's `token` is checked
+    /// first (see [`TokenCheck`]).
     pub async fn session_destroy(
         &self,
         user_id: &str,
         session_id: &Uuid,
-        signed_out: SignOutCheck,
+        token: TokenCheck,
     ) -> Result<Option<Vec<u8>>, StoreError> {
         let key = self.sessions_key(user_id);
-        let check = self.sign_out_check(user_id, signed_out);
+        let check = self.token_check(user_id, token);
         let mut args: Args = smallvec::smallvec![&session_id.as_bytes()[..]];
         let keys = check.extend(&key, &mut args);
         self.invoke("session_destroy", &self.scripts.destroy, &keys, &args)
@@ -1197,22 +1231,20 @@ impl Store {
 
     /// Deletes all of a user's sessions, returning the bodies of those that were live, and
     /// refuses new sessions to tokens issued before now for `remember` (see `session_create`).
-    /// With `signed_out`, a token issued before an earlier sign-out is refused.
+    /// The caller's `token` is checked first (see [`TokenCheck`]).
     pub async fn session_destroy_all(
         &self,
         user_id: &str,
         remember: Duration,
-        signed_out: SignOutCheck,
+        token: TokenCheck,
     ) -> Result<Vec<Vec<u8>>, StoreError> {
         let key = self.sessions_key(user_id);
         let marker = self.signed_out_key(user_id);
         let remember = ms(remember).max(1).to_string();
-        let issued_by = match signed_out {
-            SignOutCheck::IssuedBy(at) => Some(at.to_string()),
-            SignOutCheck::None => None,
-        };
+        let check = self.token_check(user_id, token);
         let mut args: Args = smallvec::smallvec![remember.as_bytes()];
-        args.extend(issued_by.as_ref().map(String::as_bytes));
+        // The script writes the sign-out key whatever is checked, so it always has it.
+        check.extend(&key, &mut args);
         self.invoke(
             "session_destroy_all",
             &self.scripts.destroy_all,
@@ -1264,14 +1296,14 @@ impl Store {
         }
     }
 
-    /// The bodies of every live session of a user. With `signed_out`, see [`SignOutCheck`].
+    /// The bodies of every live session of a user. The caller's `token` is checked first (see [`TokenCheck`]).
     pub async fn session_list(
         &self,
         user_id: &str,
-        signed_out: SignOutCheck,
+        token: TokenCheck,
     ) -> Result<Vec<Vec<u8>>, StoreError> {
         let key = self.sessions_key(user_id);
-        let check = self.sign_out_check(user_id, signed_out);
+        let check = self.token_check(user_id, token);
         let mut args = Args::new();
         let keys = check.extend(&key, &mut args);
         self.invoke("session_list", &self.scripts.list, &keys, &args)
@@ -1279,39 +1311,52 @@ impl Store {
     }
 }
 
-/// Whether a session script refuses the caller when the user signed out everywhere after its
-/// token was issued: the check is in the script, so that it costs no round trip of its own and
-/// is one step with what the script does.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SignOutCheck {
-    /// Refused (`StoreError::SignedOut`) when the user signed out after this time (Unix
-    /// seconds: the token's issue time plus the allowed clock skew).
-    IssuedBy(u64),
-    /// No check: the proxied path, and tokens that do not say when they were issued.
-    None,
+/// What a session script checks about the caller's token before it acts. The checks are in
+/// the script, so that they cost no round trip of their own and are one step with what the
+/// script does: nothing can end the bound session, or sign the user out, in between.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TokenCheck {
+    /// The session the token is bound to (its `sid` claim): refused
+    /// ([`StoreError::SessionEnded`]) unless it is live. Checked first, and without sliding it.
+    pub bound_to: Option<Uuid>,
+    /// Refused ([`StoreError::SignedOut`]) when the user signed out everywhere after this time
+    /// (Unix seconds: the token's issue time plus the allowed clock skew).
+    pub issued_by: Option<u64>,
 }
 
-impl From<Option<u64>> for SignOutCheck {
-    fn from(issued_by: Option<u64>) -> Self {
-        issued_by.map_or(SignOutCheck::None, SignOutCheck::IssuedBy)
-    }
+impl TokenCheck {
+    /// No check: the proxied path, which checks the session itself, and tunnels.
+    pub const NONE: TokenCheck = TokenCheck {
+        bound_to: None,
+        issued_by: None,
+    };
 }
 
-/// A script's arguments, on the stack: the per-request check passes five at most.
-type Args<'a> = smallvec::SmallVec<[&'a [u8]; 5]>;
+/// A script's arguments, on the stack: the per-request check passes six at most.
+type Args<'a> = smallvec::SmallVec<[&'a [u8]; 6]>;
 
-/// A [`SignOutCheck`] as a script's extra key (the user's sign-out key) and last argument.
-struct ScriptSignOutCheck(Option<(String, String)>);
+/// A [`TokenCheck`] as a script's extra key (the user's sign-out key, when the issue time is
+/// checked) and last two arguments (the issue time and the bound session, either empty).
+struct ScriptTokenCheck {
+    signed_out_key: Option<String>,
+    issued_by: String,
+    bound_to: Option<Uuid>,
+}
 
-impl ScriptSignOutCheck {
-    /// The script's keys (the sessions key, then the sign-out key when checking), with the issue
-    /// time appended to `args`.
+impl ScriptTokenCheck {
+    /// The script's keys (the sessions key, then the sign-out key when checking the issue
+    /// time), with the check's arguments appended to `args` when there is one.
     fn extend<'a>(&'a self, key: &'a str, args: &mut Args<'a>) -> smallvec::SmallVec<[&'a str; 2]> {
-        match &self.0 {
-            Some((marker, issued_by)) => {
-                args.push(issued_by.as_bytes());
-                smallvec::smallvec![key, marker.as_str()]
-            }
+        if self.signed_out_key.is_some() || self.bound_to.is_some() {
+            args.push(self.issued_by.as_bytes());
+            args.push(
+                self.bound_to
+                    .as_ref()
+                    .map_or(&[][..], |id| &id.as_bytes()[..]),
+            );
+        }
+        match &self.signed_out_key {
+            Some(marker) => smallvec::smallvec![key, marker.as_str()],
             None => smallvec::smallvec![key],
         }
     }

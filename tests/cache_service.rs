@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use portcullis::config::Config;
 use portcullis::metrics::Metrics;
-use portcullis::session::{Metadata, Platform, Sessions, SignOutCheck};
+use portcullis::session::{Metadata, Platform, Sessions, TokenCheck};
 use portcullis::store::{KeyTtl, Store, StoreError};
 use serde::{Deserialize, Serialize};
 use support::*;
@@ -150,12 +150,12 @@ async fn update_replaces_metadata_and_keeps_the_expiry() {
         device_id: None,
     };
     let created = sessions
-        .create("u1", &web, SignOutCheck::None)
+        .create("u1", &web, TokenCheck::NONE)
         .await
         .unwrap()
         .created;
     let before = sessions
-        .get("u1", created.session_id, SignOutCheck::None)
+        .get("u1", created.session_id, TokenCheck::NONE)
         .await
         .unwrap()
         .unwrap();
@@ -171,7 +171,7 @@ async fn update_replaces_metadata_and_keeps_the_expiry() {
         .await
         .unwrap());
     let after = sessions
-        .get("u1", created.session_id, SignOutCheck::None)
+        .get("u1", created.session_id, TokenCheck::NONE)
         .await
         .unwrap()
         .unwrap();

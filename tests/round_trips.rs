@@ -161,3 +161,39 @@ async fn concurrent_requests_keep_the_budget() {
     assert_eq!(sent.len() as u64, N, "{sent:?}");
     assert_eq!(stats.get("evalsha").copied(), Some(N));
 }
+
+/// A session API call made with a token bound to a session (a `sid` claim) checks that the
+/// session lives inside the call's own script: one round trip per call, whatever the endpoint,
+/// and nothing can end the session between the check and the call.
+#[tokio::test]
+async fn a_session_api_call_with_a_bound_token_costs_one_script() {
+    let s = setup().await;
+    let bound = token("alice", Some(&s.sid));
+    let api = |path: &str| s.proxy.url(&format!("/api/v1/sessions{path}"));
+    let calls = [
+        (reqwest::Method::GET, api("/user/sessions"), 200),
+        (reqwest::Method::GET, api(&format!("/{}", s.sid)), 200),
+        (
+            reqwest::Method::POST,
+            api(&format!("/{}/extend", s.sid)),
+            200,
+        ),
+        (reqwest::Method::POST, api("/create"), 201),
+    ];
+    let make_calls = || async {
+        for (method, url, status) in &calls {
+            let resp = client()
+                .request(method.clone(), url)
+                .bearer_auth(&bound)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status().as_u16(), *status, "{method} {url}");
+        }
+    };
+    make_calls().await; // loads the scripts
+    let (stats, sent, _) = measure(&s, make_calls).await;
+    assert_eq!(sent.len(), calls.len(), "{sent:?}");
+    assert!(sent.iter().all(|c| c == "evalsha"), "{sent:?}");
+    assert_eq!(stats.get("evalsha").copied(), Some(calls.len() as u64));
+}

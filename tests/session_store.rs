@@ -147,6 +147,15 @@ async fn an_expired_session_is_refused_everywhere_and_list_drops_it() {
         .await
         .unwrap();
     assert_error(resp, 404, "SESSION_NOT_FOUND").await;
+    // A token bound to the expired session (still stored) can no longer use the API.
+    let resp = client()
+        .get(s.proxy.url("/api/v1/sessions/user/sessions"))
+        .bearer_auth(token("alice", Some(&a)))
+        .send()
+        .await
+        .unwrap();
+    assert_error(resp, 401, "SESSION_INVALID").await;
+    assert_eq!(s.stored_ids("alice"), set(&[&a, &b]), "a refusal wrote");
     assert_eq!(s.list_ids("alice").await, set(&[&b]));
     assert_eq!(
         s.stored_ids("alice"),
@@ -249,6 +258,7 @@ async fn a_value_that_is_not_in_the_session_layout_fails_closed_everywhere() {
     let s = setup().await;
     let a = s.create("alice").await;
     let t = token("alice", None);
+    let bound = token("alice", Some(&a));
     let api = |path: &str| s.proxy.url(&format!("/api/v1/sessions{path}"));
     // Not the layout at all; a record whose length runs past the end; a record too short to
     // hold a session.
@@ -291,6 +301,13 @@ async fn a_value_that_is_not_in_the_session_layout_fails_closed_everywhere() {
             client()
                 .post(api("/create"))
                 .bearer_auth(&t)
+                .send()
+                .await
+                .unwrap(),
+            // A bound token's session is looked for in the value first.
+            client()
+                .post(api("/create"))
+                .bearer_auth(&bound)
                 .send()
                 .await
                 .unwrap(),

@@ -154,8 +154,10 @@ fn session_id(raw: &str) -> Result<Uuid, Rejection> {
 
 /// What the caller hears when the store answered a call with an error.
 fn store_failed(e: StoreError) -> Rejection {
-    if let StoreError::SignedOut = e {
-        return Rejection::SignedOut;
+    match e {
+        StoreError::SignedOut => return Rejection::SignedOut,
+        StoreError::SessionEnded => return Rejection::SessionInvalid,
+        _ => {}
     }
     tracing::warn!(error = %e, "session API: store failed");
     Rejection::StoreUnavailable
@@ -202,27 +204,23 @@ impl SessionApi {
         let client_ip = facts.client_ip;
         let user = &*who.user_id;
         let sessions = &self.sessions;
-        // A token issued before the user signed out everywhere can do nothing here: not list
-        // the sessions opened since, nor end them, nor sign the user out again, nor open one.
-        // Every store call below checks it in its own script, so that the check costs no round
-        // trip and is one step with what the call does.
-        let issued_by = who.issued_at.map(|t| t.saturating_add(self.clock_skew));
-        let check = super::SignOutCheck::from(issued_by);
-        // A token bound to a session (its `sid` claim) dies with it: once the session is
-        // destroyed or expired, the token can neither manage the user's other sessions nor open
-        // a new one. Checked without sliding it (only `extend` slides), and before the sign-out
-        // check, so that such a token hears `SESSION_INVALID` whatever else holds.
-        if let (true, Some(bound)) = (who.bound_to_session, &who.session_hint) {
-            let id = Uuid::parse_str(bound).map_err(|_| Rejection::SessionInvalid)?;
-            if sessions
-                .get(user, id, super::SignOutCheck::None)
-                .await
-                .map_err(store_failed)?
-                .is_none()
-            {
-                return Err(Rejection::SessionInvalid);
+        // Every store call below checks the caller's token in its own script, so that the
+        // checks cost no round trip and are one step with what the call does:
+        // - a token bound to a session (its `sid` claim) dies with it: once the session is
+        //   destroyed or expired, the token can neither manage the user's other sessions nor
+        //   open a new one (`SESSION_INVALID`, whatever else holds);
+        // - a token issued before the user signed out everywhere can do nothing here: not list
+        //   the sessions opened since, nor end them, nor sign the user out again, nor open one.
+        let bound_to = match (who.bound_to_session, &who.session_hint) {
+            (true, Some(bound)) => {
+                Some(Uuid::parse_str(bound).map_err(|_| Rejection::SessionInvalid)?)
             }
-        }
+            _ => None,
+        };
+        let check = super::TokenCheck {
+            bound_to,
+            issued_by: who.issued_at.map(|t| t.saturating_add(self.clock_skew)),
+        };
         match (endpoint, method) {
             (Endpoint::Create, Method::POST) => {
                 let metadata = create_metadata(req).await?;

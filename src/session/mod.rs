@@ -21,7 +21,7 @@ use crate::config::SessionConfig;
 use crate::metrics::Metrics;
 use crate::session::cache::SessionCache;
 use crate::session::tunnels::TunnelWatch;
-pub use crate::store::SignOutCheck;
+pub use crate::store::TokenCheck;
 use crate::store::{Store, StoreError, Tracking};
 
 /// The client platform a session was opened from.
@@ -224,7 +224,7 @@ impl Sessions {
     /// [`Sessions::forget`] after a write, unless the caller was refused for signing out, which
     /// wrote nothing: a stolen token's refused calls must not cost its victim their cache.
     fn forget_unless_refused<T>(&self, user_id: &str, result: &Result<T, StoreError>) {
-        if !matches!(result, Err(StoreError::SignedOut)) {
+        if !result.as_ref().is_err_and(StoreError::is_refusal) {
             self.forget(user_id);
         }
     }
@@ -249,13 +249,13 @@ impl Sessions {
         })
     }
 
-    /// Opens a session for `user_id`; returns its id and expiry. With `signed_out`, see
-    /// [`SignOutCheck`].
+    /// Opens a session for `user_id`; returns its id and expiry. The caller's `token` is checked
+    /// first (see [`TokenCheck`]).
     pub async fn create(
         &self,
         user_id: &str,
         metadata: &Metadata,
-        signed_out: SignOutCheck,
+        token: TokenCheck,
     ) -> Result<Opened, StoreError> {
         let session_id = Uuid::new_v4();
         let details = record::details(metadata)?;
@@ -267,7 +267,7 @@ impl Sessions {
                 &details,
                 self.ttl,
                 self.max_per_user,
-                signed_out,
+                token,
             )
             .await;
         self.forget_unless_refused(user_id, &created);
@@ -286,20 +286,16 @@ impl Sessions {
         })
     }
 
-    /// Reads a session without touching it. A caller whose token was issued before the user
-    /// signed out everywhere (see [`SignOutCheck`]) gets `StoreError::SignedOut`, here and in
+    /// Reads a session without touching it. A caller whose token fails its `token` check (see
+    /// [`TokenCheck`]) gets `StoreError::SignedOut` or `StoreError::SessionEnded`, here and in
     /// every method that takes one.
     pub async fn get(
         &self,
         user_id: &str,
         session_id: Uuid,
-        signed_out: SignOutCheck,
+        token: TokenCheck,
     ) -> Result<Option<Session>, StoreError> {
-        match self
-            .store
-            .session_get(user_id, &session_id, signed_out)
-            .await?
-        {
+        match self.store.session_get(user_id, &session_id, token).await? {
             Some(body) => Ok(Some(Self::session(user_id, &body)?)),
             None => Ok(None),
         }
@@ -346,7 +342,7 @@ impl Sessions {
                 self.ttl,
                 self.last_active_resolution,
                 self.slide_interval,
-                SignOutCheck::None,
+                TokenCheck::NONE,
             )
             .await?
         else {
@@ -364,7 +360,7 @@ impl Sessions {
         &self,
         user_id: &str,
         session_id: Uuid,
-        signed_out: SignOutCheck,
+        token: TokenCheck,
     ) -> Result<Option<Session>, StoreError> {
         match self
             .store
@@ -374,7 +370,7 @@ impl Sessions {
                 self.ttl,
                 Duration::ZERO,
                 Duration::ZERO,
-                signed_out,
+                token,
             )
             .await?
         {
@@ -404,11 +400,11 @@ impl Sessions {
         &self,
         user_id: &str,
         session_id: Uuid,
-        signed_out: SignOutCheck,
+        token: TokenCheck,
     ) -> Result<Option<Metadata>, StoreError> {
         let destroyed = self
             .store
-            .session_destroy(user_id, &session_id, signed_out)
+            .session_destroy(user_id, &session_id, token)
             .await;
         self.forget_unless_refused(user_id, &destroyed);
         match destroyed? {
@@ -419,18 +415,18 @@ impl Sessions {
 
     /// Destroys all of the user's sessions, returning those that were live, oldest first. For
     /// the session TTL or `at_least`, whichever is longer, tokens issued before now are
-    /// refused by every method that takes a [`SignOutCheck`], and open no new session.
+    /// refused by every method that takes a [`TokenCheck`], and open no new session.
     pub async fn destroy_all(
         &self,
         user_id: &str,
         at_least: Duration,
-        signed_out: SignOutCheck,
+        token: TokenCheck,
     ) -> Result<Vec<Session>, StoreError> {
         // Bounded as the TTL is: Redis refuses an expiry past its range.
         let remember = self.ttl.max(at_least).min(crate::config::MAX_SESSION_TTL);
         let destroyed = self
             .store
-            .session_destroy_all(user_id, remember, signed_out)
+            .session_destroy_all(user_id, remember, token)
             .await;
         self.forget_unless_refused(user_id, &destroyed);
         // They are gone whatever follows: one that cannot be read is logged and left out,
@@ -445,26 +441,29 @@ impl Sessions {
                 }
             })
             .collect();
-        sessions.sort_by_key(|s| (s.created_at, s.session_id));
+        oldest_first(&mut sessions);
         Ok(sessions)
     }
 
     /// The user's live sessions, oldest first.
-    pub async fn list(
-        &self,
-        user_id: &str,
-        signed_out: SignOutCheck,
-    ) -> Result<Vec<Session>, StoreError> {
+    pub async fn list(&self, user_id: &str, token: TokenCheck) -> Result<Vec<Session>, StoreError> {
         let mut sessions = self
             .store
-            .session_list(user_id, signed_out)
+            .session_list(user_id, token)
             .await?
             .iter()
             .map(|body| Self::session(user_id, body))
             .collect::<Result<Vec<_>, _>>()?;
-        sessions.sort_by_key(|s| (s.created_at, s.session_id));
+        oldest_first(&mut sessions);
         Ok(sessions)
     }
+}
+
+/// Sorts sessions by when they were opened. The sort is stable: sessions opened in the same
+/// millisecond keep the order the user's value holds them in, which is the order they were
+/// opened (a new session is appended).
+fn oldest_first(sessions: &mut [Session]) {
+    sessions.sort_by_key(|s| s.created_at);
 }
 
 #[cfg(test)]

@@ -159,7 +159,7 @@ impl TunnelLease {
                     .map(|p| p.is_some())
             } else {
                 self.sessions
-                    .get(&self.user_id, self.session, super::SignOutCheck::None)
+                    .get(&self.user_id, self.session, super::TokenCheck::NONE)
                     .await
                     .map(|s| s.is_some())
             };
