@@ -196,7 +196,14 @@ impl Link {
             if self.lock().closed {
                 return;
             }
-            match self.open().await {
+            // Every attempt has its own generation, so that nothing a connection that failed
+            // or was dropped reports later can be taken for the current one's.
+            let generation = {
+                let mut state = self.lock();
+                state.generation += 1;
+                state.generation
+            };
+            match self.open(generation).await {
                 Ok(conn) => {
                     if attempt > 0 {
                         tracing::info!(attempts = attempt, "Redis connection restored");
@@ -206,12 +213,9 @@ impl Link {
                     let tracking_on = self.start_tracking(conn.clone()).await;
                     {
                         let mut state = self.lock();
-                        state.generation += 1;
-                        let generation = state.generation;
                         state.conn = Some((generation, conn));
                         state.tried = true;
                     }
-                    let generation = self.lock().generation;
                     if let Some((tracking, _)) = &self.tracking {
                         tracking.set_live(tracking_on);
                         if tracking_on {
@@ -239,10 +243,30 @@ impl Link {
 
     /// Connects, and checks that the server can take writes: after a failover the host may
     /// still name the demoted master for a while. The reason when not.
-    async fn open(&self) -> Result<MultiplexedConnection, String> {
+    async fn open(self: &Arc<Self>, generation: u64) -> Result<MultiplexedConnection, String> {
+        let config = match &self.tracking {
+            Some((tracking, prefix)) => {
+                let (tracking, prefix) = (tracking.clone(), prefix.clone());
+                let link = Arc::downgrade(self);
+                self.config.clone().set_push_sender(
+                    move |push: redis::PushInfo| -> Result<(), std::convert::Infallible> {
+                        // A connection that is gone concerns the cache only while current: a
+                        // late word from one already replaced must not turn the cache off.
+                        let disconnected = || {
+                            if let Some(link) = link.upgrade() {
+                                link.mark_broken(generation);
+                            }
+                        };
+                        deliver(tracking.as_ref(), &prefix, push, disconnected);
+                        Ok(())
+                    },
+                )
+            }
+            None => self.config.clone(),
+        };
         let connect = self
             .client
-            .get_multiplexed_async_connection_with_config(&self.config);
+            .get_multiplexed_async_connection_with_config(&config);
         let conn = match tokio::time::timeout(self.connect_timeout, connect).await {
             Ok(Ok(conn)) => conn,
             Ok(Err(e)) => return Err(e.to_string()),
@@ -692,9 +716,14 @@ return n
 );
 
 /// Hands one push message to the cache: `invalidate` with keys, or with nil after FLUSHALL;
-/// a lost connection turns the cache off. `sessions_prefix` is `{prefix}:sessions:`, the
+/// a lost connection calls `disconnected`. `sessions_prefix` is `{prefix}:sessions:`, the
 /// tracked prefix.
-fn deliver(tracking: &dyn Tracking, sessions_prefix: &str, push: redis::PushInfo) {
+fn deliver(
+    tracking: &dyn Tracking,
+    sessions_prefix: &str,
+    push: redis::PushInfo,
+    disconnected: impl FnOnce(),
+) {
     let changed = |key: &[u8]| match user_of_sessions_key(sessions_prefix, key) {
         Some(user_id) => tracking.invalidate(user_id),
         // Not a key this store writes: nothing cached can be matched to it, so all of it goes.
@@ -716,7 +745,7 @@ fn deliver(tracking: &dyn Tracking, sessions_prefix: &str, push: redis::PushInfo
                 }
             }
         }
-        redis::PushKind::Disconnection => tracking.set_live(false),
+        redis::PushKind::Disconnection => disconnected(),
         _ => {}
     }
 }
@@ -837,23 +866,15 @@ impl Store {
     ) -> Result<Store, StoreError> {
         let mut info = config.connection.clone();
         let sessions_prefix = format!("{}:sessions:", config.key_prefix);
-        let mut connection_config = AsyncConnectionConfig::new()
+        let connection_config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(config.connect_timeout))
             .set_response_timeout(Some(config.command_timeout));
-        if let Some(tracking) = &tracking {
+        if tracking.is_some() {
             let settings = info
                 .redis_settings()
                 .clone()
                 .set_protocol(redis::ProtocolVersion::RESP3);
             info = info.set_redis_settings(settings);
-            let sink = tracking.clone();
-            let prefix = sessions_prefix.clone();
-            connection_config = connection_config.set_push_sender(
-                move |push: redis::PushInfo| -> Result<(), std::convert::Infallible> {
-                    deliver(sink.as_ref(), &prefix, push);
-                    Ok(())
-                },
-            );
         }
         let client = redis::Client::open(info).map_err(|e| StoreError::Redis(e.to_string()))?;
         let link = Link {
@@ -1472,6 +1493,7 @@ mod tests {
     struct Recorded {
         invalidated: Mutex<Vec<Vec<u8>>>,
         flushes: AtomicU32,
+        turned_off: AtomicBool,
     }
 
     impl Tracking for Recorded {
@@ -1481,7 +1503,9 @@ mod tests {
         fn flush(&self) {
             self.flushes.fetch_add(1, Ordering::Relaxed);
         }
-        fn set_live(&self, _: bool) {}
+        fn set_live(&self, live: bool) {
+            self.turned_off.fetch_or(!live, Ordering::Relaxed);
+        }
         fn confirm(&self, _: std::time::Instant) {}
     }
 
@@ -1496,7 +1520,9 @@ mod tests {
                 key("app:sessions:{bob}"),
             ])],
         };
-        deliver(&recorded, "app:sessions:", push);
+        deliver(&recorded, "app:sessions:", push, || {
+            panic!("not a disconnection")
+        });
         assert_eq!(
             *recorded.invalidated.lock().unwrap(),
             vec![b"alice".to_vec(), b"bob".to_vec()]
@@ -1507,14 +1533,34 @@ mod tests {
             kind: redis::PushKind::Invalidate,
             data: vec![key("app:sessions:stray")],
         };
-        deliver(&recorded, "app:sessions:", push);
+        deliver(&recorded, "app:sessions:", push, || {
+            panic!("not a disconnection")
+        });
         assert_eq!(recorded.flushes.load(Ordering::Relaxed), 1);
         // FLUSHALL: a nil instead of keys.
         let push = redis::PushInfo {
             kind: redis::PushKind::Invalidate,
             data: vec![redis::Value::Nil],
         };
-        deliver(&recorded, "app:sessions:", push);
+        deliver(&recorded, "app:sessions:", push, || {
+            panic!("not a disconnection")
+        });
         assert_eq!(recorded.flushes.load(Ordering::Relaxed), 2);
+    }
+
+    /// A lost connection is the link's to judge (it may have been replaced already: see
+    /// `Link::open`), not the cache's.
+    #[test]
+    fn a_disconnection_is_handed_to_the_link_not_the_cache() {
+        let recorded = Recorded::default();
+        let mut called = 0;
+        let push = redis::PushInfo {
+            kind: redis::PushKind::Disconnection,
+            data: vec![],
+        };
+        deliver(&recorded, "app:sessions:", push, || called += 1);
+        assert_eq!(called, 1);
+        assert_eq!(recorded.flushes.load(Ordering::Relaxed), 0);
+        assert!(!recorded.turned_off.load(Ordering::Relaxed));
     }
 }
