@@ -1129,7 +1129,8 @@ impl Store {
 
     /// Adds a session (see `session::record`) and returns Redis' time, in Unix milliseconds,
     /// and the bodies of the least recently active sessions that made room for it when the
-    /// user already had `max_per_user`. The caller's `token` is checked first (see [`TokenCheck`]).
+    /// user already had `max_per_user`. The caller's `token` is checked first (see
+    /// [`TokenCheck`]).
     pub async fn session_create(
         &self,
         user_id: &str,
@@ -1163,7 +1164,8 @@ impl Store {
     }
 
     /// Reads and slides a session in one round trip; its body (see `session::record`), or
-    /// `None` when it does not exist. The caller's `token` is checked first (see [`TokenCheck`]).
+    /// `None` when it does not exist. The caller's `token` is checked first (see
+    /// [`TokenCheck`]).
     pub async fn session_touch(
         &self,
         user_id: &str,
@@ -1191,7 +1193,8 @@ impl Store {
             .await
     }
 
-    /// A live session's body, without touching it. The caller's `token` is checked first (see [`TokenCheck`]).
+    /// A live session's body, without touching it. The caller's `token` is checked first (see
+    /// [`TokenCheck`]).
     pub async fn session_get(
         &self,
         user_id: &str,
@@ -1317,7 +1320,8 @@ impl Store {
         }
     }
 
-    /// The bodies of every live session of a user. The caller's `token` is checked first (see [`TokenCheck`]).
+    /// The bodies of every live session of a user. The caller's `token` is checked first (see
+    /// [`TokenCheck`]).
     pub async fn session_list(
         &self,
         user_id: &str,
