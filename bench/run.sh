@@ -37,6 +37,8 @@ while [ "$#" -gt 0 ]; do
 done
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+# Debian installs nginx in /usr/sbin, which a non-root user's PATH leaves out.
+export PATH="$PATH:/usr/sbin:/sbin"
 missing=()
 command -v wrk >/dev/null || missing+=(wrk)
 command -v nginx >/dev/null || missing+=(nginx)

@@ -20,11 +20,21 @@
 -- done() prints one line `BENCH_RESULT {json}` with counts and latency percentiles (microseconds).
 
 local next_thread_id = 0
+local all_threads = {}
 
 function setup(thread)
   thread:set("id", next_thread_id)
   next_thread_id = next_thread_id + 1
+  all_threads[#all_threads + 1] = thread
 end
+
+-- Pacing, per thread (read by done() through thread:get): requests sent more than LATE_MS
+-- after their slot, the schedule's restarts, and the worst lateness. Time a request waited for
+-- its send is not in its latency, so these say how far the paced percentiles can be trusted.
+local LATE_MS = 2
+late_slots = 0
+restarts = 0
+worst_late_ms = 0
 
 local requests_ready = {}
 local n_ready = 0
@@ -94,7 +104,7 @@ function init(args)
   if rate > 0 then
     -- Constant rate: LuaJIT's FFI reads the monotonic clock; each call to delay() claims the
     -- next send slot of this thread and waits until it (wrk's timers have 1 ms resolution, so a
-    -- slot may be late by < 1 ms, never early by more; the average rate is exact).
+    -- request may go up to 1 ms after its slot, never before; the average rate is exact).
     local ffi = require("ffi")
     ffi.cdef [[
       typedef struct { long tv_sec; long tv_nsec; } bench_timespec;
@@ -112,13 +122,18 @@ function init(args)
       if next_slot == nil or next_slot < now - 50 then
         -- First request, or fell behind by more than 50 ms (the server stalled): restart the
         -- schedule from now instead of bursting to catch up.
+        if next_slot ~= nil then restarts = restarts + 1 end
         next_slot = now
       end
       local slot = next_slot
       next_slot = next_slot + interval
       local wait = slot - now
-      if wait < 0 then return 0 end
-      return math.floor(wait + 0.5)
+      if wait < 0 then
+        if -wait > LATE_MS then late_slots = late_slots + 1 end
+        if -wait > worst_late_ms then worst_late_ms = -wait end
+        return 0
+      end
+      return math.ceil(wait)
     end
   end
 end
@@ -138,11 +153,18 @@ end
 
 function done(summary, latency, requests)
   local e = summary.errors
+  local late, restarted, worst = 0, 0, 0
+  for _, thread in ipairs(all_threads) do
+    late = late + (thread:get("late_slots") or 0)
+    restarted = restarted + (thread:get("restarts") or 0)
+    worst = math.max(worst, thread:get("worst_late_ms") or 0)
+  end
   io.write(string.format(
     'BENCH_RESULT {"requests":%d,"duration_us":%d,"bytes":%d,"connect_errors":%d,"read_errors":%d,'
       .. '"write_errors":%d,"status_errors":%d,"timeouts":%d,"p50_us":%d,"p90_us":%d,"p99_us":%d,'
-      .. '"p999_us":%d,"max_us":%d,"mean_us":%.1f}\n',
+      .. '"p999_us":%d,"max_us":%d,"mean_us":%.1f,"late_slots":%d,"restarts":%d,'
+      .. '"worst_late_ms":%.1f}\n',
     summary.requests, summary.duration, summary.bytes, e.connect, e.read, e.write, e.status,
     e.timeout, latency:percentile(50), latency:percentile(90), latency:percentile(99),
-    latency:percentile(99.9), latency.max, latency.mean))
+    latency:percentile(99.9), latency.max, latency.mean, late, restarted, worst))
 end
