@@ -16,8 +16,10 @@ use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
 use portcullis::authn::{authenticate, AuthnLayer, Verifier};
 use portcullis::config::{AuthMode, Config, JwtConfig};
 use portcullis::facts::RequestFacts;
-use portcullis::forward::{remove_present, strip_hop_by_hop};
+use portcullis::forward::{set_identity, strip_hop_by_hop};
 use portcullis::routes::{normalise, RouteClass, RouteTable};
+use portcullis::session::gate::Identity;
+use portcullis::session::Platform;
 use portcullis::Body;
 use tower::{Layer, Service, ServiceExt};
 
@@ -133,30 +135,15 @@ fn jwt(c: &mut Criterion) {
     g.finish();
 }
 
-/// What `forward::Upstream::set_identity` does (private): remove every identity header, then
-/// insert the verified values.
-fn inject_identity(headers: &mut HeaderMap, user: &Arc<str>, sid: &uuid::Uuid) {
-    let user_h = HeaderName::from_static("x-user-id");
-    let sid_h = HeaderName::from_static("x-session-id");
-    let platform_h = HeaderName::from_static("x-session-platform");
-    remove_present(headers, &[&user_h, &sid_h, &platform_h]);
-    if let Ok(v) = HeaderValue::from_str(user) {
-        headers.insert(user_h, v);
-    }
-    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
-    let text = sid.hyphenated().encode_lower(&mut buf);
-    if let Ok(v) = HeaderValue::from_str(text) {
-        headers.insert(sid_h, v);
-    }
-    headers.insert(platform_h, HeaderValue::from_static("android"));
-}
-
 fn headers(c: &mut Criterion) {
     let config = config();
     let tok = token(&config, Some(SID));
     let base = client_headers(&tok);
-    let user: Arc<str> = USER.into();
-    let sid = uuid::Uuid::parse_str(SID).expect("uuid");
+    let identity = Identity {
+        user_id: USER.into(),
+        session_id: Some(uuid::Uuid::parse_str(SID).expect("uuid")),
+        platform: Some(Platform::Android),
+    };
 
     let mut g = c.benchmark_group("headers");
     g.bench_function("strip_hop_by_hop_request", |b| {
@@ -180,7 +167,7 @@ fn headers(c: &mut Criterion) {
     g.bench_function("inject_identity", |b| {
         b.iter_batched_ref(
             || base.clone(),
-            |h| inject_identity(h, &user, &sid),
+            |h| set_identity(h, &config.identity, Some(&identity)),
             BatchSize::SmallInput,
         )
     });

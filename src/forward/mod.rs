@@ -361,7 +361,11 @@ impl Upstream {
         if let Some(conn) = conn {
             self.set_forwarded(&mut parts.headers, conn, client_host.as_ref());
         }
-        self.set_identity(&mut parts.headers, facts.and_then(|f| f.identity.as_ref()));
+        set_identity(
+            &mut parts.headers,
+            &self.identity,
+            facts.and_then(|f| f.identity.as_ref()),
+        );
         match (&self.config.host, client_host) {
             (Some(fixed), _) => {
                 parts.headers.insert(header::HOST, fixed.clone());
@@ -428,33 +432,6 @@ impl Upstream {
     /// `X_User_Id` would reach them next to, or instead of, the verified one.
     fn remove_aliases(&self, headers: &mut HeaderMap) {
         remove_named(headers, |k| self.aliased.aliases(k));
-    }
-
-    /// Identity headers carry only what the gate verified. The client's copies were stripped on
-    /// entry; they are removed again here so that no path can forward one.
-    fn set_identity(&self, headers: &mut HeaderMap, identity: Option<&Identity>) {
-        let names = &self.identity;
-        remove_present(
-            headers,
-            &[&names.user_id, &names.session_id, &names.platform],
-        );
-        let Some(identity) = identity else { return };
-        if let Ok(v) = HeaderValue::from_str(&identity.user_id) {
-            headers.insert(names.user_id.clone(), v);
-        }
-        if let Some(sid) = identity.session_id {
-            let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
-            let text = sid.hyphenated().encode_lower(&mut buf);
-            if let Ok(v) = HeaderValue::from_str(text) {
-                headers.insert(names.session_id.clone(), v);
-            }
-        }
-        if let Some(platform) = identity.platform {
-            headers.insert(
-                names.platform.clone(),
-                HeaderValue::from_static(platform.as_str()),
-            );
-        }
     }
 
     fn classify(&self, error: PoolError) -> Rejection {
@@ -660,6 +637,32 @@ fn remove_named(headers: &mut HeaderMap, doomed: impl Fn(&HeaderName) -> bool) {
     let names: SmallVec<[HeaderName; 2]> = headers.keys().filter(|k| doomed(k)).cloned().collect();
     for name in &names {
         headers.remove(name);
+    }
+}
+
+/// Identity headers carry only what the gate verified. The client's copies were stripped on
+/// entry; they are removed again here so that no path can forward one.
+pub fn set_identity(headers: &mut HeaderMap, names: &IdentityConfig, identity: Option<&Identity>) {
+    remove_present(
+        headers,
+        &[&names.user_id, &names.session_id, &names.platform],
+    );
+    let Some(identity) = identity else { return };
+    if let Ok(v) = HeaderValue::from_str(&identity.user_id) {
+        headers.insert(names.user_id.clone(), v);
+    }
+    if let Some(sid) = identity.session_id {
+        let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        let text = sid.hyphenated().encode_lower(&mut buf);
+        if let Ok(v) = HeaderValue::from_str(text) {
+            headers.insert(names.session_id.clone(), v);
+        }
+    }
+    if let Some(platform) = identity.platform {
+        headers.insert(
+            names.platform.clone(),
+            HeaderValue::from_static(platform.as_str()),
+        );
     }
 }
 
