@@ -63,9 +63,20 @@ enum Command {
 }
 
 fn init_logging(format: LogFormat, level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("PORTCULLIS_LOG")
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+    let spec = std::env::var("PORTCULLIS_LOG")
+        .ok()
+        .filter(|spec| tracing_subscriber::EnvFilter::try_new(spec).is_ok())
+        .unwrap_or_else(|| level.to_string());
+    let mut filter = tracing_subscriber::EnvFilter::try_new(&spec)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // rustls warns about what TLS clients get wrong (an IP address sent as the server name,
+    // which common tools do), once per handshake: any client could fill the log. Capped at
+    // error unless the level names rustls.
+    if !spec.contains("rustls") {
+        if let Ok(cap) = "rustls=error".parse() {
+            filter = filter.add_directive(cap);
+        }
+    }
     // Colour only on a terminal (in a file, a pipe or `kubectl logs`, escape codes are noise),
     // and never with NO_COLOR set (https://no-color.org).
     let colour = std::io::IsTerminal::is_terminal(&std::io::stdout())

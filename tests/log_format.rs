@@ -235,3 +235,49 @@ async fn the_log_format_flag_overrides_the_config() {
         "escape codes in piped text logs:\n{out:?}"
     );
 }
+
+/// rustls warns about what a TLS client did wrong, such as naming the server by an IP address
+/// (wrk and other tools do): at its default level every such handshake would write a line, so
+/// any client could fill the log. Its messages are capped at `error` unless `log.level` names
+/// rustls itself.
+#[tokio::test]
+async fn what_a_tls_client_does_wrong_does_not_fill_the_log() {
+    let ca = observe::TestCa::new();
+    let leaf = ca.leaf("localhost", 4001);
+    let volume = observe::SecretVolume::new(&leaf.cert_pem, &leaf.key_pem);
+    let redis = RedisServer::start();
+    let upstream = Upstream::echo().await;
+    let handshake_with_ip_name = |addr: std::net::SocketAddr| {
+        let out = std::process::Command::new("openssl")
+            .args(["s_client", "-connect", &addr.to_string()])
+            .args(["-servername", "127.0.0.1", "-brief"])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run openssl s_client");
+        let said = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(said.contains("CONNECTION ESTABLISHED"), "{said}");
+    };
+
+    let config = session_config(&upstream, &redis, &volume.tls_section("1h"));
+    let mut running = start(&config, &[]).await;
+    running.wait_ready().await;
+    // The warning is written while the ClientHello is read, before the server answers it: once
+    // a handshake is through, whatever it logged is in the output.
+    for _ in 0..3 {
+        handshake_with_ip_name(running.public);
+    }
+    let out = running.output();
+    assert!(!out.contains("SNI"), "{out}");
+
+    // Asked for by name, rustls' warnings are written.
+    let verbose = format!("[log]\nlevel = \"info,rustls=warn\"\n{config}");
+    let mut running = start(&verbose, &[]).await;
+    running.wait_ready().await;
+    handshake_with_ip_name(running.public);
+    let mut waited = 0;
+    while !running.output().contains("SNI") {
+        assert!(waited < 500, "no rustls warning: {}", running.output());
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        waited += 1;
+    }
+}
