@@ -92,7 +92,8 @@ fn websocket(req: &mut Request<Incoming>, key: &HeaderValue) -> Response<Body> {
         while let Some(Ok(message)) = ws.next().await {
             let reply = match message {
                 Message::Text(_) | Message::Binary(_) => message,
-                Message::Close(_) => break,
+                // The reply to a close (queued by tungstenite) goes out with the next read,
+                // which then ends the stream.
                 _ => continue,
             };
             if ws.send(reply).await.is_err() {

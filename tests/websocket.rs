@@ -128,14 +128,16 @@ async fn closing_from_the_client_ends_the_tunnel() {
     assert_eq!(tunnels.get(), 1, "the open WebSocket is a live tunnel");
 
     ws.close(None).await.unwrap();
-    // The client's connection to the proxy ends (close reply and/or end of stream) ...
+    // The upstream's close reply comes back through the proxy, then the connection ends ...
+    let mut replied = false;
     loop {
         match next(&mut ws).await {
-            Some(Ok(Message::Close(_))) => continue,
+            Some(Ok(Message::Close(_))) => replied = true,
             Some(Ok(other)) => panic!("unexpected message after close: {other:?}"),
             None | Some(Err(_)) => break,
         }
     }
+    assert!(replied, "no close frame came back");
     let MaybeTlsStream::Plain(mut tcp) = ws.into_inner() else {
         unreachable!("ws:// is plain TCP")
     };
@@ -154,7 +156,7 @@ async fn upstream_close_ends_the_tunnel_even_if_the_client_lingers() {
         Proxy::start_counting_tunnels(&open_config(&format!("http://{upstream}"))).await;
     let (mut ws, _) = connect(&proxy, "/ws").await;
     assert_eq!(tunnels.get(), 1);
-    // The echo upstream closes its connection as soon as it reads a close frame.
+    // The echo upstream answers a close frame and closes its connection.
     ws.close(None).await.unwrap();
     while let Some(Ok(_)) = next(&mut ws).await {}
     // The client still holds its socket (`ws` is alive): the upstream is gone, so the tunnel
