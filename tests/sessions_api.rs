@@ -491,6 +491,37 @@ async fn get_of_an_unknown_session_is_404_session_not_found() {
 // list
 // ---------------------------------------------------------------------------------------------
 
+/// Sessions opened in the same millisecond are listed in the order they were opened (the order
+/// the user's value holds them in), not by id.
+#[tokio::test]
+async fn sessions_opened_in_one_millisecond_list_in_the_order_they_were_opened() {
+    let s = setup().await;
+    // Two sessions whose ids sort the other way round from the order they were opened in
+    // (an even chance for each user).
+    let mut i = 0;
+    let (user, first, second) = loop {
+        let user = format!("same-ms-{i}");
+        let first = s.create(&user).await;
+        let second = s.create(&user).await;
+        if first > second {
+            break (user, first, second);
+        }
+        i += 1;
+        assert!(i < 64, "64 pairs of ids all sorted in their opening order");
+    };
+    // Opened in the same millisecond.
+    rewrite_sessions(&mut s.redis.conn(), &user, |records| {
+        records[1].created_ms = records[0].created_ms;
+    });
+    let listed: Vec<String> = s
+        .list(&user)
+        .await
+        .iter()
+        .map(|v| v["sessionId"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(listed, [first, second]);
+}
+
 #[tokio::test]
 async fn list_returns_only_the_callers_sessions_oldest_first() {
     let s = setup().await;
@@ -1307,7 +1338,7 @@ async fn a_token_bound_to_a_destroyed_session_can_no_longer_use_the_api() {
         .arg(sessions_key("mallory"))
         .query(&mut s.redis.conn())
         .unwrap();
-    let _ = create_session(&s.proxy, &login).await; // the user logs in again elsewhere
+    let fresh = create_session(&s.proxy, &login).await; // the user logs in again elsewhere
     let writes = || s.redis.command_calls("set") + s.redis.command_calls("setrange");
     let (writes_before, commands_before) = (writes(), s.redis.total_calls());
 
@@ -1325,6 +1356,11 @@ async fn a_token_bound_to_a_destroyed_session_can_no_longer_use_the_api() {
     .await;
     let create = client().post(s.url("/create")).bearer_auth(&bound).send();
     assert_error(create.await.unwrap(), 401, "SESSION_INVALID").await;
+    let extend = client()
+        .post(s.url(&format!("/{fresh}/extend")))
+        .bearer_auth(&bound)
+        .send();
+    assert_error(extend.await.unwrap(), 401, "SESSION_INVALID").await;
     let destroy = client()
         .delete(s.url(&format!("/{bound_to}")))
         .bearer_auth(&bound)

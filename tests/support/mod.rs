@@ -641,14 +641,27 @@ pub fn session_ttl_ms(conn: &mut redis::Connection, user: &str, id: &str) -> Opt
 /// negative), as time passing would, and the key with the user's longest-lived session, as
 /// portcullis keeps it.
 pub fn expire_session_in(conn: &mut redis::Connection, user: &str, id: &str, ms: i64) {
+    let now = redis_now_ms(conn);
+    rewrite_sessions(conn, user, |records| {
+        let target = records
+            .iter_mut()
+            .find(|r| r.session_id.to_string() == id)
+            .unwrap_or_else(|| panic!("session {id} of {user} is not stored"));
+        target.expires_ms = u64::try_from(now + ms).expect("a time after 1970");
+    });
+}
+
+/// Rewrites the stored sessions of `user` through `change` (records in their stored order),
+/// the key expiring with the longest-lived one, as portcullis keeps it.
+pub fn rewrite_sessions(
+    conn: &mut redis::Connection,
+    user: &str,
+    change: impl FnOnce(&mut Vec<portcullis::session::record::Record>),
+) {
     use portcullis::session::record;
     let now = redis_now_ms(conn);
     let mut records = stored_sessions(conn, user);
-    let target = records
-        .iter_mut()
-        .find(|r| r.session_id.to_string() == id)
-        .unwrap_or_else(|| panic!("session {id} of {user} is not stored"));
-    target.expires_ms = u64::try_from(now + ms).expect("a time after 1970");
+    change(&mut records);
     let mut value = vec![record::VERSION];
     for r in &records {
         let body = record::body(r).expect("encodable");
