@@ -71,8 +71,12 @@ fn init_logging(format: LogFormat, level: &str) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // rustls warns about what TLS clients get wrong (an IP address sent as the server name,
     // which common tools do), once per handshake: any client could fill the log. Capped at
-    // error unless the level names rustls.
-    if !spec.contains("rustls") {
+    // error unless a directive names rustls, and left alone when logging is off.
+    let names_rustls = spec
+        .split(',')
+        .any(|directive| directive.trim().starts_with("rustls"));
+    let off = filter.max_level_hint() == Some(tracing_subscriber::filter::LevelFilter::OFF);
+    if !names_rustls && !off {
         if let Ok(cap) = "rustls=error".parse() {
             filter = filter.add_directive(cap);
         }
