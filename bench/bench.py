@@ -707,8 +707,8 @@ class Bench:
                         f"paced run of scenario {n} reached {r['rps']:.0f} req/s, not {rate}")
                 if r["restarts"] or r["late_slots"] > 0.001 * r["requests"]:
                     self.results["notes"].append(
-                        f"paced run of scenario {n}: {r['late_slots']} requests went more than "
-                        f"2 ms after their slot (worst {r['worst_late_ms']:.1f} ms) and the "
+                        f"paced run of scenario {n}: {r['late_slots']} requests were issued more "
+                        f"than 2 ms after their slot (worst {r['worst_late_ms']:.1f} ms) and the "
                         f"schedule restarted {r['restarts']} times; its percentiles leave that "
                         "wait out")
 
@@ -1039,15 +1039,24 @@ class Bench:
             self.api_latency()
             self.session_memory()
             self.connections()
-        except Failure as e:
+        except Exception as e:
             # What was measured before is still worth a report (a slow machine may run out
             # of the time budget in the last steps).
             cut_short = e
-            self.problems.append(f"the run was cut short ({e}): later sections are missing")
+            self.problems.append(f"the run was cut short ({e!r}): later sections are missing")
         finally:
+            # A second TERM must not cut the clean-up short in turn.
+            on_term = signal.signal(signal.SIGTERM, signal.SIG_IGN)
             self.procs.stop_all()
+            signal.signal(signal.SIGTERM, on_term)
         if cut_short is None:
-            self.criterion()
+            try:
+                self.criterion()
+            except Failure as e:
+                cut_short = e
+                self.problems.append(f"the run was cut short ({e!r}) during criterion")
+        # Nor the report.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         self.results["elapsed_s"] = time.time() - started
         try:
             report = render(self)
@@ -1263,7 +1272,7 @@ def render(b):
       "(fine at half load, where queues are short; the last two columns count the requests "
       "that went out late, whose wait is left out).")
     w("")
-    w("| # | achieved req/s | p50 ms | p99 ms | p99.9 ms | sent > 2 ms late (worst ms) | "
+    w("| # | achieved req/s | p50 ms | p99 ms | p99.9 ms | issued > 2 ms late (worst ms) | "
       "schedule restarts |")
     w("|---|---:|---:|---:|---:|---:|---:|")
     for r in paced:
