@@ -464,6 +464,8 @@ pub struct JwtSection {
     pub leeway: Duration,
     /// Verified tokens remembered, so a token seen again skips its signature check; 0 = none.
     pub verified_tokens: usize,
+    /// Refuse tokens without a numeric `iat`: only such a token can be judged against a sign-out.
+    pub require_iat: bool,
 }
 
 impl Default for JwtSection {
@@ -480,6 +482,7 @@ impl Default for JwtSection {
             audience: String::new(),
             leeway: Duration::from_secs(30),
             verified_tokens: 8192,
+            require_iat: false,
         }
     }
 }
@@ -617,6 +620,8 @@ pub struct JwtConfig {
     pub audience: Option<String>,
     pub leeway: Duration,
     pub verified_tokens: usize,
+    /// Tokens without a numeric `iat` are refused.
+    pub require_iat: bool,
 }
 
 /// What a route demands of a request before it is forwarded.
@@ -1637,6 +1642,7 @@ impl Validator {
             audience: optional(&section.audience),
             leeway: section.leeway,
             verified_tokens: section.verified_tokens,
+            require_iat: section.require_iat,
         })
     }
 
@@ -1911,6 +1917,7 @@ const OVERRIDABLE: &[(&str, Kind)] = &[
     ("jwt.audience", Kind::Str),
     ("jwt.leeway", Kind::Str),
     ("jwt.verified_tokens", Kind::Int),
+    ("jwt.require_iat", Kind::Bool),
     ("rate_limit.gc_interval", Kind::Str),
     ("rate_limit.ipv6_prefix", Kind::Int),
     ("rate_limit.max_tracked_callers", Kind::Int),
@@ -2320,6 +2327,14 @@ mod tests {
         assert!(err.0[0].reason.contains("0 usable"), "{err}");
 
         assert!(parse("").unwrap().upstream.ca.is_none());
+    }
+
+    #[test]
+    fn require_iat_is_off_unless_asked_for() {
+        assert!(!parse("").unwrap().jwt.require_iat);
+        assert!(parse("[jwt]\nrequire_iat = true\n").unwrap().jwt.require_iat);
+        let err = parse("[jwt]\nrequire_iat = \"yes\"\n").unwrap_err();
+        assert_eq!(err.0[0].key, "jwt.require_iat", "{err}");
     }
 
     #[test]

@@ -591,3 +591,34 @@ async fn dev_token_honours_ttl_and_the_configured_issuer_and_audience() {
     assert_eq!(resp.status(), 200);
     assert_eq!(upstream.last().headers["x-user-id"], "u");
 }
+
+// ---------------------------------------------------------------------------------------------
+// jwt.require_iat
+// ---------------------------------------------------------------------------------------------
+
+/// Without a usable `iat` a token cannot be judged against a sign-out everywhere, so
+/// `jwt.require_iat` refuses it (everywhere: session and jwt routes, the session API); by
+/// default it is accepted.
+#[tokio::test]
+async fn require_iat_refuses_a_token_that_does_not_say_when_it_was_issued() {
+    let strict = setup_with("[jwt]\nleeway = \"0s\"\nrequire_iat = true\n", None).await;
+    let mut claims = strict.claims();
+    strict.assert_accepted(&sign(&claims)).await;
+    claims["iat"] = json!("yesterday"); // not a number: no usable iat
+    strict.assert_refused(&sign(&claims), "TOKEN_INVALID").await;
+    claims.as_object_mut().unwrap().remove("iat");
+    let no_iat = sign(&claims);
+    strict.assert_refused(&no_iat, "TOKEN_INVALID").await;
+    let api = client()
+        .get(strict.proxy.url("/api/v1/sessions/user/sessions"))
+        .bearer_auth(&no_iat)
+        .send()
+        .await
+        .unwrap();
+    assert_error(api, 401, "TOKEN_INVALID").await;
+
+    let lenient = setup().await;
+    let mut claims = lenient.claims();
+    claims.as_object_mut().unwrap().remove("iat");
+    lenient.assert_accepted(&sign(&claims)).await;
+}

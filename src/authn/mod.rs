@@ -100,6 +100,8 @@ pub struct Verifier {
     /// lifetime, the previous key can go.
     verified_with_previous_key: Counter,
     validation: Validation,
+    /// `jwt.require_iat`: a token without a usable `iat` is refused.
+    require_iat: bool,
     verified: VerifiedTokens,
 }
 
@@ -149,6 +151,7 @@ impl Verifier {
             previous_key,
             verified_with_previous_key,
             validation,
+            require_iat: config.require_iat,
             verified: VerifiedTokens::new(config.verified_tokens),
         })
     }
@@ -196,6 +199,10 @@ impl Verifier {
         } = data.claims;
         if !valid_user_id(&sub) {
             tracing::debug!("token rejected: unusable sub");
+            return Err(Rejection::TokenInvalid);
+        }
+        if self.require_iat && iat.is_none() {
+            tracing::debug!("token rejected: no usable iat");
             return Err(Rejection::TokenInvalid);
         }
         if by_previous_key {
@@ -442,6 +449,7 @@ mod tests {
             audience: None,
             leeway: Duration::from_secs(0),
             verified_tokens: 16,
+            require_iat: false,
         }
     }
 
