@@ -2332,7 +2332,12 @@ mod tests {
     #[test]
     fn require_iat_is_off_unless_asked_for() {
         assert!(!parse("").unwrap().jwt.require_iat);
-        assert!(parse("[jwt]\nrequire_iat = true\n").unwrap().jwt.require_iat);
+        assert!(
+            parse("[jwt]\nrequire_iat = true\n")
+                .unwrap()
+                .jwt
+                .require_iat
+        );
         let err = parse("[jwt]\nrequire_iat = \"yes\"\n").unwrap_err();
         assert_eq!(err.0[0].key, "jwt.require_iat", "{err}");
     }
