@@ -95,6 +95,9 @@ struct LinkState {
     generation: u64,
     /// At least one connection attempt has finished (either way).
     tried: bool,
+    /// The attempt whose connection was reported lost while it was still being set up: it
+    /// must not be installed.
+    lost: Option<u64>,
     closed: bool,
 }
 
@@ -179,6 +182,9 @@ impl Link {
     fn drop_connection(&self, generation: u64) -> bool {
         let mut state = self.lock();
         if !matches!(&state.conn, Some((g, _)) if *g == generation) {
+            if state.conn.is_none() && state.generation == generation {
+                state.lost = Some(generation);
+            }
             return false;
         }
         state.conn = None;
@@ -203,24 +209,34 @@ impl Link {
                 state.generation += 1;
                 state.generation
             };
-            match self.open(generation).await {
+            let opened = match self.open(generation).await {
                 Ok(conn) => {
+                    let tracking_on = self.start_tracking(conn.clone()).await;
+                    // The cache goes live before the connection is published, so that a loss
+                    // reported once it is (`drop_connection`) always has the last word.
+                    if let Some((tracking, _)) = &self.tracking {
+                        tracking.set_live(tracking_on);
+                    }
+                    if self.install(generation, conn) {
+                        Ok(tracking_on)
+                    } else {
+                        if let Some((tracking, _)) = &self.tracking {
+                            tracking.set_live(false);
+                        }
+                        Err("the connection was lost as it was set up".to_string())
+                    }
+                }
+                Err(reason) => Err(reason),
+            };
+            match opened {
+                Ok(tracking_on) => {
                     if attempt > 0 {
                         tracing::info!(attempts = attempt, "Redis connection restored");
                     }
                     attempt = 0;
                     self.timeouts.store(0, Ordering::Relaxed);
-                    let tracking_on = self.start_tracking(conn.clone()).await;
-                    {
-                        let mut state = self.lock();
-                        state.conn = Some((generation, conn));
-                        state.tried = true;
-                    }
-                    if let Some((tracking, _)) = &self.tracking {
-                        tracking.set_live(tracking_on);
-                        if tracking_on {
-                            tokio::spawn(Link::heartbeat(self.clone(), generation));
-                        }
+                    if tracking_on {
+                        tokio::spawn(Link::heartbeat(self.clone(), generation));
                     }
                     self.changed.notify_waiters();
                     // Sleep until a command reports the connection broken (or close()).
@@ -239,6 +255,17 @@ impl Link {
                 }
             }
         }
+    }
+
+    /// Publishes connection `generation`, unless it was reported lost while it was set up.
+    fn install(&self, generation: u64, conn: MultiplexedConnection) -> bool {
+        let mut state = self.lock();
+        if state.lost == Some(generation) {
+            return false;
+        }
+        state.conn = Some((generation, conn));
+        state.tried = true;
+        true
     }
 
     /// Connects, and checks that the server can take writes: after a failover the host may
