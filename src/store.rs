@@ -178,7 +178,8 @@ impl Link {
     }
 
     /// Drops connection `generation` if still current, flushing the local cache, and wakes the
-    /// reconnect task; false when another caller already did.
+    /// reconnect task; false when another caller already did. A connection still being set up
+    /// is marked lost instead, so that it is not installed.
     fn drop_connection(&self, generation: u64) -> bool {
         let mut state = self.lock();
         if !matches!(&state.conn, Some((g, _)) if *g == generation) {
