@@ -19,9 +19,7 @@ async fn graceful_shutdown_lets_an_in_flight_request_finish() {
     let public = proxy.addr;
 
     let in_flight = tokio::spawn(client().get(proxy.url("/slow")).send());
-    tokio::time::timeout(Duration::from_secs(5), arrived.recv())
-        .await
-        .expect("the request reached the upstream within 5 s");
+    reached_upstream(&mut arrived).await;
 
     let mut stopped = proxy.shutdown();
     eventually("the public listener to close", || connect_refused(public)).await;
@@ -60,9 +58,7 @@ async fn readyz_turns_503_while_draining() {
     assert_eq!(client().get(&readyz).send().await.unwrap().status(), 200);
 
     let in_flight = tokio::spawn(client().get(proxy.url("/slow")).send());
-    tokio::time::timeout(Duration::from_secs(5), arrived.recv())
-        .await
-        .expect("the request reached the upstream");
+    reached_upstream(&mut arrived).await;
     let stopped = proxy.shutdown();
     // While the held request drains, /readyz says why traffic should go elsewhere.
     eventually("/readyz to answer 503 shutting down", || {
@@ -104,9 +100,7 @@ async fn the_grace_runs_once_however_many_workers_hold_unfinished_requests() {
         ));
     }
     for _ in 0..4 {
-        tokio::time::timeout(Duration::from_secs(5), arrived.recv())
-            .await
-            .expect("each request reached the upstream");
+        reached_upstream(&mut arrived).await;
     }
     let started = Instant::now();
     tokio::time::timeout(Duration::from_secs(30), proxy.shutdown())
@@ -126,9 +120,7 @@ async fn shutdown_gives_up_on_a_request_that_outlasts_the_grace() {
     let config = config_with(&upstream.url(), "[server]\nshutdown_grace = \"200ms\"\n");
     let mut proxy = Proxy::start(&config).await;
     let _in_flight = tokio::spawn(client().get(proxy.url("/forever")).send());
-    tokio::time::timeout(Duration::from_secs(5), arrived.recv())
-        .await
-        .expect("the request reached the upstream");
+    reached_upstream(&mut arrived).await;
     let started = Instant::now();
     tokio::time::timeout(Duration::from_secs(5), proxy.shutdown())
         .await
@@ -374,9 +366,7 @@ async fn a_second_signal_ends_the_binary_at_once() {
             observe::Binary::listening(observe::portcullis_command(TEST_SECRET), &config).await;
         binary.wait_healthy().await;
         let _held = tokio::spawn(client().get(binary.url("/held")).send());
-        tokio::time::timeout(Duration::from_secs(5), arrived.recv())
-            .await
-            .expect("the request reached the upstream");
+        reached_upstream(&mut arrived).await;
         binary.signal(first);
         binary.wait_shutting_down().await;
         binary.signal(second);
@@ -399,9 +389,7 @@ async fn sigterm_after_sigint_lets_the_prompt_shutdown_finish() {
         observe::Binary::listening(observe::portcullis_command(TEST_SECRET), &config).await;
     binary.wait_healthy().await;
     let in_flight = tokio::spawn(client().get(binary.url("/held")).send());
-    tokio::time::timeout(Duration::from_secs(5), arrived.recv())
-        .await
-        .expect("the request reached the upstream");
+    reached_upstream(&mut arrived).await;
     binary.signal("INT");
     binary.wait_shutting_down().await;
     binary.signal("TERM");

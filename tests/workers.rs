@@ -63,9 +63,7 @@ async fn shutdown_drains_the_requests_of_every_worker() {
     for i in 0..3 {
         let url = proxy.url(&format!("/held/{i}"));
         in_flight.push(tokio::spawn(own_connection().get(url).send()));
-        tokio::time::timeout(Duration::from_secs(5), arrived.recv())
-            .await
-            .expect("the request reached the upstream");
+        reached_upstream(&mut arrived).await;
     }
 
     let mut stopped = proxy.shutdown();

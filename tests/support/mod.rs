@@ -346,6 +346,14 @@ pub async fn gated_upstream() -> (
     (upstream, arrived_rx, gate_tx)
 }
 
+/// Waits (at most 5 s) until a request reaches a [`gated_upstream`], which then holds it.
+pub async fn reached_upstream(arrived: &mut tokio::sync::mpsc::UnboundedReceiver<()>) {
+    tokio::time::timeout(std::time::Duration::from_secs(5), arrived.recv())
+        .await
+        .expect("the request reached the upstream within 5 s")
+        .expect("the upstream runs");
+}
+
 /// A response with a status and body, for upstream handlers.
 pub fn reply(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
