@@ -63,12 +63,13 @@ enum Command {
 }
 
 fn init_logging(format: LogFormat, level: &str) {
-    let spec = std::env::var("PORTCULLIS_LOG")
+    use tracing_subscriber::EnvFilter;
+    let parsed = |spec: String| EnvFilter::try_new(&spec).ok().map(|filter| (spec, filter));
+    let (spec, mut filter) = std::env::var("PORTCULLIS_LOG")
         .ok()
-        .filter(|spec| tracing_subscriber::EnvFilter::try_new(spec).is_ok())
-        .unwrap_or_else(|| level.to_string());
-    let mut filter = tracing_subscriber::EnvFilter::try_new(&spec)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .and_then(parsed)
+        .or_else(|| parsed(level.to_string()))
+        .unwrap_or_else(|| ("info".to_string(), EnvFilter::new("info")));
     // rustls warns about what TLS clients get wrong (an IP address sent as the server name,
     // which common tools do), once per handshake: any client could fill the log. Capped at
     // error unless a directive names rustls, and left alone when logging is off.
