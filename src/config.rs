@@ -1730,33 +1730,32 @@ impl Validator {
                 return None;
             }
         };
-        let parsed = match family {
-            AlgorithmFamily::Rsa => jsonwebtoken::DecodingKey::from_rsa_pem(&pem).map(|_| ()),
-            AlgorithmFamily::Ec => jsonwebtoken::DecodingKey::from_ec_pem(&pem).map(|_| ()),
-            AlgorithmFamily::Ed => jsonwebtoken::DecodingKey::from_ed_pem(&pem).map(|_| ()),
-            AlgorithmFamily::Hmac => Ok(()),
+        let pem = JwtKey::PublicPem(pem);
+        let key = match crate::authn::decoding_key(&pem, family) {
+            Ok(key) => key,
+            Err(e) => {
+                self.fail(
+                    pem_key,
+                    format!(
+                        "{} is not a usable public key for {first:?}: {e}",
+                        path.display()
+                    ),
+                );
+                return None;
+            }
         };
-        if let Err(e) = parsed {
-            self.fail(
-                pem_key,
-                format!(
-                    "{} is not a usable public key for {first:?}: {e}",
-                    path.display()
-                ),
-            );
-            return None;
-        }
         if family == AlgorithmFamily::Ec {
             // An EC key verifies one algorithm only, that of its curve: a key on another curve
             // would refuse every token, as TOKEN_INVALID, with nothing to say why.
-            let curve = jsonwebtoken::DecodingKey::from_ec_pem(&pem)
-                .ok()
-                .and_then(|key| key.try_get_as_bytes().ok().map(<[u8]>::len))
-                .and_then(|point| match point {
-                    33 | 65 => Some((jsonwebtoken::Algorithm::ES256, "P-256")),
-                    49 | 97 => Some((jsonwebtoken::Algorithm::ES384, "P-384")),
-                    _ => None,
-                });
+            let curve =
+                key.try_get_as_bytes()
+                    .ok()
+                    .map(<[u8]>::len)
+                    .and_then(|point| match point {
+                        33 | 65 => Some((jsonwebtoken::Algorithm::ES256, "P-256")),
+                        49 | 97 => Some((jsonwebtoken::Algorithm::ES384, "P-384")),
+                        _ => None,
+                    });
             let Some((verifies, curve)) = curve else {
                 self.fail(
                     pem_key,
@@ -1778,7 +1777,7 @@ impl Validator {
                 return None;
             }
         }
-        Some(JwtKey::PublicPem(pem))
+        Some(pem)
     }
 
     fn upstream_url(&mut self, key: &str, value: &str) -> (Option<Scheme>, Option<Authority>) {
@@ -2167,6 +2166,24 @@ mod tests {
             let err = config(algorithms, pem).unwrap_err();
             assert_eq!(err.0[0].key, "jwt.public_key_pem", "{err}");
             assert!(err.0[0].reason.contains(named), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_public_key_file_of_another_kind_is_refused_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let ec = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        std::fs::write(dir.path().join("ec.pem"), ec.public_key_pem()).unwrap();
+        std::fs::write(dir.path().join("junk.pem"), "not a key\n").unwrap();
+        for (algorithm, pem) in [("RS256", "ec.pem"), ("ES256", "junk.pem")] {
+            let text =
+                format!("[jwt]\nalgorithms = [\"{algorithm}\"]\npublic_key_pem = \"{pem}\"\n");
+            let err = Config::from_toml(&text, dir.path(), &[]).unwrap_err();
+            assert_eq!(err.0[0].key, "jwt.public_key_pem", "{err}");
+            assert!(
+                err.0[0].reason.contains("not a usable public key for"),
+                "{err}"
+            );
         }
     }
 

@@ -105,7 +105,8 @@ pub struct Verifier {
     verified: VerifiedTokens,
 }
 
-fn decoding_key(key: &JwtKey, family: AlgorithmFamily) -> Result<DecodingKey, BoxError> {
+/// The key that verifies `family`'s signatures; configuration checks a public key with it too.
+pub(crate) fn decoding_key(key: &JwtKey, family: AlgorithmFamily) -> Result<DecodingKey, BoxError> {
     Ok(match (key, family) {
         (JwtKey::Secret(secret), AlgorithmFamily::Hmac) => DecodingKey::from_secret(secret),
         (JwtKey::PublicPem(pem), AlgorithmFamily::Rsa) => DecodingKey::from_rsa_pem(pem)?,
