@@ -73,6 +73,8 @@ pub(crate) struct BodyDecoder {
     extension_bytes: usize,
     /// Largest trailer section taken.
     max_trailer_bytes: usize,
+    /// Bytes of the trailer section already looked through for its end.
+    trailer_scanned: usize,
 }
 
 impl BodyDecoder {
@@ -81,6 +83,7 @@ impl BodyDecoder {
             state,
             extension_bytes: 0,
             max_trailer_bytes: MAX_TRAILER_BYTES,
+            trailer_scanned: 0,
         }
     }
 
@@ -148,6 +151,22 @@ impl BodyDecoder {
                     _ => return Err(FramingError::Malformed("a chunk overruns its size")),
                 },
                 Decode::Trailers => {
+                    // A section that arrives in pieces is looked through once for its end, as
+                    // a head is, rather than parsed again from its start on every piece.
+                    if !read.starts_with(b"\r\n") && !blank_line_after(read, self.trailer_scanned) {
+                        if read.len() > self.max_trailer_bytes {
+                            return Err(FramingError::Malformed(
+                                "the trailer section is too large",
+                            ));
+                        }
+                        if bare_lf_from(read, self.trailer_scanned) {
+                            return Err(FramingError::Malformed(
+                                "a trailer line does not end in CRLF",
+                            ));
+                        }
+                        self.trailer_scanned = read.len();
+                        return Ok(Step::NeedMore);
+                    }
                     let unread = read.len();
                     let parsed = parse_trailers(read)?;
                     // Whole or not yet, a section past the limit is refused alike.
@@ -282,10 +301,12 @@ fn parse_trailers(buf: &mut BytesMut) -> Result<Option<HeaderMap>, FramingError>
 
 /// A line feed not preceded by a carriage return.
 fn has_bare_lf(bytes: &[u8]) -> bool {
-    bytes
-        .iter()
-        .enumerate()
-        .any(|(i, b)| *b == b'\n' && (i == 0 || bytes[i - 1] != b'\r'))
+    bare_lf_from(bytes, 0)
+}
+
+/// A line feed not preceded by a carriage return, at `from` or after.
+fn bare_lf_from(bytes: &[u8], from: usize) -> bool {
+    (from..bytes.len()).any(|i| bytes[i] == b'\n' && (i == 0 || bytes[i - 1] != b'\r'))
 }
 
 /// What a head's headers say about its framing and its connection, gathered in one pass as
@@ -765,6 +786,29 @@ mod tests {
 
         let (data, _, _) = decode_bytewise(Decode::UntilClose, b"all of it").unwrap();
         assert_eq!(&data[..], b"all of it");
+    }
+
+    #[test]
+    fn a_trailer_section_in_pieces_is_judged_as_they_come() {
+        let mut decoder = BodyDecoder::new(Decode::ChunkSize);
+        let mut read = BytesMut::from(&b"0\r\nx-a: 1\r\nx-b"[..]);
+        assert!(matches!(decoder.step(&mut read), Ok(Step::NeedMore)));
+        read.extend_from_slice(b": 2\r\n\r");
+        assert!(matches!(decoder.step(&mut read), Ok(Step::NeedMore)));
+        read.extend_from_slice(b"\nGET");
+        let Ok(Step::Trailers(trailers)) = decoder.step(&mut read) else {
+            panic!("the section ended");
+        };
+        assert_eq!(trailers["x-a"], "1");
+        assert_eq!(trailers["x-b"], "2");
+        assert_eq!(&read[..], b"GET");
+
+        // A bare LF is refused on arrival, without waiting for the section to end.
+        let mut decoder = BodyDecoder::new(Decode::ChunkSize);
+        let mut read = BytesMut::from(&b"0\r\nx-a: 1\r\n"[..]);
+        assert!(matches!(decoder.step(&mut read), Ok(Step::NeedMore)));
+        read.extend_from_slice(b"x-b: 2\nx-c");
+        assert!(decoder.step(&mut read).is_err());
     }
 
     #[test]
