@@ -24,8 +24,8 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::h1::{
-    self, header_map, header_spans, headers_len, put_headers, BodyDecoder, BodyEncoder, Decode,
-    Encode, FramingError, HeadFacts, NotChunkedOnce, Step,
+    self, blank_line_after, header_map, header_spans, headers_len, put_headers, BodyDecoder,
+    BodyEncoder, Decode, Encode, FramingError, HeadFacts, NotChunkedOnce, Step,
 };
 use crate::{Body, BoxError};
 
@@ -197,7 +197,7 @@ pub(super) async fn exchange<H: Home>(
     let (mut parts, body) = req.into_parts();
     let mut upload = Some(Upload::start(&mut parts, body, &mut conn.write)?);
     let mut write_error = None;
-    let mut received = false;
+    let mut progress = HeadProgress::default();
     let head = std::future::poll_fn(|cx| {
         if let Some(sending) = &mut upload {
             match sending.poll_send(&mut conn, cx) {
@@ -211,7 +211,7 @@ pub(super) async fn exchange<H: Home>(
                 Poll::Pending => {}
             }
         }
-        match ready!(poll_head(&mut conn, cx, &parts.method, &mut received)) {
+        match ready!(poll_head(&mut conn, cx, &parts.method, &mut progress)) {
             Err(Error::ClosedBeforeAnswer(None)) if write_error.is_some() => {
                 Poll::Ready(Err(Error::ClosedBeforeAnswer(write_error.take())))
             }
@@ -367,31 +367,51 @@ impl Head {
     }
 }
 
+/// How far reading an answer's head has come, kept between polls.
+#[derive(Default)]
+struct HeadProgress {
+    /// Some byte of an answer arrived.
+    received: bool,
+    /// Bytes in the read buffer already looked through for the head's end: a head that
+    /// arrives in many pieces is scanned once, not parsed again from its start on every piece.
+    looked_at: usize,
+}
+
 /// Reads until a final answer's head is complete; informational answers (100, 103) are read
-/// and dropped. `received` records whether any byte of an answer arrived.
+/// and dropped.
 fn poll_head(
     conn: &mut Conn,
     cx: &mut Context<'_>,
     method: &Method,
-    received: &mut bool,
+    progress: &mut HeadProgress,
 ) -> Poll<Result<Head, Error>> {
     loop {
         if !conn.read.is_empty() {
-            *received = true;
-            match parse_head(&mut conn.read, method)? {
-                Parsed::Final(head) => return Poll::Ready(Ok(head)),
-                Parsed::Informational => continue,
-                Parsed::Partial if conn.read.len() > MAX_HEAD_BYTES => {
-                    return Poll::Ready(Err(Error::Malformed("the head is too large")))
+            progress.received = true;
+            if !blank_line_after(&conn.read, progress.looked_at) {
+                if conn.read.len() > MAX_HEAD_BYTES {
+                    return Poll::Ready(Err(Error::Malformed("the head is too large")));
                 }
-                Parsed::Partial => {}
+                progress.looked_at = conn.read.len();
+            } else {
+                match parse_head(&mut conn.read, method)? {
+                    Parsed::Final(head) => return Poll::Ready(Ok(head)),
+                    Parsed::Informational => {
+                        progress.looked_at = 0;
+                        continue;
+                    }
+                    Parsed::Partial if conn.read.len() > MAX_HEAD_BYTES => {
+                        return Poll::Ready(Err(Error::Malformed("the head is too large")))
+                    }
+                    Parsed::Partial => progress.looked_at = conn.read.len(),
+                }
             }
         }
         match ready!(conn.poll_fill(cx)) {
-            Ok(0) if *received => return Poll::Ready(Err(Error::Truncated)),
+            Ok(0) if progress.received => return Poll::Ready(Err(Error::Truncated)),
             Ok(0) => return Poll::Ready(Err(Error::ClosedBeforeAnswer(None))),
             Ok(_) => {}
-            Err(e) if !*received && closed_under_us(&e) => {
+            Err(e) if !progress.received && closed_under_us(&e) => {
                 return Poll::Ready(Err(Error::ClosedBeforeAnswer(Some(e))))
             }
             Err(e) => return Poll::Ready(Err(Error::Read(e))),
@@ -977,6 +997,39 @@ mod tests {
         assert!(!parts.headers.contains_key("link"));
         assert_eq!(body.unwrap(), "ok");
         assert!(home);
+    }
+
+    #[tokio::test]
+    async fn a_short_final_head_after_a_dribbled_informational_one_is_read() {
+        let (conn, mut upstream) = connected().await;
+        upstream.set_nodelay(true).unwrap();
+        let home = Kennel::default();
+        let early = b"HTTP/1.1 103 Early Hints\r\nlink: </a-stylesheet-with-a-long-name.css>\r\n\r";
+        let sent = async {
+            let response = response(exchange(conn, get("/"), home.clone()).await.unwrap());
+            response.status()
+        };
+        let dribble = async {
+            read_request_head(&mut upstream).await;
+            for byte in early {
+                upstream.write_all(&[*byte]).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+            // The informational head's last byte and the whole final head, shorter than it.
+            upstream
+                .write_all(b"\nHTTP/1.1 204 No Content\r\n\r\n")
+                .await
+                .unwrap();
+        };
+        // Not `timeout`, which polls the exchange once more when its time is up.
+        let status = tokio::select! {
+            biased;
+            () = tokio::time::sleep(std::time::Duration::from_secs(5)) => {
+                panic!("the final head was not read")
+            }
+            (status, ()) = async { tokio::join!(sent, dribble) } => status,
+        };
+        assert_eq!(status, StatusCode::NO_CONTENT);
     }
 
     #[tokio::test]
