@@ -325,3 +325,73 @@ async fn calls_refused_to_a_signed_out_token_leave_the_users_cache_alone() {
     let misses = scrape(proxy.admin).await.value(name, &[("result", "miss")]) - misses_before;
     assert_eq!(misses, 0.0, "a refused call emptied the user's cache");
 }
+
+/// Redis tells no process of its own writes, so the replica that ends a session must forget
+/// it itself, whatever became of the caller: here the client goes away (its HTTP/2 connection
+/// closed) while its destroy waits in Redis, and the replica still refuses the session once
+/// Redis has run it, rather than admitting it from its cache until the next slide (an hour).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destroy_whose_client_went_away_still_empties_the_cache() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::echo().await;
+    let proxy = Proxy::start(&session_config(
+        &upstream,
+        &redis,
+        "[session]\nslide_interval = \"1h\"\n",
+    ))
+    .await;
+    let sid = create_session(&proxy, &token("dave", None)).await;
+    let t = token("dave", Some(&sid));
+    observe::until_cached(&proxy.url("/game"), &t, proxy.admin).await;
+
+    // Writes wait in Redis (the heartbeat's PING and ROLE do not), so the destroy is held there.
+    let mut conn = redis.conn();
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(10_000)
+        .arg("WRITE")
+        .query(&mut conn)
+        .unwrap();
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut h2, driver) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let driver = tokio::spawn(driver);
+    let delete = http::Request::delete(proxy.url(&format!("/api/v1/sessions/{sid}")))
+        .header("authorization", format!("Bearer {t}"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let answer = tokio::spawn(h2.send_request(delete));
+    eventually("the destroy waits in Redis", || {
+        let info: String = redis::cmd("INFO").arg("clients").query(&mut conn).unwrap();
+        let waiting = info.contains("blocked_clients:1");
+        async move { waiting }
+    })
+    .await;
+    // The client goes away: its connection closes, and with it the stream of the destroy.
+    answer.abort();
+    driver.abort();
+    drop(h2);
+    observe::scrape_until(proxy.admin, "the client's connection closed", |e| {
+        e.get("portcullis_open_connections", &[]) == Some(0.0)
+    })
+    .await;
+    let _: () = redis::cmd("CLIENT")
+        .arg("UNPAUSE")
+        .query(&mut conn)
+        .unwrap();
+
+    eventually(
+        "the destroyed session refused by the replica that ended it",
+        || {
+            let url = proxy.url("/game");
+            let t = t.clone();
+            async move { get_status(&url, &t).await == 401 }
+        },
+    )
+    .await;
+    assert!(stored_ids(&mut conn, "dave").is_empty());
+}

@@ -22,6 +22,7 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use serde::{Deserialize, Serialize};
 use tower::Service;
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::error::{json_response, Rejection};
@@ -466,8 +467,22 @@ impl Service<Request<Body>> for SessionApi {
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        let api = self.clone();
-        Box::pin(async move { Ok(api.handle(req).await) })
+        // The call runs in a task of its own, so that a client that goes away mid-call (an
+        // HTTP/2 stream reset, a closed connection) drops only the wait for its answer. A write
+        // already sent to Redis may still happen, and what follows it must too: the audit
+        // event, and forgetting the user's cached sessions (this process hears no
+        // invalidation of its own writes).
+        let call = tokio::spawn(self.clone().handle(req).in_current_span());
+        Box::pin(async move {
+            Ok(match call.await {
+                Ok(response) => response,
+                Err(e) => match e.try_into_panic() {
+                    Ok(panic) => std::panic::resume_unwind(panic),
+                    // Only when the runtime shuts down.
+                    Err(_) => Rejection::StoreUnavailable.into_response(),
+                },
+            })
+        })
     }
 }
 
