@@ -516,12 +516,20 @@ fn framing(
 ) -> Result<(Decode, bool), Error> {
     let keep_alive = !facts.close && (version == Version::HTTP_11 || facts.keep_alive);
 
-    if status == StatusCode::SWITCHING_PROTOCOLS
-        || status == StatusCode::NO_CONTENT
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        return Ok((Decode::Done, keep_alive));
+    }
+    if status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
         || method == Method::HEAD
     {
-        return Ok((Decode::Done, keep_alive));
+        // No body follows, whatever the head says. A head that announces one anyway (for HEAD,
+        // the length a GET would get) comes from an upstream that may also send it, perhaps a
+        // moment later: on a reused connection those bytes would be read as the next request's
+        // answer, which may be another client's. Such a connection carries nothing more.
+        let announces_body =
+            facts.transfer_encoding || !matches!(facts.content_length(), Ok(None | Some(0)));
+        return Ok((Decode::Done, keep_alive && !announces_body));
     }
     if facts.transfer_encoding {
         if version == Version::HTTP_10 {
@@ -957,30 +965,52 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn bodiless_answers_free_their_connection_at_once() {
-        for (method, answer) in [
+    async fn bodiless_answers_end_at_once_and_are_reused_only_when_they_announce_no_body() {
+        for (method, answer, reused) in [
+            (Method::HEAD, &b"HTTP/1.1 200 OK\r\n\r\n"[..], true),
             (
                 Method::HEAD,
-                &b"HTTP/1.1 200 OK\r\ncontent-length: 1234\r\n\r\n"[..],
+                b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+                true,
             ),
-            (Method::GET, b"HTTP/1.1 204 No Content\r\n\r\n"),
+            (Method::GET, b"HTTP/1.1 204 No Content\r\n\r\n", true),
+            (Method::GET, b"HTTP/1.1 304 Not Modified\r\n\r\n", true),
+            // A body announced: the upstream may send it after all, a moment later.
+            (
+                Method::HEAD,
+                b"HTTP/1.1 200 OK\r\ncontent-length: 1234\r\n\r\n",
+                false,
+            ),
+            (
+                Method::HEAD,
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+                false,
+            ),
+            (
+                Method::GET,
+                b"HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\n",
+                false,
+            ),
             (
                 Method::GET,
                 b"HTTP/1.1 304 Not Modified\r\ncontent-length: 50\r\n\r\n",
+                false,
             ),
         ] {
+            let what = String::from_utf8_lossy(answer);
             let (conn, mut upstream) = connected().await;
             let home = Kennel::default();
             let req = request(method.clone(), "/");
             let answer = exchange_with(conn, &mut upstream, req, answer, &home).await;
             let response = response(answer.unwrap());
-            assert!(response.body().is_end_stream(), "{method}");
-            assert!(
+            assert!(response.body().is_end_stream(), "{method} {what}");
+            assert_eq!(
                 home.take().is_some(),
-                "{method}: home before the body is read"
+                reused,
+                "{method} {what}: home before the body is read"
             );
             // The length of what a GET would get is the client's to see.
-            if method == Method::HEAD {
+            if what.contains("1234") {
                 assert_eq!(response.headers()[header::CONTENT_LENGTH], "1234");
             }
         }
