@@ -464,6 +464,10 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Parsed, Error> {
         buf,
         &mut slots,
     ) {
+        // The limit holds however the head arrived: whole in one large read, too.
+        Ok(httparse::Status::Complete(len)) if len > MAX_HEAD_BYTES => {
+            return Err(Error::Malformed("the head is too large"))
+        }
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
         Err(e) => return Err(Error::MalformedHead(e)),
@@ -1148,6 +1152,26 @@ mod tests {
         };
         let (result, ()) = tokio::join!(sent, flood);
         assert!(matches!(result, Err(Error::Malformed(_))));
+    }
+
+    #[test]
+    fn a_whole_head_over_the_limit_is_refused_as_one_arriving_in_pieces_is() {
+        let line = format!("x-filler: {}\r\n", "f".repeat(8_000));
+        let head = |lines: usize| {
+            let mut head = String::from("HTTP/1.1 200 OK\r\n");
+            head.push_str(&line.repeat(lines));
+            head.push_str("content-length: 0\r\n\r\n");
+            BytesMut::from(head.as_bytes())
+        };
+        let fits = MAX_HEAD_BYTES / line.len() - 1;
+        assert!(matches!(
+            parse_head(&mut head(fits), &Method::GET),
+            Ok(Parsed::Final(_))
+        ));
+        assert!(matches!(
+            parse_head(&mut head(fits + 2), &Method::GET),
+            Err(Error::Malformed(_))
+        ));
     }
 
     #[tokio::test]
