@@ -27,6 +27,20 @@ async fn get_reaches_upstream_with_path_and_query_byte_for_byte() {
     assert_eq!(seen.headers["host"], proxy.addr.to_string().as_str());
 }
 
+/// An absolute-form target with an empty path is judged as `/`, and goes upstream as that, with
+/// its query: a target of `?q=1` alone is no request line a server takes.
+#[tokio::test]
+async fn an_absolute_form_target_without_a_path_goes_upstream_as_the_root() {
+    let upstream = Upstream::echo().await;
+    let proxy = Proxy::start(&open_config(&upstream.url())).await;
+    for (target, expected) in [("http://e?q=1", "/?q=1"), ("http://e", "/")] {
+        let request = format!("GET {target} HTTP/1.1\r\nHost: e\r\nConnection: close\r\n\r\n");
+        let resp = send_raw(proxy.addr, request.as_bytes()).await;
+        assert_eq!(resp.status, 200, "{target}");
+        assert_eq!(upstream.last().target, expected, "{target}");
+    }
+}
+
 // ------------------------------------------------------------------------------------------
 // Bodies
 // ------------------------------------------------------------------------------------------

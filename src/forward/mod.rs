@@ -321,14 +321,14 @@ impl Upstream {
                 .authority()
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
-        // Origin-form, as an HTTP/1.1 request to an origin server is written.
-        parts.uri = Uri::from(
-            parts
-                .uri
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| PathAndQuery::from_static("/")),
-        );
+        // Origin-form, as an HTTP/1.1 request to an origin server is written. An absolute-form
+        // target with an empty path (`http://host?q`) was judged as `/`, and goes as that.
+        parts.uri = Uri::from(match parts.uri.path_and_query() {
+            Some(target) if target.as_str().starts_with(['/', '*']) => target.clone(),
+            Some(target) => PathAndQuery::try_from(format!("/{}", target.as_str()))
+                .unwrap_or_else(|_| PathAndQuery::from_static("/")),
+            None => PathAndQuery::from_static("/"),
+        });
 
         let upgrade_protocol = upgrade
             .then(|| parts.headers.get(header::UPGRADE).cloned())
