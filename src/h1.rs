@@ -317,6 +317,9 @@ pub(crate) struct HeadFacts {
     pub(crate) content_length: Option<u64>,
     /// Why the Content-Length cannot be trusted, if it cannot.
     pub(crate) bad_content_length: Option<&'static str>,
+    /// The Content-Length came other than as one run of digits on one line (repeated, as a
+    /// list, padded): many readers refuse it so, though its values agree.
+    pub(crate) content_length_unusual: bool,
     pub(crate) transfer_encoding: bool,
     /// The last coding of the last Transfer-Encoding is `chunked`.
     pub(crate) chunked: bool,
@@ -339,6 +342,8 @@ impl HeadFacts {
             return;
         }
         if name == header::CONTENT_LENGTH {
+            self.content_length_unusual |=
+                self.content_length.is_some() || !value.as_bytes().iter().all(u8::is_ascii_digit);
             if self.bad_content_length.is_none() {
                 match merge_content_length(self.content_length, value) {
                     Ok(length) => self.content_length = length,

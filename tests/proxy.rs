@@ -41,6 +41,31 @@ async fn an_absolute_form_target_without_a_path_goes_upstream_as_the_root() {
     }
 }
 
+/// A Content-Length the upstream repeated (agreeing) reaches the client as one value, which
+/// every client reads.
+#[tokio::test]
+async fn a_repeated_content_length_from_the_upstream_reaches_the_client_as_one() {
+    let upstream = RawUpstream::start(
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2, 2\r\ncontent-length: 2\r\n\r\nok",
+    )
+    .await;
+    let proxy = Proxy::start(&open_config(&upstream.url())).await;
+    let resp = send_raw(
+        proxy.addr,
+        b"GET / HTTP/1.1\r\nHost: e\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(resp.status, 200);
+    let lengths: Vec<_> = resp
+        .headers
+        .iter()
+        .filter(|(name, _)| name == "content-length")
+        .map(|(_, value)| value.as_str())
+        .collect();
+    assert_eq!(lengths, ["2"]);
+    assert_eq!(resp.body, b"ok");
+}
+
 // ------------------------------------------------------------------------------------------
 // Bodies
 // ------------------------------------------------------------------------------------------

@@ -519,6 +519,11 @@ fn framing(
     facts: &HeadFacts,
 ) -> Result<(Decode, bool), Error> {
     let keep_alive = !facts.close && (version == Version::HTTP_11 || facts.keep_alive);
+    // Passed on as one value, which every client reads (RFC 9110 8.6): Node refuses a list or
+    // a repeated line, and HTTP/2 clients reset the stream.
+    if let (true, Ok(Some(length))) = (facts.content_length_unusual, facts.content_length()) {
+        headers.insert(header::CONTENT_LENGTH, http::HeaderValue::from(length));
+    }
 
     if status == StatusCode::SWITCHING_PROTOCOLS {
         return Ok((Decode::Done, keep_alive));
@@ -1077,12 +1082,20 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn repeated_content_length_must_agree() {
-        let (_, body, home) =
+    async fn repeated_content_length_must_agree_and_goes_on_as_one_value() {
+        let (parts, body, home) =
             get_answered(b"HTTP/1.1 200 OK\r\ncontent-length: 2, 2\r\ncontent-length: 2\r\n\r\nok")
                 .await;
         assert_eq!(body.unwrap(), "ok");
         assert!(home);
+        let lengths: Vec<_> = parts
+            .headers
+            .get_all(header::CONTENT_LENGTH)
+            .iter()
+            .collect();
+        assert_eq!(lengths, ["2"]);
+        let (parts, _, _) = get_answered(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+        assert_eq!(parts.headers[header::CONTENT_LENGTH], "2");
 
         for answer in [
             &b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nok"[..],
