@@ -613,8 +613,12 @@ impl<H: Home> ResponseBody<H> {
                     }
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
-                Step::Trailers(trailers) => {
+                Step::Trailers(mut trailers) => {
                     self.finish();
+                    super::strip_trailer_fields(&mut trailers);
+                    if trailers.is_empty() {
+                        return Poll::Ready(None);
+                    }
                     return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
                 }
                 Step::End => {
@@ -890,17 +894,42 @@ mod tests {
     async fn a_chunked_answer_is_decoded_with_its_extensions_and_trailers() {
         let (conn, mut upstream) = connected().await;
         let home = Kennel::default();
+        // Fields that frame or route a message, or belong to one connection, go no further:
+        // an HTTP/2 client resets a stream whose trailers carry them.
         let answer = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n\
-            5;name=value\r\nhello\r\nA \r\n, world!!!\r\n0\r\nx-checksum: 42\r\n\r\n";
+            5;name=value\r\nhello\r\nA \r\n, world!!!\r\n0\r\nx-checksum: 42\r\n\
+            connection: close, x-private\r\nx-private: 1\r\ntransfer-encoding: chunked\r\n\
+            content-length: 5\r\nkeep-alive: timeout=5\r\nhost: elsewhere\r\n\r\n";
         let answer = exchange_with(conn, &mut upstream, get("/"), answer, &home).await;
         let body = response(answer.unwrap()).into_body();
         let collected = body.collect().await.unwrap();
-        assert_eq!(collected.trailers().unwrap()["x-checksum"], "42");
+        let trailers = collected.trailers().unwrap();
+        let names: Vec<_> = trailers.keys().map(|name| name.as_str()).collect();
+        assert_eq!(names, ["x-checksum"]);
+        assert_eq!(trailers["x-checksum"], "42");
         assert_eq!(collected.to_bytes(), "hello, world!!!");
         assert!(
             home.take().is_some(),
             "a complete chunked answer frees its connection"
         );
+    }
+
+    #[tokio::test]
+    async fn a_trailer_section_left_empty_ends_the_body_without_one() {
+        let (_, body, home) = get_answered(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n\
+              2\r\nok\r\n0\r\nconnection: close\r\ncontent-length: 2\r\n\r\n",
+        )
+        .await;
+        assert_eq!(body.unwrap(), "ok");
+        assert!(home);
+        let (conn, mut upstream) = connected().await;
+        let answer = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n\
+              0\r\ncontent-length: 0\r\n\r\n";
+        let home = Kennel::default();
+        let answer = exchange_with(conn, &mut upstream, get("/"), answer, &home).await;
+        let collected = response(answer.unwrap()).into_body().collect().await;
+        assert!(collected.unwrap().trailers().is_none());
     }
 
     #[tokio::test]

@@ -577,6 +577,15 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool, spared: &[&
     }
 }
 
+/// Takes out of an upstream's trailer section the fields that may not stand there: those of
+/// one connection (hop-by-hop, and any the section's Connection names), which make an
+/// HTTP/2 client reset the stream, and those that frame or route a message (RFC 9110 6.5.1).
+pub(crate) fn strip_trailer_fields(trailers: &mut HeaderMap) {
+    strip_hop_by_hop(trailers, false, &[]);
+    trailers.remove(header::CONTENT_LENGTH);
+    trailers.remove(header::HOST);
+}
+
 /// HTTP/2 clients may split Cookie into several fields; HTTP/1.1 allows one, so they are joined
 /// with `; ` before the request goes upstream (RFC 9113 8.2.3).
 fn join_cookies(headers: &mut HeaderMap) {
