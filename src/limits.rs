@@ -1,7 +1,8 @@
 //! Request size limits, applied before anything else looks at a request: the head (431) and the
 //! body (413). Requests that servers could read in two ways are refused here too, after the
 //! access log has seen them: a path the router could not judge safely, two Authorization
-//! headers, a transfer coding other than chunked, a Host that contradicts :authority. A declared Content-Length over the limit is refused at once; a streamed body is
+//! headers, a transfer coding other than chunked, a Host that contradicts the target's
+//! authority. A declared Content-Length over the limit is refused at once; a streamed body is
 //! cut off where it crosses the limit, and the forwarder turns that into a 413.
 
 use std::convert::Infallible;
@@ -105,20 +106,20 @@ fn check_unambiguous(req: &Request<Body>) -> Result<(), Rejection> {
             }
         }
     }
-    // RFC 9113 8.3.1: over HTTP/2 a Host that names another authority than :authority makes
-    // the request malformed; the upstream would be told one and routed by the other.
-    if req.version() == Version::HTTP_2 {
-        if let (Some(authority), Some(host)) =
-            (req.uri().authority(), req.headers().get(header::HOST))
+    // A Host that names another authority than the request's target (HTTP/2's :authority,
+    // HTTP/1.1's absolute form) leaves the upstream told one and routed by the other: RFC 9113
+    // 8.3.1 makes such an HTTP/2 request malformed, and HTTP/1.1 servers differ on which wins.
+    if let (Some(authority), Some(host)) = (req.uri().authority(), req.headers().get(header::HOST))
+    {
+        if !host
+            .as_bytes()
+            .eq_ignore_ascii_case(authority.as_str().as_bytes())
         {
-            if !host
-                .as_bytes()
-                .eq_ignore_ascii_case(authority.as_str().as_bytes())
-            {
-                return Err(Rejection::Malformed(
-                    "the Host header differs from :authority",
-                ));
-            }
+            return Err(Rejection::Malformed(if req.version() == Version::HTTP_2 {
+                "the Host header differs from :authority"
+            } else {
+                "the Host header differs from the target's authority"
+            }));
         }
     }
     Ok(())

@@ -897,6 +897,29 @@ async fn headers_past_the_hard_cap_are_refused_before_reaching_portcullis() {
     assert_eq!(upstream.count(), 0);
 }
 
+/// An absolute-form target names the authority the request is for: a Host naming another is
+/// refused, since servers differ on which of the two wins.
+#[tokio::test]
+async fn a_host_contradicting_an_absolute_form_target_is_refused() {
+    let upstream = Upstream::echo().await;
+    let proxy = Proxy::start(&open_config(&upstream.url())).await;
+    let resp = send_raw(
+        proxy.addr,
+        b"GET http://a.example/x HTTP/1.1\r\nHost: b.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    resp.assert_error(400, "MALFORMED_REQUEST");
+    assert_eq!(upstream.count(), 0);
+    let resp = send_raw(
+        proxy.addr,
+        b"GET http://a.example/x HTTP/1.1\r\nHost: A.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(upstream.last().target, "/x");
+    assert_eq!(upstream.last().headers["host"], "A.example");
+}
+
 #[tokio::test]
 async fn a_request_body_breaking_its_chunked_framing_is_the_clients_400() {
     let upstream = Upstream::echo().await;
