@@ -80,6 +80,13 @@ fn check_unambiguous(req: &Request<Body>) -> Result<(), Rejection> {
     if req.method() == http::Method::CONNECT {
         return Err(Rejection::ConnectUnsupported);
     }
+    // `*` names the server as a whole, for OPTIONS only (RFC 9112 3.2.4): with another method
+    // each server would make up its own meaning for it.
+    if req.uri().path() == "*" && req.method() != http::Method::OPTIONS {
+        return Err(Rejection::Malformed(
+            "an asterisk target is for OPTIONS only",
+        ));
+    }
     let mut authorizations = 0;
     let mut transfer_encoded = false;
     // Every field line (`keys()` would name a repeated header once).

@@ -921,6 +921,26 @@ async fn a_host_contradicting_an_absolute_form_target_is_refused() {
 }
 
 #[tokio::test]
+async fn an_asterisk_target_is_for_options_only() {
+    let upstream = Upstream::echo().await;
+    let proxy = Proxy::start(&open_config(&upstream.url())).await;
+    let resp = send_raw(
+        proxy.addr,
+        b"GET * HTTP/1.1\r\nHost: game.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    resp.assert_error(400, "MALFORMED_REQUEST");
+    assert_eq!(upstream.count(), 0);
+    let resp = send_raw(
+        proxy.addr,
+        b"OPTIONS * HTTP/1.1\r\nHost: game.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(upstream.last().target, "*");
+}
+
+#[tokio::test]
 async fn a_request_body_breaking_its_chunked_framing_is_the_clients_400() {
     let upstream = Upstream::echo().await;
     let proxy = Proxy::start(&open_config(&upstream.url())).await;
