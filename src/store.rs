@@ -688,7 +688,12 @@ end
 local hold = tonumber(ARGV[1])
 local left = redis.call('PTTL', KEYS[2])
 if left > hold then hold = left end
-redis.call('SET', KEYS[2], math.floor(now / 1000), 'PX', hold)
+-- Never moved back, should Redis' clock be (stepped back, or a failover to a server behind):
+-- the tokens an earlier sign-out shut out stay shut out.
+local at = math.floor(now / 1000)
+local before = tonumber(redis.call('GET', KEYS[2]))
+if before and before > at then at = before end
+redis.call('SET', KEYS[2], at, 'PX', hold)
 if not v then return {} end
 local out = {}
 for _, r in ipairs(recs) do

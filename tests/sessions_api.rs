@@ -891,6 +891,36 @@ async fn a_later_sign_out_never_shortens_how_long_an_earlier_one_is_remembered()
     );
 }
 
+/// The time tokens are judged against moves forward only: a sign-out made while Redis' clock
+/// reads earlier (stepped back, or a failover to a server behind) keeps the later one.
+#[tokio::test]
+async fn a_sign_out_never_moves_the_time_tokens_are_judged_against_back() {
+    let s = setup().await;
+    let key = "aeturnis:signed-out:{alice}";
+    let ahead = now_secs() + 3600;
+    let _: () = redis::cmd("SET")
+        .arg(key)
+        .arg(ahead)
+        .arg("EX")
+        .arg(7200)
+        .query(&mut s.redis.conn())
+        .unwrap();
+    // A token issued after that time: it may sign out, and the time stays.
+    let token = sign(&json!({"sub": "alice", "iat": ahead + 60, "exp": ahead + 7200}));
+    let resp = client()
+        .delete(s.url("/user/sessions"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let at: u64 = redis::cmd("GET")
+        .arg(key)
+        .query(&mut s.redis.conn())
+        .unwrap();
+    assert_eq!(at, ahead);
+}
+
 #[tokio::test]
 async fn a_sign_out_that_cannot_read_the_sessions_writes_nothing_and_can_be_made_again() {
     let s = setup().await;
