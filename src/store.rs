@@ -455,20 +455,21 @@ local function records(v)
   return out
 end
 -- The body (start, length) of the record of session `sid`, expired or not, without building
--- the others: nil when there is none, false when the value is not in the layout.
+-- the others: nil when there is none, false when the value is not in the layout (all of it is
+-- looked through, the records after the one found too).
 local function find(v, sid)
   if string.byte(v, 1) ~= 1 then return false end
-  local pos, n = 2, #v
+  local pos, n, found, found_len = 2, #v, nil, nil
   while pos <= n do
     local hi, lo = string.byte(v, pos, pos + 1)
     if lo == nil then return false end
     local len = hi * 256 + lo
     local body = pos + 2
     if len < 37 or body + len - 1 > n then return false end
-    if string.sub(v, body, body + 15) == sid then return body, len end
+    if not found and string.sub(v, body, body + 15) == sid then found, found_len = body, len end
     pos = body + len
   end
-  return nil
+  return found, found_len
 end
 local function corrupt()
   return redis.error_reply('ERR ' .. KEYS[1] .. ' does not hold sessions in the known layout')

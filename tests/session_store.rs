@@ -265,7 +265,14 @@ async fn a_value_that_is_not_in_the_session_layout_fails_closed_everywhere() {
     let mut overrun = vec![1u8, 0, 200];
     overrun.extend_from_slice(uuid::Uuid::parse_str(&a).unwrap().as_bytes());
     let short = [1u8, 0, 3, 1, 2, 3];
-    let values: [&[u8]; 3] = [b"not a session record", &overrun, &short];
+    // The session's own record, whole, and a stray byte after it: the record is found before
+    // the byte is reached, and the value is still not the layout.
+    let mut trailing: Vec<u8> = redis::cmd("GET")
+        .arg(sessions_key("alice"))
+        .query(&mut s.redis.conn())
+        .unwrap();
+    trailing.push(0);
+    let values: [&[u8]; 4] = [b"not a session record", &overrun, &short, &trailing];
     for value in values {
         let _: () = redis::cmd("SET")
             .arg(sessions_key("alice"))
