@@ -331,6 +331,28 @@ async fn a_value_that_is_not_in_the_session_layout_fails_closed_everywhere() {
     }
 }
 
+/// A session that makes room for a new one but cannot be read (its details written by another
+/// hand) is still ended, and the create that ended it still succeeds.
+#[tokio::test]
+async fn a_create_that_evicts_an_unreadable_session_succeeds() {
+    let s = setup_with("max_per_user = 1\n").await;
+    let old = s.create("alice").await;
+    let mut value: Vec<u8> = redis::cmd("GET")
+        .arg(sessions_key("alice"))
+        .query(&mut s.redis.conn())
+        .unwrap();
+    // version, record length, session id, three times: then the platform, made unknown.
+    value[1 + 2 + 16 + 18] = b'?';
+    let _: () = redis::cmd("SET")
+        .arg(sessions_key("alice"))
+        .arg(value)
+        .arg("KEEPTTL")
+        .query(&mut s.redis.conn())
+        .unwrap();
+    let new = s.create("alice").await;
+    assert_eq!(s.stored_ids("alice"), set(&[&new]), "{old} was not ended");
+}
+
 #[tokio::test]
 async fn opening_more_than_max_per_user_ends_the_least_recently_active() {
     let s = setup_with("max_per_user = 2\nlast_active_resolution = \"0s\"\nlocal_cache = false\n")

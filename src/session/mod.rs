@@ -273,10 +273,18 @@ impl Sessions {
         self.forget_unless_refused(user_id, &created);
         let (now, evicted) = created?;
         let ttl_ms = u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX);
+        // The session is open and they are gone whatever follows: one that cannot be read is
+        // logged and left out, rather than failing a create that happened.
         let evicted = evicted
             .iter()
-            .map(|body| Self::session(user_id, body))
-            .collect::<Result<_, _>>()?;
+            .filter_map(|body| match Self::session(user_id, body) {
+                Ok(session) => Some(session),
+                Err(e) => {
+                    tracing::warn!(error = %e, user_id, "an evicted session could not be read");
+                    None
+                }
+            })
+            .collect();
         Ok(Opened {
             created: Created {
                 session_id,
