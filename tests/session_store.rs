@@ -331,6 +331,41 @@ async fn a_value_that_is_not_in_the_session_layout_fails_closed_everywhere() {
     }
 }
 
+/// A record in the layout whose details cannot be read fails closed on proxied routes as in the
+/// API: the per-request check reads the whole record, not only the platform it needs.
+#[tokio::test]
+async fn a_session_whose_details_cannot_be_read_is_refused_everywhere() {
+    let s = setup().await;
+    let a = s.create("alice").await;
+    let mut value: Vec<u8> = redis::cmd("GET")
+        .arg(sessions_key("alice"))
+        .query(&mut s.redis.conn())
+        .unwrap();
+    // version, record length, session id, three times, platform: then the device id's length,
+    // made to run past the record.
+    value[1 + 2 + 16 + 18 + 1] = 255;
+    let _: () = redis::cmd("SET")
+        .arg(sessions_key("alice"))
+        .arg(value)
+        .arg("KEEPTTL")
+        .query(&mut s.redis.conn())
+        .unwrap();
+    assert_error(
+        s.proxied("alice", &a).await,
+        503,
+        "SESSION_STORE_UNAVAILABLE",
+    )
+    .await;
+    let resp = client()
+        .get(s.proxy.url(&format!("/api/v1/sessions/{a}")))
+        .bearer_auth(token("alice", None))
+        .send()
+        .await
+        .unwrap();
+    assert_error(resp, 503, "SESSION_STORE_UNAVAILABLE").await;
+    assert_eq!(s.upstream.count(), 0, "forwarded unchecked");
+}
+
 /// A session that makes room for a new one but cannot be read (its details written by another
 /// hand) is still ended, and the create that ended it still succeeds.
 #[tokio::test]

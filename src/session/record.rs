@@ -110,22 +110,22 @@ pub fn body(record: &Record) -> Result<Vec<u8>, StoreError> {
     Ok(out)
 }
 
-/// The platform of a body, without decoding the rest (the per-request path needs no more).
-pub fn platform(body: &[u8]) -> Result<Platform, StoreError> {
-    body.get(FIXED)
-        .copied()
-        .and_then(platform_from_code)
-        .ok_or_else(|| corrupt("unknown platform"))
+/// A body's fields, each checked, none copied.
+struct Fields<'a> {
+    session_id: Uuid,
+    platform: Platform,
+    device_id: &'a str,
+    ip_address: Option<IpAddr>,
+    user_agent: &'a str,
 }
 
-/// Reads one body.
-pub fn decode(body: &[u8]) -> Result<Record, StoreError> {
+fn fields(body: &[u8]) -> Result<Fields<'_>, StoreError> {
     if body.len() < FIXED + 3 {
         return Err(corrupt("truncated"));
     }
     let (fixed, details) = body.split_at(FIXED);
     let session_id = Uuid::from_slice(&fixed[..16]).map_err(|_| corrupt("session id"))?;
-    let platform = platform(body)?;
+    let platform = platform_from_code(details[0]).ok_or_else(|| corrupt("unknown platform"))?;
     let mut rest = &details[1..];
     let mut field = |what: &str| -> Result<&[u8], StoreError> {
         let (&len, tail) = rest.split_first().ok_or_else(|| corrupt(what))?;
@@ -143,11 +143,35 @@ pub fn decode(body: &[u8]) -> Result<Record, StoreError> {
         )),
     };
     let user_agent = std::str::from_utf8(rest).map_err(|_| corrupt("user agent"))?;
+    Ok(Fields {
+        session_id,
+        platform,
+        device_id,
+        ip_address,
+        user_agent,
+    })
+}
+
+/// The platform of a body, once the whole body is known to be readable: a session the API
+/// cannot read is not admitted on proxied routes either. Nothing is copied.
+pub fn platform(body: &[u8]) -> Result<Platform, StoreError> {
+    fields(body).map(|fields| fields.platform)
+}
+
+/// Reads one body.
+pub fn decode(body: &[u8]) -> Result<Record, StoreError> {
+    let Fields {
+        session_id,
+        platform,
+        device_id,
+        ip_address,
+        user_agent,
+    } = fields(body)?;
     Ok(Record {
         session_id,
-        expires_ms: read_u48(&fixed[16..22]),
-        last_active_ms: read_u48(&fixed[22..28]),
-        created_ms: read_u48(&fixed[28..34]),
+        expires_ms: read_u48(&body[16..22]),
+        last_active_ms: read_u48(&body[22..28]),
+        created_ms: read_u48(&body[28..34]),
         metadata: Metadata {
             platform,
             user_agent: (!user_agent.is_empty()).then(|| user_agent.to_string()),
