@@ -69,6 +69,19 @@ pub enum Rejection {
 pub struct BodyStalled(pub std::time::Duration);
 
 impl Rejection {
+    /// The answer when reading a client's request body failed, whoever was reading it (the
+    /// forwarder, the session API): its own framing broken, a stall, or a break-off (its
+    /// connection reset, or, over HTTP/2, its stream). Each is the client's doing.
+    pub fn of_request_body(error: &(dyn std::error::Error + 'static)) -> Rejection {
+        if source_chain_has::<crate::h1::FramingError>(error) {
+            Rejection::Malformed("the request body is malformed")
+        } else if source_chain_has::<BodyStalled>(error) {
+            Rejection::BodyStalled
+        } else {
+            Rejection::Malformed("the request body broke off before its end")
+        }
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             Rejection::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
@@ -184,6 +197,20 @@ pub fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Body> {
 /// A fixed body, boxed to the crate's body type.
 pub fn full(bytes: impl Into<Bytes>) -> Body {
     Body::new(Full::new(bytes.into()))
+}
+
+/// Whether `error`, or any error it came from, is an `E`.
+pub(crate) fn source_chain_has<E: std::error::Error + 'static>(
+    error: &(dyn std::error::Error + 'static),
+) -> bool {
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = current {
+        if e.is::<E>() {
+            return true;
+        }
+        current = e.source();
+    }
+    false
 }
 
 #[cfg(test)]

@@ -1405,3 +1405,18 @@ async fn a_token_bound_to_a_destroyed_session_can_no_longer_use_the_api() {
     assert_eq!(list.status(), 200);
     assert_eq!(json(list).await["data"].as_array().map(Vec::len), Some(1));
 }
+
+/// A body that breaks its own chunked framing is the client's malformed request, here as on
+/// proxied routes, and opens no session.
+#[tokio::test]
+async fn a_create_whose_body_breaks_its_framing_is_a_malformed_request() {
+    let s = setup().await;
+    let request = format!(
+        "POST {API}/create HTTP/1.1\r\nHost: game.example\r\nAuthorization: Bearer {}\r\n\
+         Transfer-Encoding: chunked\r\n\r\n3\r\n{{}} \r\nzz\r\n",
+        token("alice", None)
+    );
+    let resp = send_raw(s.proxy.addr, request.as_bytes()).await;
+    resp.assert_error(400, "MALFORMED_REQUEST");
+    assert!(stored_ids(&mut s.redis.conn(), "alice").is_empty());
+}

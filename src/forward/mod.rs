@@ -18,7 +18,7 @@ use http::{Extensions, HeaderMap, HeaderValue, Request, Response, Uri, Version};
 use smallvec::SmallVec;
 
 use crate::config::{IdentityConfig, UpstreamConfig};
-use crate::error::Rejection;
+use crate::error::{source_chain_has, Rejection};
 use crate::facts::RequestFacts;
 use crate::peer::{ConnInfo, TrustedProxies};
 use crate::request_id::X_REQUEST_ID;
@@ -438,21 +438,15 @@ impl Upstream {
         if source_chain_has::<http_body_util::LengthLimitError>(&error) {
             return Rejection::PayloadTooLarge(self.max_body_bytes);
         }
-        // The client's body broke its own framing (the upstream's answers are not read with
-        // this error type): the client's fault, not the upstream's.
-        if source_chain_has::<crate::h1::FramingError>(&error) {
-            tracing::debug!(error = %error_chain(&error), "request body malformed");
-            return Rejection::Malformed("the request body is malformed");
-        }
-        if source_chain_has::<crate::error::BodyStalled>(&error) {
-            tracing::debug!(error = %error_chain(&error), "request body stalled");
-            return Rejection::BodyStalled;
-        }
-        // Reading the client's body failed otherwise: its connection was reset or broke, or
-        // (HTTP/2) it reset the stream. Also the client's doing, not the upstream's.
-        if matches!(error, PoolError::Exchange(client::Error::Upload(_))) {
-            tracing::debug!(error = %error_chain(&error), "request body broke off");
-            return Rejection::Malformed("the request body broke off before its end");
+        // Reading the client's body failed: it broke its own framing (the upstream's answers
+        // are not read with that error type), stalled, or broke off. The client's doing, not
+        // the upstream's.
+        if source_chain_has::<crate::h1::FramingError>(&error)
+            || source_chain_has::<crate::error::BodyStalled>(&error)
+            || matches!(error, PoolError::Exchange(client::Error::Upload(_)))
+        {
+            tracing::debug!(error = %error_chain(&error), "request body failed");
+            return Rejection::of_request_body(&error);
         }
         tracing::debug!(error = %error_chain(&error), "upstream request failed");
         Rejection::UpstreamUnavailable
@@ -683,19 +677,6 @@ pub fn remove_present(headers: &mut HeaderMap, names: &[&HeaderName]) {
             headers.remove(*name);
         }
     }
-}
-
-fn source_chain_has<E: std::error::Error + 'static>(
-    error: &(dyn std::error::Error + 'static),
-) -> bool {
-    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(e) = current {
-        if e.is::<E>() {
-            return true;
-        }
-        current = e.source();
-    }
-    false
 }
 
 fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {

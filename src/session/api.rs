@@ -380,7 +380,7 @@ async fn create_metadata(req: Request<Body>) -> Result<Metadata, Rejection> {
             if e.is::<http_body_util::LengthLimitError>() {
                 Rejection::PayloadTooLarge(MAX_API_BODY as u64)
             } else {
-                Rejection::BadRequest("the request body could not be read".into())
+                Rejection::of_request_body(&*e)
             }
         })?
         .to_bytes();
