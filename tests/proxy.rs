@@ -659,6 +659,25 @@ async fn an_upgrade_to_anything_but_websocket_is_never_offered_to_the_upstream()
     resp.assert_error(502, "UPSTREAM_UNAVAILABLE");
 }
 
+/// Asked for WebSocket, an upstream that switches to something else, or names nothing, is not
+/// followed either: its bytes would be tunnelled unread.
+#[tokio::test]
+async fn a_101_to_a_websocket_request_must_name_websocket() {
+    let request = b"GET /ws HTTP/1.1\r\nHost: game.example\r\nConnection: Upgrade\r\n\
+        Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+        Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+    let answers: [&'static [u8]; 2] = [
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n\r\n",
+    ];
+    for answer in answers {
+        let upstream = RawUpstream::start(answer).await;
+        let proxy = Proxy::start(&open_config(&upstream.url())).await;
+        let resp = send_raw(proxy.addr, request).await;
+        resp.assert_error(502, "UPSTREAM_UNAVAILABLE");
+    }
+}
+
 #[tokio::test]
 async fn hop_by_hop_response_headers_never_reach_the_client() {
     let upstream = RawUpstream::start(

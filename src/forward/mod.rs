@@ -282,8 +282,11 @@ impl Upstream {
 
         let upgraded = switched.is_some();
         if let Some(upstream) = switched {
+            // Only WebSocket was offered: a 101 that switches to anything else, or names
+            // nothing, would tunnel bytes no check understands.
+            let websocket = names_websocket(response.headers());
             match handoff {
-                Some(handoff) => handoff.give(Tunnel {
+                Some(handoff) if websocket => handoff.give(Tunnel {
                     upstream,
                     _guard: TunnelGuard::new(self.tunnels.clone()),
                     lease: extensions
@@ -291,7 +294,7 @@ impl Upstream {
                         .map(TunnelSession::watch),
                 }),
                 // A 101 we did not ask for cannot be honoured: the client never offered to switch.
-                None => return Err(Rejection::UpstreamUnavailable),
+                _ => return Err(Rejection::UpstreamUnavailable),
             }
         }
 
@@ -482,19 +485,23 @@ fn ip_value(ip: std::net::IpAddr) -> Option<HeaderValue> {
     HeaderValue::from_bytes(&text[..len]).ok()
 }
 
+/// The message's Upgrade header names WebSocket, the one protocol portcullis tunnels.
+fn names_websocket(headers: &HeaderMap) -> bool {
+    headers.get(header::UPGRADE).is_some_and(|protocol| {
+        protocol
+            .to_str()
+            .is_ok_and(|p| p.trim().eq_ignore_ascii_case("websocket"))
+    })
+}
+
 /// True when the request asks to switch to WebSocket (HTTP/1.1 `Connection: upgrade` +
 /// `Upgrade: websocket`). No other protocol is offered to the upstream: behind an `h2c` (or any
 /// other) tunnel the client could send the upstream requests that no check ever sees. Such a
 /// request goes upstream as an ordinary one, its Upgrade header stripped as hop-by-hop.
 pub fn wants_upgrade<B>(req: &Request<B>) -> bool {
     let headers = req.headers();
-    let websocket = |protocol: &HeaderValue| {
-        protocol
-            .to_str()
-            .is_ok_and(|p| p.trim().eq_ignore_ascii_case("websocket"))
-    };
     req.version() == Version::HTTP_11
-        && headers.get(header::UPGRADE).is_some_and(websocket)
+        && names_websocket(headers)
         && headers.get_all(header::UPGRADE).iter().nth(1).is_none()
         && connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
 }
