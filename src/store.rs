@@ -1320,8 +1320,8 @@ impl Store {
 
     /// Counts live sessions: SCAN over the users' keys in batches, each batch counted by one
     /// script. Costs one pass over the keyspace, whatever the request rate. (A batch spans hash
-    /// slots, so on Redis Cluster this would count per key instead; the store speaks to one
-    /// server.)
+    /// slots, which Redis Cluster refuses in one script (CROSSSLOT): moving to Cluster means
+    /// counting key by key. The store speaks to one server.)
     pub async fn count_sessions(&self) -> Result<u64, StoreError> {
         let pattern = format!("{}*", self.sessions_prefix);
         let mut cursor: u64 = 0;
