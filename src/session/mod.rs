@@ -249,6 +249,21 @@ impl Sessions {
         })
     }
 
+    /// Sessions a write has ended (evicted, signed out). They are gone whatever follows: one
+    /// that cannot be read is logged and left out, rather than failing a write that happened.
+    fn ended<B: AsRef<[u8]>>(user_id: &str, bodies: &[B]) -> Vec<Session> {
+        bodies
+            .iter()
+            .filter_map(|body| match Self::session(user_id, body.as_ref()) {
+                Ok(session) => Some(session),
+                Err(e) => {
+                    tracing::warn!(error = %e, user_id, "an ended session could not be read");
+                    None
+                }
+            })
+            .collect()
+    }
+
     /// Opens a session for `user_id`; returns its id and expiry. The caller's `token` is checked
     /// first (see [`TokenCheck`]).
     pub async fn create(
@@ -273,18 +288,7 @@ impl Sessions {
         self.forget_unless_refused(user_id, &created);
         let (now, evicted) = created?;
         let ttl_ms = u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX);
-        // The session is open and they are gone whatever follows: one that cannot be read is
-        // logged and left out, rather than failing a create that happened.
-        let evicted = evicted
-            .iter()
-            .filter_map(|body| match Self::session(user_id, body) {
-                Ok(session) => Some(session),
-                Err(e) => {
-                    tracing::warn!(error = %e, user_id, "an evicted session could not be read");
-                    None
-                }
-            })
-            .collect();
+        let evicted = Self::ended(user_id, &evicted);
         Ok(Opened {
             created: Created {
                 session_id,
@@ -437,18 +441,7 @@ impl Sessions {
             .session_destroy_all(user_id, remember, token)
             .await;
         self.forget_unless_refused(user_id, &destroyed);
-        // They are gone whatever follows: one that cannot be read is logged and left out,
-        // rather than failing a sign-out that happened.
-        let mut sessions: Vec<Session> = destroyed?
-            .iter()
-            .filter_map(|body| match Self::session(user_id, body) {
-                Ok(session) => Some(session),
-                Err(e) => {
-                    tracing::warn!(error = %e, user_id, "a destroyed session could not be read");
-                    None
-                }
-            })
-            .collect();
+        let mut sessions = Self::ended(user_id, &destroyed?);
         oldest_first(&mut sessions);
         Ok(sessions)
     }
