@@ -17,7 +17,7 @@ use portcullis::authn::{authenticate, AuthnLayer, Verifier};
 use portcullis::config::{AuthMode, Config, JwtConfig};
 use portcullis::facts::RequestFacts;
 use portcullis::forward::{set_identity, strip_hop_by_hop};
-use portcullis::routes::{normalise, RouteClass, RouteTable};
+use portcullis::routes::{normalise, RouteClass, RouteTable, Routes};
 use portcullis::session::gate::Identity;
 use portcullis::session::Platform;
 use portcullis::Body;
@@ -123,7 +123,7 @@ fn jwt(c: &mut Criterion) {
     let headers = client_headers(&with_sid);
     let class = RouteClass::Proxy {
         auth: AuthMode::Session,
-        route: None,
+        routes: Routes::one(None),
     };
     g.bench_function("authenticate_from_headers", |b| {
         b.iter(|| {
@@ -193,7 +193,7 @@ fn headers(c: &mut Criterion) {
                 *req.headers_mut() = base.clone();
                 RequestFacts::of_mut(&mut req).route = Some(RouteClass::Proxy {
                     auth: AuthMode::Session,
-                    route: None,
+                    routes: Routes::one(None),
                 });
                 (svc.clone(), req)
             },

@@ -5,9 +5,11 @@
 //!
 //! Quotas are GCRA (governor): `burst` at once, refilling at `requests` per `per`. Which quota:
 //! the session API uses `rate_limit.sessions_api`; a proxied route its own `rate_limit`, else
-//! `rate_limit.proxy`; requests without a valid token also `rate_limit.anonymous`. Responses
-//! on a limited route carry `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset`;
-//! a refusal is 429 `RATE_LIMITED` with `Retry-After`. Limits are per process.
+//! `rate_limit.proxy` (a path whose readings reach several routes, those of each: see
+//! [`crate::routes::Routes`]); requests without a valid token also `rate_limit.anonymous`.
+//! Responses on a limited route carry `RateLimit-Limit`, `RateLimit-Remaining` and
+//! `RateLimit-Reset`; a refusal is 429 `RATE_LIMITED` with `Retry-After`. Limits are per
+//! process.
 //!
 //! Each limiter tracks at most `rate_limit.max_tracked_callers` callers, so that a flood from
 //! many addresses cannot grow its table without bound between two `gc_interval` evictions: a
@@ -34,6 +36,7 @@ use governor::RateLimiter;
 use http::{HeaderName, HeaderValue, Request, Response};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use smallvec::SmallVec;
 use tokio::sync::Notify;
 use tower::{Layer, Service};
 
@@ -489,33 +492,48 @@ impl RateLimits {
         }
     }
 
-    /// Checks every limiter that applies; the most restrictive outcome is reported (of two
-    /// refusals, the longer wait). `None` when no limit applies to this request.
+    /// Checks every limiter that applies, each once; the most restrictive outcome is reported
+    /// (of two refusals, the longer wait). `None` when no limit applies to this request.
     pub fn decide(&self, class: RouteClass, key: &CallerKey) -> Option<Decision> {
         let anonymous = matches!(key, CallerKey::Ip(_));
-        let scoped = match class {
-            RouteClass::Api { .. } if !anonymous => self.sessions_api.as_ref(),
-            RouteClass::Api { .. } => None,
+        let mut applied: SmallVec<[&Limiter; 4]> = SmallVec::new();
+        match class {
+            RouteClass::Api { .. } if !anonymous => {
+                apply_once(&mut applied, self.sessions_api.as_ref())
+            }
+            RouteClass::Api { .. } => {}
             // Refused before the rate limit, by `limits`.
-            RouteClass::Invalid(_) => None,
-            RouteClass::Proxy { route, .. } => match route.and_then(|i| self.routes.get(i)) {
-                Some(RouteLimiter::Own(own)) if anonymous => Some(&own.addresses),
-                Some(RouteLimiter::Own(own)) => Some(&own.users),
-                Some(RouteLimiter::Off) => None,
-                Some(RouteLimiter::Inherit) | None if !anonymous => self.proxy.as_ref(),
-                Some(RouteLimiter::Inherit) | None => None,
-            },
-        };
-        let anonymous = if anonymous {
-            self.anonymous.as_ref()
-        } else {
-            None
-        };
-        [scoped, anonymous]
+            RouteClass::Invalid(_) => {}
+            RouteClass::Proxy { routes, .. } => {
+                for route in routes.iter() {
+                    let limiter = match route.and_then(|i| self.routes.get(i)) {
+                        Some(RouteLimiter::Own(own)) if anonymous => Some(&own.addresses),
+                        Some(RouteLimiter::Own(own)) => Some(&own.users),
+                        Some(RouteLimiter::Off) => None,
+                        Some(RouteLimiter::Inherit) | None if !anonymous => self.proxy.as_ref(),
+                        Some(RouteLimiter::Inherit) | None => None,
+                    };
+                    apply_once(&mut applied, limiter);
+                }
+            }
+        }
+        if anonymous {
+            apply_once(&mut applied, self.anonymous.as_ref());
+        }
+        applied
             .into_iter()
-            .flatten()
             .map(|limiter| limiter.check(key))
             .min_by_key(|d| (d.allowed, d.remaining, std::cmp::Reverse(d.reset_secs)))
+    }
+}
+
+/// Adds `limiter` to those a request is checked against, unless it is there already: two
+/// routes may share one (the proxy quota), and each check takes from it.
+fn apply_once<'a>(applied: &mut SmallVec<[&'a Limiter; 4]>, limiter: Option<&'a Limiter>) {
+    if let Some(limiter) = limiter {
+        if !applied.iter().any(|seen| std::ptr::eq(*seen, limiter)) {
+            applied.push(limiter);
+        }
     }
 }
 
@@ -633,6 +651,7 @@ where
 mod tests {
     use super::*;
     use crate::config::AuthMode;
+    use crate::routes::Routes;
     use governor::clock::FakeRelativeClock;
     use std::num::NonZeroU32;
 
@@ -837,7 +856,7 @@ mod tests {
         );
         let game = RouteClass::Proxy {
             auth: AuthMode::Session,
-            route: None,
+            routes: Routes::one(None),
         };
         let ip = |ip: &str| CallerKey::ip(ip.parse().unwrap(), 64);
         assert!(l.decide(game, &ip("192.0.2.1")).unwrap().allowed);
@@ -874,7 +893,7 @@ mod tests {
         );
         let login = RouteClass::Proxy {
             auth: AuthMode::None,
-            route: Some(0),
+            routes: Routes::one(Some(0)),
         };
         for i in 1..=3 {
             let ip = CallerKey::ip(format!("192.0.2.{i}").parse().unwrap(), 64);
@@ -905,7 +924,7 @@ mod tests {
         ));
         let game = RouteClass::Proxy {
             auth: AuthMode::Session,
-            route: None,
+            routes: Routes::one(None),
         };
         let ip = |ip: &str| CallerKey::ip(ip.parse().unwrap(), 64);
         assert!(l.decide(game, &ip("192.0.2.1")).unwrap().allowed);
@@ -927,11 +946,11 @@ mod tests {
         let api = RouteClass::Api { public: false };
         let game = RouteClass::Proxy {
             auth: AuthMode::Session,
-            route: None,
+            routes: Routes::one(None),
         };
         let login = RouteClass::Proxy {
             auth: AuthMode::None,
-            route: Some(0),
+            routes: Routes::one(Some(0)),
         };
         let ip = CallerKey::ip("192.0.2.1".parse().unwrap(), 64);
         assert_eq!(l.decide(api, &user("u")).unwrap().limit, 2);
@@ -945,7 +964,7 @@ mod tests {
         // A route with requests = 0 has no per-caller quota, not even the proxy one.
         let unlimited = RouteClass::Proxy {
             auth: AuthMode::Session,
-            route: Some(1),
+            routes: Routes::one(Some(1)),
         };
         assert!(l.decide(unlimited, &user("u")).is_none());
         assert_eq!(
@@ -975,7 +994,7 @@ mod tests {
         );
         let login = RouteClass::Proxy {
             auth: AuthMode::None,
-            route: Some(0),
+            routes: Routes::one(Some(0)),
         };
         let ip = CallerKey::ip("192.0.2.1".parse().unwrap(), 64);
         assert!(l.decide(login, &ip).unwrap().allowed);
@@ -1016,7 +1035,7 @@ mod tests {
         let l = limits();
         let game = RouteClass::Proxy {
             auth: AuthMode::Session,
-            route: None,
+            routes: Routes::one(None),
         };
         let decide = |ip: &str| {
             l.decide(game, &CallerKey::ip(ip.parse().unwrap(), 64))
@@ -1080,7 +1099,7 @@ mod tests {
         );
         let game = RouteClass::Proxy {
             auth: AuthMode::Session,
-            route: None,
+            routes: Routes::one(None),
         };
         assert!(l.decide(game, &user("u")).is_none());
         assert!(l

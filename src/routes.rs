@@ -31,12 +31,9 @@ use crate::Body;
 pub enum RouteClass {
     /// The session API; `public` for its OpenAPI document.
     Api { public: bool },
-    /// Forwarded upstream after the route's checks. `route` is the index of the matching
-    /// `[[routes]]` entry in configuration order, if any.
-    Proxy {
-        auth: AuthMode,
-        route: Option<usize>,
-    },
+    /// Forwarded upstream after the route's checks: `auth` from the strictest reading of the
+    /// path, the quotas from every route a reading lands on (see [`Routes`]).
+    Proxy { auth: AuthMode, routes: Routes },
     /// A path that cannot be judged safely; refused before any other work
     /// ([`crate::limits`]).
     Invalid(PathError),
@@ -52,6 +49,49 @@ impl RouteClass {
             // Never forwarded; should a layer ever let it through, it needs everything.
             RouteClass::Invalid(_) => AuthMode::Session,
         }
+    }
+}
+
+/// The `[[routes]]` entries (by index in configuration order; `None` for the default, no
+/// route) that the readings of a request's path land on. A backend may route the request by any
+/// of those readings, so it counts against each one's quota: `/LOGIN` against `/login`'s even
+/// when, read as it is, it matches no route and needs the default's stricter auth.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Routes {
+    len: u8,
+    /// Route indices; [`Routes::DEFAULT`] for no route.
+    slots: [u32; Routes::CAPACITY],
+}
+
+impl Routes {
+    /// As many as a path has readings (see `RouteTable::strictest_reading`).
+    const CAPACITY: usize = 8;
+    const DEFAULT: u32 = u32::MAX;
+
+    /// Only `route`.
+    pub fn one(route: Option<usize>) -> Self {
+        let mut routes = Routes {
+            len: 0,
+            slots: [Self::DEFAULT; Self::CAPACITY],
+        };
+        routes.add(route);
+        routes
+    }
+
+    fn add(&mut self, route: Option<usize>) {
+        let slot = route.map_or(Self::DEFAULT, |i| u32::try_from(i).unwrap_or(Self::DEFAULT));
+        let len = usize::from(self.len);
+        if !self.slots[..len].contains(&slot) && len < Self::CAPACITY {
+            self.slots[len] = slot;
+            self.len += 1;
+        }
+    }
+
+    /// Each route once, in the order the readings found them.
+    pub fn iter(&self) -> impl Iterator<Item = Option<usize>> + '_ {
+        self.slots[..usize::from(self.len)]
+            .iter()
+            .map(|&slot| (slot != Self::DEFAULT).then_some(slot as usize))
     }
 }
 
@@ -79,9 +119,6 @@ impl PathError {
         }
     }
 }
-
-/// A route's auth mode and index, as one reading of a path matched it.
-type Matched = (AuthMode, Option<usize>);
 
 /// How much a mode demands: a reading that lands on a stricter route wins.
 fn strictness(mode: AuthMode) -> u8 {
@@ -143,22 +180,17 @@ impl RouteTable {
                 .is_some_and(|rest| rest == "/openapi.json");
             return RouteClass::Api { public };
         }
-        let (auth, route) = self.strictest_reading(judged);
-        RouteClass::Proxy { auth, route }
+        let (auth, routes) = self.strictest_reading(judged);
+        RouteClass::Proxy { auth, routes }
     }
 
-    /// The strictest route among the readings a backend may make of `path`: as it is,
-    /// percent-decoded, without `;parameters`, and each of those ignoring case. Among readings
-    /// that need the same auth, the most specific route (a route over none, then the longer
-    /// prefix) decides, and so supplies the rate limits: `/game;x` or `/GAME` counts against
-    /// `/game`'s quota as surely as `/game` does.
-    fn strictest_reading(&self, path: &str) -> Matched {
-        // What decides between two readings: the auth each needs, then how specific its route
-        // is (the length of its prefix; no route at all is less specific than any).
-        let rank = |(auth, _, prefix_len): (AuthMode, Option<usize>, Option<usize>)| {
-            (strictness(auth), prefix_len)
-        };
-        let mut strictest = self.route_for(path, false);
+    /// The auth of the strictest route among the readings a backend may make of `path` (as it
+    /// is, percent-decoded, without `;parameters`, and each of those ignoring case), and every
+    /// route those readings land on: `/game;x` or `/GAME` counts against `/game`'s quota as
+    /// surely as `/game` does.
+    fn strictest_reading(&self, path: &str) -> (AuthMode, Routes) {
+        let (mut auth, route) = self.route_for(path, false);
+        let mut routes = Routes::one(route);
         let mut consider = |reading: &str, exact_done: bool| {
             for ignore_case in [false, true] {
                 let skip = if ignore_case {
@@ -169,10 +201,11 @@ impl RouteTable {
                 if skip {
                     continue;
                 }
-                let matched = self.route_for(reading, ignore_case);
-                if rank(matched) > rank(strictest) {
-                    strictest = matched;
+                let (reading_auth, route) = self.route_for(reading, ignore_case);
+                if strictness(reading_auth) > strictness(auth) {
+                    auth = reading_auth;
                 }
+                routes.add(route);
             }
         };
         consider(path, true);
@@ -187,13 +220,12 @@ impl RouteTable {
                 }
             }
         }
-        let (auth, route, _) = strictest;
-        (auth, route)
+        (auth, routes)
     }
 
-    /// The longest `[[routes]]` prefix covering `path`, with its length, else the default
+    /// The auth and index of the longest `[[routes]]` prefix covering `path`, else the default
     /// (`session`, no route).
-    fn route_for(&self, path: &str, ignore_case: bool) -> (AuthMode, Option<usize>, Option<usize>) {
+    fn route_for(&self, path: &str, ignore_case: bool) -> (AuthMode, Option<usize>) {
         self.routes
             .iter()
             .find(|(_, r)| {
@@ -203,8 +235,8 @@ impl RouteTable {
                     matches_prefix(&r.path_prefix, path)
                 }
             })
-            .map_or((AuthMode::Session, None, None), |(index, r)| {
-                (r.auth, Some(*index), Some(r.path_prefix.len()))
+            .map_or((AuthMode::Session, None), |(index, r)| {
+                (r.auth, Some(*index))
             })
     }
 }
@@ -596,18 +628,26 @@ mod tests {
         for path in ["/open/x", "/open/News;v=2", "/open/a%20b", "/open/adminx"] {
             assert_eq!(auth(t.classify(path)), AuthMode::None, "{path}");
         }
-        // The route that decided is the one whose limits apply.
-        assert_eq!(
-            t.classify("/open/ADMIN"),
-            RouteClass::Proxy {
-                auth: AuthMode::Session,
-                route: Some(1)
+        // Each route a reading reaches supplies its limits: `/open` read as it is, `/open/admin`
+        // ignoring case.
+        assert_eq!(quotas(&t, "/open/ADMIN"), [Some(0), Some(1)]);
+    }
+
+    /// The routes whose quotas a request for `path` counts against, in index order (`None`, the
+    /// default, first).
+    fn quotas(t: &RouteTable, path: &str) -> Vec<Option<usize>> {
+        match t.classify(path) {
+            RouteClass::Proxy { routes, .. } => {
+                let mut all: Vec<_> = routes.iter().collect();
+                all.sort();
+                all
             }
-        );
+            other => panic!("{path}: {other:?}"),
+        }
     }
 
     #[test]
-    fn among_readings_that_need_the_same_auth_the_most_specific_route_decides() {
+    fn every_route_a_reading_reaches_supplies_a_quota() {
         let t = RouteTable::new(
             "/api/v1/sessions",
             &[
@@ -617,33 +657,29 @@ mod tests {
                 route("/game/shop", AuthMode::Session),
             ],
         );
-        let decided = |path| match t.classify(path) {
-            RouteClass::Proxy { route, .. } => route,
-            other => panic!("{path}: {other:?}"),
-        };
-        for path in ["/login", "/login;a", "/LOGIN", "/Login/x", "/log%69n"] {
-            assert_eq!(decided(path), Some(1), "{path}");
+        for (path, expected) in [
+            ("/login", &[Some(1)][..]),
+            ("/log%69n", &[Some(1)]),
+            // As it is, the root route's; without parameters, or ignoring case, `/login`'s.
+            ("/login;a", &[Some(0), Some(1)]),
+            ("/LOGIN", &[Some(0), Some(1)]),
+            ("/Login/x", &[Some(0), Some(1)]),
+            ("/game/x", &[Some(2)]),
+            ("/game;x/buy", &[Some(0), Some(2)]),
+            ("/GAME/buy", &[Some(0), Some(2)]),
+            ("/game/shop;x", &[Some(2), Some(3)]),
+            ("/game/SHOP", &[Some(2), Some(3)]),
+            ("/GAME/shop/1", &[Some(0), Some(3)]),
+        ] {
+            assert_eq!(quotas(&t, path), expected, "{path}");
         }
-        // `/game;x/buy` and `/GAME/buy` match no route as they are (the default, `session`),
-        // and `/game` under the servlet and case-insensitive readings.
-        for path in ["/game;x/buy", "/GAME/buy", "/game/x"] {
-            assert_eq!(decided(path), Some(2), "{path}");
-        }
-        for path in ["/game/shop;x", "/game/SHOP", "/GAME/shop/1"] {
-            assert_eq!(decided(path), Some(3), "{path}");
-        }
-        // With no root route, a path that matches none as it is falls to the default
-        // (`session`, no route): a reading that matches `/game` beats it.
-        let t = RouteTable::new("/api/v1/sessions", &[route("/game", AuthMode::Session)]);
-        for path in ["/game;x/buy", "/GAME/buy"] {
-            assert_eq!(
-                t.classify(path),
-                RouteClass::Proxy {
-                    auth: AuthMode::Session,
-                    route: Some(0)
-                },
-                "{path}"
-            );
+        // A route that needs less than the default still counts a path one of whose readings
+        // lands on it: `/SIGNIN` needs a session (as it is, it matches no route), and counts
+        // against `/signin`'s quota as well as the default's.
+        let t = RouteTable::new("/api/v1/sessions", &[route("/signin", AuthMode::None)]);
+        for path in ["/SIGNIN", "/signin;x"] {
+            assert_eq!(auth(t.classify(path)), AuthMode::Session, "{path}");
+            assert_eq!(quotas(&t, path), [None, Some(0)], "{path}");
         }
     }
 

@@ -391,3 +391,29 @@ async fn a_full_route_limiter_names_its_route_in_the_warning() {
         "{warned:#?}"
     );
 }
+
+/// A backend may route `/SIGNIN` or `/signin;a` to its `/signin` handler, so they count against
+/// `/signin`'s quota, though read as they are they match no route and need a session (the
+/// default). A user with a session cannot step around the route's quota with them.
+#[tokio::test]
+async fn path_variants_count_against_the_quota_of_every_route_they_may_reach() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::echo().await;
+    let proxy = Proxy::start(&session_config(
+        &upstream,
+        &redis,
+        "[[routes]]\npath_prefix = \"/signin\"\nauth = \"none\"\n\
+         rate_limit = { requests = 2, per = \"1m\" }\n",
+    ))
+    .await;
+    let sid = create_session(&proxy, &token("mallory", None)).await;
+    let t = token("mallory", Some(&sid));
+    let get = |path: &str| client().get(proxy.url(path)).bearer_auth(&t).send();
+    for _ in 0..2 {
+        assert_eq!(get("/signin").await.unwrap().status(), 200);
+    }
+    for path in ["/signin", "/SIGNIN", "/signin;a", "/SignIn/x"] {
+        assert_error(get(path).await.unwrap(), 429, "RATE_LIMITED").await;
+    }
+    assert_eq!(upstream.count(), 2);
+}

@@ -20,7 +20,7 @@ use crate::config::{AuthMode, IdentityConfig, JwtConfig, JwtKey};
 use crate::error::Rejection;
 use crate::facts::RequestFacts;
 use crate::on_response::OnResponse;
-use crate::routes::RouteClass;
+use crate::routes::{RouteClass, Routes};
 use crate::{Body, BoxError};
 
 mod verified;
@@ -322,7 +322,7 @@ where
 
         let class = RequestFacts::of(&req).route.unwrap_or(RouteClass::Proxy {
             auth: AuthMode::Session,
-            route: None,
+            routes: Routes::one(None),
         });
         match authenticate(&self.layer.verifier, class, req.headers(), session_header) {
             Ok(Some(who)) => {
@@ -549,7 +549,7 @@ mod tests {
                 &verifier,
                 RouteClass::Proxy {
                     auth: AuthMode::None,
-                    route: None
+                    routes: Routes::one(None)
                 },
                 &h,
                 None
@@ -561,7 +561,7 @@ mod tests {
                 &verifier,
                 RouteClass::Proxy {
                     auth: AuthMode::Jwt,
-                    route: None
+                    routes: Routes::one(None)
                 },
                 &h,
                 None
@@ -597,7 +597,7 @@ mod tests {
                 &verifier,
                 RouteClass::Proxy {
                     auth: AuthMode::Session,
-                    route: None,
+                    routes: Routes::one(None),
                 },
                 &h,
                 Some("header".into()),
