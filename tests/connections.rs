@@ -828,3 +828,40 @@ async fn an_http2_client_reading_a_large_response_slowly_is_not_idle() {
         .expect("the connection still serves after the slow read");
     assert_eq!(next.status(), 200);
 }
+
+/// Each request an HTTP/2 client resets before its answer still went to the upstream, which
+/// goes on working on it: a client that resets most of its requests is flooding the backend
+/// through the proxy (rapid reset, CVE-2023-44487, on the far side), and its connection is
+/// closed after 100 of them.
+#[tokio::test]
+async fn an_http2_client_resetting_most_requests_before_their_answers_is_closed() {
+    let (upstream, mut arrived, _gate) = gated_upstream().await;
+    let proxy = Proxy::start(&open_config(&upstream.url())).await;
+    let (mut h2, _driver) = h2_connection(&proxy).await;
+    let mut reset = 0;
+    let closed = loop {
+        assert!(reset < 300, "still served after {reset} requests reset");
+        if h2.ready().await.is_err() {
+            break true;
+        }
+        let request = http::Request::get(proxy.url("/slow"))
+            .body(no_body())
+            .unwrap();
+        let mut answer = Box::pin(h2.send_request(request));
+        tokio::select! {
+            // It reached the upstream: the client resets it (dropping it sends RST_STREAM).
+            _ = arrived.recv() => reset += 1,
+            // Refused: the connection is closing.
+            answered = &mut answer => {
+                assert!(answered.is_err(), "an answer from the gated upstream");
+                break true;
+            }
+            () = tokio::time::sleep(Duration::from_secs(10)) => break false,
+        }
+    };
+    assert!(
+        closed,
+        "the request neither reached the upstream nor was refused"
+    );
+    assert!((100..=150).contains(&reset), "closed after {reset} resets");
+}

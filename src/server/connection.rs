@@ -264,6 +264,14 @@ async fn drive_http2<C>(
                     graceful_shutdown(conn.as_mut());
                 }
             }
+            () = activity.reset_too_often(), if give_up.is_none() => {
+                tracing::warn!(
+                    "an HTTP/2 client reset most of its requests before their answers: its connection is closed"
+                );
+                closing = true;
+                graceful_shutdown(conn.as_mut());
+                give_up = Some(Instant::now() + IDLE_CLOSE_GRACE);
+            }
             _ = tokio::time::sleep_until(check) => {
                 if give_up.is_some() {
                     tracing::debug!("idle HTTP/2 connection did not finish its streams; dropped");
@@ -419,6 +427,7 @@ impl hyper::service::Service<Request<Incoming>> for Http2Service {
         Respond {
             response: self.service.respond(Request::from_parts(parts, body)),
             exchange,
+            answered: false,
         }
     }
 }
@@ -427,6 +436,8 @@ impl hyper::service::Service<Request<Incoming>> for Http2Service {
 struct Respond {
     response: Responding,
     exchange: Arc<Exchange>,
+    /// The head is ready: dropped before that, the stream was reset.
+    answered: bool,
 }
 
 impl Future for Respond {
@@ -438,6 +449,7 @@ impl Future for Respond {
             Err(never) => match never {},
         };
         self.exchange.head_out();
+        self.answered = true;
         let activity = Some(self.exchange.activity().clone());
         Poll::Ready(Ok(response.map(|body| ConnBody {
             body,
@@ -449,8 +461,11 @@ impl Future for Respond {
 
 impl Drop for Respond {
     fn drop(&mut self) {
-        // The stream was reset before its head was ready.
-        self.exchange.head_out();
+        if !self.answered {
+            // The stream was reset before its head was ready.
+            self.exchange.head_out();
+            self.exchange.reset_early();
+        }
     }
 }
 

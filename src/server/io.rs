@@ -50,14 +50,35 @@ impl Transport for TlsStream<TcpStream> {
 pub(super) struct Activity {
     awaiting_head: AtomicUsize,
     progress: AtomicU64,
+    /// Requests started, and those of them the client reset before their response head.
+    started: AtomicU64,
+    reset_early: AtomicU64,
+    /// Told once the resets pass [`EARLY_RESETS_TO_CLOSE`].
+    reset_too_often: tokio::sync::Notify,
 }
+
+/// How many requests a client may reset before their response head, and then only while they
+/// are under half of its requests on the connection. Each such request was still handed to the
+/// upstream, which goes on working on it: a client that resets most of them is flooding the
+/// backend through portcullis with work it never reads (CVE-2023-44487 on the far side of the
+/// proxy), and its connection is closed.
+pub(super) const EARLY_RESETS_TO_CLOSE: u64 = 100;
 
 impl Activity {
     pub(super) fn new() -> Self {
         Activity {
             awaiting_head: AtomicUsize::new(0),
             progress: AtomicU64::new(0),
+            started: AtomicU64::new(0),
+            reset_early: AtomicU64::new(0),
+            reset_too_often: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Ready once the client has reset too many requests before their answers (see
+    /// [`EARLY_RESETS_TO_CLOSE`]).
+    pub(super) async fn reset_too_often(&self) {
+        self.reset_too_often.notified().await;
     }
 
     /// A request started, or a body frame moved.
@@ -94,6 +115,7 @@ impl Exchange {
     /// A request started; `body_in` when it has no body to wait for.
     pub(super) fn start(activity: Arc<Activity>, body_in: bool) -> Self {
         activity.progressed();
+        activity.started.fetch_add(1, Ordering::Relaxed);
         let exchange = Exchange {
             activity,
             state: AtomicU8::new(0),
@@ -117,6 +139,16 @@ impl Exchange {
         let before = self.state.fetch_or(HEAD_OUT, Ordering::Relaxed);
         if before == BODY_IN {
             self.activity.awaiting_head.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The client reset the request before its response head was ready.
+    pub(super) fn reset_early(&self) {
+        let activity = &self.activity;
+        let resets = activity.reset_early.fetch_add(1, Ordering::Relaxed) + 1;
+        let started = activity.started.load(Ordering::Relaxed);
+        if resets >= EARLY_RESETS_TO_CLOSE && resets * 2 >= started {
+            activity.reset_too_often.notify_one();
         }
     }
 
@@ -238,5 +270,32 @@ mod tests {
         early.head_out();
         early.body_in();
         assert!(!activity.awaiting_head());
+    }
+
+    /// Whether the client's resets so far would close the connection.
+    fn closes(activity: &Activity) -> bool {
+        use futures_util::FutureExt;
+        activity.reset_too_often().now_or_never().is_some()
+    }
+
+    #[test]
+    fn a_connection_closes_once_most_of_at_least_100_requests_were_reset_early() {
+        // A client that reads most of its answers may reset 100 and more.
+        let activity = Arc::new(Activity::new());
+        for n in 0..1000 {
+            let exchange = Exchange::start(activity.clone(), true);
+            if n % 3 == 0 {
+                exchange.reset_early();
+            }
+        }
+        assert!(!closes(&activity));
+        // One that resets them all is closed at the 100th.
+        let activity = Arc::new(Activity::new());
+        for _ in 0..99 {
+            Exchange::start(activity.clone(), true).reset_early();
+        }
+        assert!(!closes(&activity));
+        Exchange::start(activity.clone(), true).reset_early();
+        assert!(closes(&activity));
     }
 }
