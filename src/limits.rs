@@ -88,6 +88,7 @@ fn check_unambiguous(req: &Request<Body>) -> Result<(), Rejection> {
         ));
     }
     let mut authorizations = 0;
+    let mut hosts = 0;
     let mut transfer_encoded = false;
     // Every field line (`keys()` would name a repeated header once).
     for (name, _) in req.headers() {
@@ -97,9 +98,22 @@ fn check_unambiguous(req: &Request<Body>) -> Result<(), Rejection> {
             if authorizations > 1 {
                 return Err(Rejection::Malformed("more than one Authorization header"));
             }
+        } else if name == header::HOST {
+            // Which authority the request is for must be as clear as where it ends (HTTP/1.1's
+            // engine refuses a second Host with a bare 400; this is HTTP/2's case).
+            hosts += 1;
+            if hosts > 1 {
+                return Err(Rejection::Malformed("more than one Host header"));
+            }
         } else if name == header::TRANSFER_ENCODING {
             transfer_encoded = true;
         }
+    }
+    // An HTTP/2 request may leave both out; the upstream would then be told its own address.
+    if hosts == 0 && req.uri().authority().is_none() && req.version() == Version::HTTP_2 {
+        return Err(Rejection::Malformed(
+            "the request names no authority (:authority or Host)",
+        ));
     }
     if transfer_encoded {
         match crate::h1::chunked_once(req.headers()) {

@@ -865,3 +865,24 @@ async fn an_http2_client_resetting_most_requests_before_their_answers_is_closed(
     );
     assert!((100..=150).contains(&reset), "closed after {reset} resets");
 }
+
+/// Over HTTP/2 as over HTTP/1.1, which authority a request is for must be clear: a second Host
+/// is refused rather than dropped, and so is a request that names none.
+#[tokio::test]
+async fn an_http2_request_with_two_hosts_or_none_is_refused() {
+    let upstream = Upstream::echo().await;
+    let proxy = Proxy::start(&open_config(&upstream.url())).await;
+    let (mut h2, _driver) = h2_connection(&proxy).await;
+    let two_hosts = http::Request::get(proxy.url("/x"))
+        .header("host", proxy.addr.to_string())
+        .header("host", "elsewhere.example")
+        .body(no_body())
+        .unwrap();
+    let no_authority = http::Request::get("/x").body(no_body()).unwrap();
+    for request in [two_hosts, no_authority] {
+        h2.ready().await.unwrap();
+        let answer = h2.send_request(request).await.unwrap();
+        assert_eq!(answer.status(), 400);
+    }
+    assert_eq!(upstream.count(), 0);
+}
