@@ -886,3 +886,79 @@ async fn an_http2_request_with_two_hosts_or_none_is_refused() {
     }
     assert_eq!(upstream.count(), 0);
 }
+
+/// An HTTP/2 client that takes none of a response (it never opens the stream's window) while it
+/// keeps its connection busy with other requests does not hold that response's upstream
+/// connection: the connection's own idle check never fires, so each stream is watched too.
+#[tokio::test]
+async fn an_http2_response_the_client_takes_none_of_lets_its_upstream_connection_go() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_addr = listener.local_addr().unwrap();
+    let (closed_tx, mut closed_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let closed = closed_tx.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                while !head.ends_with(b"\r\n\r\n") {
+                    let mut byte = [0u8; 1];
+                    if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                if !head.starts_with(b"GET /big ") {
+                    let _ = stream
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+                        )
+                        .await;
+                    return;
+                }
+                // An endless body, written until the proxy lets the connection go.
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                    .await;
+                let chunk = [
+                    format!("{:x}\r\n", 64 * 1024).into_bytes(),
+                    vec![b'x'; 64 * 1024],
+                    b"\r\n".to_vec(),
+                ]
+                .concat();
+                while stream.write_all(&chunk).await.is_ok() {}
+                let _ = closed.send(());
+            });
+        }
+    });
+    let proxy = Proxy::start(&config_with(
+        &format!("http://{upstream_addr}"),
+        "[server]\nidle_timeout = \"1s\"\n",
+    ))
+    .await;
+    let (mut h2, _driver) = h2_connection(&proxy).await;
+    h2.ready().await.unwrap();
+    let big = http::Request::get(proxy.url("/big"))
+        .body(no_body())
+        .unwrap();
+    // The head comes; the body is never read, so the client never opens the stream's window.
+    let held = h2.send_request(big).await.unwrap();
+    assert_eq!(held.status(), 200);
+    let busy = async {
+        loop {
+            h2.ready().await.unwrap();
+            let small = http::Request::get(proxy.url("/small"))
+                .body(no_body())
+                .unwrap();
+            let answer = h2.send_request(small).await.unwrap();
+            assert_eq!(answer.status(), 200);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    tokio::select! {
+        () = busy => unreachable!(),
+        closed = tokio::time::timeout(Duration::from_secs(10), closed_rx.recv()) => {
+            closed.expect("the upstream connection let go within 10 s").unwrap();
+        }
+    }
+    drop(held);
+}

@@ -32,7 +32,7 @@ use tokio_rustls::TlsAcceptor;
 use tower::Service;
 
 use super::http1::{Engine, Outcome};
-use super::io::{Activity, Exchange, Rewind, Transport};
+use super::io::{Activity, Exchange, ResponseFlow, Rewind, Transport};
 use super::{ConnCounts, ConnLimits, RestingGuard, IDLE_CLOSE_GRACE};
 use crate::app::AppService;
 use crate::facts::RequestFacts;
@@ -277,6 +277,10 @@ async fn drive_http2<C>(
                     tracing::debug!("idle HTTP/2 connection did not finish its streams; dropped");
                     return;
                 }
+                let stalled = activity.end_stalled_responses(limits.idle_timeout);
+                if stalled > 0 {
+                    tracing::debug!(stalled, "ended HTTP/2 responses the client took none of for idle_timeout");
+                }
                 let progress = activity.progress();
                 if progress != seen || activity.awaiting_head() {
                     seen = progress;
@@ -450,12 +454,8 @@ impl Future for Respond {
         };
         self.exchange.head_out();
         self.answered = true;
-        let activity = Some(self.exchange.activity().clone());
-        Poll::Ready(Ok(response.map(|body| ConnBody {
-            body,
-            activity,
-            rest: Bytes::new(),
-        })))
+        let activity = self.exchange.activity().clone();
+        Poll::Ready(Ok(response.map(|body| ConnBody::new(body, Some(activity)))))
     }
 }
 
@@ -550,21 +550,30 @@ impl Drop for RequestBody {
 /// Data comes out in pieces of at most [`BODY_PIECE`]: hyper's HTTP/2 side takes the next piece
 /// only once the client's window has let the last one through, and each piece taken counts as
 /// progress (`Activity::progressed`). A slow client reading a large upstream chunk then shows
-/// progress as it reads, rather than none until the whole chunk is through.
+/// progress as it reads, rather than none until the whole chunk is through. A client that
+/// takes none for `idle_timeout` has the body taken away (see [`ResponseFlow`]), and hyper
+/// resets the stream when it next asks.
 struct ConnBody {
-    body: Body,
+    flow: Arc<ResponseFlow>,
     activity: Option<Arc<Activity>>,
-    /// What is left of a data frame larger than a piece.
-    rest: Bytes,
 }
 
 /// The largest data frame handed to hyper at once.
 const BODY_PIECE: usize = 64 * 1024;
 
 impl ConnBody {
-    fn piece(&mut self, mut data: Bytes) -> Frame<Bytes> {
+    fn new(body: Body, activity: Option<Arc<Activity>>) -> Self {
+        let ended = hyper::body::Body::is_end_stream(&body);
+        let flow = Arc::new(ResponseFlow::new(body));
+        if let Some(activity) = activity.as_ref().filter(|_| !ended) {
+            activity.watch_response(&flow);
+        }
+        ConnBody { flow, activity }
+    }
+
+    fn piece(&self, rest: &mut Bytes, mut data: Bytes) -> Frame<Bytes> {
         if data.len() > BODY_PIECE {
-            self.rest = data.split_off(BODY_PIECE);
+            *rest = data.split_off(BODY_PIECE);
         }
         if let Some(activity) = &self.activity {
             activity.progressed();
@@ -578,17 +587,30 @@ impl hyper::body::Body for ConnBody {
     type Error = crate::BoxError;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let this = &mut *self;
-        if !this.rest.is_empty() {
-            let rest = std::mem::take(&mut this.rest);
-            return Poll::Ready(Some(Ok(this.piece(rest))));
+        let this = &*self;
+        let mut flow = this
+            .flow
+            .body
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some((body, rest)) = flow.as_mut() else {
+            return Poll::Ready(Some(Err(
+                "the client took none of the response for server.idle_timeout".into(),
+            )));
+        };
+        if !rest.is_empty() {
+            let data = std::mem::take(rest);
+            this.flow.polled(true);
+            return Poll::Ready(Some(Ok(this.piece(rest, data))));
         }
-        match ready!(Pin::new(&mut this.body).poll_frame(cx)) {
+        let polled = Pin::new(body).poll_frame(cx);
+        this.flow.polled(matches!(polled, Poll::Ready(Some(Ok(_)))));
+        match ready!(polled) {
             Some(Ok(frame)) => match frame.into_data() {
-                Ok(data) => Poll::Ready(Some(Ok(this.piece(data)))),
+                Ok(data) => Poll::Ready(Some(Ok(this.piece(rest, data)))),
                 Err(trailers) => Poll::Ready(Some(Ok(trailers))),
             },
             other => Poll::Ready(other),
@@ -596,12 +618,26 @@ impl hyper::body::Body for ConnBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.rest.is_empty() && self.body.is_end_stream()
+        let flow = self
+            .flow
+            .body
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        flow.as_ref()
+            .is_some_and(|(body, rest)| rest.is_empty() && body.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        let rest = self.rest.len() as u64;
-        let body = self.body.size_hint();
+        let flow = self
+            .flow
+            .body
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some((body, rest)) = flow.as_ref() else {
+            return SizeHint::default();
+        };
+        let rest = rest.len() as u64;
+        let body = body.size_hint();
         let mut hint = SizeHint::new();
         hint.set_lower(body.lower().saturating_add(rest));
         if let Some(upper) = body.upper() {
@@ -655,11 +691,10 @@ mod tests {
     async fn a_large_response_frame_goes_to_hyper_in_pieces() {
         use http_body_util::BodyExt;
         let data = bytes::Bytes::from(vec![7u8; 3 * super::BODY_PIECE + 100]);
-        let mut body = super::ConnBody {
-            body: crate::Body::new(http_body_util::Full::new(data.clone())),
-            activity: None,
-            rest: bytes::Bytes::new(),
-        };
+        let mut body = super::ConnBody::new(
+            crate::Body::new(http_body_util::Full::new(data.clone())),
+            None,
+        );
         assert_eq!(
             hyper::body::Body::size_hint(&body).exact(),
             Some(data.len() as u64)

@@ -3,14 +3,17 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
+
+use crate::Body;
 
 /// A client's byte stream: plain TCP or TLS over TCP.
 pub(super) trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
@@ -55,6 +58,38 @@ pub(super) struct Activity {
     reset_early: AtomicU64,
     /// Told once the resets pass [`EARLY_RESETS_TO_CLOSE`].
     reset_too_often: tokio::sync::Notify,
+    /// The connection's response bodies, each with when it was last seen polled.
+    responses: Mutex<Vec<(Weak<ResponseFlow>, Instant)>>,
+}
+
+/// An HTTP/2 response body as its connection's stall check sees it. hyper takes the body's next
+/// frame only once the client's window for the stream has let the last one through: a client
+/// that never opens it holds the body, and the upstream connection under it, for as long as
+/// its connection stays busy with other streams. So a body handed a frame out and not polled
+/// again for `idle_timeout` is taken away ([`Activity::end_stalled_responses`]).
+pub(super) struct ResponseFlow {
+    /// The body and what is left of its last data frame; `None` once taken away.
+    pub(super) body: Mutex<Option<(Body, Bytes)>>,
+    /// Polled since the stall check last looked.
+    polled: AtomicBool,
+    /// The last poll handed a frame out: the next is up to the client.
+    handed_out: AtomicBool,
+}
+
+impl ResponseFlow {
+    pub(super) fn new(body: Body) -> Self {
+        ResponseFlow {
+            body: Mutex::new(Some((body, Bytes::new()))),
+            polled: AtomicBool::new(false),
+            handed_out: AtomicBool::new(false),
+        }
+    }
+
+    /// Records a poll and whether it handed a frame out (rather than waiting for the upstream).
+    pub(super) fn polled(&self, handed_out: bool) {
+        self.polled.store(true, Ordering::Relaxed);
+        self.handed_out.store(handed_out, Ordering::Relaxed);
+    }
 }
 
 /// How many requests a client may reset before their response head, and then only while they
@@ -72,7 +107,54 @@ impl Activity {
             started: AtomicU64::new(0),
             reset_early: AtomicU64::new(0),
             reset_too_often: tokio::sync::Notify::new(),
+            responses: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Puts a response body under the stall check.
+    pub(super) fn watch_response(&self, flow: &Arc<ResponseFlow>) {
+        let mut responses = self
+            .responses
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        responses.push((Arc::downgrade(flow), Instant::now()));
+    }
+
+    /// Takes away each response body that handed a frame out and has not been polled for
+    /// `limit`; forgets those that ended. How many were taken away.
+    pub(super) fn end_stalled_responses(&self, limit: Duration) -> usize {
+        let mut stalled = Vec::new();
+        let now = Instant::now();
+        {
+            let mut responses = self
+                .responses
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            responses.retain_mut(|(flow, seen)| {
+                let Some(flow) = flow.upgrade() else {
+                    return false;
+                };
+                if flow.polled.swap(false, Ordering::Relaxed) {
+                    *seen = now;
+                    true
+                } else if flow.handed_out.load(Ordering::Relaxed) && now - *seen >= limit {
+                    stalled.push(flow);
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        // Dropped outside the lock: each closes an upstream connection.
+        for flow in &stalled {
+            let body = flow
+                .body
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take();
+            drop(body);
+        }
+        stalled.len()
     }
 
     /// Ready once the client has reset too many requests before their answers (see
@@ -297,5 +379,30 @@ mod tests {
         assert!(!closes(&activity));
         Exchange::start(activity.clone(), true).reset_early();
         assert!(closes(&activity));
+    }
+
+    #[test]
+    fn only_a_response_waiting_on_its_client_is_ended_when_it_stalls() {
+        let activity = Activity::new();
+        let body = || Body::new(http_body_util::Empty::<Bytes>::new());
+        let waiting_on_client = Arc::new(ResponseFlow::new(body()));
+        let waiting_on_upstream = Arc::new(ResponseFlow::new(body()));
+        let reading = Arc::new(ResponseFlow::new(body()));
+        for flow in [&waiting_on_client, &waiting_on_upstream, &reading] {
+            activity.watch_response(flow);
+        }
+        waiting_on_client.polled(true);
+        waiting_on_upstream.polled(false);
+        // The first look sees each polled since it was put under watch.
+        assert_eq!(activity.end_stalled_responses(Duration::ZERO), 0);
+        reading.polled(true);
+        assert_eq!(activity.end_stalled_responses(Duration::ZERO), 1);
+        assert!(waiting_on_client.body.lock().unwrap().is_none());
+        assert!(waiting_on_upstream.body.lock().unwrap().is_some());
+        assert!(reading.body.lock().unwrap().is_some());
+        // One that ended is forgotten.
+        drop(reading);
+        activity.end_stalled_responses(Duration::from_secs(60));
+        assert_eq!(activity.responses.lock().unwrap().len(), 1);
     }
 }
