@@ -179,6 +179,24 @@ async fn an_alg_none_token_is_refused() {
     }
 }
 
+/// A header parameter the token says must be understood (`crit`) is one portcullis does not
+/// understand, whatever it names: RFC 7515 has such a token refused.
+#[tokio::test]
+async fn a_token_with_critical_header_parameters_is_refused() {
+    let s = setup().await;
+    for crit in [vec!["exp-policy"], vec!["b64"]] {
+        let mut header = jsonwebtoken::Header::new(Algorithm::HS256);
+        header.crit = Some(crit.iter().map(|c| c.to_string()).collect());
+        let token = jsonwebtoken::encode(
+            &header,
+            &s.claims(),
+            &jsonwebtoken::EncodingKey::from_secret(TEST_SECRET.as_bytes()),
+        )
+        .unwrap();
+        s.assert_refused(&token, "TOKEN_INVALID").await;
+    }
+}
+
 #[tokio::test]
 async fn a_token_signed_with_another_secret_is_refused() {
     let s = setup().await;
@@ -425,9 +443,11 @@ async fn issuer_and_audience_are_enforced_when_configured() {
     good["aud"] = json!("game-clients");
     s.assert_accepted(&sign(&good)).await;
 
-    let variants: [(&str, Option<Value>); 4] = [
+    let variants: [(&str, Option<Value>); 5] = [
         ("iss", Some(json!("evil-auth"))),
         ("iss", None),
+        // An issuer is one string: not a list that holds the one configured.
+        ("iss", Some(json!(["game-auth", "evil-auth"]))),
         ("aud", Some(json!("other-game"))),
         ("aud", None),
     ];

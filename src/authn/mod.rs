@@ -58,6 +58,9 @@ struct Claims {
     /// any `iat` was accepted; one that is not a number counts as absent.
     #[serde(default, deserialize_with = "numeric_date")]
     iat: Option<u64>,
+    /// A string (RFC 7519 4.1.1): the validation would also take an array holding the issuer.
+    #[serde(default, rename = "iss")]
+    _iss: Option<String>,
 }
 
 /// A NumericDate claim as whole seconds: `None` for a value that is not a non-negative number.
@@ -191,12 +194,19 @@ impl Verifier {
                 _ => Rejection::TokenInvalid,
             }
         })?;
+        // No header parameter that must be understood is (RFC 7515 4.1.11): such a token may
+        // mean something else than what the signature check read.
+        if data.header.crit.is_some() {
+            tracing::debug!("token rejected: crit header parameter");
+            return Err(Rejection::TokenInvalid);
+        }
         let Claims {
             sub,
             sid,
             exp,
             nbf,
             iat,
+            _iss: _,
         } = data.claims;
         if !valid_user_id(&sub) {
             tracing::debug!("token rejected: unusable sub");
