@@ -1420,3 +1420,28 @@ async fn a_create_whose_body_breaks_its_framing_is_a_malformed_request() {
     resp.assert_error(400, "MALFORMED_REQUEST");
     assert!(stored_ids(&mut s.redis.conn(), "alice").is_empty());
 }
+
+/// A create whose body stalls is dropped with its connection at `idle_timeout`, like any
+/// stalled upload: the call's own task, which outlives a client that goes away, starts only
+/// once the body has all arrived.
+#[tokio::test]
+async fn a_create_whose_body_stalls_is_dropped_with_its_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = setup_with("[server]\nidle_timeout = \"1s\"\n").await;
+    let mut stream = tokio::net::TcpStream::connect(s.proxy.addr).await.unwrap();
+    let head = format!(
+        "POST {API}/create HTTP/1.1\r\nHost: game.example\r\nAuthorization: Bearer {}\r\n\
+         Content-Length: 100\r\n\r\n{{\"metadata\"",
+        token("alice", None)
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    // Nothing more is sent. The connection closes, without an answer.
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        stream.read_to_end(&mut rest),
+    )
+    .await;
+    assert!(closed.is_ok(), "the connection was still open after 10 s");
+    assert!(stored_ids(&mut s.redis.conn(), "alice").is_empty());
+}

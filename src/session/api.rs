@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::{BodyExt, Full, Limited};
 use serde::{Deserialize, Serialize};
 use tower::Service;
 use tracing::Instrument as _;
@@ -361,6 +361,18 @@ fn audit(
     );
 }
 
+/// A request body, read whole (at most [`MAX_API_BODY`]).
+async fn read_body(body: Body) -> Result<Bytes, Rejection> {
+    let collected = Limited::new(body, MAX_API_BODY).collect().await;
+    collected.map(|c| c.to_bytes()).map_err(|e| {
+        if e.is::<http_body_util::LengthLimitError>() {
+            Rejection::PayloadTooLarge(MAX_API_BODY as u64)
+        } else {
+            Rejection::of_request_body(&*e)
+        }
+    })
+}
+
 /// Reads and checks the create body: platform from the body, else detected from the
 /// User-Agent; userAgent from the body, else the header; ipAddress always the client's.
 async fn create_metadata(req: Request<Body>) -> Result<Metadata, Rejection> {
@@ -373,17 +385,7 @@ async fn create_metadata(req: Request<Body>) -> Result<Metadata, Rejection> {
             .collect::<String>()
     });
     let ip = RequestFacts::of(&req).client_ip;
-    let body = Limited::new(req.into_body(), MAX_API_BODY)
-        .collect()
-        .await
-        .map_err(|e| {
-            if e.is::<http_body_util::LengthLimitError>() {
-                Rejection::PayloadTooLarge(MAX_API_BODY as u64)
-            } else {
-                Rejection::of_request_body(&*e)
-            }
-        })?
-        .to_bytes();
+    let body = read_body(req.into_body()).await?;
     let input = parse_create(&body)?;
     let input = input.metadata.unwrap_or_default();
 
@@ -467,13 +469,25 @@ impl Service<Request<Body>> for SessionApi {
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        // The call runs in a task of its own, so that a client that goes away mid-call (an
-        // HTTP/2 stream reset, a closed connection) drops only the wait for its answer. A write
-        // already sent to Redis may still happen, and what follows it must too: the audit
-        // event, and forgetting the user's cached sessions (this process hears no
-        // invalidation of its own writes).
-        let call = tokio::spawn(self.clone().handle(req).in_current_span());
+        let api = self.clone();
         Box::pin(async move {
+            // The body is read first, here: a client that stalls mid-body is dropped with its
+            // connection (at `idle_timeout`), as any stalled upload is.
+            let req = if http_body::Body::is_end_stream(req.body()) {
+                req
+            } else {
+                let (parts, body) = req.into_parts();
+                match read_body(body).await {
+                    Ok(bytes) => Request::from_parts(parts, Body::new(Full::new(bytes))),
+                    Err(rejection) => return Ok(rejection.into_response()),
+                }
+            };
+            // Then the call runs in a task of its own, so that a client that goes away mid-call
+            // (an HTTP/2 stream reset, a closed connection) drops only the wait for its answer.
+            // A write already sent to Redis may still happen, and what follows it must too: the
+            // audit event, and forgetting the user's cached sessions (this process hears no
+            // invalidation of its own writes).
+            let call = tokio::spawn(api.handle(req).in_current_span());
             Ok(match call.await {
                 Ok(response) => response,
                 Err(e) => match e.try_into_panic() {
