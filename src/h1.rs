@@ -152,8 +152,12 @@ impl BodyDecoder {
                 },
                 Decode::Trailers => {
                     // A section that arrives in pieces is looked through once for its end, as
-                    // a head is, rather than parsed again from its start on every piece.
-                    if !read.starts_with(b"\r\n") && !blank_line_after(read, self.trailer_scanned) {
+                    // a head is, rather than parsed again from its start on every piece (the
+                    // first look parses at once).
+                    if self.trailer_scanned != 0
+                        && !read.starts_with(b"\r\n")
+                        && !blank_line_after(read, self.trailer_scanned)
+                    {
                         if read.len() > self.max_trailer_bytes {
                             return Err(FramingError::Malformed(
                                 "the trailer section is too large",
@@ -178,6 +182,13 @@ impl BodyDecoder {
                         return Err(FramingError::Malformed("the trailer section is too large"));
                     }
                     let Some(trailers) = parsed else {
+                        // Not whole yet: a bare LF in it is refused on arrival from now on.
+                        if bare_lf_from(read, self.trailer_scanned) {
+                            return Err(FramingError::Malformed(
+                                "a trailer line does not end in CRLF",
+                            ));
+                        }
+                        self.trailer_scanned = read.len();
                         return Ok(Step::NeedMore);
                     };
                     self.state = Decode::Done;

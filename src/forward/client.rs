@@ -388,7 +388,9 @@ fn poll_head(
     loop {
         if !conn.read.is_empty() {
             progress.received = true;
-            if !blank_line_after(&conn.read, progress.looked_at) {
+            // The first look parses at once: a head usually comes whole, often with body bytes
+            // behind it that a scan for its end would go through too.
+            if progress.looked_at != 0 && !blank_line_after(&conn.read, progress.looked_at) {
                 if conn.read.len() > MAX_HEAD_BYTES {
                     return Poll::Ready(Err(Error::Malformed("the head is too large")));
                 }
