@@ -832,7 +832,7 @@ async fn an_http2_client_reading_a_large_response_slowly_is_not_idle() {
 /// Each request an HTTP/2 client resets before its answer still went to the upstream, which
 /// goes on working on it: a client that resets most of its requests is flooding the backend
 /// through the proxy (rapid reset, CVE-2023-44487, on the far side), and its connection is
-/// closed after 100 of them.
+/// closed after 100 of them in a burst.
 #[tokio::test]
 async fn an_http2_client_resetting_most_requests_before_their_answers_is_closed() {
     let (upstream, mut arrived, _gate) = gated_upstream().await;

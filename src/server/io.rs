@@ -53,10 +53,10 @@ impl Transport for TlsStream<TcpStream> {
 pub(super) struct Activity {
     awaiting_head: AtomicUsize,
     progress: AtomicU64,
-    /// Requests started, and those of them the client reset before their response head.
-    started: AtomicU64,
-    reset_early: AtomicU64,
-    /// Told once the resets pass [`EARLY_RESETS_TO_CLOSE`].
+    /// Requests the client reset before their response head, as a leaky bucket: the level
+    /// and when it was last raised.
+    early_resets: Mutex<(f64, Instant)>,
+    /// Told once the level reaches [`EARLY_RESET_BURST`].
     reset_too_often: tokio::sync::Notify,
     /// The connection's response bodies, each with when it was last seen polled.
     responses: Mutex<Vec<(Weak<ResponseFlow>, Instant)>>,
@@ -92,22 +92,38 @@ impl ResponseFlow {
     }
 }
 
-/// How many requests a client may reset before their response head, and then only while they
-/// are under half of its requests on the connection. Each such request was still handed to the
-/// upstream, which goes on working on it: a client that resets most of them is flooding the
-/// backend through portcullis with work it never reads (CVE-2023-44487 on the far side of the
-/// proxy), and its connection is closed.
-pub(super) const EARLY_RESETS_TO_CLOSE: u64 = 100;
+/// How many requests a client may reset before their response head at once; beyond that,
+/// [`EARLY_RESETS_PER_SECOND`]. Each such request was still handed to the upstream, which goes
+/// on working on it: a client that resets them faster is flooding the backend through
+/// portcullis with work it never reads (CVE-2023-44487 on the far side of the proxy), and its
+/// connection is closed. Counted against time, not against the requests it lets finish: cheap
+/// requests answered by portcullis itself would otherwise buy room for any number of resets.
+pub(super) const EARLY_RESET_BURST: f64 = 100.0;
+pub(super) const EARLY_RESETS_PER_SECOND: f64 = 10.0;
 
 impl Activity {
     pub(super) fn new() -> Self {
         Activity {
             awaiting_head: AtomicUsize::new(0),
             progress: AtomicU64::new(0),
-            started: AtomicU64::new(0),
-            reset_early: AtomicU64::new(0),
+            early_resets: Mutex::new((0.0, Instant::now())),
             reset_too_often: tokio::sync::Notify::new(),
             responses: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// One more request reset before its answer, at `now`.
+    fn note_early_reset(&self, now: Instant) {
+        let mut bucket = self
+            .early_resets
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let (level, since) = &mut *bucket;
+        let leaked = now.saturating_duration_since(*since).as_secs_f64() * EARLY_RESETS_PER_SECOND;
+        *level = (*level - leaked).max(0.0) + 1.0;
+        *since = now;
+        if *level >= EARLY_RESET_BURST {
+            self.reset_too_often.notify_one();
         }
     }
 
@@ -158,7 +174,7 @@ impl Activity {
     }
 
     /// Ready once the client has reset too many requests before their answers (see
-    /// [`EARLY_RESETS_TO_CLOSE`]).
+    /// [`EARLY_RESET_BURST`]).
     pub(super) async fn reset_too_often(&self) {
         self.reset_too_often.notified().await;
     }
@@ -197,7 +213,6 @@ impl Exchange {
     /// A request started; `body_in` when it has no body to wait for.
     pub(super) fn start(activity: Arc<Activity>, body_in: bool) -> Self {
         activity.progressed();
-        activity.started.fetch_add(1, Ordering::Relaxed);
         let exchange = Exchange {
             activity,
             state: AtomicU8::new(0),
@@ -226,12 +241,7 @@ impl Exchange {
 
     /// The client reset the request before its response head was ready.
     pub(super) fn reset_early(&self) {
-        let activity = &self.activity;
-        let resets = activity.reset_early.fetch_add(1, Ordering::Relaxed) + 1;
-        let started = activity.started.load(Ordering::Relaxed);
-        if resets >= EARLY_RESETS_TO_CLOSE && resets * 2 >= started {
-            activity.reset_too_often.notify_one();
-        }
+        self.activity.note_early_reset(Instant::now());
     }
 
     pub(super) fn activity(&self) -> &Arc<Activity> {
@@ -361,23 +371,28 @@ mod tests {
     }
 
     #[test]
-    fn a_connection_closes_once_most_of_at_least_100_requests_were_reset_early() {
-        // A client that reads most of its answers may reset 100 and more.
-        let activity = Arc::new(Activity::new());
-        for n in 0..1000 {
-            let exchange = Exchange::start(activity.clone(), true);
-            if n % 3 == 0 {
-                exchange.reset_early();
-            }
-        }
-        assert!(!closes(&activity));
-        // One that resets them all is closed at the 100th.
-        let activity = Arc::new(Activity::new());
+    fn a_connection_closes_once_early_resets_outrun_their_allowance() {
+        let activity = Activity::new();
+        let start = Instant::now();
+        let at = |secs: u64| start + Duration::from_secs(secs);
+        // 99 at once, and 99 more ten seconds later, when the first are forgotten.
         for _ in 0..99 {
-            Exchange::start(activity.clone(), true).reset_early();
+            activity.note_early_reset(at(0));
+        }
+        for _ in 0..99 {
+            activity.note_early_reset(at(10));
         }
         assert!(!closes(&activity));
-        Exchange::start(activity.clone(), true).reset_early();
+        // Ten a second, for long: left alone.
+        for n in 0..1000 {
+            activity.note_early_reset(at(30) + Duration::from_millis(100 * n));
+        }
+        assert!(!closes(&activity));
+        // A hundred at once: closed.
+        let activity = Activity::new();
+        for _ in 0..100 {
+            activity.note_early_reset(at(0));
+        }
         assert!(closes(&activity));
     }
 
