@@ -556,6 +556,8 @@ impl Drop for RequestBody {
 struct ConnBody {
     flow: Arc<ResponseFlow>,
     activity: Option<Arc<Activity>>,
+    /// Its place under the connection's stall check, if it is under it.
+    watched: Option<u64>,
 }
 
 /// The largest data frame handed to hyper at once.
@@ -565,10 +567,15 @@ impl ConnBody {
     fn new(body: Body, activity: Option<Arc<Activity>>) -> Self {
         let ended = hyper::body::Body::is_end_stream(&body);
         let flow = Arc::new(ResponseFlow::new(body));
-        if let Some(activity) = activity.as_ref().filter(|_| !ended) {
-            activity.watch_response(&flow);
+        let watched = activity
+            .as_ref()
+            .filter(|_| !ended)
+            .map(|activity| activity.watch_response(&flow));
+        ConnBody {
+            flow,
+            activity,
+            watched,
         }
-        ConnBody { flow, activity }
     }
 
     fn piece(&self, rest: &mut Bytes, mut data: Bytes) -> Frame<Bytes> {
@@ -647,6 +654,14 @@ impl hyper::body::Body for ConnBody {
     }
 }
 
+impl Drop for ConnBody {
+    fn drop(&mut self) {
+        if let (Some(activity), Some(id)) = (&self.activity, self.watched) {
+            activity.unwatch_response(id);
+        }
+    }
+}
+
 /// Reads just enough of a plain-text connection to tell HTTP/2 prior knowledge from HTTP/1.1.
 async fn detect(stream: &TcpStream) -> io::Result<Option<Protocol>> {
     let mut buf = [0u8; 24];
@@ -708,6 +723,24 @@ mod tests {
         assert_eq!(sizes, [piece, piece, piece, 100]);
         assert_eq!(pieces.concat(), data);
         assert!(hyper::body::Body::is_end_stream(&body));
+    }
+
+    #[tokio::test]
+    async fn a_response_body_leaves_the_stall_check_when_it_is_dropped() {
+        use http_body_util::BodyExt;
+        let activity = std::sync::Arc::new(super::Activity::new());
+        let bodies: Vec<_> = (0..3)
+            .map(|_| {
+                let data = bytes::Bytes::from_static(b"answer");
+                let body = crate::Body::new(http_body_util::Full::new(data));
+                super::ConnBody::new(body, Some(activity.clone()))
+            })
+            .collect();
+        assert_eq!(activity.watched_responses(), 3);
+        for mut body in bodies {
+            while body.frame().await.is_some() {}
+        }
+        assert_eq!(activity.watched_responses(), 0);
     }
 
     #[test]

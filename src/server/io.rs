@@ -58,8 +58,16 @@ pub(super) struct Activity {
     early_resets: Mutex<(f64, Instant)>,
     /// Told once the level reaches [`EARLY_RESET_BURST`].
     reset_too_often: tokio::sync::Notify,
-    /// The connection's response bodies, each with when it was last seen polled.
-    responses: Mutex<Vec<(Weak<ResponseFlow>, Instant)>>,
+    /// The connection's response bodies under way, each with when it was last seen polled.
+    responses: Mutex<Responses>,
+}
+
+/// The response bodies under a connection's stall check, by id: each leaves it when it ends,
+/// so the table holds the streams under way, however many came and went.
+#[derive(Default)]
+struct Responses {
+    next_id: u64,
+    flows: std::collections::HashMap<u64, (Weak<ResponseFlow>, Instant)>,
 }
 
 /// An HTTP/2 response body as its connection's stall check sees it. hyper takes the body's next
@@ -108,7 +116,7 @@ impl Activity {
             progress: AtomicU64::new(0),
             early_resets: Mutex::new((0.0, Instant::now())),
             reset_too_often: tokio::sync::Notify::new(),
-            responses: Mutex::new(Vec::new()),
+            responses: Mutex::new(Responses::default()),
         }
     }
 
@@ -127,13 +135,33 @@ impl Activity {
         }
     }
 
-    /// Puts a response body under the stall check.
-    pub(super) fn watch_response(&self, flow: &Arc<ResponseFlow>) {
+    /// Puts a response body under the stall check until [`Activity::unwatch_response`] with
+    /// the id returned.
+    pub(super) fn watch_response(&self, flow: &Arc<ResponseFlow>) -> u64 {
         let mut responses = self
             .responses
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        responses.push((Arc::downgrade(flow), Instant::now()));
+        let id = responses.next_id;
+        responses.next_id += 1;
+        responses
+            .flows
+            .insert(id, (Arc::downgrade(flow), Instant::now()));
+        id
+    }
+
+    /// The response body ended or was dropped.
+    pub(super) fn unwatch_response(&self, id: u64) {
+        let mut responses = self
+            .responses
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        responses.flows.remove(&id);
+    }
+
+    #[cfg(test)]
+    pub(super) fn watched_responses(&self) -> usize {
+        self.responses.lock().unwrap().flows.len()
     }
 
     /// Takes away each response body that handed a frame out and has not been polled for
@@ -146,7 +174,7 @@ impl Activity {
                 .responses
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            responses.retain_mut(|(flow, seen)| {
+            responses.flows.retain(|_, (flow, seen)| {
                 let Some(flow) = flow.upgrade() else {
                     return false;
                 };
@@ -418,6 +446,6 @@ mod tests {
         // One that ended is forgotten.
         drop(reading);
         activity.end_stalled_responses(Duration::from_secs(60));
-        assert_eq!(activity.responses.lock().unwrap().len(), 1);
+        assert_eq!(activity.responses.lock().unwrap().flows.len(), 1);
     }
 }
