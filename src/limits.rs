@@ -10,7 +10,8 @@ use std::future::Ready;
 use std::task::{Context, Poll};
 
 use futures_util::future::Either;
-use http::{header, Request, Response, Version};
+use http::uri::Authority;
+use http::{header, HeaderValue, Request, Response, Version};
 use http_body_util::Limited;
 use tower::{Layer, Service};
 
@@ -132,10 +133,7 @@ fn check_unambiguous(req: &Request<Body>) -> Result<(), Rejection> {
     // 8.3.1 makes such an HTTP/2 request malformed, and HTTP/1.1 servers differ on which wins.
     if let (Some(authority), Some(host)) = (req.uri().authority(), req.headers().get(header::HOST))
     {
-        if !host
-            .as_bytes()
-            .eq_ignore_ascii_case(authority.as_str().as_bytes())
-        {
+        if !same_authority(req.uri(), authority, host) {
             return Err(Rejection::Malformed(if req.version() == Version::HTTP_2 {
                 "the Host header differs from :authority"
             } else {
@@ -144,6 +142,21 @@ fn check_unambiguous(req: &Request<Body>) -> Result<(), Rejection> {
         }
     }
     Ok(())
+}
+
+/// Whether a Host header names the target's authority: the same host (in any case) and port,
+/// a missing port being the scheme's default (`a.example` is `a.example:80` over http).
+fn same_authority(uri: &http::Uri, authority: &Authority, host: &HeaderValue) -> bool {
+    let default_port = if uri.scheme() == Some(&http::uri::Scheme::HTTPS) {
+        443
+    } else {
+        80
+    };
+    let Some(host) = host.to_str().ok().and_then(|h| h.parse::<Authority>().ok()) else {
+        return false;
+    };
+    host.host().eq_ignore_ascii_case(authority.host())
+        && host.port_u16().unwrap_or(default_port) == authority.port_u16().unwrap_or(default_port)
 }
 
 impl<S> Service<Request<Body>> for RequestLimits<S>

@@ -937,6 +937,16 @@ async fn a_host_contradicting_an_absolute_form_target_is_refused() {
     assert_eq!(resp.status, 200);
     assert_eq!(upstream.last().target, "/x");
     assert_eq!(upstream.last().headers["host"], "A.example");
+    // A port left out is the scheme's default; another port is another authority.
+    for (target, host, status) in [
+        ("http://a.example:80/x", "a.example", 200),
+        ("http://a.example/x", "a.example:80", 200),
+        ("http://a.example:8080/x", "a.example", 400),
+    ] {
+        let request = format!("GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        let resp = send_raw(proxy.addr, request.as_bytes()).await;
+        assert_eq!(resp.status, status, "{target} with Host {host}");
+    }
 }
 
 #[tokio::test]
