@@ -970,6 +970,16 @@ impl FileConfig {
             self.metrics.active_sessions_interval,
         );
 
+        if self.routes.len() > crate::routes::MAX_ROUTES {
+            v.fail(
+                "routes",
+                format!(
+                    "{} entries; at most {} (a request's route is kept in two bytes)",
+                    self.routes.len(),
+                    crate::routes::MAX_ROUTES
+                ),
+            );
+        }
         let mut routes = Vec::new();
         for (i, route) in self.routes.iter().enumerate() {
             let key = format!("routes[{i}]");
@@ -2524,6 +2534,20 @@ mod tests {
         .unwrap_err();
         let keys: Vec<&str> = err.0.iter().map(|e| e.key.as_str()).collect();
         assert_eq!(keys, ["server.listen", "upstream.url", "log.format"]);
+    }
+
+    #[test]
+    fn at_most_max_routes_routes() {
+        let routes = |n: usize| {
+            (0..n)
+                .map(|i| format!("[[routes]]\npath_prefix = \"/r{i}\"\n"))
+                .collect::<String>()
+        };
+        assert!(parse(&routes(crate::routes::MAX_ROUTES)).is_ok());
+        let err = parse(&routes(crate::routes::MAX_ROUTES + 1)).unwrap_err();
+        assert_eq!(err.0.len(), 1, "{err}");
+        assert_eq!(err.0[0].key, "routes");
+        assert!(err.0[0].reason.contains("at most 10000"), "{err}");
     }
 
     #[test]

@@ -131,8 +131,9 @@ fn check_unambiguous(req: &Request<Body>) -> Result<(), Rejection> {
     // A Host that names another authority than the request's target (HTTP/2's :authority,
     // HTTP/1.1's absolute form) leaves the upstream told one and routed by the other: RFC 9113
     // 8.3.1 makes such an HTTP/2 request malformed, and HTTP/1.1 servers differ on which wins.
-    if let (Some(authority), Some(host)) = (req.uri().authority(), req.headers().get(header::HOST))
-    {
+    // Looked up only when the target names an authority: most requests' targets do not.
+    let host = || req.headers().get(header::HOST);
+    if let Some((authority, host)) = req.uri().authority().and_then(|a| Some((a, host()?))) {
         if !same_authority(req.uri(), authority, host) {
             return Err(Rejection::Malformed(if req.version() == Version::HTTP_2 {
                 "the Host header differs from :authority"

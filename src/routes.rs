@@ -52,6 +52,9 @@ impl RouteClass {
     }
 }
 
+/// Most `[[routes]]` entries a configuration may have.
+pub const MAX_ROUTES: usize = 10_000;
+
 /// The `[[routes]]` entries (by index in configuration order; `None` for the default, no
 /// route) that the readings of a request's path land on. A backend may route the request by any
 /// of those readings, so it counts against each one's quota: `/LOGIN` against `/login`'s even
@@ -59,14 +62,15 @@ impl RouteClass {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Routes {
     len: u8,
-    /// Route indices; [`Routes::DEFAULT`] for no route.
-    slots: [u32; Routes::CAPACITY],
+    /// Route indices; [`Routes::DEFAULT`] for no route. Small, as every request carries one:
+    /// configuration allows at most [`MAX_ROUTES`] routes.
+    slots: [u16; Routes::CAPACITY],
 }
 
 impl Routes {
     /// As many as a path has readings (see `RouteTable::strictest_reading`).
     const CAPACITY: usize = 8;
-    const DEFAULT: u32 = u32::MAX;
+    const DEFAULT: u16 = u16::MAX;
 
     /// Only `route`.
     pub fn one(route: Option<usize>) -> Self {
@@ -79,7 +83,7 @@ impl Routes {
     }
 
     fn add(&mut self, route: Option<usize>) {
-        let slot = route.map_or(Self::DEFAULT, |i| u32::try_from(i).unwrap_or(Self::DEFAULT));
+        let slot = route.map_or(Self::DEFAULT, |i| u16::try_from(i).unwrap_or(Self::DEFAULT));
         let len = usize::from(self.len);
         if !self.slots[..len].contains(&slot) && len < Self::CAPACITY {
             self.slots[len] = slot;
@@ -91,7 +95,7 @@ impl Routes {
     pub fn iter(&self) -> impl Iterator<Item = Option<usize>> + '_ {
         self.slots[..usize::from(self.len)]
             .iter()
-            .map(|&slot| (slot != Self::DEFAULT).then_some(slot as usize))
+            .map(|&slot| (slot != Self::DEFAULT).then_some(usize::from(slot)))
     }
 }
 
