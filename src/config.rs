@@ -1976,10 +1976,18 @@ fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
-/// Errors about a key an environment variable set name the variable: the file may be fine.
+/// Errors about a key an environment variable set name the variable: the file may be fine. So
+/// do errors about a part of it (`server.trusted_proxies[0]`) or the table it is in (a
+/// `rate_limit.proxy` that lacks a field once `rate_limit.proxy.requests` is set).
 fn blame_env(mut errors: ConfigErrors, overridden: &[(&str, String)]) -> ConfigErrors {
+    let within = |inner: &str, outer: &str| {
+        inner
+            .strip_prefix(outer)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
+    };
     for error in &mut errors.0 {
-        if let Some((_, var)) = overridden.iter().find(|(key, _)| error.key == *key) {
+        let set = |key: &&str| within(&error.key, key) || within(key, &error.key);
+        if let Some((_, var)) = overridden.iter().find(|(key, _)| set(key)) {
             if !error.reason.contains(var.as_str()) {
                 error.reason.push_str(&format!(" (set by {var})"));
             }
@@ -2000,8 +2008,17 @@ fn apply_env_overrides(
         let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
             continue;
         };
-        // PORTCULLIS_LOG is the log filter, read by the binary itself.
+        // PORTCULLIS_LOG is the log filter, read by the binary itself; checked here, so that
+        // one that does not parse is refused rather than passed over for `log.level`.
         if rest == "LOG" {
+            if tracing_subscriber::EnvFilter::try_new(value).is_err() {
+                errors.push(ConfigError {
+                    key: "log.level".into(),
+                    reason: format!(
+                        "{name}={value:?} is not a valid filter (try \"info\" or \"portcullis=debug,info\")"
+                    ),
+                });
+            }
             continue;
         }
         let Some((key, kind)) = OVERRIDABLE
@@ -2310,6 +2327,23 @@ mod tests {
         // The same mistake in the file names no variable.
         let err = parse("[log]\nformat = \"yaml\"\n").unwrap_err();
         assert!(!err.0[0].reason.contains("PORTCULLIS_"), "{err}");
+        // An item of a list a variable set, and the table a variable's key is in.
+        let err = parse_env("", &[("PORTCULLIS_SERVER_TRUSTED_PROXIES", "bogus")]).unwrap_err();
+        assert_eq!(err.0[0].key, "server.trusted_proxies[0]");
+        assert!(
+            err.0[0]
+                .reason
+                .contains("(set by PORTCULLIS_SERVER_TRUSTED_PROXIES)"),
+            "{err}"
+        );
+        let err = parse_env("", &[("PORTCULLIS_RATE_LIMIT_PROXY_REQUESTS", "50")]).unwrap_err();
+        assert_eq!(err.0[0].key, "rate_limit.proxy");
+        assert!(
+            err.0[0]
+                .reason
+                .contains("(set by PORTCULLIS_RATE_LIMIT_PROXY_REQUESTS)"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -2798,6 +2832,15 @@ mod tests {
         let err = parse_env("", &[("PORTCULLIS_SERVER_MAX_BODY_BYTES", "lots")]).unwrap_err();
         assert_eq!(err.0[0].key, "server.max_body_bytes");
         assert!(err.0[0].reason.contains("PORTCULLIS_SERVER_MAX_BODY_BYTES"));
+    }
+
+    #[test]
+    fn a_log_filter_in_the_environment_that_does_not_parse_is_refused() {
+        let err = parse_env("", &[("PORTCULLIS_LOG", "debug,=[[")]).unwrap_err();
+        assert_eq!(err.0.len(), 1, "{err}");
+        assert_eq!(err.0[0].key, "log.level");
+        assert!(err.0[0].reason.contains("PORTCULLIS_LOG"), "{err}");
+        assert!(parse_env("", &[("PORTCULLIS_LOG", "portcullis=debug,info")]).is_ok());
     }
 
     #[test]
