@@ -32,7 +32,7 @@ use crate::session::cache::SessionCache;
 use crate::session::gate::SessionGateLayer;
 use crate::session::tunnels::TunnelWatch;
 use crate::session::{Invalidations, Sessions};
-use crate::store::{Store, Tracking};
+use crate::store::{Store, StoreError, Tracking};
 use crate::tls::{self, CertStore};
 use crate::{Body, BoxError};
 
@@ -189,7 +189,16 @@ impl App {
         let store = self.store.clone();
         admin.readiness.add_check("redis", move || {
             let store = store.clone();
-            async move { store.ping().await.map_err(|e| e.to_string()) }
+            async move {
+                store
+                    .ping()
+                    .await
+                    .map_err(|e| match store.connect_failure() {
+                        // Why it cannot connect (a refused login, a refused connection), as logged.
+                        Some(why) if matches!(e, StoreError::Unavailable) => format!("{e}: {why}"),
+                        _ => e.to_string(),
+                    })
+            }
         });
         let metrics = self.metrics.clone();
         let connections = self.connections.clone();

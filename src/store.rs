@@ -98,6 +98,8 @@ struct LinkState {
     /// The attempt whose connection was reported lost while it was still being set up: it
     /// must not be installed.
     lost: Option<u64>,
+    /// Why the last connection attempt failed, until one succeeds: `/readyz` names it.
+    failure: Option<String>,
     closed: bool,
 }
 
@@ -266,6 +268,7 @@ impl Link {
         }
         state.conn = Some((generation, conn));
         state.tried = true;
+        state.failure = None;
         true
     }
 
@@ -381,6 +384,7 @@ impl Link {
         let mut state = self.lock();
         state.tried = true;
         state.conn = None;
+        state.failure = Some(reason.to_string());
         drop(state);
         self.changed.notify_waiters();
         if attempt == 1 || attempt.is_power_of_two() {
@@ -1024,6 +1028,11 @@ impl Store {
             |c| async move { probe(c, ask_role).await.map(|_| ()) },
         )
         .await
+    }
+
+    /// Why the last attempt to connect failed, while no attempt since has succeeded.
+    pub fn connect_failure(&self) -> Option<String> {
+        self.link.lock().failure.clone()
     }
 
     /// Stops the background reconnects and drops the connection.

@@ -300,6 +300,10 @@ async fn a_wrong_acl_password_fails_closed_and_says_why() {
 
     let body = assert_never_ready(&mut running, Duration::from_secs(1)).await;
     assert_ne!(body["checks"]["redis"], "ok", "{body}");
+    // Readiness names the refusal too, as the README says, and never the password.
+    let redis_check = body["checks"]["redis"].as_str().unwrap_or_default();
+    assert!(redis_check.contains("WRONGPASS"), "{body}");
+    assert!(!redis_check.contains("not-the-password"), "{body}");
     let (status, body) = create_session(&running, "player-1").await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["error"]["code"], "SESSION_STORE_UNAVAILABLE", "{body}");
