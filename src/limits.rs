@@ -156,7 +156,19 @@ fn same_authority(uri: &http::Uri, authority: &Authority, host: &HeaderValue) ->
     let Some(host) = host.to_str().ok().and_then(|h| h.parse::<Authority>().ok()) else {
         return false;
     };
-    host.host().eq_ignore_ascii_case(authority.host())
+    // The parser takes user info and any port text: neither may stand in a Host, and a port
+    // that is not a number would read as the default one below.
+    let plain = |a: &Authority| {
+        let text = a.as_str();
+        // Port text is whatever follows a colon after the host (an IPv6 host is bracketed).
+        let after_host = text
+            .get(text.rfind(']').map_or(0, |i| i + 1)..)
+            .unwrap_or("");
+        !text.contains('@') && (!after_host.contains(':') || a.port_u16().is_some())
+    };
+    plain(&host)
+        && plain(authority)
+        && host.host().eq_ignore_ascii_case(authority.host())
         && host.port_u16().unwrap_or(default_port) == authority.port_u16().unwrap_or(default_port)
 }
 

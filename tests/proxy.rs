@@ -942,6 +942,13 @@ async fn a_host_contradicting_an_absolute_form_target_is_refused() {
         ("http://a.example:80/x", "a.example", 200),
         ("http://a.example/x", "a.example:80", 200),
         ("http://a.example:8080/x", "a.example", 400),
+        ("http://[::1]:8080/x", "[::1]:8080", 200),
+        ("http://[::1]/x", "[::1]:80", 200),
+        // User info, or a port that is not one, names no authority to compare.
+        ("http://a.example/x", "a.example:abc", 400),
+        ("http://a.example/x", "a.example:99999", 400),
+        ("http://a.example/x", "evil@a.example", 400),
+        ("http://a.example:99999/x", "a.example", 400),
     ] {
         let request = format!("GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
         let resp = send_raw(proxy.addr, request.as_bytes()).await;

@@ -266,7 +266,7 @@ async fn drive_http2<C>(
             }
             () = activity.reset_too_often(), if give_up.is_none() => {
                 tracing::warn!(
-                    "an HTTP/2 client reset most of its requests before their answers: its connection is closed"
+                    "an HTTP/2 client reset requests before their answers faster than allowed: its connection is closed"
                 );
                 closing = true;
                 graceful_shutdown(conn.as_mut());
