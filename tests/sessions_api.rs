@@ -1445,3 +1445,19 @@ async fn a_create_whose_body_stalls_is_dropped_with_its_connection() {
     assert!(closed.is_ok(), "the connection was still open after 10 s");
     assert!(stored_ids(&mut s.redis.conn(), "alice").is_empty());
 }
+
+/// Only a call that reads its body (a create) waits for it: a list sent with a large body,
+/// which it has no use for, gets its answer.
+#[tokio::test]
+async fn a_call_that_reads_no_body_answers_whatever_body_comes() {
+    let s = setup().await;
+    let mut request = format!(
+        "GET {API}/user/sessions HTTP/1.1\r\nHost: game.example\r\nAuthorization: Bearer {}\r\n\
+         Content-Length: 20000\r\nConnection: close\r\n\r\n",
+        token("alice", None)
+    )
+    .into_bytes();
+    request.extend_from_slice(&[b'x'; 20_000]);
+    let resp = send_raw(s.proxy.addr, &request).await;
+    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+}

@@ -471,9 +471,11 @@ impl Service<Request<Body>> for SessionApi {
     fn call(&mut self, req: Request<Body>) -> Self::Future {
         let api = self.clone();
         Box::pin(async move {
-            // The body is read first, here: a client that stalls mid-body is dropped with its
-            // connection (at `idle_timeout`), as any stalled upload is.
-            let req = if http_body::Body::is_end_stream(req.body()) {
+            // A body the call reads (a create's) is read first, here: a client that stalls
+            // mid-body is dropped with its connection (at `idle_timeout`), as any stalled
+            // upload is. Other calls read none, whatever a client sends.
+            let reads_body = req.method() == Method::POST;
+            let req = if !reads_body || http_body::Body::is_end_stream(req.body()) {
                 req
             } else {
                 let (parts, body) = req.into_parts();
