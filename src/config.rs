@@ -2315,35 +2315,33 @@ mod tests {
 
     #[test]
     fn errors_about_an_overridden_key_name_the_variable() {
-        let err = parse_env("", &[("PORTCULLIS_LOG_FORMAT", "yaml")]).unwrap_err();
-        assert_eq!(err.0[0].key, "log.format");
-        assert!(
-            err.0[0].reason.contains("(set by PORTCULLIS_LOG_FORMAT)"),
-            "{err}"
-        );
+        // The key itself, an item of a list a variable set, and the table a variable's key is in.
+        for (var, value, key) in [
+            ("PORTCULLIS_LOG_FORMAT", "yaml", "log.format"),
+            (
+                "PORTCULLIS_SERVER_TRUSTED_PROXIES",
+                "bogus",
+                "server.trusted_proxies[0]",
+            ),
+            (
+                "PORTCULLIS_RATE_LIMIT_PROXY_REQUESTS",
+                "50",
+                "rate_limit.proxy",
+            ),
+        ] {
+            let err = parse_env("", &[(var, value)]).unwrap_err();
+            assert_eq!(err.0[0].key, key);
+            assert!(
+                err.0[0].reason.contains(&format!("(set by {var})")),
+                "{err}"
+            );
+        }
         let err = parse_env("", &[("PORTCULLIS_SESSION_TTL", "5")]).unwrap_err();
         assert_eq!(err.0[0].key, "session.ttl");
         assert!(err.0[0].reason.contains("PORTCULLIS_SESSION_TTL"), "{err}");
         // The same mistake in the file names no variable.
         let err = parse("[log]\nformat = \"yaml\"\n").unwrap_err();
         assert!(!err.0[0].reason.contains("PORTCULLIS_"), "{err}");
-        // An item of a list a variable set, and the table a variable's key is in.
-        let err = parse_env("", &[("PORTCULLIS_SERVER_TRUSTED_PROXIES", "bogus")]).unwrap_err();
-        assert_eq!(err.0[0].key, "server.trusted_proxies[0]");
-        assert!(
-            err.0[0]
-                .reason
-                .contains("(set by PORTCULLIS_SERVER_TRUSTED_PROXIES)"),
-            "{err}"
-        );
-        let err = parse_env("", &[("PORTCULLIS_RATE_LIMIT_PROXY_REQUESTS", "50")]).unwrap_err();
-        assert_eq!(err.0[0].key, "rate_limit.proxy");
-        assert!(
-            err.0[0]
-                .reason
-                .contains("(set by PORTCULLIS_RATE_LIMIT_PROXY_REQUESTS)"),
-            "{err}"
-        );
     }
 
     #[test]

@@ -78,6 +78,32 @@ impl Setup {
         assert_eq!(resp.status(), 200);
     }
 
+    /// `GET` of the session through the API, with a token for `user` not bound to it.
+    async fn get(&self, user: &str, id: &str) -> reqwest::Response {
+        client()
+            .get(self.proxy.url(&format!("/api/v1/sessions/{id}")))
+            .bearer_auth(token(user, None))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Overwrites byte `at` of the user's stored value with `byte`, as another writer might.
+    fn patch_stored(&self, user: &str, at: usize, byte: u8) {
+        let mut conn = self.redis.conn();
+        let mut value: Vec<u8> = redis::cmd("GET")
+            .arg(sessions_key(user))
+            .query(&mut conn)
+            .unwrap();
+        value[at] = byte;
+        let _: () = redis::cmd("SET")
+            .arg(sessions_key(user))
+            .arg(value)
+            .arg("KEEPTTL")
+            .query(&mut conn)
+            .unwrap();
+    }
+
     async fn proxied(&self, user: &str, id: &str) -> reqwest::Response {
         client()
             .get(self.proxy.url("/game"))
@@ -140,12 +166,7 @@ async fn an_expired_session_is_refused_everywhere_and_list_drops_it() {
     let resp = s.proxied("alice", &a).await;
     assert_error(resp, 401, "SESSION_INVALID").await;
     assert_eq!(s.upstream.count(), 0);
-    let resp = client()
-        .get(s.proxy.url(&format!("/api/v1/sessions/{a}")))
-        .bearer_auth(token("alice", None))
-        .send()
-        .await
-        .unwrap();
+    let resp = s.get("alice", &a).await;
     assert_error(resp, 404, "SESSION_NOT_FOUND").await;
     // A token bound to the expired session (still stored) can no longer use the API.
     let resp = client()
@@ -337,31 +358,16 @@ async fn a_value_that_is_not_in_the_session_layout_fails_closed_everywhere() {
 async fn a_session_whose_details_cannot_be_read_is_refused_everywhere() {
     let s = setup().await;
     let a = s.create("alice").await;
-    let mut value: Vec<u8> = redis::cmd("GET")
-        .arg(sessions_key("alice"))
-        .query(&mut s.redis.conn())
-        .unwrap();
     // version, record length, session id, three times, platform: then the device id's length,
     // made to run past the record.
-    value[1 + 2 + 16 + 18 + 1] = 255;
-    let _: () = redis::cmd("SET")
-        .arg(sessions_key("alice"))
-        .arg(value)
-        .arg("KEEPTTL")
-        .query(&mut s.redis.conn())
-        .unwrap();
+    s.patch_stored("alice", 1 + 2 + 16 + 18 + 1, 255);
     assert_error(
         s.proxied("alice", &a).await,
         503,
         "SESSION_STORE_UNAVAILABLE",
     )
     .await;
-    let resp = client()
-        .get(s.proxy.url(&format!("/api/v1/sessions/{a}")))
-        .bearer_auth(token("alice", None))
-        .send()
-        .await
-        .unwrap();
+    let resp = s.get("alice", &a).await;
     assert_error(resp, 503, "SESSION_STORE_UNAVAILABLE").await;
     assert_eq!(s.upstream.count(), 0, "forwarded unchecked");
 }
@@ -372,18 +378,8 @@ async fn a_session_whose_details_cannot_be_read_is_refused_everywhere() {
 async fn a_create_that_evicts_an_unreadable_session_succeeds() {
     let s = setup_with("max_per_user = 1\n").await;
     let old = s.create("alice").await;
-    let mut value: Vec<u8> = redis::cmd("GET")
-        .arg(sessions_key("alice"))
-        .query(&mut s.redis.conn())
-        .unwrap();
     // version, record length, session id, three times: then the platform, made unknown.
-    value[1 + 2 + 16 + 18] = b'?';
-    let _: () = redis::cmd("SET")
-        .arg(sessions_key("alice"))
-        .arg(value)
-        .arg("KEEPTTL")
-        .query(&mut s.redis.conn())
-        .unwrap();
+    s.patch_stored("alice", 1 + 2 + 16 + 18, b'?');
     let new = s.create("alice").await;
     assert_eq!(s.stored_ids("alice"), set(&[&new]), "{old} was not ended");
 }
