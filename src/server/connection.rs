@@ -598,11 +598,7 @@ impl hyper::body::Body for ConnBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = &*self;
-        let mut flow = this
-            .flow
-            .body
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut flow = this.flow.body();
         let Some((body, rest)) = flow.as_mut() else {
             return Poll::Ready(Some(Err(
                 "the client took none of the response for server.idle_timeout".into(),
@@ -625,21 +621,13 @@ impl hyper::body::Body for ConnBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        let flow = self
-            .flow
-            .body
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let flow = self.flow.body();
         flow.as_ref()
             .is_some_and(|(body, rest)| rest.is_empty() && body.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        let flow = self
-            .flow
-            .body
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let flow = self.flow.body();
         let Some((body, rest)) = flow.as_ref() else {
             return SizeHint::default();
         };

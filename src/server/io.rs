@@ -4,7 +4,7 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -77,7 +77,7 @@ struct Responses {
 /// again for `idle_timeout` is taken away ([`Activity::end_stalled_responses`]).
 pub(super) struct ResponseFlow {
     /// The body and what is left of its last data frame; `None` once taken away.
-    pub(super) body: Mutex<Option<(Body, Bytes)>>,
+    body: Mutex<Option<(Body, Bytes)>>,
     /// Polled since the stall check last looked.
     polled: AtomicBool,
     /// The last poll handed a frame out: the next is up to the client.
@@ -91,6 +91,11 @@ impl ResponseFlow {
             polled: AtomicBool::new(false),
             handed_out: AtomicBool::new(false),
         }
+    }
+
+    /// The body and what is left of its last data frame; `None` once taken away.
+    pub(super) fn body(&self) -> MutexGuard<'_, Option<(Body, Bytes)>> {
+        self.body.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Records a poll and whether it handed a frame out (rather than waiting for the upstream).
@@ -135,13 +140,16 @@ impl Activity {
         }
     }
 
+    fn responses(&self) -> MutexGuard<'_, Responses> {
+        self.responses
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Puts a response body under the stall check until [`Activity::unwatch_response`] with
     /// the id returned.
     pub(super) fn watch_response(&self, flow: &Arc<ResponseFlow>) -> u64 {
-        let mut responses = self
-            .responses
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut responses = self.responses();
         let id = responses.next_id;
         responses.next_id += 1;
         responses
@@ -152,16 +160,13 @@ impl Activity {
 
     /// The response body ended or was dropped.
     pub(super) fn unwatch_response(&self, id: u64) {
-        let mut responses = self
-            .responses
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut responses = self.responses();
         responses.flows.remove(&id);
     }
 
     #[cfg(test)]
     pub(super) fn watched_responses(&self) -> usize {
-        self.responses.lock().unwrap().flows.len()
+        self.responses().flows.len()
     }
 
     /// Takes away each response body that handed a frame out and has not been polled for
@@ -170,10 +175,7 @@ impl Activity {
         let mut stalled = Vec::new();
         let now = Instant::now();
         {
-            let mut responses = self
-                .responses
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
+            let mut responses = self.responses();
             responses.flows.retain(|_, (flow, seen)| {
                 let Some(flow) = flow.upgrade() else {
                     return false;
@@ -191,11 +193,7 @@ impl Activity {
         }
         // Dropped outside the lock: each closes an upstream connection.
         for flow in &stalled {
-            let body = flow
-                .body
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .take();
+            let body = flow.body().take();
             drop(body);
         }
         stalled.len()
@@ -440,12 +438,12 @@ mod tests {
         assert_eq!(activity.end_stalled_responses(Duration::ZERO), 0);
         reading.polled(true);
         assert_eq!(activity.end_stalled_responses(Duration::ZERO), 1);
-        assert!(waiting_on_client.body.lock().unwrap().is_none());
-        assert!(waiting_on_upstream.body.lock().unwrap().is_some());
-        assert!(reading.body.lock().unwrap().is_some());
+        assert!(waiting_on_client.body().is_none());
+        assert!(waiting_on_upstream.body().is_some());
+        assert!(reading.body().is_some());
         // One that ended is forgotten.
         drop(reading);
         activity.end_stalled_responses(Duration::from_secs(60));
-        assert_eq!(activity.responses.lock().unwrap().flows.len(), 1);
+        assert_eq!(activity.responses().flows.len(), 1);
     }
 }
