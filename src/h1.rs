@@ -151,13 +151,9 @@ impl BodyDecoder {
                     _ => return Err(FramingError::Malformed("a chunk overruns its size")),
                 },
                 Decode::Trailers => {
-                    // A section that arrives in pieces is looked through once for its end, as
-                    // a head is, rather than parsed again from its start on every piece (the
-                    // first look parses at once).
-                    if self.trailer_scanned != 0
-                        && !read.starts_with(b"\r\n")
-                        && !blank_line_after(read, self.trailer_scanned)
-                    {
+                    // Looked through once for its end, as a head is (an empty section is
+                    // whole at once).
+                    if !read.starts_with(b"\r\n") && !may_be_whole(read, self.trailer_scanned) {
                         if read.len() > self.max_trailer_bytes {
                             return Err(FramingError::Malformed(
                                 "the trailer section is too large",
@@ -400,6 +396,15 @@ impl HeadFacts {
             None => Ok(self.content_length),
         }
     }
+}
+
+/// Whether a head (or trailer section) in `buf`, of which `looked_at` bytes were looked through
+/// before, may now be whole: the first look parses at once (a head usually comes whole, often
+/// with bytes behind it that a scan would go through too); later looks parse again only once a
+/// blank line has come, so a head that arrives in many small pieces is not parsed again from
+/// its start on every piece.
+pub(crate) fn may_be_whole(buf: &[u8], looked_at: usize) -> bool {
+    looked_at == 0 || blank_line_after(buf, looked_at)
 }
 
 /// Whether `buf` holds the blank line that ends a head (CRLF CRLF, or LF LF, which httparse

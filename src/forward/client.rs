@@ -24,7 +24,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::h1::{
-    self, blank_line_after, header_map, header_spans, headers_len, put_headers, BodyDecoder,
+    self, header_map, header_spans, headers_len, may_be_whole, put_headers, BodyDecoder,
     BodyEncoder, Decode, Encode, FramingError, HeadFacts, NotChunkedOnce, Step,
 };
 use crate::{Body, BoxError};
@@ -388,9 +388,7 @@ fn poll_head(
     loop {
         if !conn.read.is_empty() {
             progress.received = true;
-            // The first look parses at once: a head usually comes whole, often with body bytes
-            // behind it that a scan for its end would go through too.
-            if progress.looked_at != 0 && !blank_line_after(&conn.read, progress.looked_at) {
+            if !may_be_whole(&conn.read, progress.looked_at) {
                 if conn.read.len() > MAX_HEAD_BYTES {
                     return Poll::Ready(Err(Error::Malformed("the head is too large")));
                 }

@@ -32,7 +32,7 @@ use super::connection::{stopped, ConnService};
 use super::{ConnLimits, MAX_HEADERS, REST_AFTER};
 use crate::forward::Tunnel;
 use crate::h1::{
-    blank_line_after, header_map, header_spans, headers_len, poll_write_all, put_headers, span_in,
+    header_map, header_spans, headers_len, may_be_whole, poll_write_all, put_headers, span_in,
     BodyDecoder, BodyEncoder, Decode, Encode, FramingError, HeadFacts, Step,
 };
 use crate::{Body, BoxError};
@@ -584,11 +584,9 @@ where
             let mut wire = lock(&self.wire);
             loop {
                 if !wire.read.is_empty() {
-                    let may_be_whole = looked_at == 0
-                        || wire.read.len() > cap
-                        || blank_line_after(&wire.read, looked_at);
+                    let whole = wire.read.len() > cap || may_be_whole(&wire.read, looked_at);
                     looked_at = wire.read.len();
-                    if may_be_whole {
+                    if whole {
                         match parse_head(&mut wire.read, cap) {
                             Ok(Some(head)) => return Poll::Ready(Next::Head(head)),
                             Ok(None) => {}
