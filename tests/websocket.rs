@@ -10,6 +10,7 @@ use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
@@ -244,11 +245,9 @@ async fn shutdown_ends_open_tunnels_without_waiting_out_the_grace() {
 
     // A WebSocket is never "finished": at shutdown it is closed, so that clients reconnect to
     // another replica, instead of holding the process for shutdown_grace (30 s by default).
+    // The close frame says so: a browser would report a bare TCP close as 1006.
     let stopped = proxy.shutdown();
-    match next(&mut ws).await {
-        None | Some(Ok(Message::Close(_))) | Some(Err(_)) => {}
-        Some(Ok(other)) => panic!("expected the tunnel to close, got {other:?}"),
-    }
+    assert_closed_with(&mut ws, CloseCode::Away, "going away", "shutdown").await;
     tokio::time::timeout(Duration::from_secs(5), stopped)
         .await
         .expect("shutdown completed without waiting for the tunnel")
@@ -337,18 +336,31 @@ async fn assert_echoes(ws: &mut Ws) {
     }
 }
 
-/// Reads until the proxy ends the tunnel (end of stream, an error or a close frame).
-async fn assert_ends(ws: &mut Ws, what: &str) {
+/// Reads until the proxy ends the tunnel, which it must do with a close frame saying why.
+async fn assert_closed_with(ws: &mut Ws, code: CloseCode, reason: &str, what: &str) {
     let ended = tokio::time::timeout(Duration::from_secs(2), async {
         loop {
             match ws.next().await {
-                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                Some(Ok(Message::Close(frame))) => return frame,
                 Some(Ok(_)) => {}
+                other => panic!("{what}: the tunnel ended without a close frame: {other:?}"),
             }
         }
     })
     .await;
-    assert!(ended.is_ok(), "{what}: the tunnel stayed open");
+    let frame = ended
+        .unwrap_or_else(|_| panic!("{what}: the tunnel stayed open"))
+        .unwrap_or_else(|| panic!("{what}: a close frame without a code"));
+    assert_eq!(
+        (frame.code, frame.reason.as_str()),
+        (code, reason),
+        "{what}"
+    );
+}
+
+/// The proxy closed the tunnel because its session ended.
+async fn assert_ends(ws: &mut Ws, what: &str) {
+    assert_closed_with(ws, CloseCode::Policy, "session ended", what).await;
 }
 
 async fn destroy(proxy: &Proxy, user: &str, session: &str) {
@@ -501,7 +513,8 @@ async fn a_session_destroyed_during_the_upgrade_ends_the_tunnel_as_it_opens() {
         .expect("the upgrade reached the upstream");
     destroy(&proxy, "erin", &sid).await;
     open.send(()).unwrap();
-    // The 101 comes through, then the proxy closes the tunnel (well before slide_interval, 30 s).
+    // The 101 comes through, then the proxy closes the tunnel (well before slide_interval, 30 s)
+    // with an unmasked close frame: 1008, "session ended".
     let mut seen = Vec::new();
     let closed = tokio::time::timeout(Duration::from_secs(2), client.read_to_end(&mut seen)).await;
     assert!(
@@ -513,4 +526,102 @@ async fn a_session_destroyed_during_the_upgrade_ends_the_tunnel_as_it_opens() {
         closed.is_ok(),
         "the tunnel of a destroyed session stayed open"
     );
+    assert!(
+        seen.ends_with(b"\r\n\r\n\x88\x0f\x03\xf0session ended"),
+        "{:?}",
+        String::from_utf8_lossy(&seen)
+    );
+}
+
+/// An upstream that accepts a WebSocket handshake, sends the first `split` bytes of `frame`,
+/// and the rest when told to; then hands back all it read from the proxy until it closed.
+async fn half_frame_upstream(
+    frame: Vec<u8>,
+    split: usize,
+) -> (
+    SocketAddr,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Vec<u8>>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (rest_tx, rest) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            head.push(stream.read_u8().await.unwrap());
+        }
+        let head = String::from_utf8(head).unwrap();
+        let key = head
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("Sec-WebSocket-Key: ")
+                    .or_else(|| l.strip_prefix("sec-websocket-key: "))
+            })
+            .expect("the handshake's key");
+        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+        let answer = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Accept: {accept}\r\n\r\n"
+        );
+        stream.write_all(answer.as_bytes()).await.unwrap();
+        stream.write_all(&frame[..split]).await.unwrap();
+        rest.await.unwrap();
+        stream.write_all(&frame[split..]).await.unwrap();
+        let mut read = Vec::new();
+        stream.read_to_end(&mut read).await.unwrap();
+        read
+    });
+    (addr, rest_tx, task)
+}
+
+/// The session ends while the upstream is half way through a frame: the client gets the whole
+/// frame and then the close frame, never a close frame cut into the middle of a message, and
+/// the upstream is told too, with a close frame masked as a client's must be.
+#[tokio::test]
+async fn a_frame_in_flight_is_finished_before_the_close_frame() {
+    let redis = RedisServer::start();
+    let mut frame = vec![0x82, 126, 0, 200];
+    frame.extend(std::iter::repeat_n(b'a', 200));
+    let (upstream, rest, upstream_read) = half_frame_upstream(frame, 104).await;
+    let proxy = Proxy::start(&session_routes(upstream, &redis, "")).await;
+    let sid = create_session(&proxy, &token("frank", None)).await;
+    let mut ws = handshake(
+        &proxy,
+        "/ws",
+        "authorization",
+        &format!("Bearer {}", token("frank", Some(&sid))),
+    )
+    .await;
+
+    destroy(&proxy, "frank", &sid).await;
+    eventually("the tunnel to learn its session ended", || async {
+        proxy
+            .metrics_text()
+            .await
+            .lines()
+            .any(|l| l == "portcullis_tunnels_session_ended_total 1")
+    })
+    .await;
+    rest.send(()).unwrap();
+
+    match next(&mut ws).await {
+        Some(Ok(Message::Binary(data))) => assert_eq!(data.as_ref(), [b'a'; 200]),
+        other => panic!("expected the whole frame, got {other:?}"),
+    }
+    assert_ends(&mut ws, "after the frame in flight").await;
+
+    let read = tokio::time::timeout(Duration::from_secs(5), upstream_read)
+        .await
+        .expect("the proxy closed the upstream's side")
+        .unwrap();
+    assert_eq!(read.len(), 2 + 4 + 15, "one masked close frame: {read:?}");
+    assert_eq!(read[..2], [0x88, 0x80 | 15]);
+    let unmasked: Vec<u8> = read[6..]
+        .iter()
+        .enumerate()
+        .map(|(i, b)| b ^ read[2 + i % 4])
+        .collect();
+    assert_eq!(unmasked, b"\x03\xf0session ended");
 }

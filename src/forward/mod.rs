@@ -7,7 +7,6 @@
 //! query byte for byte. A WebSocket upgrade (Socket.IO's included) that the upstream accepts
 //! with 101 becomes a bidirectional tunnel.
 
-use std::future::Future;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -23,107 +22,15 @@ use crate::facts::RequestFacts;
 use crate::peer::{ConnInfo, TrustedProxies};
 use crate::request_id::X_REQUEST_ID;
 use crate::session::gate::Identity;
-use crate::session::tunnels::{TunnelLease, TunnelSession};
+use crate::session::tunnels::TunnelSession;
 use crate::{Body, BoxResponse};
 
 mod client;
 mod pool;
+mod tunnel;
 
 pub use pool::{Pool, PoolCounters, PoolError, Upgraded, REPLAY_AFTER_IDLE};
-
-/// Live WebSocket tunnels, shared with whoever wants to count them.
-#[derive(Debug, Default)]
-pub struct TunnelCount(std::sync::atomic::AtomicUsize);
-
-impl TunnelCount {
-    pub fn get(&self) -> usize {
-        self.0.load(std::sync::atomic::Ordering::Relaxed)
-    }
-}
-
-struct TunnelGuard(Arc<TunnelCount>);
-
-impl TunnelGuard {
-    fn new(count: Arc<TunnelCount>) -> Self {
-        count.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        TunnelGuard(count)
-    }
-}
-
-impl Drop for TunnelGuard {
-    fn drop(&mut self) {
-        self.0 .0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
-/// Where an upgrade (WebSocket, Socket.IO) changes hands. The client connection puts one in
-/// each HTTP/1.1 request that asks to upgrade; when the upstream answers 101, the forwarder
-/// leaves the upstream's side here. Once hyper has written the 101 and let go of the client's
-/// socket, the client connection takes the [`Tunnel`] and runs it on that socket.
-#[derive(Clone, Default)]
-pub struct UpgradeHandoff(Arc<std::sync::Mutex<Option<Tunnel>>>);
-
-impl UpgradeHandoff {
-    fn give(&self, tunnel: Tunnel) {
-        if let Ok(mut slot) = self.0.lock() {
-            *slot = Some(tunnel);
-        }
-    }
-
-    /// The tunnel the last request's 101 opened, if any.
-    pub fn take(&self) -> Option<Tunnel> {
-        self.0.lock().ok().and_then(|mut slot| slot.take())
-    }
-}
-
-/// The upstream's side of an accepted upgrade, counted as an open tunnel while it lives.
-pub struct Tunnel {
-    upstream: Upgraded,
-    _guard: TunnelGuard,
-    /// The session it was admitted on, if its route needs one: the tunnel ends with it.
-    lease: Option<TunnelLease>,
-}
-
-impl Tunnel {
-    /// Copies bytes both ways between `client` and the upstream until either side closes (then
-    /// both are closed, so a peer that vanished never leaves the other hanging), its session
-    /// ends, or `stop` resolves.
-    pub async fn run<C>(self, mut client: C, stop: impl Future<Output = ()>)
-    where
-        C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    {
-        let mut upstream = self.upstream;
-        let (mut client_read, mut client_write) = tokio::io::split(&mut client);
-        let (mut upstream_read, mut upstream_write) = tokio::io::split(&mut upstream);
-        let session_ended = async {
-            match &self.lease {
-                Some(lease) => lease.ended().await,
-                None => std::future::pending().await,
-            }
-        };
-        let result = tokio::select! {
-            r = tokio::io::copy(&mut client_read, &mut upstream_write) => r,
-            r = tokio::io::copy(&mut upstream_read, &mut client_write) => r,
-            _ = session_ended => Ok(0),
-            _ = stop => Ok(0),
-        };
-        if let Err(e) = result {
-            tracing::debug!(error = %e, "tunnel closed with an error");
-        }
-        // Both sides at once, and bounded: a client that stops reading would otherwise hold a
-        // TLS close (its close_notify cannot be written) and the upstream's close behind it.
-        let closing = async {
-            tokio::join!(
-                tokio::io::AsyncWriteExt::shutdown(&mut client_write),
-                tokio::io::AsyncWriteExt::shutdown(&mut upstream_write),
-            )
-        };
-        let _ = tokio::time::timeout(TUNNEL_CLOSE, closing).await;
-    }
-}
-
-/// Longest a tunnel's two closes may take together.
-const TUNNEL_CLOSE: Duration = Duration::from_secs(1);
+pub use tunnel::{Tunnel, TunnelCount, UpgradeHandoff};
 
 /// Headers [`Upstream::upstream_request`] may add to a request.
 const UPSTREAM_HEADERS_ADDED: usize = 8;
@@ -286,13 +193,13 @@ impl Upstream {
             // nothing, would tunnel bytes no check understands.
             let websocket = names_websocket(response.headers());
             match handoff {
-                Some(handoff) if websocket => handoff.give(Tunnel {
+                Some(handoff) if websocket => handoff.give(Tunnel::new(
                     upstream,
-                    _guard: TunnelGuard::new(self.tunnels.clone()),
-                    lease: extensions
+                    &self.tunnels,
+                    extensions
                         .remove::<TunnelSession>()
                         .map(TunnelSession::watch),
-                }),
+                )),
                 // A 101 we did not ask for cannot be honoured: the client never offered to switch.
                 _ => return Err(Rejection::UpstreamUnavailable),
             }
