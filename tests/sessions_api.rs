@@ -462,6 +462,58 @@ async fn get_returns_the_session_with_exactly_the_contract_field_names() {
     );
 }
 
+/// HEAD answers as GET would, without content, over HTTP/1.1 and HTTP/2 alike: the API's
+/// answers, its refusals and the OpenAPI document. (An HTTP/2 client resets a stream whose
+/// answer to a HEAD carries DATA.)
+#[tokio::test]
+async fn head_answers_with_the_gets_head_and_no_content_over_both_protocols() {
+    let s = setup().await;
+    let id = s.create("alice").await;
+    let h2 = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    for (version, client) in [("HTTP/1.1", client()), ("HTTP/2", h2)] {
+        for (path, auth, status) in [
+            (format!("/{id}"), true, 200),
+            ("/user/sessions".to_string(), true, 200),
+            ("/openapi.json".to_string(), false, 200),
+            ("/user/sessions".to_string(), false, 401),
+        ] {
+            let send = |method: reqwest::Method| {
+                let mut req = client.request(method, s.url(&path));
+                if auth {
+                    req = req.bearer_auth(token("alice", None));
+                }
+                req.send()
+            };
+            let what = format!("{version} {path} auth={auth}");
+            let get = send(reqwest::Method::GET).await.unwrap();
+            assert_eq!(get.status(), status, "GET {what}");
+            let get_type = get.headers()["content-type"].clone();
+            let get_len = get.bytes().await.unwrap().len();
+            assert!(get_len > 0, "GET {what}");
+
+            let head = send(reqwest::Method::HEAD)
+                .await
+                .unwrap_or_else(|e| panic!("HEAD {what}: {e}"));
+            assert_eq!(head.status(), status, "HEAD {what}");
+            assert_eq!(head.headers()["content-type"], get_type, "HEAD {what}");
+            assert_eq!(
+                head.headers()["content-length"].to_str().unwrap(),
+                get_len.to_string(),
+                "HEAD {what}"
+            );
+            let content = head
+                .bytes()
+                .await
+                .unwrap_or_else(|e| panic!("HEAD {what}: {e}"));
+            assert!(content.is_empty(), "HEAD {what}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn get_does_not_slide_the_session() {
     let s = setup().await;

@@ -414,6 +414,7 @@ impl hyper::service::Service<Request<Incoming>> for Http2Service {
 
     fn call(&self, req: Request<Incoming>) -> Respond {
         let (parts, body) = req.into_parts();
+        let head = parts.method == http::Method::HEAD;
         let no_body = hyper::body::Body::is_end_stream(&body);
         let exchange = Arc::new(Exchange::start(self.activity.clone(), no_body));
         let body = if no_body {
@@ -431,6 +432,7 @@ impl hyper::service::Service<Request<Incoming>> for Http2Service {
         Respond {
             response: self.service.respond(Request::from_parts(parts, body)),
             exchange,
+            head,
             answered: false,
         }
     }
@@ -440,6 +442,8 @@ impl hyper::service::Service<Request<Incoming>> for Http2Service {
 struct Respond {
     response: Responding,
     exchange: Arc<Exchange>,
+    /// The request is a HEAD: its answer goes without content.
+    head: bool,
     /// The head is ready: dropped before that, the stream was reset.
     answered: bool,
 }
@@ -454,8 +458,52 @@ impl Future for Respond {
         };
         self.exchange.head_out();
         self.answered = true;
+        let response = if self.head {
+            without_content(response)
+        } else {
+            response
+        };
         let activity = self.exchange.activity().clone();
         Poll::Ready(Ok(response.map(|body| ConnBody::new(body, Some(activity)))))
+    }
+}
+
+/// The answer to a HEAD: its head as a GET's would be, no content (RFC 9110 9.3.2). hyper's
+/// HTTP/2 server sends whatever body it is given, and the stack's own answers (the session
+/// API, every refusal) carry one; HTTP/1.1's engine leaves it out itself.
+fn without_content(response: Response<Body>) -> Response<Body> {
+    let (mut parts, body) = response.into_parts();
+    if !parts.headers.contains_key(http::header::CONTENT_LENGTH) {
+        // The length a GET would have had, when known.
+        if let Some(n) = hyper::body::Body::size_hint(&body)
+            .exact()
+            .filter(|n| *n > 0)
+        {
+            parts
+                .headers
+                .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(n));
+        }
+    }
+    Response::from_parts(parts, Body::new(NoContent))
+}
+
+/// A body that has ended and says nothing of its length, so that hyper adds no
+/// `content-length: 0` to a HEAD's answer whose length is not known.
+struct NoContent;
+
+impl hyper::body::Body for NoContent {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        Poll::Ready(None)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        true
     }
 }
 

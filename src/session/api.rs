@@ -249,7 +249,7 @@ impl SessionApi {
                 );
                 Ok(success(StatusCode::CREATED, Some(created)))
             }
-            // HEAD as GET (RFC 9110 9.1); hyper sends no body with the answer.
+            // HEAD as GET (RFC 9110 9.1); the server leaves the content out of the answer.
             (Endpoint::List, Method::GET | Method::HEAD) => {
                 let list = sessions.list(user, check).await.map_err(store_failed)?;
                 Ok(success(StatusCode::OK, Some(list)))
