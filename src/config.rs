@@ -849,11 +849,8 @@ impl FileConfig {
                 LogFormat::Text
             }
         };
-        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            v.fail(
-                "log.level",
-                "not a valid filter (try \"info\" or \"portcullis=debug,info\")",
-            );
+        if let Err(reason) = log_filter(&self.log.level) {
+            v.fail("log.level", reason);
         }
 
         let redis = v.redis(&self.redis, env);
@@ -1875,6 +1872,34 @@ const RESERVED_HEADERS: &[(&str, &str)] = &[
     ("x-request-id", "portcullis sets to the request id"),
 ];
 
+/// The log filter `spec` describes (`log.level`, `PORTCULLIS_LOG`), or why it is refused.
+///
+/// Stricter than tracing's own syntax: a bare word there is a target's name, so a misspelt level
+/// (`warning`, `verbose`) would parse and silence every line, errors included. Here a directive
+/// without `=` must be a level, and a target's level is written `target=level`.
+pub fn log_filter(spec: &str) -> Result<tracing_subscriber::EnvFilter, String> {
+    const TRY: &str = "try \"info\" or \"portcullis=debug,info\"";
+    let mut directives = spec.split(',').map(str::trim).filter(|d| !d.is_empty());
+    let Some(first) = directives.next() else {
+        return Err(format!("is empty ({TRY}, or \"off\" for no logs)"));
+    };
+    for directive in std::iter::once(first).chain(directives) {
+        let bare = !directive.contains(['=', '[', '{']);
+        if bare
+            && directive
+                .parse::<tracing_subscriber::filter::LevelFilter>()
+                .is_err()
+        {
+            return Err(format!(
+                "{directive:?} is not a level (trace, debug, info, warn, error, off); \
+                 a target's level is written target=level ({TRY})"
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(spec)
+        .map_err(|e| format!("not a valid filter: {e} ({TRY})"))
+}
+
 /// Every key that `PORTCULLIS_<SECTION>_<KEY>` can set. Dots become underscores:
 /// `server.tls.cert` is `PORTCULLIS_SERVER_TLS_CERT`.
 const OVERRIDABLE: &[(&str, Kind)] = &[
@@ -2011,12 +2036,17 @@ fn apply_env_overrides(
         // PORTCULLIS_LOG is the log filter, read by the binary itself; checked here, so that
         // one that does not parse is refused rather than passed over for `log.level`.
         if rest == "LOG" {
-            if tracing_subscriber::EnvFilter::try_new(value).is_err() {
+            // Empty, it is ignored (the binary does the same), as an empty REDIS_HOST is.
+            if let Err(reason) = log_filter(value).map(drop).or_else(|reason| {
+                if value.trim().is_empty() {
+                    Ok(())
+                } else {
+                    Err(reason)
+                }
+            }) {
                 errors.push(ConfigError {
                     key: "log.level".into(),
-                    reason: format!(
-                        "{name}={value:?} is not a valid filter (try \"info\" or \"portcullis=debug,info\")"
-                    ),
+                    reason: format!("{name}={value:?}: {reason}"),
                 });
             }
             continue;
@@ -2834,11 +2864,42 @@ mod tests {
 
     #[test]
     fn a_log_filter_in_the_environment_that_does_not_parse_is_refused() {
-        let err = parse_env("", &[("PORTCULLIS_LOG", "debug,=[[")]).unwrap_err();
-        assert_eq!(err.0.len(), 1, "{err}");
-        assert_eq!(err.0[0].key, "log.level");
-        assert!(err.0[0].reason.contains("PORTCULLIS_LOG"), "{err}");
-        assert!(parse_env("", &[("PORTCULLIS_LOG", "portcullis=debug,info")]).is_ok());
+        // A misspelt level would parse as a target's name, and silence every line.
+        for bad in [
+            "debug,=[[",
+            "warning",
+            "info,verbose",
+            "portcullis=loud",
+            " , ",
+        ] {
+            let err = parse_env("", &[("PORTCULLIS_LOG", bad)]).unwrap_err();
+            assert_eq!(err.0.len(), 1, "{err}");
+            assert_eq!(err.0[0].key, "log.level", "{bad}");
+            assert!(err.0[0].reason.contains("PORTCULLIS_LOG"), "{err}");
+        }
+        let err = parse_env("", &[("PORTCULLIS_LOG", "warning")]).unwrap_err();
+        assert!(
+            err.0[0].reason.contains("\"warning\" is not a level"),
+            "{err}"
+        );
+        // Empty, it is ignored, as the binary ignores it.
+        for good in [
+            "portcullis=debug,info",
+            "WARN",
+            "off",
+            "warn,audit=info,",
+            "",
+            "  ",
+        ] {
+            assert!(
+                parse_env("", &[("PORTCULLIS_LOG", good)]).is_ok(),
+                "{good:?}"
+            );
+        }
+        for bad in ["", "warning", "verbose"] {
+            let err = parse(&format!("[log]\nlevel = {bad:?}\n")).unwrap_err();
+            assert_eq!(err.0[0].key, "log.level", "{bad:?}");
+        }
     }
 
     #[test]

@@ -64,9 +64,15 @@ enum Command {
 
 fn init_logging(format: LogFormat, level: &str) {
     use tracing_subscriber::EnvFilter;
-    let parsed = |spec: String| EnvFilter::try_new(&spec).ok().map(|filter| (spec, filter));
+    // Both were checked with the configuration (an empty PORTCULLIS_LOG is ignored there too).
+    let parsed = |spec: String| {
+        portcullis::config::log_filter(&spec)
+            .ok()
+            .map(|filter| (spec, filter))
+    };
     let (spec, mut filter) = std::env::var("PORTCULLIS_LOG")
         .ok()
+        .filter(|spec| !spec.trim().is_empty())
         .and_then(parsed)
         .or_else(|| parsed(level.to_string()))
         .unwrap_or_else(|| ("info".to_string(), EnvFilter::new("info")));

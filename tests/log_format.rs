@@ -178,6 +178,19 @@ async fn log_format_json_in_the_config_writes_access_lines_as_json() {
     exercise_and_check(&running, &upstream).await;
 }
 
+/// The README's quieter filter keeps the access and audit lines, each with its request id.
+#[tokio::test]
+async fn the_documented_quiet_filter_keeps_access_and_audit_lines_with_their_request_ids() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::echo().await;
+    // portcullis::app=info for the start line, which tells the test the ports.
+    let quiet = "[log]\nformat = \"json\"\nlevel = \"warn,portcullis::app=info,\
+                 portcullis::request_id=info,portcullis::access=info,audit=info\"\n";
+    let mut running = start(&session_config(&upstream, &redis, quiet), &[]).await;
+    running.wait_ready().await;
+    exercise_and_check(&running, &upstream).await;
+}
+
 #[tokio::test]
 async fn the_log_format_flag_overrides_the_config() {
     let redis = RedisServer::start();
