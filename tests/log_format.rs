@@ -8,7 +8,7 @@ mod support;
 
 use observe::{portcullis_command, Binary};
 use serde_json::Value;
-use support::{client, json, session_config, token, RedisServer, Upstream};
+use support::{client, json, open_config, session_config, token, RedisServer, Upstream};
 
 /// The real binary with `args` before its subcommand and no PORTCULLIS_* variables (the
 /// config's log settings apply).
@@ -293,4 +293,44 @@ async fn what_a_tls_client_does_wrong_does_not_fill_the_log() {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         waited += 1;
     }
+}
+
+/// An upstream that cannot be reached is named in the log with the cause, at WARN, once for a
+/// burst of refused requests rather than once per request.
+#[tokio::test]
+async fn a_failing_upstream_is_warned_of_with_its_cause_once_per_burst() {
+    let redis = RedisServer::start();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let config = format!(
+        "[redis]\nurl = \"{}\"\n{}",
+        redis.url(),
+        open_config(&format!("http://{dead}"))
+    );
+    let running = start(&config, &[]).await;
+    let ids = ["dead-upstream-0", "dead-upstream-1", "dead-upstream-2"];
+    for id in ids {
+        let resp = client()
+            .get(running.url("/"))
+            .header("x-request-id", id)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 502);
+    }
+    let mut needles = ids.to_vec();
+    needles.push("upstream request failed");
+    let out = running.wait_for_lines(&needles).await;
+    let warnings: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("upstream request failed"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{out}");
+    assert!(
+        warnings[0].to_lowercase().contains("refused"),
+        "the cause is named: {}",
+        warnings[0]
+    );
 }

@@ -54,6 +54,56 @@ pub struct Upstream {
     aliased: Aliased,
     /// Counted by every worker's pool.
     pool_counters: PoolCounters,
+    failures: FailureWarnings,
+}
+
+/// How often, at most, an upstream failure is logged as a warning.
+const FAILURE_WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// Upstream failures as warnings: the first at once, then at most one per
+/// [`FAILURE_WARN_EVERY`] (each saying how many it stands for), so that a dead or misconfigured
+/// upstream is named in the log without one line per refused request. The rest are DEBUG.
+#[derive(Debug)]
+struct FailureWarnings {
+    since: Instant,
+    /// When the last warning was written: milliseconds from `since`, plus one (0: never).
+    last: std::sync::atomic::AtomicU64,
+    /// Failures since then that were not warned of.
+    unwarned: std::sync::atomic::AtomicU64,
+}
+
+impl FailureWarnings {
+    fn new() -> Self {
+        FailureWarnings {
+            since: Instant::now(),
+            last: 0.into(),
+            unwarned: 0.into(),
+        }
+    }
+
+    fn note(&self, failure: &str, error: &dyn std::fmt::Display) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = u64::try_from(self.since.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1;
+        let last = self.last.load(Relaxed);
+        let due = last == 0 || now.saturating_sub(last) >= FAILURE_WARN_EVERY.as_millis() as u64;
+        if due
+            && self
+                .last
+                .compare_exchange(last, now, Relaxed, Relaxed)
+                .is_ok()
+        {
+            let also = self.unwarned.swap(0, Relaxed);
+            tracing::warn!(
+                error = %error,
+                also_since_last_warning = also,
+                "{failure} (warned at most every {}s)",
+                FAILURE_WARN_EVERY.as_secs()
+            );
+        } else {
+            self.unwarned.fetch_add(1, Relaxed);
+            tracing::debug!(error = %error, "{failure}");
+        }
+    }
 }
 
 /// Names some backends would confuse with these (see `Upstream::remove_aliases`); the bit of
@@ -115,6 +165,7 @@ impl Upstream {
             tunnels: Arc::new(TunnelCount::default()),
             aliased,
             pool_counters,
+            failures: FailureWarnings::new(),
         }
     }
 
@@ -182,7 +233,16 @@ impl Upstream {
         };
         let elapsed = started.elapsed();
         let (response, switched) = match result {
-            Err(_) => return Err(Rejection::UpstreamTimeout(self.config.request_timeout)),
+            Err(_) => {
+                self.failures.note(
+                    "upstream did not answer in time",
+                    &format_args!(
+                        "no answer head within upstream.request_timeout ({:?})",
+                        self.config.request_timeout
+                    ),
+                );
+                return Err(Rejection::UpstreamTimeout(self.config.request_timeout));
+            }
             Ok(Err(e)) => return Err(self.classify(e)),
             Ok(Ok(answer)) => answer,
         };
@@ -201,7 +261,13 @@ impl Upstream {
                         .map(TunnelSession::watch),
                 )),
                 // A 101 we did not ask for cannot be honoured: the client never offered to switch.
-                _ => return Err(Rejection::UpstreamUnavailable),
+                _ => {
+                    self.failures.note(
+                        "upstream request failed",
+                        &"a 101 switching to something other than the WebSocket asked for",
+                    );
+                    return Err(Rejection::UpstreamUnavailable);
+                }
             }
         }
 
@@ -358,7 +424,8 @@ impl Upstream {
             tracing::debug!(error = %error_chain(&error), "request body failed");
             return Rejection::of_request_body(&error);
         }
-        tracing::debug!(error = %error_chain(&error), "upstream request failed");
+        self.failures
+            .note("upstream request failed", &error_chain(&error));
         Rejection::UpstreamUnavailable
     }
 }
