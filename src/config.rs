@@ -789,8 +789,11 @@ impl FileConfig {
             v.nonzero_duration("server.tls.reload_interval", tls.reload_interval);
         }
         v.positive("server.max_body_bytes", self.server.max_body_bytes);
-        if self.server.max_header_bytes < 1024 {
-            v.fail("server.max_header_bytes", "must be at least 1024");
+        if !(1024..=MAX_HEADER_BYTES).contains(&self.server.max_header_bytes) {
+            v.fail(
+                "server.max_header_bytes",
+                format!("must be from 1024 to {MAX_HEADER_BYTES} (1 MiB)"),
+            );
         }
         v.nonzero_duration(
             "server.header_read_timeout",
@@ -818,12 +821,13 @@ impl FileConfig {
         let host = if self.upstream.host.is_empty() {
             None
         } else {
+            let authority = self.upstream.host.parse::<Authority>().ok();
             match HeaderValue::from_str(&self.upstream.host) {
-                Ok(h) if self.upstream.host.parse::<Authority>().is_ok() => Some(h),
+                Ok(h) if authority.as_ref().is_some_and(port_is_sound) => Some(h),
                 _ => {
                     v.fail(
                         "upstream.host",
-                        "must be a host name, optionally with :port",
+                        "must be a host name, optionally with :port (1 to 65535)",
                     );
                     None
                 }
@@ -836,8 +840,16 @@ impl FileConfig {
 
         let admin_listen = v.socket_addr("admin.listen", &self.admin.listen);
         if let (Some(a), Some(b)) = (listen, admin_listen) {
-            if a == b && a.port() != 0 {
-                v.fail("admin.listen", "must differ from server.listen");
+            // A wildcard address takes the port on every address (IPv6's on IPv4's too).
+            let overlap = a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified();
+            if a.port() == b.port() && a.port() != 0 && overlap {
+                v.fail(
+                    "admin.listen",
+                    format!(
+                        "must differ from server.listen: both would take port {}",
+                        a.port()
+                    ),
+                );
             }
         }
 
@@ -1807,13 +1819,43 @@ impl Validator {
             self.fail(key, "must name a host");
             return (None, None);
         };
-        if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        if authority.as_str().contains('@') {
+            // Never sent, and the URL is logged at start.
             self.fail(
                 key,
-                "must not have a path or query: requests are forwarded with their own path",
+                "must not hold user info (user:password@): portcullis sends no credentials upstream",
+            );
+            return (None, None);
+        }
+        if !port_is_sound(&authority) {
+            self.fail(key, "has a port that is not 1 to 65535");
+            return (None, None);
+        }
+        // The URL parser drops a fragment without a word.
+        if !matches!(uri.path(), "" | "/") || uri.query().is_some() || value.contains('#') {
+            self.fail(
+                key,
+                "must not have a path, query or fragment: requests are forwarded with their own path",
             );
         }
         (Some(scheme), Some(authority))
+    }
+}
+
+/// Largest `server.max_header_bytes`: the HTTP layer's own cap is four times it.
+const MAX_HEADER_BYTES: usize = 1024 * 1024;
+
+/// Whether an authority's port, when it has one, is a port (`host:` and `host:99999` are not).
+fn port_is_sound(authority: &Authority) -> bool {
+    // The text after the last colon, unless that colon is inside an IPv6 literal.
+    let port_text = authority
+        .as_str()
+        .rsplit_once(':')
+        .map(|(_, p)| p)
+        .filter(|p| !p.contains(']'));
+    match port_text {
+        None => true,
+        Some(text) => text.parse::<u16>().is_ok_and(|port| port != 0),
     }
 }
 
@@ -2826,6 +2868,67 @@ mod tests {
     fn upstream_url_with_path_is_refused() {
         let err = parse("[upstream]\nurl = \"http://game:8080/api\"\n").unwrap_err();
         assert_eq!(err.0[0].key, "upstream.url");
+    }
+
+    #[test]
+    fn upstream_url_and_host_with_a_bad_port_credentials_or_a_fragment_are_refused() {
+        for (url, says) in [
+            ("http://127.0.0.1:99999", "port"),
+            ("http://game:0", "port"),
+            ("http://game:", "port"),
+            ("http://user:pw@game:8080", "user info"),
+            ("http://game:8080#frag", "fragment"),
+        ] {
+            let err = parse(&format!("[upstream]\nurl = \"{url}\"\n")).unwrap_err();
+            assert_eq!(err.0[0].key, "upstream.url", "{url}");
+            assert!(err.0[0].reason.contains(says), "{url}: {err}");
+            assert!(!err.to_string().contains("pw"), "{err}");
+        }
+        for url in [
+            "http://game:8080",
+            "https://[::1]:8443/",
+            "http://[::1]",
+            "http://game",
+        ] {
+            assert!(
+                parse(&format!("[upstream]\nurl = \"{url}\"\n")).is_ok(),
+                "{url}"
+            );
+        }
+        for host in ["a:99999", "a:", "a:0"] {
+            let err = parse(&format!("[upstream]\nhost = \"{host}\"\n")).unwrap_err();
+            assert_eq!(err.0[0].key, "upstream.host", "{host}");
+        }
+        assert!(parse("[upstream]\nhost = \"game.example:8443\"\n").is_ok());
+    }
+
+    #[test]
+    fn max_header_bytes_has_a_ceiling() {
+        let err = parse("[server]\nmax_header_bytes = 9223372036854775807\n").unwrap_err();
+        assert_eq!(err.0[0].key, "server.max_header_bytes");
+        assert!(parse("[server]\nmax_header_bytes = 1048576\n").is_ok());
+    }
+
+    #[test]
+    fn the_admin_listener_may_not_take_the_public_port_through_a_wildcard() {
+        for (public, admin) in [
+            ("0.0.0.0:47003", "127.0.0.1:47003"),
+            ("127.0.0.1:47003", "0.0.0.0:47003"),
+            ("[::]:47003", "0.0.0.0:47003"),
+            ("127.0.0.1:47003", "127.0.0.1:47003"),
+        ] {
+            let text = format!("[server]\nlisten = \"{public}\"\n[admin]\nlisten = \"{admin}\"\n");
+            let err = parse(&text).unwrap_err();
+            assert_eq!(err.0[0].key, "admin.listen", "{public} {admin}");
+        }
+        for (public, admin) in [
+            ("127.0.0.1:47003", "[::1]:47003"),
+            ("0.0.0.0:47003", "0.0.0.0:47004"),
+            ("127.0.0.1:0", "127.0.0.1:0"),
+        ] {
+            let text = format!("[server]\nlisten = \"{public}\"\n[admin]\nlisten = \"{admin}\"\n");
+            assert!(parse(&text).is_ok(), "{public} {admin}");
+        }
     }
 
     #[test]
