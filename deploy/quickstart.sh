@@ -12,8 +12,12 @@ bin=target/release/portcullis
 echo_pid=$!
 "$bin" --config config.toml &
 proxy_pid=$!
-# Whatever stops this script (Ctrl-C, SIGTERM, one of the two exiting) stops both.
-stop() { kill -TERM "$proxy_pid" "$echo_pid" 2>/dev/null || true; }
+# Whatever stops this script (Ctrl-C, SIGTERM, one of the two exiting) stops both, and waits
+# for them: portcullis drains for up to server.shutdown_grace, and the prompt comes back after.
+stop() {
+  kill -TERM "$proxy_pid" "$echo_pid" 2>/dev/null || true
+  wait "$proxy_pid" "$echo_pid" 2>/dev/null || true
+}
 trap stop EXIT
 trap 'stop; exit 130' INT
 trap 'stop; exit 143' TERM
