@@ -2047,6 +2047,8 @@ fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
 /// do errors about a part of it (`server.trusted_proxies[0]`) or the table it is in (a
 /// `rate_limit.proxy` that lacks a field once `rate_limit.proxy.requests` is set).
 fn blame_env(mut errors: ConfigErrors, overridden: &[(&str, String)]) -> ConfigErrors {
+    // `overridden` pairs each key set with its note: "set by VAR", or for a table an override
+    // made where the file had none, "[table] made by VAR".
     let within = |inner: &str, outer: &str| {
         inner
             .strip_prefix(outer)
@@ -2054,9 +2056,14 @@ fn blame_env(mut errors: ConfigErrors, overridden: &[(&str, String)]) -> ConfigE
     };
     for error in &mut errors.0 {
         let set = |key: &&str| within(&error.key, key) || within(key, &error.key);
-        if let Some((_, var)) = overridden.iter().find(|(key, _)| set(key)) {
+        // The closest: a key's own variable before the one that made its table.
+        let closest = overridden
+            .iter()
+            .filter(|(key, _)| set(key))
+            .min_by_key(|(key, _)| key.len().abs_diff(error.key.len()));
+        if let Some((_, var)) = closest {
             if !error.reason.contains(var.as_str()) {
-                error.reason.push_str(&format!(" (set by {var})"));
+                error.reason.push_str(&format!(" ({var})"));
             }
         }
     }
@@ -2137,14 +2144,33 @@ fn apply_env_overrides(
                     .collect(),
             ),
         };
+        // A table the file does not have, made by this variable, is blamed on it: its other
+        // keys are then missing because of it (`[server.tls]` without `cert`).
+        let parent = key.rsplit_once('.').map_or("", |(parent, _)| parent);
+        let made = !parent.is_empty() && !has_table(table, parent);
         set_path(table, key, parsed);
-        overridden.push((key, name.clone()));
+        overridden.push((key, format!("set by {name}")));
+        if made && !overridden.iter().any(|(k, _)| *k == parent) {
+            overridden.push((parent, format!("[{parent}] made by {name}")));
+        }
     }
     if errors.is_empty() {
         Ok(overridden)
     } else {
         Err(ConfigErrors(errors))
     }
+}
+
+/// Whether the file has the table at `dotted`.
+fn has_table(table: &toml::Table, dotted: &str) -> bool {
+    let mut cur = table;
+    for part in dotted.split('.') {
+        match cur.get(part) {
+            Some(toml::Value::Table(inner)) => cur = inner,
+            _ => return false,
+        }
+    }
+    true
 }
 
 fn set_path(table: &mut toml::Table, dotted: &str, value: toml::Value) {
@@ -2395,11 +2421,6 @@ mod tests {
                 "bogus",
                 "server.trusted_proxies[0]",
             ),
-            (
-                "PORTCULLIS_RATE_LIMIT_PROXY_REQUESTS",
-                "50",
-                "rate_limit.proxy",
-            ),
         ] {
             let err = parse_env("", &[(var, value)]).unwrap_err();
             assert_eq!(err.0[0].key, key);
@@ -2408,6 +2429,43 @@ mod tests {
                 "{err}"
             );
         }
+        // A table a variable made, where the file has none: its missing keys are its doing.
+        for (var, value, key, table) in [
+            (
+                "PORTCULLIS_RATE_LIMIT_PROXY_REQUESTS",
+                "50",
+                "rate_limit.proxy",
+                "rate_limit.proxy",
+            ),
+            (
+                "PORTCULLIS_SERVER_TLS_RELOAD_INTERVAL",
+                "1s",
+                "server.tls.cert",
+                "server.tls",
+            ),
+        ] {
+            let err = parse_env("", &[(var, value)]).unwrap_err();
+            assert_eq!(err.0[0].key, key);
+            assert!(
+                err.0[0]
+                    .reason
+                    .contains(&format!("([{table}] made by {var})")),
+                "{err}"
+            );
+        }
+        // The variable's own key is still blamed as set by it.
+        let err = parse_env("", &[("PORTCULLIS_SERVER_TLS_RELOAD_INTERVAL", "0s")]).unwrap_err();
+        let interval = err
+            .0
+            .iter()
+            .find(|e| e.key == "server.tls.reload_interval")
+            .unwrap_or_else(|| panic!("{err}"));
+        assert!(
+            interval
+                .reason
+                .contains("(set by PORTCULLIS_SERVER_TLS_RELOAD_INTERVAL)"),
+            "{err}"
+        );
         let err = parse_env("", &[("PORTCULLIS_SESSION_TTL", "5")]).unwrap_err();
         assert_eq!(err.0[0].key, "session.ttl");
         assert!(err.0[0].reason.contains("PORTCULLIS_SESSION_TTL"), "{err}");
