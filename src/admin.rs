@@ -99,7 +99,7 @@ impl Admin {
             let mut response = error_response(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "METHOD_NOT_ALLOWED",
-                "the admin endpoints answer GET only",
+                "the admin endpoints answer GET and HEAD only",
             );
             // RFC 9110 15.5.6: a 405 lists what the resource does answer.
             response

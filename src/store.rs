@@ -388,7 +388,9 @@ impl Link {
         drop(state);
         self.changed.notify_waiters();
         if attempt == 1 || attempt.is_power_of_two() {
-            tracing::warn!(attempt, error = %reason, "cannot connect to Redis");
+            // The address only: the connection info's password is never logged.
+            let redis = self.client.get_connection_info().addr();
+            tracing::warn!(attempt, %redis, error = %reason, "cannot connect to Redis");
         }
     }
 }

@@ -202,6 +202,12 @@ async fn without_redis_password_a_redis_that_requires_one_fails_closed() {
         log.contains("NOAUTH"),
         "the log does not say Redis wants a password:\n{log}"
     );
+    let address = format!("127.0.0.1:{}", redis.port);
+    assert!(
+        log.lines()
+            .any(|l| l.contains("cannot connect to Redis") && l.contains(&address)),
+        "the warning does not name the Redis it tried:\n{log}"
+    );
     let (status, body) = create_session(&running, "player-1").await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["error"]["code"], "SESSION_STORE_UNAVAILABLE", "{body}");
