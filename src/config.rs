@@ -581,8 +581,10 @@ fn env_var<'e>(env: &'e [(String, String)], name: &str) -> Option<&'e str> {
 }
 
 impl JwtKeySource<'_> {
+    /// The variable's value, unless it is empty or only whitespace (a Secret's key made from an
+    /// empty file holds a newline): no key either way, as when it is unset.
     fn env_secret<'e>(&self, env: &'e [(String, String)]) -> Option<&'e str> {
-        env_var(env, self.env)
+        env_var(env, self.env).filter(|value| !value.trim().is_empty())
     }
 
     /// Whether any source of this key is set, for the algorithms' family.
@@ -2245,6 +2247,11 @@ mod tests {
         assert_eq!(previous(from_env), Some(old.clone()), "trimmed");
         let in_file = format!("[jwt]\nprevious_secret = \"{old}\"\n");
         assert_eq!(previous(parse(&in_file).unwrap()), Some(old.clone()));
+        // Empty or whitespace only (a Secret's key from an empty file): no previous key.
+        for blank in ["", "\n", " \r\n"] {
+            let c = parse_env("", &[("JWT_PREVIOUS_SECRET", blank)]).unwrap();
+            assert_eq!(previous(c), None, "{blank:?}");
+        }
 
         let only_error = |text: &str, env: &[(&str, &str)]| {
             let err = parse_env(text, env).unwrap_err();
