@@ -1647,6 +1647,13 @@ impl Validator {
         } else {
             None
         };
+        if section.leeway.subsec_nanos() != 0 {
+            // Token times are whole seconds, and so is the verifier's allowance.
+            self.fail(
+                "jwt.leeway",
+                "must be whole seconds (\"30s\", not \"1500ms\")",
+            );
+        }
         if section.leeway > MAX_JWT_LEEWAY {
             self.fail(
                 "jwt.leeway",
@@ -2384,6 +2391,9 @@ mod tests {
     #[test]
     fn jwt_leeway_is_at_most_an_hour() {
         assert!(parse("[jwt]\nleeway = \"1h\"\n").is_ok());
+        let err = parse("[jwt]\nleeway = \"1500ms\"\n").unwrap_err();
+        assert_eq!(err.0[0].key, "jwt.leeway");
+        assert!(err.0[0].reason.contains("whole seconds"), "{err}");
         let err = parse("[jwt]\nleeway = \"61m\"\n").unwrap_err();
         assert_eq!(err.0[0].key, "jwt.leeway", "{err}");
     }
