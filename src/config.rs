@@ -302,6 +302,9 @@ pub struct UpstreamSection {
     pub pool_idle_timeout: Duration,
     /// Most idle pooled connections kept to the upstream, per worker.
     pub pool_max_idle: usize,
+    /// Most connections open to the upstream at once, all workers together; 0 is
+    /// `server.max_connections`.
+    pub max_connections: usize,
     /// PEM file of the CA certificates an https upstream's certificate must chain to, instead
     /// of the web PKI roots; empty uses the web PKI roots.
     pub ca_file: String,
@@ -316,6 +319,7 @@ impl Default for UpstreamSection {
             host: String::new(),
             pool_idle_timeout: Duration::from_secs(4),
             pool_max_idle: 256,
+            max_connections: 0,
             ca_file: String::new(),
         }
     }
@@ -707,6 +711,8 @@ pub struct UpstreamConfig {
     pub host: Option<HeaderValue>,
     pub pool_idle_timeout: Duration,
     pub pool_max_idle: usize,
+    /// Most connections open to the upstream at once, all workers together.
+    pub max_connections: usize,
     /// Trust anchors for an https upstream; `None` means the web PKI roots.
     pub ca: Option<rustls::RootCertStore>,
 }
@@ -803,6 +809,14 @@ impl FileConfig {
         );
         v.nonzero_duration("server.idle_timeout", self.server.idle_timeout);
         v.positive("server.max_connections", self.server.max_connections as u64);
+        for (key, n) in [
+            ("server.max_connections", self.server.max_connections),
+            ("upstream.max_connections", self.upstream.max_connections),
+        ] {
+            if n > MAX_CONNECTIONS {
+                v.fail(key, format!("must be at most {MAX_CONNECTIONS}"));
+            }
+        }
         if self.server.workers > MAX_WORKERS {
             v.fail(
                 "server.workers",
@@ -1089,6 +1103,10 @@ impl FileConfig {
                 host,
                 pool_idle_timeout: self.upstream.pool_idle_timeout,
                 pool_max_idle: self.upstream.pool_max_idle,
+                max_connections: match self.upstream.max_connections {
+                    0 => self.server.max_connections,
+                    n => n,
+                },
                 ca: upstream_ca,
             },
             admin: AdminConfig {
@@ -1851,6 +1869,10 @@ impl Validator {
     }
 }
 
+/// Largest `server.max_connections` and `upstream.max_connections`: each connection is a file
+/// descriptor, and no process gets ten million.
+const MAX_CONNECTIONS: usize = 10_000_000;
+
 /// Largest `server.max_header_bytes`: the HTTP layer's own cap is four times it.
 const MAX_HEADER_BYTES: usize = 1024 * 1024;
 
@@ -1973,6 +1995,7 @@ const OVERRIDABLE: &[(&str, Kind)] = &[
     ("upstream.host", Kind::Str),
     ("upstream.pool_idle_timeout", Kind::Str),
     ("upstream.pool_max_idle", Kind::Int),
+    ("upstream.max_connections", Kind::Int),
     ("upstream.ca_file", Kind::Str),
     ("admin.listen", Kind::Str),
     ("log.format", Kind::Str),
@@ -2975,6 +2998,20 @@ mod tests {
             assert_eq!(err.0[0].key, "upstream.host", "{host}");
         }
         assert!(parse("[upstream]\nhost = \"game.example:8443\"\n").is_ok());
+    }
+
+    #[test]
+    fn upstream_connections_default_to_the_client_connection_limit() {
+        assert_eq!(parse("").unwrap().upstream.max_connections, 25_000);
+        let c = parse("[server]\nmax_connections = 100\n").unwrap();
+        assert_eq!(c.upstream.max_connections, 100);
+        let c =
+            parse("[server]\nmax_connections = 100\n[upstream]\nmax_connections = 7\n").unwrap();
+        assert_eq!(c.upstream.max_connections, 7);
+        for key in ["server", "upstream"] {
+            let err = parse(&format!("[{key}]\nmax_connections = 10000001\n")).unwrap_err();
+            assert_eq!(err.0[0].key, format!("{key}.max_connections"));
+        }
     }
 
     #[test]

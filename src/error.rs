@@ -18,6 +18,8 @@ pub enum Rejection {
     UpstreamUnavailable,
     #[error("the upstream did not answer within {0:?}")]
     UpstreamTimeout(std::time::Duration),
+    #[error("portcullis holds as many upstream connections as upstream.max_connections allows, and none came free in time")]
+    UpstreamBusy,
     #[error("the request body exceeds the limit of {0} bytes")]
     PayloadTooLarge(u64),
     #[error("the request headers exceed the limit of {0} bytes or 100 header lines")]
@@ -86,6 +88,7 @@ impl Rejection {
         match self {
             Rejection::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             Rejection::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Rejection::UpstreamBusy => StatusCode::SERVICE_UNAVAILABLE,
             Rejection::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Rejection::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Rejection::BadRequest(_) | Rejection::InvalidPath(_) | Rejection::Malformed(_) => {
@@ -115,6 +118,7 @@ impl Rejection {
         match self {
             Rejection::UpstreamUnavailable => "UPSTREAM_UNAVAILABLE",
             Rejection::UpstreamTimeout(_) => "UPSTREAM_TIMEOUT",
+            Rejection::UpstreamBusy => "UPSTREAM_BUSY",
             Rejection::PayloadTooLarge(_) => "PAYLOAD_TOO_LARGE",
             Rejection::HeadersTooLarge(_) => "HEADERS_TOO_LARGE",
             Rejection::BadRequest(_) => "BAD_REQUEST",

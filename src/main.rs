@@ -206,19 +206,19 @@ fn main() -> ExitCode {
 }
 
 /// Raises the soft open-file limit to the hard one, as Go's runtime does: container runtimes may
-/// start a process at a soft limit of 1024, and each proxied connection holds two descriptors
-/// (the client's and the upstream's), so `server.max_connections` would otherwise be out of
-/// reach. Warns when even the hard limit cannot hold that many.
-fn raise_open_file_limit(max_connections: usize) {
-    // Two per connection, and room for the listeners, Redis, idle pooled connections and files.
+/// start a process at a soft limit of 1024, and each client connection and each upstream
+/// connection holds a descriptor, so `server.max_connections` would otherwise be out of reach.
+/// Warns when even the hard limit cannot hold both limits' worth.
+fn raise_open_file_limit(max_connections: usize, max_upstream_connections: usize) {
+    // One per connection either way, and room for the listeners, Redis and files.
     let wanted = (max_connections as u64)
-        .saturating_mul(2)
+        .saturating_add(max_upstream_connections as u64)
         .saturating_add(1024);
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(limit) if limit < wanted => tracing::warn!(
             open_file_limit = limit,
             wanted,
-            "the open-file limit cannot hold server.max_connections proxied connections; raise the hard limit (ulimit -Hn) or lower server.max_connections"
+            "the open-file limit cannot hold server.max_connections client and upstream.max_connections upstream connections; raise the hard limit (ulimit -Hn) or lower them"
         ),
         Ok(limit) => tracing::debug!(open_file_limit = limit, "open-file limit"),
         Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
@@ -261,7 +261,10 @@ fn exit_on_hastier_signal(first: Shutdown) {
 }
 
 async fn run(config: Config) -> ExitCode {
-    raise_open_file_limit(config.server.max_connections);
+    raise_open_file_limit(
+        config.server.max_connections,
+        config.upstream.max_connections,
+    );
     let public_addr = config.server.listen;
     let admin_addr = config.admin.listen;
     let app = match App::build(config) {

@@ -221,6 +221,11 @@ impl Metrics {
             upstream_pool.idle.clone(),
         );
         registry.register(
+            "upstream_requests_waiting",
+            "Requests waiting for a connection to the upstream because upstream.max_connections are open",
+            upstream_pool.waiting.clone(),
+        );
+        registry.register(
             "upstream_requests_replayed",
             "Bodiless idempotent requests sent again on a new connection because the upstream closed their pooled one under them",
             upstream_pool.replayed.clone(),
@@ -394,7 +399,9 @@ pub fn rejection_reason(rejection: &Rejection) -> &'static str {
         Rejection::SessionInvalid | Rejection::SessionNotFound => "session",
         Rejection::RateLimited => "rate_limit",
         Rejection::StoreUnavailable => "redis_unavailable",
-        Rejection::UpstreamUnavailable | Rejection::UpstreamTimeout(_) => "upstream",
+        Rejection::UpstreamUnavailable
+        | Rejection::UpstreamTimeout(_)
+        | Rejection::UpstreamBusy => "upstream",
         Rejection::PayloadTooLarge(_)
         | Rejection::HeadersTooLarge(_)
         | Rejection::BadRequest(_)

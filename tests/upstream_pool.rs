@@ -295,3 +295,68 @@ async fn a_request_with_a_body_is_never_sent_twice() {
     let replayed = metric(&proxy, "portcullis_upstream_requests_replayed_total").await;
     assert_eq!(replayed, 0.0);
 }
+
+/// `upstream.max_connections` bounds the connections open to the upstream however many
+/// requests one HTTP/2 client has in flight: past it a request waits (within
+/// `connect_timeout`) for a connection to come back, or is refused with 503 `UPSTREAM_BUSY`.
+#[tokio::test]
+async fn upstream_connections_are_bounded_however_many_streams_a_client_opens() {
+    let (upstream, mut arrived, gate) = gated_upstream().await;
+    let proxy = Proxy::start(&one_worker(
+        &upstream,
+        "max_connections = 2\nconnect_timeout = \"300ms\"",
+    ))
+    .await;
+    let h2 = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let first_held: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(h2.get(proxy.url("/held")).send()))
+        .collect();
+    reached_upstream(&mut arrived).await;
+    reached_upstream(&mut arrived).await;
+
+    // A third stream finds no room: refused once connect_timeout has passed.
+    let resp = h2.get(proxy.url("/third")).send().await.unwrap();
+    assert_error(resp, 503, "UPSTREAM_BUSY").await;
+    assert_eq!(upstream.connections(), 2);
+    assert_eq!(
+        upstream.count(),
+        2,
+        "the refused request reached the upstream"
+    );
+
+    // On a second proxy, one that waits gets the first connection to come back, and no new one
+    // is opened.
+    let proxy = Proxy::start(&one_worker(
+        &upstream,
+        "max_connections = 2\nconnect_timeout = \"10s\"",
+    ))
+    .await;
+    let held: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(h2.get(proxy.url("/held")).send()))
+        .collect();
+    reached_upstream(&mut arrived).await;
+    reached_upstream(&mut arrived).await;
+    let waiting = tokio::spawn(h2.get(proxy.url("/waits")).send());
+    eventually("the third request to wait for a connection", || async {
+        metric(&proxy, "portcullis_upstream_requests_waiting").await == 1.0
+    })
+    .await;
+    gate.send(true).unwrap();
+    for request in held {
+        assert_eq!(request.await.unwrap().unwrap().status(), 200);
+    }
+    let resp = waiting.await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(upstream.connections(), 4, "two for each proxy");
+    assert_eq!(
+        metric(&proxy, "portcullis_upstream_requests_waiting").await,
+        0.0
+    );
+    for request in first_held {
+        assert_eq!(request.await.unwrap().unwrap().status(), 200);
+    }
+}

@@ -22,6 +22,7 @@ use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body as _, Frame, SizeHint};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::h1::{
     self, header_map, header_spans, headers_len, may_be_whole, put_headers, BodyDecoder,
@@ -109,16 +110,19 @@ pub struct Conn {
     /// the allocation may still be on their way to the client when the connection rests, and
     /// a shared allocation does not tell its size.
     read_grew: bool,
+    /// Its place under `upstream.max_connections`, given back when the connection closes.
+    _slot: Option<OwnedSemaphorePermit>,
 }
 
 impl Conn {
-    pub(super) fn new(io: Io) -> Conn {
+    pub(super) fn new(io: Io, slot: Option<OwnedSemaphorePermit>) -> Conn {
         Conn {
             io: Box::new(io),
             read: BytesMut::new(),
             write: BytesMut::new(),
             read_size: READ_CHUNK,
             read_grew: false,
+            _slot: slot,
         }
     }
 
@@ -232,6 +236,7 @@ pub(super) async fn exchange<H: Home>(
         let upgraded = Upgraded {
             io: conn.io,
             read: conn.read,
+            _slot: conn._slot,
         };
         return Ok(Answer::Switched(response, upgraded));
     }
@@ -694,6 +699,8 @@ impl<H: Home> http_body::Body for ResponseBody<H> {
 pub struct Upgraded {
     io: Box<Io>,
     read: BytesMut,
+    /// The connection's place under `upstream.max_connections`: a tunnel holds it too.
+    _slot: Option<OwnedSemaphorePermit>,
 }
 
 impl AsyncRead for Upgraded {
@@ -768,7 +775,7 @@ mod tests {
             .unwrap();
         let (upstream, _) = listener.accept().await.unwrap();
         let io = hyper_rustls::MaybeHttpsStream::Http(TokioIo::new(client));
-        (Conn::new(TokioIo::new(io)), upstream)
+        (Conn::new(TokioIo::new(io), None), upstream)
     }
 
     fn request(method: Method, target: &str) -> Request<Body> {
@@ -1443,7 +1450,7 @@ mod tests {
         let (client, upstream) = small_buffered_pair(true).await;
         let (client, upstream) = handshake(TokioIo::new(TokioIo::new(client)), upstream).await;
         let io = hyper_rustls::MaybeHttpsStream::Https(TokioIo::new(client));
-        (Conn::new(TokioIo::new(io)), upstream)
+        (Conn::new(TokioIo::new(io), None), upstream)
     }
 
     #[tokio::test]

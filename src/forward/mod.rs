@@ -54,6 +54,8 @@ pub struct Upstream {
     aliased: Aliased,
     /// Counted by every worker's pool.
     pool_counters: PoolCounters,
+    /// Connections open to the upstream, all workers' pools together (`max_connections`).
+    slots: Arc<tokio::sync::Semaphore>,
     failures: FailureWarnings,
 }
 
@@ -165,6 +167,7 @@ impl Upstream {
             tunnels: Arc::new(TunnelCount::default()),
             aliased,
             pool_counters,
+            slots: Arc::new(tokio::sync::Semaphore::new(config.max_connections)),
             failures: FailureWarnings::new(),
         }
     }
@@ -413,6 +416,10 @@ impl Upstream {
     fn classify(&self, error: PoolError) -> Rejection {
         if source_chain_has::<http_body_util::LengthLimitError>(&error) {
             return Rejection::PayloadTooLarge(self.max_body_bytes);
+        }
+        if matches!(error, PoolError::Busy) {
+            self.failures.note("upstream request failed", &error);
+            return Rejection::UpstreamBusy;
         }
         // Reading the client's body failed: it broke its own framing (the upstream's answers
         // are not read with that error type), stalled, or broke off. The client's doing, not
@@ -717,7 +724,11 @@ pub struct Forward {
 
 impl Forward {
     pub fn new(upstream: Arc<Upstream>) -> Self {
-        let pool = Pool::new(&upstream.config, upstream.pool_counters.clone());
+        let pool = Pool::new(
+            &upstream.config,
+            upstream.pool_counters.clone(),
+            upstream.slots.clone(),
+        );
         Forward { upstream, pool }
     }
 }

@@ -14,6 +14,9 @@ use http::{Request, Response, Uri};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
 use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tower::ServiceExt;
 
 use super::client::{self, Answer, Conn, Home};
@@ -41,6 +44,8 @@ pub struct PoolCounters {
     pub replayed: Counter,
     /// Connections waiting in the pools.
     pub idle: Gauge,
+    /// Requests waiting for a connection while `upstream.max_connections` are open.
+    pub waiting: Gauge,
 }
 
 /// Why a request got no response from the upstream.
@@ -48,6 +53,10 @@ pub struct PoolCounters {
 pub enum PoolError {
     #[error("cannot connect to the upstream")]
     Connect(#[source] BoxError),
+    #[error(
+        "upstream.max_connections are open and none came free within upstream.connect_timeout"
+    )]
+    Busy,
     #[error(transparent)]
     Exchange(#[from] client::Error),
 }
@@ -67,6 +76,12 @@ struct Shared {
     max_idle: usize,
     idle: Mutex<Idle>,
     counters: PoolCounters,
+    /// One permit per connection open to the upstream, shared by every worker's pool.
+    slots: Arc<Semaphore>,
+    /// Requests of this pool waiting for a connection while `slots` has none left.
+    waiting: AtomicUsize,
+    /// Told when a connection comes back while some are waiting.
+    returned: Notify,
 }
 
 #[derive(Default)]
@@ -108,7 +123,9 @@ impl Drop for IdleConn {
 }
 
 impl Pool {
-    pub fn new(config: &UpstreamConfig, counters: PoolCounters) -> Pool {
+    /// `slots` bounds the connections open to the upstream, with the other workers' pools: each
+    /// connection holds a permit until it closes.
+    pub fn new(config: &UpstreamConfig, counters: PoolCounters, slots: Arc<Semaphore>) -> Pool {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -137,6 +154,9 @@ impl Pool {
             max_idle: config.pool_max_idle,
             idle: Mutex::new(Idle::default()),
             counters,
+            slots,
+            waiting: AtomicUsize::new(0),
+            returned: Notify::new(),
         }))
     }
 
@@ -198,16 +218,75 @@ impl Pool {
         None
     }
 
+    /// A connection for a request that found none idle: a new one, or, while
+    /// `upstream.max_connections` are open, whichever comes first of one of this pool's coming
+    /// back and a place coming free.
     async fn connect(&self) -> Result<Conn, PoolError> {
+        // Waiting counts towards connect_timeout: either way the request is waiting to reach
+        // the upstream.
+        let deadline = tokio::time::Instant::now() + self.0.connect_timeout;
+        let slot = match self.0.slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                let _waiting = Waiting::new(&self.0.waiting, &self.0.counters.waiting);
+                match tokio::time::timeout_at(deadline, self.wait_for_room()).await {
+                    Ok(Some(Room::Slot(slot))) => slot,
+                    Ok(Some(Room::Returned(conn))) => return Ok(conn),
+                    Ok(None) | Err(_) => return Err(PoolError::Busy),
+                }
+            }
+        };
         // The connector's own timeout covers TCP only: an upstream that accepts and then never
         // finishes the TLS handshake would otherwise hold the request until request_timeout.
         let connecting = self.0.connector.clone().oneshot(self.0.target.clone());
-        let io = tokio::time::timeout(self.0.connect_timeout, connecting)
+        let io = tokio::time::timeout_at(deadline, connecting)
             .await
             .map_err(|_| PoolError::Connect("timed out connecting".into()))?
             .map_err(PoolError::Connect)?;
         self.0.counters.opened.inc();
-        Ok(Conn::new(TokioIo::new(io)))
+        Ok(Conn::new(TokioIo::new(io), Some(slot)))
+    }
+
+    /// The first place to come free under `slots`, or connection to come back to this pool;
+    /// `None` if the semaphore was closed.
+    async fn wait_for_room(&self) -> Option<Room> {
+        loop {
+            // Listening before looking: a connection that comes back in between is not missed.
+            let returned = self.0.returned.notified();
+            tokio::pin!(returned);
+            returned.as_mut().enable();
+            if let Some((conn, _)) = self.checkout() {
+                return Some(Room::Returned(conn));
+            }
+            tokio::select! {
+                slot = self.0.slots.clone().acquire_owned() => return slot.ok().map(Room::Slot),
+                () = &mut returned => {}
+            }
+        }
+    }
+}
+
+/// What a request waiting for a connection gets.
+enum Room {
+    Slot(OwnedSemaphorePermit),
+    Returned(Conn),
+}
+
+/// Counts a request among those waiting (the pool's, and all pools' gauge) while it waits.
+struct Waiting<'a>(&'a AtomicUsize, &'a Gauge);
+
+impl<'a> Waiting<'a> {
+    fn new(count: &'a AtomicUsize, gauge: &'a Gauge) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        gauge.inc();
+        Waiting(count, gauge)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+        self.1.dec();
     }
 }
 
@@ -237,6 +316,11 @@ impl Home for Arc<Shared> {
             idle.conns.remove(0);
         }
         idle.conns.push(IdleConn::new(conn, &self.counters.idle));
+        // Read after the push (both SeqCst): a request that starts waiting after this read
+        // looks in the pool after the push, and finds the connection there.
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            self.returned.notify_waiters();
+        }
         if !idle.reaping {
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                 idle.reaping = true;
