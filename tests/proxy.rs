@@ -1107,3 +1107,39 @@ async fn response_body_streams_to_the_client_before_the_upstream_finishes() {
     }
     assert_eq!(rest, b"last");
 }
+
+/// Blank lines before a request line are ignored (RFC 9112 2.2), also when they come one at a
+/// time, and count towards the head's hard cap.
+#[tokio::test]
+async fn blank_lines_before_the_request_line_are_ignored_and_counted() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = Upstream::echo().await;
+    let proxy = Proxy::start(&open_config(&upstream.url())).await;
+
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    for _ in 0..50 {
+        stream.write_all(b"\r\n").await.unwrap();
+        stream.flush().await.unwrap();
+    }
+    stream
+        .write_all(
+            b"GET /after-blank-lines HTTP/1.1\r\nHost: game.example\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.unwrap();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert_eq!(upstream.last().target, "/after-blank-lines");
+
+    // The hard cap is 64 KiB at the default max_header_bytes.
+    let mut request = b"\r\n".repeat(33 * 1024);
+    request.extend_from_slice(b"GET / HTTP/1.1\r\nHost: game.example\r\n\r\n");
+    let resp = send_raw(proxy.addr, &request).await;
+    assert_eq!(resp.status, 431);
+    assert_eq!(upstream.count(), 1);
+}

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, StatusCode, Uri, Version};
 use http_body::{Body as _, Frame, SizeHint};
@@ -576,7 +576,10 @@ where
         let cap = self.limits.hard_header_cap();
         // How much of a partial head has been looked at: after the first look, the head is
         // parsed again only once a blank line has come (or the cap is passed).
-        let mut looked_at = 0;
+        let mut looked_at: usize = 0;
+        // Blank lines before the request line (RFC 9112 2.2) are let go as they come, and
+        // counted against the cap: the parser would skip them again on every look.
+        let mut blank_lines: usize = 0;
         if self.stopping {
             return Next::Close;
         }
@@ -584,10 +587,21 @@ where
             let mut wire = lock(&self.wire);
             loop {
                 if !wire.read.is_empty() {
-                    let whole = wire.read.len() > cap || may_be_whole(&wire.read, looked_at);
+                    let blank = wire
+                        .read
+                        .iter()
+                        .take_while(|b| matches!(b, b'\r' | b'\n'))
+                        .count();
+                    if blank > 0 {
+                        wire.read.advance(blank);
+                        looked_at = looked_at.saturating_sub(blank);
+                        blank_lines += blank;
+                    }
+                    let room = cap.saturating_sub(blank_lines);
+                    let whole = wire.read.len() > room || may_be_whole(&wire.read, looked_at);
                     looked_at = wire.read.len();
                     if whole {
-                        match parse_head(&mut wire.read, cap) {
+                        match parse_head(&mut wire.read, room) {
                             Ok(Some(head)) => return Poll::Ready(Next::Head(head)),
                             Ok(None) => {}
                             Err(refusal) => return Poll::Ready(Next::Refuse(refusal)),
