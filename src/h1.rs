@@ -125,6 +125,10 @@ impl BodyDecoder {
                     return Ok(Step::Data(data));
                 }
                 Decode::ChunkSize => match parse_chunk_size(read)? {
+                    // The same limit whether the line came whole or in pieces.
+                    Some(line) if line.len > MAX_CHUNK_LINE => {
+                        return Err(FramingError::Malformed("a chunk-size line is too long"))
+                    }
                     Some(line) => {
                         read.advance(line.len);
                         self.extension_bytes += line.extension_bytes;
@@ -830,6 +834,25 @@ mod tests {
         assert!(matches!(decoder.step(&mut read), Ok(Step::NeedMore)));
         read.extend_from_slice(b"x-b: 2\nx-c");
         assert!(decoder.step(&mut read).is_err());
+    }
+
+    #[test]
+    fn a_chunk_size_line_over_the_limit_is_refused_whole_or_in_pieces() {
+        let mut body = b"1;x=".to_vec();
+        body.extend(std::iter::repeat_n(b'a', MAX_CHUNK_LINE));
+        body.extend_from_slice(b"\r\na\r\n0\r\n\r\n");
+        let mut decoder = BodyDecoder::new(Decode::ChunkSize);
+        let mut read = BytesMut::from(&body[..]);
+        assert!(decoder.step(&mut read).is_err(), "whole");
+        assert!(
+            decode_bytewise(Decode::ChunkSize, &body).is_err(),
+            "in pieces"
+        );
+        // Just under the limit, it is read.
+        let mut body = b"1;x=".to_vec();
+        body.extend(std::iter::repeat_n(b'a', MAX_CHUNK_LINE - 6));
+        body.extend_from_slice(b"\r\na\r\n0\r\n\r\n");
+        assert!(decode_bytewise(Decode::ChunkSize, &body).is_ok());
     }
 
     #[test]
