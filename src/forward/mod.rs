@@ -530,6 +530,9 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 /// none of them. The Connection header's tokens are compared as text with the message's names:
 /// parsing one into a `HeaderName` costs more than that, and most of them (`keep-alive`,
 /// `close`) name no header of the message.
+/// Header fields past which the names a Connection header lists are looked up, not looked for.
+const LOOK_UP_CONNECTION_TOKENS_PAST: usize = 16;
+
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool, spared: &[&HeaderName]) {
     let kept =
         |name: &HeaderName| keep_upgrade && (name == header::CONNECTION || name == header::UPGRADE);
@@ -542,15 +545,25 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool, spared: &[&
         }
     }
     if has_connection {
+        // A look through a few names costs less than parsing the token as a name; past that,
+        // a lookup keeps a long Connection header over many fields from costing their product.
+        let look_up = headers.keys_len() > LOOK_UP_CONNECTION_TOKENS_PAST;
         for token in connection_tokens(headers) {
-            let listed = headers
-                .keys()
-                .find(|name| name.as_str().eq_ignore_ascii_case(token));
-            let removable = |name: &&HeaderName| {
-                !kept(name) && !doomed.contains(name) && !spared.contains(name)
+            let listed = if look_up {
+                HeaderName::from_bytes(token.as_bytes())
+                    .ok()
+                    .filter(|name| headers.contains_key(name))
+            } else {
+                headers
+                    .keys()
+                    .find(|name| name.as_str().eq_ignore_ascii_case(token))
+                    .cloned()
+            };
+            let removable = |name: &HeaderName| {
+                !kept(name) && !doomed.contains(name) && !spared.contains(&name)
             };
             if let Some(name) = listed.filter(removable) {
-                doomed.push(name.clone());
+                doomed.push(name);
             }
         }
     }
@@ -761,6 +774,37 @@ mod tests {
             .iter()
             .fold(0u64, |bits, name| bits | 1 << name.as_str().len());
         assert_eq!(bits, HOP_BY_HOP_LENGTHS);
+    }
+
+    #[test]
+    fn connection_named_headers_are_found_among_many_and_spared_ones_kept() {
+        for fields in [4, LOOK_UP_CONNECTION_TOKENS_PAST + 4] {
+            let mut h = HeaderMap::new();
+            for i in 0..fields {
+                h.insert(
+                    HeaderName::from_bytes(format!("x-field-{i}").as_bytes()).unwrap(),
+                    HeaderValue::from_static("v"),
+                );
+            }
+            h.insert(
+                header::CONNECTION,
+                HeaderValue::from_static(
+                    "X-Field-1, x-FIELD-3, x-absent, X-Request-Id, , bad name",
+                ),
+            );
+            h.insert(&X_REQUEST_ID, HeaderValue::from_static("id"));
+            strip_hop_by_hop(&mut h, false, &[&X_REQUEST_ID]);
+            assert!(
+                !h.contains_key("x-field-1") && !h.contains_key("x-field-3"),
+                "{fields}"
+            );
+            assert!(
+                h.contains_key("x-field-0") && h.contains_key("x-field-2"),
+                "{fields}"
+            );
+            assert_eq!(h[&X_REQUEST_ID], "id", "{fields}");
+            assert_eq!(h.len(), fields - 1, "{fields}: {h:?}");
+        }
     }
 
     #[test]
