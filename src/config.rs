@@ -837,7 +837,12 @@ impl FileConfig {
         let host = if self.upstream.host.is_empty() {
             None
         } else {
-            let authority = self.upstream.host.parse::<Authority>().ok();
+            let authority = self
+                .upstream
+                .host
+                .parse::<Authority>()
+                .ok()
+                .filter(|a| !a.as_str().contains('@'));
             match HeaderValue::from_str(&self.upstream.host) {
                 Ok(h) if authority.as_ref().is_some_and(port_is_sound) => Some(h),
                 _ => {
@@ -856,8 +861,13 @@ impl FileConfig {
 
         let admin_listen = v.socket_addr("admin.listen", &self.admin.listen);
         if let (Some(a), Some(b)) = (listen, admin_listen) {
-            // A wildcard address takes the port on every address (IPv6's on IPv4's too).
-            let overlap = a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified();
+            // A wildcard takes the port on every address of its family; IPv6's, on Linux's
+            // default dual stack, on IPv4's too.
+            let covers = |wild: SocketAddr, other: SocketAddr| match wild.ip() {
+                std::net::IpAddr::V6(ip) => ip.is_unspecified(),
+                std::net::IpAddr::V4(ip) => ip.is_unspecified() && other.is_ipv4(),
+            };
+            let overlap = a.ip() == b.ip() || covers(a, b) || covers(b, a);
             if a.port() == b.port() && a.port() != 0 && overlap {
                 v.fail(
                     "admin.listen",
@@ -1952,11 +1962,16 @@ const RESERVED_HEADERS: &[(&str, &str)] = &[
 /// without `=` must be a level, and a target's level is written `target=level`.
 pub fn log_filter(spec: &str) -> Result<tracing_subscriber::EnvFilter, String> {
     const TRY: &str = "try \"info\" or \"portcullis=debug,info\"";
-    let mut directives = spec.split(',').map(str::trim).filter(|d| !d.is_empty());
-    let Some(first) = directives.next() else {
+    // Trimmed here: tracing would read "info " as a target's name.
+    let directives: Vec<&str> = spec
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect();
+    if directives.is_empty() {
         return Err(format!("is empty ({TRY}, or \"off\" for no logs)"));
-    };
-    for directive in std::iter::once(first).chain(directives) {
+    }
+    for &directive in &directives {
         let bare = !directive.contains(['=', '[', '{']);
         if bare
             && directive
@@ -1969,7 +1984,7 @@ pub fn log_filter(spec: &str) -> Result<tracing_subscriber::EnvFilter, String> {
             ));
         }
     }
-    tracing_subscriber::EnvFilter::try_new(spec)
+    tracing_subscriber::EnvFilter::try_new(directives.join(","))
         .map_err(|e| format!("not a valid filter: {e} ({TRY})"))
 }
 
@@ -2993,7 +3008,7 @@ mod tests {
                 "{url}"
             );
         }
-        for host in ["a:99999", "a:", "a:0"] {
+        for host in ["a:99999", "a:", "a:0", "user@game"] {
             let err = parse(&format!("[upstream]\nhost = \"{host}\"\n")).unwrap_err();
             assert_eq!(err.0[0].key, "upstream.host", "{host}");
         }
@@ -3027,6 +3042,7 @@ mod tests {
             ("0.0.0.0:47003", "127.0.0.1:47003"),
             ("127.0.0.1:47003", "0.0.0.0:47003"),
             ("[::]:47003", "0.0.0.0:47003"),
+            ("[::1]:47003", "[::]:47003"),
             ("127.0.0.1:47003", "127.0.0.1:47003"),
         ] {
             let text = format!("[server]\nlisten = \"{public}\"\n[admin]\nlisten = \"{admin}\"\n");
@@ -3035,6 +3051,7 @@ mod tests {
         }
         for (public, admin) in [
             ("127.0.0.1:47003", "[::1]:47003"),
+            ("0.0.0.0:47003", "[::1]:47003"),
             ("0.0.0.0:47003", "0.0.0.0:47004"),
             ("127.0.0.1:0", "127.0.0.1:0"),
         ] {
@@ -3105,6 +3122,7 @@ mod tests {
             "warn,audit=info,",
             "",
             "  ",
+            "info ",
         ] {
             assert!(
                 parse_env("", &[("PORTCULLIS_LOG", good)]).is_ok(),
@@ -3115,6 +3133,14 @@ mod tests {
             let err = parse(&format!("[log]\nlevel = {bad:?}\n")).unwrap_err();
             assert_eq!(err.0[0].key, "log.level", "{bad:?}");
         }
+        // Spaces around a directive are not part of it (tracing would take "info " for a
+        // target's name, and log nothing).
+        let filter = log_filter(" warn , portcullis=debug ").unwrap().to_string();
+        assert!(
+            filter.contains("portcullis=debug") && filter.contains("warn"),
+            "{filter}"
+        );
+        assert!(!filter.contains(' '), "{filter}");
     }
 
     #[test]
