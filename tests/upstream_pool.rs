@@ -360,3 +360,46 @@ async fn upstream_connections_are_bounded_however_many_streams_a_client_opens() 
         assert_eq!(request.await.unwrap().unwrap().status(), 200);
     }
 }
+
+/// Idle connections in one worker's pool do not keep another worker's requests from the
+/// upstream: a request that finds no place closes one of them and takes its place.
+#[tokio::test]
+async fn another_workers_idle_connections_give_way_under_max_connections() {
+    let (upstream, mut arrived, gate) = gated_upstream().await;
+    let config = config_with(
+        &upstream.url(),
+        "[server]\nworkers = 2\n[upstream]\nmax_connections = 2\nconnect_timeout = \"5s\"\n\
+         pool_idle_timeout = \"60s\"\n",
+    );
+    let proxy = Proxy::start(&config).await;
+    let h2 = || {
+        reqwest::Client::builder()
+            .no_proxy()
+            .http2_prior_knowledge()
+            .build()
+            .unwrap()
+    };
+    // One client connection, so one worker: two requests leave two idle connections there.
+    let first = h2();
+    let held: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(first.get(proxy.url("/first")).send()))
+        .collect();
+    reached_upstream(&mut arrived).await;
+    reached_upstream(&mut arrived).await;
+    gate.send(true).unwrap();
+    for request in held {
+        assert_eq!(request.await.unwrap().unwrap().status(), 200);
+    }
+    eventually(
+        "both connections idle in the first worker's pool",
+        || async { metric(&proxy, "portcullis_upstream_connections_idle").await == 2.0 },
+    )
+    .await;
+
+    // The next client connection goes to the other worker, whose pool is empty.
+    // Without giving way, it would wait out connect_timeout (5 s, well within the idle
+    // connections' 60 s) and be refused.
+    let resp = h2().get(proxy.url("/second")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(upstream.connections(), 3);
+}

@@ -29,7 +29,7 @@ mod client;
 mod pool;
 mod tunnel;
 
-pub use pool::{Pool, PoolCounters, PoolError, Upgraded, REPLAY_AFTER_IDLE};
+pub use pool::{Pool, PoolCounters, PoolError, Upgraded, UpstreamSlots, REPLAY_AFTER_IDLE};
 pub use tunnel::{Tunnel, TunnelCount, UpgradeHandoff};
 
 /// Headers [`Upstream::upstream_request`] may add to a request.
@@ -55,7 +55,7 @@ pub struct Upstream {
     /// Counted by every worker's pool.
     pool_counters: PoolCounters,
     /// Connections open to the upstream, all workers' pools together (`max_connections`).
-    slots: Arc<tokio::sync::Semaphore>,
+    slots: Arc<UpstreamSlots>,
     failures: FailureWarnings,
 }
 
@@ -167,7 +167,7 @@ impl Upstream {
             tunnels: Arc::new(TunnelCount::default()),
             aliased,
             pool_counters,
-            slots: Arc::new(tokio::sync::Semaphore::new(config.max_connections)),
+            slots: UpstreamSlots::new(config.max_connections),
             failures: FailureWarnings::new(),
         }
     }

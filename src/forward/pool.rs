@@ -76,8 +76,8 @@ struct Shared {
     max_idle: usize,
     idle: Mutex<Idle>,
     counters: PoolCounters,
-    /// One permit per connection open to the upstream, shared by every worker's pool.
-    slots: Arc<Semaphore>,
+    /// The places under `upstream.max_connections`, shared with every worker's pool.
+    slots: Arc<UpstreamSlots>,
     /// Requests of this pool waiting for a connection while `slots` has none left.
     waiting: AtomicUsize,
     /// Told when a connection comes back while some are waiting.
@@ -124,8 +124,8 @@ impl Drop for IdleConn {
 
 impl Pool {
     /// `slots` bounds the connections open to the upstream, with the other workers' pools: each
-    /// connection holds a permit until it closes.
-    pub fn new(config: &UpstreamConfig, counters: PoolCounters, slots: Arc<Semaphore>) -> Pool {
+    /// connection holds a place until it closes.
+    pub fn new(config: &UpstreamConfig, counters: PoolCounters, slots: Arc<UpstreamSlots>) -> Pool {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -146,7 +146,7 @@ impl Pool {
         target.scheme = Some(config.scheme.clone());
         target.authority = Some(config.authority.clone());
         target.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
-        Pool(Arc::new(Shared {
+        let shared = Arc::new(Shared {
             connector,
             target: Uri::from_parts(target).unwrap_or_default(),
             connect_timeout: config.connect_timeout,
@@ -157,7 +157,9 @@ impl Pool {
             slots,
             waiting: AtomicUsize::new(0),
             returned: Notify::new(),
-        }))
+        });
+        shared.slots.register(&shared);
+        Pool(shared)
     }
 
     /// Sends `req` (origin-form target, Host set) on a pooled connection, or on a new one when
@@ -222,14 +224,12 @@ impl Pool {
     /// `upstream.max_connections` are open, whichever comes first of one of this pool's coming
     /// back and a place coming free.
     async fn connect(&self) -> Result<Conn, PoolError> {
-        // Waiting counts towards connect_timeout: either way the request is waiting to reach
-        // the upstream.
-        let deadline = tokio::time::Instant::now() + self.0.connect_timeout;
-        let slot = match self.0.slots.clone().try_acquire_owned() {
+        let slot = match self.0.slots.permits.clone().try_acquire_owned() {
             Ok(slot) => slot,
             Err(_) => {
-                let _waiting = Waiting::new(&self.0.waiting, &self.0.counters.waiting);
-                match tokio::time::timeout_at(deadline, self.wait_for_room()).await {
+                let _waiting = Waiting::new(self);
+                let wait = self.0.connect_timeout;
+                match tokio::time::timeout(wait, self.wait_for_room()).await {
                     Ok(Some(Room::Slot(slot))) => slot,
                     Ok(Some(Room::Returned(conn))) => return Ok(conn),
                     Ok(None) | Err(_) => return Err(PoolError::Busy),
@@ -238,8 +238,9 @@ impl Pool {
         };
         // The connector's own timeout covers TCP only: an upstream that accepts and then never
         // finishes the TLS handshake would otherwise hold the request until request_timeout.
+        // Counted from when the place is held: a wait for one is not the upstream's slowness.
         let connecting = self.0.connector.clone().oneshot(self.0.target.clone());
-        let io = tokio::time::timeout_at(deadline, connecting)
+        let io = tokio::time::timeout(self.0.connect_timeout, connecting)
             .await
             .map_err(|_| PoolError::Connect("timed out connecting".into()))?
             .map_err(PoolError::Connect)?;
@@ -247,9 +248,10 @@ impl Pool {
         Ok(Conn::new(TokioIo::new(io), Some(slot)))
     }
 
-    /// The first place to come free under `slots`, or connection to come back to this pool;
-    /// `None` if the semaphore was closed.
+    /// The first connection to come back to this pool or place to come free, closing another
+    /// pool's idle connection for one when there is such; `None` if the places were closed.
     async fn wait_for_room(&self) -> Option<Room> {
+        let permits = &self.0.slots.permits;
         loop {
             // Listening before looking: a connection that comes back in between is not missed.
             let returned = self.0.returned.notified();
@@ -258,11 +260,69 @@ impl Pool {
             if let Some((conn, _)) = self.checkout() {
                 return Some(Room::Returned(conn));
             }
+            if let Ok(slot) = permits.clone().try_acquire_owned() {
+                return Some(Room::Slot(slot));
+            }
+            if self.0.slots.close_an_idle_connection(&self.0) {
+                continue;
+            }
             tokio::select! {
-                slot = self.0.slots.clone().acquire_owned() => return slot.ok().map(Room::Slot),
+                slot = permits.clone().acquire_owned() => return slot.ok().map(Room::Slot),
                 () = &mut returned => {}
             }
         }
+    }
+}
+
+/// The places under `upstream.max_connections`: one per connection open to the upstream, idle
+/// ones and tunnels included, shared by every worker's pool.
+pub struct UpstreamSlots {
+    permits: Arc<Semaphore>,
+    /// Requests waiting for a place, all pools together.
+    waiting: AtomicUsize,
+    /// Every pool, so that a request waiting for a place can close another's idle connection:
+    /// it would otherwise hold its place until `pool_idle_timeout`.
+    pools: Mutex<Vec<Weak<Shared>>>,
+}
+
+impl UpstreamSlots {
+    pub fn new(max_connections: usize) -> Arc<Self> {
+        Arc::new(UpstreamSlots {
+            permits: Arc::new(Semaphore::new(max_connections)),
+            waiting: AtomicUsize::new(0),
+            pools: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn register(&self, pool: &Arc<Shared>) {
+        if let Ok(mut pools) = self.pools.lock() {
+            pools.retain(|p| p.strong_count() > 0);
+            pools.push(Arc::downgrade(pool));
+        }
+    }
+
+    /// Closes the longest idle connection of a pool other than `asking`, if any, freeing its
+    /// place.
+    fn close_an_idle_connection(&self, asking: &Shared) -> bool {
+        let pools: Vec<Arc<Shared>> = match self.pools.lock() {
+            Ok(pools) => pools.iter().filter_map(Weak::upgrade).collect(),
+            Err(_) => return false,
+        };
+        for pool in pools
+            .iter()
+            .filter(|p| !std::ptr::eq(Arc::as_ptr(p), asking))
+        {
+            let closed = pool
+                .idle
+                .lock()
+                .ok()
+                .and_then(|mut idle| (!idle.conns.is_empty()).then(|| idle.conns.remove(0)));
+            if closed.is_some() {
+                // Dropped here, outside the lock: its place goes back now.
+                return true;
+            }
+        }
+        false
     }
 }
 
@@ -272,21 +332,25 @@ enum Room {
     Returned(Conn),
 }
 
-/// Counts a request among those waiting (the pool's, and all pools' gauge) while it waits.
-struct Waiting<'a>(&'a AtomicUsize, &'a Gauge);
+/// Counts a request among those waiting (its pool's, all pools', and the gauge) while it
+/// waits.
+struct Waiting<'a>(&'a Shared);
 
 impl<'a> Waiting<'a> {
-    fn new(count: &'a AtomicUsize, gauge: &'a Gauge) -> Self {
-        count.fetch_add(1, Ordering::SeqCst);
-        gauge.inc();
-        Waiting(count, gauge)
+    fn new(pool: &'a Pool) -> Self {
+        let pool = &*pool.0;
+        pool.waiting.fetch_add(1, Ordering::SeqCst);
+        pool.slots.waiting.fetch_add(1, Ordering::SeqCst);
+        pool.counters.waiting.inc();
+        Waiting(pool)
     }
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-        self.1.dec();
+        self.0.waiting.fetch_sub(1, Ordering::SeqCst);
+        self.0.slots.waiting.fetch_sub(1, Ordering::SeqCst);
+        self.0.counters.waiting.dec();
     }
 }
 
@@ -306,6 +370,11 @@ impl Home for Arc<Shared> {
     /// Takes back a connection whose exchange is complete.
     fn take_back(&self, mut conn: Conn) {
         if self.max_idle == 0 {
+            return;
+        }
+        // Requests of other pools wait for a place: this connection's goes to them.
+        let waiting_here = self.waiting.load(Ordering::SeqCst);
+        if self.slots.waiting.load(Ordering::SeqCst) > waiting_here {
             return;
         }
         conn.rest();
