@@ -256,7 +256,8 @@ impl Relay {
     }
 
     /// Ends this direction: with a close frame, finishes the frame in flight and sends it
-    /// (unless the reading side already said goodbye or is gone), then closes the writer.
+    /// (unless a close frame already went this way, or the reading side is gone), then closes
+    /// the writer, and reads what the reading side still sends until it closes too.
     async fn close<R, W>(&mut self, from: &mut R, to: &mut W, frame: Option<Vec<u8>>)
     where
         R: AsyncRead + Unpin,
@@ -269,6 +270,15 @@ impl Relay {
             }
         }
         let _ = to.shutdown().await;
+        // A socket closed with bytes unread sends a reset, which can throw away what is still
+        // on its way to that peer: the close frame above, say. What it sends now is no longer
+        // wanted, so it is read and let go until it closes (or the close allowance ends).
+        while !self.eof {
+            match tokio::io::AsyncReadExt::read(from, &mut self.buf).await {
+                Ok(0) | Err(_) => self.eof = true,
+                Ok(_) => {}
+            }
+        }
     }
 }
 
