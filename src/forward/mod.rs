@@ -56,7 +56,10 @@ pub struct Upstream {
     pool_counters: PoolCounters,
     /// Connections open to the upstream, all workers' pools together (`max_connections`).
     slots: Arc<UpstreamSlots>,
+    /// Warnings of failures to get an answer, and, apart so that neither kind hides the
+    /// other, of answers that did not come in time.
     failures: FailureWarnings,
+    timeouts: FailureWarnings,
 }
 
 /// How often, at most, an upstream failure is logged as a warning.
@@ -169,6 +172,7 @@ impl Upstream {
             pool_counters,
             slots: UpstreamSlots::new(config.max_connections),
             failures: FailureWarnings::new(),
+            timeouts: FailureWarnings::new(),
         }
     }
 
@@ -237,7 +241,7 @@ impl Upstream {
         let elapsed = started.elapsed();
         let (response, switched) = match result {
             Err(_) => {
-                self.failures.note(
+                self.timeouts.note(
                     "upstream did not answer in time",
                     &format_args!(
                         "no answer head within upstream.request_timeout ({:?})",
