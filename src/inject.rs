@@ -691,6 +691,15 @@ fn plan_workload(
     }
 
     let upstream = match (opts.upstream_port, game_ports.as_slice()) {
+        (Some(port), []) => port,
+        // A port the pods do not declare fronts nothing, and leaves the real one open.
+        (Some(port), declared) if declared.iter().all(|p| p.port != port) => {
+            let list: Vec<String> = declared.iter().map(ContainerPort::describe).collect();
+            return Err(format!(
+                "--upstream-port {port} is not a TCP port its containers declare ({}): name one of those, and inject workloads whose game ports differ in runs of their own",
+                list.join(", ")
+            ));
+        }
         (Some(port), _) => port,
         (None, [only]) => only.port,
         (None, []) => {

@@ -386,6 +386,25 @@ fn several_ports_need_a_choice() {
     );
 }
 
+/// A port the pods do not declare would be fronted by a sidecar with nothing behind it, and
+/// leave the real game port open.
+#[test]
+fn an_upstream_port_the_pods_do_not_declare_is_refused() {
+    let ports = "          ports:\n            - containerPort: 3000\n              name: http\n            - containerPort: 9100\n              name: metrics\n";
+    let out = inject(
+        &["--upstream-port", "8080"],
+        &deployment("game-b", "{app: game}", ports),
+    );
+    assert!(!out.ok);
+    assert!(out.stdout.is_empty(), "{}", out.stdout);
+    assert!(out.stderr.contains("Deployment game-b"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("--upstream-port 8080") && out.stderr.contains("3000"),
+        "{}",
+        out.stderr
+    );
+}
+
 #[test]
 fn a_port_clash_with_the_game_is_refused() {
     let ports = "          ports:\n            - containerPort: 8443\n";
