@@ -377,14 +377,18 @@ pub fn inject(sources: &[Source], opts: &InjectOptions) -> Result<Injected, Inje
     let mut workloads = Vec::new();
     // The workloads that get a sidecar now (not those injected before).
     let mut injected = Vec::new();
+    // Pods that run without a sidecar: a Service that selects them cannot be retargeted.
+    let mut bystanders = Vec::new();
     for (i, doc) in docs.iter_mut().enumerate() {
         let Some((spec_path, labels_path)) = pod_paths(doc.kind()) else {
             if let Some(why) = not_injected_kind(doc.kind()) {
                 notes.push(format!("{}: left unchanged: {why}", doc.describe(sources)));
+                bystanders.push(Bystander::of(doc, sources, None));
             }
             continue;
         };
         if opted_out(&doc.value, &labels_path) {
+            bystanders.push(Bystander::of(doc, sources, Some(&labels_path)));
             continue;
         }
         // Skipped rather than refused: the rest of the input can still be injected.
@@ -399,6 +403,7 @@ pub fn inject(sources: &[Source], opts: &InjectOptions) -> Result<Injected, Inje
             continue;
         }
         if host_network(&doc.value, &spec_path) {
+            bystanders.push(Bystander::of(doc, sources, Some(&labels_path)));
             notes.push(format!(
                 "{}: left unchanged: its pods use hostNetwork, so a sidecar would listen on the node's own interfaces (ports {} and {}), the game's port would stay reachable at the node's address, and NetworkPolicies do not apply to host-network pods on most network plugins: drop hostNetwork to inject it",
                 doc.describe(sources),
@@ -478,6 +483,12 @@ pub fn inject(sources: &[Source], opts: &InjectOptions) -> Result<Injected, Inje
 
     for i in 0..docs.len() {
         if docs[i].kind() == "Service" && !opts.workloads_only {
+            if let Some(reason) = mixed_service(&docs[i], &workloads, &bystanders, &docs, sources) {
+                return Err(InjectError::Refused {
+                    document: docs[i].describe(sources),
+                    reason,
+                });
+            }
             let (edits, service_notes) = plan_service(&docs[i], &mut workloads, &docs, opts);
             let described = docs[i].describe(sources);
             notes.extend(
@@ -975,6 +986,106 @@ fn non_tcp_ports(doc: &Value, spec_path: &[&str]) -> Vec<ContainerPort> {
 
 /// Retargets the ports of a Service that select an injected workload's game port; the ports it
 /// reaches some other way are added to what the workload's NetworkPolicy admits.
+/// Pods that run without portcullis in this input: left out, or injected in another way.
+struct Bystander {
+    namespace: Option<String>,
+    pod_labels: Mapping,
+    described: String,
+}
+
+impl Bystander {
+    /// `labels_path` where known; otherwise the usual places of a pod template's labels.
+    fn of(doc: &Doc, sources: &[Source], labels_path: Option<&[&str]>) -> Self {
+        let paths: Vec<&[&str]> = match labels_path {
+            Some(path) => vec![path],
+            None => vec![
+                &["spec", "template", "metadata", "labels"],
+                &[
+                    "spec",
+                    "jobTemplate",
+                    "spec",
+                    "template",
+                    "metadata",
+                    "labels",
+                ],
+                &["spec", "template", "spec", "template", "metadata", "labels"],
+                &["metadata", "labels"],
+            ],
+        };
+        let pod_labels = paths
+            .iter()
+            .find_map(|path| get(&doc.value, path).and_then(Value::as_mapping))
+            .cloned()
+            .unwrap_or_default();
+        Bystander {
+            namespace: doc.namespace().map(str::to_string),
+            pod_labels,
+            described: doc.describe(sources),
+        }
+    }
+}
+
+/// Whether `selector` (a Service's, in `namespace`) picks pods labelled `labels` there.
+fn selects(
+    selector: &Mapping,
+    namespace: Option<&str>,
+    labels: &Mapping,
+    labels_namespace: Option<&str>,
+) -> bool {
+    let same_namespace = match (namespace, labels_namespace) {
+        (Some(a), Some(b)) => a == b,
+        _ => true,
+    };
+    same_namespace
+        && !selector.is_empty()
+        && selector
+            .iter()
+            .all(|(k, v)| labels.get(k).is_some_and(|l| l == v))
+}
+
+/// Why a Service cannot be retargeted, if it cannot: it selects pods that will not all listen
+/// on one sidecar port (some with no sidecar, or sidecars on different ports), so whatever
+/// targetPort it gets, part of its endpoints would refuse its traffic.
+fn mixed_service(
+    service: &Doc,
+    workloads: &[Workload],
+    bystanders: &[Bystander],
+    docs: &[Doc],
+    sources: &[Source],
+) -> Option<String> {
+    let selector = get(&service.value, &["spec", "selector"]).and_then(Value::as_mapping)?;
+    let namespace = service.namespace();
+    let fronted: Vec<&Workload> = workloads
+        .iter()
+        .filter(|w| selects(selector, namespace, &w.pod_labels, w.namespace.as_deref()))
+        .collect();
+    let first = fronted.first()?;
+    let name = |w: &Workload| {
+        docs.get(w.doc)
+            .map_or(String::new(), |d| d.describe(sources))
+    };
+    if let Some(bystander) = bystanders
+        .iter()
+        .find(|b| selects(selector, namespace, &b.pod_labels, b.namespace.as_deref()))
+    {
+        return Some(format!(
+            "it selects the pods of {} and of {}, which runs without a sidecar: no targetPort reaches both portcullis and a game without it: give each its own Service (a selector label of its own), or inject both",
+            name(first),
+            bystander.described
+        ));
+    }
+    if let Some(other) = fronted.iter().find(|w| w.port != first.port) {
+        return Some(format!(
+            "it selects the pods of {} (portcullis on port {}) and of {} (portcullis on port {}): no one targetPort reaches both: give each its own Service, or the same --port",
+            name(first),
+            first.port,
+            name(other),
+            other.port
+        ));
+    }
+    None
+}
+
 fn plan_service(
     service: &Doc,
     workloads: &mut [Workload],

@@ -1166,3 +1166,60 @@ fn workloads_managed_by_a_controller_are_left_to_it() {
         );
     }
 }
+
+/// A Service that selects pods portcullis will front and pods it will not (opted out, on the
+/// host network, or another kind) cannot be retargeted without cutting off one of them: the
+/// run is refused, naming both.
+#[test]
+fn a_service_over_fronted_and_unfronted_pods_is_refused() {
+    let service = "apiVersion: v1\nkind: Service\nmetadata:\n  name: game\nspec:\n  selector: {app: game}\n  ports:\n    - port: 443\n      targetPort: http\n";
+    let legacy = deployment("game-legacy", "{app: game, track: legacy}", ONE_PORT).replace(
+        "metadata:\n  name: game-legacy\n",
+        "metadata:\n  name: game-legacy\n  annotations:\n    portcullis/inject: disabled\n",
+    );
+    let hosted = deployment("game-host", "{app: game, track: host}", ONE_PORT).replace(
+        "    spec:\n      containers:",
+        "    spec:\n      hostNetwork: true\n      containers:",
+    );
+    for other in [legacy, hosted] {
+        let input = format!(
+            "{}---\n{other}---\n{service}",
+            deployment("game", "{app: game, track: stable}", ONE_PORT)
+        );
+        let out = inject(&[], &input);
+        assert!(!out.ok, "{}", out.stdout);
+        assert!(out.stdout.is_empty(), "{}", out.stdout);
+        assert!(
+            out.stderr.contains("Service game") && out.stderr.contains("Deployment game"),
+            "{}",
+            out.stderr
+        );
+        assert!(out.stderr.contains("without a sidecar"), "{}", out.stderr);
+    }
+
+    // Sidecars on different ports: no one targetPort reaches both.
+    let injected_elsewhere = inject(
+        &["--port", "9443"],
+        &deployment("game-b", "{app: game, track: b}", ONE_PORT),
+    );
+    let input = format!(
+        "{}---\n{}---\n{service}",
+        deployment("game", "{app: game, track: a}", ONE_PORT),
+        injected_elsewhere.stdout
+    );
+    let out = inject(&[], &input);
+    assert!(!out.ok, "{}", out.stdout);
+    assert!(out.stderr.contains("9443"), "{}", out.stderr);
+
+    // Two workloads fronted alike: the Service is retargeted.
+    let input = format!(
+        "{}---\n{}---\n{service}",
+        deployment("game", "{app: game, track: a}", ONE_PORT),
+        deployment("game-b", "{app: game, track: b}", ONE_PORT)
+    );
+    let out = inject(&[], &input).docs();
+    assert_eq!(
+        kind(&out, "Service", "game")["spec"]["ports"][0]["targetPort"],
+        8443
+    );
+}
