@@ -179,6 +179,7 @@ fn headers(c: &mut Criterion) {
     let layer = AuthnLayer {
         verifier,
         identity: Arc::new(config.identity.clone()),
+        websocket_query_token: None,
     };
     let inner = tower::service_fn(|_req: Request<Body>| async {
         Ok::<_, Infallible>(Response::new(Body::new(http_body_util::Empty::<

@@ -174,6 +174,12 @@ impl App {
             .layer(AuthnLayer {
                 verifier: self.verifier.clone(),
                 identity: Arc::new(self.config.identity.clone()),
+                websocket_query_token: self
+                    .config
+                    .jwt
+                    .websocket_query_token
+                    .as_deref()
+                    .map(Arc::from),
             })
             // Count the caller (user id, else client IP) before any Redis or upstream work.
             .layer(RateLimitLayer(self.rate_limits.clone()))

@@ -470,6 +470,9 @@ pub struct JwtSection {
     pub verified_tokens: usize,
     /// Refuse tokens without a numeric `iat`: only such a token can be judged against a sign-out.
     pub require_iat: bool,
+    /// The query parameter a WebSocket upgrade may carry its token in, when it has no
+    /// Authorization header (a browser's WebSocket cannot send one); empty: none.
+    pub websocket_query_token: String,
 }
 
 impl Default for JwtSection {
@@ -487,6 +490,7 @@ impl Default for JwtSection {
             leeway: Duration::from_secs(30),
             verified_tokens: 8192,
             require_iat: false,
+            websocket_query_token: String::new(),
         }
     }
 }
@@ -628,6 +632,8 @@ pub struct JwtConfig {
     pub verified_tokens: usize,
     /// Tokens without a numeric `iat` are refused.
     pub require_iat: bool,
+    /// The query parameter a WebSocket upgrade may carry its token in.
+    pub websocket_query_token: Option<String>,
 }
 
 /// What a route demands of a request before it is forwarded.
@@ -1688,6 +1694,14 @@ impl Validator {
                 "must be at most 1h: it is the clock skew tolerated between the signer and portcullis",
             );
         }
+        let parameter = &section.websocket_query_token;
+        let plain = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~');
+        if !parameter.bytes().all(plain) {
+            self.fail(
+                "jwt.websocket_query_token",
+                "must be a query parameter name of letters, digits and - _ . ~ (\"access_token\"), or empty for none",
+            );
+        }
         let key = key?;
         let optional = |s: &str| (!s.is_empty()).then(|| s.to_string());
         Some(JwtConfig {
@@ -1699,6 +1713,7 @@ impl Validator {
             leeway: section.leeway,
             verified_tokens: section.verified_tokens,
             require_iat: section.require_iat,
+            websocket_query_token: optional(&section.websocket_query_token),
         })
     }
 
@@ -2041,6 +2056,7 @@ const OVERRIDABLE: &[(&str, Kind)] = &[
     ("jwt.leeway", Kind::Str),
     ("jwt.verified_tokens", Kind::Int),
     ("jwt.require_iat", Kind::Bool),
+    ("jwt.websocket_query_token", Kind::Str),
     ("rate_limit.gc_interval", Kind::Str),
     ("rate_limit.ipv6_prefix", Kind::Int),
     ("rate_limit.max_tracked_callers", Kind::Int),
@@ -2424,6 +2440,17 @@ mod tests {
         let err = parse_env("", &[(var, "0")]).unwrap_err();
         assert_eq!(err.0[0].key, "rate_limit.max_tracked_callers", "{err}");
         assert!(err.0[0].reason.contains(var), "{err}");
+    }
+
+    #[test]
+    fn the_websocket_query_token_is_a_plain_parameter_name_or_nothing() {
+        assert_eq!(parse("").unwrap().jwt.websocket_query_token, None);
+        let c = parse("[jwt]\nwebsocket_query_token = \"access_token\"\n").unwrap();
+        assert_eq!(c.jwt.websocket_query_token.as_deref(), Some("access_token"));
+        for bad in ["access token", "a=b", "a&b", "t%5F"] {
+            let err = parse(&format!("[jwt]\nwebsocket_query_token = {bad:?}\n")).unwrap_err();
+            assert_eq!(err.0[0].key, "jwt.websocket_query_token", "{bad}");
+        }
     }
 
     #[test]

@@ -625,3 +625,72 @@ async fn a_frame_in_flight_is_finished_before_the_close_frame() {
         .collect();
     assert_eq!(unmasked, b"\x03\xf0session ended");
 }
+
+/// Opens a WebSocket through the proxy the way a browser does: no Authorization header.
+async fn browser_handshake(
+    proxy: &Proxy,
+    target: &str,
+) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
+    let request = format!("ws://{}{}", proxy.addr, target)
+        .into_client_request()
+        .unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio_tungstenite::connect_async(request),
+    )
+    .await
+    .expect("handshake within 5 s")
+    .map(|(ws, _)| ws)
+}
+
+/// With `jwt.websocket_query_token`, a browser's WebSocket (which cannot send an Authorization
+/// header) brings its token in the query; the parameter goes no further than portcullis.
+#[tokio::test]
+async fn a_browser_websocket_may_bring_its_token_in_the_query() {
+    let redis = RedisServer::start();
+    let (upstream, _task) = echo_upstream().await;
+    let base = session_routes(upstream, &redis, "");
+    let proxy = Proxy::start(&format!(
+        "{base}\n[jwt]\nwebsocket_query_token = \"access_token\"\n"
+    ))
+    .await;
+    let sid = create_session(&proxy, &token("gina", None)).await;
+    let target = format!(
+        "/ws?EIO=4&access_token={}&transport=websocket",
+        token("gina", Some(&sid))
+    );
+    let mut ws = browser_handshake(&proxy, &target)
+        .await
+        .expect("the upgrade with a token in the query is admitted");
+    let hello: serde_json::Value = match next(&mut ws).await {
+        Some(Ok(Message::Text(text))) => serde_json::from_str(text.as_str()).unwrap(),
+        other => panic!("expected the echo upstream's hello, got {other:?}"),
+    };
+    assert_eq!(hello["headers"]["x-user-id"][0], "gina", "{hello}");
+    assert_eq!(hello["headers"]["x-session-id"][0], sid.as_str(), "{hello}");
+    let seen = hello.to_string();
+    assert!(
+        !seen.contains("access_token"),
+        "the token went upstream: {seen}"
+    );
+    assert!(seen.contains("EIO=4&transport=websocket"), "{seen}");
+    assert_echoes(&mut ws).await;
+
+    // The session's end still ends the tunnel.
+    destroy(&proxy, "gina", &sid).await;
+    assert_ends(&mut ws, "destroyed").await;
+
+    // Only upgrades read the query: a plain request with one is refused.
+    let resp = client()
+        .get(proxy.url(&format!("/ws?access_token={}", token("gina", None))))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+
+    // Without the setting, the query is not read.
+    let plain = Proxy::start(&base).await;
+    let sid = create_session(&plain, &token("hana", None)).await;
+    let target = format!("/ws?access_token={}", token("hana", Some(&sid)));
+    assert!(browser_handshake(&plain, &target).await.is_err());
+}

@@ -257,8 +257,18 @@ pub fn authenticate(
     headers: &HeaderMap,
     session_header: Option<String>,
 ) -> Result<Option<Authenticated>, Rejection> {
+    authenticate_token(verifier, class, bearer(headers), session_header)
+}
+
+/// [`authenticate`], with the token already found.
+fn authenticate_token(
+    verifier: &Verifier,
+    class: RouteClass,
+    token: Option<&str>,
+    session_header: Option<String>,
+) -> Result<Option<Authenticated>, Rejection> {
     let required = class.auth() != AuthMode::None;
-    let Some(token) = bearer(headers) else {
+    let Some(token) = token else {
         return if required {
             Err(Rejection::TokenMissing)
         } else {
@@ -289,6 +299,43 @@ pub fn authenticate(
 pub struct AuthnLayer {
     pub verifier: Arc<Verifier>,
     pub identity: Arc<IdentityConfig>,
+    /// `jwt.websocket_query_token`: the query parameter a WebSocket upgrade may carry its
+    /// token in.
+    pub websocket_query_token: Option<Arc<str>>,
+}
+
+/// Takes the token out of a WebSocket upgrade's query parameter `name`, so that it goes no
+/// further (upstream logs record query strings); every copy of the parameter goes, the first
+/// is the token. `None`, and the target unchanged, when there is none.
+fn take_query_token(req: &mut Request<Body>, name: &str) -> Option<String> {
+    let path_and_query = req.uri().path_and_query()?;
+    let query = path_and_query.query()?;
+    let mut token = None;
+    let mut kept = Vec::new();
+    for pair in query.split('&') {
+        match pair.split_once('=') {
+            Some((key, value)) if key == name => {
+                token.get_or_insert_with(|| value.to_string());
+            }
+            None if pair == name => {
+                token.get_or_insert_with(String::new);
+            }
+            _ => kept.push(pair),
+        }
+    }
+    let token = token?;
+    let mut target = path_and_query.path().to_string();
+    if !kept.is_empty() {
+        target.push('?');
+        target.push_str(&kept.join("&"));
+    }
+    let mut parts = req.uri().clone().into_parts();
+    parts.path_and_query = http::uri::PathAndQuery::try_from(target).ok();
+    // The target was whole before: without the parameter it still is.
+    if let Ok(uri) = http::Uri::from_parts(parts) {
+        *req.uri_mut() = uri;
+    }
+    Some(token).filter(|t| !t.is_empty())
 }
 
 impl<S> Layer<S> for AuthnLayer {
@@ -334,7 +381,14 @@ where
             auth: AuthMode::Session,
             routes: Routes::one(None),
         });
-        match authenticate(&self.layer.verifier, class, req.headers(), session_header) {
+        // A browser's WebSocket cannot send an Authorization header; its upgrade may carry
+        // the token in the query instead, when so configured.
+        let query_token = match &self.layer.websocket_query_token {
+            Some(name) if crate::forward::wants_upgrade(&req) => take_query_token(&mut req, name),
+            _ => None,
+        };
+        let token = bearer(req.headers()).or(query_token.as_deref());
+        match authenticate_token(&self.layer.verifier, class, token, session_header) {
             Ok(Some(who)) => {
                 RequestFacts::of_mut(&mut req).who = Some(who.clone());
                 // A forwarded response brings the caller back in its facts; a refusal made
@@ -461,6 +515,7 @@ mod tests {
             leeway: Duration::from_secs(0),
             verified_tokens: 16,
             require_iat: false,
+            websocket_query_token: None,
         }
     }
 
@@ -529,6 +584,43 @@ mod tests {
             verifier.verify(&by_old).unwrap_err(),
             Rejection::TokenInvalid,
             "once the previous key is gone"
+        );
+    }
+
+    #[test]
+    fn a_query_token_is_taken_out_of_the_target_wherever_it_stands() {
+        let take = |target: &str| {
+            let mut req = Request::builder()
+                .uri(target)
+                .body(Body::new(http_body_util::Empty::<bytes::Bytes>::new()))
+                .unwrap();
+            let token = take_query_token(&mut req, "access_token");
+            (token, req.uri().to_string())
+        };
+        let t = |s: &str| Some(s.to_string());
+        assert_eq!(take("/ws?access_token=abc"), (t("abc"), "/ws".into()));
+        assert_eq!(
+            take("/ws?a=1&access_token=abc&b=2"),
+            (t("abc"), "/ws?a=1&b=2".into())
+        );
+        assert_eq!(
+            take("/ws?access_token=abc&access_token=def"),
+            (t("abc"), "/ws".into())
+        );
+        assert_eq!(take("/ws?access_token=&a=1"), (None, "/ws?a=1".into()));
+        assert_eq!(take("/ws?access_token"), (None, "/ws".into()));
+        // Not that parameter: the target is left as it came.
+        for target in [
+            "/ws",
+            "/ws?a=1",
+            "/ws?access_token_x=abc",
+            "/ws?access%5Ftoken=abc",
+        ] {
+            assert_eq!(take(target), (None, target.into()));
+        }
+        assert_eq!(
+            take("http://game.example/ws?access_token=abc&x=1"),
+            (t("abc"), "http://game.example/ws?x=1".into())
         );
     }
 
