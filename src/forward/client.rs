@@ -97,9 +97,8 @@ pub(super) trait Home: Send + Sync + Unpin + 'static {
 
 /// An upstream connection between exchanges.
 pub struct Conn {
-    /// Boxed: a TLS session is large, and a connection moves in and out of the pool and through
-    /// every request's future.
-    io: Box<Io>,
+    /// The socket and its place (see [`Line`]).
+    io: Box<Line>,
     /// Read from the upstream and not yet consumed.
     read: BytesMut,
     /// Waiting to be written to the upstream.
@@ -110,19 +109,24 @@ pub struct Conn {
     /// the allocation may still be on their way to the client when the connection rests, and
     /// a shared allocation does not tell its size.
     read_grew: bool,
-    /// Its place under `upstream.max_connections`, given back when the connection closes.
+}
+
+/// A connection's socket, with its place under `upstream.max_connections` (given back when it
+/// closes). Boxed together: a TLS session is large, and a connection moves in and out of the
+/// pool and through every request's future.
+pub(super) struct Line {
+    io: Io,
     _slot: Option<OwnedSemaphorePermit>,
 }
 
 impl Conn {
     pub(super) fn new(io: Io, slot: Option<OwnedSemaphorePermit>) -> Conn {
         Conn {
-            io: Box::new(io),
+            io: Box::new(Line { io, _slot: slot }),
             read: BytesMut::new(),
             write: BytesMut::new(),
             read_size: READ_CHUNK,
             read_grew: false,
-            _slot: slot,
         }
     }
 
@@ -150,7 +154,7 @@ impl Conn {
         let mut cx = Context::from_waker(std::task::Waker::noop());
         // A byte is as telling as a buffer full, and needs no room reserved.
         let mut byte = [0u8; 1];
-        let io = &mut *self.io;
+        let io = &mut self.io.io;
         let probe = tokio::task::unconstrained(std::future::poll_fn(|cx| {
             Pin::new(&mut *io).poll_read(cx, &mut ReadBuf::new(&mut byte))
         }));
@@ -166,7 +170,7 @@ impl Conn {
         }
         let room = self.read.capacity() - self.read.len();
         let n = ready!(tokio_util::io::poll_read_buf(
-            Pin::new(&mut *self.io),
+            Pin::new(&mut self.io.io),
             cx,
             &mut self.read
         ))?;
@@ -178,7 +182,7 @@ impl Conn {
 
     /// Writes all of `write`, then flushes (TLS keeps records back until then).
     fn poll_write_all(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        h1::poll_write_all(&mut *self.io, &mut self.write, cx)
+        h1::poll_write_all(&mut self.io.io, &mut self.write, cx)
     }
 }
 
@@ -236,7 +240,6 @@ pub(super) async fn exchange<H: Home>(
         let upgraded = Upgraded {
             io: conn.io,
             read: conn.read,
-            _slot: conn._slot,
         };
         return Ok(Answer::Switched(response, upgraded));
     }
@@ -316,7 +319,7 @@ impl Upload {
             if conn.write.is_empty() && !self.encoder.is_ended() {
                 // Waiting for the client's next piece of the body; what went before must not
                 // wait with it (TLS holds records back until flushed).
-                ready!(Pin::new(&mut *conn.io).poll_flush(cx)).map_err(Error::Write)?;
+                ready!(Pin::new(&mut conn.io.io).poll_flush(cx)).map_err(Error::Write)?;
                 return Poll::Pending;
             }
             ready!(conn.poll_write_all(cx)).map_err(Error::Write)?;
@@ -697,10 +700,8 @@ impl<H: Home> http_body::Body for ResponseBody<H> {
 
 /// The upstream's side of a switched connection: what it sent after its 101, then the socket.
 pub struct Upgraded {
-    io: Box<Io>,
+    io: Box<Line>,
     read: BytesMut,
-    /// The connection's place under `upstream.max_connections`: a tunnel holds it too.
-    _slot: Option<OwnedSemaphorePermit>,
 }
 
 impl AsyncRead for Upgraded {
@@ -716,7 +717,7 @@ impl AsyncRead for Upgraded {
             this.read.advance(n);
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut *this.io).poll_read(cx, buf)
+        Pin::new(&mut this.io.io).poll_read(cx, buf)
     }
 }
 
@@ -726,15 +727,15 @@ impl AsyncWrite for Upgraded {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.get_mut().io).poll_write(cx, buf)
+        Pin::new(&mut self.get_mut().io.io).poll_write(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.get_mut().io).poll_flush(cx)
+        Pin::new(&mut self.get_mut().io.io).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.get_mut().io).poll_shutdown(cx)
+        Pin::new(&mut self.get_mut().io.io).poll_shutdown(cx)
     }
 }
 
