@@ -688,6 +688,46 @@ async fn a_browser_websocket_may_bring_its_token_in_the_query() {
         .unwrap();
     assert_eq!(resp.status(), 401);
 
+    // The parameter goes upstream from no proxied request (Socket.IO puts it on each long
+    // poll too), though only an upgrade reads it.
+    let sid = create_session(&proxy, &token("gina", None)).await;
+    let resp = client()
+        .get(proxy.url("/ws/poll?EIO=4&access_token=not-read&transport=polling"))
+        .bearer_auth(token("gina", Some(&sid)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let seen: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(seen["path"], "/ws/poll?EIO=4&transport=polling", "{seen}");
+
+    // A POST that asks to upgrade is no WebSocket handshake: its query is not read.
+    let resp = client()
+        .post(proxy.url(&format!("/ws?access_token={}", token("gina", Some(&sid)))))
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+
+    // An upgrade with an Authorization header is judged by it alone, usable or not.
+    let mut request = format!(
+        "ws://{}/ws?access_token={}",
+        proxy.addr,
+        token(
+            "gina",
+            Some(&create_session(&proxy, &token("gina", None)).await)
+        )
+    )
+    .into_client_request()
+    .unwrap();
+    request.headers_mut().insert(
+        "authorization",
+        http::HeaderValue::from_static("Basic Zm9vOmJhcg=="),
+    );
+    assert!(tokio_tungstenite::connect_async(request).await.is_err());
+
     // Without the setting, the query is not read.
     let plain = Proxy::start(&base).await;
     let sid = create_session(&plain, &token("hana", None)).await;

@@ -304,9 +304,9 @@ pub struct AuthnLayer {
     pub websocket_query_token: Option<Arc<str>>,
 }
 
-/// Takes the token out of a WebSocket upgrade's query parameter `name`, so that it goes no
-/// further (upstream logs record query strings); every copy of the parameter goes, the first
-/// is the token. `None`, and the target unchanged, when there is none.
+/// Takes query parameter `name` out of the target, so that it goes no further (upstream logs
+/// record query strings), and returns its value: every copy goes, the first is the token.
+/// `None`, and the target unchanged, when there is none.
 fn take_query_token(req: &mut Request<Body>, name: &str) -> Option<String> {
     let path_and_query = req.uri().path_and_query()?;
     let query = path_and_query.query()?;
@@ -320,6 +320,8 @@ fn take_query_token(req: &mut Request<Body>, name: &str) -> Option<String> {
             None if pair == name => {
                 token.get_or_insert_with(String::new);
             }
+            // Separators the parameter leaves doubled (`a=1&&b=2`) go with it.
+            _ if pair.is_empty() => {}
             _ => kept.push(pair),
         }
     }
@@ -381,10 +383,16 @@ where
             auth: AuthMode::Session,
             routes: Routes::one(None),
         });
-        // A browser's WebSocket cannot send an Authorization header; its upgrade may carry
-        // the token in the query instead, when so configured.
+        // A browser's WebSocket cannot send an Authorization header; its upgrade to a proxied
+        // route may carry the token in the query instead, when so configured. The parameter
+        // is taken out of every proxied request (Socket.IO's `query` option puts it on each
+        // long poll too), and read only from such an upgrade.
         let query_token = match &self.layer.websocket_query_token {
-            Some(name) if crate::forward::wants_upgrade(&req) => take_query_token(&mut req, name),
+            Some(name) if matches!(class, RouteClass::Proxy { .. }) => {
+                let token = take_query_token(&mut req, name);
+                let upgrade = crate::forward::wants_upgrade(&req);
+                token.filter(|_| upgrade && !req.headers().contains_key(header::AUTHORIZATION))
+            }
             _ => None,
         };
         let token = bearer(req.headers()).or(query_token.as_deref());
@@ -609,6 +617,11 @@ mod tests {
         );
         assert_eq!(take("/ws?access_token=&a=1"), (None, "/ws?a=1".into()));
         assert_eq!(take("/ws?access_token"), (None, "/ws".into()));
+        assert_eq!(
+            take("/ws?a=1&&access_token=abc&"),
+            (t("abc"), "/ws?a=1".into())
+        );
+        assert_eq!(take("/ws?&access_token=abc"), (t("abc"), "/ws".into()));
         // Not that parameter: the target is left as it came.
         for target in [
             "/ws",

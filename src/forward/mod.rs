@@ -479,13 +479,15 @@ fn names_websocket(headers: &HeaderMap) -> bool {
     })
 }
 
-/// True when the request asks to switch to WebSocket (HTTP/1.1 `Connection: upgrade` +
-/// `Upgrade: websocket`). No other protocol is offered to the upstream: behind an `h2c` (or any
+/// True when the request asks to switch to WebSocket (an HTTP/1.1 GET with `Connection:
+/// upgrade` + `Upgrade: websocket`). No other protocol is offered to the upstream: behind an `h2c` (or any
 /// other) tunnel the client could send the upstream requests that no check ever sees. Such a
 /// request goes upstream as an ordinary one, its Upgrade header stripped as hop-by-hop.
 pub fn wants_upgrade<B>(req: &Request<B>) -> bool {
     let headers = req.headers();
-    req.version() == Version::HTTP_11
+    // A WebSocket opening handshake is a GET (RFC 6455 4.1).
+    req.method() == http::Method::GET
+        && req.version() == Version::HTTP_11
         && names_websocket(headers)
         && headers.get_all(header::UPGRADE).iter().nth(1).is_none()
         && connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
