@@ -1143,3 +1143,40 @@ async fn blank_lines_before_the_request_line_are_ignored_and_counted() {
     assert_eq!(resp.status, 431);
     assert_eq!(upstream.count(), 1);
 }
+
+/// A client that goes away while its request waits for the upstream's answer takes the
+/// request with it: portcullis lets go of the upstream connection instead of finishing the
+/// exchange for no one.
+#[tokio::test]
+async fn a_client_that_goes_away_before_its_answer_releases_the_upstream_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_addr = listener.local_addr().unwrap();
+    let (arrived_tx, arrived) = tokio::sync::oneshot::channel::<()>();
+    // Reads the request, never answers, and reports when portcullis closes the connection.
+    let upstream = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        assert!(read_head(&mut stream).await);
+        arrived_tx.send(()).unwrap();
+        let mut rest = Vec::new();
+        stream.read_to_end(&mut rest).await
+    });
+    let proxy = Proxy::start(&open_config(&format!("http://{upstream_addr}"))).await;
+
+    let mut client = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    client
+        .write_all(b"GET /slow HTTP/1.1\r\nHost: game.example\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(5), arrived)
+        .await
+        .expect("the request reached the upstream")
+        .unwrap();
+    drop(client);
+
+    // request_timeout is 30 s: only the client's leaving can end the exchange this soon.
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(5), upstream)
+        .await
+        .expect("portcullis kept the upstream connection of a client that left");
+    assert!(closed.unwrap().is_ok());
+}

@@ -712,28 +712,39 @@ where
         let (parts, ()) = request.into_parts();
         let mut responding = self.service.respond(Request::from_parts(parts, body));
 
-        // The response head; meanwhile, a stop makes this the connection's last exchange, and
-        // a request body that moves nothing for idle_timeout ends it.
+        // The response head; meanwhile, a stop makes this the connection's last exchange, a
+        // request body that moves nothing for idle_timeout ends it, and so does the client
+        // going away once its request is all here: the upstream exchange is let go rather
+        // than finished for no one (as nginx does, logging a 499). Looked for only while
+        // nothing is buffered: bytes sent ahead (a pipelined request) say the client is
+        // there, and are kept for their turn.
         let response = {
             let mut idle = IdleCheck::new(&self.wire, self.limits.idle_timeout);
             let response = std::future::poll_fn(|cx| {
                 if let Poll::Ready(response) = responding.as_mut().poll(cx) {
-                    return Poll::Ready(Some(response));
+                    return Poll::Ready(Ok(response));
                 }
                 if !self.stopping && self.stop.poll_stopped(cx).is_ready() {
                     self.stopping = true;
                 }
-                let uploading = !lock(&self.wire).body.is_done();
-                if uploading && idle.poll_idle(&mut self.timer, cx).is_ready() {
-                    return Poll::Ready(None);
+                let mut wire = lock(&self.wire);
+                if !wire.body.is_done() {
+                    drop(wire);
+                    if idle.poll_idle(&mut self.timer, cx).is_ready() {
+                        return Poll::Ready(Err("the request body stalled past idle_timeout"));
+                    }
+                } else if wire.read.is_empty() {
+                    if let Poll::Ready(Ok(0) | Err(_)) = wire.poll_fill(cx) {
+                        return Poll::Ready(Err("the client went away before its response"));
+                    }
                 }
                 Poll::Pending
             })
             .await;
             match response {
-                Some(Ok(response)) => response,
-                Some(Err(never)) => match never {},
-                None => return After::Drop("the request body stalled past idle_timeout"),
+                Ok(Ok(response)) => response,
+                Ok(Err(never)) => match never {},
+                Err(why) => return After::Drop(why),
             }
         };
         drop(responding);
