@@ -1180,3 +1180,35 @@ async fn a_client_that_goes_away_before_its_answer_releases_the_upstream_connect
         .expect("portcullis kept the upstream connection of a client that left");
     assert!(closed.unwrap().is_ok());
 }
+
+/// A request pipelined while the one before waits for its answer is read then (the client's
+/// socket is watched for its end meanwhile), kept, and answered in its turn.
+#[tokio::test]
+async fn a_request_pipelined_during_the_wait_is_kept_and_answered_in_turn() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (upstream, mut arrived, gate) = gated_upstream().await;
+    let proxy = Proxy::start(&open_config(&upstream.url())).await;
+    let mut client = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    client
+        .write_all(b"GET /first HTTP/1.1\r\nHost: game.example\r\n\r\n")
+        .await
+        .unwrap();
+    reached_upstream(&mut arrived).await;
+    client
+        .write_all(b"GET /second HTTP/1.1\r\nHost: game.example\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    gate.send(true).unwrap();
+    let mut answers = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        client.read_to_end(&mut answers),
+    )
+    .await
+    .expect("both answers within 5 s")
+    .unwrap();
+    let answers = String::from_utf8_lossy(&answers);
+    assert_eq!(answers.matches("HTTP/1.1 200").count(), 2, "{answers}");
+    let targets: Vec<String> = upstream.seen().into_iter().map(|s| s.target).collect();
+    assert_eq!(targets, ["/first", "/second"]);
+}

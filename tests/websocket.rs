@@ -680,13 +680,14 @@ async fn a_browser_websocket_may_bring_its_token_in_the_query() {
     destroy(&proxy, "gina", &sid).await;
     assert_ends(&mut ws, "destroyed").await;
 
-    // Only upgrades read the query: a plain request with one is refused.
+    // Only upgrades read the query: a plain request with one is refused as bringing no token.
+    let live = create_session(&proxy, &token("gina", None)).await;
     let resp = client()
-        .get(proxy.url(&format!("/ws?access_token={}", token("gina", None))))
+        .get(proxy.url(&format!("/ws?access_token={}", token("gina", Some(&live)))))
         .send()
         .await
         .unwrap();
-    assert_eq!(resp.status(), 401);
+    assert_error(resp, 401, "TOKEN_MISSING").await;
 
     // The parameter goes upstream from no proxied request (Socket.IO puts it on each long
     // poll too), though only an upgrade reads it.
@@ -726,7 +727,13 @@ async fn a_browser_websocket_may_bring_its_token_in_the_query() {
         "authorization",
         http::HeaderValue::from_static("Basic Zm9vOmJhcg=="),
     );
-    assert!(tokio_tungstenite::connect_async(request).await.is_err());
+    let refused = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio_tungstenite::connect_async(request),
+    )
+    .await
+    .expect("an answer within 5 s");
+    assert!(refused.is_err());
 
     // Without the setting, the query is not read.
     let plain = Proxy::start(&base).await;

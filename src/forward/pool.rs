@@ -372,9 +372,10 @@ impl Home for Arc<Shared> {
         if self.max_idle == 0 {
             return;
         }
-        // Requests of other pools wait for a place: this connection's goes to them.
+        // Requests of other pools, and none of this one, wait for a place: this connection's
+        // goes to them. One of this pool's own takes the connection itself, below.
         let waiting_here = self.waiting.load(Ordering::SeqCst);
-        if self.slots.waiting.load(Ordering::SeqCst) > waiting_here {
+        if waiting_here == 0 && self.slots.waiting.load(Ordering::SeqCst) > 0 {
             return;
         }
         conn.rest();
@@ -387,8 +388,9 @@ impl Home for Arc<Shared> {
         idle.conns.push(IdleConn::new(conn, &self.counters.idle));
         // Read after the push (both SeqCst): a request that starts waiting after this read
         // looks in the pool after the push, and finds the connection there.
+        // One connection, one waiter: the rest keep their places in the semaphore's queue.
         if self.waiting.load(Ordering::SeqCst) > 0 {
-            self.returned.notify_waiters();
+            self.returned.notify_one();
         }
         if !idle.reaping {
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
