@@ -77,6 +77,7 @@ where
             client_ip: facts.client_ip,
             route_class: class_name(facts.route),
             metrics: self.metrics.clone(),
+            finished: false,
         };
         OnResponse::new(self.inner.call(req), in_flight, InFlight::finish)
     }
@@ -91,18 +92,51 @@ pub struct InFlight {
     client_ip: Option<IpAddr>,
     route_class: &'static str,
     metrics: Arc<Metrics>,
+    /// The response came and was logged; dropped before that, the request was abandoned.
+    finished: bool,
+}
+
+/// The status an abandoned request is counted and logged with: nginx's "client closed
+/// request", which log pipelines know.
+const ABANDONED: u16 = 499;
+
+impl Drop for InFlight {
+    /// A request whose response never came: its client went away (an HTTP/1.x connection
+    /// closed, an HTTP/2 stream reset), or the connection was closed under it at shutdown.
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        let elapsed = self.started.elapsed();
+        self.metrics
+            .observe_request(self.route_class, ABANDONED, elapsed);
+        tracing::info!(
+            target: "portcullis::access",
+            method = %self.method,
+            path = %self.uri.path(),
+            version = ?self.version,
+            status = ABANDONED,
+            route_class = self.route_class,
+            total_ms = elapsed.as_secs_f64() * 1000.0,
+            client_ip = self.client_ip.map(tracing::field::display),
+            code = "ABANDONED",
+            "request"
+        );
+    }
 }
 
 impl InFlight {
-    fn finish(self, response: &mut Response<Body>) {
+    fn finish(mut self, response: &mut Response<Body>) {
+        self.finished = true;
         let InFlight {
             started,
-            method,
-            uri,
+            ref method,
+            ref uri,
             version,
             client_ip,
             route_class,
-            metrics,
+            ref metrics,
+            ..
         } = self;
         let elapsed = started.elapsed();
         let status = response.status().as_u16();

@@ -513,3 +513,41 @@ async fn a_session_id_header_reaches_the_audit_trail_only_as_a_session_id() {
     );
     assert_eq!(upstream.count(), 0);
 }
+
+/// A request whose client goes away before its answer still leaves an access line: status 499
+/// (nginx's "client closed request"), code ABANDONED, with its request id.
+#[tokio::test]
+async fn an_abandoned_request_leaves_a_499_access_line() {
+    use tokio::io::AsyncWriteExt;
+    capture();
+    let upstream = upstream().await;
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&format!(
+        "{}[[routes]]\npath_prefix = \"/game/slow\"\nauth = \"none\"\n",
+        config(&upstream, &redis)
+    ))
+    .await;
+    let id = rid("abandoned");
+    let mut client = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    client
+        .write_all(
+            format!("GET /game/slow/abandoned HTTP/1.1\r\nHost: game.example\r\nX-Request-Id: {id}\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    eventually("the request to reach the upstream", || async {
+        upstream.count() == 1
+    })
+    .await;
+    drop(client);
+    let lines = capture().access_lines(&id).await;
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0].field("status"), Some("499"), "{lines:?}");
+    assert_eq!(lines[0].field("code"), Some("ABANDONED"), "{lines:?}");
+    assert_eq!(
+        lines[0].field("path"),
+        Some("/game/slow/abandoned"),
+        "{lines:?}"
+    );
+}
