@@ -1098,19 +1098,11 @@ fn plan_service(
     else {
         return (edits, notes);
     };
-    if selector.is_empty() {
-        return (edits, notes);
-    }
-    let same_namespace = |w: &Workload| match (service.namespace(), w.namespace.as_deref()) {
-        (Some(a), Some(b)) => a == b,
-        _ => true,
-    };
-    let Some(workload) = workloads.iter_mut().find(|w| {
-        same_namespace(w)
-            && selector
-                .iter()
-                .all(|(k, v)| w.pod_labels.get(k).is_some_and(|l| l == v))
-    }) else {
+    let namespace = service.namespace();
+    let Some(workload) = workloads
+        .iter_mut()
+        .find(|w| selects(selector, namespace, &w.pod_labels, w.namespace.as_deref()))
+    else {
         return (edits, notes);
     };
     let workload_name = docs
