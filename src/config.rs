@@ -843,14 +843,15 @@ impl FileConfig {
         let host = if self.upstream.host.is_empty() {
             None
         } else {
-            let authority = self
-                .upstream
-                .host
-                .parse::<Authority>()
-                .ok()
-                .filter(|a| !a.as_str().contains('@'));
+            let authority = self.upstream.host.parse::<Authority>().ok();
             match HeaderValue::from_str(&self.upstream.host) {
-                Ok(h) if authority.as_ref().is_some_and(port_is_sound) => Some(h),
+                Ok(h)
+                    if authority
+                        .as_ref()
+                        .is_some_and(|a| authority_fault(a).is_none()) =>
+                {
+                    Some(h)
+                }
                 _ => {
                     v.fail(
                         "upstream.host",
@@ -1871,16 +1872,8 @@ impl Validator {
             self.fail(key, "must name a host");
             return (None, None);
         };
-        if authority.as_str().contains('@') {
-            // Never sent, and the URL is logged at start.
-            self.fail(
-                key,
-                "must not hold user info (user:password@): portcullis sends no credentials upstream",
-            );
-            return (None, None);
-        }
-        if !port_is_sound(&authority) {
-            self.fail(key, "has a port that is not 1 to 65535");
+        if let Some(fault) = authority_fault(&authority) {
+            self.fail(key, fault);
             return (None, None);
         }
         // The URL parser drops a fragment without a word.
@@ -1901,17 +1894,18 @@ const MAX_CONNECTIONS: usize = 10_000_000;
 /// Largest `server.max_header_bytes`: the HTTP layer's own cap is four times it.
 const MAX_HEADER_BYTES: usize = 1024 * 1024;
 
-/// Whether an authority's port, when it has one, is a port (`host:` and `host:99999` are not).
-fn port_is_sound(authority: &Authority) -> bool {
-    // The text after the last colon, unless that colon is inside an IPv6 literal.
-    let port_text = authority
-        .as_str()
-        .rsplit_once(':')
-        .map(|(_, p)| p)
-        .filter(|p| !p.contains(']'));
-    match port_text {
-        None => true,
-        Some(text) => text.parse::<u16>().is_ok_and(|port| port != 0),
+/// Why an upstream's authority cannot be used, if it cannot: what a Host may not hold either
+/// (user info, a port that is not a number), or port 0.
+fn authority_fault(authority: &Authority) -> Option<&'static str> {
+    use crate::limits::AuthorityFault;
+    match crate::limits::authority_fault(authority) {
+        // Never sent, and the URL is logged at start.
+        Some(AuthorityFault::UserInfo) => Some(
+            "must not hold user info (user:password@): portcullis sends no credentials upstream",
+        ),
+        Some(AuthorityFault::BadPort) => Some("has a port that is not 1 to 65535"),
+        None if authority.port_u16() == Some(0) => Some("has a port that is not 1 to 65535"),
+        None => None,
     }
 }
 

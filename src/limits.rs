@@ -145,6 +145,29 @@ fn check_unambiguous(req: &Request<Body>) -> Result<(), Rejection> {
     Ok(())
 }
 
+/// What an authority holds besides a host and a numeric port, if anything: the `http` parser
+/// takes user info and any port text (`host:`, `host:99999`, `host:x`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AuthorityFault {
+    UserInfo,
+    BadPort,
+}
+
+pub(crate) fn authority_fault(authority: &Authority) -> Option<AuthorityFault> {
+    let text = authority.as_str();
+    // Port text is whatever follows a colon after the host (an IPv6 host is bracketed).
+    let after_host = text
+        .get(text.rfind(']').map_or(0, |i| i + 1)..)
+        .unwrap_or("");
+    if text.contains('@') {
+        Some(AuthorityFault::UserInfo)
+    } else if after_host.contains(':') && authority.port_u16().is_none() {
+        Some(AuthorityFault::BadPort)
+    } else {
+        None
+    }
+}
+
 /// Whether a Host header names the target's authority: the same host (in any case) and port,
 /// a missing port being the scheme's default (`a.example` is `a.example:80` over http).
 fn same_authority(uri: &http::Uri, authority: &Authority, host: &HeaderValue) -> bool {
@@ -156,18 +179,10 @@ fn same_authority(uri: &http::Uri, authority: &Authority, host: &HeaderValue) ->
     let Some(host) = host.to_str().ok().and_then(|h| h.parse::<Authority>().ok()) else {
         return false;
     };
-    // The parser takes user info and any port text: neither may stand in a Host, and a port
-    // that is not a number would read as the default one below.
-    let plain = |a: &Authority| {
-        let text = a.as_str();
-        // Port text is whatever follows a colon after the host (an IPv6 host is bracketed).
-        let after_host = text
-            .get(text.rfind(']').map_or(0, |i| i + 1)..)
-            .unwrap_or("");
-        !text.contains('@') && (!after_host.contains(':') || a.port_u16().is_some())
-    };
-    plain(&host)
-        && plain(authority)
+    // Neither user info nor a port that is not a number may stand in a Host, and such a port
+    // would read as the default one below.
+    authority_fault(&host).is_none()
+        && authority_fault(authority).is_none()
         && host.host().eq_ignore_ascii_case(authority.host())
         && host.port_u16().unwrap_or(default_port) == authority.port_u16().unwrap_or(default_port)
 }
