@@ -313,16 +313,12 @@ fn take_query_token(req: &mut Request<Body>, name: &str) -> Option<String> {
     let mut token = None;
     let mut kept = Vec::new();
     for pair in query.split('&') {
-        match pair.split_once('=') {
-            Some((key, value)) if key == name => {
-                token.get_or_insert_with(|| value.to_string());
-            }
-            None if pair == name => {
-                token.get_or_insert_with(String::new);
-            }
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if key == name {
+            token.get_or_insert_with(|| value.to_string());
+        } else if !pair.is_empty() {
             // Separators the parameter leaves doubled (`a=1&&b=2`) go with it.
-            _ if pair.is_empty() => {}
-            _ => kept.push(pair),
+            kept.push(pair);
         }
     }
     let token = token?;
