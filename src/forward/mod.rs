@@ -480,9 +480,10 @@ fn names_websocket(headers: &HeaderMap) -> bool {
 }
 
 /// True when the request asks to switch to WebSocket (an HTTP/1.1 GET with `Connection:
-/// upgrade` + `Upgrade: websocket`). No other protocol is offered to the upstream: behind an `h2c` (or any
-/// other) tunnel the client could send the upstream requests that no check ever sees. Such a
-/// request goes upstream as an ordinary one, its Upgrade header stripped as hop-by-hop.
+/// upgrade` + `Upgrade: websocket`). No other protocol is offered to the upstream: behind an
+/// `h2c` (or any other) tunnel the client could send the upstream requests that no check ever
+/// sees. Such a request goes upstream as an ordinary one, its Upgrade header stripped as
+/// hop-by-hop.
 pub fn wants_upgrade<B>(req: &Request<B>) -> bool {
     let headers = req.headers();
     // A WebSocket opening handshake is a GET (RFC 6455 4.1).
