@@ -27,6 +27,27 @@ async fn get_reaches_upstream_with_path_and_query_byte_for_byte() {
     assert_eq!(seen.headers["host"], proxy.addr.to_string().as_str());
 }
 
+/// On a dual-stack listener (`[::]`), an IPv4 client is known by its IPv4 address, not the
+/// IPv4-mapped IPv6 one the socket reports, and an IPv6 client by its own.
+#[tokio::test]
+async fn a_dual_stack_listener_names_ipv4_and_ipv6_clients_by_their_own_addresses() {
+    let upstream = Upstream::echo().await;
+    let public = tokio::net::TcpListener::bind("[::]:0")
+        .await
+        .expect("bind [::]");
+    let port = public.local_addr().expect("local addr").port();
+    let _proxy = Proxy::start_on(test_config(&open_config(&upstream.url())), public).await;
+    for (client_addr, seen_as) in [("127.0.0.1", "127.0.0.1"), ("[::1]", "::1")] {
+        let resp = client()
+            .get(format!("http://{client_addr}:{port}/who"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "from {client_addr}");
+        assert_eq!(upstream.last().headers["x-forwarded-for"], seen_as);
+    }
+}
+
 /// An absolute-form target with an empty path is judged as `/`, and goes upstream as that, with
 /// its query: a target of `?q=1` alone is no request line a server takes.
 #[tokio::test]

@@ -373,19 +373,29 @@ pub struct Proxy {
     task: Option<JoinHandle<()>>,
 }
 
+/// Parses a test's TOML as portcullis would, with [`TEST_SECRET`] as `JWT_SECRET` (relative
+/// paths resolve against the current dir).
+pub fn test_config(toml: &str) -> Config {
+    let env = [("JWT_SECRET".to_string(), TEST_SECRET.to_string())];
+    Config::from_toml(toml, Path::new("."), &env)
+        .unwrap_or_else(|e| panic!("test config is invalid:\n{e}\n---\n{toml}"))
+}
+
 impl Proxy {
     /// Starts portcullis with the given TOML (relative paths resolve against the current dir).
     pub async fn start(toml: &str) -> Proxy {
-        let env = [("JWT_SECRET".to_string(), TEST_SECRET.to_string())];
-        let config = Config::from_toml(toml, Path::new("."), &env).unwrap_or_else(|e| {
-            panic!("test config is invalid:\n{e}\n---\n{toml}");
-        });
+        let config = test_config(toml);
         Proxy::start_config(config).await
     }
 
     pub async fn start_config(config: Config) -> Proxy {
-        portcullis::tls::install_crypto_provider();
         let public = TcpListener::bind("127.0.0.1:0").await.expect("bind public");
+        Proxy::start_on(config, public).await
+    }
+
+    /// Starts portcullis serving its public side on `public`, bound by the test.
+    pub async fn start_on(config: Config, public: TcpListener) -> Proxy {
+        portcullis::tls::install_crypto_provider();
         let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
         let addr = public.local_addr().expect("public addr");
         let admin_addr = admin.local_addr().expect("admin addr");
@@ -1079,10 +1089,7 @@ impl Proxy {
     pub async fn start_counting_tunnels(
         toml: &str,
     ) -> (Proxy, Arc<portcullis::forward::TunnelCount>) {
-        let env = [("JWT_SECRET".to_string(), TEST_SECRET.to_string())];
-        let config = Config::from_toml(toml, Path::new("."), &env).unwrap_or_else(|e| {
-            panic!("test config is invalid:\n{e}\n---\n{toml}");
-        });
+        let config = test_config(toml);
         portcullis::tls::install_crypto_provider();
         let public = TcpListener::bind("127.0.0.1:0").await.expect("bind public");
         let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
