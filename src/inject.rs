@@ -79,11 +79,38 @@ pub struct InjectOptions {
     /// the sidecar's public and admin ports and the pods' other declared ports.
     #[arg(long)]
     pub network_policy: bool,
+    /// With --network-policy, admit the admin port (/metrics) only from pods in these
+    /// namespaces (repeat or comma-separate), instead of from everywhere. The kubelet's probes
+    /// come from the pod's node, which a policy does not stop.
+    #[arg(
+        long = "admin-from-namespace",
+        value_name = "NAMESPACE",
+        value_delimiter = ',',
+        value_parser = namespace_name,
+        requires = "network_policy"
+    )]
+    pub admin_from_namespaces: Vec<String>,
     /// Change the workloads only, and leave Services (and NetworkPolicies) for a second run once
     /// the new pods are up: pods still without the sidecar would refuse a Service already
     /// retargeted to its port.
     #[arg(long, conflicts_with = "network_policy")]
     pub workloads_only: bool,
+}
+
+/// A Kubernetes namespace name: a DNS label (RFC 1123), which is what
+/// `kubernetes.io/metadata.name` holds.
+fn namespace_name(text: &str) -> Result<String, String> {
+    let fits = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    let bytes = text.as_bytes();
+    let valid = (1..=63).contains(&bytes.len())
+        && bytes.iter().all(|&b| fits(b) || b == b'-')
+        && bytes.first().copied().is_some_and(fits)
+        && bytes.last().copied().is_some_and(fits);
+    if valid {
+        Ok(text.to_string())
+    } else {
+        Err("not a namespace name: 1 to 63 lower-case letters, digits or '-', starting and ending with a letter or digit".into())
+    }
 }
 
 impl Default for InjectOptions {
@@ -98,6 +125,7 @@ impl Default for InjectOptions {
             tls_secret: None,
             redis_secret: None,
             network_policy: false,
+            admin_from_namespaces: Vec::new(),
             workloads_only: false,
         }
     }
@@ -527,9 +555,9 @@ pub fn inject(sources: &[Source], opts: &InjectOptions) -> Result<Injected, Inje
             notes.push(format!(
                 "{}: {}",
                 docs[w.doc].describe(sources),
-                policy_note(w, &name)
+                policy_note(w, &name, &opts.admin_from_namespaces)
             ));
-            policies.push(network_policy(w, &name));
+            policies.push(network_policy(w, &name, &opts.admin_from_namespaces));
         }
     }
 
@@ -1338,9 +1366,19 @@ pub fn sidecar(opts: &InjectOptions, upstream: u16) -> Value {
 }
 
 /// What the workload's NetworkPolicy does, for the operator.
-fn policy_note(w: &Workload, name: &str) -> String {
+fn policy_note(w: &Workload, name: &str, admin_from: &[String]) -> String {
+    let admin_sources = if admin_from.is_empty() {
+        String::new()
+    } else {
+        let noun = if admin_from.len() == 1 {
+            "namespace"
+        } else {
+            "namespaces"
+        };
+        format!(" from {noun} {} only", admin_from.join(", "))
+    };
     let sidecar = format!(
-        "TCP {} (portcullis) and TCP {} (its admin port)",
+        "TCP {} (portcullis) and TCP {} (its admin port{admin_sources})",
         w.port, w.admin_port
     );
     let closed = match w.upstream {
@@ -1360,8 +1398,9 @@ fn policy_note(w: &Workload, name: &str) -> String {
 }
 
 /// Closes the game's port to everything but the sidecar, whose traffic comes over loopback and
-/// is not subject to the policy; the pods' other ports stay as open as they were.
-fn network_policy(w: &Workload, name: &str) -> Value {
+/// is not subject to the policy; the pods' other ports stay as open as they were. The admin port
+/// is admitted from `admin_from`'s namespaces only, when any are given.
+fn network_policy(w: &Workload, name: &str, admin_from: &[String]) -> Value {
     let mut metadata = vec![("name", s(name))];
     if let Some(ns) = &w.namespace {
         metadata.push(("namespace", s(ns)));
@@ -1372,8 +1411,31 @@ fn network_policy(w: &Workload, name: &str) -> Value {
             ("port", Value::from(number)),
         ])
     };
-    let mut ports = vec![port("TCP", w.port), port("TCP", w.admin_port)];
+    let mut ports = vec![port("TCP", w.port)];
+    let mut admin_rule = None;
+    if admin_from.is_empty() {
+        ports.push(port("TCP", w.admin_port));
+    } else {
+        let namespace = |ns: &String| {
+            map(vec![(
+                "namespaceSelector",
+                map(vec![(
+                    "matchLabels",
+                    map(vec![("kubernetes.io/metadata.name", s(ns))]),
+                )]),
+            )])
+        };
+        admin_rule = Some(map(vec![
+            ("ports", Value::Sequence(vec![port("TCP", w.admin_port)])),
+            (
+                "from",
+                Value::Sequence(admin_from.iter().map(namespace).collect()),
+            ),
+        ]));
+    }
     ports.extend(w.open.iter().map(|(p, n)| port(p, *n)));
+    let mut ingress = vec![map(vec![("ports", Value::Sequence(ports))])];
+    ingress.extend(admin_rule);
     map(vec![
         ("apiVersion", s("networking.k8s.io/v1")),
         ("kind", s("NetworkPolicy")),
@@ -1386,10 +1448,7 @@ fn network_policy(w: &Workload, name: &str) -> Value {
                     map(vec![("matchLabels", Value::Mapping(w.selector.clone()))]),
                 ),
                 ("policyTypes", Value::Sequence(vec![s("Ingress")])),
-                (
-                    "ingress",
-                    Value::Sequence(vec![map(vec![("ports", Value::Sequence(ports))])]),
-                ),
+                ("ingress", Value::Sequence(ingress)),
             ]),
         ),
     ])

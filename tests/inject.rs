@@ -663,6 +663,53 @@ fn network_policy_admits_only_the_sidecar_ports() {
     assert_eq!(inject(&[], &input).docs().len(), 1);
 }
 
+/// `--admin-from-namespace` narrows who reaches /metrics: the admin port gets a rule of its own,
+/// from those namespaces, and the note says so.
+#[test]
+fn network_policy_admits_the_admin_port_from_named_namespaces_only() {
+    let input = deployment("game", "{app: game}", ONE_PORT);
+    let args = [
+        "--network-policy",
+        "--admin-from-namespace",
+        "monitoring,ops",
+    ];
+    let out = inject(&args, &input);
+    assert!(out.ok, "{}", out.stderr);
+    let docs = out.docs();
+    let policy = kind(&docs, "NetworkPolicy", "game-portcullis");
+    let from = |ns: &str| json!({"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}}});
+    assert_eq!(
+        policy["spec"]["ingress"],
+        json!([
+            {"ports": [{"protocol": "TCP", "port": 8443}]},
+            {"ports": [{"protocol": "TCP", "port": 9090}], "from": [from("monitoring"), from("ops")]},
+        ])
+    );
+    assert!(
+        out.stderr
+            .contains("TCP 9090 (its admin port from namespaces monitoring, ops only)"),
+        "{}",
+        out.stderr
+    );
+
+    // Not a namespace name, or without a policy to narrow: refused, naming the flag.
+    for args in [
+        &["--network-policy", "--admin-from-namespace", "Monitoring"][..],
+        &["--network-policy", "--admin-from-namespace", "ops-"][..],
+        &["--admin-from-namespace", "monitoring"][..],
+    ] {
+        let out = inject(args, &input);
+        assert!(!out.ok, "{args:?} was accepted");
+        assert!(out.stdout.is_empty(), "{args:?}: {}", out.stdout);
+        assert!(
+            out.stderr.contains("--admin-from-namespace")
+                || out.stderr.contains("--network-policy"),
+            "{args:?}: {}",
+            out.stderr
+        );
+    }
+}
+
 #[test]
 fn network_policy_closes_only_the_fronted_port() {
     // Game HTTP on 8080 (fronted), Prometheus on 9100, game UDP on 7777, a log shipper's 2020,
