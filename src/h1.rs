@@ -328,8 +328,8 @@ pub(crate) struct HeadFacts {
     pub(crate) content_length: Option<u64>,
     /// Why the Content-Length cannot be trusted, if it cannot.
     pub(crate) bad_content_length: Option<&'static str>,
-    /// The Content-Length came other than as one run of digits on one line (repeated, as a
-    /// list, padded): many readers refuse it so, though its values agree.
+    /// The Content-Length came other than as one plain number on one line (repeated, as a
+    /// list, padded, with leading zeros): many readers refuse it so, though its values agree.
     pub(crate) content_length_unusual: bool,
     pub(crate) transfer_encoding: bool,
     /// The last coding of the last Transfer-Encoding is `chunked`.
@@ -354,7 +354,7 @@ impl HeadFacts {
         }
         if name == header::CONTENT_LENGTH {
             self.content_length_unusual |=
-                self.content_length.is_some() || !value.as_bytes().iter().all(u8::is_ascii_digit);
+                self.content_length.is_some() || !is_plain_length(value.as_bytes());
             if self.bad_content_length.is_none() {
                 match merge_content_length(self.content_length, value) {
                     Ok(length) => self.content_length = length,
@@ -445,6 +445,17 @@ pub(crate) fn chunked_once(headers: &HeaderMap) -> Result<(), NotChunkedOnce> {
         return Err(NotChunkedOnce::Repeated);
     }
     Ok(())
+}
+
+/// Whether a Content-Length value is written the one way every reader takes alike: digits with
+/// no leading zero (`0` itself aside). A reader that guesses the base, as C's `strtol(s, 0, 0)`
+/// does, reads `010` as 8, and would find the next request in the body's last two bytes.
+pub(crate) fn is_plain_length(value: &[u8]) -> bool {
+    match value {
+        [] => false,
+        [b'0', _, ..] => false,
+        digits => digits.iter().all(u8::is_ascii_digit),
+    }
 }
 
 /// The Content-Length of `headers`, read as [`HeadFacts::content_length`] reads it: every value,
@@ -903,6 +914,16 @@ mod tests {
                 "{}",
                 String::from_utf8_lossy(input)
             );
+        }
+    }
+
+    #[test]
+    fn a_plain_length_has_no_leading_zero() {
+        for plain in ["0", "7", "10", "18446744073709551615"] {
+            assert!(is_plain_length(plain.as_bytes()), "{plain}");
+        }
+        for unusual in ["", "00", "010", "7,7", " 7", "7 ", "+7", "0x7"] {
+            assert!(!is_plain_length(unusual.as_bytes()), "{unusual:?}");
         }
     }
 

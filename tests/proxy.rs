@@ -64,27 +64,31 @@ async fn an_absolute_form_target_without_a_path_goes_upstream_as_the_root() {
 
 /// A Content-Length the upstream repeated (agreeing) reaches the client as one value, which
 /// every client reads.
+/// A Content-Length repeated, or padded with zeros (which a reader guessing the base takes
+/// for octal), reaches the client as one plain number.
 #[tokio::test]
-async fn a_repeated_content_length_from_the_upstream_reaches_the_client_as_one() {
-    let upstream = RawUpstream::start(
-        b"HTTP/1.1 200 OK\r\ncontent-length: 2, 2\r\ncontent-length: 2\r\n\r\nok",
-    )
-    .await;
-    let proxy = Proxy::start(&open_config(&upstream.url())).await;
-    let resp = send_raw(
-        proxy.addr,
-        b"GET / HTTP/1.1\r\nHost: e\r\nConnection: close\r\n\r\n",
-    )
-    .await;
-    assert_eq!(resp.status, 200);
-    let lengths: Vec<_> = resp
-        .headers
-        .iter()
-        .filter(|(name, _)| name == "content-length")
-        .map(|(_, value)| value.as_str())
-        .collect();
-    assert_eq!(lengths, ["2"]);
-    assert_eq!(resp.body, b"ok");
+async fn an_unusual_content_length_from_the_upstream_reaches_the_client_as_one_number() {
+    for answer in [
+        &b"HTTP/1.1 200 OK\r\ncontent-length: 2, 2\r\ncontent-length: 2\r\n\r\nok"[..],
+        &b"HTTP/1.1 200 OK\r\ncontent-length: 002\r\n\r\nok"[..],
+    ] {
+        let upstream = RawUpstream::start(answer).await;
+        let proxy = Proxy::start(&open_config(&upstream.url())).await;
+        let resp = send_raw(
+            proxy.addr,
+            b"GET / HTTP/1.1\r\nHost: e\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert_eq!(resp.status, 200);
+        let lengths: Vec<_> = resp
+            .headers
+            .iter()
+            .filter(|(name, _)| name == "content-length")
+            .map(|(_, value)| value.as_str())
+            .collect();
+        assert_eq!(lengths, ["2"], "{}", String::from_utf8_lossy(answer));
+        assert_eq!(resp.body, b"ok");
+    }
 }
 
 // ------------------------------------------------------------------------------------------
@@ -835,21 +839,24 @@ async fn declared_content_length_over_the_limit_gives_413_without_reaching_upstr
     assert_eq!(upstream.count(), 0, "the upstream was contacted");
 }
 
+/// A Content-Length repeated, or padded with zeros (`005`, which an upstream guessing the base
+/// reads as octal), goes upstream as one plain number.
 #[tokio::test]
-async fn a_repeated_content_length_goes_upstream_as_one_value() {
+async fn an_unusual_content_length_goes_upstream_as_one_number() {
     let upstream = Upstream::echo().await;
     let proxy = Proxy::start(&open_config(&upstream.url())).await;
-    let resp = send_raw(
-        proxy.addr,
-        b"POST /upload HTTP/1.1\r\nHost: game.example\r\nContent-Length: 5, 5\r\n\
-          Connection: close\r\n\r\nhello",
-    )
-    .await;
-    assert_eq!(resp.status, 200);
-    let seen = upstream.last();
-    let lengths: Vec<_> = seen.headers.get_all("content-length").iter().collect();
-    assert_eq!(lengths, ["5"]);
-    assert_eq!(seen.body, "hello");
+    for length in ["5, 5", "005", "5\r\nContent-Length: 5"] {
+        let request = format!(
+            "POST /upload HTTP/1.1\r\nHost: game.example\r\nContent-Length: {length}\r\n\
+             Connection: close\r\n\r\nhello"
+        );
+        let resp = send_raw(proxy.addr, request.as_bytes()).await;
+        assert_eq!(resp.status, 200, "{length:?}");
+        let seen = upstream.last();
+        let lengths: Vec<_> = seen.headers.get_all("content-length").iter().collect();
+        assert_eq!(lengths, ["5"], "{length:?}");
+        assert_eq!(seen.body, "hello");
+    }
 }
 
 #[tokio::test]

@@ -427,13 +427,14 @@ fn poll_head(
     }
 }
 
-/// Writes a Content-Length the client repeated (`8, 8`, or two lines; HTTP allows either) as
-/// one value (RFC 9110 8.6), which every upstream reads: Node's parser refuses a list.
+/// Writes a Content-Length the client repeated (`8, 8`, or two lines; HTTP allows either) or
+/// padded with zeros as one plain value (RFC 9110 8.6), which every upstream reads alike:
+/// Node's parser refuses a list.
 fn one_content_length(headers: &mut HeaderMap, length: u64) {
     let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
     let plain = values
         .next()
-        .is_some_and(|v| v.as_bytes().iter().all(u8::is_ascii_digit))
+        .is_some_and(|v| crate::h1::is_plain_length(v.as_bytes()))
         && values.next().is_none();
     if !plain {
         headers.insert(header::CONTENT_LENGTH, http::HeaderValue::from(length));
