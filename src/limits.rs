@@ -88,11 +88,27 @@ fn check_unambiguous(req: &Request<Body>) -> Result<(), Rejection> {
             "an asterisk target is for OPTIONS only",
         ));
     }
+    if let Some(authority) = req.uri().authority() {
+        // `host:port` alone (authority form) is CONNECT's target (RFC 9112 3.2.3), refused
+        // above.
+        if req.uri().scheme().is_none() {
+            return Err(Rejection::Malformed(
+                "an authority-form target is for CONNECT only",
+            ));
+        }
+        // User info may not stand in an http(s) authority (RFC 9110 4.2.4, RFC 9113 8.3.1),
+        // and the upstream would be told it as the Host.
+        if authority_fault(authority).is_some() {
+            return Err(Rejection::Malformed(
+                "the target's authority holds user info or a port that is not a number",
+            ));
+        }
+    }
     let mut authorizations = 0;
     let mut hosts = 0;
     let mut transfer_encoded = false;
     // Every field line (`keys()` would name a repeated header once).
-    for (name, _) in req.headers() {
+    for (name, value) in req.headers() {
         if name == header::AUTHORIZATION {
             // Only the first is verified; a backend may read another.
             authorizations += 1;
@@ -105,6 +121,11 @@ fn check_unambiguous(req: &Request<Body>) -> Result<(), Rejection> {
             hosts += 1;
             if hosts > 1 {
                 return Err(Rejection::Malformed("more than one Host header"));
+            }
+            if !is_host_value(value.as_bytes()) {
+                return Err(Rejection::Malformed(
+                    "the Host header is not a host name or address with an optional port",
+                ));
             }
         } else if name == header::TRANSFER_ENCODING {
             transfer_encoded = true;
@@ -143,6 +164,49 @@ fn check_unambiguous(req: &Request<Body>) -> Result<(), Rejection> {
         }
     }
     Ok(())
+}
+
+/// Whether a Host value names an authority the one way every reader takes it (RFC 9112 3.2
+/// asks for a 400 otherwise): a registered name or IP address, and an optional port number;
+/// or nothing at all, as a request without an authority is sent. An upstream that builds URLs
+/// from Host (or X-Forwarded-Host, copied from it) then cannot be handed `a.example@b.example`,
+/// `a.example/../b`, or a value with spaces or control bytes.
+fn is_host_value(value: &[u8]) -> bool {
+    if value.is_empty() {
+        return true;
+    }
+    let (host, rest) = if let Some(literal) = value.strip_prefix(b"[") {
+        // An IP literal: an IPv6 address (or IPvFuture), bracketed.
+        let Some(end) = literal.iter().position(|&b| b == b']') else {
+            return false;
+        };
+        let ip_literal_byte = |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b':' | b'.');
+        (
+            !literal[..end].is_empty() && literal[..end].iter().all(ip_literal_byte),
+            &literal[end + 1..],
+        )
+    } else {
+        let end = value.iter().position(|&b| b == b':').unwrap_or(value.len());
+        // RFC 3986's reg-name: unreserved, percent-encoded and sub-delims characters.
+        let reg_name_byte = |b: &u8| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(b);
+        (
+            end > 0 && value[..end].iter().all(reg_name_byte),
+            &value[end..],
+        )
+    };
+    let port = match rest {
+        [] => true,
+        [b':', digits @ ..] => {
+            (1..=5).contains(&digits.len())
+                && digits.iter().all(u8::is_ascii_digit)
+                && std::str::from_utf8(digits)
+                    .ok()
+                    .and_then(|d| d.parse::<u16>().ok())
+                    .is_some()
+        }
+        _ => false,
+    };
+    host && port
 }
 
 /// What an authority holds besides a host and a numeric port, if anything: the `http` parser

@@ -984,6 +984,76 @@ async fn a_host_contradicting_an_absolute_form_target_is_refused() {
     }
 }
 
+/// A Host that is not a host name or address with an optional port is refused (RFC 9112 3.2),
+/// so an upstream building URLs from Host or X-Forwarded-Host is never handed one; and so is an
+/// authority-form target, which is CONNECT's.
+#[tokio::test]
+async fn a_host_that_names_no_authority_is_refused() {
+    let upstream = Upstream::echo().await;
+    let proxy = Proxy::start(&open_config(&upstream.url())).await;
+    for host in [
+        "a b",
+        "evil.example@a.example",
+        "a.example/../b",
+        "a.example\\b",
+        "a\u{85}b",
+        "a.example:",
+        "a.example:x",
+        "a.example:65536",
+        "a.example:80:80",
+        ":80",
+        "[::1",
+        "[]",
+        "[::1]x",
+        "[::1@a]",
+    ] {
+        let request = format!("GET /x HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        send_raw(proxy.addr, request.as_bytes())
+            .await
+            .assert_error(400, "MALFORMED_REQUEST");
+    }
+    let authority_form =
+        b"GET a.example:80 HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n";
+    send_raw(proxy.addr, authority_form)
+        .await
+        .assert_error(400, "MALFORMED_REQUEST");
+    assert_eq!(
+        upstream.count(),
+        0,
+        "a refused request reached the upstream"
+    );
+
+    for host in [
+        "a.example",
+        "A-1.example:8443",
+        "127.0.0.1:80",
+        "[::1]",
+        "[2001:db8::1]:65535",
+        "xn--bcher-kva.example",
+        "",
+    ] {
+        let request = format!("GET /x HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        let resp = send_raw(proxy.addr, request.as_bytes()).await;
+        assert_eq!(resp.status, 200, "Host {host:?}");
+        assert_eq!(upstream.last().headers["host"], host);
+    }
+}
+
+/// HTTP/2's :authority may not carry user info (RFC 9113 8.3.1): it would reach the upstream as
+/// its Host.
+#[tokio::test]
+async fn http2_authority_with_user_info_is_refused() {
+    let upstream = Upstream::echo().await;
+    let proxy = Proxy::start(&open_config(&upstream.url())).await;
+    let mut h2 = h2_connection(&proxy).await;
+    let req = http::Request::get("http://evil.example@a.example/which")
+        .body(http_body_util::Full::new(Bytes::new()))
+        .unwrap();
+    let resp = h2.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 400);
+    assert_eq!(upstream.count(), 0);
+}
+
 #[tokio::test]
 async fn an_asterisk_target_is_for_options_only() {
     let upstream = Upstream::echo().await;
