@@ -14,7 +14,7 @@ use crate::Body;
 /// A request that portcullis answers itself instead of forwarding.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Rejection {
-    #[error("the upstream refused the connection or could not be reached")]
+    #[error("the upstream could not be reached, or gave no answer that can be passed on")]
     UpstreamUnavailable,
     #[error("the upstream did not answer within {0:?}")]
     UpstreamTimeout(std::time::Duration),

@@ -479,30 +479,34 @@ async fn a_connection_closed_after_its_response_lets_the_response_drain() {
 }
 
 /// An HTTP/1.0 client gets a response without a length, which ends where the connection does.
-/// When the upstream's answer breaks off, the connection is reset rather than closed, so that
-/// the client cannot take the part it got for the whole response.
+/// When the upstream's answer breaks off, or breaks its framing, the connection is reset rather
+/// than closed, so that the client cannot take the part it got for the whole response.
 #[tokio::test]
 async fn a_response_that_breaks_off_resets_the_connection() {
-    // Chunked, cut off after its first chunk.
-    let upstream =
-        RawUpstream::start(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
-            .await;
-    let proxy = Proxy::start(&open_config(&upstream.url())).await;
-    let mut conn = RawConn::open(&proxy).await;
-    conn.send("GET /cut HTTP/1.0\r\nHost: test\r\n\r\n").await;
-    let mut got = Vec::new();
-    let end = tokio::time::timeout(Duration::from_secs(5), conn.stream.read_to_end(&mut got))
-        .await
-        .expect("the connection ended");
-    let got = String::from_utf8_lossy(&got);
-    // What of the response arrives before the reset depends on timing (a reset can overtake
-    // it); that it ends in one does not.
-    assert!(got.is_empty() || got.starts_with("HTTP/1.1 200"), "{got}");
-    assert!(
-        end.as_ref()
-            .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
-        "the broken-off response ended like a whole one: {end:?}, {got:?}"
-    );
+    for answer in [
+        // Chunked, cut off after its first chunk.
+        &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"[..],
+        // A chunk-size line ending in a bare LF.
+        &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\nhello\r\n0\r\n\r\n"[..],
+    ] {
+        let upstream = RawUpstream::start(answer).await;
+        let proxy = Proxy::start(&open_config(&upstream.url())).await;
+        let mut conn = RawConn::open(&proxy).await;
+        conn.send("GET /cut HTTP/1.0\r\nHost: test\r\n\r\n").await;
+        let mut got = Vec::new();
+        let end = tokio::time::timeout(Duration::from_secs(5), conn.stream.read_to_end(&mut got))
+            .await
+            .expect("the connection ended");
+        let got = String::from_utf8_lossy(&got);
+        // What of the response arrives before the reset depends on timing (a reset can
+        // overtake it); that it ends in one does not.
+        assert!(got.is_empty() || got.starts_with("HTTP/1.1 200"), "{got}");
+        assert!(
+            end.as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+            "the broken response ended like a whole one: {end:?}, {got:?}"
+        );
+    }
 }
 
 /// A client that stops reading a large response holds its connection, and an upstream one,
