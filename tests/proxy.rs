@@ -401,6 +401,8 @@ async fn underscore_aliases_of_the_headers_portcullis_sets_never_reach_the_upstr
           X_Forwarded_For: 10.9.9.9\r\n\
           X_Forwarded_Host: evil.example\r\n\
           X_Request_Id: forged\r\n\
+          Content_Length: 40\r\n\
+          Transfer_Encoding: chunked\r\n\
           X_Custom_Header: kept\r\n\
           \r\n",
     )

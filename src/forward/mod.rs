@@ -161,6 +161,10 @@ impl Upstream {
             X_FORWARDED_PROTO.clone(),
             X_FORWARDED_HOST.clone(),
             X_REQUEST_ID.clone(),
+            // Framing: a server that took these for the real ones would find the body
+            // elsewhere than portcullis did.
+            http::header::CONTENT_LENGTH,
+            http::header::TRANSFER_ENCODING,
         ]);
         Upstream {
             config: config.clone(),
