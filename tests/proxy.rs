@@ -171,7 +171,8 @@ async fn streamed_10_mib_post_arrives_byte_exact_and_streams_back() {
 // X-Forwarded-*
 // ------------------------------------------------------------------------------------------
 
-/// What a proxy says of the client besides `X-Forwarded-*`, in the headers backends believe.
+/// What a proxy says of the client besides `X-Forwarded-*`, or of the path the request was first
+/// sent to, in the headers backends believe.
 const PROXY_SAID: &[(&str, &str)] = &[
     ("forwarded", "for=6.6.6.6;proto=https;host=evil.example"),
     ("forwarded-for", "6.6.6.6"),
@@ -188,6 +189,11 @@ const PROXY_SAID: &[(&str, &str)] = &[
     ("x-forwarded-scheme", "https"),
     ("x-forwarded-ssl", "on"),
     ("front-end-https", "on"),
+    ("x-original-url", "/admin"),
+    ("x-rewrite-url", "/admin"),
+    ("x-original-uri", "/admin"),
+    ("x-forwarded-uri", "/admin"),
+    ("x-envoy-original-path", "/admin"),
 ];
 
 fn with_proxy_said(mut req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
@@ -201,23 +207,32 @@ fn with_proxy_said(mut req: reqwest::RequestBuilder) -> reqwest::RequestBuilder 
 async fn forwarded_headers_from_an_untrusted_peer_are_replaced() {
     let upstream = Upstream::echo().await;
     let proxy = Proxy::start(&open_config(&upstream.url())).await;
-    let resp = with_proxy_said(client().get(proxy.url("/")))
+    let mut req = with_proxy_said(client().get(proxy.url("/")));
+    // And with `_` for `-`, which CGI-style servers read as the same header.
+    for (name, value) in PROXY_SAID {
+        req = req.header(name.replace('-', "_"), *value);
+    }
+    let resp = req
         .header("x-forwarded-for", "6.6.6.6")
         .header("x-forwarded-proto", "https")
         .header("x-forwarded-host", "evil.example")
         .header("x-other", "kept")
+        .header("x_other_too", "kept")
         .send()
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
     let seen = upstream.last();
     for (name, _) in PROXY_SAID {
-        assert!(
-            !seen.headers.contains_key(*name),
-            "{name} from an untrusted peer reached the upstream"
-        );
+        for name in [name.to_string(), name.replace('-', "_")] {
+            assert!(
+                !seen.headers.contains_key(&name),
+                "{name} from an untrusted peer reached the upstream"
+            );
+        }
     }
     assert_eq!(seen.headers["x-other"], "kept");
+    assert_eq!(seen.headers["x_other_too"], "kept");
     let xff: Vec<_> = seen.headers.get_all("x-forwarded-for").iter().collect();
     assert_eq!(xff, ["127.0.0.1"]);
     assert_eq!(seen.headers["x-forwarded-proto"], "http");

@@ -111,37 +111,26 @@ impl FailureWarnings {
     }
 }
 
-/// Names some backends would confuse with these (see `Upstream::remove_aliases`); the bit of
-/// each one's length is set, so that most names are passed over without reading them.
+/// Names some backends would confuse with these (see `Upstream::remove_aliases`), besides
+/// those [`proxy_said`] picks.
 struct Aliased {
     names: Vec<HeaderName>,
-    lengths: u64,
 }
 
 impl Aliased {
     fn new(names: Vec<HeaderName>) -> Self {
-        let lengths = names
-            .iter()
-            .map(|n| n.as_str().len())
-            .filter(|&len| len < 64)
-            .fold(0, |bits, len| bits | 1 << len);
-        Aliased { names, lengths }
+        Aliased { names }
     }
 
-    /// `key` is one of the names with `_` for some `-`.
+    /// `key` is one of the names, or one [`proxy_said`] picks, with `_` for some `-`. Most
+    /// names have no `_` and are passed over at that.
     fn aliases(&self, key: &HeaderName) -> bool {
-        let key = key.as_str().as_bytes();
-        key.len() < 64
-            && self.lengths & (1 << key.len()) != 0
-            && key.contains(&b'_')
-            && self.names.iter().any(|name| {
-                let name = name.as_str().as_bytes();
-                name.len() == key.len()
-                    && name
-                        .iter()
-                        .zip(key)
-                        .all(|(n, k)| n == k || (*n == b'-' && *k == b'_'))
-            })
+        let key = key.as_str();
+        if !key.as_bytes().contains(&b'_') {
+            return false;
+        }
+        let dashed = key.replace('_', "-");
+        self.names.iter().any(|name| name.as_str() == dashed) || proxy_said(&dashed)
     }
 }
 
@@ -400,7 +389,7 @@ impl Upstream {
         if !trusted {
             // A peer that is not a trusted proxy could otherwise choose the address or scheme a
             // backend believes.
-            remove_named(headers, proxy_said);
+            remove_named(headers, |name| proxy_said(name.as_str()));
         }
         if !(trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
             let proto = if conn.tls { "https" } else { "http" };
@@ -618,13 +607,15 @@ fn join_cookies(headers: &mut HeaderMap) {
 }
 
 /// Headers that backends and their frameworks believe as a proxy's word on the client (its
-/// address, or the scheme, host, port or path prefix it used), besides the three `X-Forwarded-*`
-/// headers portcullis sets itself: RFC 7239 `Forwarded`, nginx's `X-Real-IP`, CDN headers that
-/// Go's chi and Node's request-ip read before `X-Forwarded-For`, and the `X-Forwarded-*`
-/// variants of Spring, Tomcat and Rack.
-fn proxy_said(name: &HeaderName) -> bool {
+/// address, or the scheme, host, port or path prefix it used) or on the request (the path it
+/// was first sent to), besides the three `X-Forwarded-*` headers portcullis sets itself: RFC 7239
+/// `Forwarded`, nginx's `X-Real-IP`, CDN headers that Go's chi and Node's request-ip read before
+/// `X-Forwarded-For`, the `X-Forwarded-*` variants of Spring, Tomcat and Rack, and the path
+/// overrides of IIS URL Rewrite, Symfony and Zend (`X-Original-URL`, `X-Rewrite-URL`), nginx
+/// setups, Traefik and Envoy, by which a backend would serve another path than the one judged.
+fn proxy_said(name: &str) -> bool {
     matches!(
-        name.as_str(),
+        name,
         "forwarded"
             | "forwarded-for"
             | "x-forwarded"
@@ -640,6 +631,11 @@ fn proxy_said(name: &HeaderName) -> bool {
             | "x-forwarded-scheme"
             | "x-forwarded-ssl"
             | "front-end-https"
+            | "x-original-url"
+            | "x-rewrite-url"
+            | "x-original-uri"
+            | "x-forwarded-uri"
+            | "x-envoy-original-path"
     )
 }
 
