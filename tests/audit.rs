@@ -347,6 +347,14 @@ async fn no_token_cookie_or_authorization_reaches_any_log_event() {
         b64url(br#"{"alg":"HS256","typ":"JWT"}"#),
         b64url(br#"{"sub":"TOKENCANARY","sid":"not-a-uuid"}"#)
     );
+    // Tokens whose header or claims a JSON parser would quote in its error: an algorithm no
+    // one knows, and a validly signed claim of the wrong type.
+    let unknown_alg = format!(
+        "{}.{}.c2lnbmF0dXJl",
+        b64url(br#"{"alg":"ALGCANARY","typ":"JWT"}"#),
+        b64url(br#"{"sub":"x"}"#)
+    );
+    let claim_of_wrong_type = sign(&serde_json::json!({"sub": user, "exp": "EXPCANARY"}));
     const COOKIE: &str = "sid=COOKIECANARY4242; auth=ALSOSECRET";
     let mut ids = Vec::new();
 
@@ -377,6 +385,18 @@ async fn no_token_cookie_or_authorization_reaches_any_log_event() {
             401,
         ),
         (http::Method::GET, "/game/3".to_string(), None, 401),
+        (
+            http::Method::GET,
+            "/game/3a".to_string(),
+            Some(unknown_alg.clone()),
+            401,
+        ),
+        (
+            http::Method::GET,
+            "/game/3b".to_string(),
+            Some(claim_of_wrong_type.clone()),
+            401,
+        ),
         (
             http::Method::GET,
             "/game/4".to_string(),
@@ -457,6 +477,8 @@ async fn no_token_cookie_or_authorization_reaches_any_log_event() {
         "Bearer",
         "bearer ",
         "TOKENCANARY",
+        "ALGCANARY",
+        "EXPCANARY",
         "COOKIECANARY",
         "ALSOSECRET",
         "HEADERCANARY",
