@@ -56,12 +56,23 @@ pub fn head_size<B>(req: &Request<B>) -> usize {
 /// Most header lines a request may carry.
 pub const MAX_HEADER_COUNT: usize = 100;
 
+/// How many header lines a request's headers make upstream: HTTP/2 clients may send each cookie
+/// as a field of its own (RFC 9113 8.2.3), and those go upstream joined into one line.
+fn header_lines(headers: &http::HeaderMap) -> usize {
+    let fields = headers.len();
+    if fields <= MAX_HEADER_COUNT {
+        return fields;
+    }
+    let cookies = headers.get_all(header::COOKIE).iter().count();
+    fields - cookies.saturating_sub(1)
+}
+
 /// Checks a request against the limits without looking at its body.
 pub fn check(req: &Request<Body>, limits: &RequestLimitsLayer) -> Result<(), Rejection> {
     if let Some(RouteClass::Invalid(e)) = RequestFacts::of(req).route {
         return Err(Rejection::InvalidPath(e));
     }
-    if head_size(req) > limits.max_header_bytes || req.headers().len() > MAX_HEADER_COUNT {
+    if head_size(req) > limits.max_header_bytes || header_lines(req.headers()) > MAX_HEADER_COUNT {
         return Err(Rejection::HeadersTooLarge(limits.max_header_bytes));
     }
     check_unambiguous(req)?;
