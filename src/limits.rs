@@ -117,6 +117,7 @@ fn check_unambiguous(req: &Request<Body>) -> Result<(), Rejection> {
     }
     let mut authorizations = 0;
     let mut hosts = 0;
+    let mut host_named = false;
     let mut transfer_encoded = false;
     // Every field line (`keys()` would name a repeated header once).
     for (name, value) in req.headers() {
@@ -138,12 +139,14 @@ fn check_unambiguous(req: &Request<Body>) -> Result<(), Rejection> {
                     "the Host header is not a host name or address with an optional port",
                 ));
             }
+            host_named = !value.is_empty();
         } else if name == header::TRANSFER_ENCODING {
             transfer_encoded = true;
         }
     }
-    // An HTTP/2 request may leave both out; the upstream would then be told its own address.
-    if hosts == 0 && req.uri().authority().is_none() && req.version() == Version::HTTP_2 {
+    // An HTTP/2 request may leave both out (or send an empty Host); the upstream would then be
+    // told its own address, or nothing.
+    if !host_named && req.uri().authority().is_none() && req.version() == Version::HTTP_2 {
         return Err(Rejection::Malformed(
             "the request names no authority (:authority or Host)",
         ));

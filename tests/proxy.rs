@@ -608,6 +608,31 @@ async fn http2_cookie_fields_reach_the_http1_upstream_as_one() {
     assert_eq!(h2.send_request(many("x-c")).await.unwrap().status(), 431);
 }
 
+/// An HTTP/2 request that names no authority, neither by :authority nor by a non-empty Host,
+/// is refused: the upstream would be told its own address, or nothing.
+#[tokio::test]
+async fn http2_request_naming_no_authority_is_refused() {
+    let upstream = Upstream::echo().await;
+    let proxy = Proxy::start(&open_config(&upstream.url())).await;
+    let mut h2 = h2_connection(&proxy).await;
+    for host in [None, Some("")] {
+        let mut req = http::Request::get("/nameless");
+        if let Some(host) = host {
+            req = req.header("host", host);
+        }
+        let req = req.body(http_body_util::Full::new(Bytes::new())).unwrap();
+        let resp = h2.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 400, "Host {host:?}");
+    }
+    assert_eq!(upstream.count(), 0);
+    let req = http::Request::get("/named")
+        .header("host", "game.example")
+        .body(http_body_util::Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(h2.send_request(req).await.unwrap().status(), 200);
+    assert_eq!(upstream.last().headers["host"], "game.example");
+}
+
 #[tokio::test]
 async fn http2_host_contradicting_authority_is_refused() {
     let upstream = Upstream::echo().await;
