@@ -201,27 +201,55 @@ fn is_host_value(value: &[u8]) -> bool {
         )
     } else {
         let end = value.iter().position(|&b| b == b':').unwrap_or(value.len());
-        // RFC 3986's reg-name: unreserved, percent-encoded and sub-delims characters.
-        let reg_name_byte = |b: &u8| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(b);
         (
-            end > 0 && value[..end].iter().all(reg_name_byte),
+            end > 0 && value[..end].iter().all(|&b| REG_NAME[usize::from(b)]),
             &value[end..],
         )
     };
     let port = match rest {
         [] => true,
-        [b':', digits @ ..] => {
-            (1..=5).contains(&digits.len())
-                && digits.iter().all(u8::is_ascii_digit)
-                && std::str::from_utf8(digits)
-                    .ok()
-                    .and_then(|d| d.parse::<u16>().ok())
-                    .is_some()
-        }
+        // Five digits at most, so the number cannot overflow.
+        [b':', digits @ ..] if (1..=5).contains(&digits.len()) => digits
+            .iter()
+            .try_fold(0u32, |n, &d| {
+                d.is_ascii_digit().then(|| n * 10 + u32::from(d - b'0'))
+            })
+            .is_some_and(|port| port <= u32::from(u16::MAX)),
         _ => false,
     };
     host && port
 }
+
+/// The bytes of RFC 3986's reg-name: unreserved, `%` (of percent-encoding) and sub-delims. A
+/// table, as the check runs on every request's Host.
+const REG_NAME: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut i = 0;
+    while i < 256 {
+        let b = i as u8;
+        table[i] = b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'%'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
+            );
+        i += 1;
+    }
+    table
+};
 
 /// What an authority holds besides a host and a numeric port, if anything: the `http` parser
 /// takes user info and any port text (`host:`, `host:99999`, `host:x`).

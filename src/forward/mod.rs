@@ -111,22 +111,28 @@ impl FailureWarnings {
     }
 }
 
-/// Names some backends would confuse with these (see `Upstream::remove_aliases`), besides
-/// those [`proxy_said`] picks.
+/// Names some backends would confuse with these (see `Upstream::remove_aliases`), and with
+/// those of [`PROXY_SAID`]; the bit of each one's length is set, so that most names are passed
+/// over without reading them.
 struct Aliased {
     names: Vec<HeaderName>,
+    lengths: u64,
 }
 
 impl Aliased {
     fn new(names: Vec<HeaderName>) -> Self {
-        Aliased { names }
+        let lengths = names
+            .iter()
+            .map(|n| n.as_str().len())
+            .filter(|&len| len < 64)
+            .fold(PROXY_SAID_LENGTHS, |bits, len| bits | 1 << len);
+        Aliased { names, lengths }
     }
 
-    /// `key` is one of the names, or one [`proxy_said`] picks, with `_` for some `-`. Most
-    /// names have no `_` and are passed over at that.
+    /// `key` is one of the names, or of [`PROXY_SAID`], with `_` for some `-`.
     fn aliases(&self, key: &HeaderName) -> bool {
         let key = key.as_str();
-        if !key.as_bytes().contains(&b'_') {
+        if !(key.len() < 64 && self.lengths & (1 << key.len()) != 0 && key.contains('_')) {
             return false;
         }
         let dashed = key.replace('_', "-");
@@ -613,30 +619,43 @@ fn join_cookies(headers: &mut HeaderMap) {
 /// `X-Forwarded-For`, the `X-Forwarded-*` variants of Spring, Tomcat and Rack, and the path
 /// overrides of IIS URL Rewrite, Symfony and Zend (`X-Original-URL`, `X-Rewrite-URL`), nginx
 /// setups, Traefik and Envoy, by which a backend would serve another path than the one judged.
+const PROXY_SAID: [&str; 20] = [
+    "forwarded",
+    "forwarded-for",
+    "x-forwarded",
+    "x-real-ip",
+    "true-client-ip",
+    "x-client-ip",
+    "x-cluster-client-ip",
+    "cf-connecting-ip",
+    "fastly-client-ip",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-forwarded-server",
+    "x-forwarded-scheme",
+    "x-forwarded-ssl",
+    "front-end-https",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-original-uri",
+    "x-forwarded-uri",
+    "x-envoy-original-path",
+];
+
+/// The bit of each [`PROXY_SAID`] name's length: most names are of none of these lengths.
+const PROXY_SAID_LENGTHS: u64 = {
+    let mut bits = 0u64;
+    let mut i = 0;
+    while i < PROXY_SAID.len() {
+        bits |= 1 << PROXY_SAID[i].len();
+        i += 1;
+    }
+    bits
+};
+
+/// Whether `name` is one of [`PROXY_SAID`].
 fn proxy_said(name: &str) -> bool {
-    matches!(
-        name,
-        "forwarded"
-            | "forwarded-for"
-            | "x-forwarded"
-            | "x-real-ip"
-            | "true-client-ip"
-            | "x-client-ip"
-            | "x-cluster-client-ip"
-            | "cf-connecting-ip"
-            | "fastly-client-ip"
-            | "x-forwarded-port"
-            | "x-forwarded-prefix"
-            | "x-forwarded-server"
-            | "x-forwarded-scheme"
-            | "x-forwarded-ssl"
-            | "front-end-https"
-            | "x-original-url"
-            | "x-rewrite-url"
-            | "x-original-uri"
-            | "x-forwarded-uri"
-            | "x-envoy-original-path"
-    )
+    name.len() < 64 && PROXY_SAID_LENGTHS & (1 << name.len()) != 0 && PROXY_SAID.contains(&name)
 }
 
 /// Removes every header whose name `doomed` picks, allocating nothing when none is there (the
