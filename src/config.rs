@@ -814,6 +814,8 @@ impl FileConfig {
             self.server.header_read_timeout,
         );
         v.nonzero_duration("server.idle_timeout", self.server.idle_timeout);
+        v.duration("server.shutdown_grace", self.server.shutdown_grace);
+        v.duration("server.shutdown_delay", self.server.shutdown_delay);
         v.positive("server.max_connections", self.server.max_connections as u64);
         for (key, n) in [
             ("server.max_connections", self.server.max_connections),
@@ -840,6 +842,10 @@ impl FileConfig {
         let (scheme, authority) = v.upstream_url("upstream.url", &self.upstream.url);
         v.nonzero_duration("upstream.request_timeout", self.upstream.request_timeout);
         v.nonzero_duration("upstream.connect_timeout", self.upstream.connect_timeout);
+        v.duration(
+            "upstream.pool_idle_timeout",
+            self.upstream.pool_idle_timeout,
+        );
         let host = if self.upstream.host.is_empty() {
             None
         } else {
@@ -1250,6 +1256,15 @@ impl Validator {
     pub(crate) fn nonzero_duration(&mut self, key: &str, value: Duration) {
         if value.is_zero() {
             self.fail(key, "must be longer than zero");
+        }
+        self.duration(key, value);
+    }
+
+    /// A time span a clock reading is moved by: far beyond any use, it would overflow the clock
+    /// and end the task that moved it.
+    pub(crate) fn duration(&mut self, key: &str, value: Duration) {
+        if value > MAX_DURATION {
+            self.fail(key, "must be at most 100 years");
         }
     }
 
@@ -1939,6 +1954,10 @@ const MAX_SESSIONS_PER_USER: usize = 1000;
 /// the year 10889; a longer ttl would wrap to 1970 and every new session be born expired. A
 /// century (humantime's `100y`) outlasts any session and stays far inside that.
 pub const MAX_SESSION_TTL: Duration = Duration::from_secs(100 * 31_557_600);
+
+/// The longest timeout or interval: a century, as for sessions. Far longer, a clock reading
+/// moved by it overflows (about 3 × 10^11 years), which ends the task that moved it.
+const MAX_DURATION: Duration = MAX_SESSION_TTL;
 
 /// Header names an identity header may not take, with what each already does.
 const RESERVED_HEADERS: &[(&str, &str)] = &[
@@ -2969,6 +2988,31 @@ mod tests {
         assert!(matches!(c.routes[0].rate_limit, RouteLimit::Own(q) if q.requests.get() == 5));
         let err = parse("[rate_limit.anonymous]\nrequests = 5\nper = \"0s\"\n").unwrap_err();
         assert_eq!(err.0[0].key, "rate_limit.anonymous.per");
+    }
+
+    /// Every timeout and interval has a ceiling: far beyond any use, a clock reading moved by
+    /// it overflows, and the task that moved it (a connection, the pool, the eviction) ends.
+    #[test]
+    fn timeouts_and_intervals_are_at_most_a_century() {
+        for (section, key) in [
+            ("server", "header_read_timeout"),
+            ("server", "idle_timeout"),
+            ("server", "shutdown_grace"),
+            ("server", "shutdown_delay"),
+            ("upstream", "request_timeout"),
+            ("upstream", "connect_timeout"),
+            ("upstream", "pool_idle_timeout"),
+            ("redis", "command_timeout"),
+            ("redis", "connect_timeout"),
+            ("rate_limit", "gc_interval"),
+            ("metrics", "active_sessions_interval"),
+        ] {
+            let at = |span: &str| parse(&format!("[{section}]\n{key} = \"{span}\"\n"));
+            let err = at("500000000000y").unwrap_err();
+            assert_eq!(err.0[0].key, format!("{section}.{key}"), "{err}");
+            assert!(err.to_string().contains("at most 100 years"), "{err}");
+            assert!(at("100y").is_ok(), "{section}.{key} = 100y");
+        }
     }
 
     #[test]
