@@ -69,8 +69,13 @@ where
             _ => generate(),
         };
         // The upstream reads the id from the header and log lines from the span; nothing needs
-        // an extension copy, which would cost an allocation and grow the extension map.
-        req.headers_mut().insert(X_REQUEST_ID.clone(), id.clone());
+        // an extension copy, which would cost an allocation and grow the extension map. A map
+        // already as full as a header map can be (an HTTP/2 request of some 24,000 fields,
+        // which a raised `max_header_bytes` lets through) cannot take it: the head limit
+        // refuses that request a few layers in, and the response still carries the id.
+        let _ = req
+            .headers_mut()
+            .try_insert(X_REQUEST_ID.clone(), id.clone());
         let span = tracing::info_span!(
             "request",
             request_id = %String::from_utf8_lossy(id.as_bytes())

@@ -1178,6 +1178,32 @@ async fn http2_headers_over_the_limit_give_431_json() {
     assert_eq!(upstream.count(), 0);
 }
 
+/// An HTTP/2 request with as many fields as a header map holds (24,576), which a raised
+/// `max_header_bytes` lets past the HTTP/2 layer, is refused with 431 like any other with over
+/// 100 lines; the connection and its other streams carry on.
+#[tokio::test]
+async fn http2_request_filling_a_header_map_gives_431_and_the_connection_lives_on() {
+    let upstream = Upstream::echo().await;
+    let config = config_with(&upstream.url(), "[server]\nmax_header_bytes = 1048576\n");
+    let proxy = Proxy::start(&config).await;
+    let mut h2 = h2_connection(&proxy).await;
+    let mut req = http::Request::get(format!("http://{}/full", proxy.addr));
+    let headers = req.headers_mut().unwrap();
+    for i in 0..24_576 {
+        let name = http::HeaderName::from_bytes(format!("h{i}").as_bytes()).unwrap();
+        headers.insert(name, http::HeaderValue::from_static(""));
+    }
+    let req = req.body(http_body_util::Full::new(Bytes::new())).unwrap();
+    let resp = h2.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 431);
+    assert!(resp.headers().contains_key("x-request-id"));
+    let req = http::Request::get(format!("http://{}/after", proxy.addr))
+        .body(http_body_util::Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(h2.send_request(req).await.unwrap().status(), 200);
+    assert_eq!(upstream.count(), 1);
+}
+
 #[tokio::test]
 async fn upstream_closing_without_an_answer_gives_502_upstream_unavailable() {
     let upstream = RawUpstream::start(b"").await;
