@@ -548,6 +548,26 @@ fn dev_token(config: &str, args: &[&str]) -> String {
     token
 }
 
+/// A `--ttl` past the end of time is refused by name, not wrapped round to a token that
+/// expired in 1970.
+#[test]
+fn dev_token_refuses_a_ttl_beyond_any_expiry() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, format!("[jwt]\nsecret = \"{TEST_SECRET}\"\n")).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["dev-token", "--sub", "u", "--ttl", "18446744073709551615s"])
+        .arg("--config")
+        .arg(&path)
+        .env_clear()
+        .output()
+        .expect("run portcullis dev-token");
+    assert!(!output.status.success());
+    assert!(output.stdout.is_empty());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--ttl is too long"), "{stderr}");
+}
+
 #[tokio::test]
 async fn dev_token_prints_a_token_the_proxy_accepts() {
     let redis = RedisServer::start();

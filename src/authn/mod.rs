@@ -488,11 +488,14 @@ pub fn dev_token(
         .filter(|a| a.family() == AlgorithmFamily::Hmac)
         .ok_or("dev-token needs an HS256/384/512 algorithm in jwt.algorithms")?;
     let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+    let exp = now
+        .checked_add(ttl.as_secs())
+        .ok_or("--ttl is too long: the token's expiry would not be a time")?;
     let claims = DevClaims {
         sub,
         sid,
         iat: now,
-        exp: now + ttl.as_secs(),
+        exp,
         iss: config.issuer.as_deref(),
         aud: config.audience.as_deref(),
     };
