@@ -236,7 +236,10 @@ struct ChunkSizeLine {
 fn parse_chunk_size(buf: &[u8]) -> Result<Option<ChunkSizeLine>, FramingError> {
     let invalid = FramingError::Malformed("a chunk-size line is invalid");
     let digits = buf.iter().take_while(|b| b.is_ascii_hexdigit()).count();
-    if digits > 16 {
+    // Leading zeros are allowed (RFC 9112 7.1) and add nothing; the line's length is bounded
+    // by the caller.
+    let zeros = buf[..digits].iter().take_while(|b| **b == b'0').count();
+    if digits - zeros > 16 {
         return Err(FramingError::Malformed("a chunk size is too large"));
     }
     if digits == buf.len() {
@@ -688,7 +691,7 @@ mod tests {
             })
         };
         // Each parses (`None`: incomplete, needs more).
-        let cases: [(&[u8], Option<ChunkSizeLine>); 10] = [
+        let cases: [(&[u8], Option<ChunkSizeLine>); 12] = [
             (b"5\r\n", line(3, 5, 0)),
             (b"aB\r\nrest", line(4, 0xab, 0)),
             (b"5 \t\r\n", line(5, 5, 2)),
@@ -696,6 +699,8 @@ mod tests {
             (b"5 ;x\r\n", line(6, 5, 3)),
             (b"ffffffffffffffff\r\n", line(18, u64::MAX, 0)),
             (b"0\r\n", line(3, 0, 0)),
+            (b"00000000000000000005\r\n", line(22, 5, 0)),
+            (b"00000000000000000000\r\n", line(22, 0, 0)),
             (b"5", None),
             (b"5;abc", None),
             (b"5\r", None),
@@ -713,6 +718,7 @@ mod tests {
             b"5 x\r\n",
             b"5\rX",
             b"10000000000000000\r\n",
+            b"0010000000000000000\r\n",
         ] {
             assert!(
                 parse_chunk_size(input).is_err(),
