@@ -57,13 +57,14 @@ pub fn head_size<B>(req: &Request<B>) -> usize {
 pub const MAX_HEADER_COUNT: usize = 100;
 
 /// How many header lines a request's headers make upstream: HTTP/2 clients may send each cookie
-/// as a field of its own (RFC 9113 8.2.3), and those go upstream joined into one line.
-fn header_lines(headers: &http::HeaderMap) -> usize {
-    let fields = headers.len();
-    if fields <= MAX_HEADER_COUNT {
+/// as a field of its own (RFC 9113 8.2.3), and those go upstream joined into one line (an
+/// HTTP/1.x request's Cookie lines go as they came).
+fn header_lines<B>(req: &Request<B>) -> usize {
+    let fields = req.headers().len();
+    if fields <= MAX_HEADER_COUNT || req.version() != Version::HTTP_2 {
         return fields;
     }
-    let cookies = headers.get_all(header::COOKIE).iter().count();
+    let cookies = req.headers().get_all(header::COOKIE).iter().count();
     fields - cookies.saturating_sub(1)
 }
 
@@ -72,7 +73,7 @@ pub fn check(req: &Request<Body>, limits: &RequestLimitsLayer) -> Result<(), Rej
     if let Some(RouteClass::Invalid(e)) = RequestFacts::of(req).route {
         return Err(Rejection::InvalidPath(e));
     }
-    if head_size(req) > limits.max_header_bytes || header_lines(req.headers()) > MAX_HEADER_COUNT {
+    if head_size(req) > limits.max_header_bytes || header_lines(req) > MAX_HEADER_COUNT {
         return Err(Rejection::HeadersTooLarge(limits.max_header_bytes));
     }
     check_unambiguous(req)?;

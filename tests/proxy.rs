@@ -606,6 +606,16 @@ async fn http2_cookie_fields_reach_the_http1_upstream_as_one() {
     assert_eq!(seen.headers.get_all("cookie").iter().count(), 1);
     assert!(seen.headers["cookie"].to_str().unwrap().ends_with("c149=v"));
     assert_eq!(h2.send_request(many("x-c")).await.unwrap().status(), 431);
+
+    // HTTP/1.1 Cookie lines go upstream as they came, each a line.
+    let mut request = b"GET /many HTTP/1.1\r\nHost: game.example\r\nConnection: close\r\n".to_vec();
+    for i in 0..150 {
+        request.extend_from_slice(format!("Cookie: c{i}=v\r\n").as_bytes());
+    }
+    request.extend_from_slice(b"\r\n");
+    send_raw(proxy.addr, &request)
+        .await
+        .assert_error(431, "HEADERS_TOO_LARGE");
 }
 
 /// An HTTP/2 request that names no authority, neither by :authority nor by a non-empty Host,
