@@ -236,10 +236,11 @@ struct ChunkSizeLine {
 fn parse_chunk_size(buf: &[u8]) -> Result<Option<ChunkSizeLine>, FramingError> {
     let invalid = FramingError::Malformed("a chunk-size line is invalid");
     let digits = buf.iter().take_while(|b| b.is_ascii_hexdigit()).count();
-    // Leading zeros are allowed (RFC 9112 7.1) and add nothing; the line's length is bounded
-    // by the caller.
+    // Leading zeros are allowed (RFC 9112 7.1) and add nothing to the size; they count with
+    // the extensions below.
     let zeros = buf[..digits].iter().take_while(|b| **b == b'0').count();
-    if digits - zeros > 16 {
+    let significant = digits - zeros;
+    if significant > 16 {
         return Err(FramingError::Malformed("a chunk size is too large"));
     }
     if digits == buf.len() {
@@ -268,9 +269,10 @@ fn parse_chunk_size(buf: &[u8]) -> Result<Option<ChunkSizeLine>, FramingError> {
             i += 1;
         }
     }
-    // Whitespace counts with the extensions: spaces alone after a size would otherwise carry
-    // up to a line's length of overhead per body byte, unbounded.
-    let extension_bytes = i - digits;
+    // Whitespace and padding zeros count with the extensions: either alone would otherwise
+    // carry up to a line's length of overhead per body byte, unbounded.
+    let padding = digits - significant.max(1);
+    let extension_bytes = i - digits + padding;
     match (buf.get(i), buf.get(i + 1)) {
         (None, _) | (Some(b'\r'), None) => Ok(None),
         (Some(b'\r'), Some(b'\n')) => Ok(Some(ChunkSizeLine {
@@ -691,7 +693,7 @@ mod tests {
             })
         };
         // Each parses (`None`: incomplete, needs more).
-        let cases: [(&[u8], Option<ChunkSizeLine>); 12] = [
+        let cases: [(&[u8], Option<ChunkSizeLine>); 13] = [
             (b"5\r\n", line(3, 5, 0)),
             (b"aB\r\nrest", line(4, 0xab, 0)),
             (b"5 \t\r\n", line(5, 5, 2)),
@@ -699,8 +701,9 @@ mod tests {
             (b"5 ;x\r\n", line(6, 5, 3)),
             (b"ffffffffffffffff\r\n", line(18, u64::MAX, 0)),
             (b"0\r\n", line(3, 0, 0)),
-            (b"00000000000000000005\r\n", line(22, 5, 0)),
-            (b"00000000000000000000\r\n", line(22, 0, 0)),
+            (b"00000000000000000005\r\n", line(22, 5, 19)),
+            (b"00000000000000000000\r\n", line(22, 0, 19)),
+            (b"05 \r\n", line(5, 5, 2)),
             (b"5", None),
             (b"5;abc", None),
             (b"5\r", None),
@@ -803,6 +806,33 @@ mod tests {
         }
         read.extend(input.copied());
         Ok((data, trailers, read.to_vec()))
+    }
+
+    /// Padding zeros before a chunk size count against a body's extension budget, as
+    /// whitespace does: otherwise each byte of data could carry a line's worth of them.
+    #[test]
+    fn padding_zeros_count_against_the_extension_budget() {
+        let decode = |chunks: usize| {
+            let mut body = Vec::new();
+            for _ in 0..chunks {
+                body.extend_from_slice(&[b'0'; 1000]);
+                body.extend_from_slice(b"1\r\nx\r\n");
+            }
+            body.extend_from_slice(b"0\r\n\r\n");
+            let mut decoder = BodyDecoder::new(Decode::ChunkSize);
+            let mut read = BytesMut::from(&body[..]);
+            let mut data = 0;
+            loop {
+                match decoder.step(&mut read)? {
+                    Step::Data(d) => data += d.len(),
+                    Step::Trailers(_) | Step::End => return Ok(data),
+                    Step::NeedMore => panic!("the whole body was given"),
+                }
+            }
+        };
+        // 999 padding zeros each: 16 chunks fit the 16 KiB, 17 do not.
+        assert_eq!(decode(16).ok(), Some(16));
+        assert!(matches!(decode(17), Err(FramingError::Malformed(_))));
     }
 
     #[test]
