@@ -108,11 +108,11 @@ fn check_unambiguous(req: &Request<Body>) -> Result<(), Rejection> {
                 "an authority-form target is for CONNECT only",
             ));
         }
-        // User info may not stand in an http(s) authority (RFC 9110 4.2.4, RFC 9113 8.3.1),
-        // and the upstream would be told it as the Host.
-        if authority_fault(authority).is_some() {
+        // The upstream is told it as the Host, when the request has none: it is held to what
+        // a Host may be. User info may not stand in it (RFC 9110 4.2.4, RFC 9113 8.3.1).
+        if !is_host_value(authority.as_str().as_bytes()) {
             return Err(Rejection::Malformed(
-                "the target's authority holds user info or a port that is not a number",
+                "the target's authority is not a host name or address with an optional port",
             ));
         }
     }
@@ -182,20 +182,23 @@ fn check_unambiguous(req: &Request<Body>) -> Result<(), Rejection> {
 }
 
 /// Whether a Host value names an authority the one way every reader takes it (RFC 9112 3.2
-/// asks for a 400 otherwise): a registered name or IP address, and an optional port number;
-/// or nothing at all, as a request without an authority is sent. An upstream that builds URLs
-/// from Host (or X-Forwarded-Host, copied from it) then cannot be handed `a.example@b.example`,
-/// `a.example/../b`, or a value with spaces or control bytes.
+/// asks for a 400 otherwise): a host name (letters, digits, `-`, `.`, `_`) or IP address, and an
+/// optional port number; or nothing at all, as a request without an authority is sent. An
+/// upstream that builds URLs from Host (or X-Forwarded-Host, copied from it) then cannot be
+/// handed `a.example@b.example`, `a.example/../b`, `a.example,b.example` (a list, whose first
+/// item some readers take and whose last others do), percent-encoding, or a value with spaces
+/// or control bytes. RFC 3986 would allow more punctuation in a name, which no DNS name uses;
+/// an IPv6 zone (`[fe80::1%25eth0]`) has no meaning beyond the client's machine.
 fn is_host_value(value: &[u8]) -> bool {
     if value.is_empty() {
         return true;
     }
     let (host, rest) = if let Some(literal) = value.strip_prefix(b"[") {
-        // An IP literal: an IPv6 address (or IPvFuture), bracketed.
+        // An IPv6 address, bracketed (with an IPv4 address in its last 32 bits, perhaps).
         let Some(end) = literal.iter().position(|&b| b == b']') else {
             return false;
         };
-        let ip_literal_byte = |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b':' | b'.');
+        let ip_literal_byte = |b: &u8| b.is_ascii_hexdigit() || matches!(b, b':' | b'.');
         (
             !literal[..end].is_empty() && literal[..end].iter().all(ip_literal_byte),
             &literal[end + 1..],
@@ -203,7 +206,7 @@ fn is_host_value(value: &[u8]) -> bool {
     } else {
         let end = value.iter().position(|&b| b == b':').unwrap_or(value.len());
         (
-            end > 0 && value[..end].iter().all(|&b| REG_NAME[usize::from(b)]),
+            end > 0 && value[..end].iter().all(|&b| HOST_NAME[usize::from(b)]),
             &value[end..],
         )
     };
@@ -221,32 +224,14 @@ fn is_host_value(value: &[u8]) -> bool {
     host && port
 }
 
-/// The bytes of RFC 3986's reg-name: unreserved, `%` (of percent-encoding) and sub-delims. A
-/// table, as the check runs on every request's Host.
-const REG_NAME: [bool; 256] = {
+/// The bytes of a host name in a Host: letters, digits, `-`, `.` and `_` (which service names
+/// use). A table, as the check runs on every request's Host.
+const HOST_NAME: [bool; 256] = {
     let mut table = [false; 256];
     let mut i = 0;
     while i < 256 {
         let b = i as u8;
-        table[i] = b.is_ascii_alphanumeric()
-            || matches!(
-                b,
-                b'-' | b'.'
-                    | b'_'
-                    | b'~'
-                    | b'%'
-                    | b'!'
-                    | b'$'
-                    | b'&'
-                    | b'\''
-                    | b'('
-                    | b')'
-                    | b'*'
-                    | b'+'
-                    | b','
-                    | b';'
-                    | b'='
-            );
+        table[i] = b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_');
         i += 1;
     }
     table
@@ -276,7 +261,8 @@ pub(crate) fn authority_fault(authority: &Authority) -> Option<AuthorityFault> {
 }
 
 /// Whether a Host header names the target's authority: the same host (in any case) and port,
-/// a missing port being the scheme's default (`a.example` is `a.example:80` over http).
+/// a missing port being the scheme's default (`a.example` is `a.example:80` over http). Both
+/// have passed [`is_host_value`]: no user info, and a port only where there is a number.
 fn same_authority(uri: &http::Uri, authority: &Authority, host: &HeaderValue) -> bool {
     let default_port = if uri.scheme() == Some(&http::uri::Scheme::HTTPS) {
         443
@@ -286,11 +272,7 @@ fn same_authority(uri: &http::Uri, authority: &Authority, host: &HeaderValue) ->
     let Some(host) = host.to_str().ok().and_then(|h| h.parse::<Authority>().ok()) else {
         return false;
     };
-    // Neither user info nor a port that is not a number may stand in a Host, and such a port
-    // would read as the default one below.
-    authority_fault(&host).is_none()
-        && authority_fault(authority).is_none()
-        && host.host().eq_ignore_ascii_case(authority.host())
+    host.host().eq_ignore_ascii_case(authority.host())
         && host.port_u16().unwrap_or(default_port) == authority.port_u16().unwrap_or(default_port)
 }
 

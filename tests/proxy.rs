@@ -1072,6 +1072,12 @@ async fn a_host_that_names_no_authority_is_refused() {
         "[]",
         "[::1]x",
         "[::1@a]",
+        "a.example,b.example",
+        "a.example;b",
+        "a%41.example",
+        "a%zz",
+        "[fe80::1%25eth0]",
+        "[v1.x]",
     ] {
         let request = format!("GET /x HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
         send_raw(proxy.addr, request.as_bytes())
@@ -1096,6 +1102,9 @@ async fn a_host_that_names_no_authority_is_refused() {
         "[::1]",
         "[2001:db8::1]:65535",
         "xn--bcher-kva.example",
+        "_grpc._tcp.game.example",
+        "game.example.",
+        "[::ffff:10.0.0.1]:443",
         "",
     ] {
         let request = format!("GET /x HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
@@ -1105,18 +1114,24 @@ async fn a_host_that_names_no_authority_is_refused() {
     }
 }
 
-/// HTTP/2's :authority may not carry user info (RFC 9113 8.3.1): it would reach the upstream as
-/// its Host.
+/// HTTP/2's :authority reaches the upstream as its Host when the request has none, so it is
+/// held to what a Host may be: no user info (RFC 9113 8.3.1), no list, a port that is a number.
 #[tokio::test]
-async fn http2_authority_with_user_info_is_refused() {
+async fn http2_authority_that_is_no_host_is_refused() {
     let upstream = Upstream::echo().await;
     let proxy = Proxy::start(&open_config(&upstream.url())).await;
     let mut h2 = h2_connection(&proxy).await;
-    let req = http::Request::get("http://evil.example@a.example/which")
-        .body(http_body_util::Full::new(Bytes::new()))
-        .unwrap();
-    let resp = h2.send_request(req).await.unwrap();
-    assert_eq!(resp.status(), 400);
+    for authority in [
+        "evil.example@a.example",
+        "a.example,b.example",
+        "a.example:99999",
+    ] {
+        let req = http::Request::get(format!("http://{authority}/which"))
+            .body(http_body_util::Full::new(Bytes::new()))
+            .unwrap();
+        let resp = h2.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 400, ":authority {authority}");
+    }
     assert_eq!(upstream.count(), 0);
 }
 
