@@ -1291,6 +1291,10 @@ impl Validator {
             self.fail(&format!("{key}.per"), "must be longer than zero");
             return None;
         }
+        if q.per > MAX_DURATION {
+            self.duration(&format!("{key}.per"), q.per);
+            return None;
+        }
         if q.per / q.requests.max(1) == Duration::ZERO {
             self.fail(&format!("{key}.per"), "is too short for that many requests");
             return None;
@@ -3006,8 +3010,10 @@ mod tests {
             ("redis", "connect_timeout"),
             ("rate_limit", "gc_interval"),
             ("metrics", "active_sessions_interval"),
+            ("rate_limit.proxy", "per"),
         ] {
-            let at = |span: &str| parse(&format!("[{section}]\n{key} = \"{span}\"\n"));
+            let requests = if key == "per" { "requests = 1\n" } else { "" };
+            let at = |span: &str| parse(&format!("[{section}]\n{requests}{key} = \"{span}\"\n"));
             let err = at("500000000000y").unwrap_err();
             assert_eq!(err.0[0].key, format!("{section}.{key}"), "{err}");
             assert!(err.to_string().contains("at most 100 years"), "{err}");
