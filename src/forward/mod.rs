@@ -132,12 +132,24 @@ impl Aliased {
     /// `key` is one of the names, or of [`PROXY_SAID`], with `_` for some `-`.
     fn aliases(&self, key: &HeaderName) -> bool {
         let key = key.as_str();
-        if !(key.len() < 64 && self.lengths & (1 << key.len()) != 0 && key.contains('_')) {
-            return false;
-        }
-        let dashed = key.replace('_', "-");
-        self.names.iter().any(|name| name.as_str() == dashed) || proxy_said(&dashed)
+        key.len() < 64
+            && self.lengths & (1 << key.len()) != 0
+            && key.contains('_')
+            && (self
+                .names
+                .iter()
+                .any(|name| underscored(name.as_str(), key))
+                || PROXY_SAID.iter().any(|name| underscored(name, key)))
     }
+}
+
+/// Whether `key` is `name` with `_` for some of its `-`.
+fn underscored(name: &str, key: &str) -> bool {
+    name.len() == key.len()
+        && name
+            .bytes()
+            .zip(key.bytes())
+            .all(|(n, k)| n == k || (n == b'-' && k == b'_'))
 }
 
 impl Upstream {
@@ -642,7 +654,8 @@ const PROXY_SAID: [&str; 20] = [
     "x-envoy-original-path",
 ];
 
-/// The bit of each [`PROXY_SAID`] name's length: most names are of none of these lengths.
+/// The bit of each [`PROXY_SAID`] name's length, so that a name of another length (`host`,
+/// `accept`, `user-agent`, `cookie`, ...) is passed over at once.
 const PROXY_SAID_LENGTHS: u64 = {
     let mut bits = 0u64;
     let mut i = 0;
