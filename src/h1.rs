@@ -455,7 +455,7 @@ pub(crate) fn chunked_once(headers: &HeaderMap) -> Result<(), NotChunkedOnce> {
 /// Whether a Content-Length value is written the one way every reader takes alike: digits with
 /// no leading zero (`0` itself aside). A reader that guesses the base, as C's `strtol(s, 0, 0)`
 /// does, reads `010` as 8, and would find the next request in the body's last two bytes.
-pub(crate) fn is_plain_length(value: &[u8]) -> bool {
+fn is_plain_length(value: &[u8]) -> bool {
     match value {
         [] => false,
         [b'0', _, ..] => false,

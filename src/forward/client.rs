@@ -276,7 +276,13 @@ impl Upload {
         } else {
             match facts.content_length() {
                 Ok(Some(length)) => {
-                    one_content_length(&mut parts.headers, length);
+                    // Repeated, a list, or padded with zeros: as one plain value (RFC 9110 8.6),
+                    // which every upstream reads alike (Node's parser refuses a list).
+                    if facts.content_length_unusual {
+                        parts
+                            .headers
+                            .insert(header::CONTENT_LENGTH, http::HeaderValue::from(length));
+                    }
                     Encode::Length(length)
                 }
                 Ok(None) => Encode::None,
@@ -424,20 +430,6 @@ fn poll_head(
             }
             Err(e) => return Poll::Ready(Err(Error::Read(e))),
         }
-    }
-}
-
-/// Writes a Content-Length the client repeated (`8, 8`, or two lines; HTTP allows either) or
-/// padded with zeros as one plain value (RFC 9110 8.6), which every upstream reads alike:
-/// Node's parser refuses a list.
-fn one_content_length(headers: &mut HeaderMap, length: u64) {
-    let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
-    let plain = values
-        .next()
-        .is_some_and(|v| crate::h1::is_plain_length(v.as_bytes()))
-        && values.next().is_none();
-    if !plain {
-        headers.insert(header::CONTENT_LENGTH, http::HeaderValue::from(length));
     }
 }
 
