@@ -1506,6 +1506,16 @@ impl Validator {
                 self.fail(key, format!("cannot be {name}, which {what}"));
                 continue;
             }
+            // CGI-style servers read `x_user_id` and `x-user-id` as one header; a client's copy
+            // under the dashed spelling is removed only when the configured name is dashed.
+            if name.as_str().contains('_') {
+                let dashed = name.as_str().replace('_', "-");
+                self.fail(
+                    key,
+                    format!("cannot contain '_' ({dashed}, not {name}): CGI-style servers read both spellings as one header"),
+                );
+                continue;
+            }
             // Header names are case-insensitive; `HeaderName` holds them lowercased.
             if let Some(earlier) = names[..i].iter().position(|n| n.as_ref() == Some(&name)) {
                 self.fail(
@@ -2718,6 +2728,17 @@ mod tests {
                 .contains("already identity.session_id_header"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn identity_headers_cannot_contain_underscores() {
+        for key in ["user_id_header", "session_id_header", "platform_header"] {
+            let err = parse(&format!("[identity]\n{key} = \"X_Game_User\"\n")).unwrap_err();
+            assert_eq!(err.0.len(), 1, "{err}");
+            assert_eq!(err.0[0].key, format!("identity.{key}"));
+            assert!(err.0[0].reason.contains("x-game-user"), "{err}");
+        }
+        assert!(parse("[identity]\nuser_id_header = \"X-Game-User\"\n").is_ok());
     }
 
     #[test]
