@@ -15,6 +15,7 @@
 use std::collections::BTreeSet;
 use std::fmt;
 use std::io::Read;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::str::FromStr;
@@ -66,6 +67,10 @@ pub struct InjectOptions {
     /// The sidecar's admin port (/healthz, /readyz), probed by the kubelet.
     #[arg(long, default_value_t = 9090, value_parser = clap::value_parser!(u16).range(1..))]
     pub admin_port: u16,
+    /// The address both of the sidecar's ports listen on: `0.0.0.0` takes IPv4 only; `::` takes
+    /// IPv6 and IPv4, for IPv6-only and dual-stack clusters.
+    #[arg(long, default_value = "0.0.0.0", value_name = "IP")]
+    pub listen_address: std::net::IpAddr,
     /// Secret whose key `secret` becomes JWT_SECRET.
     #[arg(long)]
     pub jwt_secret: Option<String>,
@@ -121,6 +126,7 @@ impl Default for InjectOptions {
             upstream_port: None,
             port: 8443,
             admin_port: 9090,
+            listen_address: std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
             jwt_secret: None,
             tls_secret: None,
             redis_secret: None,
@@ -1282,12 +1288,12 @@ pub fn sidecar(opts: &InjectOptions, upstream: u16) -> Value {
         ),
         env_var(
             "PORTCULLIS_SERVER_LISTEN",
-            &format!("0.0.0.0:{}", opts.port),
+            &SocketAddr::new(opts.listen_address, opts.port).to_string(),
         ),
         // The kubelet probes from the node, not from localhost.
         env_var(
             "PORTCULLIS_ADMIN_LISTEN",
-            &format!("0.0.0.0:{}", opts.admin_port),
+            &SocketAddr::new(opts.listen_address, opts.admin_port).to_string(),
         ),
     ];
     if let Some(secret) = &opts.jwt_secret {

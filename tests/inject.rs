@@ -246,6 +246,29 @@ fn every_workload_of_a_multi_document_input_is_injected_and_the_rest_kept() {
     );
 }
 
+/// In an IPv6-only or dual-stack cluster the sidecar listens on `::`, which takes both.
+#[test]
+fn the_listen_address_serves_ipv6_clusters() {
+    let input = deployment("d", "{app: d}", ONE_PORT);
+    let out = inject(&["--listen-address", "::"], &input).docs();
+    let sidecar = container(
+        &out[0]["spec"]["template"]["spec"]["initContainers"],
+        "portcullis",
+    );
+    assert_eq!(
+        env(sidecar, "PORTCULLIS_SERVER_LISTEN")["value"],
+        "[::]:8443"
+    );
+    assert_eq!(
+        env(sidecar, "PORTCULLIS_ADMIN_LISTEN")["value"],
+        "[::]:9090"
+    );
+
+    let bad = inject(&["--listen-address", "0.0.0.0:80"], &input);
+    assert!(!bad.ok && bad.stdout.is_empty());
+    assert!(bad.stderr.contains("--listen-address"), "{}", bad.stderr);
+}
+
 #[test]
 fn the_sidecar_has_ports_probes_limits_and_a_locked_down_context() {
     let out = inject(
