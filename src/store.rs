@@ -120,6 +120,9 @@ struct Link {
     ask_role: AtomicBool,
     /// Client-side caching: who to tell, and the key prefix tracked (BCAST).
     tracking: Option<(Arc<dyn Tracking>, String)>,
+    /// Where the heartbeat counts a demoted master it meets (op `heartbeat`): with the local
+    /// cache on, it usually meets one before any request does.
+    metrics: Arc<Metrics>,
     /// The runtime the store was made on, which outlives the workers: the connection's tasks
     /// run there, not on whichever worker happened to send the first command.
     runtime: Option<tokio::runtime::Handle>,
@@ -341,6 +344,7 @@ impl Link {
             match tokio::time::timeout(HEARTBEAT * 5, ping).await {
                 Ok(Ok(_)) => tracking.confirm(sent),
                 Ok(Err(e)) if classify(&e) == Failure::NotWritable => {
+                    self.metrics.redis_error("heartbeat", "not_writable");
                     self.mark_not_writable(generation, &reply_text(&e));
                     return;
                 }
@@ -928,6 +932,7 @@ impl Store {
             timeouts: AtomicU32::new(0),
             ask_role: AtomicBool::new(true),
             tracking: tracking.map(|t| (t, sessions_prefix.clone())),
+            metrics: metrics.clone(),
             runtime: tokio::runtime::Handle::try_current().ok(),
         };
         Ok(Store {

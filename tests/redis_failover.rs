@@ -252,6 +252,30 @@ async fn a_write_refused_by_a_demoted_master_fails_closed_and_reopens_the_connec
     assert!(after.is_disjoint(&before), "{before:?} {after:?}");
 }
 
+/// With the local cache on (the default), its heartbeat is what usually meets a demoted master
+/// first; that is counted as `not_writable` (op `heartbeat`), so the failover shows in the
+/// metric operators watch even before a request fails.
+#[tokio::test]
+async fn a_demotion_the_cache_heartbeat_meets_is_counted_as_not_writable() {
+    let a = RedisServer::start();
+    let b = RedisServer::start();
+    let mut admin_a = a.conn();
+    let upstream = Upstream::echo().await;
+    let proxy = Proxy::start(&session_config(&upstream, &a, "")).await;
+    eventually("/readyz to be 200", || async {
+        readyz(&proxy).await.0 == 200
+    })
+    .await;
+    let counted = "portcullis_redis_errors_total{op=\"heartbeat\",kind=\"not_writable\"}";
+    assert!(!proxy.metrics_text().await.contains(counted));
+
+    replicate(&mut admin_a, Some(&b));
+    eventually("the heartbeat's refused write to be counted", || async {
+        proxy.metrics_text().await.contains(counted)
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn readyz_is_not_ready_while_redis_is_a_replica() {
     let a = RedisServer::start();
