@@ -407,6 +407,29 @@ async fn a_connection_header_naming_the_request_id_does_not_drop_it() {
     assert_eq!(upstream.last().headers["x-request-id"], "trace-42");
 }
 
+/// However long an identity header's name, its underscore spelling is removed too.
+#[tokio::test]
+async fn underscore_aliases_of_long_identity_header_names_never_reach_the_upstream() {
+    let upstream = Upstream::echo().await;
+    let long = format!("x-game-{}-user-id", "a".repeat(60));
+    let config = config_with(
+        &upstream.url(),
+        &format!("[identity]\nuser_id_header = \"{long}\"\n"),
+    );
+    let proxy = Proxy::start(&config).await;
+    let alias = long.replace('-', "_");
+    let resp = client()
+        .get(proxy.url("/alias"))
+        .header(alias.as_str(), "admin")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let seen = upstream.last();
+    assert!(seen.headers.get(&alias).is_none(), "{:?}", seen.headers);
+    assert!(seen.headers.get(&long).is_none(), "{:?}", seen.headers);
+}
+
 #[tokio::test]
 async fn underscore_aliases_of_the_headers_portcullis_sets_never_reach_the_upstream() {
     let upstream = Upstream::echo().await;

@@ -121,19 +121,16 @@ struct Aliased {
 
 impl Aliased {
     fn new(names: Vec<HeaderName>) -> Self {
-        let lengths = names
-            .iter()
-            .map(|n| n.as_str().len())
-            .filter(|&len| len < 64)
-            .fold(PROXY_SAID_LENGTHS, |bits, len| bits | 1 << len);
+        let lengths = names.iter().fold(PROXY_SAID_LENGTHS, |bits, n| {
+            bits | length_bit(n.as_str().len())
+        });
         Aliased { names, lengths }
     }
 
     /// `key` is one of the names, or of [`PROXY_SAID`], with `_` for some `-`.
     fn aliases(&self, key: &HeaderName) -> bool {
         let key = key.as_str();
-        key.len() < 64
-            && self.lengths & (1 << key.len()) != 0
+        self.lengths & length_bit(key.len()) != 0
             && key.contains('_')
             && (self
                 .names
@@ -141,6 +138,12 @@ impl Aliased {
                 .any(|name| underscored(name.as_str(), key))
                 || PROXY_SAID.iter().any(|name| underscored(name, key)))
     }
+}
+
+/// The bit standing for names of `len` bytes in a set of lengths; names of 63 bytes or more
+/// share the last, so that no length falls outside the set.
+const fn length_bit(len: usize) -> u64 {
+    1 << if len < 63 { len } else { 63 }
 }
 
 /// Whether `key` is `name` with `_` for some of its `-`.
@@ -660,7 +663,7 @@ const PROXY_SAID_LENGTHS: u64 = {
     let mut bits = 0u64;
     let mut i = 0;
     while i < PROXY_SAID.len() {
-        bits |= 1 << PROXY_SAID[i].len();
+        bits |= length_bit(PROXY_SAID[i].len());
         i += 1;
     }
     bits
@@ -668,7 +671,7 @@ const PROXY_SAID_LENGTHS: u64 = {
 
 /// Whether `name` is one of [`PROXY_SAID`].
 fn proxy_said(name: &str) -> bool {
-    name.len() < 64 && PROXY_SAID_LENGTHS & (1 << name.len()) != 0 && PROXY_SAID.contains(&name)
+    PROXY_SAID_LENGTHS & length_bit(name.len()) != 0 && PROXY_SAID.contains(&name)
 }
 
 /// Removes every header whose name `doomed` picks, allocating nothing when none is there (the
