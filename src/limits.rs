@@ -194,19 +194,22 @@ fn is_host_value(value: &[u8]) -> bool {
         return true;
     }
     let (host, rest) = if let Some(literal) = value.strip_prefix(b"[") {
-        // An IPv6 address, bracketed (with an IPv4 address in its last 32 bits, perhaps).
+        // An IPv6 address, bracketed.
         let Some(end) = literal.iter().position(|&b| b == b']') else {
             return false;
         };
-        let ip_literal_byte = |b: &u8| b.is_ascii_hexdigit() || matches!(b, b':' | b'.');
+        let address = std::str::from_utf8(&literal[..end]).ok();
         (
-            !literal[..end].is_empty() && literal[..end].iter().all(ip_literal_byte),
+            address.is_some_and(|a| a.parse::<std::net::Ipv6Addr>().is_ok()),
             &literal[end + 1..],
         )
     } else {
         let end = value.iter().position(|&b| b == b':').unwrap_or(value.len());
+        let name = &value[..end];
         (
-            end > 0 && value[..end].iter().all(|&b| HOST_NAME[usize::from(b)]),
+            !name.is_empty()
+                && name.iter().all(|&b| HOST_NAME[usize::from(b)])
+                && (!looks_numeric(name) || is_dotted_quad(name)),
             &value[end..],
         )
     };
@@ -222,6 +225,24 @@ fn is_host_value(value: &[u8]) -> bool {
         _ => false,
     };
     host && port
+}
+
+/// Whether a host name ends in a label that URL parsers read as a number (all digits, or `0x`
+/// and hex), so that they read the whole name as an IPv4 address in their own way: `127.1`,
+/// `0x7f.1` and `0177.0.0.1` are all 127.0.0.1 to a browser or `inet_aton`, and names to others.
+fn looks_numeric(name: &[u8]) -> bool {
+    let name = name.strip_suffix(b".").unwrap_or(name);
+    let last = name.rsplit(|&b| b == b'.').next().unwrap_or_default();
+    match last {
+        [b'0', b'x' | b'X', hex @ ..] => hex.iter().all(u8::is_ascii_hexdigit),
+        digits => !digits.is_empty() && digits.iter().all(u8::is_ascii_digit),
+    }
+}
+
+/// Whether `name` is an IPv4 address written the one way every reader takes alike: four
+/// decimal numbers, none with a leading zero.
+fn is_dotted_quad(name: &[u8]) -> bool {
+    std::str::from_utf8(name).is_ok_and(|n| n.parse::<std::net::Ipv4Addr>().is_ok())
 }
 
 /// The bytes of a host name in a Host: letters, digits, `-`, `.` and `_` (which service names

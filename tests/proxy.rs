@@ -1107,6 +1107,14 @@ async fn a_host_that_names_no_authority_is_refused() {
         "a%zz",
         "[fe80::1%25eth0]",
         "[v1.x]",
+        "[1.2.3.4]",
+        "[fffff]",
+        "[:]",
+        // IPv4 in a shorthand that readers expand differently (127.0.0.1 to a browser).
+        "127.1",
+        "0x7f.0.0.1",
+        "0177.0.0.1",
+        "a.0x10",
     ] {
         let request = format!("GET /x HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
         send_raw(proxy.addr, request.as_bytes())
@@ -1134,6 +1142,9 @@ async fn a_host_that_names_no_authority_is_refused() {
         "_grpc._tcp.game.example",
         "game.example.",
         "[::ffff:10.0.0.1]:443",
+        "[2001:DB8::1]",
+        "1password.example",
+        "10.0.0.1",
         "",
     ] {
         let request = format!("GET /x HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
