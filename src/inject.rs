@@ -69,7 +69,7 @@ pub struct InjectOptions {
     pub admin_port: u16,
     /// The address both of the sidecar's ports listen on: `0.0.0.0` takes IPv4 only; `::` takes
     /// IPv6 and IPv4, for IPv6-only and dual-stack clusters.
-    #[arg(long, default_value = "0.0.0.0", value_name = "IP")]
+    #[arg(long, default_value = "0.0.0.0", value_name = "IP", value_parser = any_address)]
     pub listen_address: std::net::IpAddr,
     /// Secret whose key `secret` becomes JWT_SECRET.
     #[arg(long)]
@@ -100,6 +100,16 @@ pub struct InjectOptions {
     /// retargeted to its port.
     #[arg(long, conflicts_with = "network_policy")]
     pub workloads_only: bool,
+}
+
+/// `0.0.0.0` or `::`: the kubelet's probes and the Service reach the pod's own addresses, so a
+/// sidecar listening on any narrower one would be unreachable.
+fn any_address(text: &str) -> Result<std::net::IpAddr, String> {
+    match text.parse::<std::net::IpAddr>() {
+        Ok(ip) if ip.is_unspecified() => Ok(ip),
+        Ok(_) => Err("must be 0.0.0.0 or ::, which the kubelet and the Service can reach".into()),
+        Err(_) => Err("not an IP address: 0.0.0.0 or ::".into()),
+    }
 }
 
 /// A Kubernetes namespace name: a DNS label (RFC 1123), which is what

@@ -267,9 +267,11 @@ fn the_listen_address_serves_ipv6_clusters() {
         "[::]:9090"
     );
 
-    let bad = inject(&["--listen-address", "0.0.0.0:80"], &input);
-    assert!(!bad.ok && bad.stdout.is_empty());
-    assert!(bad.stderr.contains("--listen-address"), "{}", bad.stderr);
+    for bad in ["0.0.0.0:80", "127.0.0.1", "10.1.2.3"] {
+        let bad = inject(&["--listen-address", bad], &input);
+        assert!(!bad.ok && bad.stdout.is_empty());
+        assert!(bad.stderr.contains("--listen-address"), "{}", bad.stderr);
+    }
 }
 
 #[test]
