@@ -240,9 +240,21 @@ fn looks_numeric(name: &[u8]) -> bool {
 }
 
 /// Whether `name` is an IPv4 address written the one way every reader takes alike: four
-/// decimal numbers, none with a leading zero.
+/// decimal numbers up to 255, none with a leading zero. Read by hand: a pod's address is the
+/// Host of every probe and of many in-cluster calls.
 fn is_dotted_quad(name: &[u8]) -> bool {
-    std::str::from_utf8(name).is_ok_and(|n| n.parse::<std::net::Ipv4Addr>().is_ok())
+    let mut parts = 0;
+    name.split(|&b| b == b'.').all(|part| {
+        parts += 1;
+        let number = match part {
+            [b'0'] => Some(0),
+            [b'1'..=b'9', rest @ ..] if rest.len() <= 2 => part.iter().try_fold(0u16, |n, &d| {
+                d.is_ascii_digit().then(|| n * 10 + u16::from(d - b'0'))
+            }),
+            _ => None,
+        };
+        number.is_some_and(|n| n <= 255)
+    }) && parts == 4
 }
 
 /// The bytes of a host name in a Host: letters, digits, `-`, `.` and `_` (which service names
@@ -322,5 +334,35 @@ where
         let max = usize::try_from(self.limits.max_body_bytes).unwrap_or(usize::MAX);
         let req = req.map(|body| Body::new(Limited::new(body, max)));
         Either::Right(self.inner.call(req))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The hand-read dotted quad agrees with the standard library's strict parser.
+    #[test]
+    fn a_dotted_quad_is_four_plain_decimal_numbers() {
+        for quad in ["0.0.0.0", "10.0.0.1", "255.255.255.255", "192.168.100.9"] {
+            assert!(is_dotted_quad(quad.as_bytes()), "{quad}");
+            assert!(quad.parse::<std::net::Ipv4Addr>().is_ok(), "{quad}");
+        }
+        for not in [
+            "256.0.0.1",
+            "1.2.3",
+            "1.2.3.4.5",
+            "01.2.3.4",
+            "1.2.3.04",
+            "1..3.4",
+            "1.2.3.",
+            "",
+            "1.2.3.1000",
+            "a.2.3.4",
+            "0x7f.0.0.1",
+        ] {
+            assert!(!is_dotted_quad(not.as_bytes()), "{not}");
+            assert!(not.parse::<std::net::Ipv4Addr>().is_err(), "{not}");
+        }
     }
 }
