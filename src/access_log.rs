@@ -104,71 +104,59 @@ impl Drop for InFlight {
     /// A request whose response never came: its client went away (an HTTP/1.x connection
     /// closed, an HTTP/2 stream reset), or the connection was closed under it at shutdown.
     fn drop(&mut self) {
-        if self.finished {
-            return;
+        if !self.finished {
+            self.record(ABANDONED, None, None, Some("ABANDONED"));
         }
+    }
+}
+
+impl InFlight {
+    /// Counts the request and writes its access line: the one place for both, whether the
+    /// response came or the request was abandoned.
+    fn record(
+        &self,
+        status: u16,
+        upstream: Option<std::time::Duration>,
+        user_id: Option<&str>,
+        code: Option<&'static str>,
+    ) {
         let elapsed = self.started.elapsed();
         self.metrics
-            .observe_request(self.route_class, ABANDONED, elapsed);
+            .observe_request(self.route_class, status, elapsed);
         tracing::info!(
             target: "portcullis::access",
             method = %self.method,
             path = %self.uri.path(),
             version = ?self.version,
-            status = ABANDONED,
+            status,
             route_class = self.route_class,
             total_ms = elapsed.as_secs_f64() * 1000.0,
+            upstream_ms = upstream.map(|u| u.as_secs_f64() * 1000.0),
             client_ip = self.client_ip.map(tracing::field::display),
-            code = "ABANDONED",
+            user_id,
+            code,
             "request"
         );
     }
-}
 
-impl InFlight {
     fn finish(mut self, response: &mut Response<Body>) {
         self.finished = true;
-        let InFlight {
-            started,
-            ref method,
-            ref uri,
-            version,
-            client_ip,
-            route_class,
-            ref metrics,
-            ..
-        } = self;
-        let elapsed = started.elapsed();
         let status = response.status().as_u16();
         let facts = RequestFacts::on(response);
         let upstream = facts.upstream_time;
         let rejection = response.extensions().get::<Rejection>();
         let who = facts.who.as_ref();
         let identity = facts.identity.as_ref();
-
-        metrics.observe_request(route_class, status, elapsed);
-        if let Some(upstream) = upstream {
-            metrics.upstream_duration.observe(upstream.as_secs_f64());
-        }
-
         let user_id = who.map(|w| &*w.user_id);
-        let path = uri.path();
-        tracing::info!(
-            target: "portcullis::access",
-            method = %method,
-            path = %path,
-            version = ?version,
-            status,
-            route_class,
-            total_ms = elapsed.as_secs_f64() * 1000.0,
-            upstream_ms = upstream.map(|u| u.as_secs_f64() * 1000.0),
-            client_ip = client_ip.map(tracing::field::display),
-            user_id,
-            code = rejection.map(Rejection::code),
-            "request"
-        );
+
+        self.record(status, upstream, user_id, rejection.map(Rejection::code));
+        if let Some(upstream) = upstream {
+            self.metrics
+                .upstream_duration
+                .observe(upstream.as_secs_f64());
+        }
         if let Some(rejection) = rejection {
-            metrics.rejected(rejection);
+            self.metrics.rejected(rejection);
             // A hint (the client's X-Session-Id, or a token's `sid`) is logged only as the
             // session id it names: the audit trail carries no caller-chosen text.
             let session_id = identity.and_then(|i| i.session_id).or_else(|| {
@@ -182,11 +170,11 @@ impl InFlight {
                 reason = crate::metrics::rejection_reason(rejection),
                 code = rejection.code(),
                 status,
-                method = %method,
-                path = %path,
+                method = %self.method,
+                path = %self.uri.path(),
                 user_id,
                 session_id = session_id.map(tracing::field::display),
-                client_ip = client_ip.map(tracing::field::display),
+                client_ip = self.client_ip.map(tracing::field::display),
                 platform,
                 "request rejected"
             );
