@@ -1922,18 +1922,21 @@ const MAX_CONNECTIONS: usize = 10_000_000;
 /// Largest `server.max_header_bytes`: the HTTP layer's own cap is four times it.
 const MAX_HEADER_BYTES: usize = 1024 * 1024;
 
-/// Why an upstream's authority cannot be used, if it cannot: what a Host may not hold either
-/// (user info, a port that is not a number), or port 0.
+/// Why an upstream's authority cannot be used, if it cannot: user info, or a port that is not
+/// 1 to 65535 (the `http` parser takes any port text: `host:`, `host:99999`, `host:x`).
 fn authority_fault(authority: &Authority) -> Option<&'static str> {
-    use crate::limits::AuthorityFault;
-    match crate::limits::authority_fault(authority) {
+    let text = authority.as_str();
+    // Port text is whatever follows a colon after the host (an IPv6 host is bracketed).
+    let after_host = text
+        .get(text.rfind(']').map_or(0, |i| i + 1)..)
+        .unwrap_or("");
+    if text.contains('@') {
         // Never sent, and the URL is logged at start.
-        Some(AuthorityFault::UserInfo) => Some(
-            "must not hold user info (user:password@): portcullis sends no credentials upstream",
-        ),
-        Some(AuthorityFault::BadPort) => Some("has a port that is not 1 to 65535"),
-        None if authority.port_u16() == Some(0) => Some("has a port that is not 1 to 65535"),
-        None => None,
+        Some("must not hold user info (user:password@): portcullis sends no credentials upstream")
+    } else if after_host.contains(':') && authority.port_u16().is_none_or(|port| port == 0) {
+        Some("has a port that is not 1 to 65535")
+    } else {
+        None
     }
 }
 

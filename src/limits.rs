@@ -270,29 +270,6 @@ const HOST_NAME: [bool; 256] = {
     table
 };
 
-/// What an authority holds besides a host and a numeric port, if anything: the `http` parser
-/// takes user info and any port text (`host:`, `host:99999`, `host:x`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum AuthorityFault {
-    UserInfo,
-    BadPort,
-}
-
-pub(crate) fn authority_fault(authority: &Authority) -> Option<AuthorityFault> {
-    let text = authority.as_str();
-    // Port text is whatever follows a colon after the host (an IPv6 host is bracketed).
-    let after_host = text
-        .get(text.rfind(']').map_or(0, |i| i + 1)..)
-        .unwrap_or("");
-    if text.contains('@') {
-        Some(AuthorityFault::UserInfo)
-    } else if after_host.contains(':') && authority.port_u16().is_none() {
-        Some(AuthorityFault::BadPort)
-    } else {
-        None
-    }
-}
-
 /// Whether a Host header names the target's authority: the same host (in any case) and port,
 /// a missing port being the scheme's default (`a.example` is `a.example:80` over http). Both
 /// have passed [`is_host_value`]: no user info, and a port only where there is a number.
