@@ -538,9 +538,11 @@ static HOP_BY_HOP: [HeaderName; 9] = [
 const HOP_BY_HOP_LENGTHS: u64 = 1 << 2 | 1 << 7 | 1 << 10 | 1 << 16 | 1 << 17 | 1 << 18 | 1 << 19;
 
 fn is_hop_by_hop(name: &HeaderName) -> bool {
-    let len = name.as_str().len();
-    len < 64 && HOP_BY_HOP_LENGTHS & (1 << len) != 0 && HOP_BY_HOP.contains(name)
+    HOP_BY_HOP_LENGTHS & length_bit(name.as_str().len()) != 0 && HOP_BY_HOP.contains(name)
 }
+
+/// Header fields past which the names a Connection header lists are looked up, not looked for.
+const LOOK_UP_CONNECTION_TOKENS_PAST: usize = 16;
 
 /// Removes hop-by-hop headers and every header the Connection header names, except `spared`
 /// (headers portcullis itself vouches for). On a 101 response the Upgrade and Connection headers
@@ -551,9 +553,6 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 /// none of them. The Connection header's tokens are compared as text with the message's names:
 /// parsing one into a `HeaderName` costs more than that, and most of them (`keep-alive`,
 /// `close`) name no header of the message.
-/// Header fields past which the names a Connection header lists are looked up, not looked for.
-const LOOK_UP_CONNECTION_TOKENS_PAST: usize = 16;
-
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool, spared: &[&HeaderName]) {
     let kept =
         |name: &HeaderName| keep_upgrade && (name == header::CONNECTION || name == header::UPGRADE);
