@@ -1028,8 +1028,6 @@ fn non_tcp_ports(doc: &Value, spec_path: &[&str]) -> Vec<ContainerPort> {
         .collect()
 }
 
-/// Retargets the ports of a Service that select an injected workload's game port; the ports it
-/// reaches some other way are added to what the workload's NetworkPolicy admits.
 /// Pods that run without portcullis in this input: left out, or injected in another way.
 struct Bystander {
     namespace: Option<String>,
@@ -1130,6 +1128,8 @@ fn mixed_service(
     None
 }
 
+/// Retargets the ports of a Service that select an injected workload's game port; the ports it
+/// reaches some other way are added to what the workload's NetworkPolicy admits.
 fn plan_service(
     service: &Doc,
     workloads: &mut [Workload],
