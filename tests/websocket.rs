@@ -701,6 +701,16 @@ async fn a_browser_websocket_may_bring_its_token_in_the_query() {
     assert_eq!(resp.status(), 200);
     let seen: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(seen["path"], "/ws/poll?EIO=4&transport=polling", "{seen}");
+    // Nor does a percent-encoded spelling, which the upstream would decode to the same name.
+    let resp = client()
+        .get(proxy.url("/ws/poll?EIO=4&access%5Ftoken=not-read&%61ccess_token=x"))
+        .bearer_auth(token("gina", Some(&sid)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let seen: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(seen["path"], "/ws/poll?EIO=4", "{seen}");
 
     // A POST that asks to upgrade is no WebSocket handshake: its query is not read.
     let resp = client()

@@ -307,6 +307,10 @@ pub struct AuthnLayer {
 /// Takes query parameter `name` out of the target, so that it goes no further (upstream logs
 /// record query strings), and returns its value: every copy goes, the first is the token.
 /// `None`, and the target unchanged, when there is none.
+///
+/// Names and values are read percent-decoded, as the upstream reads them: `access%5Ftoken` is
+/// `access_token` to it, so that spelling goes too (and is read as the token), rather than
+/// reaching its logs or its own query parsing.
 fn take_query_token(req: &mut Request<Body>, name: &str) -> Option<String> {
     let path_and_query = req.uri().path_and_query()?;
     let query = path_and_query.query()?;
@@ -314,8 +318,14 @@ fn take_query_token(req: &mut Request<Body>, name: &str) -> Option<String> {
     let mut kept = Vec::new();
     for pair in query.split('&') {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        if key == name {
-            token.get_or_insert_with(|| value.to_string());
+        if percent_encoding::percent_decode_str(key).eq(name.bytes()) {
+            // A value that does not decode to text is no token (the parameter still goes).
+            token.get_or_insert_with(|| {
+                percent_encoding::percent_decode_str(value)
+                    .decode_utf8()
+                    .map(|text| text.into_owned())
+                    .unwrap_or_default()
+            });
         } else if !pair.is_empty() {
             // Separators the parameter leaves doubled (`a=1&&b=2`) go with it.
             kept.push(pair);
@@ -643,12 +653,23 @@ mod tests {
             (t("abc"), "/ws?a=1".into())
         );
         assert_eq!(take("/ws?&access_token=abc"), (t("abc"), "/ws".into()));
+        // Percent-encoded, it is the same parameter to the upstream: taken, and read decoded.
+        assert_eq!(
+            take("/ws?access%5Ftoken=abc&a=1"),
+            (t("abc"), "/ws?a=1".into())
+        );
+        assert_eq!(
+            take("/ws?%61ccess_token=a%2Eb&access%5ftoken=c"),
+            (t("a.b"), "/ws".into())
+        );
+        assert_eq!(take("/ws?access%5Ftoken=%FF&a=1"), (None, "/ws?a=1".into()));
         // Not that parameter: the target is left as it came.
         for target in [
             "/ws",
             "/ws?a=1",
             "/ws?access_token_x=abc",
-            "/ws?access%5Ftoken=abc",
+            "/ws?access%5Ftoken%00=abc",
+            "/ws?access+token=abc",
         ] {
             assert_eq!(take(target), (None, target.into()));
         }
