@@ -33,6 +33,11 @@ const CONFIG_VOLUME: &str = "portcullis-config";
 const CONFIG_DIR: &str = "/etc/portcullis";
 const TLS_VOLUME: &str = "portcullis-tls";
 const TLS_DIR: &str = "/etc/portcullis-tls";
+/// The pod's `terminationGracePeriodSeconds` when it sets none (Kubernetes' default is 30): the
+/// sidecar gets its SIGTERM only once the game has exited, then takes up to
+/// `server.shutdown_delay + server.shutdown_grace` (35 s by default) within the same period,
+/// and the game needs some of it first. As deploy/k8s/game.yaml.
+const GRACE_PERIOD_SECONDS: u64 = 45;
 /// The ConfigMap the sidecar mounts unless `--config-map` names another: the one
 /// deploy/k8s/portcullis-config.yaml ships.
 pub const DEFAULT_CONFIG_MAP: &str = "portcullis-config";
@@ -487,6 +492,12 @@ pub fn inject(sources: &[Source], opts: &InjectOptions) -> Result<Injected, Inje
             }
         }
         if !edits.is_empty() {
+            if let Some(seconds) = short_grace_period(&doc.value, &spec_path) {
+                notes.push(format!(
+                    "{}: terminationGracePeriodSeconds is {seconds}: the sidecar gets its SIGTERM only once the game has exited, and then drains for up to 35 s (server.shutdown_delay + server.shutdown_grace, by default) within the same period, so requests in flight may be cut off: raise it to the game's own shutdown time plus 35 ({GRACE_PERIOD_SECONDS}, as inject sets where it is missing)",
+                    doc.describe(sources)
+                ));
+            }
             injected.push(doc.describe(sources));
         } else if let Some(image) = workload
             .sidecar_image
@@ -824,6 +835,13 @@ fn plan_workload(
         ]),
         after: None,
     });
+    if spec.get("terminationGracePeriodSeconds").is_none() {
+        edits.push(Edit::Set {
+            path: path.clone(),
+            key: "terminationGracePeriodSeconds",
+            value: Value::from(GRACE_PERIOD_SECONDS),
+        });
+    }
     if let Some(tls) = &opts.tls_secret {
         edits.push(Edit::Push {
             path,
@@ -836,6 +854,14 @@ fn plan_workload(
         });
     }
     Ok((workload, edits))
+}
+
+/// The pod's own `terminationGracePeriodSeconds`, when it is shorter than inject would set.
+fn short_grace_period(doc: &Value, spec_path: &[&str]) -> Option<u64> {
+    get(doc, spec_path)?
+        .get("terminationGracePeriodSeconds")?
+        .as_u64()
+        .filter(|&seconds| seconds < GRACE_PERIOD_SECONDS)
 }
 
 fn set_upstream_names(workload: &mut Workload, game_ports: &[ContainerPort]) {

@@ -138,6 +138,10 @@ fn the_example_game_is_injected_as_deploy_k8s_game_yaml_shows() {
         container(&want["initContainers"], "portcullis")
     );
     assert_eq!(got["volumes"], want["volumes"]);
+    assert_eq!(
+        got["terminationGracePeriodSeconds"],
+        want["terminationGracePeriodSeconds"]
+    );
     // The game container itself is left as it was.
     assert_eq!(
         got["containers"],
@@ -174,6 +178,46 @@ fn the_example_injected_with_defaults_mounts_the_shipped_config_map() {
     let game = docs(&read("deploy/k8s/game.yaml"));
     let shipped_volumes = &kind(&game, "Deployment", "game")["spec"]["template"]["spec"]["volumes"];
     assert_eq!(&shipped_volumes[0], volume);
+}
+
+/// The sidecar drains only after the game has exited, within the pod's one grace period:
+/// Kubernetes' default (30 s) is shorter than the sidecar's own default drain (35 s).
+#[test]
+fn the_grace_period_is_set_where_missing_and_a_short_one_is_noted() {
+    let pod = |grace: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: lobby\n  labels: {{app: lobby}}\nspec:\n{grace}  containers:\n    - name: lobby\n      image: lobby:1\n      ports: [{{containerPort: 8080}}]\n"
+        )
+    };
+    let grace_of = |out: &Run| out.docs()[0]["spec"]["terminationGracePeriodSeconds"].clone();
+
+    let out = inject(SECRETS, &pod(""));
+    assert!(out.ok, "{}", out.stderr);
+    assert_eq!(grace_of(&out), 45);
+    assert!(
+        !out.stderr.contains("terminationGracePeriodSeconds"),
+        "{}",
+        out.stderr
+    );
+
+    // The team's own value is kept; a short one is named, with what it needs.
+    let out = inject(SECRETS, &pod("  terminationGracePeriodSeconds: 20\n"));
+    assert!(out.ok, "{}", out.stderr);
+    assert_eq!(grace_of(&out), 20);
+    assert!(
+        out.stderr
+            .contains("Pod lobby): terminationGracePeriodSeconds is 20: the sidecar gets its SIGTERM only once the game has exited"),
+        "{}",
+        out.stderr
+    );
+    let out = inject(SECRETS, &pod("  terminationGracePeriodSeconds: 120\n"));
+    assert!(out.ok, "{}", out.stderr);
+    assert_eq!(grace_of(&out), 120);
+    assert!(
+        !out.stderr.contains("terminationGracePeriodSeconds"),
+        "{}",
+        out.stderr
+    );
 }
 
 #[test]
