@@ -98,8 +98,31 @@ struct DestroyedAll {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct CreateRequest {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "object_or_null")]
     metadata: Option<MetadataInput>,
+}
+
+/// A JSON object (or null) only: serde would also read a struct from an array of its fields in
+/// order, which no client means to send.
+fn object_or_null<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct Object<T>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Object<T> {
+        type Value = Option<T>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+            T::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(Some)
+        }
+    }
+    deserializer.deserialize_any(Object(std::marker::PhantomData))
 }
 
 #[derive(Deserialize, Default)]
@@ -107,9 +130,10 @@ struct CreateRequest {
 struct MetadataInput {
     platform: Option<Platform>,
     user_agent: Option<String>,
-    /// Accepted for compatibility and ignored: the address is the connection's.
+    /// Accepted for compatibility, whatever its value, and ignored: the address is the
+    /// connection's.
     #[allow(dead_code)]
-    ip_address: Option<String>,
+    ip_address: Option<serde::de::IgnoredAny>,
     device_id: Option<String>,
 }
 
@@ -517,6 +541,16 @@ mod tests {
         assert!(parse_create(b"").is_ok());
         assert!(parse_create(b" {} ").is_ok());
         assert!(parse_create(br#"{"metadata":{"platform":"web"}}"#).is_ok());
+        assert!(parse_create(br#"{"metadata":null}"#).is_ok_and(|c| c.metadata.is_none()));
+        // ipAddress is ignored, whatever it holds.
+        for ignored in [&br#""10.0.0.1""#[..], b"1", b"{}", b"[1]", b"null"] {
+            let body = [&br#"{"metadata":{"ipAddress":"#[..], ignored, b"}}"].concat();
+            assert!(
+                parse_create(&body).is_ok(),
+                "{}",
+                String::from_utf8_lossy(&body)
+            );
+        }
         for bad in [
             &b"[]"[..],
             b"{} {}",
@@ -524,6 +558,10 @@ mod tests {
             b"null",
             b"\"x\"",
             br#"{"metadata":{"platform":"xbox"}}"#,
+            // A struct from an array of its fields, as serde would otherwise read it.
+            br#"{"metadata":["ios","UA/1","9.9.9.9","devX"]}"#,
+            br#"{"metadata":[]}"#,
+            br#"{"metadata":"ios"}"#,
         ] {
             assert!(
                 matches!(parse_create(bad), Err(Rejection::BadRequest(_))),
@@ -531,6 +569,17 @@ mod tests {
                 String::from_utf8_lossy(bad)
             );
         }
+        // A nested error still names where it is.
+        let Err(Rejection::BadRequest(message)) =
+            parse_create(br#"{"metadata":{"platform":"xbox"}}"#)
+        else {
+            panic!("refused")
+        };
+        assert!(message.contains("at metadata.platform"), "{message}");
+        let Err(Rejection::BadRequest(message)) = parse_create(br#"{"metadata":[]}"#) else {
+            panic!("refused")
+        };
+        assert!(message.contains("expected a JSON object"), "{message}");
     }
 
     #[test]
