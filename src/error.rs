@@ -52,6 +52,9 @@ pub enum Rejection {
     SignedOut,
     #[error("the session store is unavailable; try again shortly")]
     StoreUnavailable,
+    /// A change was sent to the store, which did not answer in time: it may still be made.
+    #[error("the session store did not confirm the change in time; it may still take effect")]
+    ChangeUnconfirmed,
     #[error("no such session")]
     SessionNotFound,
     #[error("{0:?} is not a session id (a UUID)")]
@@ -104,7 +107,9 @@ impl Rejection {
             | Rejection::TokenExpired
             | Rejection::SessionInvalid
             | Rejection::SignedOut => StatusCode::UNAUTHORIZED,
-            Rejection::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Rejection::StoreUnavailable | Rejection::ChangeUnconfirmed => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Rejection::SessionNotFound => StatusCode::NOT_FOUND,
             Rejection::InvalidSessionId(_) => StatusCode::BAD_REQUEST,
             Rejection::RateLimited => StatusCode::TOO_MANY_REQUESTS,
@@ -133,7 +138,9 @@ impl Rejection {
             Rejection::TokenExpired => "TOKEN_EXPIRED",
             Rejection::SessionInvalid => "SESSION_INVALID",
             Rejection::SignedOut => "SIGNED_OUT",
-            Rejection::StoreUnavailable => "SESSION_STORE_UNAVAILABLE",
+            Rejection::StoreUnavailable | Rejection::ChangeUnconfirmed => {
+                "SESSION_STORE_UNAVAILABLE"
+            }
             Rejection::SessionNotFound => "SESSION_NOT_FOUND",
             Rejection::InvalidSessionId(_) => "INVALID_SESSION_ID",
             Rejection::RateLimited => "RATE_LIMITED",

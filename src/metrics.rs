@@ -398,7 +398,7 @@ pub fn rejection_reason(rejection: &Rejection) -> &'static str {
         | Rejection::SignedOut => "token",
         Rejection::SessionInvalid | Rejection::SessionNotFound => "session",
         Rejection::RateLimited => "rate_limit",
-        Rejection::StoreUnavailable => "redis_unavailable",
+        Rejection::StoreUnavailable | Rejection::ChangeUnconfirmed => "redis_unavailable",
         Rejection::UpstreamUnavailable
         | Rejection::UpstreamTimeout(_)
         | Rejection::UpstreamBusy => "upstream",

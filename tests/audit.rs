@@ -158,6 +158,81 @@ async fn session_created_extended_and_destroyed_are_audited_once_each() {
     );
 }
 
+/// A change Redis was sent but did not answer within `redis.command_timeout` may still be made
+/// once Redis goes on: the caller hears so, and the audit trail names the change and its
+/// session, so a session that comes to exist (or to end) that way is accounted for.
+// Two workers: the test thread's synchronous Redis calls must not stall the proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_redis_does_not_confirm_in_time_is_audited_as_unconfirmed() {
+    capture();
+    let redis = RedisServer::start();
+    let upstream = upstream().await;
+    let proxy = Proxy::start(&config(&upstream, &redis)).await;
+    let user = format!("audit-unconfirmed-{}", uuid::Uuid::new_v4());
+    let t = token(&user, None);
+    let sid = create_session(&proxy, &t).await;
+    // Each script has run once, so Redis knows it: a script it does not know is sent again in
+    // full only after Redis answers, and would not be made at all after a timeout.
+    let other = create_session(&proxy, &t).await;
+    let resp = client()
+        .delete(proxy.url(&format!("/api/v1/sessions/{other}")))
+        .bearer_auth(&t)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+
+    redis.pause();
+    let resp = client()
+        .delete(proxy.url(&format!("/api/v1/sessions/{sid}")))
+        .bearer_auth(&t)
+        .send()
+        .await
+        .unwrap();
+    let body = assert_error(resp, 503, "SESSION_STORE_UNAVAILABLE").await;
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("may still take effect"), "{body}");
+    let resp = client()
+        .post(proxy.url("/api/v1/sessions/create"))
+        .bearer_auth(&t)
+        .send()
+        .await
+        .unwrap();
+    assert_error(resp, 503, "SESSION_STORE_UNAVAILABLE").await;
+    // Both were emitted before their answers.
+    let unconfirmed = capture()
+        .wait_for(&format!("session_change_unconfirmed of {user}"), |e| {
+            e.target == "audit"
+                && e.field("event") == Some("session_change_unconfirmed")
+                && e.field("user_id") == Some(user.as_str())
+        })
+        .await;
+    let change = |name: &str| {
+        let found: Vec<&Captured> = unconfirmed
+            .iter()
+            .filter(|e| e.field("change") == Some(name))
+            .collect();
+        assert_eq!(found.len(), 1, "{name}: {unconfirmed:#?}");
+        assert_eq!(found[0].field("client_ip"), Some("127.0.0.1"));
+        assert!(found[0].span_field("request_id").is_some());
+        found[0].field("session_id").map(str::to_string)
+    };
+    assert_eq!(change("destroy").as_deref(), Some(sid.as_str()));
+    let created = change("create").expect("the new session's id");
+    assert_eq!(unconfirmed.len(), 2, "{unconfirmed:#?}");
+
+    // Redis goes on, and makes both changes: the audit trail had named them.
+    redis.signal("CONT");
+    let mut conn = redis.conn();
+    let want = std::collections::BTreeSet::from([created]);
+    eventually("both changes to land", || {
+        let ids = stored_ids(&mut conn, &user);
+        let done = ids == want;
+        async move { done }
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn signing_out_everywhere_audits_each_session_it_ended() {
     capture();

@@ -150,7 +150,7 @@ async fn update_replaces_metadata_and_keeps_the_expiry() {
         device_id: None,
     };
     let created = sessions
-        .create("u1", &web, TokenCheck::NONE)
+        .create("u1", uuid::Uuid::new_v4(), &web, TokenCheck::NONE)
         .await
         .unwrap()
         .created;

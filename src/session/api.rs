@@ -178,6 +178,32 @@ fn session_id(raw: &str) -> Result<Uuid, Rejection> {
 }
 
 /// What the caller hears when the store answered a call with an error.
+/// A change (create, extend, destroy, sign out everywhere) that failed. One the store was sent
+/// and did not answer in time may still be made once Redis catches up: the caller hears so,
+/// and the audit trail keeps the change's name, user and session.
+fn change_failed(
+    e: StoreError,
+    change: &'static str,
+    user_id: &str,
+    session_id: Option<Uuid>,
+    client_ip: Option<std::net::IpAddr>,
+) -> Rejection {
+    if !matches!(e, StoreError::Timeout(_)) {
+        return store_failed(e);
+    }
+    tracing::warn!(error = %e, change, "session API: change unconfirmed");
+    tracing::info!(
+        target: "audit",
+        event = "session_change_unconfirmed",
+        change,
+        user_id,
+        session_id = session_id.map(tracing::field::display),
+        client_ip = client_ip.map(tracing::field::display),
+        "session change unconfirmed"
+    );
+    Rejection::ChangeUnconfirmed
+}
+
 fn store_failed(e: StoreError) -> Rejection {
     match e {
         StoreError::SignedOut => return Rejection::SignedOut,
@@ -249,10 +275,11 @@ impl SessionApi {
         match (endpoint, method) {
             (Endpoint::Create, Method::POST) => {
                 let metadata = create_metadata(req).await?;
+                let id = Uuid::new_v4();
                 let Opened { created, evicted } = sessions
-                    .create(user, &metadata, check)
+                    .create(user, id, &metadata, check)
                     .await
-                    .map_err(store_failed)?;
+                    .map_err(|e| change_failed(e, "create", user, Some(id), client_ip))?;
                 self.metrics.sessions_created.inc();
                 for old in evicted {
                     self.metrics.sessions_evicted.inc();
@@ -292,7 +319,7 @@ impl SessionApi {
                 let destroyed = sessions
                     .destroy_all(user, Duration::from_secs(token_left), check)
                     .await
-                    .map_err(store_failed)?;
+                    .map_err(|e| change_failed(e, "sign_out_everywhere", user, None, client_ip))?;
                 for session in &destroyed {
                     self.metrics.sessions_destroyed.inc();
                     audit(
@@ -322,7 +349,7 @@ impl SessionApi {
                 match sessions
                     .extend(user, id, check)
                     .await
-                    .map_err(store_failed)?
+                    .map_err(|e| change_failed(e, "extend", user, Some(id), client_ip))?
                 {
                     Some(session) => {
                         self.metrics.sessions_extended.inc();
@@ -349,7 +376,7 @@ impl SessionApi {
                 match sessions
                     .destroy(user, id, check)
                     .await
-                    .map_err(store_failed)?
+                    .map_err(|e| change_failed(e, "destroy", user, Some(id), client_ip))?
                 {
                     Some(metadata) => {
                         self.metrics.sessions_destroyed.inc();

@@ -266,13 +266,15 @@ impl Sessions {
 
     /// Opens a session for `user_id`; returns its id and expiry. The caller's `token` is checked
     /// first (see [`TokenCheck`]).
+    /// Opens session `session_id` (the caller's new id: it names the change even when the
+    /// store does not answer).
     pub async fn create(
         &self,
         user_id: &str,
+        session_id: Uuid,
         metadata: &Metadata,
         token: TokenCheck,
     ) -> Result<Opened, StoreError> {
-        let session_id = Uuid::new_v4();
         let details = record::details(metadata)?;
         let created = self
             .store

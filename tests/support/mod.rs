@@ -122,6 +122,28 @@ impl RedisServer {
         assert!(ok.success(), "kill -{sig} {pid} failed");
     }
 
+    /// Stops the server (SIGSTOP: its connections stay open, nothing comes back) and returns
+    /// once the kernel says it is stopped, so every reply it sent came before the return.
+    pub fn pause(&self) {
+        self.signal("STOP");
+        let stat = format!("/proc/{}/stat", self.pid());
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let text = std::fs::read_to_string(&stat).expect("/proc stat");
+            // `pid (comm) state ...`: the command may hold spaces and parentheses, the state
+            // follows the last `)`.
+            let (_, rest) = text.rsplit_once(')').expect("stat format");
+            if rest.trim_start().starts_with('T') {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server did not stop"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// The server's process id.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("redis-server is running").id()
