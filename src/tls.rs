@@ -29,6 +29,12 @@ pub enum TlsError {
         path: PathBuf,
         source: rustls::pki_types::pem::Error,
     },
+    #[error("{path}: certificate {position} of the chain (counting from 1, the server's first) is not a valid X.509 certificate: {reason}")]
+    Unparsable {
+        path: PathBuf,
+        position: usize,
+        reason: String,
+    },
     #[error("{path} holds no PEM private key")]
     NoKey { path: PathBuf },
     #[error("the key in {path} is not usable: {source}")]
@@ -80,6 +86,17 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsEr
         return Err(TlsError::NoCertificate {
             path: cert.to_path_buf(),
         });
+    }
+    // Well-formed PEM can still carry DER no client can parse: served, it would fail every
+    // handshake (or every one that needs that intermediate).
+    for (index, der) in chain.iter().enumerate() {
+        if let Err(e) = webpki::EndEntityCert::try_from(der) {
+            return Err(TlsError::Unparsable {
+                path: cert.to_path_buf(),
+                position: index + 1,
+                reason: format!("{e:?}"),
+            });
+        }
     }
     let private = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| TlsError::NoKey {
         path: key.to_path_buf(),

@@ -147,10 +147,23 @@ async fn a_broken_pair_leaves_the_old_certificate_serving_and_counts_an_error() 
         "old pair still served"
     );
 
+    // Well-formed PEM around DER that is no certificate (a SEQUENCE holding 0): every client
+    // would refuse the chain.
+    let not_x509 = format!(
+        "{}-----BEGIN CERTIFICATE-----\nMAMCAQA=\n-----END CERTIFICATE-----\n",
+        new.cert_pem
+    );
+    volume.swap(&not_x509, &new.key_pem);
+    scrape_until(proxy.admin, "five failed reloads", errors(5.0)).await;
+    assert!(
+        served_leaf(proxy.addr, &tls).await == old.der,
+        "old pair still served"
+    );
+
     // The certificate file gone: logged and counted once, not passed over.
     volume.swap(&new.cert_pem, &new.key_pem);
     std::fs::remove_file(volume.dir.path().join("..data").join("cert.pem")).unwrap();
-    scrape_until(proxy.admin, "five failed reloads", errors(5.0)).await;
+    scrape_until(proxy.admin, "six failed reloads", errors(6.0)).await;
     assert_eq!(before.get("/during").await.0, 200);
 
     let m = scrape(proxy.admin).await;
@@ -164,7 +177,7 @@ async fn a_broken_pair_leaves_the_old_certificate_serving_and_counts_an_error() 
             e.level == tracing::Level::ERROR && e.target.starts_with("portcullis::tls")
         })
         .await;
-    assert!(logged.len() >= 5, "{logged:#?}");
+    assert!(logged.len() >= 6, "{logged:#?}");
 
     // A good pair afterwards is picked up.
     volume.swap(&new.cert_pem, &new.key_pem);
@@ -180,7 +193,7 @@ async fn a_broken_pair_leaves_the_old_certificate_serving_and_counts_an_error() 
             "portcullis_certificate_reloads_total",
             &[("outcome", "error")]
         ),
-        Some(5.0)
+        Some(6.0)
     );
 }
 
