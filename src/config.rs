@@ -1830,6 +1830,21 @@ impl Validator {
                 return None;
             }
         };
+        // jsonwebtoken reads the public half out of an RSA private key and then verifies
+        // nothing with it: every token would be refused, with nothing to say why.
+        if pem
+            .windows(b"PRIVATE KEY-----".len())
+            .any(|w| w == b"PRIVATE KEY-----")
+        {
+            self.fail(
+                pem_key,
+                format!(
+                    "{} holds a private key: give its public key (`openssl pkey -in KEY -pubout`); the private key is the login service's alone",
+                    path.display()
+                ),
+            );
+            return None;
+        }
         let pem = JwtKey::PublicPem(pem);
         let key = match crate::authn::decoding_key(&pem, family) {
             Ok(key) => key,
@@ -2402,6 +2417,35 @@ mod tests {
                 err.0[0].reason.contains("not a usable public key for"),
                 "{err}"
             );
+        }
+    }
+
+    #[test]
+    fn a_private_key_given_for_the_public_one_is_refused_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let private = dir.path().join("private.pem");
+        let made = std::process::Command::new("openssl")
+            .args(["genrsa", "-out"])
+            .arg(&private)
+            .arg("2048")
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("openssl must be installed");
+        assert!(made.success(), "openssl genrsa");
+        for key in ["public_key_pem", "previous_public_key_pem"] {
+            let other = if key == "public_key_pem" {
+                ""
+            } else {
+                "public_key_pem = \"private.pem\"\n"
+            };
+            let text = format!("[jwt]\nalgorithms = [\"RS256\"]\n{key} = \"private.pem\"\n{other}");
+            let err = Config::from_toml(&text, dir.path(), &[]).unwrap_err();
+            let fault = err
+                .0
+                .iter()
+                .find(|f| f.key == format!("jwt.{key}"))
+                .unwrap_or_else(|| panic!("{key}: {err}"));
+            assert!(fault.reason.contains("holds a private key"), "{err}");
         }
     }
 
