@@ -1468,6 +1468,20 @@ impl Validator {
             );
             return None;
         }
+        // A request's path holds nothing but these raw (RFC 3986 pchar and `/`); anything
+        // else reaches portcullis percent-encoded, and stays so in the form matched.
+        let raw_in_paths = |c: char| c.is_ascii_alphanumeric() || "-._~!$&'()*+,;=:@/%".contains(c);
+        if let Some(c) = prefix.chars().find(|&c| !raw_in_paths(c)) {
+            let mut encoded = String::new();
+            for byte in c.to_string().bytes() {
+                encoded.push_str(&format!("%{byte:02X}"));
+            }
+            self.fail(
+                key,
+                format!("holds {c:?}, which no request's path holds as it is (a client sends it as {encoded}): it could never match a request"),
+            );
+            return None;
+        }
         // Requests are matched in their canonical form (`routes::canonical`): a prefix in
         // another form, or one no canonical path holds, would never match.
         match crate::routes::canonical(prefix) {
@@ -2973,6 +2987,13 @@ mod tests {
             ("/%7Euser", "\"/~user\""),
             ("/a%2Fb", "encoded slash"),
             ("/a%zz", "malformed"),
+            (
+                "/a b",
+                "holds ' ', which no request's path holds as it is (a client sends it as %20)",
+            ),
+            ("/x?y", "as %3F"),
+            ("/x#y", "as %23"),
+            ("/café", "as %C3%A9"),
         ] {
             let err = parse(&format!(
                 "[[routes]]\npath_prefix = \"{bad}\"\nauth = \"none\"\n"
@@ -2996,6 +3017,8 @@ mod tests {
             ("/api/v1%2Fsessions", "encoded slash"),
             ("/api/%73essions", "\"/api/sessions\""),
             ("/api/a%20b", "% escapes"),
+            ("/s p", "could never match"),
+            ("/x?y", "could never match"),
             ("api/v1/sessions", "start with /"),
             ("", "start with /"),
             ("/", "not be / itself"),
