@@ -849,19 +849,21 @@ impl FileConfig {
         let host = if self.upstream.host.is_empty() {
             None
         } else {
+            // Held to the rule a client's Host is: the upstream reads both alike.
             let authority = self.upstream.host.parse::<Authority>().ok();
             match HeaderValue::from_str(&self.upstream.host) {
                 Ok(h)
-                    if authority
-                        .as_ref()
-                        .is_some_and(|a| authority_fault(a).is_none()) =>
+                    if crate::limits::is_host_value(h.as_bytes())
+                        && authority
+                            .as_ref()
+                            .is_some_and(|a| authority_fault(a).is_none()) =>
                 {
                     Some(h)
                 }
                 _ => {
                     v.fail(
                         "upstream.host",
-                        "must be a host name, optionally with :port (1 to 65535)",
+                        "must be a host name (letters, digits, - . _) or IP address, optionally with :port (1 to 65535)",
                     );
                     None
                 }
@@ -1931,6 +1933,15 @@ impl Validator {
         };
         if let Some(fault) = authority_fault(&authority) {
             self.fail(key, fault);
+            return (None, None);
+        }
+        if authority.host().is_empty()
+            || !crate::limits::is_host_value(authority.as_str().as_bytes())
+        {
+            self.fail(
+                key,
+                "must name a host: a host name (letters, digits, - . _) or IP address, then an optional :port",
+            );
             return (None, None);
         }
         // The URL parser drops a fragment without a word.
@@ -3144,6 +3155,10 @@ mod tests {
             ("http://game:", "port"),
             ("http://user:pw@game:8080", "user info"),
             ("http://game:8080#frag", "fragment"),
+            ("http://:8080", "must name a host"),
+            ("http://a,b:8080", "must name a host"),
+            ("http://127.1:8080", "must name a host"),
+            ("http://[fe80::1%25eth0]:8080", "must name a host"),
         ] {
             let err = parse(&format!("[upstream]\nurl = \"{url}\"\n")).unwrap_err();
             assert_eq!(err.0[0].key, "upstream.url", "{url}");
@@ -3155,17 +3170,44 @@ mod tests {
             "https://[::1]:8443/",
             "http://[::1]",
             "http://game",
+            "http://game_server.ns.svc:8080",
+            "http://127.0.0.1:8080",
         ] {
             assert!(
                 parse(&format!("[upstream]\nurl = \"{url}\"\n")).is_ok(),
                 "{url}"
             );
         }
-        for host in ["a:99999", "a:", "a:0", "user@game"] {
+        for host in [
+            "a:99999",
+            "a:",
+            "a:0",
+            "user@game",
+            "a,b",
+            "a;b",
+            "a!b",
+            "a$b",
+            "a&b",
+            "127.1",
+            "0x7f.0.0.1",
+            "[fe80::1%25eth0]",
+            "a b",
+        ] {
             let err = parse(&format!("[upstream]\nhost = \"{host}\"\n")).unwrap_err();
             assert_eq!(err.0[0].key, "upstream.host", "{host}");
         }
-        assert!(parse("[upstream]\nhost = \"game.example:8443\"\n").is_ok());
+        for host in [
+            "game.example:8443",
+            "game.example",
+            "10.0.0.1",
+            "[::1]:80",
+            "a_b",
+        ] {
+            assert!(
+                parse(&format!("[upstream]\nhost = \"{host}\"\n")).is_ok(),
+                "{host}"
+            );
+        }
     }
 
     #[test]

@@ -189,7 +189,7 @@ fn check_unambiguous(req: &Request<Body>) -> Result<(), Rejection> {
 /// item some readers take and whose last others do), percent-encoding, or a value with spaces
 /// or control bytes. RFC 3986 would allow more punctuation in a name, which no DNS name uses;
 /// an IPv6 zone (`[fe80::1%25eth0]`) has no meaning beyond the client's machine.
-fn is_host_value(value: &[u8]) -> bool {
+pub(crate) fn is_host_value(value: &[u8]) -> bool {
     if value.is_empty() {
         return true;
     }
