@@ -1432,6 +1432,21 @@ impl Validator {
         if !bare {
             return fail(self);
         }
+        // Compared as text with what a browser sends, which is never a pattern.
+        if authority.host().contains('*') {
+            self.fail(
+                key,
+                format!("{raw:?} holds a wildcard, which matches no origin: list each origin, or give \"*\" alone for any"),
+            );
+            return None;
+        }
+        // A browser sends a host it could connect to, and a port it could use.
+        if authority.host().is_empty()
+            || authority_fault(authority).is_some()
+            || !crate::limits::is_host_value(authority.as_str().as_bytes())
+        {
+            return fail(self);
+        }
         let host = authority.host().to_ascii_lowercase();
         Some(match authority.port_u16() {
             Some(port) if port != default_port => {
@@ -2957,6 +2972,26 @@ mod tests {
                 "allowed_origins = [\"ftp://a.example\"]",
                 "cors.allowed_origins",
                 "http or https",
+            ),
+            (
+                "allowed_origins = [\"https://*.a.example\"]",
+                "cors.allowed_origins",
+                "wildcard",
+            ),
+            (
+                "allowed_origins = [\"https://a.example:0\"]",
+                "cors.allowed_origins",
+                "not an origin",
+            ),
+            (
+                "allowed_origins = [\"https://a.example:99999\"]",
+                "cors.allowed_origins",
+                "not an origin",
+            ),
+            (
+                "allowed_origins = [\"https://a,b\"]",
+                "cors.allowed_origins",
+                "not an origin",
             ),
             (
                 "allowed_origins = [\"*\", \"https://a.example\"]",
