@@ -765,10 +765,12 @@ impl Config {
         let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
             let at = e.span().map(|span| line_and_column(text, span.start));
             let at = at.map_or(String::new(), |(line, column)| {
-                format!(" at line {line}, column {column}")
+                let written = line_key(text, line).map_or(String::new(), |key| format!(" ({key})"));
+                format!(" at line {line}{written}, column {column}")
             });
             ConfigErrors::one("(file)", format!("not valid TOML{at}: {}", e.message()))
         })?;
+        section_shapes(&table)?;
         let mut warnings = Vec::new();
         let overridden = apply_env_overrides(&mut table, env, &mut warnings)?;
         let file: FileConfig = serde_path_to_error::deserialize(table).map_err(|e| {
@@ -786,6 +788,95 @@ impl Config {
         config.warnings = warnings;
         Ok(config)
     }
+}
+
+/// The file's sections, each a table. Checked before the values: serde would also read a
+/// section from an array of its values in order (`server = ["0.0.0.0:8443"]`), and name its
+/// own types in what it says about a section of the wrong kind.
+const SECTIONS: &[&str] = &[
+    "server",
+    "server.tls",
+    "upstream",
+    "admin",
+    "log",
+    "redis",
+    "session",
+    "identity",
+    "jwt",
+    "rate_limit",
+    "rate_limit.proxy",
+    "rate_limit.sessions_api",
+    "rate_limit.anonymous",
+    "metrics",
+    "cors",
+];
+
+/// Every section a table, and `routes` an array of tables (`[[routes]]`), each `rate_limit` of
+/// which a table too.
+fn section_shapes(file: &toml::Table) -> Result<(), ConfigErrors> {
+    let mut faults = Vec::new();
+    let mut expect_table = |key: String, value: &toml::Value, written: &str| {
+        if !value.is_table() {
+            faults.push(ConfigError {
+                key,
+                reason: format!("must be a table ({written}), not {}", a_kind(value)),
+            });
+        }
+    };
+    for section in SECTIONS {
+        let mut value = None;
+        let mut table = Some(file);
+        for part in section.split('.') {
+            value = table.and_then(|t| t.get(part));
+            table = value.and_then(toml::Value::as_table);
+        }
+        if let Some(value) = value {
+            let written = if section.starts_with("rate_limit.") {
+                "{ requests = ..., per = \"...\" }".to_string()
+            } else {
+                format!("[{section}]")
+            };
+            expect_table(section.to_string(), value, &written);
+        }
+    }
+    match file.get("routes") {
+        Some(toml::Value::Array(routes)) => {
+            for (i, route) in routes.iter().enumerate() {
+                expect_table(format!("routes[{i}]"), route, "[[routes]]");
+                if let Some(limit) = route.get("rate_limit") {
+                    expect_table(
+                        format!("routes[{i}].rate_limit"),
+                        limit,
+                        "{ requests = ..., per = \"...\" }",
+                    );
+                }
+            }
+        }
+        Some(other) => faults.push(ConfigError {
+            key: "routes".into(),
+            reason: format!(
+                "must be an array of tables, each [[routes]], not {}",
+                a_kind(other)
+            ),
+        }),
+        None => {}
+    }
+    if faults.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigErrors(faults))
+    }
+}
+
+/// "a string", "an array": what kind of TOML value this is.
+fn a_kind(value: &toml::Value) -> String {
+    let kind = value.type_str();
+    let article = if kind.starts_with(['a', 'i']) {
+        "an"
+    } else {
+        "a"
+    };
+    format!("{article} {kind}")
 }
 
 impl FileConfig {
@@ -2183,6 +2274,18 @@ fn is_service_link(rest: &str) -> bool {
 }
 
 /// 1-based line and column of byte `offset` in `text`.
+/// What line `line` (from 1) sets, as written: its key, or a table header; never the value,
+/// which may be a secret.
+fn line_key(text: &str, line: usize) -> Option<String> {
+    let written = text.lines().nth(line.checked_sub(1)?)?;
+    let key = written
+        .split_once('=')
+        .map_or(written, |(key, _)| key)
+        .trim();
+    let key: String = key.chars().take(80).collect();
+    (!key.is_empty() && !key.starts_with('#')).then(|| format!("`{key}`"))
+}
+
 fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
     let before = text.get(..offset).unwrap_or(text);
     let line = before.matches('\n').count() + 1;
@@ -2597,7 +2700,7 @@ mod tests {
         let err =
             parse("[server]\nlisten = \"0.0.0.0:8443\"\n\n[session]\nttl = \"30d\n").unwrap_err();
         assert_eq!(err.0[0].key, "(file)");
-        assert!(err.0[0].reason.contains("at line 5, column"), "{err}");
+        assert!(err.0[0].reason.contains("at line 5 (`ttl`), column"), "{err}");
         let err = parse("[server]\n[server]\n").unwrap_err();
         assert!(err.0[0].reason.contains("line 2"), "{err}");
     }
@@ -3174,6 +3277,66 @@ mod tests {
         let c = quota("30d", "burst = 100\n").unwrap();
         assert_eq!(c.rate_limit.proxy.unwrap().burst.get(), 100);
         assert!(quota("100y", "burst = 5\n").is_ok());
+    }
+
+    #[test]
+    fn a_toml_error_names_the_line_it_is_on_by_its_key_not_its_value() {
+        for (toml, says) in [
+            (
+                "[server]\nlisten = \"a\"\nlisten = \"b\"\n",
+                "at line 3 (`listen`), column 1",
+            ),
+            ("[server]\n[server]\n", "at line 2 (`[server]`)"),
+            (
+                "[server]\nmax_body_bytes = 18446744073709551615\n",
+                "at line 2 (`max_body_bytes`)",
+            ),
+        ] {
+            let err = parse(toml).unwrap_err();
+            assert_eq!(err.0[0].key, "(file)", "{toml}: {err}");
+            assert!(err.0[0].reason.contains(says), "{toml}: {err}");
+        }
+        let err = parse("[jwt]\nsecret = \"first-secret-text\"\nsecret = \"hush\"\n").unwrap_err();
+        assert!(err.0[0].reason.contains("(`secret`)"), "{err}");
+        assert!(!err.to_string().contains("hush"), "{err}");
+    }
+
+    #[test]
+    fn every_section_must_be_a_table_and_routes_an_array_of_them() {
+        for (toml, key, says) in [
+            (
+                "server = [\"127.0.0.1:1\"]\n",
+                "server",
+                "must be a table ([server]), not an array",
+            ),
+            (
+                "[[upstream]]\nurl = \"http://a:1\"\n",
+                "upstream",
+                "not an array",
+            ),
+            (
+                "[server]\ntls = \"yes\"\n",
+                "server.tls",
+                "([server.tls]), not a string",
+            ),
+            ("session = []\n", "session", "not an array"),
+            (
+                "[rate_limit]\nproxy = 5\n",
+                "rate_limit.proxy",
+                "{ requests = ..., per = \"...\" }), not an integer",
+            ),
+            ("routes = \"x\"\n", "routes", "array of tables"),
+            ("routes = [1]\n", "routes[0]", "not an integer"),
+            (
+                "[[routes]]\npath_prefix = \"/a\"\nrate_limit = [1, \"1s\"]\n",
+                "routes[0].rate_limit",
+                "not an array",
+            ),
+        ] {
+            let err = parse(toml).unwrap_err();
+            assert_eq!(err.0[0].key, key, "{toml}: {err}");
+            assert!(err.0[0].reason.contains(says), "{toml}: {err}");
+        }
     }
 
     #[test]
