@@ -1658,14 +1658,28 @@ impl Validator {
     /// The Redis connection: `redis.url`, then REDIS_HOST / REDIS_PORT / REDIS_PASSWORD over it.
     fn redis(&mut self, section: &RedisSection, env: &[(String, String)]) -> Option<RedisConfig> {
         use redis::{ConnectionAddr, IntoConnectionInfo};
-        if section.key_prefix.is_empty() || section.key_prefix.contains(['{', '}', ' ']) {
+        if section.key_prefix.is_empty()
+            || section.key_prefix.contains(['{', '}', ' '])
+            || section.key_prefix.contains(char::is_control)
+        {
             self.fail(
                 "redis.key_prefix",
-                "must be non-empty without spaces or braces (braces are Redis Cluster hash tags)",
+                "must be non-empty without spaces, control characters or braces (braces are Redis Cluster hash tags)",
             );
         }
         self.nonzero_duration("redis.command_timeout", section.command_timeout);
         self.nonzero_duration("redis.connect_timeout", section.connect_timeout);
+        let scheme = section
+            .url
+            .split_once("://")
+            .map(|(s, _)| s.to_ascii_lowercase());
+        if !matches!(scheme.as_deref(), Some("redis" | "rediss")) {
+            self.fail(
+                "redis.url",
+                "must start with redis:// or rediss:// (TLS): Redis is reached over TCP",
+            );
+            return None;
+        }
         let mut info = match section.url.as_str().into_connection_info() {
             Ok(info) => info,
             Err(e) => {
@@ -1673,6 +1687,14 @@ impl Validator {
                 return None;
             }
         };
+        // SELECT takes 0 up to the server's `databases` less one, at most i32::MAX.
+        if !(0..=i64::from(i32::MAX)).contains(&info.redis_settings().db()) {
+            self.fail(
+                "redis.url",
+                "names a database (after the last /) that is not a number from 0 (Redis has 16 unless its `databases` says otherwise)",
+            );
+            return None;
+        }
         let var = |name: &str| {
             env_var(env, name)
                 .map(str::trim)
@@ -1680,10 +1702,26 @@ impl Validator {
                 .map(str::to_string)
         };
         let host = var("REDIS_HOST");
+        // Only a host: what else it held would be looked up as a name, for ever.
+        if let Some(h) = &host {
+            let plain = h.parse::<std::net::IpAddr>().is_ok()
+                || (!h.contains(':') && crate::limits::is_host_value(h.as_bytes()));
+            if !plain {
+                self.fail(
+                    "REDIS_HOST",
+                    format!("{h:?} is not a host name (letters, digits, - . _) or IP address"),
+                );
+                return None;
+            }
+        }
         // Kubernetes sets REDIS_PORT=tcp://10.0.0.5:6379 for a Service named `redis`: that is
         // a service link, not a port, and must not change where portcullis connects.
         let port = match var("REDIS_PORT") {
             Some(p) => match p.parse::<u16>() {
+                Ok(0) => {
+                    self.fail("REDIS_PORT", "must be 1 to 65535");
+                    return None;
+                }
                 Ok(port) => Some(port),
                 Err(_) => {
                     self.warnings.push(format!(
@@ -1713,6 +1751,16 @@ impl Validator {
                 other => other,
             };
             info = info.set_addr(addr);
+        }
+        if matches!(
+            info.addr(),
+            ConnectionAddr::Tcp(_, 0) | ConnectionAddr::TcpTls { port: 0, .. }
+        ) {
+            self.fail(
+                "redis.url",
+                "has port 0: a port is 1 to 65535 (Redis listens on 6379 unless told otherwise)",
+            );
+            return None;
         }
         if let Some(password) = var("REDIS_PASSWORD") {
             let settings = info.redis_settings().clone().set_password(password);
@@ -2700,7 +2748,10 @@ mod tests {
         let err =
             parse("[server]\nlisten = \"0.0.0.0:8443\"\n\n[session]\nttl = \"30d\n").unwrap_err();
         assert_eq!(err.0[0].key, "(file)");
-        assert!(err.0[0].reason.contains("at line 5 (`ttl`), column"), "{err}");
+        assert!(
+            err.0[0].reason.contains("at line 5 (`ttl`), column"),
+            "{err}"
+        );
         let err = parse("[server]\n[server]\n").unwrap_err();
         assert!(err.0[0].reason.contains("line 2"), "{err}");
     }
@@ -3534,6 +3585,41 @@ mod tests {
             "{filter}"
         );
         assert!(!filter.contains(' '), "{filter}");
+    }
+
+    #[test]
+    fn a_redis_address_that_can_never_connect_is_refused() {
+        for (url, says) in [
+            (
+                "unix:///run/redis.sock",
+                "must start with redis:// or rediss://",
+            ),
+            ("redis+unix:///run/redis.sock", "must start with redis://"),
+            ("redis://h:0", "port 0"),
+            ("redis://127.0.0.1:6379/-1", "database"),
+            ("redis://127.0.0.1:6379/99999999999", "database"),
+        ] {
+            let err = parse(&format!("[redis]\nurl = \"{url}\"\n")).unwrap_err();
+            assert_eq!(err.0[0].key, "redis.url", "{url}: {err}");
+            assert!(err.0[0].reason.contains(says), "{url}: {err}");
+        }
+        for url in ["redis://h:6379/15", "REDIS://h", "rediss://h:6380/0"] {
+            assert!(
+                parse(&format!("[redis]\nurl = \"{url}\"\n")).is_ok(),
+                "{url}"
+            );
+        }
+        for host in ["x@127.0.0.1", "a b", "127.0.0.1/5", "[::1", "h:6379"] {
+            let err = parse_env("", &[("REDIS_HOST", host)]).unwrap_err();
+            assert_eq!(err.0[0].key, "REDIS_HOST", "{host}: {err}");
+        }
+        for host in ["redis", "redis.game.svc.cluster.local", "10.0.0.5", "::1"] {
+            assert!(parse_env("", &[("REDIS_HOST", host)]).is_ok(), "{host}");
+        }
+        let err = parse_env("", &[("REDIS_PORT", "0")]).unwrap_err();
+        assert_eq!(err.0[0].key, "REDIS_PORT", "{err}");
+        let err = parse("[redis]\nkey_prefix = \"a\\tb\"\n").unwrap_err();
+        assert_eq!(err.0[0].key, "redis.key_prefix", "{err}");
     }
 
     #[test]
