@@ -1866,7 +1866,20 @@ impl Validator {
         }
         let previous_key = if previous.is_set(family, env) {
             let previous_key = self.jwt_key(&previous, family, &algorithms, base, env);
-            if key.is_some() && previous_key == key {
+            // One public key has several PEM forms (SPKI, PKCS#1 for RSA): compared as keys.
+            let same = match (&key, &previous_key) {
+                (Some(current @ JwtKey::PublicPem(_)), Some(previous @ JwtKey::PublicPem(_))) => {
+                    let bytes = |pem| {
+                        crate::authn::decoding_key(pem, family)
+                            .ok()
+                            .and_then(|k| k.try_get_as_bytes().ok().map(<[u8]>::to_vec))
+                    };
+                    current == previous
+                        || bytes(current).is_some_and(|b| Some(b) == bytes(previous))
+                }
+                _ => key.is_some() && previous_key == key,
+            };
+            if same {
                 let name = match family {
                     AlgorithmFamily::Hmac => "jwt.previous_secret",
                     _ => "jwt.previous_public_key_pem",
@@ -2638,6 +2651,51 @@ mod tests {
                 .unwrap_or_else(|| panic!("{key}: {err}"));
             assert!(fault.reason.contains("holds a private key"), "{err}");
         }
+    }
+
+    #[test]
+    fn the_current_public_key_in_another_pem_form_is_not_taken_for_the_previous_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let openssl = |args: &[&str]| {
+            let made = std::process::Command::new("openssl")
+                .args(args)
+                .current_dir(dir.path())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .expect("openssl must be installed");
+            assert!(made.success(), "openssl {args:?}");
+        };
+        openssl(&["genrsa", "-out", "private.pem", "2048"]);
+        openssl(&["rsa", "-in", "private.pem", "-pubout", "-out", "spki.pem"]);
+        openssl(&[
+            "rsa",
+            "-in",
+            "private.pem",
+            "-RSAPublicKey_out",
+            "-out",
+            "pkcs1.pem",
+        ]);
+        openssl(&["genrsa", "-out", "other.pem", "2048"]);
+        openssl(&[
+            "rsa",
+            "-in",
+            "other.pem",
+            "-pubout",
+            "-out",
+            "other-spki.pem",
+        ]);
+        let with_previous = |previous: &str| {
+            let text = format!(
+                "[jwt]\nalgorithms = [\"RS256\"]\npublic_key_pem = \"spki.pem\"\nprevious_public_key_pem = \"{previous}\"\n"
+            );
+            Config::from_toml(&text, dir.path(), &[])
+        };
+        for same in ["spki.pem", "pkcs1.pem"] {
+            let err = with_previous(same).unwrap_err();
+            assert_eq!(err.0[0].key, "jwt.previous_public_key_pem", "{same}: {err}");
+            assert!(err.0[0].reason.contains("current key itself"), "{err}");
+        }
+        assert!(with_previous("other-spki.pem").is_ok());
     }
 
     #[test]
