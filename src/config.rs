@@ -1841,19 +1841,33 @@ impl Validator {
                 &section.previous_public_key_pem,
             ),
         };
-        // A previous key of the other kind would be ignored: say so rather than let a rotation
-        // silently refuse the old tokens.
+        // A key of the other kind would be ignored: say so rather than let a deployment verify
+        // with another key than the one it names, or a rotation silently refuse the old tokens.
         let (unused, kind) = match family {
-            AlgorithmFamily::Hmac => (vec![previous.public_key_pem], "an HMAC secret"),
+            AlgorithmFamily::Hmac => (
+                vec![
+                    ("jwt.public_key_pem", section.public_key_pem.as_str()),
+                    previous.public_key_pem,
+                ],
+                "an HMAC secret",
+            ),
             _ => (
-                vec![previous.secret, previous.secret_file],
+                vec![
+                    ("jwt.secret", section.secret.as_str()),
+                    ("jwt.secret_file", section.secret_file.as_str()),
+                    previous.secret,
+                    previous.secret_file,
+                ],
                 "a PEM public key file",
             ),
         };
         for (key, _) in unused.into_iter().filter(|(_, value)| !value.is_empty()) {
             self.fail(
                 key,
-                format!("does not fit jwt.algorithms ({:?}): the key being rotated out must be {kind}, like the current one", algorithms[0]),
+                format!(
+                    "does not fit jwt.algorithms ({:?}): the key must be {kind}",
+                    algorithms[0]
+                ),
             );
         }
         // The variable comes from the same Secret whatever the algorithms (deploy/k8s), so it
@@ -2577,6 +2591,20 @@ mod tests {
         assert!(reason.contains("HMAC secret"), "{reason}");
         let (key, _) = only_error("[jwt]\nprevious_secret_file = \"/nonexistent/old\"\n", &[]);
         assert_eq!(key, "jwt.previous_secret_file");
+        // A current key of the other kind is named too, rather than left unused.
+        let (key, reason) = only_error("[jwt]\npublic_key_pem = \"current.pem\"\n", &[]);
+        assert_eq!(key, "jwt.public_key_pem");
+        assert!(reason.contains("HMAC secret"), "{reason}");
+        let err = parse(&format!(
+            "[jwt]\nalgorithms = [\"RS256\"]\nsecret = \"{old}\"\n"
+        ))
+        .unwrap_err();
+        assert!(
+            err.0
+                .iter()
+                .any(|e| e.key == "jwt.secret" && e.reason.contains("PEM public key")),
+            "{err}"
+        );
     }
 
     #[test]
