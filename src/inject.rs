@@ -57,11 +57,15 @@ pub struct InjectArgs {
 #[derive(Debug, Clone, clap::Args)]
 pub struct InjectOptions {
     /// Container image of the sidecar.
-    #[arg(long, default_value = concat!("portcullis:", env!("CARGO_PKG_VERSION")))]
+    #[arg(
+        long,
+        default_value = concat!("portcullis:", env!("CARGO_PKG_VERSION")),
+        value_parser = image_reference
+    )]
     pub image: String,
     /// ConfigMap holding `config.toml`, mounted at /etc/portcullis (deploy/k8s's is
     /// `portcullis-config`).
-    #[arg(long, default_value = DEFAULT_CONFIG_MAP)]
+    #[arg(long, default_value = DEFAULT_CONFIG_MAP, value_name = "NAME", value_parser = object_name)]
     pub config_map: String,
     /// The game's port that portcullis fronts (default: the pod's only TCP containerPort).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
@@ -77,13 +81,13 @@ pub struct InjectOptions {
     #[arg(long, default_value = "0.0.0.0", value_name = "IP", value_parser = any_address)]
     pub listen_address: std::net::IpAddr,
     /// Secret whose key `secret` becomes JWT_SECRET.
-    #[arg(long)]
+    #[arg(long, value_name = "NAME", value_parser = object_name)]
     pub jwt_secret: Option<String>,
     /// kubernetes.io/tls Secret mounted at /etc/portcullis-tls (tls.crt, tls.key).
-    #[arg(long)]
+    #[arg(long, value_name = "NAME", value_parser = object_name)]
     pub tls_secret: Option<String>,
     /// Secret whose key `password` becomes REDIS_PASSWORD.
-    #[arg(long)]
+    #[arg(long, value_name = "NAME", value_parser = object_name)]
     pub redis_secret: Option<String>,
     /// Also emit, per injected workload, a NetworkPolicy that closes the game's port: it admits
     /// the sidecar's public and admin ports and the pods' other declared ports.
@@ -120,16 +124,42 @@ fn any_address(text: &str) -> Result<std::net::IpAddr, String> {
 /// A Kubernetes namespace name: a DNS label (RFC 1123), which is what
 /// `kubernetes.io/metadata.name` holds.
 fn namespace_name(text: &str) -> Result<String, String> {
-    let fits = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
-    let bytes = text.as_bytes();
-    let valid = (1..=63).contains(&bytes.len())
-        && bytes.iter().all(|&b| fits(b) || b == b'-')
-        && bytes.first().copied().is_some_and(fits)
-        && bytes.last().copied().is_some_and(fits);
-    if valid {
+    if text.len() <= 63 && dns_label(text) {
         Ok(text.to_string())
     } else {
         Err("not a namespace name: 1 to 63 lower-case letters, digits or '-', starting and ending with a letter or digit".into())
+    }
+}
+
+/// The name of a Secret or ConfigMap: a DNS subdomain (RFC 1123), dot-separated DNS labels.
+/// Kubernetes refuses any other name, so a manifest that carried one would fail at apply.
+fn object_name(text: &str) -> Result<String, String> {
+    if text.len() <= 253 && text.split('.').all(dns_label) {
+        Ok(text.to_string())
+    } else {
+        Err("not a Kubernetes object name: at most 253 lower-case letters, digits, '-' or '.', each '.'-separated part starting and ending with a letter or digit".into())
+    }
+}
+
+/// Lower-case letters, digits and '-', starting and ending with a letter or digit; the length
+/// limit is the caller's, as it differs between a label and a subdomain.
+fn dns_label(text: &str) -> bool {
+    let fits = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    let bytes = text.as_bytes();
+    bytes.iter().all(|&b| fits(b) || b == b'-')
+        && bytes.first().copied().is_some_and(fits)
+        && bytes.last().copied().is_some_and(fits)
+}
+
+/// An image reference is written into the pod as it is: empty, or with a space or control
+/// character, it is one the kubelet cannot pull.
+fn image_reference(text: &str) -> Result<String, String> {
+    if text.is_empty() {
+        Err("must not be empty".into())
+    } else if text.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        Err("must not contain spaces or control characters".into())
+    } else {
+        Ok(text.to_string())
     }
 }
 
@@ -1769,5 +1799,48 @@ spec:
         let init = &values[0]["spec"]["initContainers"][0];
         assert_eq!(init["name"], s("portcullis"));
         assert_eq!(init["env"][0]["value"], s("http://127.0.0.1:80"));
+    }
+
+    /// Secret and ConfigMap names: RFC 1123 subdomains, each dot-separated part a label.
+    #[test]
+    fn object_names_follow_the_kubernetes_rule() {
+        let longest = format!("{}.{}", "a".repeat(126), "b".repeat(126));
+        for valid in ["a", "portcullis-jwt", "jwt.v2", "0x", longest.as_str()] {
+            assert!(object_name(valid).is_ok(), "{valid:?} was refused");
+        }
+        let too_long = format!("{longest}c");
+        for invalid in [
+            "",
+            "Bad_Name",
+            "a/b",
+            "-a",
+            "a-",
+            ".a",
+            "a.",
+            "a..b",
+            "a.-b",
+            "a b",
+            "é",
+            too_long.as_str(),
+        ] {
+            assert!(object_name(invalid).is_err(), "{invalid:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn an_image_is_anything_pullable_looking() {
+        assert!(image_reference("registry.example:5000/portcullis@sha256:abc").is_ok());
+        for invalid in [
+            "",
+            "portcullis 1",
+            "portcullis\n",
+            "\tportcullis",
+            "a\u{7f}",
+        ] {
+            assert!(
+                image_reference(invalid).is_err(),
+                "{invalid:?} was accepted"
+            );
+        }
     }
 }

@@ -19,6 +19,7 @@ const SECRETS: &[&str] = &[
 
 struct Run {
     ok: bool,
+    code: Option<i32>,
     stdout: String,
     stderr: String,
 }
@@ -53,6 +54,7 @@ fn inject(args: &[&str], stdin: &str) -> Run {
     let out = child.wait_with_output().expect("portcullis inject output");
     Run {
         ok: out.status.success(),
+        code: out.status.code(),
         stdout: String::from_utf8(out.stdout).expect("utf-8 stdout"),
         stderr: String::from_utf8(out.stderr).expect("utf-8 stderr"),
     }
@@ -780,6 +782,76 @@ fn network_policy_admits_the_admin_port_from_named_namespaces_only() {
             out.stderr
         );
     }
+}
+
+/// The Secret and ConfigMap names and the image are written into the manifest as given: one
+/// Kubernetes would refuse (or the kubelet could not pull) is a usage error naming the flag and
+/// the rule, not a manifest that fails at apply.
+#[test]
+fn names_kubernetes_would_refuse_are_refused_naming_the_flag() {
+    let input = deployment("game", "{app: game}", ONE_PORT);
+    let object_rule = "not a Kubernetes object name";
+    for (flag, value, rule) in [
+        ("--jwt-secret", "", object_rule),
+        ("--jwt-secret", "Portcullis-JWT", object_rule),
+        ("--tls-secret", "a/b", object_rule),
+        ("--redis-secret", "", object_rule),
+        ("--redis-secret", "redis..auth", object_rule),
+        ("--config-map", "Bad_Name", object_rule),
+        ("--config-map", "-config", object_rule),
+        ("--image", "", "must not be empty"),
+        ("--image", "portcullis 0.1", "must not contain spaces"),
+    ] {
+        // `--flag=value`, so that a value starting with '-' reaches the flag.
+        let out = inject(&[&format!("{flag}={value}")], &input);
+        assert_eq!(
+            out.code,
+            Some(2),
+            "{flag} {value:?} was not a usage error: {}",
+            out.stderr
+        );
+        assert!(out.stdout.is_empty(), "{flag} {value:?}: {}", out.stdout);
+        assert!(
+            out.stderr.contains(flag) && out.stderr.contains(rule),
+            "{flag} {value:?}: {}",
+            out.stderr
+        );
+    }
+
+    // Names with dots are Kubernetes names too, and are written as given.
+    let out = inject(
+        &[
+            "--jwt-secret",
+            "jwt.v2",
+            "--tls-secret",
+            "tls.game",
+            "--redis-secret",
+            "redis.auth",
+            "--config-map",
+            "portcullis.config",
+            "--image",
+            "registry.example:5000/portcullis:1",
+        ],
+        &input,
+    );
+    let docs = out.docs();
+    let sidecar = container(
+        &kind(&docs, "Deployment", "game")["spec"]["template"]["spec"]["initContainers"],
+        "portcullis",
+    );
+    assert_eq!(sidecar["image"], "registry.example:5000/portcullis:1");
+    assert_eq!(
+        env(sidecar, "JWT_SECRET")["valueFrom"]["secretKeyRef"]["name"],
+        "jwt.v2"
+    );
+    assert_eq!(
+        env(sidecar, "REDIS_PASSWORD")["valueFrom"]["secretKeyRef"]["name"],
+        "redis.auth"
+    );
+    let volumes =
+        kind(&docs, "Deployment", "game")["spec"]["template"]["spec"]["volumes"].to_string();
+    assert!(volumes.contains("\"portcullis.config\""), "{volumes}");
+    assert!(volumes.contains("\"tls.game\""), "{volumes}");
 }
 
 #[test]
