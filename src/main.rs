@@ -44,8 +44,8 @@ enum Command {
         /// The user id (`sub`).
         #[arg(long)]
         sub: String,
-        /// A session id to put in the `sid` claim.
-        #[arg(long)]
+        /// A session id (a UUID) to put in the `sid` claim.
+        #[arg(long, value_parser = session_id)]
         sid: Option<String>,
         /// Lifetime of the token.
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
@@ -60,6 +60,19 @@ enum Command {
     /// Add portcullis as a native sidecar to Kubernetes workloads (YAML from files or stdin),
     /// retarget the Services that select them, and print the result.
     Inject(portcullis::inject::InjectArgs),
+}
+
+/// A session id as the proxy reads one from a token (`Uuid::parse_str`, so in any spelling it
+/// takes): a token bound to anything else would be refused on every session route. The text is
+/// kept as given, so a token can carry each of those spellings.
+fn session_id(text: &str) -> Result<String, String> {
+    match uuid::Uuid::parse_str(text) {
+        Ok(_) => Ok(text.to_string()),
+        Err(_) => Err(
+            "not a session id: session ids are UUIDs, such as 67e55044-10b1-426f-9247-bb680e5fe0c8"
+                .into(),
+        ),
+    }
 }
 
 fn init_logging(format: LogFormat, level: &str) {

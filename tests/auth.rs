@@ -548,24 +548,51 @@ fn dev_token(config: &str, args: &[&str]) -> String {
     token
 }
 
-/// A `--ttl` past the end of time is refused by name, not wrapped round to a token that
-/// expired in 1970.
-#[test]
-fn dev_token_refuses_a_ttl_beyond_any_expiry() {
+/// Runs `portcullis dev-token ARGS` with only `jwt.secret` configured, for a run expected to
+/// be refused: its exit code and stderr, after checking that it printed no token.
+fn dev_token_refused(args: &[&str]) -> (Option<i32>, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("config.toml");
     std::fs::write(&path, format!("[jwt]\nsecret = \"{TEST_SECRET}\"\n")).unwrap();
     let output = Command::new(env!("CARGO_BIN_EXE_portcullis"))
-        .args(["dev-token", "--sub", "u", "--ttl", "18446744073709551615s"])
+        .arg("dev-token")
+        .args(args)
         .arg("--config")
         .arg(&path)
         .env_clear()
         .output()
         .expect("run portcullis dev-token");
-    assert!(!output.status.success());
-    assert!(output.stdout.is_empty());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{args:?} was accepted");
+    assert!(output.stdout.is_empty(), "{args:?} printed a token");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    (output.status.code(), stderr)
+}
+
+/// A `--ttl` past the end of time is refused by name, not wrapped round to a token that
+/// expired in 1970.
+#[test]
+fn dev_token_refuses_a_ttl_beyond_any_expiry() {
+    let (_, stderr) = dev_token_refused(&["--sub", "u", "--ttl", "18446744073709551615s"]);
     assert!(stderr.contains("--ttl is too long"), "{stderr}");
+}
+
+/// The proxy reads a token's `sid` as a UUID and refuses the token on every session route
+/// when it is not one, so such a `--sid` is refused before any token is made.
+#[test]
+fn dev_token_refuses_a_sid_that_is_not_a_uuid() {
+    for sid in [
+        "notauuid",
+        "",
+        "67e55044-10b1-426f-9247-bb680e5fe0c",
+        " 67e55044-10b1-426f-9247-bb680e5fe0c8",
+    ] {
+        let (code, stderr) = dev_token_refused(&["--sub", "u", &format!("--sid={sid}")]);
+        assert_eq!(code, Some(2), "--sid {sid:?}: {stderr}");
+        assert!(
+            stderr.contains("--sid") && stderr.contains("not a session id"),
+            "--sid {sid:?}: {stderr}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -576,17 +603,27 @@ async fn dev_token_prints_a_token_the_proxy_accepts() {
     let proxy = Proxy::start(&config).await;
     let sid = create_session(&proxy, &token("u", None)).await;
 
-    let t = dev_token(&config, &["--sub", "u", "--sid", &sid]);
-    let resp = client()
-        .get(proxy.url("/game"))
-        .bearer_auth(&t)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let seen = upstream.last();
-    assert_eq!(seen.headers["x-user-id"], "u");
-    assert_eq!(seen.headers["x-session-id"], sid.as_str());
+    // Every spelling of the UUID the proxy reads is taken as given.
+    let simple = sid.replace('-', "");
+    for spelling in [
+        sid.clone(),
+        sid.to_uppercase(),
+        simple,
+        format!("{{{sid}}}"),
+        format!("urn:uuid:{sid}"),
+    ] {
+        let t = dev_token(&config, &["--sub", "u", "--sid", &spelling]);
+        let resp = client()
+            .get(proxy.url("/game"))
+            .bearer_auth(&t)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "--sid {spelling}");
+        let seen = upstream.last();
+        assert_eq!(seen.headers["x-user-id"], "u");
+        assert_eq!(seen.headers["x-session-id"], sid.as_str());
+    }
 }
 
 #[tokio::test]
