@@ -2193,8 +2193,9 @@ const MAX_SESSIONS_PER_USER: usize = 1000;
 pub const MAX_SESSION_TTL: Duration = Duration::from_secs(100 * 31_557_600);
 
 /// The longest timeout or interval: a century, as for sessions. Far longer, a clock reading
-/// moved by it overflows (about 3 × 10^11 years), which ends the task that moved it.
-const MAX_DURATION: Duration = MAX_SESSION_TTL;
+/// moved by it overflows (about 3 × 10^11 years), which ends the task that moved it. Also the
+/// longest `dev-token --ttl`.
+pub const MAX_DURATION: Duration = MAX_SESSION_TTL;
 
 /// Header names an identity header may not take, with what each already does.
 const RESERVED_HEADERS: &[(&str, &str)] = &[

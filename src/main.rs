@@ -47,8 +47,8 @@ enum Command {
         /// A session id (a UUID) to put in the `sid` claim.
         #[arg(long, value_parser = session_id)]
         sid: Option<String>,
-        /// Lifetime of the token.
-        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        /// Lifetime of the token, at most 100 years.
+        #[arg(long, default_value = "1h", value_parser = token_lifetime)]
         ttl: std::time::Duration,
     },
     /// Serve a demo upstream that answers every request with what it received, as JSON.
@@ -73,6 +73,16 @@ fn session_id(text: &str) -> Result<String, String> {
                 .into(),
         ),
     }
+}
+
+/// A token's lifetime, capped as every duration in the configuration is: an expiry further off
+/// means nothing a token is for, and only risks overflowing whatever adds it to a clock.
+fn token_lifetime(text: &str) -> Result<std::time::Duration, String> {
+    let ttl = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if ttl > portcullis::config::MAX_DURATION {
+        return Err("too long: at most 100 years (100y)".into());
+    }
+    Ok(ttl)
 }
 
 fn init_logging(format: LogFormat, level: &str) {

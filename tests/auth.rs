@@ -568,12 +568,31 @@ fn dev_token_refused(args: &[&str]) -> (Option<i32>, String) {
     (output.status.code(), stderr)
 }
 
-/// A `--ttl` past the end of time is refused by name, not wrapped round to a token that
-/// expired in 1970.
+/// A `--ttl` over the century every configured duration is capped at is refused by name, as is
+/// one past the end of time (not wrapped round to a token that expired in 1970); a century is
+/// still taken.
 #[test]
-fn dev_token_refuses_a_ttl_beyond_any_expiry() {
-    let (_, stderr) = dev_token_refused(&["--sub", "u", "--ttl", "18446744073709551615s"]);
-    assert!(stderr.contains("--ttl is too long"), "{stderr}");
+fn dev_token_refuses_a_ttl_over_100_years() {
+    for ttl in ["18446744073709551615s", "1000000000y", "101y", "100y 1s"] {
+        let (code, stderr) = dev_token_refused(&["--sub", "u", "--ttl", ttl]);
+        assert_eq!(code, Some(2), "--ttl {ttl}: {stderr}");
+        assert!(
+            stderr.contains("--ttl") && stderr.contains("at most 100 years"),
+            "--ttl {ttl}: {stderr}"
+        );
+    }
+    let t = dev_token("", &["--sub", "u", "--ttl", "100y"]);
+    let mut validation = jsonwebtoken::Validation::new(Algorithm::HS256);
+    validation.required_spec_claims.clear();
+    let claims = jsonwebtoken::decode::<Value>(
+        &t,
+        &jsonwebtoken::DecodingKey::from_secret(TEST_SECRET.as_bytes()),
+        &validation,
+    )
+    .unwrap()
+    .claims;
+    let lifetime = claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap();
+    assert_eq!(lifetime, 100 * 31_557_600, "{claims}");
 }
 
 /// The proxy reads a token's `sid` as a UUID and refuses the token on every session route
