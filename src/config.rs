@@ -1297,7 +1297,7 @@ impl Validator {
     fn ca_file(&mut self, key: &str, value: &str, base: &Path) -> Option<rustls::RootCertStore> {
         use rustls::pki_types::pem::PemObject;
         let path = self.path(key, value, base);
-        let pem = match std::fs::read(&path) {
+        let pem = match read_key_file(&path) {
             Ok(pem) => pem,
             Err(e) => {
                 self.fail(key, format!("cannot read {}: {e}", path.display()));
@@ -1965,7 +1965,7 @@ impl Validator {
                 (secret_value.as_bytes().to_vec(), secret_key)
             } else if !file_value.is_empty() {
                 let path = self.path(file_key, file_value, base);
-                match std::fs::read(&path) {
+                match read_key_file(&path) {
                     Ok(bytes) => (bytes, file_key),
                     Err(e) => {
                         // The default config's file is the development secret.
@@ -2020,7 +2020,7 @@ impl Validator {
             return None;
         }
         let path = self.path(pem_key, pem_value, base);
-        let pem = match std::fs::read(&path) {
+        let pem = match read_key_file(&path) {
             Ok(pem) => pem,
             Err(e) => {
                 self.fail(pem_key, format!("cannot read {}: {e}", path.display()));
@@ -2142,6 +2142,26 @@ const MAX_CONNECTIONS: usize = 10_000_000;
 
 /// Largest `server.max_header_bytes`: the HTTP layer's own cap is four times it.
 const MAX_HEADER_BYTES: usize = 1024 * 1024;
+
+/// The most a key, secret or certificate file holds: a CA bundle of every public root is a
+/// few hundred KiB. Past it the file is something else (a log, a device), not read whole.
+const MAX_KEY_FILE_BYTES: u64 = 4 * 1024 * 1024;
+
+/// A key, secret or certificate file's contents, up to [`MAX_KEY_FILE_BYTES`].
+pub(crate) fn read_key_file(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut contents = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_KEY_FILE_BYTES + 1)
+        .read_to_end(&mut contents)?;
+    if contents.len() as u64 > MAX_KEY_FILE_BYTES {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "larger than 4 MiB: not a key or certificate file",
+        ));
+    }
+    Ok(contents)
+}
 
 /// Why an upstream's authority cannot be used, if it cannot: user info, or a port that is not
 /// 1 to 65535 (the `http` parser takes any port text: `host:`, `host:99999`, `host:x`).

@@ -13,6 +13,7 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 
+use crate::config::read_key_file;
 use crate::metrics::{Metrics, ReloadLabels};
 
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +36,8 @@ pub enum TlsError {
         position: usize,
         reason: String,
     },
+    #[error("{path} holds an encrypted private key, whose passphrase portcullis cannot ask for: decrypt it (`openssl pkey -in KEY -out KEY.plain`) and keep it as a Secret")]
+    EncryptedKey { path: PathBuf },
     #[error("{path} holds no PEM private key")]
     NoKey { path: PathBuf },
     #[error("the key in {path} is not usable: {source}")]
@@ -61,13 +64,13 @@ fn provider() -> Arc<CryptoProvider> {
 
 /// What the two files hold now.
 fn fingerprint(cert: &Path, key: &Path) -> Option<Fingerprint> {
-    Some((std::fs::read(cert).ok()?, std::fs::read(key).ok()?))
+    Some((read_key_file(cert).ok()?, read_key_file(key).ok()?))
 }
 
 /// Reads a PEM certificate chain and private key into a signing key rustls can serve.
 pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
     let read = |path: &Path| {
-        std::fs::read(path).map_err(|source| TlsError::Read {
+        read_key_file(path).map_err(|source| TlsError::Read {
             path: path.to_path_buf(),
             source,
         })
@@ -98,8 +101,20 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsEr
             });
         }
     }
-    let private = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| TlsError::NoKey {
-        path: key.to_path_buf(),
+    let private = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| {
+        // No passphrase can be asked for; "no key" would send the operator looking elsewhere.
+        let encrypted = [
+            &b"ENCRYPTED PRIVATE KEY-----"[..],
+            b"Proc-Type: 4,ENCRYPTED",
+        ]
+        .iter()
+        .any(|mark| key_pem.windows(mark.len()).any(|w| w == *mark));
+        let path = key.to_path_buf();
+        if encrypted {
+            TlsError::EncryptedKey { path }
+        } else {
+            TlsError::NoKey { path }
+        }
     })?;
     let signing = provider()
         .key_provider
@@ -378,5 +393,56 @@ pub(crate) mod for_tests {
             acceptor.accept(server_io)
         );
         (client.unwrap(), server.unwrap())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_encrypted_key_is_named_as_such() {
+        let dir = tempfile::tempdir().unwrap();
+        let pair = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["a.test".into()])
+            .unwrap()
+            .self_signed(&pair)
+            .unwrap();
+        let cert_path = dir.path().join("tls.crt");
+        let plain = dir.path().join("plain.key");
+        let encrypted = dir.path().join("tls.key");
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&plain, pair.serialize_pem()).unwrap();
+        assert!(load_certified_key(&cert_path, &plain).is_ok());
+        let made = std::process::Command::new("openssl")
+            .args([
+                "pkcs8",
+                "-topk8",
+                "-v2",
+                "aes-256-cbc",
+                "-passout",
+                "pass:x",
+                "-in",
+            ])
+            .arg(&plain)
+            .arg("-out")
+            .arg(&encrypted)
+            .status()
+            .expect("openssl must be installed");
+        assert!(made.success(), "openssl pkcs8");
+        let err = load_certified_key(&cert_path, &encrypted).unwrap_err();
+        assert!(matches!(err, TlsError::EncryptedKey { .. }), "{err}");
+        assert!(err.to_string().contains("encrypted private key"), "{err}");
+    }
+
+    #[test]
+    fn a_file_that_is_no_key_is_not_read_whole() {
+        let err = load_certified_key(Path::new("/dev/zero"), Path::new("/dev/zero")).unwrap_err();
+        assert!(err.to_string().contains("larger than 4 MiB"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("big.pem");
+        std::fs::write(&big, vec![b'a'; 4 * 1024 * 1024 + 1]).unwrap();
+        let err = load_certified_key(&big, &big).unwrap_err();
+        assert!(err.to_string().contains("larger than 4 MiB"), "{err}");
     }
 }
