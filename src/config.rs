@@ -967,6 +967,10 @@ impl FileConfig {
 
         let admin_listen = v.socket_addr("admin.listen", &self.admin.listen);
         if let (Some(a), Some(b)) = (listen, admin_listen) {
+            // An IPv4-mapped IPv6 address (`[::ffff:127.0.0.1]`) binds the IPv4 one.
+            let canonical =
+                |addr: SocketAddr| SocketAddr::new(addr.ip().to_canonical(), addr.port());
+            let (a, b) = (canonical(a), canonical(b));
             // A wildcard takes the port on every address of its family; IPv6's, on Linux's
             // default dual stack, on IPv4's too.
             let covers = |wild: SocketAddr, other: SocketAddr| match wild.ip() {
@@ -3595,6 +3599,8 @@ mod tests {
             ("[::]:47003", "0.0.0.0:47003"),
             ("[::1]:47003", "[::]:47003"),
             ("127.0.0.1:47003", "127.0.0.1:47003"),
+            ("[::ffff:127.0.0.1]:47003", "127.0.0.1:47003"),
+            ("0.0.0.0:47003", "[::ffff:127.0.0.1]:47003"),
         ] {
             let text = format!("[server]\nlisten = \"{public}\"\n[admin]\nlisten = \"{admin}\"\n");
             let err = parse(&text).unwrap_err();
