@@ -2373,19 +2373,28 @@ fn is_service_link(rest: &str) -> bool {
         || rest.contains("_SERVICE_")
 }
 
-/// 1-based line and column of byte `offset` in `text`.
-/// What line `line` (from 1) sets, as written: its key, or a table header; never the value,
-/// which may be a secret.
+/// What line `line` (from 1) sets, as written: its key, or a table header; never a value,
+/// which may be a secret. Only a line that starts a statement is read so: one inside a
+/// multi-line string or array is the value itself. The TOML before the line parses whole just
+/// when the line starts one (the error is the file's first).
 fn line_key(text: &str, line: usize) -> Option<String> {
-    let written = text.lines().nth(line.checked_sub(1)?)?;
-    let key = written
-        .split_once('=')
-        .map_or(written, |(key, _)| key)
-        .trim();
+    let start: usize = text
+        .split_inclusive('\n')
+        .take(line.checked_sub(1)?)
+        .map(str::len)
+        .sum();
+    text.get(..start)?.parse::<toml::Table>().ok()?;
+    let written = text.get(start..)?.lines().next()?.trim();
+    let key = if written.starts_with('[') {
+        written
+    } else {
+        written.split_once('=')?.0.trim()
+    };
     let key: String = key.chars().take(80).collect();
-    (!key.is_empty() && !key.starts_with('#')).then(|| format!("`{key}`"))
+    (!key.is_empty()).then(|| format!("`{key}`"))
 }
 
+/// 1-based line and column of byte `offset` in `text`.
 fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
     let before = text.get(..offset).unwrap_or(text);
     let line = before.matches('\n').count() + 1;
@@ -3461,6 +3470,15 @@ mod tests {
         let err = parse("[jwt]\nsecret = \"first-secret-text\"\nsecret = \"hush\"\n").unwrap_err();
         assert!(err.0[0].reason.contains("(`secret`)"), "{err}");
         assert!(!err.to_string().contains("hush"), "{err}");
+        // Inside a multi-line string or array, a line is the value: nothing of it is shown.
+        for toml in [
+            "[jwt]\nsecret = \"\"\"\nhush-hush=1\\qx\n\"\"\"\n",
+            "[server]\ntrusted_proxies = [\n\"hush\" \"x\",\n]\n",
+        ] {
+            let err = parse(toml).unwrap_err();
+            assert!(err.0[0].reason.contains("at line"), "{err}");
+            assert!(!err.to_string().contains("hush"), "{toml}: {err}");
+        }
     }
 
     #[test]

@@ -177,7 +177,6 @@ fn session_id(raw: &str) -> Result<Uuid, Rejection> {
     Uuid::parse_str(raw).map_err(|_| Rejection::InvalidSessionId(raw.chars().take(64).collect()))
 }
 
-/// What the caller hears when the store answered a call with an error.
 /// A change (create, extend, destroy, sign out everywhere) that failed. One the store was sent
 /// and did not answer in time may still be made once Redis catches up: the caller hears so,
 /// and the audit trail keeps the change's name, user and session.
@@ -204,6 +203,7 @@ fn change_failed(
     Rejection::ChangeUnconfirmed
 }
 
+/// What the caller hears when the store answered a call with an error.
 fn store_failed(e: StoreError) -> Rejection {
     match e {
         StoreError::SignedOut => return Rejection::SignedOut,

@@ -264,10 +264,9 @@ impl Sessions {
             .collect()
     }
 
-    /// Opens a session for `user_id`; returns its id and expiry. The caller's `token` is checked
-    /// first (see [`TokenCheck`]).
-    /// Opens session `session_id` (the caller's new id: it names the change even when the
-    /// store does not answer).
+    /// Opens session `session_id` for `user_id` (the caller picks the id, so that it can name
+    /// the change even when the store does not answer); returns its expiry. The caller's
+    /// `token` is checked first (see [`TokenCheck`]).
     pub async fn create(
         &self,
         user_id: &str,
