@@ -30,12 +30,8 @@ pub enum TlsError {
         path: PathBuf,
         source: rustls::pki_types::pem::Error,
     },
-    #[error("{path}: certificate {position} of the chain (counting from 1, the server's first) is not a valid X.509 certificate: {reason}")]
-    Unparsable {
-        path: PathBuf,
-        position: usize,
-        reason: String,
-    },
+    #[error("{path}: certificate {position} of the chain (counting from 1, the server's first) is not an X.509 certificate: its DER is damaged")]
+    Unparsable { path: PathBuf, position: usize },
     #[error("{path} holds an encrypted private key, whose passphrase portcullis cannot ask for: decrypt it (`openssl pkey -in KEY -out KEY.plain`) and keep it as a Secret")]
     EncryptedKey { path: PathBuf },
     #[error("{path} holds no PEM private key")]
@@ -92,14 +88,11 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsEr
     }
     // Well-formed PEM can still carry DER no client can parse: served, it would fail every
     // handshake (or every one that needs that intermediate).
-    for (index, der) in chain.iter().enumerate() {
-        if let Err(e) = webpki::EndEntityCert::try_from(der) {
-            return Err(TlsError::Unparsable {
-                path: cert.to_path_buf(),
-                position: index + 1,
-                reason: format!("{e:?}"),
-            });
-        }
+    if let Some(index) = chain.iter().position(|der| !is_certificate_der(der)) {
+        return Err(TlsError::Unparsable {
+            path: cert.to_path_buf(),
+            position: index + 1,
+        });
     }
     let private = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| {
         // No passphrase can be asked for; "no key" would send the operator looking elsewhere.
@@ -126,6 +119,47 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsEr
     let certified = CertifiedKey::new(chain, signing);
     certified.keys_match().map_err(TlsError::Mismatch)?;
     Ok(certified)
+}
+
+/// Whether `der` is one X.509 certificate by its DER structure: a SEQUENCE filling the input
+/// exactly, of a SEQUENCE (what is signed), a SEQUENCE (the algorithm) and a BIT STRING (the
+/// signature). That is what every client reads first. What the certificate says (its version,
+/// its extensions) is left to the clients, whose rules differ.
+fn is_certificate_der(der: &[u8]) -> bool {
+    let Some((0x30, mut body, [])) = der_element(der) else {
+        return false;
+    };
+    for tag in [0x30, 0x30, 0x03] {
+        match der_element(body) {
+            Some((found, _, rest)) if found == tag => body = rest,
+            _ => return false,
+        }
+    }
+    body.is_empty()
+}
+
+/// One DER element: its tag, its value and what follows it. Definite lengths only (DER has no
+/// other), of at most four length bytes.
+fn der_element(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = input.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (usize::from(first), rest)
+    } else {
+        let count = usize::from(first & 0x7f);
+        if !(1..=4).contains(&count) || rest.len() < count {
+            return None;
+        }
+        let (digits, rest) = rest.split_at(count);
+        let len = digits
+            .iter()
+            .fold(0usize, |len, &b| (len << 8) | usize::from(b));
+        (len, rest)
+    };
+    (rest.len() >= len).then(|| {
+        let (value, after) = rest.split_at(len);
+        (tag, value, after)
+    })
 }
 
 /// The certificate currently served. Each handshake asks for it anew, so a [`CertStore::reload`]
@@ -433,6 +467,105 @@ mod tests {
         let err = load_certified_key(&cert_path, &encrypted).unwrap_err();
         assert!(matches!(err, TlsError::EncryptedKey { .. }), "{err}");
         assert!(err.to_string().contains("encrypted private key"), "{err}");
+    }
+
+    #[test]
+    fn a_certificate_is_judged_by_its_der_structure() {
+        let pair = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["a.test".into()])
+            .unwrap()
+            .self_signed(&pair)
+            .unwrap();
+        let der = cert.der().to_vec();
+        assert!(is_certificate_der(&der));
+        // SEQUENCE { INTEGER 0 }: DER, but no certificate.
+        assert!(!is_certificate_der(&[0x30, 0x03, 0x02, 0x01, 0x00]));
+        assert!(!is_certificate_der(&der[..der.len() - 1]), "cut short");
+        assert!(
+            !is_certificate_der(&[der.as_slice(), &[0]].concat()),
+            "a byte over"
+        );
+        assert!(!is_certificate_der(&[]));
+        assert!(
+            !is_certificate_der(&[0x30, 0x80, 0, 0]),
+            "indefinite length"
+        );
+        assert!(
+            !is_certificate_der(&[0x30, 0x85, 1, 0, 0, 0, 0]),
+            "five length bytes"
+        );
+        let mut signature_not_bits = der.clone();
+        // The last element's tag: the signature's BIT STRING, as a SEQUENCE.
+        let (_, body, _) = der_element(&der).unwrap();
+        let (_, _, rest) = der_element(body).unwrap();
+        let (_, _, rest) = der_element(rest).unwrap();
+        let at = der.len() - rest.len();
+        signature_not_bits[at] = 0x30;
+        assert!(!is_certificate_der(&signature_not_bits));
+    }
+
+    /// Certificates some clients take and a strict parser would not: in a chain, what they are
+    /// worth is the clients' to judge. (The leaf is matched with the key by rustls, which reads
+    /// it as webpki does.)
+    #[test]
+    fn a_version_1_intermediate_or_an_unknown_critical_extension_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let openssl = |args: &[&str]| {
+            let made = std::process::Command::new("openssl")
+                .args(args)
+                .current_dir(dir.path())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .expect("openssl must be installed");
+            assert!(made.success(), "openssl {args:?}");
+        };
+        openssl(&["genrsa", "-out", "k.pem", "2048"]);
+        openssl(&[
+            "req",
+            "-new",
+            "-key",
+            "k.pem",
+            "-subj",
+            "/CN=a.test",
+            "-out",
+            "r.csr",
+        ]);
+        openssl(&[
+            "x509", "-req", "-in", "r.csr", "-signkey", "k.pem", "-out", "v1.pem",
+        ]);
+        openssl(&[
+            "req",
+            "-x509",
+            "-key",
+            "k.pem",
+            "-subj",
+            "/CN=a.test",
+            "-addext",
+            "certificatePolicies=critical,1.2.3.4",
+            "-out",
+            "critical.pem",
+        ]);
+        openssl(&[
+            "req",
+            "-x509",
+            "-key",
+            "k.pem",
+            "-subj",
+            "/CN=a.test",
+            "-out",
+            "leaf.pem",
+        ]);
+        let read = |name: &str| std::fs::read_to_string(dir.path().join(name)).unwrap();
+        let v1 = read("v1.pem");
+        assert!(is_certificate_der(
+            CertificateDer::from_pem_slice(v1.as_bytes())
+                .unwrap()
+                .as_ref()
+        ));
+        let chain = dir.path().join("chain.pem");
+        std::fs::write(&chain, read("leaf.pem") + &v1 + &read("critical.pem")).unwrap();
+        let loaded = load_certified_key(&chain, &dir.path().join("k.pem"));
+        assert!(loaded.is_ok(), "{:?}", loaded.err());
     }
 
     #[test]
