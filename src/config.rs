@@ -1580,14 +1580,12 @@ impl Validator {
             );
             return None;
         }
-        // A request's path holds nothing but these raw (RFC 3986 pchar and `/`); anything
-        // else reaches portcullis percent-encoded, and stays so in the form matched.
-        let raw_in_paths = |c: char| c.is_ascii_alphanumeric() || "-._~!$&'()*+,;=:@/%".contains(c);
-        if let Some(c) = prefix.chars().find(|&c| !raw_in_paths(c)) {
-            let mut encoded = String::new();
-            for byte in c.to_string().bytes() {
-                encoded.push_str(&format!("%{byte:02X}"));
-            }
+        // These a request's path never holds as they are: they end the path (`?`, `#`) or the
+        // request line (a space), or no client sends them unescaped and the HTTP layer refuses
+        // them. Anything else may come raw (`|`, `[`, UTF-8), and is matched as it comes.
+        let never_raw = |c: char| c.is_control() || " ?#<>`".contains(c);
+        if let Some(c) = prefix.chars().find(|&c| never_raw(c)) {
+            let encoded = format!("%{:02X}", u32::from(c));
             self.fail(
                 key,
                 format!("holds {c:?}, which no request's path holds as it is (a client sends it as {encoded}): it could never match a request"),
@@ -3293,8 +3291,13 @@ mod tests {
 
     #[test]
     fn route_prefixes_must_be_canonical_paths() {
-        let c = parse("[[routes]]\npath_prefix = \"/a%20b\"\nauth = \"none\"\n").unwrap();
-        assert_eq!(c.routes[0].path_prefix, "/a%20b");
+        for good in ["/a%20b", "/a|b", "/[x]^", "/café", "/{json}"] {
+            let c = parse(&format!(
+                "[[routes]]\npath_prefix = \"{good}\"\nauth = \"none\"\n"
+            ))
+            .unwrap();
+            assert_eq!(c.routes[0].path_prefix, good);
+        }
         for (bad, says) in [
             ("/%7Euser", "\"/~user\""),
             ("/a%2Fb", "encoded slash"),
@@ -3305,7 +3308,8 @@ mod tests {
             ),
             ("/x?y", "as %3F"),
             ("/x#y", "as %23"),
-            ("/café", "as %C3%A9"),
+            ("/a<b", "as %3C"),
+            ("/a\tb", "as %09"),
         ] {
             let err = parse(&format!(
                 "[[routes]]\npath_prefix = \"{bad}\"\nauth = \"none\"\n"
