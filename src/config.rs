@@ -1835,34 +1835,38 @@ impl Validator {
                 &section.previous_public_key_pem,
             ),
         };
-        // A key of the other kind would be ignored: say so rather than let a deployment verify
-        // with another key than the one it names, or a rotation silently refuse the old tokens.
-        let (unused, kind) = match family {
+        // A previous key of the other kind would be ignored: say so rather than let a rotation
+        // silently refuse the old tokens.
+        let (current, unused, kind, verifies_with) = match family {
             AlgorithmFamily::Hmac => (
-                vec![
-                    ("jwt.public_key_pem", section.public_key_pem.as_str()),
-                    previous.public_key_pem,
-                ],
+                vec![("jwt.public_key_pem", section.public_key_pem.as_str())],
+                vec![previous.public_key_pem],
                 "an HMAC secret",
+                "a secret",
             ),
             _ => (
                 vec![
                     ("jwt.secret", section.secret.as_str()),
                     ("jwt.secret_file", section.secret_file.as_str()),
-                    previous.secret,
-                    previous.secret_file,
                 ],
+                vec![previous.secret, previous.secret_file],
                 "a PEM public key file",
+                "jwt.public_key_pem",
             ),
         };
         for (key, _) in unused.into_iter().filter(|(_, value)| !value.is_empty()) {
             self.fail(
                 key,
-                format!(
-                    "does not fit jwt.algorithms ({:?}): the key must be {kind}",
-                    algorithms[0]
-                ),
+                format!("does not fit jwt.algorithms ({:?}): the key being rotated out must be {kind}, like the current one", algorithms[0]),
             );
+        }
+        // A current key of the other kind is only noted: a file (config.toml's secret_file) or
+        // an environment may carry one for each family, and switch by `algorithms` alone.
+        for (key, _) in current.into_iter().filter(|(_, value)| !value.is_empty()) {
+            self.warnings.push(format!(
+                "{key} is ignored: jwt.algorithms ({:?}) verify with {verifies_with}",
+                algorithms[0]
+            ));
         }
         // The variable comes from the same Secret whatever the algorithms (deploy/k8s), so it
         // is not an error here; but a rotation relying on it would refuse the old tokens.
@@ -2615,19 +2619,22 @@ mod tests {
         assert!(reason.contains("HMAC secret"), "{reason}");
         let (key, _) = only_error("[jwt]\nprevious_secret_file = \"/nonexistent/old\"\n", &[]);
         assert_eq!(key, "jwt.previous_secret_file");
-        // A current key of the other kind is named too, rather than left unused.
-        let (key, reason) = only_error("[jwt]\npublic_key_pem = \"current.pem\"\n", &[]);
-        assert_eq!(key, "jwt.public_key_pem");
-        assert!(reason.contains("HMAC secret"), "{reason}");
+        // A current key of the other kind is named in a warning, rather than left unsaid.
+        let c = parse("[jwt]\npublic_key_pem = \"current.pem\"\n").unwrap();
+        assert!(
+            c.warnings
+                .iter()
+                .any(|w| w.starts_with("jwt.public_key_pem is ignored")),
+            "{:?}",
+            c.warnings
+        );
         let err = parse(&format!(
             "[jwt]\nalgorithms = [\"RS256\"]\nsecret = \"{old}\"\n"
         ))
         .unwrap_err();
         assert!(
-            err.0
-                .iter()
-                .any(|e| e.key == "jwt.secret" && e.reason.contains("PEM public key")),
-            "{err}"
+            err.0.iter().all(|e| e.key != "jwt.secret"),
+            "only a warning: {err}"
         );
     }
 
