@@ -93,6 +93,7 @@ FULL = dict(
     users=1000, sessions_per_user=3,
     mem_sessions=100_000, mem_sessions_per_user=(1, 2, 3),
     hold=10_000,
+    stalled=100,
     perf_duration=5,
     criterion=True,
     pair_rounds=4, pair_duration=8, pair_warmup=3, pair_rate_open=10_000, pair_rate_enforced=8_000,
@@ -104,6 +105,7 @@ SMOKE = dict(
     users=50, sessions_per_user=2,
     mem_sessions=2_000, mem_sessions_per_user=(1, 2),
     hold=300,
+    stalled=10,
     perf_duration=0,
     criterion=False,
     pair_rounds=1, pair_duration=2, pair_warmup=1, pair_rate_open=500, pair_rate_enforced=500,
@@ -315,6 +317,11 @@ NGINX_UPSTREAM = """
             default_type text/plain;
             return 200 "ok";
         }}
+        # A large download, for clients that stop reading it (the connection figures).
+        location = /open/big {{
+            default_type application/octet-stream;
+            alias {big};
+        }}
     }}
     # Counts every request the upstream answered: the exact number of proxied requests, which
     # wrk's total misses by the requests still in flight when it stops.
@@ -465,8 +472,12 @@ class Bench:
         wait_http(self.ports["portcullis" + which], "/open/ping", what="portcullis")
 
     def start_upstream(self):
+        big = os.path.join(self.dir, "big.bin")
+        with open(big, "wb") as f:
+            f.write(b"x" * BIG_DOWNLOAD_BYTES)
+        os.chmod(big, 0o644)
         self.upstream = self.start_nginx("upstream", NGINX_UPSTREAM.format(
-            port=self.ports["upstream"], status=self.ports["status"]))
+            port=self.ports["upstream"], status=self.ports["status"], big=big))
         wait_http(self.ports["upstream"], "/", what="upstream nginx")
 
     def start_redis_and_upstream(self):
@@ -854,6 +865,18 @@ class Bench:
         if held["ok"] < n:
             self.problems.append(f"only {held['ok']} of {n} connections answered")
         log(f"  idle {idle / 1024:.1f} MiB; {held['ok']} held: {held['rss_kib'] / 1024:.1f} MiB")
+        stalled = self.p["stalled"]
+        log(f"{stalled} clients each starting a {BIG_DOWNLOAD_BYTES >> 20} MiB download, then reading none of it")
+        self.restart_portcullis()
+        time.sleep(1.0)
+        pid = self.portcullis.pid
+        before = proc_status_kib(pid, "VmRSS")
+        during = stalled_downloads(self.ports["portcullis"], stalled, pid)
+        self.results["connections"].update({
+            "stalled": stalled, "stalled_rss_kib": during,
+            "per_stalled_kib": (during - before) / max(1, stalled),
+        })
+        log(f"  {before / 1024:.1f} MiB before, {during / 1024:.1f} MiB with them")
 
     # -- criterion --------------------------------------------------------------------------
 
@@ -1078,6 +1101,27 @@ class Bench:
         if not self.args.keep:
             shutil.rmtree(self.dir, ignore_errors=True)
         return 0
+
+
+BIG_DOWNLOAD_BYTES = 20 * 1024 * 1024
+
+
+def stalled_downloads(port, n, pid, settle=3.0):
+    """Opens n connections that each ask for the large download and then read nothing (a
+    4 KiB receive buffer), waits for the transfers to stall, and gives portcullis' RSS then."""
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(("127.0.0.1", port))
+        s.sendall(b"GET /open/big HTTP/1.1\r\nHost: bench\r\n\r\n")
+        socks.append(s)
+    time.sleep(settle)
+    rss = proc_status_kib(pid, "VmRSS")
+    for s in socks:
+        s.close()
+    time.sleep(0.5)
+    return rss
 
 
 def hold_connections(port, n, pid, batch=256):
@@ -1442,6 +1486,8 @@ def render(b):
         w(f"| RSS holding {con['held_ok']} idle keep-alive connections (one request each) | **{con['held_rss_kib'] / 1024:.1f} MiB** |")
         w(f"| per held connection | {con['per_connection_b'] / 1024:.1f} KiB |")
         w(f"| RSS after they closed / VmHWM | {con['after_close_rss_kib'] / 1024:.1f} / {con['hwm_kib'] / 1024:.1f} MiB |")
+        w(f"| RSS with {con['stalled']} clients each stalled in a {BIG_DOWNLOAD_BYTES >> 20} MiB download (fresh process) | {con['stalled_rss_kib'] / 1024:.1f} MiB |")
+        w(f"| per stalled download (what portcullis holds of a response its client does not read) | {con['per_stalled_kib']:.0f} KiB |")
         w("")
         w("Holding 10,000 connections needs about 10,100 descriptors in portcullis and in the "
           "client: bench/run.sh raises `ulimit -n` to 65536 for everything it starts.")

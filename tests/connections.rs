@@ -966,3 +966,28 @@ async fn an_http2_response_the_client_takes_none_of_lets_its_upstream_connection
     }
     drop(held);
 }
+
+/// Each HTTP/2 stream may hold an upstream connection and its buffers: a connection is allowed
+/// 128 at once (nginx's default), as its first SETTINGS frame says.
+#[tokio::test]
+async fn an_http2_connection_is_allowed_128_streams_at_once() {
+    let upstream = Upstream::echo().await;
+    let proxy = Proxy::start(&open_config(&upstream.url())).await;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    stream.write_all(H2_PREFACE_AND_SETTINGS).await.unwrap();
+    // The server's preface is a SETTINGS frame: 9 bytes of frame head, then 6 per setting.
+    let mut head = [0u8; 9];
+    tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut head))
+        .await
+        .expect("the server's SETTINGS within 5 s")
+        .unwrap();
+    assert_eq!(head[3], 0x4, "a SETTINGS frame first: {head:?}");
+    let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+    let mut payload = vec![0u8; len];
+    stream.read_exact(&mut payload).await.unwrap();
+    let max_concurrent_streams = payload
+        .chunks_exact(6)
+        .find(|setting| setting[..2] == [0, 3])
+        .map(|setting| u32::from_be_bytes([setting[2], setting[3], setting[4], setting[5]]));
+    assert_eq!(max_concurrent_streams, Some(128), "{payload:?}");
+}

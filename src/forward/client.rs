@@ -43,8 +43,10 @@ const ANSWER_HEADERS_ADDED: usize = 8;
 /// Room a read asks for at first, and again once the connection is back in the pool.
 const READ_CHUNK: usize = 8 * 1024;
 /// Most room a read asks for: reads that fill their room double it, so a large answer is read
-/// in few system calls and forwarded in few pieces.
-const MAX_READ_CHUNK: usize = 256 * 1024;
+/// in few system calls and forwarded in few pieces. Kept small: while a client does not read,
+/// portcullis holds about one piece here and one in the client's write buffer (at 256 KiB
+/// that came to 1.5 MiB per stalled download; see bench/HISTORY.md).
+const MAX_READ_CHUNK: usize = 32 * 1024;
 /// Buffers larger than this are let go when their connection goes back to the pool: an idle
 /// connection should not keep what one large exchange needed.
 const IDLE_BUFFER_LIMIT: usize = 16 * 1024;

@@ -214,7 +214,8 @@ fn http2_builder(limits: &ConnLimits) -> hyper::server::conn::http2::Builder<Tok
     builder
         .timer(TokioTimer::new())
         .max_header_list_size(limits.hard_header_cap().try_into().unwrap_or(u32::MAX))
-        .max_concurrent_streams(256);
+        // nginx's default: each stream may hold an upstream connection and its buffers.
+        .max_concurrent_streams(128);
     builder
 }
 

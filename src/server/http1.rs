@@ -39,8 +39,9 @@ use crate::{Body, BoxError};
 
 /// Room a read asks for.
 const READ_CHUNK: usize = 8 * 1024;
-/// A response body is polled for more only while less than this waits to be written.
-const WRITE_HIGH_WATER: usize = 64 * 1024;
+/// A response body is polled for more only while less than this waits to be written: what a
+/// client that stops reading leaves here is this and one more piece of the body.
+const WRITE_HIGH_WATER: usize = 16 * 1024;
 /// Headers the stack adds to a request on its way (identity, forwarding, Host, framing): the
 /// map gets room for them at once.
 const REQUEST_HEADERS_ADDED: usize = 10;
