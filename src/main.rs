@@ -297,6 +297,25 @@ fn exit_on_hastier_signal(first: Shutdown) {
     }
 }
 
+/// Connections the kernel may hold for accepting: after a restart or a network blip, thousands of
+/// game clients reconnect at once, and past the queue their SYNs are dropped and retried a second
+/// later. (tokio's `bind` asks for 128, as the standard library does; the kernel caps any
+/// request at `net.core.somaxconn`, 4096 by default since Linux 5.4.)
+const ACCEPT_BACKLOG: u32 = 4096;
+
+/// A listening socket on `addr`, as `TcpListener::bind` makes one but for its backlog.
+fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As `bind` does: a restarted process can take its port while old connections linger.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(ACCEPT_BACKLOG)
+}
+
 async fn run(config: Config) -> ExitCode {
     raise_open_file_limit(
         config.server.max_connections,
@@ -311,14 +330,14 @@ async fn run(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let public = match tokio::net::TcpListener::bind(public_addr).await {
+    let public = match listen(public_addr) {
         Ok(l) => l,
         Err(e) => {
             tracing::error!(error = %e, listen = %public_addr, "cannot listen (server.listen)");
             return ExitCode::FAILURE;
         }
     };
-    let admin = match tokio::net::TcpListener::bind(admin_addr).await {
+    let admin = match listen(admin_addr) {
         Ok(l) => l,
         Err(e) => {
             tracing::error!(error = %e, listen = %admin_addr, "cannot listen (admin.listen)");

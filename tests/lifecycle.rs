@@ -427,3 +427,32 @@ async fn binary_exits_0_after_sigterm() {
     let status = binary.wait_exit(Duration::from_secs(10)).await;
     assert!(status.success(), "{status:?}");
 }
+
+/// Past `server.max_connections`, connections wait in the kernel's accept queue: after a
+/// restart thousands of clients reconnect at once, and a short queue (128, as `bind` asks for)
+/// drops their SYNs, each retried only a second later.
+#[tokio::test]
+async fn connections_past_the_limit_wait_in_a_long_accept_queue() {
+    let upstream = Upstream::echo().await;
+    let config = config_with(&upstream.url(), "[server]\nmax_connections = 1\n");
+    let binary =
+        observe::Binary::listening(observe::portcullis_command(TEST_SECRET), &config).await;
+    // The one connection it serves, held open.
+    let held = tokio::net::TcpStream::connect(binary.public).await.unwrap();
+    // The kernel completes a handshake for each connection its queue has room for; the rest
+    // wait for a SYN retry, a second or more away.
+    const WAITING: usize = 400;
+    let handshakes = (0..WAITING).map(|_| {
+        tokio::time::timeout(
+            Duration::from_millis(900),
+            tokio::net::TcpStream::connect(binary.public),
+        )
+    });
+    let done = futures_util::future::join_all(handshakes).await;
+    let queued = done.iter().filter(|r| matches!(r, Ok(Ok(_)))).count();
+    assert_eq!(
+        queued, WAITING,
+        "only {queued} of {WAITING} found room in the queue"
+    );
+    drop(held);
+}
