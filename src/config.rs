@@ -2686,15 +2686,7 @@ mod tests {
     #[test]
     fn a_private_key_given_for_the_public_one_is_refused_at_start() {
         let dir = tempfile::tempdir().unwrap();
-        let private = dir.path().join("private.pem");
-        let made = std::process::Command::new("openssl")
-            .args(["genrsa", "-out"])
-            .arg(&private)
-            .arg("2048")
-            .stderr(std::process::Stdio::null())
-            .status()
-            .expect("openssl must be installed");
-        assert!(made.success(), "openssl genrsa");
+        crate::tls::for_tests::openssl(dir.path(), &["genrsa", "-out", "private.pem", "2048"]);
         for key in ["public_key_pem", "previous_public_key_pem"] {
             let other = if key == "public_key_pem" {
                 ""
@@ -2715,15 +2707,7 @@ mod tests {
     #[test]
     fn the_current_public_key_in_another_pem_form_is_not_taken_for_the_previous_one() {
         let dir = tempfile::tempdir().unwrap();
-        let openssl = |args: &[&str]| {
-            let made = std::process::Command::new("openssl")
-                .args(args)
-                .current_dir(dir.path())
-                .stderr(std::process::Stdio::null())
-                .status()
-                .expect("openssl must be installed");
-            assert!(made.success(), "openssl {args:?}");
-        };
+        let openssl = |args: &[&str]| crate::tls::for_tests::openssl(dir.path(), args);
         openssl(&["genrsa", "-out", "private.pem", "2048"]);
         openssl(&["rsa", "-in", "private.pem", "-pubout", "-out", "spki.pem"]);
         openssl(&[

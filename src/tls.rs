@@ -301,6 +301,17 @@ pub(crate) mod for_tests {
     /// The name the server's certificate is for.
     pub(crate) const NAME: &str = "upstream.test";
 
+    /// Runs `openssl ARGS` in `dir` (keys and certificates in forms rcgen does not make).
+    pub(crate) fn openssl(dir: &std::path::Path, args: &[&str]) {
+        let made = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("openssl must be installed");
+        assert!(made.success(), "openssl {args:?}");
+    }
+
     /// A server config with a certificate for [`NAME`] from a fresh test CA, and a client config
     /// that trusts that CA alone.
     pub(crate) fn configs() -> (rustls::ServerConfig, rustls::ClientConfig) {
@@ -510,15 +521,7 @@ mod tests {
     #[test]
     fn a_version_1_intermediate_or_an_unknown_critical_extension_loads() {
         let dir = tempfile::tempdir().unwrap();
-        let openssl = |args: &[&str]| {
-            let made = std::process::Command::new("openssl")
-                .args(args)
-                .current_dir(dir.path())
-                .stderr(std::process::Stdio::null())
-                .status()
-                .expect("openssl must be installed");
-            assert!(made.success(), "openssl {args:?}");
-        };
+        let openssl = |args: &[&str]| for_tests::openssl(dir.path(), args);
         openssl(&["genrsa", "-out", "k.pem", "2048"]);
         openssl(&[
             "req",
