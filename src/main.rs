@@ -22,9 +22,9 @@ use portcullis::config::{Config, LogFormat};
     about = "Session-enforcing reverse proxy for game backends"
 )]
 struct Cli {
-    /// Configuration file (run, check-config, dev-token; default config.toml).
-    #[arg(long, global = true)]
-    config: Option<PathBuf>,
+    /// Configuration file.
+    #[arg(long, global = true, default_value = "config.toml")]
+    config: PathBuf,
     /// Log format; overrides `log.format`.
     #[arg(long, global = true, value_enum)]
     log_format: Option<LogFormat>,
@@ -135,20 +135,6 @@ fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // A configuration named for a command that reads none would be ignored without a word.
-    if cli.config.is_some()
-        && matches!(
-            cli.command,
-            Some(Command::Inject(_) | Command::EchoUpstream { .. })
-        )
-    {
-        eprintln!("portcullis: --config does not apply to inject or echo-upstream, which read no configuration");
-        return ExitCode::from(2);
-    }
-    let config_path = cli
-        .config
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("config.toml"));
     portcullis::tls::install_crypto_provider();
     // The control runtime: accepting, the admin listener, Redis and background work. Requests
     // are served on `server.workers` threads of their own (see server::serve).
@@ -188,7 +174,7 @@ fn main() -> ExitCode {
             })
         }
         Command::DevToken { sub, sid, ttl } => {
-            let config = match load_config(&config_path) {
+            let config = match load_config(&cli.config) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
@@ -207,7 +193,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::CheckConfig => match load_config(&config_path) {
+        Command::CheckConfig => match load_config(&cli.config) {
             Ok(config) => {
                 for warning in &config.warnings {
                     eprintln!("warning: {warning}");
@@ -215,18 +201,18 @@ fn main() -> ExitCode {
                 // The certificate and key are read too, as the server will at start.
                 if let Some(tls) = &config.server.tls {
                     if let Err(e) = portcullis::tls::load_certified_key(&tls.cert, &tls.key) {
-                        eprintln!("{}: invalid configuration", config_path.display());
+                        eprintln!("{}: invalid configuration", cli.config.display());
                         eprintln!("config key `server.tls`: {e}");
                         return ExitCode::from(2);
                     }
                 }
-                println!("{}: ok", config_path.display());
+                println!("{}: ok", cli.config.display());
                 ExitCode::SUCCESS
             }
             Err(code) => code,
         },
         Command::Run => {
-            let config = match load_config(&config_path) {
+            let config = match load_config(&cli.config) {
                 Ok(c) => c,
                 Err(code) => return code,
             };

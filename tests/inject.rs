@@ -1414,16 +1414,3 @@ fn a_service_over_fronted_and_unfronted_pods_is_refused() {
         8443
     );
 }
-
-/// inject reads no configuration: one named for it would be ignored without a word.
-#[test]
-fn a_config_file_named_for_inject_is_refused() {
-    let out = inject(&["--config", "/nonexistent.toml"], "");
-    assert_eq!(out.code, Some(2), "{}", out.stderr);
-    assert!(
-        out.stderr.contains("--config does not apply to inject"),
-        "{}",
-        out.stderr
-    );
-    assert!(out.stdout.is_empty(), "{}", out.stdout);
-}
