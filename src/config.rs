@@ -2367,10 +2367,11 @@ fn is_service_link(rest: &str) -> bool {
         || rest.contains("_SERVICE_")
 }
 
-/// What line `line` (from 1) sets, as written: its key, or a table header; never a value,
-/// which may be a secret. Only a line that starts a statement is read so: one inside a
-/// multi-line string or array is the value itself. The TOML before the line parses whole just
-/// when the line starts one (the error is the file's first).
+/// What line `line` (from 1) sets: a key or section portcullis knows, as it names them; never
+/// a value, which may be a secret. Only a line that starts a statement is read so (one inside a
+/// multi-line string or array is the value itself): the TOML before it parses whole just then,
+/// the error being the file's first. And only a name the configuration has is shown, so that
+/// a value on a line that lost its `=` (`secret "..."`) is not taken for a key.
 fn line_key(text: &str, line: usize) -> Option<String> {
     let start: usize = text
         .split_inclusive('\n')
@@ -2379,14 +2380,31 @@ fn line_key(text: &str, line: usize) -> Option<String> {
         .sum();
     text.get(..start)?.parse::<toml::Table>().ok()?;
     let written = text.get(start..)?.lines().next()?.trim();
-    let key = if written.starts_with('[') {
-        written
-    } else {
-        written.split_once('=')?.0.trim()
+    let known = |name: &str| {
+        OVERRIDABLE
+            .iter()
+            .any(|(key, _)| key.rsplit('.').next() == Some(name))
+            || ROUTE_KEYS.contains(&name)
     };
-    let key: String = key.chars().take(80).collect();
-    (!key.is_empty()).then(|| format!("`{key}`"))
+    if let Some(header) = written.strip_prefix('[') {
+        let inner = header.trim_start_matches('[');
+        let name = inner.split(']').next()?.trim();
+        (SECTIONS.contains(&name) || name == "routes").then(|| format!("`[{name}]`"))
+    } else {
+        let key = written.split_once('=')?.0.trim();
+        known(key.rsplit('.').next()?.trim()).then(|| format!("`{key}`"))
+    }
 }
+
+/// The keys of a `[[routes]]` entry and of its `rate_limit`, which no variable sets.
+const ROUTE_KEYS: &[&str] = &[
+    "path_prefix",
+    "auth",
+    "rate_limit",
+    "requests",
+    "per",
+    "burst",
+];
 
 /// 1-based line and column of byte `offset` in `text`.
 fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
@@ -3457,10 +3475,15 @@ mod tests {
         let err = parse("[jwt]\nsecret = \"first-secret-text\"\nsecret = \"hush\"\n").unwrap_err();
         assert!(err.0[0].reason.contains("(`secret`)"), "{err}");
         assert!(!err.to_string().contains("hush"), "{err}");
-        // Inside a multi-line string or array, a line is the value: nothing of it is shown.
+        // Inside a multi-line string or array, a line is the value; a line whose `=` went
+        // missing, or that is not a known key or section, may hold one: nothing of it is shown.
         for toml in [
             "[jwt]\nsecret = \"\"\"\nhush-hush=1\\qx\n\"\"\"\n",
             "[server]\ntrusted_proxies = [\n\"hush\" \"x\",\n]\n",
+            "[jwt]\nsecret \"aHVzaA==\"\n",
+            "[jwt]\nsecret: \"hush=hush\"\n",
+            "[jwt]\nsecret = \"a\"\n  hush-second-half==\n",
+            "[jwt] secret = \"hush\"\n",
         ] {
             let err = parse(toml).unwrap_err();
             assert!(err.0[0].reason.contains("at line"), "{err}");
