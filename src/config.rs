@@ -1585,12 +1585,23 @@ impl Validator {
         // them. Anything else may come raw (`|`, `[`, UTF-8), and is matched as it comes.
         let never_raw = |c: char| c.is_control() || " ?#<>`".contains(c);
         if let Some(c) = prefix.chars().find(|&c| never_raw(c)) {
-            let encoded = format!("%{:02X}", u32::from(c));
+            let encoded = percent_encoded(c);
             self.fail(
                 key,
                 format!("holds {c:?}, which no request's path holds as it is (a client sends it as {encoded}): it could never match a request"),
             );
             return None;
+        }
+        // Curl sends these as they are, browsers percent-encoded (the WHATWG path set), and
+        // the two spellings are matched apart.
+        if let Some(c) = prefix
+            .chars()
+            .find(|&c| !c.is_ascii() || "\"{}".contains(c))
+        {
+            self.warnings.push(format!(
+                "{key} holds {c:?}, which browsers send as {}: a request spelled so does not match this prefix; give that spelling a route of its own too",
+                percent_encoded(c)
+            ));
         }
         // Requests are matched in their canonical form (`routes::canonical`): a prefix in
         // another form, or one no canonical path holds, would never match.
@@ -2394,6 +2405,15 @@ fn line_key(text: &str, line: usize) -> Option<String> {
         let key = written.split_once('=')?.0.trim();
         known(key.rsplit('.').next()?.trim()).then(|| format!("`{key}`"))
     }
+}
+
+/// `c` as a URL carries it escaped: each byte of its UTF-8, `%XX`.
+fn percent_encoded(c: char) -> String {
+    let mut utf8 = [0u8; 4];
+    c.encode_utf8(&mut utf8)
+        .bytes()
+        .map(|b| format!("%{b:02X}"))
+        .collect()
 }
 
 /// The keys of a `[[routes]]` entry and of its `rate_limit`, which no variable sets.
@@ -3306,7 +3326,17 @@ mod tests {
             ))
             .unwrap();
             assert_eq!(c.routes[0].path_prefix, good);
+            // What browsers send escaped is matched apart from it: said at start.
+            let warned = c.warnings.iter().any(|w| w.contains("browsers send as"));
+            assert_eq!(
+                warned,
+                good.contains(['\u{e9}', '{']),
+                "{good}: {:?}",
+                c.warnings
+            );
         }
+        let c = parse("[[routes]]\npath_prefix = \"/caf\u{e9}\"\nauth = \"none\"\n").unwrap();
+        assert!(c.warnings[0].contains("as %C3%A9"), "{:?}", c.warnings);
         for (bad, says) in [
             ("/%7Euser", "\"/~user\""),
             ("/a%2Fb", "encoded slash"),
@@ -3319,6 +3349,7 @@ mod tests {
             ("/x#y", "as %23"),
             ("/a<b", "as %3C"),
             ("/a\tb", "as %09"),
+            ("/a\u{85}b", "as %C2%85"),
         ] {
             let err = parse(&format!(
                 "[[routes]]\npath_prefix = \"{bad}\"\nauth = \"none\"\n"
