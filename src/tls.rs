@@ -30,7 +30,7 @@ pub enum TlsError {
         path: PathBuf,
         source: rustls::pki_types::pem::Error,
     },
-    #[error("{path}: certificate {position} of the chain (counting from 1, the server's first) is not an X.509 certificate: its DER is damaged")]
+    #[error("{path}: certificate {position} of the chain (counting from 1, the server's first) is not an X.509 certificate, or is damaged")]
     Unparsable { path: PathBuf, position: usize },
     #[error("{path} holds an encrypted private key, whose passphrase portcullis cannot ask for: decrypt it (`openssl pkey -in KEY -out KEY.plain`) and keep it as a Secret")]
     EncryptedKey { path: PathBuf },
@@ -43,6 +43,8 @@ pub enum TlsError {
     },
     #[error("the certificate and the key do not belong together: {0}")]
     Mismatch(rustls::Error),
+    #[error("the server's certificate (the chain's first) cannot be served: {0} (rustls serves X.509 v3 certificates without unknown critical extensions)")]
+    Unservable(rustls::Error),
     #[error("rustls: {0}")]
     Rustls(#[from] rustls::Error),
 }
@@ -117,49 +119,19 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsEr
             source,
         })?;
     let certified = CertifiedKey::new(chain, signing);
-    certified.keys_match().map_err(TlsError::Mismatch)?;
+    certified.keys_match().map_err(|e| match e {
+        rustls::Error::InconsistentKeys(_) => TlsError::Mismatch(e),
+        // The leaf is read by rustls (as webpki reads it) before the keys are compared.
+        other => TlsError::Unservable(other),
+    })?;
     Ok(certified)
 }
 
-/// Whether `der` is one X.509 certificate by its DER structure: a SEQUENCE filling the input
-/// exactly, of a SEQUENCE (what is signed), a SEQUENCE (the algorithm) and a BIT STRING (the
-/// signature). That is what every client reads first. What the certificate says (its version,
-/// its extensions) is left to the clients, whose rules differ.
+/// Whether `der` is one X.509 certificate, read whole (and nothing after it). What it says (its
+/// version, its extensions) is left to the clients, whose rules differ: a strict reader such as
+/// webpki refuses v1 intermediates and unknown critical extensions that clients take.
 fn is_certificate_der(der: &[u8]) -> bool {
-    let Some((0x30, mut body, [])) = der_element(der) else {
-        return false;
-    };
-    for tag in [0x30, 0x30, 0x03] {
-        match der_element(body) {
-            Some((found, _, rest)) if found == tag => body = rest,
-            _ => return false,
-        }
-    }
-    body.is_empty()
-}
-
-/// One DER element: its tag, its value and what follows it. Definite lengths only (DER has no
-/// other), of at most four length bytes.
-fn der_element(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-    let (&tag, rest) = input.split_first()?;
-    let (&first, rest) = rest.split_first()?;
-    let (len, rest) = if first < 0x80 {
-        (usize::from(first), rest)
-    } else {
-        let count = usize::from(first & 0x7f);
-        if !(1..=4).contains(&count) || rest.len() < count {
-            return None;
-        }
-        let (digits, rest) = rest.split_at(count);
-        let len = digits
-            .iter()
-            .fold(0usize, |len, &b| (len << 8) | usize::from(b));
-        (len, rest)
-    };
-    (rest.len() >= len).then(|| {
-        let (value, after) = rest.split_at(len);
-        (tag, value, after)
-    })
+    x509_parser::parse_x509_certificate(der).is_ok_and(|(rest, _)| rest.is_empty())
 }
 
 /// The certificate currently served. Each handshake asks for it anew, so a [`CertStore::reload`]
@@ -481,7 +453,7 @@ mod tests {
     }
 
     #[test]
-    fn a_certificate_is_judged_by_its_der_structure() {
+    fn a_certificate_is_read_whole() {
         let pair = rcgen::KeyPair::generate().unwrap();
         let cert = rcgen::CertificateParams::new(vec!["a.test".into()])
             .unwrap()
@@ -497,22 +469,21 @@ mod tests {
             "a byte over"
         );
         assert!(!is_certificate_der(&[]));
-        assert!(
-            !is_certificate_der(&[0x30, 0x80, 0, 0]),
-            "indefinite length"
-        );
-        assert!(
-            !is_certificate_der(&[0x30, 0x85, 1, 0, 0, 0, 0]),
-            "five length bytes"
-        );
-        let mut signature_not_bits = der.clone();
-        // The last element's tag: the signature's BIT STRING, as a SEQUENCE.
-        let (_, body, _) = der_element(&der).unwrap();
-        let (_, _, rest) = der_element(body).unwrap();
-        let (_, _, rest) = der_element(rest).unwrap();
-        let at = der.len() - rest.len();
-        signature_not_bits[at] = 0x30;
-        assert!(!is_certificate_der(&signature_not_bits));
+        // A length inside the signed part off by one: the outer frame still fits.
+        let mut damaged = der.clone();
+        // The signed part's first element: [0] EXPLICIT version, 0xA0 0x03 0x02 0x01 0x02.
+        let at = damaged
+            .windows(5)
+            .position(|w| w == [0xA0, 0x03, 0x02, 0x01, 0x02])
+            .expect("a v3 version field");
+        damaged[at + 1] = 0x04;
+        assert!(!is_certificate_der(&damaged), "inner length");
+        // A certificate request has a certificate's outer shape, but is none.
+        let csr = rcgen::CertificateParams::new(vec!["a.test".into()])
+            .unwrap()
+            .serialize_request(&pair)
+            .unwrap();
+        assert!(!is_certificate_der(csr.der()), "a CSR");
     }
 
     /// Certificates some clients take and a strict parser would not: in a chain, what they are
@@ -569,6 +540,11 @@ mod tests {
         std::fs::write(&chain, read("leaf.pem") + &v1 + &read("critical.pem")).unwrap();
         let loaded = load_certified_key(&chain, &dir.path().join("k.pem"));
         assert!(loaded.is_ok(), "{:?}", loaded.err());
+        // As the server's own certificate, a v1 one is rustls' to refuse: said as such, not
+        // as a key that does not belong to it.
+        let err =
+            load_certified_key(&dir.path().join("v1.pem"), &dir.path().join("k.pem")).unwrap_err();
+        assert!(matches!(err, TlsError::Unservable(_)), "{err}");
     }
 
     #[test]
