@@ -1110,18 +1110,25 @@ def stalled_downloads(port, n, pid, settle=3.0):
     """Opens n connections that each ask for the large download and then read nothing (a
     4 KiB receive buffer), waits for the transfers to stall, and gives portcullis' RSS then."""
     socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        s.connect(("127.0.0.1", port))
-        s.sendall(b"GET /open/big HTTP/1.1\r\nHost: bench\r\n\r\n")
-        socks.append(s)
-    time.sleep(settle)
-    rss = proc_status_kib(pid, "VmRSS")
-    for s in socks:
-        s.close()
-    time.sleep(0.5)
-    return rss
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            socks.append(s)
+            s.connect(("127.0.0.1", port))
+            s.sendall(b"GET /open/big HTTP/1.1\r\nHost: bench\r\n\r\n")
+        time.sleep(settle)
+        rss = proc_status_kib(pid, "VmRSS")
+        # A refusal would make a flattering figure: the downloads must really be under way.
+        socks[0].settimeout(5)
+        head = socks[0].recv(64)
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise Failure(f"/open/big answered {head[:40]!r}")
+        return rss
+    finally:
+        for s in socks:
+            s.close()
+        time.sleep(0.5)
 
 
 def hold_connections(port, n, pid, batch=256):

@@ -361,7 +361,8 @@ impl Default for LogSection {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisSection {
-    /// `redis://[user:password@]host:port[/db]`, or `rediss://` for TLS.
+    /// `redis://[user:password@]host:port[/db]`, or `rediss://` for TLS (`valkey://` and
+    /// `valkeys://` alike); `unix:///path/redis.sock[?db=N]` for a Unix socket.
     pub url: String,
     /// Prefix of every key portcullis writes.
     pub key_prefix: String,
