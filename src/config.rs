@@ -1754,7 +1754,13 @@ impl Validator {
                     insecure,
                     tls_params,
                 },
-                other => other,
+                other => {
+                    self.warnings.push(
+                        "REDIS_HOST and REDIS_PORT are ignored: redis.url names a Unix socket"
+                            .into(),
+                    );
+                    other
+                }
             };
             info = info.set_addr(addr);
         }
@@ -3792,6 +3798,12 @@ mod tests {
         for host in ["redis", "redis.game.svc.cluster.local", "10.0.0.5", "::1"] {
             assert!(parse_env("", &[("REDIS_HOST", host)]).is_ok(), "{host}");
         }
+        let c = parse_env(
+            "[redis]\nurl = \"unix:///run/redis.sock\"\n",
+            &[("REDIS_HOST", "redis")],
+        )
+        .unwrap();
+        assert!(c.warnings[0].contains("Unix socket"), "{:?}", c.warnings);
         let err = parse_env("", &[("REDIS_PORT", "0")]).unwrap_err();
         assert_eq!(err.0[0].key, "REDIS_PORT", "{err}");
         let err = parse("[redis]\nkey_prefix = \"a\\tb\"\n").unwrap_err();
