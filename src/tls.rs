@@ -431,8 +431,9 @@ mod tests {
         std::fs::write(&cert_path, cert.pem()).unwrap();
         std::fs::write(&plain, pair.serialize_pem()).unwrap();
         assert!(load_certified_key(&cert_path, &plain).is_ok());
-        let made = std::process::Command::new("openssl")
-            .args([
+        for_tests::openssl(
+            dir.path(),
+            &[
                 "pkcs8",
                 "-topk8",
                 "-v2",
@@ -440,13 +441,11 @@ mod tests {
                 "-passout",
                 "pass:x",
                 "-in",
-            ])
-            .arg(&plain)
-            .arg("-out")
-            .arg(&encrypted)
-            .status()
-            .expect("openssl must be installed");
-        assert!(made.success(), "openssl pkcs8");
+                "plain.key",
+                "-out",
+                "tls.key",
+            ],
+        );
         let err = load_certified_key(&cert_path, &encrypted).unwrap_err();
         assert!(matches!(err, TlsError::EncryptedKey { .. }), "{err}");
         assert!(err.to_string().contains("encrypted private key"), "{err}");
