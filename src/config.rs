@@ -2411,8 +2411,9 @@ fn line_key(text: &str, line: usize) -> Option<String> {
         let name = inner.split(']').next()?.trim();
         (SECTIONS.contains(&name) || name == "routes").then(|| format!("`[{name}]`"))
     } else {
-        let key = written.split_once('=')?.0.trim();
-        known(key.rsplit('.').next()?.trim()).then(|| format!("`{key}`"))
+        // The known name alone: what else the written key held could be part of a value.
+        let name = written.split_once('=')?.0.rsplit('.').next()?.trim();
+        known(name).then(|| format!("`{name}`"))
     }
 }
 
@@ -3527,6 +3528,7 @@ mod tests {
             "[jwt]\nsecret: \"hush=hush\"\n",
             "[jwt]\nsecret = \"a\"\n  hush-second-half==\n",
             "[jwt] secret = \"hush\"\n",
+            "[jwt]\nsecret \"hush.secret = 1\"\n",
         ] {
             let err = parse(toml).unwrap_err();
             assert!(err.0[0].reason.contains("at line"), "{err}");
